@@ -1,0 +1,1 @@
+"""SpaFL in JAX."""

@@ -1,0 +1,211 @@
+"""One SpaFL round over the client axis, and evaluation of every client's own model.
+
+The state of ALL clients is stacked on a leading client axis `[clients, ...]`. A round gathers the
+sampled clients, broadcasts the server thresholds to them, trains them, aggregates their thresholds,
+scatters them back and applies the importance update; it is one pure function, compiled once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+from flax import traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spafl_jax import client as client_lib
+from spafl_jax import masking
+from spafl_jax import models
+from spafl_jax import server
+from spafl_jax.client import ClientState, DataSpec, LocalConfig
+
+IMPORTANCE_UPDATES = ('all_after', 'sampled_before', 'none')
+AGGREGATIONS = ('uniform', 'data_size')
+CLIENT_EXECUTIONS = ('vmap', 'map')
+
+
+@flax.struct.dataclass
+class FederatedState:
+    clients: ClientState      # every leaf [num_clients, ...]
+    server_thresholds: Any    # tau_g, shaped like one client's thresholds
+    last_delta: Any           # tau_g(r) - tau_g(r - 1), for the importance update
+    round: jax.Array          # rounds completed (int32 scalar)
+
+
+@flax.struct.dataclass
+class ClientData:
+    """A split dataset on the device: examples once, and each client's indices into them."""
+    images: jax.Array        # [n, h, w, c], stored dtype (uint8 for image datasets)
+    labels: jax.Array        # [n] int32
+    example_ids: jax.Array   # [num_clients, max_count] int32, padded with 0
+    counts: jax.Array        # [num_clients] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundConfig:
+    clients_per_round: int = 10
+    importance_update: str = 'all_after'   # 'all_after' (CIFAR folder), 'sampled_before' (FMNIST), 'none'
+    aggregation: str = 'uniform'           # 'uniform' (official) or 'data_size'
+    client_execution: str = 'vmap'         # 'vmap' or 'map' (lax.map) over the sampled clients
+
+
+def make_client_data(images: np.ndarray, labels: np.ndarray, client_indices) -> ClientData:
+    """Packs per-client index lists into a padded `[clients, max_count]` table (host -> device once)."""
+    counts = np.array([len(ids) for ids in client_indices], np.int32)
+    table = np.zeros((len(client_indices), max(int(counts.max()), 1)), np.int32)
+    for k, ids in enumerate(client_indices):
+        table[k, :len(ids)] = ids
+    return ClientData(images=jnp.asarray(images), labels=jnp.asarray(labels, jnp.int32),
+                      example_ids=jnp.asarray(table), counts=jnp.asarray(counts))
+
+
+def init_clients(model: nn.Module, cfg: LocalConfig, rng: jax.Array, num_clients: int,
+                 image_shape) -> ClientState:
+    """Independently initialized clients, stacked: client k uses fold_in(rng, k)."""
+    def one(k):
+        variables = models.init_variables(model, jax.random.fold_in(rng, k), image_shape)
+        return ClientState(params=variables['params'], thresholds=variables['thresholds'],
+                           batch_stats=variables['batch_stats'],
+                           opt_state=client_lib.init_opt_state(cfg, variables['params'],
+                                                              variables['thresholds']))
+    return jax.jit(jax.vmap(one))(jnp.arange(num_clients))
+
+
+def init_state(model, cfg: LocalConfig, rng, num_clients, image_shape) -> FederatedState:
+    clients = init_clients(model, cfg, rng, num_clients, image_shape)
+    zeros = jax.tree.map(lambda t: jnp.zeros(t.shape[1:], t.dtype), clients.thresholds)
+    return FederatedState(clients=clients, server_thresholds=zeros, last_delta=zeros,
+                          round=jnp.zeros((), jnp.int32))
+
+
+def layer_macs(model: nn.Module, variables, image_shape):
+    """Multiply-accumulates per example of every masked layer, shaped like the thresholds."""
+    _, sown = model.apply(variables, jnp.zeros((1, *image_shape), jnp.float32), train=False,
+                          mutable=['macs'])
+    flat = traverse_util.flatten_dict(sown['macs'])
+    return traverse_util.unflatten_dict(
+        {path[:-1] + ('threshold',): float(value[0]) for path, value in flat.items()})
+
+
+def client_keys(seed_key: jax.Array, round_index, client_ids: jax.Array) -> jax.Array:
+    """Randomness derives from (seed, round, client id) only."""
+    round_key = jax.random.fold_in(seed_key, round_index)
+    return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
+
+
+def _take(tree, idx):
+    return jax.tree.map(lambda x: x[idx], tree)
+
+
+def _put(tree, idx, values):
+    return jax.tree.map(lambda x, v: x.at[idx].set(v), tree, values)
+
+
+def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
+              state: FederatedState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
+              macs=None):
+    """One SpaFL round (SPEC section 3). `sampled` holds the [clients_per_round] client ids."""
+    r = state.round
+    clients = _take(state.clients, sampled)
+    num_sampled = sampled.shape[0]
+    # 2. broadcast
+    clients = clients.replace(thresholds=jax.tree.map(
+        lambda t: jnp.broadcast_to(t, (num_sampled, *t.shape)), state.server_thresholds))
+    if round_cfg.importance_update == 'sampled_before':
+        clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
+            clients.params, state.last_delta))
+    # 3. local training
+    train = functools.partial(client_lib.local_update, model, local_cfg, spec, macs=macs)
+    args = (clients, data.example_ids[sampled], data.counts[sampled],
+            client_keys(seed_key, r, sampled))
+    one = lambda c, ids, n, key: train(c, data.images, data.labels, ids, n, key, r)
+    if round_cfg.client_execution == 'vmap':
+        clients, metrics = jax.vmap(one)(*args)
+    else:
+        clients, metrics = jax.lax.map(lambda a: one(*a), args)
+    # 4-5. aggregate
+    weights = (data.counts[sampled] if round_cfg.aggregation == 'data_size' else None)
+    new_global = server.aggregate(clients.thresholds, weights)
+    delta = jax.tree.map(jnp.subtract, new_global, state.server_thresholds)
+    all_clients = _put(state.clients, sampled, clients)
+    # 6. importance update of every client's weights
+    if round_cfg.importance_update == 'all_after':
+        all_clients = all_clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
+            all_clients.params, delta))
+    new_state = FederatedState(clients=all_clients, server_thresholds=new_global, last_delta=delta,
+                               round=r + 1)
+    steps = jnp.maximum(metrics['steps'], 1.0)
+    round_metrics = {
+        'train_loss': jnp.mean(metrics['loss'] / steps),
+        'train_accuracy': jnp.sum(metrics['correct']) / jnp.maximum(
+            jnp.sum(metrics['steps']) * local_cfg.batch_size, 1.0),
+        'local_steps': jnp.sum(metrics['steps']),
+        'flops': jnp.sum(metrics['flops']),
+        'max_steps': jnp.float32(data.example_ids.shape[1] // local_cfg.batch_size *
+                                 local_cfg.local_epochs * num_sampled),
+    }
+    return new_state, round_metrics
+
+
+def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):
+    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
+    return jax.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs),
+                   donate_argnums=(0,))
+
+
+def evaluate_client(model: nn.Module, spec: DataSpec, client: ClientState, images, labels,
+                    example_ids, count, batch_size: int):
+    """Correct predictions of one client's own model on its own (padded) test examples."""
+    variables = {'params': client.params,
+                 'thresholds': masking.reset_collapsed_thresholds(client.params, client.thresholds),
+                 'batch_stats': client.batch_stats}
+    num_batches = -(-example_ids.shape[0] // batch_size)
+    padded = jnp.pad(example_ids, (0, num_batches * batch_size - example_ids.shape[0]))
+    positions = jnp.arange(num_batches * batch_size).reshape(num_batches, batch_size)
+
+    def body(correct, pos):
+        ids = padded[pos]
+        logits = model.apply(variables, preprocess_eval(spec, images[ids]), train=False)
+        hit = (jnp.argmax(logits, -1) == labels[ids]) & (pos < count)
+        return correct + jnp.sum(hit), None
+
+    correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), positions)
+    return correct
+
+
+def preprocess_eval(spec: DataSpec, images):
+    return client_lib.preprocess(spec, images, None)
+
+
+def evaluate(model, spec, clients: ClientState, data: ClientData, batch_size: int):
+    """Per-client accuracy on its own test split and per-client, per-layer densities.
+
+    Returns a dict of arrays: correct [N], counts [N], layer_density [N, L] (kept-row fraction),
+    kept_weights [N] (masked weights in kept rows).
+    """
+    correct = jax.vmap(lambda c, ids, n: evaluate_client(model, spec, c, data.images, data.labels,
+                                                         ids, n, batch_size))(
+        clients, data.example_ids, data.counts)
+    return {'correct': correct, 'counts': data.counts, **density_stats(clients)}
+
+
+def density_stats(clients: ClientState):
+    """Kept-row fraction per client and layer, and kept masked weights per client."""
+    def one(params, thresholds):
+        kernels = masking.kernels_of(params, thresholds)
+        masks = jax.tree.map(masking.hard_row_mask, kernels, thresholds)
+        fractions = jnp.stack([jnp.mean(m.astype(jnp.float32)) for m in jax.tree.leaves(masks)])
+        kept = sum(jnp.sum(m) * (k.size // k.shape[-1])
+                   for m, k in zip(jax.tree.leaves(masks), jax.tree.leaves(kernels)))
+        return fractions, kept
+    fractions, kept = jax.vmap(one)(clients.params, clients.thresholds)
+    return {'layer_density': fractions, 'kept_weights': kept}
+
+
+def make_eval_fn(model, spec, batch_size):
+    return jax.jit(functools.partial(evaluate, model, spec, batch_size=batch_size))

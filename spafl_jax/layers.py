@@ -1,0 +1,107 @@
+"""Masked Dense and Conv layers (Flax linen) whose thresholds live in their own `thresholds` collection.
+
+A masked layer has no bias. Its kernel is masked row-wise by `masking.masked_kernel` before use; the
+threshold vector has one entry per output feature and starts at 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spafl_jax import masking
+
+THRESHOLDS = 'thresholds'   # variable collection holding one threshold vector per masked layer
+MACS = 'macs'               # collection a layer sows its multiply-accumulates per example into
+
+# PyTorch's default layer init: kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def _matmul(x, w, dtype):
+    if dtype is None:
+        return x @ w
+    # Low-precision inputs with float32 accumulation: what AMX on CPU and the TPU MXU want.
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _threshold(module: nn.Module, features: int) -> jax.Array:
+    return module.variable(THRESHOLDS, 'threshold', jnp.zeros, (features,), jnp.float32).value
+
+
+class MaskedDense(nn.Module):
+    """Dense layer `y = x @ (W * m)`, m the row mask of W against the layer's thresholds."""
+    features: int
+    estimator: str = 'long_tailed'
+    compute_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param('kernel', torch_default_init, (x.shape[-1], self.features), jnp.float32)
+        threshold = _threshold(self, self.features)
+        self.sow(MACS, 'macs', np.float32(x.shape[-1] * self.features))
+        return _matmul(x, masking.masked_kernel(kernel, threshold, self.estimator), self.compute_dtype)
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str,
+                                dtype=None) -> jax.Array:
+    """Convolution as shifted slices concatenated on the channel axis and one matmul.
+
+    On XLA:CPU this runs about 1.5x faster than `lax.conv_general_dilated` for the 5x5 convolutions of
+    the SpaFL models (see PERF_NOTES), and vmapped over clients it becomes a batched matmul rather than a
+    grouped convolution.
+    """
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    if padding == 'SAME':
+        h, w = x.shape[1:3]
+        out_h, out_w = -(-h // sh), -(-w // sw)
+        pad_h = max((out_h - 1) * sh + kh - h, 0)
+        pad_w = max((out_w - 1) * sw + kw - w, 0)
+        x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                                        (0, 0)))
+    elif padding != 'VALID':
+        raise ValueError(f'padding={padding!r}: use "SAME" or "VALID".')
+    h, w = x.shape[1:3]
+    out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
+    patches = [x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+                          for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
+    return _matmul(patches, kernel.reshape(kh * kw * cin, cout), dtype)
+
+
+def xla_conv(x, kernel, strides, padding, dtype=None):
+    if dtype is not None:
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+    return jax.lax.conv_general_dilated(
+            x, kernel, tuple(strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            preferred_element_type=jnp.float32 if dtype is not None else None)
+
+
+CONV_IMPLS = {'im2col': im2col_conv, 'xla': xla_conv}
+
+
+class MaskedConv(nn.Module):
+    """2-D convolution (NHWC, kernel [kh, kw, in, out]) with a row-masked kernel and no bias."""
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: str = 'VALID'
+    estimator: str = 'long_tailed'
+    conv_impl: str = 'im2col'
+    compute_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        kernel = self.param('kernel', torch_default_init, (kh, kw, x.shape[-1], self.features),
+                                                jnp.float32)
+        threshold = _threshold(self, self.features)
+        y = CONV_IMPLS[self.conv_impl](x, masking.masked_kernel(kernel, threshold, self.estimator),
+                                                                      self.strides, self.padding, self.compute_dtype)
+        self.sow(MACS, 'macs', np.float32(np.prod(y.shape[1:3]) * kh * kw * x.shape[-1] * self.features))
+        return y

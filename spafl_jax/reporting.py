@@ -1,0 +1,358 @@
+"""Metrics logging (JSON lines + TensorBoard) and the figures of a SpaFL run.
+
+Pure Python/numpy on purpose: it runs on the host between rounds and in
+notebooks that only have the `metrics.jsonl` of a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_DIRNAME = "tensorboard"
+_DPI = 120
+
+
+def _to_python_scalar(key: str, value: Any) -> Any:
+    """Converts numpy/array scalars to plain Python so json.dumps accepts them."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    # 0-d numpy (or device) arrays: anything with an empty shape and .item().
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+        return _to_python_scalar(key, value.item())
+    raise TypeError(
+        f"Metric {key!r} must be a scalar number, got {type(value).__name__} "
+        f"with shape {getattr(value, 'shape', None)}."
+    )
+
+
+def _is_tensorboard_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_complete_lines(text: str) -> list[dict]:
+    """Parses JSON lines, dropping a final line that has no newline yet."""
+    lines = text.split("\n")
+    # The last element is "" when the file ends in "\n" and otherwise the
+    # fragment a killed writer left behind; either way it is not a record.
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Reads a metrics.jsonl file, ignoring a trailing partial line."""
+    with open(path, "r", encoding="utf-8") as f:
+        return _parse_complete_lines(f.read())
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(
+        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable; not all platforms allow opening a dir.
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes `obj` as JSON so readers see either the old or the new file."""
+    _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class MetricsWriter:
+    """Writes one JSON object per evaluated round to workdir/metrics.jsonl and
+    TensorBoard event files to workdir/tensorboard/.
+
+    Safe across kills and restarts: each record is a single O_APPEND write
+    followed by fsync, a partial last line left by a killed process is cut on
+    open, and `resume_from_round` drops the records a restarted run is about to
+    recompute, so no round is ever held twice. Rounds must strictly increase.
+    """
+
+    def __init__(self, workdir: str, resume_from_round: int | None = None):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, METRICS_FILENAME)
+        self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIRNAME)
+        self._last_round = self._repair(resume_from_round)
+        self._fd = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+        )
+        self._tb = EventFileWriter(self.tensorboard_dir)
+        # A START session log tells TensorBoard to purge events at steps >=
+        # this one from older event files, i.e. those of a killed run that
+        # this run will write again.
+        restart_step = (
+            resume_from_round
+            if resume_from_round is not None
+            else (0 if self._last_round is None else self._last_round + 1)
+        )
+        self._tb.add_event(
+            event_pb2.Event(
+                wall_time=time.time(),
+                step=restart_step,
+                session_log=event_pb2.SessionLog(
+                    status=event_pb2.SessionLog.START
+                ),
+            )
+        )
+        self._tb.flush()
+
+    def _repair(self, resume_from_round: int | None) -> int | None:
+        """Cuts a partial last line and rounds >= resume_from_round.
+
+        Returns:
+          The largest round still in the file, or None if it holds none.
+        """
+        if not os.path.exists(self.path):
+            return None
+        with open(self.path, "rb") as f:
+            data = f.read()
+        complete_end = data.rfind(b"\n") + 1
+        if complete_end != len(data):
+            # Only the tail can be partial (every record is one write), so
+            # truncating in place keeps all complete records.
+            os.truncate(self.path, complete_end)
+            data = data[:complete_end]
+        records = _parse_complete_lines(data.decode("utf-8"))
+        if resume_from_round is not None:
+            kept = [r for r in records if r["round"] < resume_from_round]
+            if len(kept) != len(records):
+                _write_text_atomic(
+                    self.path,
+                    "".join(
+                        json.dumps(r, sort_keys=True) + "\n" for r in kept
+                    ),
+                )
+            records = kept
+        return max((r["round"] for r in records), default=None)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Appends one round's metrics; every number also goes to TensorBoard."""
+        if self._fd is None:
+            raise ValueError("MetricsWriter is closed.")
+        if "round" not in record:
+            raise ValueError(f"Record has no 'round': {sorted(record)}")
+        clean = {k: _to_python_scalar(k, v) for k, v in record.items()}
+        step = clean["round"]
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise TypeError(f"'round' must be an int, got {record['round']!r}.")
+        if self._last_round is not None and step <= self._last_round:
+            raise ValueError(
+                f"Round {step} is not after the last logged round "
+                f"{self._last_round} in {self.path}; pass resume_from_round "
+                "when restarting so old rounds are dropped first."
+            )
+        line = (json.dumps(clean, sort_keys=True) + "\n").encode("utf-8")
+        # One write on an O_APPEND fd: a kill leaves either no line or a
+        # whole one (or, at worst, a partial tail that the next open cuts).
+        written = os.write(self._fd, line)
+        if written != len(line):
+            raise OSError(f"Short write to {self.path}: {written}/{len(line)}.")
+        os.fsync(self._fd)
+        self._last_round = step
+
+        values = [
+            summary_pb2.Summary.Value(tag=key, simple_value=float(value))
+            for key, value in sorted(clean.items())
+            if key != "round" and _is_tensorboard_scalar(value)
+        ]
+        self._tb.add_event(
+            event_pb2.Event(
+                wall_time=time.time(),
+                step=step,
+                summary=summary_pb2.Summary(value=values),
+            )
+        )
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._tb.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str):
+    """Returns (rounds, values) of the records that hold a finite `key`."""
+    pairs = [
+        (r["round"], float(r[key]))
+        for r in records
+        if "round" in r
+        and _is_tensorboard_scalar(r.get(key))
+        and math.isfinite(float(r[key]))
+    ]
+    pairs.sort()
+    return (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+
+
+def _new_axes(title: str, ylabel: str):
+    fig = Figure(figsize=(6.4, 4.2), dpi=_DPI)
+    FigureCanvasAgg(fig)  # Attaches an Agg canvas without touching pyplot.
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, ax
+
+
+def _save(fig: Figure, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
+    """Draws accuracy, density and communication curves of a run.
+
+    Args:
+      records: as returned by `read_metrics`. 'accuracy*' and 'density*' are
+        fractions in [0, 1]; 'bits_up' / 'bits_down' are the cumulative bits
+        sent through that round (records exist only for evaluated rounds, so
+        summing per-round values here would miss the rounds in between).
+      out_dir: created if missing.
+
+    Returns:
+      Paths of the PNGs written; a figure whose keys are all absent is skipped.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    keys = set().union(*(r.keys() for r in records)) if records else set()
+
+    labels = {
+        "accuracy": "mean over clients",
+        "accuracy_weighted": "weighted by test-set size",
+        "density": "mean over layers (official)",
+        "density_weighted": "weighted by parameters",
+        "bits_up": "uplink",
+        "bits_down": "downlink",
+    }
+
+    def plot_main(ax, key_list, scale):
+        drawn = False
+        for key in key_list:
+            rounds, values = _series(records, key)
+            if rounds.size:
+                ax.plot(rounds, values * scale, marker="." if rounds.size < 50
+                        else None, linewidth=1.8, label=f"{key}: {labels[key]}")
+                drawn = True
+        return drawn
+
+    if keys & {"accuracy", "accuracy_weighted"}:
+        fig, ax = _new_axes("Test accuracy", "accuracy (%)")
+        if plot_main(ax, ["accuracy", "accuracy_weighted"], 100.0):
+            ax.legend()
+            paths.append(_save(fig, os.path.join(out_dir, "accuracy.png")))
+
+    layer_keys = sorted(k for k in keys if k.startswith("density/"))
+    if keys & {"density", "density_weighted"} or layer_keys:
+        fig, ax = _new_axes("Model density (kept fraction)", "density (%)")
+        drawn = plot_main(ax, ["density", "density_weighted"], 100.0)
+        for key in layer_keys:
+            rounds, values = _series(records, key)
+            if rounds.size:
+                ax.plot(rounds, values * 100.0, linewidth=0.8, alpha=0.7,
+                        linestyle="--", label=key.removeprefix("density/"))
+                drawn = True
+        if drawn:
+            ax.set_ylim(bottom=0.0)
+            ax.legend(fontsize="small", ncol=2 if len(layer_keys) > 4 else 1)
+            paths.append(_save(fig, os.path.join(out_dir, "density.png")))
+
+    if keys & {"bits_up", "bits_down"}:
+        fig, ax = _new_axes("Cumulative communication", "communication (Gbit)")
+        if plot_main(ax, ["bits_up", "bits_down"], 1e-9):
+            ax.legend()
+            paths.append(_save(fig, os.path.join(out_dir, "communication.png")))
+    return paths
+
+
+def plot_sparsity_pattern(masks: np.ndarray, out_path: str, title: str = "") -> str:
+    """Draws kept filters per client, as in Figure 3 of the SpaFL paper.
+
+    Args:
+      masks: [clients, filters] of 0/1, 1 where the filter is kept.
+      out_path: PNG path; its directory is created if missing.
+      title: figure title, e.g. the layer and the round.
+
+    Returns:
+      out_path.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 2:
+        raise ValueError(f"masks must be [clients, filters], got {masks.shape}.")
+    num_clients, num_filters = masks.shape
+    # Wide enough that each filter stays visible, tall enough per client.
+    width = min(max(4.0, 0.06 * num_filters + 1.5), 16.0)
+    height = min(max(2.0, 0.25 * num_clients + 1.2), 12.0)
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(
+        (masks != 0).astype(np.float32),
+        cmap="gray_r",
+        vmin=0.0,
+        vmax=1.0,
+        aspect="auto",
+        interpolation="nearest",
+        extent=(-0.5, num_filters - 0.5, num_clients - 0.5, -0.5),
+    )
+    ax.set_xlabel("filter")
+    ax.set_ylabel("client")
+    density = float(np.mean(masks != 0)) if masks.size else 0.0
+    ax.set_title(title or f"Kept filters per client (density {density:.1%})")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    return _save(fig, out_path)

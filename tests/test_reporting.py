@@ -1,0 +1,217 @@
+"""Tests for spafl_jax.reporting: kill-safe metrics, TensorBoard, figures."""
+
+import json
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from spafl_jax import reporting
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _lines(path):
+    with open(path, "rb") as f:
+        return f.read().split(b"\n")
+
+
+def _assert_real_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == _PNG_SIGNATURE
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    # A blank canvas has zero variance; curves, text and axes do not.
+    assert float(np.var(pixels[..., :3])) > 1e-3
+
+
+def _scalars(tensorboard_dir, tag):
+    acc = event_accumulator.EventAccumulator(
+        tensorboard_dir, size_guidance={event_accumulator.SCALARS: 0}
+    )
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_write_round_trips_exactly_and_converts_numpy(tmp_path):
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        writer.write({"round": np.int64(0), "accuracy": np.float32(0.25),
+                      "bits_up": np.int64(2**40), "note": "first"})
+        writer.write({"round": 5, "accuracy": 0.5, "density": np.array(0.75),
+                      "converged": np.bool_(False)})
+    path = tmp_path / "metrics.jsonl"
+    raw = _lines(path)
+    assert raw[-1] == b""  # Every record ends in a newline.
+    assert json.loads(raw[0]) == {"round": 0, "accuracy": 0.25,
+                                  "bits_up": 2**40, "note": "first"}
+    assert list(json.loads(raw[0])) == sorted(json.loads(raw[0]))
+    records = reporting.read_metrics(str(path))
+    assert records == [
+        {"round": 0, "accuracy": 0.25, "bits_up": 2**40, "note": "first"},
+        {"round": 5, "accuracy": 0.5, "density": 0.75, "converged": False},
+    ]
+    assert type(records[0]["round"]) is int
+    assert type(records[0]["bits_up"]) is int
+    assert type(records[1]["density"]) is float
+
+
+def test_write_rejects_non_scalars_and_repeated_rounds(tmp_path):
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        with pytest.raises(TypeError):
+            writer.write({"round": 0, "accuracy": np.zeros(3)})
+        writer.write({"round": 3, "accuracy": 0.1})
+        with pytest.raises(ValueError):
+            writer.write({"round": 3, "accuracy": 0.2})
+    # A reopened writer remembers the last round on disk.
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        with pytest.raises(ValueError):
+            writer.write({"round": 2, "accuracy": 0.2})
+        writer.write({"round": 4, "accuracy": 0.3})
+    rounds = [r["round"] for r in reporting.read_metrics(
+        str(tmp_path / "metrics.jsonl"))]
+    assert rounds == [3, 4]
+
+
+def test_partial_trailing_line_is_cut_on_open(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"accuracy": 0.1, "round": 0}\n'
+                     b'{"accuracy": 0.2, "round": 1}\n'
+                     b'{"accuracy": 0.3, "ro')
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        assert path.read_bytes() == (b'{"accuracy": 0.1, "round": 0}\n'
+                                     b'{"accuracy": 0.2, "round": 1}\n')
+        writer.write({"round": 2, "accuracy": 0.4})
+    assert reporting.read_metrics(str(path)) == [
+        {"round": 0, "accuracy": 0.1},
+        {"round": 1, "accuracy": 0.2},
+        {"round": 2, "accuracy": 0.4},
+    ]
+
+
+def test_resume_drops_later_rounds_then_appends_without_duplicates(tmp_path):
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        for r in range(0, 10, 2):  # Rounds 0, 2, 4, 6, 8.
+            writer.write({"round": r, "accuracy": r / 100})
+    # The run was checkpointed at round 5 and is restarted from there.
+    with reporting.MetricsWriter(str(tmp_path), resume_from_round=5) as writer:
+        assert [r["round"] for r in reporting.read_metrics(
+            writer.path)] == [0, 2, 4]
+        for r in range(6, 12, 2):  # Rounds 6, 8, 10, recomputed.
+            writer.write({"round": r, "accuracy": r / 50})
+    records = reporting.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["round"] for r in records] == [0, 2, 4, 6, 8, 10]
+    assert [r["accuracy"] for r in records] == [0.0, 0.02, 0.04, 0.12, 0.16,
+                                               0.2]
+    leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_read_metrics_ignores_partial_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"round": 0, "accuracy": 0.5}\n{"round": 1, "accu')
+    assert reporting.read_metrics(str(path)) == [{"round": 0, "accuracy": 0.5}]
+    path.write_bytes(b"")
+    assert reporting.read_metrics(str(path)) == []
+
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        writer.write({"round": 0, "accuracy": 0.125, "density/Conv_0": 1.0,
+                      "note": "skipped"})
+        writer.write({"round": 10, "accuracy": np.float32(0.5),
+                      "density/Conv_0": 0.25})
+    tb_dir = str(tmp_path / "tensorboard")
+    assert _scalars(tb_dir, "accuracy") == [(0, 0.125), (10, 0.5)]
+    assert _scalars(tb_dir, "density/Conv_0") == [(0, 1.0), (10, 0.25)]
+    acc = event_accumulator.EventAccumulator(tb_dir)
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["accuracy", "density/Conv_0"]
+
+
+def test_tensorboard_purges_rounds_redone_after_resume(tmp_path):
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        for r in (0, 2, 4):
+            writer.write({"round": r, "accuracy": 0.1})
+    with reporting.MetricsWriter(str(tmp_path), resume_from_round=2) as writer:
+        for r in (2, 4):
+            writer.write({"round": r, "accuracy": 0.9})
+    assert _scalars(str(tmp_path / "tensorboard"), "accuracy") == [
+        (0, pytest.approx(0.1)), (2, pytest.approx(0.9)),
+        (4, pytest.approx(0.9))]
+
+
+def _records(num_rounds=20):
+    return [
+        {"round": r,
+         "accuracy": 0.1 + 0.6 * r / num_rounds,
+         "accuracy_weighted": 0.12 + 0.58 * r / num_rounds,
+         "density": 1.0 - 0.5 * r / num_rounds,
+         "density_weighted": 1.0 - 0.55 * r / num_rounds,
+         "density/Conv_0": 1.0 - 0.3 * r / num_rounds,
+         "density/Dense_0": 1.0 - 0.7 * r / num_rounds,
+         "bits_up": 32 * 10 * 5000 * (r + 1),
+         "bits_down": 32 * 110 * 5000 * (r + 1)}
+        for r in range(0, num_rounds + 1, 2)
+    ]
+
+
+def test_plot_metrics_writes_all_three_figures(tmp_path):
+    paths = reporting.plot_metrics(_records(), str(tmp_path / "plots"))
+    assert [os.path.basename(p) for p in paths] == [
+        "accuracy.png", "density.png", "communication.png"]
+    for path in paths:
+        _assert_real_png(path)
+
+
+def test_plot_metrics_skips_figures_whose_keys_are_absent(tmp_path):
+    records = [{"round": r["round"], "accuracy": r["accuracy"]}
+               for r in _records()]
+    paths = reporting.plot_metrics(records, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["accuracy.png"]
+    assert sorted(os.listdir(tmp_path)) == ["accuracy.png"]
+    assert reporting.plot_metrics([], str(tmp_path / "empty")) == []
+
+
+def test_plot_metrics_density_from_layer_keys_only(tmp_path):
+    records = [{"round": r["round"], "density/Conv_0": r["density/Conv_0"]}
+               for r in _records()]
+    paths = reporting.plot_metrics(records, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["density.png"]
+    _assert_real_png(paths[0])
+
+
+def test_plot_sparsity_pattern(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = (rng.random((10, 64)) < 0.4).astype(np.int32)
+    path = reporting.plot_sparsity_pattern(
+        masks, str(tmp_path / "sub" / "conv0_round100.png"),
+        title="Conv_0, round 100")
+    assert path == str(tmp_path / "sub" / "conv0_round100.png")
+    _assert_real_png(path)
+    with pytest.raises(ValueError):
+        reporting.plot_sparsity_pattern(np.ones(5), str(tmp_path / "x.png"))
+
+
+def test_write_json_atomic_round_trips(tmp_path):
+    path = str(tmp_path / "summary.json")
+    obj = {"b": [1, 2.5, None], "a": {"nested": "yes"}, "rounds": 500}
+    reporting.write_json_atomic(path, obj)
+    with open(path) as f:
+        text = f.read()
+    assert json.loads(text) == obj
+    assert text == json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    reporting.write_json_atomic(path, {"replaced": True})
+    with open(path) as f:
+        assert json.load(f) == {"replaced": True}
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_pyplot_state_untouched(tmp_path):
+    import sys
+    reporting.plot_metrics(_records(), str(tmp_path))
+    reporting.plot_sparsity_pattern(np.eye(4), str(tmp_path / "m.png"))
+    if "matplotlib.pyplot" in sys.modules:
+        import matplotlib.pyplot as plt
+        assert plt.get_fignums() == []
