@@ -6,7 +6,7 @@ threshold vector has one entry per output feature and starts at 0.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,26 @@ MACS = 'macs'               # collection a layer sows its multiply-accumulates p
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
+# 'SAME', 'VALID', one int for every side, or ((top, bottom), (left, right)). Explicit integers give
+# PyTorch's alignment: TF's 'SAME' with stride 2 on an even input pads 0 before and 1 after, PyTorch's
+# padding=1 pads 1 on both sides, so the sampled pixels differ.
+Padding = Union[str, int, Sequence[tuple[int, int]]]
+
+
+def explicit_padding(padding: Padding) -> Union[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """A padding string unchanged, or the ((top, bottom), (left, right)) pairs an int stands for."""
+    if isinstance(padding, str):
+        if padding not in ('SAME', 'VALID'):
+            raise ValueError(f'padding={padding!r}: use "SAME", "VALID", an int or ((t, b), (l, r)).')
+        return padding
+    if isinstance(padding, (int, np.integer)):
+        return ((int(padding), int(padding)), (int(padding), int(padding)))
+    pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if len(pairs) != 2:
+        raise ValueError(f'padding={padding!r}: need one (low, high) pair per spatial axis.')
+    return pairs
+
+
 def _matmul(x, w, dtype):
     if dtype is None:
         return x @ w
@@ -34,7 +54,10 @@ def _threshold(module: nn.Module, features: int) -> jax.Array:
 
 
 class MaskedDense(nn.Module):
-    """Dense layer `y = x @ (W * m)`, m the row mask of W against the layer's thresholds."""
+    """Dense layer `y = x @ (W * m)`, m the row mask of W against the layer's thresholds.
+
+    `x` is [batch, ..., in]; any middle axes (tokens) are kept and count towards the sown MACs.
+    """
     features: int
     estimator: str = 'long_tailed'
     compute_dtype: Any = None
@@ -43,11 +66,13 @@ class MaskedDense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param('kernel', torch_default_init, (x.shape[-1], self.features), jnp.float32)
         threshold = _threshold(self, self.features)
-        self.sow(MACS, 'macs', np.float32(x.shape[-1] * self.features))
+        # Per example: every position of the middle axes (e.g. a ViT's tokens) does its own product.
+        positions = int(np.prod(x.shape[1:-1]))
+        self.sow(MACS, 'macs', np.float32(positions * x.shape[-1] * self.features))
         return _matmul(x, masking.masked_kernel(kernel, threshold, self.estimator), self.compute_dtype)
 
 
-def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str,
+def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding,
                                 dtype=None) -> jax.Array:
     """Convolution as shifted slices concatenated on the channel axis and one matmul.
 
@@ -57,15 +82,16 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
     """
     kh, kw, cin, cout = kernel.shape
     sh, sw = strides
-    if padding == 'SAME':
+    padding = explicit_padding(padding)
+    if not isinstance(padding, str):
+        x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    elif padding == 'SAME':
         h, w = x.shape[1:3]
         out_h, out_w = -(-h // sh), -(-w // sw)
         pad_h = max((out_h - 1) * sh + kh - h, 0)
         pad_w = max((out_w - 1) * sw + kw - w, 0)
         x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
                                         (0, 0)))
-    elif padding != 'VALID':
-        raise ValueError(f'padding={padding!r}: use "SAME" or "VALID".')
     h, w = x.shape[1:3]
     out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
     patches = [x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
@@ -74,7 +100,10 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
     return _matmul(patches, kernel.reshape(kh * kw * cin, cout), dtype)
 
 
-def xla_conv(x, kernel, strides, padding, dtype=None):
+def xla_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding,
+             dtype=None) -> jax.Array:
+    """`lax.conv_general_dilated` in the same NHWC/HWIO layout and padding conventions as `im2col_conv`."""
+    padding = explicit_padding(padding)
     if dtype is not None:
         x, kernel = x.astype(dtype), kernel.astype(dtype)
     return jax.lax.conv_general_dilated(
@@ -90,7 +119,7 @@ class MaskedConv(nn.Module):
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     strides: tuple[int, int] = (1, 1)
-    padding: str = 'VALID'
+    padding: Padding = 'VALID'   # explicit ints for PyTorch alignment with stride > 1
     estimator: str = 'long_tailed'
     conv_impl: str = 'im2col'
     compute_dtype: Any = None

@@ -2,6 +2,8 @@
 
 Every model is called as `model.apply(variables, images, train=...)` with NHWC float images and
 returns logits. `variables` holds `params`, `thresholds` and, for models with BatchNorm, `batch_stats`.
+Unmasked layers (heads, embeddings, norms) follow PyTorch's defaults so that runs compare with the
+official code.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spafl_jax.layers import MaskedConv, MaskedDense
+from spafl_jax.layers import MaskedConv, MaskedDense, torch_default_init
 
 
 def _batch_norm(train: bool) -> nn.BatchNorm:
@@ -23,6 +25,18 @@ def _batch_norm(train: bool) -> nn.BatchNorm:
 
 def _max_pool(x):
     return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def _torch_bias_init(fan_in: int):
+    # PyTorch's Linear/Conv bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1.0 / fan_in ** 0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _torch_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:
+    """An unmasked Linear with PyTorch's default init (heads and embeddings are never masked)."""
+    return nn.Dense(features, kernel_init=torch_default_init, bias_init=_torch_bias_init(fan_in),
+                    name=name)
 
 
 class DigitsCNN(nn.Module):
@@ -85,7 +99,141 @@ class Conv4(nn.Module):
         return dense(self.num_classes)(x)
 
 
-MODELS = {'digits_cnn': DigitsCNN, 'lenet5': LeNet5, 'conv4': Conv4}
+class PreActBlock(nn.Module):
+    """Pre-activation basic block: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus a shortcut.
+
+    Where width or stride change, the shortcut is a masked 1x1 conv (stride) applied, as in the
+    common PyTorch PreActResNet, to the block's first pre-activation rather than to the raw input.
+    """
+    features: int
+    strides: int = 1
+    estimator: str = 'long_tailed'
+    conv_impl: str = 'im2col'
+    compute_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = functools.partial(MaskedConv, estimator=self.estimator, conv_impl=self.conv_impl,
+                                 compute_dtype=self.compute_dtype)
+        s = (self.strides, self.strides)
+        out = nn.relu(_batch_norm(train)(x))
+        if self.strides != 1 or x.shape[-1] != self.features:
+            # PyTorch padding=0 for the 1x1 projection.
+            shortcut = conv(self.features, kernel_size=(1, 1), strides=s, padding=0, name='shortcut')(out)
+        else:
+            shortcut = x
+        # PyTorch padding=1: symmetric, unlike 'SAME' with stride 2 on even inputs.
+        out = conv(self.features, kernel_size=(3, 3), strides=s, padding=1, name='conv1')(out)
+        out = nn.relu(_batch_norm(train)(out))
+        out = conv(self.features, kernel_size=(3, 3), strides=(1, 1), padding=1, name='conv2')(out)
+        return out + shortcut
+
+
+class ResNet18(nn.Module):
+    """Half-width pre-activation ResNet-18 of the official CIFAR-100 folder.
+
+    Every conv (stem, block convs, 1x1 shortcuts) is masked: 2,790,240 masked weights, 2,400
+    thresholds. The final Linear is not masked, and there is no BatchNorm after the last block.
+    """
+    num_classes: int = 100
+    estimator: str = 'long_tailed'
+    conv_impl: str = 'im2col'
+    compute_dtype: Any = None
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    blocks_per_stage: int = 2
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        block = functools.partial(PreActBlock, estimator=self.estimator, conv_impl=self.conv_impl,
+                                  compute_dtype=self.compute_dtype)
+        x = MaskedConv(self.widths[0], kernel_size=(3, 3), padding=1, estimator=self.estimator,
+                       conv_impl=self.conv_impl, compute_dtype=self.compute_dtype, name='stem')(x)
+        x = nn.relu(_batch_norm(train)(x))
+        for stage, features in enumerate(self.widths):
+            for b in range(self.blocks_per_stage):
+                strides = 2 if stage > 0 and b == 0 else 1
+                x = block(features, strides, name=f'stage{stage + 1}_block{b + 1}')(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return _torch_dense(self.num_classes, x.shape[-1], name='head')(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm encoder block: x + Attn(LN(x)), then x + MLP(LN(x)); qkv, attention-out and both
+    MLP layers are masked (no bias), the LayerNorms are not."""
+    dim: int = 128
+    heads: int = 8
+    head_dim: int = 64
+    mlp_dim: int = 256
+    estimator: str = 'long_tailed'
+    compute_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        dense = functools.partial(MaskedDense, estimator=self.estimator, compute_dtype=self.compute_dtype)
+        batch, tokens, _ = x.shape
+        inner = self.heads * self.head_dim
+
+        h = nn.LayerNorm(epsilon=1e-5, name='norm1')(x)
+        qkv = dense(3 * inner, name='qkv')(h)
+        q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.heads, self.head_dim), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]                      # [batch, tokens, heads, head_dim]
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * self.head_dim ** -0.5
+        attn = jax.nn.softmax(logits, axis=-1)
+        h = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(batch, tokens, inner)
+        x = x + dense(self.dim, name='attn_out')(h)
+
+        h = nn.LayerNorm(epsilon=1e-5, name='norm2')(x)
+        # PyTorch's nn.GELU is the exact (erf) form.
+        h = nn.gelu(dense(self.mlp_dim, name='mlp1')(h), approximate=False)
+        return x + dense(self.dim, name='mlp2')(h)
+
+
+class ViT(nn.Module):
+    """ViT of the official CIFAR-10 folder: patch 4, dim 128, depth 6, 8 heads of 64, MLP 256.
+
+    Masked: qkv, attention-out and both MLP layers of every block (1,966,080 weights, 12,288
+    thresholds). Unmasked: the patch embedding, cls token, position embedding, LayerNorms and head.
+    Dropout is 0 in the official configuration, so there is none.
+    """
+    num_classes: int = 10
+    estimator: str = 'long_tailed'
+    conv_impl: str = 'im2col'   # unused: the ViT has no masked conv; kept for a uniform constructor
+    compute_dtype: Any = None
+    patch_size: int = 4
+    dim: int = 128
+    depth: int = 6
+    heads: int = 8
+    head_dim: int = 64
+    mlp_dim: int = 256
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        batch, height, width, channels = x.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f'image {height}x{width} is not divisible into {p}x{p} patches.')
+        # Non-overlapping patches flattened as (row, col, channel): a linear embedding, i.e. a
+        # stride-p conv, without the conv.
+        patches = x.reshape(batch, height // p, p, width // p, p, channels)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p * p * channels)
+        tokens = _torch_dense(self.dim, p * p * channels, name='patch_embedding')(patches)
+
+        # torch.randn initialisation, as in the vit-pytorch code the official folder uses.
+        cls = self.param('cls_token', nn.initializers.normal(1.0), (1, 1, self.dim), jnp.float32)
+        tokens = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.dim)), tokens], axis=1)
+        pos = self.param('pos_embedding', nn.initializers.normal(1.0),
+                         (1, tokens.shape[1], self.dim), jnp.float32)
+        tokens = tokens + pos
+
+        for i in range(self.depth):
+            tokens = TransformerBlock(self.dim, self.heads, self.head_dim, self.mlp_dim,
+                                      estimator=self.estimator, compute_dtype=self.compute_dtype,
+                                      name=f'block{i + 1}')(tokens)
+        cls_out = nn.LayerNorm(epsilon=1e-5, name='norm')(tokens[:, 0])
+        return _torch_dense(self.num_classes, self.dim, name='head')(cls_out)
+
+
+MODELS = {'digits_cnn': DigitsCNN, 'lenet5': LeNet5, 'conv4': Conv4, 'resnet18': ResNet18, 'vit': ViT}
 
 
 def check_model(name: str) -> None:

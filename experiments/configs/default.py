@@ -1,0 +1,46 @@
+r"""The embedded default: SpaFL on scikit-learn's 8x8 digits, 20 clients. Runs anywhere, no download.
+
+    python experiments/main.py
+    python experiments/main.py --config=default.py --config.rounds=10 --workdir=/tmp/spafl_digits
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Data.
+    config.dataset = 'digits'            # digits | fashion_mnist | cifar10 | cifar100
+    config.data_dir = None               # where prepared datasets live (IDX files or tfds data)
+    config.raw_pixels = False            # True: feed raw 0..255 pixels like the official loaders
+    config.augment = 'none'              # none | crop_flip (CIFAR: random crop pad 4 + flip)
+    config.num_clients = 20              # N, every client persistent
+    config.clients_per_round = 5         # S, sampled uniformly without replacement each round
+    config.alpha = 0.5                   # Dirichlet concentration of the non-IID split
+    # Model and mask.
+    config.model = 'digits_cnn'          # digits_cnn | lenet5 | conv4
+    config.estimator = 'long_tailed'     # long_tailed | identity | outside_unit (step backward)
+    # Local training.
+    config.rounds = 40                   # communication rounds
+    config.batch_size = 16               # local batch size; the last partial batch is dropped
+    config.local_epochs = 2              # passes over a client's own data per round
+    config.lr = 0.05                     # SGD learning rate (momentum 0.9)
+    config.lr_decay = 1.0                # lr multiplied by this every round
+    config.min_lr = 0.0                  # floor of the decayed lr
+    config.clip = 0.0                    # global-norm gradient clip; 0 disables
+    config.th_coeff = 0.002              # weight of sum(exp(-threshold)) in the local loss
+    config.penalty_warmup = False        # scale the penalty by sigmoid(10 r - 5)
+    config.persistent_optimizer = False  # keep momentum across rounds (official FMNIST)
+    # Server.
+    config.importance_update = 'all_after'  # all_after | sampled_before | none
+    config.aggregation = 'uniform'       # uniform | data_size (weighting of the threshold mean)
+    # Execution.
+    config.client_execution = 'vmap'     # vmap | map: how the sampled clients run
+    config.conv_impl = 'im2col'          # im2col | xla: how convolutions are computed
+    config.compute_dtype = 'float32'     # float32 | bfloat16 (matmul inputs; parameters stay f32)
+    config.scan_unroll = 1               # unroll of the scan over local steps
+    # Evaluation and bookkeeping.
+    config.eval_every = 1                # evaluate all clients every this many rounds
+    config.eval_batch_size = 256         # examples per evaluation batch
+    config.seed = 1                      # all randomness derives from (seed, round, client id)
+    return config

@@ -1,0 +1,70 @@
+r"""Runs SpaFL. The logic lives in `spafl_jax.train`; this file only parses flags.
+
+    python experiments/main.py                                   # embedded default: digits
+    python experiments/main.py --config=fmnist.py --config.rounds=20 --workdir=/tmp/fmnist
+    python experiments/main.py --config=cifar10.py --config.data_dir=~/tensorflow_datasets
+
+A bare config file name resolves to experiments/configs/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+sys.path.insert(0, os.path.dirname(os.path.dirname(_CONFIG_DIR)))  # works without installing too
+
+
+def _resolve_config_argument(argv: list[str]) -> list[str]:
+    """`--config=cifar10.py[:arg]` -> experiments/configs/cifar10.py when not a path that exists."""
+    out = []
+    for arg in argv:
+        if arg.startswith('--config=') and not arg.startswith('--config.'):
+            value = arg[len('--config='):]
+            path, sep, rest = value.partition(':')
+            if not os.path.exists(path) and os.path.exists(os.path.join(_CONFIG_DIR, path)):
+                arg = '--config=' + os.path.join(_CONFIG_DIR, path) + sep + rest
+        out.append(arg)
+    return out
+
+
+sys.argv = _resolve_config_argument(sys.argv)
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from spafl_jax import configuration
+from spafl_jax import data as data_lib
+from spafl_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(_CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
+    'experiments/configs/); override fields with --config.FIELD=VALUE.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, figures and state '
+                               '(default: runs/<dataset>_<model>_<time>).')
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join(
+        'runs', f'{config.get("dataset", "run")}_{config.get("model", "")}_'
+        f'{time.strftime("%Y%m%d-%H%M%S")}')
+    try:
+        summary = train.train_and_evaluate(config, workdir)
+    except (configuration.ConfigError, data_lib.DatasetUnavailableError,
+            train.WorkdirError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    logging.info('done: accuracy %.2f%%, density %.2f%%, %.2f s per round; results in %s',
+                 100 * summary['accuracy'], 100 * summary['density'],
+                 summary['seconds_per_round'], workdir)
+
+
+if __name__ == '__main__':
+    app.run(main)

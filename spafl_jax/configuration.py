@@ -1,0 +1,83 @@
+"""Validation of a run's configuration, once, before anything is loaded or compiled."""
+
+from __future__ import annotations
+
+import numbers
+
+import ml_collections
+
+from spafl_jax import data as data_lib
+from spafl_jax import masking
+from spafl_jax import models
+from spafl_jax.federated import AGGREGATIONS, CLIENT_EXECUTIONS, IMPORTANCE_UPDATES
+
+AUGMENTATIONS = ('none', 'crop_flip')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+CONV_IMPLS = ('im2col', 'xla')
+
+
+class ConfigError(ValueError):
+    """A config field has a value the run cannot use; the message names the field and the fix."""
+
+
+def _choice(config, field, allowed):
+    value = config[field]
+    if value not in allowed:
+        raise ConfigError(f'config.{field}={value!r} is not allowed; use one of: '
+                          f'{", ".join(map(str, allowed))}.')
+
+
+def _number(config, field, *, positive=False, non_negative=False, integer=False, at_most=None):
+    value = config[field]
+    kind = 'an integer' if integer else 'a number'
+    ok_type = (isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real))
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(f'config.{field}={value!r} must be {kind}.')
+    if positive and not value > 0:
+        raise ConfigError(f'config.{field}={value!r} must be > 0.')
+    if non_negative and value < 0:
+        raise ConfigError(f'config.{field}={value!r} must be >= 0.')
+    if at_most is not None and value > at_most:
+        raise ConfigError(f'config.{field}={value!r} must be <= {at_most}.')
+
+
+REQUIRED = ('dataset', 'model', 'num_clients', 'clients_per_round', 'alpha', 'rounds', 'batch_size',
+            'local_epochs', 'lr', 'lr_decay', 'min_lr', 'clip', 'th_coeff', 'penalty_warmup',
+            'persistent_optimizer', 'estimator', 'importance_update', 'aggregation', 'raw_pixels',
+            'augment', 'eval_every', 'eval_batch_size', 'seed', 'compute_dtype', 'conv_impl',
+            'client_execution', 'scan_unroll', 'data_dir')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError on the first field that is wrong."""
+    for field in REQUIRED:
+        if field not in config:
+            raise ConfigError(f'config.{field} is missing; start from experiments/configs/default.py.')
+    _choice(config, 'dataset', data_lib.DATASETS)
+    _choice(config, 'model', tuple(sorted(models.MODELS)))
+    _choice(config, 'estimator', tuple(sorted(masking.ESTIMATORS)))
+    _choice(config, 'importance_update', IMPORTANCE_UPDATES)
+    _choice(config, 'aggregation', AGGREGATIONS)
+    _choice(config, 'augment', AUGMENTATIONS)
+    _choice(config, 'compute_dtype', COMPUTE_DTYPES)
+    _choice(config, 'conv_impl', CONV_IMPLS)
+    _choice(config, 'client_execution', CLIENT_EXECUTIONS)
+    for field in ('num_clients', 'clients_per_round', 'rounds', 'batch_size', 'local_epochs',
+                  'eval_every', 'eval_batch_size', 'scan_unroll'):
+        _number(config, field, positive=True, integer=True)
+    _number(config, 'seed', non_negative=True, integer=True)
+    if config.clients_per_round > config.num_clients:
+        raise ConfigError(f'config.clients_per_round={config.clients_per_round} must be <= '
+                          f'config.num_clients={config.num_clients}: sampling is without '
+                          'replacement.')
+    _number(config, 'alpha', positive=True)
+    _number(config, 'lr', positive=True)
+    _number(config, 'lr_decay', positive=True, at_most=1.0)
+    _number(config, 'min_lr', non_negative=True)
+    _number(config, 'clip', non_negative=True)
+    _number(config, 'th_coeff', non_negative=True)
+    for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels'):
+        if not isinstance(config[field], bool):
+            raise ConfigError(f'config.{field}={config[field]!r} must be True or False.')
+    if config.data_dir is not None and not isinstance(config.data_dir, str):
+        raise ConfigError(f'config.data_dir={config.data_dir!r} must be a path or None.')
