@@ -21,9 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = 'digits_cnn'          # digits_cnn | lenet5 | conv4
     config.estimator = 'long_tailed'     # long_tailed | identity | outside_unit (step backward)
     # Local training.
-    config.rounds = 40                   # communication rounds
+    config.rounds = 50                   # communication rounds
     config.batch_size = 16               # local batch size; the last partial batch is dropped
-    config.local_epochs = 2              # passes over a client's own data per round
+    config.local_epochs = 5              # passes over a client's own data per round
     config.lr = 0.05                     # SGD learning rate (momentum 0.9)
     config.lr_decay = 1.0                # lr multiplied by this every round
     config.min_lr = 0.0                  # floor of the decayed lr

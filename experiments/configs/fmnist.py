@@ -1,0 +1,44 @@
+r"""SpaFL on Fashion-MNIST with LeNet-5: the paper's first setting (SPEC section 6).
+
+    python experiments/main.py --config=fmnist.py
+    python experiments/main.py --config=fmnist.py --config.rounds=20 --workdir=/tmp/fmnist
+    python experiments/main.py --config=fmnist.py:official   # what the official FMNIST folder does
+
+Data: the Debian package `dataset-fashion-mnist` (IDX files in /usr/share/datasets/fashion-mnist),
+IDX files in --config.data_dir, or tfds data prepared there.
+"""
+
+import ml_collections
+
+from experiments.configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.dataset = 'fashion_mnist'
+    config.model = 'lenet5'
+    config.num_clients = 100
+    config.clients_per_round = 10
+    config.alpha = 0.2
+    config.rounds = 500
+    config.batch_size = 64
+    config.local_epochs = 5
+    config.lr = 0.001
+    config.lr_decay = 1.0
+    config.clip = 0.0                    # the FMNIST folder does not clip
+    config.th_coeff = 0.002
+    config.penalty_warmup = True
+    config.eval_batch_size = 500
+    if arg == 'official':
+        apply_official_fmnist(config)
+    elif arg:
+        raise ValueError(f'fmnist.py takes no argument or "official", got {arg!r}.')
+    return config
+
+
+def apply_official_fmnist(config: ml_collections.ConfigDict) -> None:
+    """The behaviour of the official FMNIST folder, where it differs from our defaults."""
+    config.estimator = 'identity'
+    config.importance_update = 'sampled_before'
+    config.persistent_optimizer = True
+    config.raw_pixels = True

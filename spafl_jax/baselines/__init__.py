@@ -1,0 +1,66 @@
+"""The paper's comparison baselines, each a module of pure functions shaped like SpaFL's round.
+
+Every module `m` in `BASELINES` provides, with `Config = CONFIGS[name]` its hyperparameter dataclass:
+
+    m.init_state(model_or_name, local_cfg, rng, num_clients, image_shape, *, num_classes=10,
+                 method_cfg=Config()) -> state
+    m.run_round(model, local_cfg, round_cfg, spec, state, data, sampled, seed_key, macs=None, *,
+                method_cfg=Config()) -> (state, metrics)        # same metrics as federated.run_round
+    m.make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=Config())
+                                                  # jit: (state, data, sampled, seed_key) -> ...
+    m.evaluate(model, spec, state, data, batch_size, *, method_cfg=Config()) -> dict
+                                                  # correct [N], counts [N], layer_density [N, L],
+                                                  # kept_weights [N], on each client's test split
+    m.make_eval_fn(model, spec, batch_size, method_cfg=Config())   # jit: (state, data) -> dict
+    m.communication_bits(num_clients, clients_per_round, model_variables, *, method_cfg=Config())
+                                                  # -> (bits up, bits down) per round
+
+`round_cfg` is `federated.RoundConfig` (clients_per_round, aggregation, client_execution are used;
+importance_update is SpaFL's own). `data` is `federated.ClientData`; `model_variables` is one model's
+`models.init_variables`. Baselines use the SpaFL models with every threshold fixed so that nothing is
+row-masked; thresholds are never trained, penalized (th_coeff is unused) or sent.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from spafl_jax.baselines import fedavg, fedpm, fedspa, heterofl, local
+
+BASELINES: dict[str, ModuleType] = {
+        'fedavg': fedavg,
+        'local': local,
+        'fedpm': fedpm,
+        'heterofl': heterofl,
+        'fedspa': fedspa,
+}
+
+# The hyperparameter dataclass of each method (every field has a default).
+CONFIGS = {
+        'fedavg': fedavg.FedAvgConfig,
+        'local': local.LocalOnlyConfig,
+        'fedpm': fedpm.FedPMConfig,
+        'heterofl': heterofl.HeteroFLConfig,
+        'fedspa': fedspa.FedSpaConfig,
+}
+
+
+def check_baseline(name: str) -> None:
+    if name not in BASELINES:
+        raise ValueError(f'method={name!r} is not a baseline; allowed values: '
+                         f'{", ".join(sorted(BASELINES))}.')
+
+
+def get(name: str) -> ModuleType:
+    """The module of baseline `name` (see the module docstring for its functions)."""
+    check_baseline(name)
+    return BASELINES[name]
+
+
+def make_config(name: str, **overrides):
+    """The method's hyperparameters: its defaults with `overrides` applied, validated."""
+    check_baseline(name)
+    cfg = CONFIGS[name](**overrides)
+    if hasattr(cfg, 'validate'):
+        cfg.validate()
+    return cfg

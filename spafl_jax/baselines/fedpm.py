@@ -1,0 +1,239 @@
+"""FedPM (Isik et al., ICLR 2023): clients learn a probability mask over frozen random weights.
+
+Every client shares the same frozen random weights W (one seed). The server holds a Bernoulli
+probability theta per masked weight. A sampled client starts from scores s = logit(theta), trains them
+with the straight-through estimator through a mask sampled afresh at every step
+(m ~ Bernoulli(sigmoid(s)), gradient taken as if m = sigmoid(s)), then samples one binary mask and sends
+it (1 bit per masked weight). The server's Bayesian aggregation keeps a Beta(alpha, beta) posterior per
+weight: alpha += sum of the received masks, beta += (received - sum), and
+theta = (alpha - 1) / (alpha + beta - 2), the posterior mode. It broadcasts theta (32 bits per weight).
+
+Choices and departures from the paper:
+  - the posterior restarts from the Beta(prior, prior) prior every `prior_reset_every` rounds; the
+    default, 1, resets every round, so with prior 1 theta is the mean of this round's masks (the
+    authors reset periodically because client probabilities drift; FL4Health's FedPM uses 1 too);
+  - scores start from logit(clip(theta, prob_clip, 1 - prob_clip)) so that weights whose theta hit
+    exactly 0 or 1 can still move;
+  - frozen weights are signed Kaiming constants +-sqrt(2 / fan_in) (Ramanujan et al. 2020, the
+    supermask initialization FedPM builds on), or the model's own initialization (`weight_init='model'`); only masked-layer kernels
+    are masked, other parameters (BatchNorm scale/bias) stay frozen at their initial values;
+  - BatchNorm running statistics are each client's own and never sent;
+  - the scores are trained with Adam (learning rate `score_lr`, the runner's clipping and learning
+    rate decay), fresh every round; `score_optimizer='sgd'` uses the runner's SGD with momentum;
+  - evaluation uses the deterministic mask theta > 0.5 (`eval_mask='threshold'`), or one sampled mask
+    drawn from a fixed key (`'sample'`); all clients share the global mask, each is scored on its own
+    test split;
+  - densities are unstructured (kept-weight fraction per layer), not SpaFL's kept-row fraction;
+  - FLOPs count each step's sampled mask: 3 x MACs x kept-weight fraction per example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from spafl_jax import federated
+from spafl_jax import masking
+from spafl_jax.baselines import _common
+from spafl_jax.client import ClientState, DataSpec, LocalConfig
+from spafl_jax.federated import ClientData, RoundConfig
+
+BITS_PER_FLOAT = 32
+WEIGHT_INITS = ('signed_constant', 'model')
+SCORE_OPTIMIZERS = ('adam', 'sgd')
+EVAL_MASKS = ('threshold', 'sample')
+
+
+@dataclasses.dataclass(frozen=True)
+class FedPMConfig:
+    score_lr: float | None = 0.1        # learning rate of the mask scores; None: LocalConfig.lr
+    score_optimizer: str = 'adam'       # 'adam' (the paper) or 'sgd' (the runner's clip + momentum)
+    weight_init: str = 'signed_constant'  # frozen weights: 'signed_constant' or 'model'
+    prior: float = 1.0                  # Beta(prior, prior) prior of every theta
+    prior_reset_every: int = 1          # rounds between restarts of the Beta posterior
+    prob_clip: float = 0.01             # theta clipped to [c, 1 - c] before logit (scores stay finite)
+    eval_mask: str = 'threshold'        # 'threshold' (theta > 0.5) or 'sample' (one fixed draw)
+
+    def validate(self) -> None:
+        if self.weight_init not in WEIGHT_INITS:
+            raise ValueError(f'weight_init={self.weight_init!r}: use one of {WEIGHT_INITS}.')
+        if self.score_optimizer not in SCORE_OPTIMIZERS:
+            raise ValueError(f'score_optimizer={self.score_optimizer!r}: use one of '
+                             f'{SCORE_OPTIMIZERS}.')
+        if self.eval_mask not in EVAL_MASKS:
+            raise ValueError(f'eval_mask={self.eval_mask!r}: use one of {EVAL_MASKS}.')
+        if self.prior_reset_every < 1 or self.prior < 1.0 or not 0.0 < self.prob_clip < 0.5:
+            raise ValueError('FedPM needs prior_reset_every >= 1, prior >= 1 (the posterior mode is '
+                             'defined) and 0 < prob_clip < 0.5.')
+
+
+@flax.struct.dataclass
+class FedPMState:
+    weights: Any         # frozen random params shared by all clients
+    thresholds: Any      # all DENSE_THRESHOLD: the SpaFL row masks are off
+    probabilities: Any   # theta, one per masked weight (shaped like the thresholds, kernel-shaped leaves)
+    alpha: Any           # Beta posterior, shaped like probabilities
+    beta: Any
+    batch_stats: Any     # [num_clients, ...] each client's own BatchNorm statistics
+    round: jax.Array     # rounds completed (int32 scalar)
+
+
+def _signed_constant(kernel: jax.Array) -> jax.Array:
+    fan_in = int(np.prod(kernel.shape[:-1]))
+    return jnp.sign(kernel) * jnp.sqrt(2.0 / fan_in)
+
+
+def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
+               num_clients: int, image_shape, *, num_classes: int = 10,
+               method_cfg: FedPMConfig = FedPMConfig()) -> FedPMState:
+    """Frozen weights from `rng` (one seed for everyone), theta = 0.5, the Beta prior."""
+    del local_cfg
+    method_cfg.validate()
+    model = _common.dense_model(_common.resolve_model(model_or_name, num_classes))
+    variables = _common.init_dense_variables(model, rng, image_shape)
+    params, thresholds = variables['params'], variables['thresholds']
+    kernels = masking.kernels_of(params, thresholds)
+    if method_cfg.weight_init == 'signed_constant':
+        params = masking.replace_kernels(params, jax.tree.map(_signed_constant, kernels))
+    # Separate buffers for alpha and beta: the compiled round donates its state.
+    prior = lambda: jax.tree.map(lambda k: jnp.full(k.shape, method_cfg.prior, jnp.float32), kernels)
+    stats = jax.tree.map(lambda s: jnp.tile(s, (num_clients,) + (1,) * s.ndim),
+                         variables['batch_stats'])
+    return FedPMState(weights=params, thresholds=thresholds,
+                      probabilities=jax.tree.map(lambda k: jnp.full(k.shape, 0.5, jnp.float32), kernels),
+                      alpha=prior(), beta=prior(), batch_stats=stats, round=jnp.zeros((), jnp.int32))
+
+
+def _masked_params(weights, thresholds, masks):
+    kernels = masking.kernels_of(weights, thresholds)
+    return masking.replace_kernels(weights, jax.tree.map(jnp.multiply, kernels, masks))
+
+
+def _bernoulli(key: jax.Array, probabilities):
+    """One Bernoulli draw per entry of a pytree of probabilities (bool, same shapes).
+
+    A single uniform draw split into the leaves: one random-number call site instead of one per
+    layer keeps the compiled round small.
+    """
+    leaves, treedef = jax.tree.flatten(probabilities)
+    sizes = [p.size for p in leaves]
+    u = jax.random.uniform(key, (sum(sizes),))
+    parts = jnp.split(u, np.cumsum(sizes)[:-1])
+    return jax.tree.unflatten(treedef, [part.reshape(p.shape) < p for part, p in zip(parts, leaves)])
+
+
+def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
+              state: FedPMState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
+              macs=None, *, method_cfg: FedPMConfig = FedPMConfig()):
+    """One FedPM round over the `[clients_per_round]` sampled ids (`round_cfg.aggregation` is unused:
+    the Bayesian aggregation counts every received mask once)."""
+    model = _common.dense_model(model)
+    r = state.round
+    cfg = local_cfg
+    if method_cfg.score_lr is not None:
+        cfg = dataclasses.replace(local_cfg, lr=method_cfg.score_lr)
+    tx = None  # the runner's clip + momentum
+    if method_cfg.score_optimizer == 'adam':
+        # Adam's update already has the lr-free scale; local_sgd multiplies it by -lr.
+        clip = optax.clip_by_global_norm(cfg.clip) if cfg.clip > 0 else optax.identity()
+        tx = optax.chain(clip, optax.scale_by_adam())
+    c = method_cfg.prob_clip
+    start_scores = jax.tree.map(lambda p: jax.scipy.special.logit(jnp.clip(p, c, 1.0 - c)),
+                                state.probabilities)
+
+    def loss_fn(scores, batch_stats, x, y, key):
+        theta = jax.tree.map(jax.nn.sigmoid, scores)
+        draws = jax.tree.map(lambda d: d.astype(jnp.float32), _bernoulli(key, theta))
+        # Straight-through: the forward pass sees the binary draw, the backward pass sigmoid(s).
+        masks = jax.tree.map(lambda m, t: m + t - jax.lax.stop_gradient(t), draws, theta)
+        params = _masked_params(state.weights, state.thresholds, masks)
+        logits, batch_stats = _common.apply_train(model, params, state.thresholds, batch_stats, x)
+        ce, correct = _common.cross_entropy(logits, y)
+        flops = _common.step_flops(macs, jax.tree.map(jnp.mean, draws), cfg.batch_size)
+        return ce, (batch_stats, correct, flops)
+
+    def one(batch_stats, ids, count, key):
+        train_key, upload_key = jax.random.split(key)
+        scores, batch_stats, metrics = _common.local_sgd(
+            cfg, spec, loss_fn, start_scores, batch_stats, data.images, data.labels, ids, count,
+            train_key, r, tx=tx)
+        upload = _bernoulli(upload_key, jax.tree.map(jax.nn.sigmoid, scores))
+        return upload, batch_stats, metrics
+
+    args = (_common.take(state.batch_stats, sampled), data.example_ids[sampled], data.counts[sampled],
+            federated.client_keys(seed_key, r, sampled))
+    uploads, batch_stats, metrics = _common.map_clients(one, args, round_cfg.client_execution)
+
+    # Bayesian aggregation: the received masks are Bernoulli observations of theta.
+    reset = (r % method_cfg.prior_reset_every) == 0
+    received = jnp.float32(sampled.shape[0])
+    ones = jax.tree.map(lambda u: jnp.sum(u.astype(jnp.float32), axis=0), uploads)
+    restart = lambda a: jnp.where(reset, method_cfg.prior, a)
+    alpha = jax.tree.map(lambda a, s: restart(a) + s, state.alpha, ones)
+    beta = jax.tree.map(lambda b, s: restart(b) + received - s, state.beta, ones)
+    theta = jax.tree.map(lambda a, b: (a - 1.0) / (a + b - 2.0), alpha, beta)
+
+    new_state = state.replace(probabilities=theta, alpha=alpha, beta=beta,
+                              batch_stats=_common.put(state.batch_stats, sampled, batch_stats),
+                              round=r + 1)
+    return new_state, _common.round_metrics(metrics, local_cfg, data, sampled.shape[0])
+
+
+def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedPMConfig()):
+    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
+    method_cfg.validate()
+    return jax.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs,
+                                     method_cfg=method_cfg), donate_argnums=(0,))
+
+
+def eval_masks(state: FedPMState, method_cfg: FedPMConfig = FedPMConfig()):
+    """The binary mask every client deploys: theta > 0.5, or one draw from a fixed key."""
+    if method_cfg.eval_mask == 'threshold':
+        return jax.tree.map(lambda p: p > 0.5, state.probabilities)
+    return _bernoulli(jax.random.key(0), state.probabilities)
+
+
+def evaluate(model: nn.Module, spec: DataSpec, state: FedPMState, data: ClientData,
+             batch_size: int, *, method_cfg: FedPMConfig = FedPMConfig()) -> dict:
+    """The global masked network (own BatchNorm statistics) on every client's own test split.
+
+    Returns correct [N], counts [N], layer_density [N, L] (kept-WEIGHT fraction of the global mask),
+    kept_weights [N].
+    """
+    model = _common.dense_model(model)
+    masks = eval_masks(state, method_cfg)
+    params = _masked_params(state.weights, state.thresholds,
+                            jax.tree.map(lambda m: m.astype(jnp.float32), masks))
+
+    def client_fn(k):
+        return ClientState(params=params, thresholds=state.thresholds,
+                           batch_stats=_common.take(state.batch_stats, k), opt_state=())
+
+    correct = _common.correct_per_client(model, spec, client_fn, data, batch_size)
+    fractions, kept = _common.weight_density(masks)
+    n = data.counts.shape[0]
+    return {'correct': correct, 'counts': data.counts,
+            'layer_density': jnp.broadcast_to(fractions, (n, fractions.shape[0])),
+            'kept_weights': jnp.broadcast_to(kept, (n,))}
+
+
+def make_eval_fn(model, spec, batch_size, method_cfg=FedPMConfig()):
+    return jax.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
+                                     method_cfg=method_cfg))
+
+
+def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,
+                       method_cfg: FedPMConfig = FedPMConfig()) -> tuple[int, int]:
+    """(bits up, bits down) per round: 1 bit per masked weight up, a 32-bit theta per weight down,
+    for each sampled client. Nothing else is sent (frozen weights come from a shared seed)."""
+    del num_clients, method_cfg
+    n = _common.num_masked_weights(model_variables)
+    return clients_per_round * n, clients_per_round * n * BITS_PER_FLOAT

@@ -1,0 +1,265 @@
+"""HeteroFL (Diao et al., ICLR 2021): clients train width-scaled slices of one global model.
+
+Client k has a width rate r_k (`rates[k % len(rates)]`, a fixed pattern). Its sub-model keeps, in
+every hidden layer, the leading ceil(r * C) of the C channels: a kernel keeps its leading output rows
+and the input rows fed by the previous layer's kept channels; the image channels (first layer's
+input) and the classes (last layer's output) are never cut. Instead of slicing, the entries outside the
+slice are multiplied by 0 in the forward pass, so shapes stay static and ONE compiled round serves all
+rates; zeroed entries get zero gradient and stay 0. The server averages every entry over the sampled
+clients whose sub-model holds it (entries held by nobody this round keep their value).
+
+Choices and departures from the paper:
+  - the width pattern is read from the SpaFL models' layer names: masked convolutions come before
+    masked dense layers, and a dense layer after a flatten (NHWC, channel fastest) keeps feature f iff
+    its channel f % C is kept; only these sequential models (digits_cnn, lenet5, conv4) are supported;
+  - 1-D parameters and statistics (BatchNorm scale/bias/mean/var) are cut with their own size;
+  - BatchNorm keeps running statistics, aggregated like the weights over holders, instead of the
+    paper's static BatchNorm (statistics recomputed after training); no Scaler module; no masked
+    cross-entropy over the client's own labels;
+  - each client is evaluated with the global model cut to ITS OWN width, on its own test split
+    (the paper reports the global model at each width on the whole test set);
+  - layer_density is the kept-row fraction per layer (the core's definition); FLOPs use the kept-weight
+    fraction of each layer (about r^2 for hidden layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any
+
+import flax
+from flax import traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spafl_jax import federated
+from spafl_jax import masking
+from spafl_jax.baselines import _common
+from spafl_jax.client import ClientState, DataSpec, LocalConfig
+from spafl_jax.federated import ClientData, RoundConfig
+
+BITS_PER_FLOAT = 32
+_LAYER_NAME = re.compile(r'^Masked(Conv|Dense)_(\d+)$')
+
+
+@dataclasses.dataclass(frozen=True)
+class HeteroFLConfig:
+    rates: tuple[float, ...] = (1.0, 0.5, 0.25)   # client k gets rates[k % len(rates)]
+
+    def validate(self) -> None:
+        if not self.rates or not all(0.0 < r <= 1.0 for r in self.rates):
+            raise ValueError(f'rates={self.rates}: every width rate must be in (0, 1].')
+
+
+@flax.struct.dataclass
+class HeteroFLState:
+    params: Any          # the global (full-width) model
+    batch_stats: Any     # the global BatchNorm statistics ({} without BatchNorm)
+    thresholds: Any      # all DENSE_THRESHOLD: the SpaFL row masks are off
+    client_rates: jax.Array   # [num_clients] float32 width rate of each client
+    round: jax.Array     # rounds completed (int32 scalar)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The width pattern. A layout maps every leaf path to the axes it is cut along, as (axis, C) pairs:
+# index i along `axis` is kept iff (i % C) < ceil(rate * C).
+
+def _layer_order(thresholds) -> list[tuple]:
+    paths = [path[:-1] for path in traverse_util.flatten_dict(thresholds)]
+    for path in paths:
+        if len(path) != 1 or not _LAYER_NAME.match(path[0]):
+            raise ValueError(f'HeteroFL supports sequential models of top-level MaskedConv_i / '
+                             f'MaskedDense_i layers; got the masked layer {"/".join(path)}.')
+    kind_index = lambda path: _LAYER_NAME.match(path[0]).groups()
+    return sorted(paths, key=lambda p: (kind_index(p)[0] != 'Conv', int(kind_index(p)[1])))
+
+
+def width_layout(params, thresholds) -> dict[str, dict]:
+    """{'params': {path: ((axis, C), ...)}, 'batch_stats': ...}: how each leaf is cut (static)."""
+    order = _layer_order(thresholds)
+    flat_params = traverse_util.flatten_dict(params)
+    kernel_specs = {}
+    previous_out = None
+    for i, path in enumerate(order):
+        shape = flat_params[path + ('kernel',)].shape
+        spec = []
+        if i > 0:
+            if shape[-2] % previous_out:
+                raise ValueError(f'{"/".join(path)} has {shape[-2]} inputs, not a multiple of the '
+                                 f'previous layer\'s {previous_out} outputs: not a sequential model.')
+            spec.append((len(shape) - 2, previous_out))
+        if i < len(order) - 1:
+            spec.append((len(shape) - 1, shape[-1]))
+        kernel_specs[path + ('kernel',)] = tuple(spec)
+        previous_out = shape[-1]
+
+    def leaf_spec(path, shape):
+        if path in kernel_specs:
+            return kernel_specs[path]
+        return ((0, shape[0]),) if len(shape) == 1 else ()
+
+    return {'params': {p: leaf_spec(p, x.shape) for p, x in flat_params.items()}}
+
+
+def _stats_layout(batch_stats) -> dict:
+    return {p: ((0, x.shape[0]),) if x.ndim == 1 else ()
+            for p, x in traverse_util.flatten_dict(batch_stats).items()}
+
+
+def _kept(rate, channels: int, xp):
+    # At least one channel; the small epsilon keeps ceil(0.5 * 64) at 32 in float32.
+    return xp.maximum(xp.ceil(rate * channels - 1e-4), 1)
+
+
+def _leaf_mask(shape, spec, rate, xp=jnp):
+    mask = xp.ones(shape, bool)
+    for axis, channels in spec:
+        kept = xp.arange(shape[axis]) % channels < _kept(rate, channels, xp)
+        mask = mask & kept.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    return mask
+
+
+def width_masks(tree, layout: dict, rate, xp=jnp):
+    """Boolean masks shaped like `tree`: the entries a client of width `rate` holds."""
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict(
+        {p: _leaf_mask(np.shape(x), layout[p], rate, xp) for p, x in flat.items()})
+
+
+def client_rates(num_clients: int, method_cfg: HeteroFLConfig) -> np.ndarray:
+    return np.array([method_cfg.rates[k % len(method_cfg.rates)] for k in range(num_clients)],
+                    np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
+               num_clients: int, image_shape, *, num_classes: int = 10,
+               method_cfg: HeteroFLConfig = HeteroFLConfig()) -> HeteroFLState:
+    """A fresh full-width global model from `rng`, and the fixed width of every client."""
+    del local_cfg
+    method_cfg.validate()
+    model = _common.dense_model(_common.resolve_model(model_or_name, num_classes))
+    variables = _common.init_dense_variables(model, rng, image_shape)
+    width_layout(variables['params'], variables['thresholds'])  # fail early on unsupported models
+    return HeteroFLState(params=variables['params'], batch_stats=variables['batch_stats'],
+                         thresholds=variables['thresholds'],
+                         client_rates=jnp.asarray(client_rates(num_clients, method_cfg)),
+                         round=jnp.zeros((), jnp.int32))
+
+
+def _kernel_fractions(param_masks, thresholds):
+    kernels = masking.kernels_of(param_masks, thresholds)
+    return jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32)), kernels)
+
+
+def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
+              state: HeteroFLState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
+              macs=None, *, method_cfg: HeteroFLConfig = HeteroFLConfig()):
+    """One HeteroFL round over the `[clients_per_round]` sampled ids (widths from state.client_rates)."""
+    del method_cfg  # the widths live in the state
+    model = _common.dense_model(model)
+    r = state.round
+    layout = width_layout(state.params, state.thresholds)['params']
+    stats_layout = _stats_layout(state.batch_stats)
+
+    def one(rate, ids, count, key):
+        param_masks = width_masks(state.params, layout, rate)
+        stat_masks = width_masks(state.batch_stats, stats_layout, rate)
+        cut = lambda tree: jax.tree.map(lambda x, m: x * m, tree, param_masks)
+        flops = _common.step_flops(macs, _kernel_fractions(param_masks, state.thresholds),
+                                   local_cfg.batch_size)
+
+        def loss_fn(params, batch_stats, x, y, key):
+            del key
+            # Multiplying by the mask (not slicing) keeps one static shape for every width; the
+            # entries outside the slice get zero gradient, so they stay 0.
+            logits, batch_stats = _common.apply_train(model, cut(params), state.thresholds,
+                                                      batch_stats, x)
+            ce, correct = _common.cross_entropy(logits, y)
+            return ce, (batch_stats, correct, flops)
+
+        params, batch_stats, metrics = _common.local_sgd(
+            local_cfg, spec, loss_fn, cut(state.params), state.batch_stats, data.images,
+            data.labels, ids, count, key, r)
+        return params, batch_stats, param_masks, stat_masks, metrics
+
+    args = (state.client_rates[sampled], data.example_ids[sampled], data.counts[sampled],
+            federated.client_keys(seed_key, r, sampled))
+    params, batch_stats, param_masks, stat_masks, metrics = _common.map_clients(
+        one, args, round_cfg.client_execution)
+    weights = _common.client_weights(round_cfg.aggregation, data, sampled)
+    new_state = state.replace(
+        params=_common.masked_mean(params, param_masks, weights, state.params),
+        batch_stats=_common.masked_mean(batch_stats, stat_masks, weights, state.batch_stats),
+        round=r + 1)
+    return new_state, _common.round_metrics(metrics, local_cfg, data, sampled.shape[0])
+
+
+def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=HeteroFLConfig()):
+    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
+    return jax.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs,
+                                     method_cfg=method_cfg), donate_argnums=(0,))
+
+
+def evaluate(model: nn.Module, spec: DataSpec, state: HeteroFLState, data: ClientData,
+             batch_size: int, *, method_cfg: HeteroFLConfig = HeteroFLConfig()) -> dict:
+    """Every client's width slice of the global model on its own test split.
+
+    Returns correct [N], counts [N], layer_density [N, L] (kept-row fraction), kept_weights [N].
+    """
+    del method_cfg
+    model = _common.dense_model(model)
+    layout = width_layout(state.params, state.thresholds)['params']
+
+    def client_fn(k):
+        masks = width_masks(state.params, layout, state.client_rates[k])
+        return ClientState(params=jax.tree.map(lambda x, m: x * m, state.params, masks),
+                           thresholds=state.thresholds, batch_stats=state.batch_stats, opt_state=())
+
+    def density(rate):
+        kernels = masking.kernels_of(width_masks(state.params, layout, rate), state.thresholds)
+        rows = jnp.stack([jnp.mean(jnp.any(m, axis=tuple(range(m.ndim - 1))).astype(jnp.float32))
+                          for m in jax.tree.leaves(kernels)])
+        return rows, _common.weight_density(kernels)[1]
+
+    correct = _common.correct_per_client(model, spec, client_fn, data, batch_size)
+    rows, kept = jax.vmap(density)(state.client_rates)
+    return {'correct': correct, 'counts': data.counts, 'layer_density': rows, 'kept_weights': kept}
+
+
+def make_eval_fn(model, spec, batch_size, method_cfg=HeteroFLConfig()):
+    return jax.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
+                                     method_cfg=method_cfg))
+
+
+def submodel_size(model_variables: dict, rate: float) -> int:
+    """Weights and BatchNorm statistics a client of width `rate` holds (what it sends and receives)."""
+    layout = width_layout(model_variables['params'], model_variables['thresholds'])['params']
+    stats = model_variables.get('batch_stats', {})
+    held = [width_masks(model_variables['params'], layout, rate, np),
+            width_masks(stats, _stats_layout(stats), rate, np)]
+    return int(sum(np.sum(m) for m in jax.tree.leaves(held)))
+
+
+def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,
+                       method_cfg: HeteroFLConfig = HeteroFLConfig(),
+                       sampled=None) -> tuple[float, float]:
+    """(bits up, bits down) per round: each sampled client's sub-model, 32 bits per entry, each way.
+
+    The sizes depend on which clients are sampled: with `sampled` (client ids) the exact count of that
+    round (ints); without, the expectation under uniform sampling, clients_per_round x the mean
+    sub-model size over all clients (may be fractional).
+    """
+    rates = client_rates(num_clients, method_cfg)
+    sizes = {r: submodel_size(model_variables, float(r)) for r in set(rates.tolist())}
+    if sampled is not None:
+        bits = BITS_PER_FLOAT * sum(sizes[float(rates[k])] for k in np.asarray(sampled))
+        return bits, bits
+    total = sum(sizes[float(r)] for r in rates)
+    bits = BITS_PER_FLOAT * clients_per_round * total / num_clients
+    return bits, bits

@@ -1,0 +1,208 @@
+"""Local training and one SpaFL round: exactly what changes, and what must not."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spafl_jax import client as client_lib
+from spafl_jax import data as data_lib
+from spafl_jax import federated
+from spafl_jax import layers
+from spafl_jax import models
+from spafl_jax import server
+
+NUM_CLIENTS, SAMPLED, BATCH = 6, 3, 16
+
+
+@pytest.fixture(scope='module')
+def setup():
+    dataset = data_lib.load_digits()
+    train_ids, test_ids = data_lib.dirichlet_split(
+        dataset.train_labels, dataset.test_labels, NUM_CLIENTS, alpha=1.0,
+        min_train_examples=BATCH, seed=0)
+    train = federated.make_client_data(dataset.train_images, dataset.train_labels, train_ids)
+    test = federated.make_client_data(dataset.test_images, dataset.test_labels, test_ids)
+    model = models.create_model('digits_cnn', 10)
+    cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=1, lr=0.05, th_coeff=0.01)
+    spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)
+    return dataset, train, test, model, cfg, spec
+
+
+def _state(model, cfg, image_shape=(8, 8, 1)):
+    state = federated.init_state(model, cfg, jax.random.key(3), NUM_CLIENTS, image_shape)
+    # Non-zero server thresholds and per-client stale thresholds make the checks meaningful.
+    server_thresholds = jax.tree.map(lambda t: jnp.full_like(t, 0.01), state.server_thresholds)
+    clients = state.clients.replace(thresholds=jax.tree.map(
+        lambda t: t + 0.002 * jnp.arange(NUM_CLIENTS, dtype=t.dtype).reshape(-1, *([1] * (t.ndim - 1))),
+        state.clients.thresholds))
+    return state.replace(server_thresholds=server_thresholds, clients=clients)
+
+
+def _take(tree, k):
+    return jax.tree.map(lambda x: x[k], tree)
+
+
+def test_penalty_alone_moves_thresholds_by_lr_times_th_coeff():
+    # Zero inputs give zero logits whatever the mask: the only gradient on tau is the penalty's,
+    # d/dtau th_coeff * exp(-tau) = -th_coeff at tau = 0, so one SGD step gives tau = lr * th_coeff.
+    model = layers.MaskedDense(4)
+    variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    state = client_lib.ClientState(params=variables['params'], thresholds=variables['thresholds'],
+                                   batch_stats={}, opt_state=())
+    for warmup, scale in ((False, 1.0), (True, 1 / (1 + np.exp(5.0)))):
+        cfg = client_lib.LocalConfig(batch_size=2, lr=0.1, th_coeff=0.5, penalty_warmup=warmup)
+        coeff = cfg.th_coeff * client_lib.penalty_scale(cfg, 0)
+        opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
+        new, _, _ = client_lib.local_step(
+            lambda_model(model), cfg, state, opt, jnp.zeros((2, 3)), jnp.array([0, 1]),
+            jnp.array(True), client_lib.learning_rate(cfg, 0), coeff)
+        np.testing.assert_allclose(new.thresholds['threshold'], np.full(4, 0.1 * 0.5 * scale),
+                                   rtol=1e-5)
+        np.testing.assert_array_equal(new.params['kernel'], state.params['kernel'])
+
+
+class lambda_model:  # pylint: disable=invalid-name
+    """Adapts a bare layer to the model calling convention `apply(variables, x, train=...)`."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def apply(self, variables, x, train=False, mutable=()):
+        out = self.layer.apply({'params': variables['params'],
+                                'thresholds': variables['thresholds']}, x)
+        return (out, {}) if mutable else out
+
+
+def test_learning_rate_decays_to_its_floor():
+    cfg = client_lib.LocalConfig(lr=0.01, lr_decay=0.993, min_lr=1e-4)
+    np.testing.assert_allclose(client_lib.learning_rate(cfg, 10), 0.01 * 0.993 ** 10, rtol=1e-5)
+    np.testing.assert_allclose(client_lib.learning_rate(cfg, 1000), 1e-4, rtol=1e-6)
+
+
+def test_momentum_follows_pytorch_semantics():
+    cfg = client_lib.LocalConfig(momentum=0.9)
+    tx = client_lib.make_optimizer(cfg)
+    state = tx.init(jnp.zeros(2))
+    u1, state = tx.update(jnp.array([1.0, 2.0]), state)
+    u2, state = tx.update(jnp.array([0.5, 0.0]), state)
+    np.testing.assert_allclose(u1, [1.0, 2.0])
+    np.testing.assert_allclose(u2, [0.5 + 0.9, 1.8], rtol=1e-6)   # buf = 0.9 buf + g
+
+
+def test_global_norm_clip_applies_before_momentum():
+    tx = client_lib.make_optimizer(client_lib.LocalConfig(clip=1.0))
+    updates, _ = tx.update((jnp.array([3.0]), jnp.array([4.0])), tx.init((jnp.zeros(1),
+                                                                          jnp.zeros(1))))
+    np.testing.assert_allclose(jnp.concatenate(updates), [0.6, 0.8], rtol=1e-6)
+
+
+def test_batch_schedule_is_a_shuffle_of_the_clients_own_examples():
+    batches, valid = client_lib.batch_schedule(jax.random.key(0), count=37, max_count=70,
+                                               batch_size=8, epochs=2)
+    assert batches.shape == (2 * 8, 8) and valid.shape == (16,)
+    np.testing.assert_array_equal(valid, np.tile(np.arange(8) < 4, 2))   # 37 // 8 = 4 real steps
+    for epoch in range(2):
+        real = np.asarray(batches[epoch * 8:epoch * 8 + 4]).ravel()
+        assert len(set(real)) == 32 and real.max() < 37       # no repeats, only own examples
+
+
+def test_padded_step_changes_nothing(setup):
+    _, train, _, model, cfg, spec = setup
+    state = _take(_state(model, cfg).clients, 0)
+    opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
+    x = client_lib.preprocess(spec, train.images[:BATCH])
+    new, new_opt, metrics = client_lib.local_step(model, cfg, state, opt, x, train.labels[:BATCH],
+                                                  jnp.array(False), 0.05, 0.01)
+    jax.tree.map(np.testing.assert_array_equal, (new, new_opt), (state, opt))
+    assert float(metrics['steps']) == 0.0 and float(metrics['loss']) == 0.0
+
+
+def test_local_update_ignores_padding_and_clients_without_a_full_batch(setup):
+    _, train, _, model, cfg, spec = setup
+    state = _take(_state(model, cfg).clients, 1)
+    ids, count = train.example_ids[1], train.counts[1]
+    run = functools.partial(client_lib.local_update, model, cfg, spec, state, train.images,
+                            train.labels, rng=jax.random.key(5), round_index=0)
+    garbage = jnp.where(jnp.arange(ids.shape[0]) < count, ids, (ids * 7 + 3) % train.labels.shape[0])
+    a, ma = run(ids, count)
+    b, mb = run(garbage, count)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert float(ma['steps']) == int(count) // BATCH
+    c, mc = run(ids, jnp.int32(BATCH - 1))                    # every step is padding
+    jax.tree.map(np.testing.assert_array_equal, c, state)
+    assert float(mc['steps']) == 0.0
+
+
+@pytest.mark.parametrize('mode', ['all_after', 'sampled_before'])
+def test_one_round_changes_exactly_what_it_should(setup, mode):
+    _, train, _, model, cfg, spec = setup
+    state = _state(model, cfg)
+    state = state.replace(last_delta=jax.tree.map(lambda t: jnp.full_like(t, 0.003),
+                                                  state.last_delta))
+    sampled = jnp.array([0, 2, 5])
+    seed_key = jax.random.key(11)
+    round_cfg = federated.RoundConfig(clients_per_round=SAMPLED, importance_update=mode)
+    new, metrics = federated.run_round(model, cfg, round_cfg, spec, state, train, sampled, seed_key)
+
+    # By hand: broadcast, (importance update before), local training, mean, delta, (update after).
+    keys = federated.client_keys(seed_key, 0, sampled)
+    trained = []
+    for i, k in enumerate(np.asarray(sampled)):
+        c = _take(state.clients, k).replace(thresholds=state.server_thresholds)
+        if mode == 'sampled_before':
+            c = c.replace(params=server.importance_update(c.params, state.last_delta))
+        c, _ = client_lib.local_update(model, cfg, spec, c, train.images, train.labels,
+                                       train.example_ids[k], train.counts[k], keys[i], 0)
+        trained.append(c)
+    mean = jax.tree.map(lambda *t: sum(t) / SAMPLED, *[c.thresholds for c in trained])
+    delta = jax.tree.map(jnp.subtract, mean, state.server_thresholds)
+    close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-6)
+    jax.tree.map(close, new.server_thresholds, mean)
+    jax.tree.map(close, new.last_delta, delta)
+    assert int(new.round) == 1
+    for k in range(NUM_CLIENTS):
+        old, got = _take(state.clients, k), _take(new.clients, k)
+        if k in np.asarray(sampled):
+            want = trained[list(np.asarray(sampled)).index(k)]
+            jax.tree.map(close, got.thresholds, want.thresholds)  # keeps its own trained thresholds
+        else:
+            jax.tree.map(np.testing.assert_array_equal, got.thresholds, old.thresholds)  # stale
+            jax.tree.map(np.testing.assert_array_equal, got.batch_stats, old.batch_stats)
+            want = old
+        if mode == 'all_after':      # every client's weights move by the delta rule
+            jax.tree.map(close, got.params, server.importance_update(want.params, delta))
+        else:
+            jax.tree.map(close, got.params, want.params)
+    assert float(metrics['local_steps']) == sum(int(train.counts[k]) // BATCH
+                                                for k in np.asarray(sampled))
+
+
+def test_round_is_compiled_once(setup):
+    _, train, _, model, cfg, spec = setup
+    round_fn = federated.make_round_fn(model, cfg, federated.RoundConfig(SAMPLED), spec)
+    state = _state(model, cfg)
+    for r in range(3):
+        sampled = jnp.asarray(np.sort(np.random.default_rng(r).choice(NUM_CLIENTS, SAMPLED,
+                                                                      replace=False)))
+        state, _ = round_fn(state, train, sampled, jax.random.key(0))
+    assert round_fn._cache_size() == 1  # pylint: disable=protected-access
+    assert int(state.round) == 3
+
+
+def test_evaluation_counts_each_clients_own_test_split(setup):
+    _, _, test, model, cfg, spec = setup
+    state = _state(model, cfg)
+    result = federated.evaluate(model, spec, state.clients, test, batch_size=7)
+    assert result['correct'].shape == (NUM_CLIENTS,)
+    np.testing.assert_array_equal(result['counts'], test.counts)
+    # By hand for client 4: its own model on its own examples.
+    c = _take(state.clients, 4)
+    ids = np.asarray(test.example_ids[4][:int(test.counts[4])])
+    logits = model.apply({'params': c.params, 'thresholds': c.thresholds, 'batch_stats': {}},
+                         client_lib.preprocess(spec, test.images[ids]))
+    assert int(result['correct'][4]) == int(np.sum(np.argmax(logits, -1) == np.asarray(
+        test.labels)[ids]))
+    np.testing.assert_array_equal(result['layer_density'], np.ones((NUM_CLIENTS, 4)))
