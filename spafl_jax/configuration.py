@@ -80,4 +80,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not isinstance(config[field], bool):
             raise ConfigError(f'config.{field}={config[field]!r} must be True or False.')
     if config.data_dir is not None and not isinstance(config.data_dir, str):
-        raise ConfigError(f'config.data_dir={config.data_dir!r} must be a path or None.')
+        raise ConfigError(f'config.data_dir={config.data_dir!r} must be a path, or empty for the '
+                          'default places.')

@@ -134,7 +134,7 @@ def prepare_workdir(workdir: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs SpaFL as configured and writes config.json, metrics.jsonl, summary.json and figures."""
     configuration.validate(config)
-    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+    dataset = data_lib.load_dataset(config.dataset, os.path.expanduser(config.data_dir or '') or None)
     model = build_model(config, dataset.num_classes)
     check_model_fits(model, config, dataset.image_shape)
     prepare_workdir(workdir)

@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Data.
     config.dataset = 'digits'            # digits | fashion_mnist | cifar10 | cifar100
-    config.data_dir = None               # where prepared datasets live (IDX files or tfds data)
+    config.data_dir = ''                 # prepared datasets (IDX files or tfds data); '' = defaults
     config.raw_pixels = False            # True: feed raw 0..255 pixels like the official loaders
     config.augment = 'none'              # none | crop_flip (CIFAR: random crop pad 4 + flip)
     config.num_clients = 20              # N, every client persistent

@@ -176,7 +176,7 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
                              batch_stats=variables['batch_stats'], opt_state=())
         return client, masks
 
-    clients, masks = jax.jit(jax.vmap(one))(jnp.arange(num_clients))
+    clients, masks = _common.stack([one(k) for k in range(num_clients)])
     return FedSpaState(clients=clients, masks=masks, global_params=params,
                        round=jnp.zeros((), jnp.int32))
 

@@ -50,7 +50,7 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
         return ClientState(params=variables['params'], thresholds=variables['thresholds'],
                            batch_stats=variables['batch_stats'], opt_state=())
 
-    clients = jax.jit(jax.vmap(one))(jnp.arange(num_clients))
+    clients = _common.stack([one(k) for k in range(num_clients)])
     return LocalState(clients=clients, round=jnp.zeros((), jnp.int32))
 
 

@@ -1,0 +1,129 @@
+"""The runner end to end: learning on real digits, the files it writes, and bad input."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from spafl_jax import configuration
+from spafl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from experiments.configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _config(**overrides):
+    config = default.get_config()
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('digits'))
+    config = _config(num_clients=10, clients_per_round=5, rounds=16, local_epochs=3, eval_every=4)
+    return workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_learns_on_real_digits_and_sparsifies(digits_run):
+    _, summary = digits_run
+    assert summary['accuracy'] > 0.75           # chance is 0.1; this run reaches about 0.92
+    assert summary['accuracy_weighted'] > 0.75
+    assert summary['density'] < 0.95            # about 0.73 (rows), 0.36 (weights)
+    assert summary['density_weighted'] < 0.9
+
+
+def test_writes_metrics_summary_and_figures(digits_run):
+    workdir, summary = digits_run
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    assert [r['round'] for r in records] == [4, 8, 12, 16]
+    for key in ('accuracy', 'accuracy_weighted', 'density', 'density_weighted', 'bits_up',
+                'bits_down', 'flops'):
+        assert all(key in r for r in records), key
+    # Cumulative totals: 122 thresholds x 32 bits x 5 sampled clients per round.
+    assert [r['bits_up'] for r in records] == [4 * 5 * 122 * 32 * k for k in (1, 2, 3, 4)]
+    assert records[-1]['bits_down'] == 16 * (5 + 10) * 122 * 32
+    assert records[0]['flops'] < records[-1]['flops']
+    assert 0.0 < records[-1]['accuracy'] <= 1.0
+    assert summary['round'] == 16 and summary['num_thresholds'] == 122
+    with open(os.path.join(workdir, 'config.json')) as f:
+        assert json.load(f)['rounds'] == 16
+    for name in ('accuracy.png', 'density.png', 'communication.png', 'sparsity_first_layer.png',
+                 'summary.json', 'final_state.msgpack'):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    assert any(f.startswith('events.out.tfevents') for f in
+               os.listdir(os.path.join(workdir, 'tensorboard')))
+
+
+def test_refuses_a_workdir_that_holds_a_run(digits_run):
+    workdir, _ = digits_run
+    before = open(os.path.join(workdir, 'metrics.jsonl')).read()
+    with pytest.raises(train.WorkdirError, match='already holds'):
+        train.train_and_evaluate(_config(rounds=1), workdir)
+    assert open(os.path.join(workdir, 'metrics.jsonl')).read() == before
+
+
+BAD_INPUTS = [
+    ('--config.dataset=mnist', 'config.dataset'),
+    ('--config.model=resnet50', 'config.model'),
+    ('--config.clients_per_round=30', 'config.clients_per_round'),
+    ('--config.alpha=0', 'config.alpha'),
+    ('--config.rounds=0', 'config.rounds'),
+    ('--config.batch_size=-1', 'config.batch_size'),
+    ('--config.local_epochs=0', 'config.local_epochs'),
+    ('--config.lr=0', 'config.lr'),
+    ('--config.estimator=ste', 'config.estimator'),
+    ('--config.num_clients=1000', 'config.num_clients'),
+    ('--config.model=conv4', 'config.model'),          # 5x5 valid convs do not fit 8x8 digits
+]
+
+
+def test_bad_input_gives_one_line_naming_the_field(tmp_path):
+    procs = []
+    for i, (flag, _) in enumerate(BAD_INPUTS):
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, 'experiments', 'main.py'), flag,
+             f'--workdir={tmp_path}/run{i}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}))
+    for proc, (flag, field) in zip(procs, BAD_INPUTS):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (flag, err)
+        assert 'Traceback' not in err, (flag, err)
+        lines = [l for l in err.splitlines() if l.startswith('error:')]
+        assert len(lines) == 1 and field in lines[0], (flag, err)
+        assert not os.path.exists(f'{tmp_path}/run{BAD_INPUTS.index((flag, field))}/metrics.jsonl')
+
+
+def test_validation_names_allowed_values():
+    with pytest.raises(configuration.ConfigError, match='digits_cnn, lenet5'):
+        configuration.validate(_config(model='resnet50'))
+    with pytest.raises(configuration.ConfigError, match='long_tailed'):
+        configuration.validate(_config(estimator='ste'))
+
+
+def test_missing_dataset_fails_fast_with_the_places_looked_in(tmp_path):
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'experiments', 'main.py'), '--config=cifar10.py',
+         f'--config.data_dir={tmp_path}', f'--workdir={tmp_path}/w'],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert 'cifar10' in proc.stderr and str(tmp_path) in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert time.time() - start < 60
+
+
+def test_readme_example_runs():
+    with open(os.path.join(REPO, 'README.md')) as f:
+        readme = f.read()
+    blocks = re.findall(r'<!-- example -->\s*```python\n(.*?)```', readme, re.S)
+    assert blocks, 'README.md lost its tested example'
+    for block in blocks:
+        exec(compile(block, 'README.md', 'exec'), {})  # pylint: disable=exec-used
