@@ -44,8 +44,11 @@ from spafl_jax import train
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(_CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
     'experiments/configs/); override fields with --config.FIELD=VALUE.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, figures and state '
-                               '(default: runs/<dataset>_<model>_<time>).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, figures and checkpoints '
+                               '(default: runs/<dataset>_<model>_<time>); the same command on the '
+                               'same workdir resumes from its newest good checkpoint.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a run with a different config that '
+                               'already lives in --workdir.')
 
 
 def main(argv):
@@ -56,11 +59,17 @@ def main(argv):
         'runs', f'{config.get("dataset", "run")}_{config.get("model", "")}_'
         f'{time.strftime("%Y%m%d-%H%M%S")}')
     try:
-        summary = train.train_and_evaluate(config, workdir)
+        summary = train.train_and_evaluate(config, workdir, overwrite=_OVERWRITE.value)
     except (configuration.ConfigError, data_lib.DatasetUnavailableError,
             train.WorkdirError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    except train.NonFiniteError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(3)
+    except train.Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
     logging.info('done: accuracy %.2f%%, density %.2f%%, %.2f s per round; results in %s',
                  100 * summary['accuracy'], 100 * summary['density'],
                  summary['seconds_per_round'], workdir)

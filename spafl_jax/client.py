@@ -158,6 +158,28 @@ def batch_schedule(rng, count, max_count: int, batch_size: int, epochs: int):
     return batches, valid
 
 
+def local_schedule(cfg: LocalConfig, rng, count, max_count: int):
+    """A client's whole round of randomness from its key: batches, their validity, augment keys.
+
+    Every execution strategy draws through this one function, so batches and augmentation depend on
+    (seed, round, client id) and the padded table width only, never on how the steps are run.
+    Returns positions [steps, batch_size], valid [steps] and keys [steps] with
+    steps = local_epochs * (max_count // batch_size); step e * (max_count // batch_size) + s is the
+    s-th batch of epoch e.
+    """
+    schedule_rng, augment_rng = jax.random.split(rng)
+    batches, valid = batch_schedule(schedule_rng, count, max_count, cfg.batch_size,
+                                    cfg.local_epochs)
+    return batches, valid, jax.random.split(augment_rng, valid.shape[0])
+
+
+def round_opt_state(cfg: LocalConfig, state: ClientState):
+    """The optimizer state a client starts its local work with: kept, or fresh (zero momentum)."""
+    if cfg.persistent_optimizer:
+        return state.opt_state
+    return make_optimizer(cfg).init((state.params, state.thresholds))
+
+
 def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: ClientState, images,
                  labels, example_ids, count, rng, round_index, macs=None):
     """`local_epochs` of SGD on one client's data.
@@ -174,11 +196,8 @@ def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: Clie
     """
     lr = learning_rate(cfg, round_index)
     penalty_coeff = cfg.th_coeff * penalty_scale(cfg, round_index)
-    schedule_rng, augment_rng = jax.random.split(rng)
-    batches, valid = batch_schedule(schedule_rng, count, example_ids.shape[0], cfg.batch_size,
-                                    cfg.local_epochs)
-    opt_state = (state.opt_state if cfg.persistent_optimizer
-                 else make_optimizer(cfg).init((state.params, state.thresholds)))
+    batches, valid, keys = local_schedule(cfg, rng, count, example_ids.shape[0])
+    opt_state = round_opt_state(cfg, state)
 
     def body(carry, inputs):
         client, opt = carry
@@ -189,7 +208,6 @@ def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: Clie
                                           penalty_coeff, macs)
         return (client, opt), metrics
 
-    keys = jax.random.split(augment_rng, valid.shape[0])
     (state, opt_state), metrics = jax.lax.scan(body, (state, opt_state), (batches, valid, keys),
                                                unroll=cfg.scan_unroll)
     if cfg.persistent_optimizer:

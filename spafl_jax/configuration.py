@@ -45,7 +45,7 @@ REQUIRED = ('dataset', 'model', 'num_clients', 'clients_per_round', 'alpha', 'ro
             'local_epochs', 'lr', 'lr_decay', 'min_lr', 'clip', 'th_coeff', 'penalty_warmup',
             'persistent_optimizer', 'estimator', 'importance_update', 'aggregation', 'raw_pixels',
             'augment', 'eval_every', 'eval_batch_size', 'seed', 'compute_dtype', 'conv_impl',
-            'client_execution', 'scan_unroll', 'data_dir')
+            'client_execution', 'scan_unroll', 'data_dir', 'checkpoint_every', 'sparsity_rounds')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -63,7 +63,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, 'conv_impl', CONV_IMPLS)
     _choice(config, 'client_execution', CLIENT_EXECUTIONS)
     for field in ('num_clients', 'clients_per_round', 'rounds', 'batch_size', 'local_epochs',
-                  'eval_every', 'eval_batch_size', 'scan_unroll'):
+                  'eval_every', 'eval_batch_size', 'scan_unroll', 'checkpoint_every'):
         _number(config, field, positive=True, integer=True)
     _number(config, 'seed', non_negative=True, integer=True)
     if config.clients_per_round > config.num_clients:
@@ -79,6 +79,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels'):
         if not isinstance(config[field], bool):
             raise ConfigError(f'config.{field}={config[field]!r} must be True or False.')
+    rounds = config.sparsity_rounds
+    if (not isinstance(rounds, (tuple, list)) or
+            not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in rounds)):
+        raise ConfigError(f'config.sparsity_rounds={rounds!r} must be a tuple of positive round '
+                          'numbers, e.g. (1, 10, 25).')
     if config.data_dir is not None and not isinstance(config.data_dir, str):
         raise ConfigError(f'config.data_dir={config.data_dir!r} must be a path, or empty for the '
                           'default places.')

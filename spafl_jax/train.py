@@ -5,8 +5,10 @@ The command line (experiments/main.py) only parses flags and calls this; a noteb
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -18,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from spafl_jax import client as client_lib
+from spafl_jax.checkpoint import Checkpointer, PreemptionWatcher
 from spafl_jax import configuration
 from spafl_jax import data as data_lib
 from spafl_jax import federated
@@ -116,39 +119,131 @@ class WorkdirError(RuntimeError):
     """The workdir cannot be used as asked; nothing in it was changed."""
 
 
-def prepare_workdir(workdir: str) -> None:
-    """Creates the workdir, refusing to overwrite the metrics of an earlier run."""
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinity; the last good checkpoint is left as it was."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written at the round boundary."""
+
+    def __init__(self, signum: int, round_index: int, workdir: str):
+        super().__init__(f'stopped by signal {signum} after round {round_index}; checkpoint '
+                         f'saved in {workdir}: run the same command to resume.')
+        self.signum = signum
+
+
+# Fields that may change when a run is resumed: they do not alter what a round computes.
+RESUMABLE_FIELDS = ('rounds', 'eval_every', 'eval_batch_size', 'checkpoint_every',
+                    'sparsity_rounds')
+
+CONFIG_FILENAME = 'config.json'
+CHECKPOINT_DIRNAME = 'checkpoints'
+
+
+def _normalized(d: dict) -> dict:
+    return json.loads(json.dumps(d, sort_keys=True))
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+    """Creates the workdir; a workdir holding a run with another config is refused or cleared."""
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise WorkdirError(f'workdir {workdir!r} cannot be created ({e.strerror}); '
                            'pass a writable --workdir.') from None
-    if not os.access(workdir, os.W_OK):
+    if not os.access(workdir, os.W_OK | os.X_OK):
         raise WorkdirError(f'workdir {workdir!r} is not writable; pass a writable --workdir.')
-    metrics_path = os.path.join(workdir, reporting.METRICS_FILENAME)
-    if os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0:
-        raise WorkdirError(f'workdir {workdir!r} already holds the metrics of a run; pass another '
-                           '--workdir (or delete that one) to start a new run.')
+    config_path = os.path.join(workdir, CONFIG_FILENAME)
+    if os.path.exists(config_path) and not overwrite:
+        try:
+            with open(config_path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError) as e:
+            raise WorkdirError(f'workdir {workdir!r} holds an unreadable {CONFIG_FILENAME} ({e}); '
+                               'pass --overwrite to start afresh there, or another --workdir.'
+                               ) from None
+        current = _normalized(config.to_dict())
+        differing = sorted(k for k in set(previous) | set(current)
+                           if k not in RESUMABLE_FIELDS and previous.get(k) != current.get(k))
+        if differing:
+            detail = ', '.join(f'{k}: {previous.get(k)!r} -> {current.get(k)!r}'
+                               for k in differing[:5])
+            raise WorkdirError(f'workdir {workdir!r} holds a run with a different config ({detail}); '
+                               'pass another --workdir, or --overwrite to replace that run.')
+    if overwrite:
+        for name in (CONFIG_FILENAME, reporting.METRICS_FILENAME, 'summary.json',
+                     'final_state.msgpack'):
+            if os.path.exists(os.path.join(workdir, name)):
+                os.remove(os.path.join(workdir, name))
+        for name in (CHECKPOINT_DIRNAME, reporting.TENSORBOARD_DIRNAME):
+            shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs SpaFL as configured and writes config.json, metrics.jsonl, summary.json and figures."""
+class Run:
+    """Everything a run needs that does not change between rounds (built before any compilation)."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.dataset = data_lib.load_dataset(
+            config.dataset, os.path.expanduser(config.data_dir or '') or None)
+        self.model = build_model(config, self.dataset.num_classes)
+        check_model_fits(self.model, config, self.dataset.image_shape)
+        self.train_data, self.test_data = split_data(config, self.dataset)
+        self.local_cfg, self.round_cfg = local_config(config), round_config(config)
+        self.spec = data_spec(config, self.dataset)
+        self.seed_key = jax.random.key(config.seed)
+
+    def initial_state(self) -> federated.FederatedState:
+        return federated.init_state(self.model, self.local_cfg,
+                                    jax.random.fold_in(self.seed_key, 2**31 - 1),
+                                    self.config.num_clients, self.dataset.image_shape)
+
+
+def _first_layer_masks(clients) -> np.ndarray:
+    kernel = jax.tree.leaves(masking.kernels_of(clients.params, clients.thresholds))[0]
+    threshold = jax.tree.leaves(clients.thresholds)[0]
+    return np.asarray(jax.vmap(masking.hard_row_mask)(kernel, threshold)).astype(np.float32)
+
+
+@jax.jit
+def _finite_report(clients, sampled, server_thresholds, last_delta):
+    """Which parts are finite. Only sampled clients trained; the rest changed by the finite delta."""
+    def all_finite(tree):
+        return jnp.all(jnp.stack([jnp.array(True)] + [jnp.all(jnp.isfinite(x))
+                                                      for x in jax.tree.leaves(tree)]))
+    trained = jax.tree.map(lambda x: x[sampled], clients)
+    return {'weights': all_finite(trained.params), 'batch_stats': all_finite(trained.batch_stats),
+            'thresholds': all_finite((trained.thresholds, server_thresholds, last_delta))}
+
+
+def _disk_error(e: OSError, workdir: str, what: str) -> WorkdirError:
+    reason = 'the disk is full' if e.errno == errno.ENOSPC else e.strerror or str(e)
+    return WorkdirError(f'writing {what} in {workdir!r} failed: {reason}. Files already written '
+                        'are intact; free space and run the same command to resume.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       overwrite: bool = False) -> dict[str, Any]:
+    """Runs SpaFL as configured, resuming from the newest good checkpoint in `workdir`.
+
+    Writes config.json, metrics.jsonl (one line per evaluated round), checkpoints/, summary.json,
+    final_state.msgpack and the figures. Raises ConfigError, DatasetUnavailableError, WorkdirError,
+    NonFiniteError or Preempted with a message meant for the user.
+    """
     configuration.validate(config)
-    dataset = data_lib.load_dataset(config.dataset, os.path.expanduser(config.data_dir or '') or None)
-    model = build_model(config, dataset.num_classes)
-    check_model_fits(model, config, dataset.image_shape)
-    prepare_workdir(workdir)
-    reporting.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+    run = Run(config)   # loads and splits the data; fails before anything is written or compiled
+    prepare_workdir(workdir, config, overwrite)
+    try:
+        reporting.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME), config.to_dict())
+    except OSError as e:
+        raise _disk_error(e, workdir, CONFIG_FILENAME) from None
 
-    train_data, test_data = split_data(config, dataset)
-    local_cfg, round_cfg = local_config(config), round_config(config)
-    spec = data_spec(config, dataset)
-    seed_key = jax.random.key(config.seed)
-    state = federated.init_state(model, local_cfg, jax.random.fold_in(seed_key, -1 % 2**31),
-                                 config.num_clients, dataset.image_shape)
+    summary_path = os.path.join(workdir, 'summary.json')
+    state = run.initial_state()
     one = _one_client(state.clients)
-    variables = {'params': one.params, 'thresholds': one.thresholds, 'batch_stats': one.batch_stats}
-    macs = federated.layer_macs(model, variables, dataset.image_shape)
+    macs = federated.layer_macs(run.model, {'params': one.params, 'thresholds': one.thresholds,
+                                            'batch_stats': one.batch_stats},
+                                run.dataset.image_shape)
     names = masking.layer_names(one.thresholds)
     num_thresholds = sum(t.size for t in jax.tree.leaves(one.thresholds))
     masked_weights = sum(k.size for k in jax.tree.leaves(masking.kernels_of(one.params,
@@ -157,79 +252,125 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bits_up_round, bits_down_round = metrics_lib.spafl_bits_per_round(
         num_thresholds, config.num_clients, config.clients_per_round, config.importance_update)
     dense_bits_round = metrics_lib.dense_bits_per_round(num_params, config.clients_per_round)
+
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME))
+    totals = {'bits_up': 0, 'bits_down': 0, 'flops': 0.0, 'steps': 0.0, 'max_steps': 0.0}
+    start_round = 0
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        state, progress = restored
+        start_round, totals = int(progress['round']), progress['totals']
+        logging.info('resuming from the checkpoint of round %d in %s', start_round, workdir)
     logging.info('%s on %s: %d clients (%d per round), %d masked weights, %d thresholds; '
                  'train examples per client %d..%d', config.model, config.dataset,
                  config.num_clients, config.clients_per_round, masked_weights, num_thresholds,
-                 int(train_data.counts.min()), int(train_data.counts.max()))
+                 int(run.train_data.counts.min()), int(run.train_data.counts.max()))
 
-    round_fn = federated.make_round_fn(model, local_cfg, round_cfg, spec, macs)
-    eval_fn = federated.make_eval_fn(model, spec, config.eval_batch_size)
-    writer = reporting.MetricsWriter(workdir)
-    records, totals = [], {'bits_up': 0, 'bits_down': 0, 'flops': 0.0, 'steps': 0.0,
-                           'max_steps': 0.0}
-    run_start = time.time()
+    if start_round > config.rounds:
+        checkpointer.close()
+        raise WorkdirError(f'workdir {workdir!r} holds a run already at round {start_round}, past '
+                           f'config.rounds={config.rounds}; ask for at least {start_round} rounds '
+                           'or pass another --workdir.')
+    if start_round == config.rounds and os.path.exists(summary_path):
+        checkpointer.close()
+        logging.info('the run in %s is already complete (%d rounds).', workdir, config.rounds)
+        with open(summary_path) as f:
+            return json.load(f)
+
+    round_fn = federated.make_round_fn(run.model, run.local_cfg, run.round_cfg, run.spec, macs)
+    eval_fn = federated.make_eval_fn(run.model, run.spec, config.eval_batch_size)
+    # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
+    writer = reporting.MetricsWriter(workdir, resume_from_round=start_round + 1)
+    records = reporting.read_metrics(writer.path)
+    sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
     round_seconds = []
+
+    def save_checkpoint(rounds_done: int) -> None:
+        try:
+            checkpointer.save(rounds_done, state, {'round': rounds_done, 'totals': totals})
+        except OSError as e:
+            raise _disk_error(e, workdir, 'a checkpoint') from None
+
     try:
-        for r in range(config.rounds):
-            start = time.time()
-            sampled = jnp.asarray(sample_clients(config.seed, r, config.num_clients,
-                                                 config.clients_per_round))
-            state, round_metrics = round_fn(state, train_data, sampled, seed_key)
-            totals['bits_up'] += bits_up_round
-            totals['bits_down'] += bits_down_round
-            evaluate_now = (r + 1) % config.eval_every == 0 or r + 1 == config.rounds
-            if not evaluate_now:
-                round_metrics = jax.device_get(round_metrics)
-            else:
-                evaluation = eval_fn(state.clients, test_data)
-                round_metrics, evaluation = jax.device_get((round_metrics, evaluation))
-            totals['flops'] += float(round_metrics['flops'])
-            totals['steps'] += float(round_metrics['local_steps'])
-            totals['max_steps'] += float(round_metrics['max_steps'])
-            round_seconds.append(time.time() - start)
-            if not evaluate_now:
-                continue
-            record = {
-                'round': r + 1,
-                **metrics_lib.accuracy_summary(evaluation['correct'], evaluation['counts']),
-                **metrics_lib.density_summary(evaluation['layer_density'],
-                                              evaluation['kept_weights'], masked_weights, names),
-                'bits_up': totals['bits_up'], 'bits_down': totals['bits_down'],
-                'bits_dense_equivalent': dense_bits_round * (r + 1),
-                'flops': totals['flops'] / config.num_clients,
-                'train_loss': float(round_metrics['train_loss']),
-                'useful_step_fraction': totals['steps'] / max(totals['max_steps'], 1.0),
-                'seconds': round_seconds[-1],
-            }
-            writer.write(record)
-            records.append(record)
-            logging.info('round %d/%d | accuracy %.2f%% | density %.2f%% (weights %.2f%%) | '
-                         'up %s down %s | loss %.3f | %.2fs', r + 1, config.rounds,
-                         100 * record['accuracy'], 100 * record['density'],
-                         100 * record['density_weighted'], _format_bits(record['bits_up']),
-                         _format_bits(record['bits_down']), record['train_loss'], record['seconds'])
+        with PreemptionWatcher() as preemption:
+            for r in range(start_round, config.rounds):
+                start = time.time()
+                sampled = jnp.asarray(sample_clients(config.seed, r, config.num_clients,
+                                                     config.clients_per_round))
+                state, round_metrics = round_fn(state, run.train_data, sampled, run.seed_key)
+                evaluate_now = (r + 1) % config.eval_every == 0 or r + 1 == config.rounds
+                evaluation = eval_fn(state.clients, run.test_data) if evaluate_now else None
+                finite = _finite_report(state.clients, sampled, state.server_thresholds,
+                                        state.last_delta)
+                round_metrics, evaluation, finite = jax.device_get(
+                    (round_metrics, evaluation, finite))
+                bad = [part for part, ok in (('loss', np.isfinite(round_metrics['train_loss'])),
+                                             *finite.items()) if not ok]
+                if bad:
+                    raise NonFiniteError(
+                        f'round {r + 1}: non-finite {", ".join(bad)} (sampled clients '
+                        f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
+                        f'{checkpointer.directory} is intact. Lower config.lr or set config.clip.')
+                totals['bits_up'] += bits_up_round
+                totals['bits_down'] += bits_down_round
+                totals['flops'] += float(round_metrics['flops'])
+                totals['steps'] += float(round_metrics['local_steps'])
+                totals['max_steps'] += float(round_metrics['max_steps'])
+                round_seconds.append(time.time() - start)
+                if r + 1 in sparsity_rounds:
+                    reporting.plot_sparsity_pattern(
+                        _first_layer_masks(state.clients),
+                        os.path.join(workdir, f'sparsity_round_{r + 1:04d}.png'),
+                        title=f'{names[0]}: kept rows per client after round {r + 1}')
+                if evaluate_now:
+                    record = {
+                        'round': r + 1,
+                        **metrics_lib.accuracy_summary(evaluation['correct'], evaluation['counts']),
+                        **metrics_lib.density_summary(evaluation['layer_density'],
+                                                      evaluation['kept_weights'], masked_weights,
+                                                      names),
+                        'bits_up': totals['bits_up'], 'bits_down': totals['bits_down'],
+                        'bits_dense_equivalent': dense_bits_round * (r + 1),
+                        'flops': totals['flops'] / config.num_clients,
+                        'train_loss': float(round_metrics['train_loss']),
+                        'useful_step_fraction': totals['steps'] / max(totals['max_steps'], 1.0),
+                    }
+                    try:
+                        writer.write(record)
+                    except OSError as e:
+                        raise _disk_error(e, workdir, reporting.METRICS_FILENAME) from None
+                    records.append(record)
+                    logging.info('round %d/%d | accuracy %.2f%% | density %.2f%% (weights %.2f%%) '
+                                 '| up %s down %s | loss %.3f | %.2fs', r + 1, config.rounds,
+                                 100 * record['accuracy'], 100 * record['density'],
+                                 100 * record['density_weighted'],
+                                 _format_bits(record['bits_up']), _format_bits(record['bits_down']),
+                                 record['train_loss'], round_seconds[-1])
+                if (r + 1) % config.checkpoint_every == 0 or preemption.received:
+                    save_checkpoint(r + 1)
+                if preemption.received:
+                    raise Preempted(preemption.received, r + 1, workdir)
+            if not checkpointer.steps() or checkpointer.steps()[-1] != config.rounds:
+                save_checkpoint(config.rounds)
     finally:
         writer.close()
-    save_final_state(os.path.join(workdir, 'final_state.msgpack'), state)
-    final = records[-1]
-    steady = round_seconds[1:] or round_seconds
-    summary = {
-        **{k: v for k, v in final.items() if k != 'seconds'},
-        'rounds': config.rounds,
-        'num_thresholds': num_thresholds,
-        'masked_weights': masked_weights,
-        'num_params': num_params,
-        'seconds_total': time.time() - run_start,
-        'seconds_first_round': round_seconds[0],
-        'seconds_per_round': float(np.mean(steady)),
-    }
-    reporting.write_json_atomic(os.path.join(workdir, 'summary.json'), summary)
-    reporting.plot_metrics(records, workdir)
-    first_kernel = jax.tree.leaves(masking.kernels_of(state.clients.params,
-                                                      state.clients.thresholds))[0]
-    first_threshold = jax.tree.leaves(state.clients.thresholds)[0]
-    masks = np.asarray(jax.vmap(masking.hard_row_mask)(first_kernel, first_threshold))
-    reporting.plot_sparsity_pattern(masks.astype(np.float32),
-                                    os.path.join(workdir, 'sparsity_first_layer.png'),
-                                    title=f'{names[0]}: kept rows per client, round {config.rounds}')
+        checkpointer.close()
+
+    try:
+        save_final_state(os.path.join(workdir, 'final_state.msgpack'), state)
+        final = records[-1]
+        steady = round_seconds[1:] or round_seconds or [float('nan')]
+        summary = {
+            **final,
+            'rounds': config.rounds,
+            'num_thresholds': num_thresholds,
+            'masked_weights': masked_weights,
+            'num_params': num_params,
+            'seconds_first_round': round_seconds[0] if round_seconds else float('nan'),
+            'seconds_per_round': float(np.mean(steady)),
+        }
+        reporting.write_json_atomic(summary_path, summary)
+        reporting.plot_metrics(records, workdir)
+    except OSError as e:
+        raise _disk_error(e, workdir, 'the summary and figures') from None
     return summary

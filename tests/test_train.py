@@ -62,11 +62,15 @@ def test_writes_metrics_summary_and_figures(digits_run):
                os.listdir(os.path.join(workdir, 'tensorboard')))
 
 
-def test_refuses_a_workdir_that_holds_a_run(digits_run):
+def test_refuses_a_workdir_that_holds_another_run(digits_run):
     workdir, _ = digits_run
     before = open(os.path.join(workdir, 'metrics.jsonl')).read()
-    with pytest.raises(train.WorkdirError, match='already holds'):
-        train.train_and_evaluate(_config(rounds=1), workdir)
+    with pytest.raises(train.WorkdirError, match='different config'):
+        train.train_and_evaluate(_config(num_clients=10, clients_per_round=5, rounds=16,
+                                         local_epochs=3, eval_every=4, lr=0.2), workdir)
+    with pytest.raises(train.WorkdirError, match='past config.rounds=4'):
+        train.train_and_evaluate(_config(num_clients=10, clients_per_round=5, rounds=4,
+                                         local_epochs=3, eval_every=4), workdir)
     assert open(os.path.join(workdir, 'metrics.jsonl')).read() == before
 
 

@@ -9,14 +9,16 @@ weight: alpha += sum of the received masks, beta += (received - sum), and
 theta = (alpha - 1) / (alpha + beta - 2), the posterior mode. It broadcasts theta (32 bits per weight).
 
 Choices and departures from the paper:
-  - the posterior restarts from the Beta(prior, prior) prior every `prior_reset_every` rounds; the
-    default, 1, resets every round, so with prior 1 theta is the mean of this round's masks (the
-    authors reset periodically because client probabilities drift; FL4Health's FedPM uses 1 too);
+  - the posterior restarts from the Beta(prior, prior) prior every `prior_reset_every` rounds (the
+    paper resets it periodically because the clients' probabilities drift; the period is a config);
+    the default, 1, resets every round, so with prior 1 theta is the mean of this round's masks;
   - scores start from logit(clip(theta, prob_clip, 1 - prob_clip)) so that weights whose theta hit
     exactly 0 or 1 can still move;
   - frozen weights are signed Kaiming constants +-sqrt(2 / fan_in) (Ramanujan et al. 2020, the
-    supermask initialization FedPM builds on), or the model's own initialization (`weight_init='model'`); only masked-layer kernels
-    are masked, other parameters (BatchNorm scale/bias) stay frozen at their initial values;
+    supermask initialization FedPM builds on), or the model's own (`weight_init='model'`); only the
+    masked layers' kernels are masked, other parameters stay at their initial values (BatchNorm
+    scale 1 / bias 0, i.e. non-affine; but also the unmasked head of resnet18 and the embeddings and
+    head of vit, which FedPM proper would mask too: on those models this baseline is handicapped);
   - BatchNorm running statistics are each client's own and never sent;
   - the scores are trained with Adam (learning rate `score_lr`, the runner's clipping and learning
     rate decay), fresh every round; `score_optimizer='sgd'` uses the runner's SGD with momentum;
@@ -79,7 +81,7 @@ class FedPMConfig:
 class FedPMState:
     weights: Any         # frozen random params shared by all clients
     thresholds: Any      # all DENSE_THRESHOLD: the SpaFL row masks are off
-    probabilities: Any   # theta, one per masked weight (shaped like the thresholds, kernel-shaped leaves)
+    probabilities: Any   # theta per masked weight (shaped like the thresholds, kernel-shaped leaves)
     alpha: Any           # Beta posterior, shaped like probabilities
     beta: Any
     batch_stats: Any     # [num_clients, ...] each client's own BatchNorm statistics
@@ -104,12 +106,12 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
     if method_cfg.weight_init == 'signed_constant':
         params = masking.replace_kernels(params, jax.tree.map(_signed_constant, kernels))
     # Separate buffers for alpha and beta: the compiled round donates its state.
-    prior = lambda: jax.tree.map(lambda k: jnp.full(k.shape, method_cfg.prior, jnp.float32), kernels)
+    full = lambda value: jax.tree.map(lambda k: jnp.full(k.shape, value, jnp.float32), kernels)
     stats = jax.tree.map(lambda s: jnp.tile(s, (num_clients,) + (1,) * s.ndim),
                          variables['batch_stats'])
-    return FedPMState(weights=params, thresholds=thresholds,
-                      probabilities=jax.tree.map(lambda k: jnp.full(k.shape, 0.5, jnp.float32), kernels),
-                      alpha=prior(), beta=prior(), batch_stats=stats, round=jnp.zeros((), jnp.int32))
+    return FedPMState(weights=params, thresholds=thresholds, probabilities=full(0.5),
+                      alpha=full(method_cfg.prior), beta=full(method_cfg.prior), batch_stats=stats,
+                      round=jnp.zeros((), jnp.int32))
 
 
 def _masked_params(weights, thresholds, masks):
@@ -127,7 +129,8 @@ def _bernoulli(key: jax.Array, probabilities):
     sizes = [p.size for p in leaves]
     u = jax.random.uniform(key, (sum(sizes),))
     parts = jnp.split(u, np.cumsum(sizes)[:-1])
-    return jax.tree.unflatten(treedef, [part.reshape(p.shape) < p for part, p in zip(parts, leaves)])
+    return jax.tree.unflatten(treedef,
+                              [part.reshape(p.shape) < p for part, p in zip(parts, leaves)])
 
 
 def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
@@ -140,9 +143,9 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
     cfg = local_cfg
     if method_cfg.score_lr is not None:
         cfg = dataclasses.replace(local_cfg, lr=method_cfg.score_lr)
-    tx = None  # the runner's clip + momentum
+    tx = None  # local_sgd's default: the runner's clip + momentum
     if method_cfg.score_optimizer == 'adam':
-        # Adam's update already has the lr-free scale; local_sgd multiplies it by -lr.
+        # Only the direction: local_sgd applies -lr, so the runner's learning-rate decay still holds.
         clip = optax.clip_by_global_norm(cfg.clip) if cfg.clip > 0 else optax.identity()
         tx = optax.chain(clip, optax.scale_by_adam())
     c = method_cfg.prob_clip

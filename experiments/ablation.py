@@ -1,0 +1,214 @@
+r"""Ablation: a config run with each step estimator, importance update on and off, several seeds.
+
+    python experiments/ablation.py --config=fmnist.py --config.rounds=20 --seeds=1,2,3 \
+        --workdir=/tmp/ablation_fmnist
+    python experiments/ablation.py --config=default.py --seeds=1,2 --workdir=/tmp/ablation_digits
+
+Each (estimator, importance_update, seed) run is a plain `train.train_and_evaluate` run in its own
+sub-workdir `<workdir>/<estimator>__<importance_update>/seed<seed>`. A finished run of the same
+config (summary.json written) is skipped and an unfinished one resumes from its checkpoint, so a
+killed ablation goes on where it stopped when the same command is run again. The table of mean ±
+sample standard deviation over seeds of the final accuracy and densities is written to
+`<workdir>/ablation.md` and `<workdir>/ablation.csv`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+sys.path.insert(0, os.path.dirname(os.path.dirname(_CONFIG_DIR)))  # works without installing too
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from spafl_jax import configuration
+from spafl_jax import data as data_lib
+from spafl_jax import train
+
+ESTIMATORS = ('long_tailed', 'identity', 'outside_unit')
+# `all_after` is the importance update on (our default); `none` switches it off.
+IMPORTANCE_UPDATES = ('all_after', 'none')
+# Final-round summary fields that the table reports, in this order.
+REPORTED = ('accuracy', 'density', 'density_weighted')
+SUMMARY_FILENAME = 'summary.json'
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(_CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
+    'experiments/configs/); override fields with --config.FIELD=VALUE.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the ablation: one sub-directory per '
+                               'run, and ablation.md / ablation.csv.', required=True)
+_SEEDS = flags.DEFINE_list('seeds', ['1', '2', '3'], 'Seeds of every setting.')
+_ESTIMATORS = flags.DEFINE_list('estimators', list(ESTIMATORS), 'Step estimators to compare.')
+_IMPORTANCE_UPDATES = flags.DEFINE_list('importance_updates', list(IMPORTANCE_UPDATES),
+                                        'importance_update values to compare.')
+
+
+def setting_name(estimator: str, importance_update: str) -> str:
+    return f'{estimator}__{importance_update}'
+
+
+def run_dir(workdir: str, estimator: str, importance_update: str, seed: int) -> str:
+    return os.path.join(workdir, setting_name(estimator, importance_update), f'seed{seed}')
+
+
+def _finished(directory: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly this config in `directory`, else None."""
+    summary_path = os.path.join(directory, SUMMARY_FILENAME)
+    config_path = os.path.join(directory, 'config.json')
+    if not (os.path.isfile(summary_path) and os.path.isfile(config_path)):
+        return None
+    with open(config_path) as f:
+        previous = json.load(f)
+    # Through JSON, so that tuples and lists compare equal as they do on disk.
+    if previous != json.loads(json.dumps(config.to_dict())):
+        return None   # e.g. more rounds asked for: train_and_evaluate extends or refuses the run
+    with open(summary_path) as f:
+        return json.load(f)
+
+
+def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
+                 estimators: Sequence[str] = ESTIMATORS,
+                 importance_updates: Sequence[str] = IMPORTANCE_UPDATES,
+                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Runs every (estimator, importance_update, seed) not done yet; returns a row per setting.
+
+    Each row holds `estimator`, `importance_update`, `seeds`, the per-seed values `<field>_runs`
+    and their `<field>_mean` / `<field>_std` (sample std, ddof=1; 0 for one seed) for `REPORTED`.
+    """
+    jobs = [(e, u, s) for e in estimators for u in importance_updates for s in seeds]
+    # Every setting is validated before the first (long) run starts.
+    for estimator, importance_update, _ in jobs[::len(seeds)]:
+        probe = copy.deepcopy(config)
+        probe.estimator, probe.importance_update = estimator, importance_update
+        configuration.validate(probe)
+    summaries: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    start = time.time()
+    for i, (estimator, importance_update, seed) in enumerate(jobs, 1):
+        directory = run_dir(workdir, estimator, importance_update, seed)
+        prefix = (f'[{i}/{len(jobs)}] estimator={estimator} importance_update={importance_update} '
+                  f'seed={seed}')
+        run_config = copy.deepcopy(config)
+        run_config.estimator = estimator
+        run_config.importance_update = importance_update
+        run_config.seed = seed
+        summary = _finished(directory, run_config)
+        if summary is not None:
+            log(f'{prefix}: done before, skipped')
+        else:
+            # An unfinished run in `directory` resumes from its newest checkpoint.
+            log(f'{prefix}: running in {directory}')
+            run_start = time.time()
+            try:
+                summary = train.train_and_evaluate(run_config, directory)
+            except train.NonFiniteError as e:
+                # Divergence is a result too: reported as NaN, not the end of the ablation.
+                log(f'{prefix}: diverged ({e})')
+                summary = {field: float('nan') for field in REPORTED}
+            else:
+                log(f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
+                    f'{100 * summary["density"]:.2f}% (weights '
+                    f'{100 * summary["density_weighted"]:.2f}%) in {time.time() - run_start:.0f}s; '
+                    f'{time.time() - start:.0f}s so far')
+        summaries.setdefault((estimator, importance_update), []).append(summary)
+
+    rows = []
+    for (estimator, importance_update), runs in summaries.items():
+        row: dict[str, Any] = {'estimator': estimator, 'importance_update': importance_update,
+                               'seeds': ' '.join(str(s) for s in seeds)}
+        for field in REPORTED:
+            values = np.array([run[field] for run in runs], np.float64)
+            row[f'{field}_runs'] = values.tolist()
+            row[f'{field}_mean'] = float(values.mean())
+            row[f'{field}_std'] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def csv_columns() -> list[str]:
+    return (['estimator', 'importance_update', 'seeds']
+            + [f'{field}_{stat}' for field in REPORTED for stat in ('mean', 'std')])
+
+
+def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
+                 config: ml_collections.ConfigDict) -> None:
+    """`ablation.csv` (full-precision fractions) and `ablation.md` (percent, mean ± std)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'ablation.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=csv_columns(), extrasaction='ignore')
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+
+    seeds = rows[0]['seeds'] if rows else ''
+    lines = [
+        f'# Ablation: {config.dataset} / {config.model}, {config.rounds} rounds',
+        '',
+        f'Command: `{command}`',
+        '',
+        f'{config.num_clients} clients, {config.clients_per_round} per round, '
+        f'alpha {config.alpha}, batch {config.batch_size}, {config.local_epochs} local epoch(s), '
+        f'lr {config.lr}, th_coeff {config.th_coeff}. Final round, mean ± sample std over seeds '
+        f'{seeds}. Accuracy: '
+        'unweighted mean over clients; density: mean over masked layers of the kept-row fraction; '
+        'weights: kept masked weights / all masked weights.',
+        '',
+        '| estimator | importance update | accuracy (%) | density (%) | density, weights (%) |',
+        '|---|---|---|---|---|',
+    ]
+    for row in rows:
+        cells = [f'{100 * row[f"{field}_mean"]:.2f} ± {100 * row[f"{field}_std"]:.2f}'
+                 for field in REPORTED]
+        lines.append(f'| `{row["estimator"]}` | `{row["importance_update"]}` | '
+                     + ' | '.join(cells) + ' |')
+    with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+def _resolve_config_argument(argv: list[str]) -> list[str]:
+    """`--config=fmnist.py[:arg]` -> experiments/configs/fmnist.py, as experiments/main.py does."""
+    out = []
+    for arg in argv:
+        if arg.startswith('--config=') and not arg.startswith('--config.'):
+            value = arg[len('--config='):]
+            path, sep, rest = value.partition(':')
+            if not os.path.exists(path) and os.path.exists(os.path.join(_CONFIG_DIR, path)):
+                arg = '--config=' + os.path.join(_CONFIG_DIR, path) + sep + rest
+        out.append(arg)
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    try:
+        seeds = [int(s) for s in _SEEDS.value]
+    except ValueError:
+        raise app.UsageError(f'--seeds must be integers, got {",".join(_SEEDS.value)}') from None
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    command = 'python experiments/ablation.py ' + ' '.join(
+        shlex.quote(a.replace(_CONFIG_DIR + os.sep, '')) for a in sys.argv[1:])
+    try:
+        rows = run_ablation(config, workdir, seeds, _ESTIMATORS.value, _IMPORTANCE_UPDATES.value)
+    except (configuration.ConfigError, data_lib.DatasetUnavailableError, train.WorkdirError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    write_tables(rows, workdir, command, config)
+    with open(os.path.join(workdir, 'ablation.md')) as f:
+        print(f.read(), end='')
+    print(f'tables in {os.path.join(workdir, "ablation.md")} and ablation.csv')
+
+
+if __name__ == '__main__':
+    sys.argv = _resolve_config_argument(sys.argv)
+    app.run(main)

@@ -1,0 +1,621 @@
+"""How a round's client work reaches the hardware: execution strategies over the client axis, the
+`clients` device mesh, multi-host start-up, and `make_round_runner`, the one entry point of `train.py`.
+
+Every strategy computes exactly `federated.run_round` (SPEC section 3): the same `client.local_step`
+on the same batches with the same keys, drawn from (seed, round, client id) by
+`client.local_schedule`, so results never depend on the strategy or the number of devices. They differ
+only in how the local steps are issued:
+
+- 'loop': a Python loop of one compiled step per real local step (no padded steps, no loop around a
+  convolution inside XLA); the only fast form with `conv_impl='xla'` on CPU, where XLA runs
+  convolutions inside a while loop several times slower.
+- 'map': the same steps inside one compiled call per round: a `fori_loop` whose trip count is the
+  round's number of real steps (no padding, no per-step dispatch).
+- 'vmap': `lanes` clients step together under `vmap`, each lane working through a queue of clients
+  packed so that the lanes' step counts are even; the form accelerators want.
+
+On a mesh with a `clients` axis, the all-client state is sharded along it, each device trains its
+share of the sampled clients (packed by step count), and the thresholds are averaged by a `psum` over
+the axis inside `jax.shard_map` (`server.aggregate(..., axis_name='clients')`); the same program runs
+on one device, on several, and across hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+from spafl_jax import client as client_lib
+from spafl_jax import federated
+from spafl_jax import masking
+from spafl_jax import server
+from spafl_jax.client import ClientState, DataSpec, LocalConfig
+from spafl_jax.federated import ClientData, FederatedState, RoundConfig
+
+CLIENT_EXECUTIONS = ('auto', 'loop', 'map', 'vmap')
+CLIENTS = 'clients'   # the mesh axis the client dimension is sharded along
+
+
+# ------------------------------------------------------------------------------------------------
+# Choices made once, at start-up.
+
+def resolve_client_execution(name: str, backend: str | None = None,
+                             conv_impl: str = 'im2col') -> str:
+    """'auto' -> the measured best strategy for the backend (BENCHMARKS.md); anything else as is.
+
+    CPU: 'loop'. One compiled step per local step has no padding and keeps XLA:CPU's convolutions
+    (either implementation) out of while loops; 'map' matches it with im2col but is many times slower
+    with `conv_impl='xla'`. GPU/TPU: 'vmap', which fills the device with several clients at once.
+    """
+    if name not in CLIENT_EXECUTIONS:
+        raise ValueError(f'client_execution={name!r}; use one of {", ".join(CLIENT_EXECUTIONS)}.')
+    if name != 'auto':
+        return name
+    backend = backend or jax.default_backend()
+    del conv_impl  # both implementations measured fastest with 'loop' on CPU
+    return 'loop' if backend == 'cpu' else 'vmap'
+
+
+def initialize_runtime(coordinator_address: str | None = None, num_processes: int = 1,
+                       process_id: int = 0, num_cpu_devices: int = 0) -> None:
+    """Multi-host start-up and simulated CPU devices; must run before JAX touches a device.
+
+    With `coordinator_address`, `jax.distributed.initialize` joins `num_processes` processes (TPU
+    pods, GPU hosts, or CPU processes whose collectives go through gloo). `num_cpu_devices > 0` splits
+    the host CPU into that many devices (tests of multi-device code, and two clients training at once
+    on a two-core machine).
+    """
+    if num_cpu_devices > 0:
+        jax.config.update('jax_num_cpu_devices', num_cpu_devices)
+    if coordinator_address:
+        if jax.default_backend() == 'cpu' if False else False:  # placeholder, never taken
+            pass
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+
+
+def make_mesh(num_clients: int, devices=None) -> Mesh:
+    """A 1-D mesh over the `clients` axis whose size divides `num_clients`.
+
+    The all-client state is split evenly along the axis. On one host, with a device count that does
+    not divide the number of clients, the largest dividing count is used (and logged); across hosts
+    every device must take part, so the count must divide.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    size = len(devices)
+    if num_clients % size:
+        if jax.process_count() > 1:
+            raise ValueError(f'num_clients={num_clients} must be a multiple of the {size} devices '
+                             'of a multi-host run.')
+        size = max(d for d in range(1, size + 1) if num_clients % d == 0)
+        logging.warning('using %d of %d devices: %d clients do not split evenly over more.', size,
+                        len(devices), num_clients)
+    return Mesh(np.array(devices[:size]), (CLIENTS,))
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side planning of a round: which device and lane runs which client, and in what order.
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """Where every local step of a round runs. Built on the host from the sampled ids and the
+    start-up step counts (no device round trip); every array has a fixed shape, so no retracing.
+
+    Attributes:
+      sampled: [devices * per_device] client ids, device-major; -1 marks an empty position.
+      positions: [devices, max_slots, lanes] the position (within the device) of the client a lane
+        steps at each slot.
+      steps: [devices, max_slots, lanes] index of that step in the client's `local_schedule`.
+      valid: [devices, max_slots, lanes] False for padding.
+      slots: [devices] slots the device really needs (the in-jit trip count).
+      real_steps: local steps of the round (sum over sampled clients).
+    """
+    sampled: np.ndarray
+    positions: np.ndarray
+    steps: np.ndarray
+    valid: np.ndarray
+    slots: np.ndarray
+    real_steps: int
+
+    def executed_steps(self, lockstep: bool) -> int:
+        """Steps the hardware runs: lockstep devices (the Python loop) all run the longest queue."""
+        devices, _, lanes = self.positions.shape
+        per_device = np.full(devices, self.slots.max()) if lockstep else self.slots
+        return int(per_device.sum()) * lanes
+
+
+def _least_loaded(loads: list[int], sizes: list[int], capacity: int) -> int:
+    free = [i for i in range(len(loads)) if sizes[i] < capacity]
+    return min(free, key=lambda i: (loads[i], i))
+
+
+def plan_round(sampled: np.ndarray, steps_per_epoch: np.ndarray, epochs: int, stride: int,
+               devices: int, lanes: int, max_slots: int) -> RoundPlan:
+    """Packs the sampled clients onto devices, then lanes, longest first (LPT scheduling).
+
+    Args:
+      sampled: [S] client ids.
+      steps_per_epoch: [num_clients] real steps per epoch of every client (count // batch_size).
+      epochs: local epochs.
+      stride: steps per epoch of the padded schedule (max_count // batch_size).
+      devices, lanes: mesh size and lanes per device.
+      max_slots: the fixed slot-table length (an upper bound on any lane's steps).
+    """
+    sampled = np.asarray(sampled, np.int64)
+    per_device = -(-len(sampled) // devices)
+    lanes = min(lanes, per_device)
+    order = sorted(sampled.tolist(), key=lambda c: (-int(steps_per_epoch[c]), c))
+    members: list[list[int]] = [[] for _ in range(devices)]
+    loads = [0] * devices
+    for c in order:
+        d = _least_loaded(loads, [len(m) for m in members], per_device)
+        members[d].append(c)
+        loads[d] += int(steps_per_epoch[c]) * epochs
+    table_sampled = np.full((devices, per_device), -1, np.int32)
+    positions = np.zeros((devices, max_slots, lanes), np.int32)
+    steps = np.zeros((devices, max_slots, lanes), np.int32)
+    valid = np.zeros((devices, max_slots, lanes), bool)
+    slots = np.zeros(devices, np.int32)
+    for d, clients in enumerate(members):
+        table_sampled[d, :len(clients)] = clients
+        queues: list[list[int]] = [[] for _ in range(lanes)]
+        lane_loads = [0] * lanes
+        for pos, c in enumerate(clients):   # already longest first
+            lane = _least_loaded(lane_loads, [0] * lanes, 1)
+            queues[lane].append(pos)
+            lane_loads[lane] += int(steps_per_epoch[c]) * epochs
+        for lane, queue in enumerate(queues):
+            t = 0
+            for pos in queue:
+                n = int(steps_per_epoch[clients[pos]])
+                for e in range(epochs):
+                    positions[d, t:t + n, lane] = pos
+                    steps[d, t:t + n, lane] = e * stride + np.arange(n)
+                    valid[d, t:t + n, lane] = True
+                    t += n
+            if t > max_slots:
+                raise ValueError(f'a lane needs {t} steps, more than the table holds ({max_slots}).')
+            # Padding repeats the lane's last position so a padded step reads a real client.
+            if queue:
+                positions[d, t:, lane] = queue[-1]
+        slots[d] = max(lane_loads) if lane_loads else 0
+    real_steps = int(sum(int(steps_per_epoch[c]) * epochs for c in sampled))
+    return RoundPlan(sampled=table_sampled.reshape(-1), positions=positions, steps=steps,
+                     valid=valid, slots=slots, real_steps=real_steps)
+
+
+def max_lane_steps(steps_per_epoch: np.ndarray, epochs: int, per_device: int) -> int:
+    """An upper bound on the steps of any lane: the `per_device` largest clients back to back."""
+    largest = np.sort(np.asarray(steps_per_epoch))[::-1][:per_device]
+    return max(int(largest.sum()) * epochs, 1)
+
+
+def plan_evaluation(counts: np.ndarray, chunk: int, devices: int) -> tuple[np.ndarray, ...]:
+    """(client position, chunk index, valid) per evaluation slot and device for the 'loop' strategy.
+
+    Clients are sharded in contiguous blocks, so device d evaluates its own block.
+    """
+    per_device = len(counts) // devices
+    rows = []
+    for d in range(devices):
+        rows.append([(i, j) for i in range(per_device)
+                     for j in range(-(-int(counts[d * per_device + i]) // chunk))])
+    length = max(max((len(r) for r in rows), default=0), 1)
+    table = np.zeros((devices, length, 2), np.int32)
+    valid = np.zeros((devices, length), bool)
+    for d, r in enumerate(rows):
+        if r:
+            table[d, :len(r)] = r
+            valid[d, :len(r)] = True
+    return table, valid
+
+
+# ------------------------------------------------------------------------------------------------
+# Device-side pieces, written for one device's shard (they run inside `jax.shard_map`).
+
+@flax.struct.dataclass
+class RoundWork:
+    """The sampled clients of a round on one device, `[per_device, ...]`, while they train."""
+    clients: ClientState     # thresholds already broadcast from the server
+    opt_state: Any           # this round's optimizer state (fresh or persistent)
+    metrics: Any             # per-client sums: loss, correct, steps, flops
+    batch_ids: jax.Array     # [per_device, schedule_steps, batch] example ids of every step
+    step_keys: jax.Array     # [per_device, schedule_steps] augmentation keys
+    weights: jax.Array       # [per_device] aggregation weight; 0 for an empty position
+
+
+def _take(tree, i):
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+
+
+def _put(tree, i, value):
+    return jax.tree.map(lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, i, 0), tree, value)
+
+
+def _gather_sampled(local_clients, sampled):
+    """The clients at `sampled` (global ids, -1 = none) from a client-sharded state, each device
+    getting its consecutive share: owners contribute, a reduce-scatter delivers."""
+    per_shard = jax.tree.leaves(local_clients)[0].shape[0]
+    local = sampled - jax.lax.axis_index(CLIENTS) * per_shard
+    owned = (local >= 0) & (local < per_shard) & (sampled >= 0)
+    picked = jax.tree.map(lambda x: x[jnp.clip(local, 0, per_shard - 1)], local_clients)
+    contribution = jax.tree.map(
+        lambda x: jnp.where(owned.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros_like(x)), picked)
+    return jax.tree.map(lambda x: jax.lax.psum_scatter(x, CLIENTS, scatter_dimension=0, tiled=True),
+                        contribution)
+
+
+def _scatter_sampled(local_clients, sampled, trained):
+    """Writes the trained clients (this device's share) back to their owners' shards."""
+    per_shard = jax.tree.leaves(local_clients)[0].shape[0]
+    everyone = jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), trained)
+    local = sampled - jax.lax.axis_index(CLIENTS) * per_shard
+    owned = (local >= 0) & (local < per_shard) & (sampled >= 0)
+    index = jnp.where(owned, local, per_shard)   # out of range: dropped
+    return jax.tree.map(lambda x, v: x.at[index].set(v, mode='drop'), local_clients, everyone)
+
+
+def _zero_metrics(n: int):
+    return {k: jnp.zeros((n,), jnp.float32) for k in ('loss', 'correct', 'steps', 'flops')}
+
+
+class RoundRunner:
+    """Runs SpaFL rounds and evaluations with one execution strategy on one `clients` mesh.
+
+    Build it with `make_round_runner`. `run_round(state, sampled)` takes the host-side sampled ids;
+    `evaluate(state)` returns every client's test accuracy counts and densities, replicated on every
+    host. Both compile once: later rounds reuse the same executables.
+    """
+
+    def __init__(self, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,
+                 spec: DataSpec, train_data: ClientData, test_data: ClientData, *,
+                 strategy: str = 'auto', mesh: Mesh | None = None, lanes: int = 0,
+                 unroll: int = 1, eval_chunk: int = 64, macs=None):
+        self.model, self.local_cfg, self.round_cfg, self.spec = model, local_cfg, round_cfg, spec
+        self.macs = macs
+        train_counts = np.asarray(jax.device_get(train_data.counts))
+        test_counts = np.asarray(jax.device_get(test_data.counts))
+        self.num_clients = len(train_counts)
+        self.mesh = mesh if mesh is not None else make_mesh(self.num_clients)
+        self.devices = self.mesh.devices.size
+        conv_impl = getattr(model, 'conv_impl', 'im2col')
+        self.strategy = resolve_client_execution(strategy, self.mesh.devices.flat[0].platform,
+                                                 conv_impl)
+        self.unroll = max(int(unroll), 1)
+        b, epochs = local_cfg.batch_size, local_cfg.local_epochs
+        self.steps_per_epoch = train_counts // b
+        self.stride = int(train_data.example_ids.shape[1]) // b
+        self.per_device = -(-round_cfg.clients_per_round // self.devices)
+        if self.strategy == 'vmap':
+            self.lanes = self.per_device if lanes <= 0 else min(lanes, self.per_device)
+        else:
+            self.lanes = 1
+        slots = max_lane_steps(self.steps_per_epoch, epochs, self.per_device)
+        self.max_slots = -(-slots // self.unroll) * self.unroll
+        self.eval_chunk = max(int(eval_chunk), 1)
+
+        self._replicated = NamedSharding(self.mesh, P())
+        self._sharded = NamedSharding(self.mesh, P(CLIENTS))
+        self.train_data = self._put_replicated(train_data)
+        self.test_counts = test_counts
+        self.test_data = self._place_test(test_data)
+        self._eval_table = None
+        self._build()
+
+    # -- placement ------------------------------------------------------------------------------
+
+    def _global(self, value, sharding):
+        """A global array from a value every process holds in full (same seed, same data)."""
+        value = np.asarray(jax.device_get(value)) if not isinstance(value, np.ndarray) else value
+        if jax.process_count() == 1:
+            return jax.device_put(value, sharding)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    def _put_replicated(self, tree):
+        return jax.tree.map(lambda x: self._global(x, self._replicated), tree)
+
+    def _place_test(self, data: ClientData) -> ClientData:
+        # Each device evaluates its own block of clients: their test ids travel with them, padded to a
+        # whole number of evaluation chunks.
+        ids = np.asarray(jax.device_get(data.example_ids))
+        width = max(-(-ids.shape[1] // self.eval_chunk), 1) * self.eval_chunk
+        ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])))
+        return ClientData(images=self._global(data.images, self._replicated),
+                          labels=self._global(data.labels, self._replicated),
+                          example_ids=self._global(ids, self._sharded),
+                          counts=self._global(np.asarray(jax.device_get(data.counts)),
+                                              self._sharded))
+
+    def state_sharding(self, state: FederatedState):
+        """Client axis sharded over the mesh; server thresholds and the round replicated."""
+        return FederatedState(
+            clients=jax.tree.map(lambda _: self._sharded, state.clients),
+            server_thresholds=jax.tree.map(lambda _: self._replicated, state.server_thresholds),
+            last_delta=jax.tree.map(lambda _: self._replicated, state.last_delta),
+            round=self._replicated)
+
+    def place_state(self, state: FederatedState) -> FederatedState:
+        """`state` laid out on the mesh (a no-op when it already is)."""
+        target = self.state_sharding(state)
+        if all(getattr(x, 'sharding', None) == s
+               for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(target))):
+            return state
+        return jax.tree.map(self._global, state, target)
+
+    # -- the device programs --------------------------------------------------------------------
+
+    def _shard_map(self, fn, in_specs, out_specs):
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+
+    def _begin(self, state: FederatedState, data: ClientData, sampled, seed_key):
+        """Gathers this device's clients, broadcasts tau_g, draws their schedules (steps 1-2)."""
+        cfg = self.local_cfg
+        r = state.round
+        clients = _gather_sampled(state.clients, sampled)
+        d = jax.lax.axis_index(CLIENTS)
+        mine = jax.lax.dynamic_slice_in_dim(sampled, d * self.per_device, self.per_device)
+        real = mine >= 0
+        ids = jnp.maximum(mine, 0)
+        clients = clients.replace(thresholds=jax.tree.map(
+            lambda t: jnp.broadcast_to(t, (self.per_device, *t.shape)), state.server_thresholds))
+        if self.round_cfg.importance_update == 'sampled_before':
+            clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
+                clients.params, state.last_delta))
+        keys = federated.client_keys(seed_key, r, ids)
+        counts = data.counts[ids]
+        max_count = data.example_ids.shape[1]
+
+        def schedule(key, count, example_ids):
+            batches, _, step_keys = client_lib.local_schedule(cfg, key, count, max_count)
+            return example_ids[batches], step_keys
+
+        batch_ids, step_keys = jax.vmap(schedule)(keys, counts, data.example_ids[ids])
+        opt_state = jax.vmap(functools.partial(client_lib.round_opt_state, cfg))(clients)
+        if self.round_cfg.aggregation == 'data_size':
+            weights = jnp.where(real, counts, 0).astype(jnp.float32)
+        else:
+            weights = real.astype(jnp.float32)
+        return RoundWork(clients=clients, opt_state=opt_state, metrics=_zero_metrics(self.per_device),
+                         batch_ids=batch_ids, step_keys=step_keys, weights=weights)
+
+    def _slot(self, work: RoundWork, data: ClientData, positions, steps, valid, lr, penalty_coeff):
+        """One local step of every lane: lane l steps client positions[l] at schedule step steps[l]."""
+        model, cfg, spec, macs = self.model, self.local_cfg, self.spec, self.macs
+
+        def lane(pos, k, ok):
+            c = _take(work.clients, pos)
+            o = _take(work.opt_state, pos)
+            ids = work.batch_ids[pos, k]
+            x = client_lib.preprocess(spec, data.images[ids], work.step_keys[pos, k])
+            c, o, m = client_lib.local_step(model, cfg, c, o, x, data.labels[ids], ok, lr,
+                                            penalty_coeff, macs)
+            return c, o, m
+
+        if positions.shape[0] == 1:   # no vmap of one: keeps plain (not batched) matmuls
+            c, o, m = lane(positions[0], steps[0], valid[0])
+            return work.replace(clients=_put(work.clients, positions[0], c),
+                                opt_state=_put(work.opt_state, positions[0], o),
+                                metrics=jax.tree.map(lambda a, v: a.at[positions[0]].add(v),
+                                                     work.metrics, m))
+        c, o, m = jax.vmap(lane)(positions, steps, valid)
+        put = lambda tree, v: jax.tree.map(lambda x, y: x.at[positions].set(y), tree, v)
+        return work.replace(clients=put(work.clients, c), opt_state=put(work.opt_state, o),
+                            metrics=jax.tree.map(lambda a, v: a.at[positions].add(v),
+                                                 work.metrics, m))
+
+    def _local_loop(self, work, data, positions, steps, valid, slots, lr, penalty_coeff):
+        """All of this device's slots inside one program: a while loop of `unroll` slots per trip."""
+        u = self.unroll
+
+        def body(i, w):
+            for j in range(u):
+                t = i * u + j
+                w = self._slot(w, data, positions[t], steps[t], valid[t], lr, penalty_coeff)
+            return w
+
+        return jax.lax.fori_loop(0, (slots + u - 1) // u, body, work)
+
+    def _finish(self, state: FederatedState, work: RoundWork, sampled, executed):
+        """Aggregates (psum over devices), applies the importance update, scatters back (3-6)."""
+        cfg = self.local_cfg
+        trained = work.clients
+        if cfg.persistent_optimizer:
+            trained = trained.replace(opt_state=work.opt_state)
+        new_global = server.aggregate(trained.thresholds, work.weights, axis_name=CLIENTS)
+        delta = jax.tree.map(jnp.subtract, new_global, state.server_thresholds)
+        clients = _scatter_sampled(state.clients, sampled, trained)
+        if self.round_cfg.importance_update == 'all_after':
+            clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
+                clients.params, delta))
+        new_state = FederatedState(clients=clients, server_thresholds=new_global, last_delta=delta,
+                                   round=state.round + 1)
+        m = work.metrics
+        real = (work.weights > 0).astype(jnp.float32)
+        sums = jax.lax.psum({
+            'loss': jnp.sum(real * m['loss'] / jnp.maximum(m['steps'], 1.0)),
+            'clients': jnp.sum(real), 'correct': jnp.sum(m['correct']),
+            'steps': jnp.sum(m['steps']), 'flops': jnp.sum(m['flops'])}, CLIENTS)
+        metrics = {
+            'train_loss': sums['loss'] / jnp.maximum(sums['clients'], 1.0),
+            'train_accuracy': sums['correct'] / jnp.maximum(sums['steps'] * cfg.batch_size, 1.0),
+            'local_steps': sums['steps'],
+            'flops': sums['flops'],
+            'max_steps': executed.astype(jnp.float32),   # executed steps, padding included
+        }
+        return new_state, metrics
+
+    def _schedule_scalars(self, state):
+        r = state.round
+        return (client_lib.learning_rate(self.local_cfg, r),
+                self.local_cfg.th_coeff * client_lib.penalty_scale(self.local_cfg, r))
+
+    def _build(self):
+        rep, shd = P(), P(CLIENTS)
+        state_specs = FederatedState(clients=shd, server_thresholds=rep, last_delta=rep, round=rep)
+        data_specs = ClientData(images=rep, labels=rep, example_ids=rep, counts=rep)
+        work_specs = RoundWork(clients=shd, opt_state=shd, metrics=shd, batch_ids=shd,
+                               step_keys=shd, weights=shd)
+        plan_specs = (shd, shd, shd)   # positions, steps, valid: [devices, slots, lanes]
+
+        def squeeze(*tables):
+            return tuple(t[0] for t in tables)
+
+        if self.strategy == 'loop':
+            def begin(state, data, sampled, seed_key):
+                return self._begin(state, data, sampled, seed_key), self._schedule_scalars(state)
+
+            def slot(work, data, positions, steps, valid, t, lr, penalty_coeff):
+                positions, steps, valid = squeeze(positions, steps, valid)
+                return self._slot(work, data, positions[t], steps[t], valid[t], lr, penalty_coeff)
+
+            def finish(state, work, sampled, executed):
+                return self._finish(state, work, sampled, executed)
+
+            self._begin_fn = jax.jit(self._shard_map(
+                begin, (state_specs, data_specs, rep, rep), (work_specs, (rep, rep))))
+            self._slot_fn = jax.jit(self._shard_map(
+                slot, (work_specs, data_specs, *plan_specs, rep, rep, rep), work_specs),
+                donate_argnums=(0,))
+            self._finish_fn = jax.jit(self._shard_map(
+                finish, (state_specs, work_specs, rep, rep), (state_specs, rep)),
+                donate_argnums=(0, 1))
+        else:
+            def whole(state, data, sampled, seed_key, positions, steps, valid, slots, executed):
+                positions, steps, valid, slots = squeeze(positions, steps, valid, slots)
+                work = self._begin(state, data, sampled, seed_key)
+                lr, penalty_coeff = self._schedule_scalars(state)
+                work = self._local_loop(work, data, positions, steps, valid, slots, lr,
+                                        penalty_coeff)
+                return self._finish(state, work, sampled, executed)
+
+            self._round_fn = jax.jit(self._shard_map(
+                whole, (state_specs, data_specs, rep, rep, *plan_specs, shd, rep),
+                (state_specs, rep)), donate_argnums=(0,))
+
+        test_specs = ClientData(images=rep, labels=rep, example_ids=shd, counts=shd)
+        if self.strategy == 'loop':
+            def eval_begin(clients):
+                n = jax.tree.leaves(clients)[0].shape[0]
+                return jnp.zeros((n,), jnp.int32)
+
+            def eval_slot(clients, data, correct, table, valid, t):
+                table, valid = squeeze(table, valid)
+                i, j = table[t, 0], table[t, 1]
+                hits = self._eval_chunk(_take(clients, i), data, data.example_ids[i],
+                                        data.counts[i], j)
+                return correct.at[i].add(jnp.where(valid[t], hits, 0))
+
+            self._eval_begin_fn = jax.jit(self._shard_map(eval_begin, (shd,), shd))
+            self._eval_slot_fn = jax.jit(self._shard_map(
+                eval_slot, (shd, test_specs, shd, shd, shd, rep), shd), donate_argnums=(2,))
+            self._eval_finish_fn = jax.jit(self._shard_map(
+                lambda clients, correct, data: self._eval_outputs(clients, correct, data),
+                (shd, shd, test_specs), rep))
+        else:
+            self._eval_fn = jax.jit(self._shard_map(self._evaluate_local, (shd, test_specs), rep))
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def _eval_chunk(self, client: ClientState, data: ClientData, example_ids, count, j):
+        """Correct predictions of one client on its test examples [j * chunk, (j + 1) * chunk)."""
+        c = self.eval_chunk
+        variables = {'params': client.params,
+                     'thresholds': masking.reset_collapsed_thresholds(client.params,
+                                                                      client.thresholds),
+                     'batch_stats': client.batch_stats}
+        ids = jax.lax.dynamic_slice_in_dim(example_ids, j * c, c)
+        logits = self.model.apply(variables, federated.preprocess_eval(self.spec, data.images[ids]),
+                                  train=False)
+        position = j * c + jnp.arange(c)
+        return jnp.sum((jnp.argmax(logits, -1) == data.labels[ids]) & (position < count))
+
+    def _eval_client(self, client, data, example_ids, count):
+        chunks = (count + self.eval_chunk - 1) // self.eval_chunk
+        return jax.lax.fori_loop(
+            0, chunks, lambda j, acc: acc + self._eval_chunk(client, data, example_ids, count, j),
+            jnp.zeros((), jnp.int32))
+
+    def _evaluate_local(self, clients, data):
+        one = lambda c, ids, n: self._eval_client(c, data, ids, n)
+        if self.strategy == 'vmap':
+            correct = jax.vmap(one)(clients, data.example_ids, data.counts)
+        else:
+            correct = jax.lax.map(lambda a: one(*a), (clients, data.example_ids, data.counts))
+        return self._eval_outputs(clients, correct, data)
+
+    def _eval_outputs(self, clients, correct, data):
+        stats = federated.density_stats(clients)
+        local = {'correct': correct, 'counts': data.counts, **stats}
+        return jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), local)
+
+    # -- the public calls -----------------------------------------------------------------------
+
+    def plan(self, sampled: np.ndarray) -> RoundPlan:
+        return plan_round(np.asarray(sampled), self.steps_per_epoch, self.local_cfg.local_epochs,
+                          self.stride, self.devices, self.lanes, self.max_slots)
+
+    def run_round(self, state: FederatedState, sampled: np.ndarray, seed_key: jax.Array):
+        """One SpaFL round for the host-side `sampled` client ids -> (new state, metrics).
+
+        Nothing waits for the device inside: the plan is host arithmetic on start-up counts and the
+        steps are dispatched asynchronously.
+        """
+        state = self.place_state(state)
+        plan = self.plan(sampled)
+        put_sharded = lambda x: self._global(x, self._sharded)
+        sampled_dev = self._global(plan.sampled, self._replicated)
+        key = self._global(jax.random.key_data(seed_key), self._replicated)
+        key = jax.random.wrap_key_data(key, impl=jax.random.key_impl(seed_key))
+        tables = tuple(put_sharded(x) for x in (plan.positions, plan.steps, plan.valid))
+        lockstep = self.strategy == 'loop'
+        executed = self._global(np.int32(plan.executed_steps(lockstep)), self._replicated)
+        if self.strategy == 'loop':
+            work, (lr, penalty_coeff) = self._begin_fn(state, self.train_data, sampled_dev, key)
+            for t in range(int(plan.slots.max())):
+                work = self._slot_fn(work, self.train_data, *tables, np.int32(t), lr, penalty_coeff)
+            return self._finish_fn(state, work, sampled_dev, executed)
+        return self._round_fn(state, self.train_data, sampled_dev, key, *tables,
+                              put_sharded(plan.slots.reshape(self.devices, 1)), executed)
+
+    def evaluate(self, state_or_clients) -> dict:
+        """Per-client test counts, correct predictions and densities, `[num_clients, ...]`."""
+        clients = getattr(state_or_clients, 'clients', state_or_clients)
+        if not isinstance(state_or_clients, ClientState):
+            clients = self.place_state(state_or_clients).clients
+        else:
+            clients = jax.tree.map(
+                lambda x: x if getattr(x, 'sharding', None) == self._sharded
+                else self._global(x, self._sharded), clients)
+        if self.strategy != 'loop':
+            return self._eval_fn(clients, self.test_data)
+        if self._eval_table is None:
+            table, valid = plan_evaluation(self.test_counts, self.eval_chunk, self.devices)
+            self._eval_table = (self._global(table, self._sharded),
+                                self._global(valid, self._sharded), table.shape[1])
+        table, valid, length = self._eval_table
+        correct = self._eval_begin_fn(clients)
+        for t in range(length):
+            correct = self._eval_slot_fn(clients, self.test_data, correct, table, valid, np.int32(t))
+        return self._eval_finish_fn(clients, correct, self.test_data)
+
+
+def make_round_runner(config, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,
+                      spec: DataSpec, train_data: ClientData, test_data: ClientData,
+                      macs=None) -> RoundRunner:
+    """The runner a config asks for: strategy, lanes, unroll and evaluation chunk from `config`."""
+    return RoundRunner(model, local_cfg, round_cfg, spec, train_data, test_data,
+                       strategy=config.client_execution, lanes=config.get('vmap_lanes', 0),
+                       unroll=config.scan_unroll, eval_chunk=config.get('eval_chunk', 64),
+                       macs=macs)

@@ -1,0 +1,193 @@
+"""Long runs that survive: bit-exact resume after SIGKILL, preemption, torn checkpoints, bad state."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spafl_jax import checkpoint
+from spafl_jax import federated
+from spafl_jax import models
+from spafl_jax import client as client_lib
+from spafl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from experiments.configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROUNDS = 8
+FLAGS = ['--config.num_clients=6', '--config.clients_per_round=3', f'--config.rounds={ROUNDS}',
+         '--config.local_epochs=1', '--config.checkpoint_every=2', '--config.sparsity_rounds=(1,)']
+
+
+def _command(workdir, *extra):
+    return [sys.executable, os.path.join(REPO, 'experiments', 'main.py'), f'--workdir={workdir}',
+            *FLAGS, *extra]
+
+
+def _env():
+    return {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+
+
+def _lines(workdir):
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if not os.path.exists(path):
+        return 0
+    with open(path, 'rb') as f:
+        return f.read().count(b'\n')
+
+
+def _run_until(workdir, lines, sig=signal.SIGKILL, timeout=300):
+    """Starts the run and sends `sig` once metrics.jsonl holds `lines` lines."""
+    proc = subprocess.Popen(_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+    deadline = time.time() + timeout
+    while _lines(workdir) < lines and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f'run ended before {lines} lines: {proc.stderr.read()[-2000:]}'
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def _finish(workdir):
+    proc = subprocess.run(_command(workdir), capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _read(workdir, name):
+    with open(os.path.join(workdir, name), 'rb') as f:
+        return f.read()
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('reference'))
+    _finish(workdir)
+    return workdir
+
+
+def test_sigkill_at_several_points_then_resume_is_bit_exact(reference, tmp_path):
+    workdir = str(tmp_path / 'killed')
+    # Before the first checkpoint, just after one, and late in the run.
+    for kill_after_lines in (1, 3, 7):
+        code, _ = _run_until(workdir, kill_after_lines)
+        assert code == -signal.SIGKILL
+        text = _read(workdir, 'metrics.jsonl')
+        assert text.endswith(b'\n') or text == b''      # never a half line
+    _finish(workdir)
+    assert _read(workdir, 'metrics.jsonl') == _read(reference, 'metrics.jsonl')
+    assert _read(workdir, 'final_state.msgpack') == _read(reference, 'final_state.msgpack')
+    rounds = [json.loads(l)['round'] for l in _read(workdir, 'metrics.jsonl').splitlines()]
+    assert rounds == list(range(1, ROUNDS + 1))         # no round twice
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_preemption_signal_checkpoints_at_the_round_boundary(reference, tmp_path, sig):
+    workdir = str(tmp_path / 'preempted')
+    code, err = _run_until(workdir, 3, sig=sig)
+    assert code == 128 + sig, err[-2000:]
+    assert 'Traceback' not in err and 'resume' in err
+    done = _lines(workdir)
+    assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(done)))  # saved where it stopped
+    _finish(workdir)
+    assert _read(workdir, 'metrics.jsonl') == _read(reference, 'metrics.jsonl')
+    assert _read(workdir, 'final_state.msgpack') == _read(reference, 'final_state.msgpack')
+
+
+def test_a_finished_run_is_not_recomputed_and_a_different_config_is_refused(reference, tmp_path):
+    workdir = str(tmp_path / 'copy')
+    shutil.copytree(reference, workdir)
+    before = _read(workdir, 'metrics.jsonl')
+    _finish(workdir)
+    assert _read(workdir, 'metrics.jsonl') == before
+    proc = subprocess.run(_command(workdir, '--config.lr=0.01'), capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert proc.returncode == 2 and 'different config' in proc.stderr and 'lr' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert _read(workdir, 'metrics.jsonl') == before
+
+
+def _tiny_state(seed):
+    model = models.create_model('digits_cnn', 10)
+    return federated.init_state(model, client_lib.LocalConfig(persistent_optimizer=True),
+                                jax.random.key(seed), 3, (8, 8, 1))
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+    older, newer = _tiny_state(0), _tiny_state(1)
+    ckpt.save(2, older, {'round': 2, 'totals': {}})
+    ckpt.save(4, newer, {'round': 4, 'totals': {}})
+    # Flip bytes in every data file of the newest checkpoint's arrays.
+    for root, _, files in os.walk(tmp_path / '4' / 'state'):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) > 64 and 'METADATA' not in name:
+                with open(path, 'r+b') as f:
+                    f.seek(os.path.getsize(path) // 2)
+                    chunk = f.read(16)
+                    f.seek(os.path.getsize(path) // 2)
+                    f.write(bytes(b ^ 0xFF for b in chunk))
+    state, progress = ckpt.restore_latest(_tiny_state(7))
+    assert progress['round'] == 2
+    jax.tree.map(np.testing.assert_array_equal, state, older)
+    # A truncated newest checkpoint (a file cut short) is also skipped.
+    ckpt.save(6, newer, {'round': 6, 'totals': {}})
+    for root, _, files in os.walk(tmp_path / '6' / 'state'):
+        for name in files:
+            if 'METADATA' not in name:
+                path = os.path.join(root, name)
+                os.truncate(path, os.path.getsize(path) // 3)
+    _, progress = ckpt.restore_latest(_tiny_state(7))
+    assert progress['round'] == 2                      # 6 is truncated, 4 corrupt
+    assert 'unusable' in caplog.text
+
+
+def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                            monkeypatch):
+    make_round_fn = federated.make_round_fn
+
+    def poisoned(*args, **kwargs):
+        round_fn = make_round_fn(*args, **kwargs)
+
+        def run(state, *rest):
+            state, metrics = round_fn(state, *rest)
+            if int(state.round) == 3:           # round 3 produces a NaN threshold
+                bad = jax.tree.map(lambda t: t.at[0].set(jnp.nan), state.clients.thresholds)
+                state = state.replace(clients=state.clients.replace(thresholds=bad))
+            return state, metrics
+        return run
+
+    monkeypatch.setattr(federated, 'make_round_fn', poisoned)
+    config = default.get_config()
+    config.update(num_clients=6, clients_per_round=6, rounds=5, local_epochs=1,
+                  checkpoint_every=2)
+    with pytest.raises(train.NonFiniteError, match=r'round 3: non-finite thresholds'):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+    _, progress = checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).restore_latest(
+        train.Run(config).initial_state())
+    assert progress['round'] == 2
+    assert [json.loads(l)['round'] for l in open(tmp_path / 'metrics.jsonl')] == [1, 2]
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+    if os.geteuid() == 0:
+        target = '/proc/spafl_cannot_write_here'   # root can write anywhere else
+    else:
+        os.chmod(tmp_path, 0o500)
+        target = str(tmp_path / 'sub')
+    config = default.get_config()
+    config.update(rounds=1)
+    with pytest.raises(train.WorkdirError, match='workdir'):
+        train.train_and_evaluate(config, target)
