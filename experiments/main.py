@@ -13,24 +13,12 @@ import os
 import sys
 import time
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
-sys.path.insert(0, os.path.dirname(os.path.dirname(_CONFIG_DIR)))  # works without installing too
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
 
+from experiments.common import CONFIG_DIR as _CONFIG_DIR  # pylint: disable=g-import-not-at-top
+from experiments.common import resolve_config_argument  # pylint: disable=g-import-not-at-top
 
-def _resolve_config_argument(argv: list[str]) -> list[str]:
-    """`--config=cifar10.py[:arg]` -> experiments/configs/cifar10.py when not a path that exists."""
-    out = []
-    for arg in argv:
-        if arg.startswith('--config=') and not arg.startswith('--config.'):
-            value = arg[len('--config='):]
-            path, sep, rest = value.partition(':')
-            if not os.path.exists(path) and os.path.exists(os.path.join(_CONFIG_DIR, path)):
-                arg = '--config=' + os.path.join(_CONFIG_DIR, path) + sep + rest
-        out.append(arg)
-    return out
-
-
-sys.argv = _resolve_config_argument(sys.argv)
+sys.argv = resolve_config_argument(sys.argv)
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

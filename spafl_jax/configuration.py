@@ -8,6 +8,7 @@ import ml_collections
 
 from spafl_jax import data as data_lib
 from spafl_jax import masking
+from spafl_jax import methods
 from spafl_jax import models
 from spafl_jax.federated import AGGREGATIONS, CLIENT_EXECUTIONS, IMPORTANCE_UPDATES
 
@@ -87,3 +88,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data_dir is not None and not isinstance(config.data_dir, str):
         raise ConfigError(f'config.data_dir={config.data_dir!r} must be a path, or empty for the '
                           'default places.')
+    validate_method(config)
+
+
+def validate_method(config: ml_collections.ConfigDict) -> None:
+    """config.method, and every baseline's settings in config.baseline (whatever the method, so that
+    a comparison of several methods fails before its first run, not in its fourth)."""
+    for field in ('method', 'baseline'):
+        if field not in config:
+            raise ConfigError(f'config.{field} is missing; start from '
+                              'experiments/configs/default.py.')
+    _choice(config, 'method', methods.METHODS)
+    if not isinstance(config.baseline, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f'config.baseline={config.baseline!r} must be a ConfigDict of baseline '
+                          'settings, e.g. config.baseline.fedspa_density = 0.5.')
+    try:
+        methods.check_settings(config.baseline)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -78,8 +78,7 @@ def initialize_runtime(coordinator_address: str | None = None, num_processes: in
     if num_cpu_devices > 0:
         jax.config.update('jax_num_cpu_devices', num_cpu_devices)
     if coordinator_address:
-        if jax.default_backend() == 'cpu' if False else False:  # placeholder, never taken
-            pass
+        # CPU processes exchange the psum through gloo (the default of this JAX; set for clarity).
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
@@ -232,7 +231,18 @@ class RoundWork:
     metrics: Any             # per-client sums: loss, correct, steps, flops
     batch_ids: jax.Array     # [per_device, schedule_steps, batch] example ids of every step
     step_keys: jax.Array     # [per_device, schedule_steps] augmentation keys
+    steps_per_epoch: jax.Array  # [per_device] real steps per epoch; 0 for an empty position
     weights: jax.Array       # [per_device] aggregation weight; 0 for an empty position
+
+
+@flax.struct.dataclass
+class Lane:
+    """The one client a lane is stepping, held apart from the stack so that a step reads and writes
+    only this client's buffers (indexing the stack in every step doubled the step time on CPU)."""
+    position: jax.Array      # [] its position in the device's stack
+    client: ClientState
+    opt_state: Any
+    metrics: Any
 
 
 def _take(tree, i):
@@ -241,6 +251,18 @@ def _take(tree, i):
 
 def _put(tree, i, value):
     return jax.tree.map(lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, i, 0), tree, value)
+
+
+def _load_lane(work: RoundWork, position) -> Lane:
+    return Lane(position=position, client=_take(work.clients, position),
+                opt_state=_take(work.opt_state, position), metrics=_take(work.metrics, position))
+
+
+def _store_lane(work: RoundWork, lane: Lane) -> RoundWork:
+    i = lane.position
+    return work.replace(clients=_put(work.clients, i, lane.client),
+                        opt_state=_put(work.opt_state, i, lane.opt_state),
+                        metrics=_put(work.metrics, i, lane.metrics))
 
 
 def _gather_sampled(local_clients, sampled):
@@ -270,12 +292,21 @@ def _zero_metrics(n: int):
     return {k: jnp.zeros((n,), jnp.float32) for k in ('loss', 'correct', 'steps', 'flops')}
 
 
+def _squeeze(tree):
+    """Drops the leading device axis of a per-device table inside `shard_map` (local size 1)."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _unsqueeze(tree):
+    return jax.tree.map(lambda x: x[None], tree)
+
+
 class RoundRunner:
     """Runs SpaFL rounds and evaluations with one execution strategy on one `clients` mesh.
 
-    Build it with `make_round_runner`. `run_round(state, sampled)` takes the host-side sampled ids;
-    `evaluate(state)` returns every client's test accuracy counts and densities, replicated on every
-    host. Both compile once: later rounds reuse the same executables.
+    Build it with `make_round_runner`. `run_round(state, sampled, seed_key)` takes the host-side
+    sampled ids; `evaluate(state)` returns every client's correct predictions, test counts and
+    densities, replicated on every host. Every function compiles once: later rounds reuse it.
     """
 
     def __init__(self, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,
@@ -317,9 +348,9 @@ class RoundRunner:
 
     def _global(self, value, sharding):
         """A global array from a value every process holds in full (same seed, same data)."""
-        value = np.asarray(jax.device_get(value)) if not isinstance(value, np.ndarray) else value
         if jax.process_count() == 1:
             return jax.device_put(value, sharding)
+        value = np.asarray(jax.device_get(value))
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
     def _put_replicated(self, tree):
@@ -353,7 +384,7 @@ class RoundRunner:
             return state
         return jax.tree.map(self._global, state, target)
 
-    # -- the device programs --------------------------------------------------------------------
+    # -- the device programs, written for one device's shard ------------------------------------
 
     def _shard_map(self, fn, in_specs, out_specs):
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
@@ -362,7 +393,6 @@ class RoundRunner:
     def _begin(self, state: FederatedState, data: ClientData, sampled, seed_key):
         """Gathers this device's clients, broadcasts tau_g, draws their schedules (steps 1-2)."""
         cfg = self.local_cfg
-        r = state.round
         clients = _gather_sampled(state.clients, sampled)
         d = jax.lax.axis_index(CLIENTS)
         mine = jax.lax.dynamic_slice_in_dim(sampled, d * self.per_device, self.per_device)
@@ -373,8 +403,8 @@ class RoundRunner:
         if self.round_cfg.importance_update == 'sampled_before':
             clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
                 clients.params, state.last_delta))
-        keys = federated.client_keys(seed_key, r, ids)
-        counts = data.counts[ids]
+        keys = federated.client_keys(seed_key, state.round, ids)
+        counts = jnp.where(real, data.counts[ids], 0)
         max_count = data.example_ids.shape[1]
 
         def schedule(key, count, example_ids):
@@ -384,48 +414,81 @@ class RoundRunner:
         batch_ids, step_keys = jax.vmap(schedule)(keys, counts, data.example_ids[ids])
         opt_state = jax.vmap(functools.partial(client_lib.round_opt_state, cfg))(clients)
         if self.round_cfg.aggregation == 'data_size':
-            weights = jnp.where(real, counts, 0).astype(jnp.float32)
+            weights = counts.astype(jnp.float32)
         else:
             weights = real.astype(jnp.float32)
         return RoundWork(clients=clients, opt_state=opt_state, metrics=_zero_metrics(self.per_device),
-                         batch_ids=batch_ids, step_keys=step_keys, weights=weights)
+                         batch_ids=batch_ids, step_keys=step_keys,
+                         steps_per_epoch=counts // cfg.batch_size, weights=weights)
 
-    def _slot(self, work: RoundWork, data: ClientData, positions, steps, valid, lr, penalty_coeff):
-        """One local step of every lane: lane l steps client positions[l] at schedule step steps[l]."""
-        model, cfg, spec, macs = self.model, self.local_cfg, self.spec, self.macs
+    def _step(self, work: RoundWork, data: ClientData, client, opt_state, position, k, valid, lr,
+              penalty_coeff):
+        """`client.local_step` on step k of the schedule of the client at `position`."""
+        ids = work.batch_ids[position, k]
+        x = client_lib.preprocess(self.spec, data.images[ids], work.step_keys[position, k])
+        return client_lib.local_step(self.model, self.local_cfg, client, opt_state, x,
+                                     data.labels[ids], valid, lr, penalty_coeff, self.macs)
 
-        def lane(pos, k, ok):
-            c = _take(work.clients, pos)
-            o = _take(work.opt_state, pos)
-            ids = work.batch_ids[pos, k]
-            x = client_lib.preprocess(spec, data.images[ids], work.step_keys[pos, k])
-            c, o, m = client_lib.local_step(model, cfg, c, o, x, data.labels[ids], ok, lr,
-                                            penalty_coeff, macs)
-            return c, o, m
+    def _lane_step(self, work, data, lane: Lane, k, lr, penalty_coeff) -> Lane:
+        c, o, m = self._step(work, data, lane.client, lane.opt_state, lane.position, k,
+                             jnp.bool_(True), lr, penalty_coeff)
+        return lane.replace(client=c, opt_state=o,
+                            metrics=jax.tree.map(jnp.add, lane.metrics, m))
 
-        if positions.shape[0] == 1:   # no vmap of one: keeps plain (not batched) matmuls
-            c, o, m = lane(positions[0], steps[0], valid[0])
-            return work.replace(clients=_put(work.clients, positions[0], c),
-                                opt_state=_put(work.opt_state, positions[0], o),
-                                metrics=jax.tree.map(lambda a, v: a.at[positions[0]].add(v),
-                                                     work.metrics, m))
-        c, o, m = jax.vmap(lane)(positions, steps, valid)
-        put = lambda tree, v: jax.tree.map(lambda x, y: x.at[positions].set(y), tree, v)
-        return work.replace(clients=put(work.clients, c), opt_state=put(work.opt_state, o),
-                            metrics=jax.tree.map(lambda a, v: a.at[positions].add(v),
-                                                 work.metrics, m))
+    def _map_clients(self, work: RoundWork, data, lr, penalty_coeff) -> RoundWork:
+        """'map': this device's clients one after the other, each for exactly its real steps (a
+        while loop with a data-dependent trip count: no padded steps, one program per round)."""
+        epochs, u = self.local_cfg.local_epochs, self.unroll
 
-    def _local_loop(self, work, data, positions, steps, valid, slots, lr, penalty_coeff):
-        """All of this device's slots inside one program: a while loop of `unroll` slots per trip."""
+        def one_client(i, work):
+            lane = _load_lane(work, i)
+            per_epoch = jnp.maximum(work.steps_per_epoch[i], 1)
+            total = work.steps_per_epoch[i] * epochs
+
+            def step(j, lane):
+                return self._lane_step(work, data, lane, (j // per_epoch) * self.stride
+                                       + j % per_epoch, lr, penalty_coeff)
+
+            def unrolled(i_trip, lane):
+                for j in range(u):
+                    lane = step(i_trip * u + j, lane)
+                return lane
+
+            lane = jax.lax.fori_loop(0, total // u, unrolled, lane)
+            lane = jax.lax.fori_loop((total // u) * u, total, step, lane)
+            return _store_lane(work, lane)
+
+        return jax.lax.fori_loop(0, self.per_device, one_client, work)
+
+    def _vmap_slots(self, work: RoundWork, data, positions, steps, valid, slots, lr,
+                    penalty_coeff) -> RoundWork:
+        """'vmap': all lanes step together, `slots` times; lane l steps client positions[t, l]."""
         u = self.unroll
+        direct = self.lanes == self.per_device   # lane l is client l: no gather, no scatter
 
-        def body(i, w):
+        def slot(t, work):
+            if direct:
+                c, o, m = jax.vmap(lambda c, o, p, k, ok: self._step(
+                    work, data, c, o, p, k, ok, lr, penalty_coeff))(
+                        work.clients, work.opt_state, jnp.arange(self.per_device), steps[t],
+                        valid[t])
+                return work.replace(clients=c, opt_state=o,
+                                    metrics=jax.tree.map(jnp.add, work.metrics, m))
+            pos = positions[t]
+            take = lambda tree: jax.tree.map(lambda x: x[pos], tree)
+            c, o, m = jax.vmap(lambda c, o, p, k, ok: self._step(
+                work, data, c, o, p, k, ok, lr, penalty_coeff))(
+                    take(work.clients), take(work.opt_state), pos, steps[t], valid[t])
+            put = lambda tree, v: jax.tree.map(lambda x, y: x.at[pos].set(y), tree, v)
+            return work.replace(clients=put(work.clients, c), opt_state=put(work.opt_state, o),
+                                metrics=jax.tree.map(lambda a, v: a.at[pos].add(v), work.metrics, m))
+
+        def unrolled(i, work):
             for j in range(u):
-                t = i * u + j
-                w = self._slot(w, data, positions[t], steps[t], valid[t], lr, penalty_coeff)
-            return w
+                work = slot(i * u + j, work)
+            return work
 
-        return jax.lax.fori_loop(0, (slots + u - 1) // u, body, work)
+        return jax.lax.fori_loop(0, (slots + u - 1) // u, unrolled, work)
 
     def _finish(self, state: FederatedState, work: RoundWork, sampled, executed):
         """Aggregates (psum over devices), applies the importance update, scatters back (3-6)."""
@@ -442,7 +505,7 @@ class RoundRunner:
         new_state = FederatedState(clients=clients, server_thresholds=new_global, last_delta=delta,
                                    round=state.round + 1)
         m = work.metrics
-        real = (work.weights > 0).astype(jnp.float32)
+        real = (work.steps_per_epoch > 0).astype(jnp.float32)
         sums = jax.lax.psum({
             'loss': jnp.sum(real * m['loss'] / jnp.maximum(m['steps'], 1.0)),
             'clients': jnp.sum(real), 'correct': jnp.sum(m['correct']),
@@ -466,58 +529,62 @@ class RoundRunner:
         state_specs = FederatedState(clients=shd, server_thresholds=rep, last_delta=rep, round=rep)
         data_specs = ClientData(images=rep, labels=rep, example_ids=rep, counts=rep)
         work_specs = RoundWork(clients=shd, opt_state=shd, metrics=shd, batch_ids=shd,
-                               step_keys=shd, weights=shd)
-        plan_specs = (shd, shd, shd)   # positions, steps, valid: [devices, slots, lanes]
-
-        def squeeze(*tables):
-            return tuple(t[0] for t in tables)
+                               step_keys=shd, steps_per_epoch=shd, weights=shd)
+        lane_specs = Lane(position=shd, client=shd, opt_state=shd, metrics=shd)
 
         if self.strategy == 'loop':
-            def begin(state, data, sampled, seed_key):
-                return self._begin(state, data, sampled, seed_key), self._schedule_scalars(state)
+            def begin(state, data, sampled, seed_key, first):
+                work = self._begin(state, data, sampled, seed_key)
+                lane = _unsqueeze(_load_lane(work, first[0]))
+                return work, lane, self._schedule_scalars(state)
 
-            def slot(work, data, positions, steps, valid, t, lr, penalty_coeff):
-                positions, steps, valid = squeeze(positions, steps, valid)
-                return self._slot(work, data, positions[t], steps[t], valid[t], lr, penalty_coeff)
+            def slot(work, lane, data, steps, valid, t, lr, penalty_coeff):
+                # A device with nothing left to do this slot (lockstep padding) skips the step.
+                lane = _squeeze(lane)
+                lane = jax.lax.cond(valid[0, t], lambda l: self._lane_step(
+                    work, data, l, steps[0, t], lr, penalty_coeff), lambda l: l, lane)
+                return _unsqueeze(lane)
 
-            def finish(state, work, sampled, executed):
-                return self._finish(state, work, sampled, executed)
+            def switch(work, lane, positions, t):
+                work = _store_lane(work, _squeeze(lane))
+                return work, _unsqueeze(_load_lane(work, positions[0, t]))
+
+            def finish(state, work, lane, sampled, executed):
+                return self._finish(state, _store_lane(work, _squeeze(lane)), sampled, executed)
 
             self._begin_fn = jax.jit(self._shard_map(
-                begin, (state_specs, data_specs, rep, rep), (work_specs, (rep, rep))))
+                begin, (state_specs, data_specs, rep, rep, shd), (work_specs, lane_specs, (rep, rep))))
             self._slot_fn = jax.jit(self._shard_map(
-                slot, (work_specs, data_specs, *plan_specs, rep, rep, rep), work_specs),
-                donate_argnums=(0,))
-            self._finish_fn = jax.jit(self._shard_map(
-                finish, (state_specs, work_specs, rep, rep), (state_specs, rep)),
+                slot, (work_specs, lane_specs, data_specs, shd, shd, rep, rep, rep), lane_specs))
+            self._switch_fn = jax.jit(self._shard_map(
+                switch, (work_specs, lane_specs, shd, rep), (work_specs, lane_specs)),
                 donate_argnums=(0, 1))
+            self._finish_fn = jax.jit(self._shard_map(
+                finish, (state_specs, work_specs, lane_specs, rep, rep), (state_specs, rep)),
+                donate_argnums=(0,))
         else:
             def whole(state, data, sampled, seed_key, positions, steps, valid, slots, executed):
-                positions, steps, valid, slots = squeeze(positions, steps, valid, slots)
                 work = self._begin(state, data, sampled, seed_key)
                 lr, penalty_coeff = self._schedule_scalars(state)
-                work = self._local_loop(work, data, positions, steps, valid, slots, lr,
-                                        penalty_coeff)
+                if self.strategy == 'map':
+                    work = self._map_clients(work, data, lr, penalty_coeff)
+                else:
+                    work = self._vmap_slots(work, data, positions[0], steps[0], valid[0],
+                                            slots[0], lr, penalty_coeff)
                 return self._finish(state, work, sampled, executed)
 
             self._round_fn = jax.jit(self._shard_map(
-                whole, (state_specs, data_specs, rep, rep, *plan_specs, shd, rep),
+                whole, (state_specs, data_specs, rep, rep, shd, shd, shd, shd, rep),
                 (state_specs, rep)), donate_argnums=(0,))
 
         test_specs = ClientData(images=rep, labels=rep, example_ids=shd, counts=shd)
         if self.strategy == 'loop':
-            def eval_begin(clients):
-                n = jax.tree.leaves(clients)[0].shape[0]
-                return jnp.zeros((n,), jnp.int32)
-
             def eval_slot(clients, data, correct, table, valid, t):
-                table, valid = squeeze(table, valid)
-                i, j = table[t, 0], table[t, 1]
+                i, j = table[0, t, 0], table[0, t, 1]
                 hits = self._eval_chunk(_take(clients, i), data, data.example_ids[i],
                                         data.counts[i], j)
-                return correct.at[i].add(jnp.where(valid[t], hits, 0))
+                return correct.at[i].add(jnp.where(valid[0, t], hits, 0))
 
-            self._eval_begin_fn = jax.jit(self._shard_map(eval_begin, (shd,), shd))
             self._eval_slot_fn = jax.jit(self._shard_map(
                 eval_slot, (shd, test_specs, shd, shd, shd, rep), shd), donate_argnums=(2,))
             self._eval_finish_fn = jax.jit(self._shard_map(
@@ -569,35 +636,39 @@ class RoundRunner:
     def run_round(self, state: FederatedState, sampled: np.ndarray, seed_key: jax.Array):
         """One SpaFL round for the host-side `sampled` client ids -> (new state, metrics).
 
-        Nothing waits for the device inside: the plan is host arithmetic on start-up counts and the
+        Nothing waits for the device inside: the plan is host arithmetic on start-up counts, and the
         steps are dispatched asynchronously.
         """
         state = self.place_state(state)
         plan = self.plan(sampled)
-        put_sharded = lambda x: self._global(x, self._sharded)
-        sampled_dev = self._global(plan.sampled, self._replicated)
-        key = self._global(jax.random.key_data(seed_key), self._replicated)
-        key = jax.random.wrap_key_data(key, impl=jax.random.key_impl(seed_key))
-        tables = tuple(put_sharded(x) for x in (plan.positions, plan.steps, plan.valid))
+        sharded = lambda x: self._global(x, self._sharded)
+        replicated = lambda x: self._global(x, self._replicated)
+        sampled_dev = replicated(plan.sampled)
+        key = jax.random.wrap_key_data(replicated(jax.random.key_data(seed_key)),
+                                       impl=jax.random.key_impl(seed_key))
         lockstep = self.strategy == 'loop'
-        executed = self._global(np.int32(plan.executed_steps(lockstep)), self._replicated)
+        executed = replicated(np.int32(plan.executed_steps(lockstep)))
         if self.strategy == 'loop':
-            work, (lr, penalty_coeff) = self._begin_fn(state, self.train_data, sampled_dev, key)
+            positions = plan.positions[:, :, 0]
+            steps, valid = sharded(plan.steps[:, :, 0]), sharded(plan.valid[:, :, 0])
+            positions_dev = sharded(positions)
+            work, lane, (lr, penalty_coeff) = self._begin_fn(
+                state, self.train_data, sampled_dev, key, sharded(positions[:, 0]))
             for t in range(int(plan.slots.max())):
-                work = self._slot_fn(work, self.train_data, *tables, np.int32(t), lr, penalty_coeff)
-            return self._finish_fn(state, work, sampled_dev, executed)
+                if t and np.any(positions[:, t] != positions[:, t - 1]):
+                    work, lane = self._switch_fn(work, lane, positions_dev, np.int32(t))
+                lane = self._slot_fn(work, lane, self.train_data, steps, valid, np.int32(t), lr,
+                                     penalty_coeff)
+            return self._finish_fn(state, work, lane, sampled_dev, executed)
+        tables = tuple(sharded(x) for x in (plan.positions, plan.steps, plan.valid))
         return self._round_fn(state, self.train_data, sampled_dev, key, *tables,
-                              put_sharded(plan.slots.reshape(self.devices, 1)), executed)
+                              sharded(plan.slots), executed)
 
     def evaluate(self, state_or_clients) -> dict:
-        """Per-client test counts, correct predictions and densities, `[num_clients, ...]`."""
+        """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""
         clients = getattr(state_or_clients, 'clients', state_or_clients)
-        if not isinstance(state_or_clients, ClientState):
-            clients = self.place_state(state_or_clients).clients
-        else:
-            clients = jax.tree.map(
-                lambda x: x if getattr(x, 'sharding', None) == self._sharded
-                else self._global(x, self._sharded), clients)
+        clients = jax.tree.map(lambda x: x if getattr(x, 'sharding', None) == self._sharded
+                               else self._global(x, self._sharded), clients)
         if self.strategy != 'loop':
             return self._eval_fn(clients, self.test_data)
         if self._eval_table is None:
@@ -605,9 +676,10 @@ class RoundRunner:
             self._eval_table = (self._global(table, self._sharded),
                                 self._global(valid, self._sharded), table.shape[1])
         table, valid, length = self._eval_table
-        correct = self._eval_begin_fn(clients)
+        correct = self._global(np.zeros(self.num_clients, np.int32), self._sharded)
         for t in range(length):
-            correct = self._eval_slot_fn(clients, self.test_data, correct, table, valid, np.int32(t))
+            correct = self._eval_slot_fn(clients, self.test_data, correct, table, valid,
+                                         np.int32(t))
         return self._eval_finish_fn(clients, correct, self.test_data)
 
 

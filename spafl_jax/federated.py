@@ -78,8 +78,9 @@ def init_clients(model: nn.Module, cfg: LocalConfig, rng: jax.Array, num_clients
 
 def init_state(model, cfg: LocalConfig, rng, num_clients, image_shape) -> FederatedState:
     clients = init_clients(model, cfg, rng, num_clients, image_shape)
-    zeros = jax.tree.map(lambda t: jnp.zeros(t.shape[1:], t.dtype), clients.thresholds)
-    return FederatedState(clients=clients, server_thresholds=zeros, last_delta=zeros,
+    zeros = lambda: jax.tree.map(lambda t: jnp.zeros(t.shape[1:], t.dtype), clients.thresholds)
+    # Separate buffers: the round donates its state, and one buffer cannot be donated twice.
+    return FederatedState(clients=clients, server_thresholds=zeros(), last_delta=zeros(),
                           round=jnp.zeros((), jnp.int32))
 
 

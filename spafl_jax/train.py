@@ -6,6 +6,7 @@ The command line (experiments/main.py) only parses flags and calls this; a noteb
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from spafl_jax import configuration
 from spafl_jax import data as data_lib
 from spafl_jax import federated
 from spafl_jax import masking
+from spafl_jax import methods
 from spafl_jax import metrics as metrics_lib
 from spafl_jax import models
 from spafl_jax import reporting
@@ -101,11 +103,12 @@ def _format_bits(bits: float) -> str:
     return f'{bits:.0f} bit'
 
 
-def save_final_state(path: str, state: federated.FederatedState) -> None:
+def save_final_state(path: str, state, method: methods.Method) -> None:
     """All clients' weights, thresholds and BatchNorm statistics (leading client axis), msgpack."""
-    tree = {'params': state.clients.params, 'thresholds': state.clients.thresholds,
-            'batch_stats': state.clients.batch_stats,
-            'server_thresholds': state.server_thresholds}
+    params, thresholds, batch_stats = method.client_variables(state)
+    tree = {'params': params, 'thresholds': thresholds, 'batch_stats': batch_stats}
+    if method.communicates_thresholds:
+        tree['server_thresholds'] = state.server_thresholds
     payload = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, tree))
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
@@ -192,11 +195,13 @@ class Run:
         self.local_cfg, self.round_cfg = local_config(config), round_config(config)
         self.spec = data_spec(config, self.dataset)
         self.seed_key = jax.random.key(config.seed)
+        self.method = methods.get(config.method, config)
 
-    def initial_state(self) -> federated.FederatedState:
-        return federated.init_state(self.model, self.local_cfg,
-                                    jax.random.fold_in(self.seed_key, 2**31 - 1),
-                                    self.config.num_clients, self.dataset.image_shape)
+    def initial_state(self):
+        return self.method.init_state(self.model, self.local_cfg,
+                                      jax.random.fold_in(self.seed_key, 2**31 - 1),
+                                      self.config.num_clients, self.dataset.image_shape,
+                                      self.dataset.num_classes)
 
 
 def _first_layer_masks(clients) -> np.ndarray:
@@ -205,15 +210,17 @@ def _first_layer_masks(clients) -> np.ndarray:
     return np.asarray(jax.vmap(masking.hard_row_mask)(kernel, threshold)).astype(np.float32)
 
 
-@jax.jit
-def _finite_report(clients, sampled, server_thresholds, last_delta):
+@functools.partial(jax.jit, static_argnums=0)
+def _finite_report(method, state, sampled):
     """Which parts are finite. Only sampled clients trained; the rest changed by the finite delta."""
     def all_finite(tree):
         return jnp.all(jnp.stack([jnp.array(True)] + [jnp.all(jnp.isfinite(x))
                                                       for x in jax.tree.leaves(tree)]))
-    trained = jax.tree.map(lambda x: x[sampled], clients)
-    return {'weights': all_finite(trained.params), 'batch_stats': all_finite(trained.batch_stats),
-            'thresholds': all_finite((trained.thresholds, server_thresholds, last_delta))}
+    params, thresholds, batch_stats = jax.tree.map(lambda x: x[sampled],
+                                                   method.client_variables(state))
+    server = (state.server_thresholds, state.last_delta) if method.communicates_thresholds else ()
+    return {'weights': all_finite(params), 'batch_stats': all_finite(batch_stats),
+            'thresholds': all_finite((thresholds, server))}
 
 
 def _disk_error(e: OSError, workdir: str, what: str) -> WorkdirError:
@@ -240,7 +247,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     summary_path = os.path.join(workdir, 'summary.json')
     state = run.initial_state()
-    one = _one_client(state.clients)
+    params, thresholds, batch_stats = run.method.client_variables(state)
+    one = _one_client(client_lib.ClientState(params=params, thresholds=thresholds,
+                                             batch_stats=batch_stats, opt_state=()))
     macs = federated.layer_macs(run.model, {'params': one.params, 'thresholds': one.thresholds,
                                             'batch_stats': one.batch_stats},
                                 run.dataset.image_shape)
@@ -249,8 +258,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     masked_weights = sum(k.size for k in jax.tree.leaves(masking.kernels_of(one.params,
                                                                             one.thresholds)))
     num_params = sum(p.size for p in jax.tree.leaves(one.params))
-    bits_up_round, bits_down_round = metrics_lib.spafl_bits_per_round(
-        num_thresholds, config.num_clients, config.clients_per_round, config.importance_update)
+    bits_up_round, bits_down_round = run.method.bits_per_round(
+        config.num_clients, config.clients_per_round,
+        {'params': one.params, 'thresholds': one.thresholds, 'batch_stats': one.batch_stats},
+        config.importance_update)
     dense_bits_round = metrics_lib.dense_bits_per_round(num_params, config.clients_per_round)
 
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME))
@@ -277,8 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with open(summary_path) as f:
             return json.load(f)
 
-    round_fn = federated.make_round_fn(run.model, run.local_cfg, run.round_cfg, run.spec, macs)
-    eval_fn = federated.make_eval_fn(run.model, run.spec, config.eval_batch_size)
+    round_fn = run.method.make_round_fn(run.model, run.local_cfg, run.round_cfg, run.spec, macs)
+    eval_fn = run.method.make_eval_fn(run.model, run.spec, config.eval_batch_size)
     # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
     writer = reporting.MetricsWriter(workdir, resume_from_round=start_round + 1)
     records = reporting.read_metrics(writer.path)
@@ -299,9 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                      config.clients_per_round))
                 state, round_metrics = round_fn(state, run.train_data, sampled, run.seed_key)
                 evaluate_now = (r + 1) % config.eval_every == 0 or r + 1 == config.rounds
-                evaluation = eval_fn(state.clients, run.test_data) if evaluate_now else None
-                finite = _finite_report(state.clients, sampled, state.server_thresholds,
-                                        state.last_delta)
+                evaluation = eval_fn(state, run.test_data) if evaluate_now else None
+                finite = _finite_report(run.method, state, sampled)
                 round_metrics, evaluation, finite = jax.device_get(
                     (round_metrics, evaluation, finite))
                 bad = [part for part, ok in (('loss', np.isfinite(round_metrics['train_loss'])),
@@ -319,7 +329,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 round_seconds.append(time.time() - start)
                 if r + 1 in sparsity_rounds:
                     reporting.plot_sparsity_pattern(
-                        _first_layer_masks(state.clients),
+                        _first_layer_masks(client_lib.ClientState(
+                            *run.method.client_variables(state), opt_state=())),
                         os.path.join(workdir, f'sparsity_round_{r + 1:04d}.png'),
                         title=f'{names[0]}: kept rows per client after round {r + 1}')
                 if evaluate_now:
@@ -357,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         checkpointer.close()
 
     try:
-        save_final_state(os.path.join(workdir, 'final_state.msgpack'), state)
+        save_final_state(os.path.join(workdir, 'final_state.msgpack'), state, run.method)
         final = records[-1]
         steady = round_seconds[1:] or round_seconds or [float('nan')]
         summary = {

@@ -55,7 +55,7 @@ def test_writes_metrics_summary_and_figures(digits_run):
     assert summary['round'] == 16 and summary['num_thresholds'] == 122
     with open(os.path.join(workdir, 'config.json')) as f:
         assert json.load(f)['rounds'] == 16
-    for name in ('accuracy.png', 'density.png', 'communication.png', 'sparsity_first_layer.png',
+    for name in ('accuracy.png', 'density.png', 'communication.png', 'sparsity_round_0016.png',
                  'summary.json', 'final_state.msgpack'):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     assert any(f.startswith('events.out.tfevents') for f in

@@ -34,6 +34,23 @@ def get_config() -> ml_collections.ConfigDict:
     # Server.
     config.importance_update = 'all_after'  # all_after | sampled_before | none
     config.aggregation = 'uniform'       # uniform | data_size (weighting of the threshold mean)
+    # Method (spafl_jax/methods.py); the baselines ignore th_coeff, penalty_warmup, estimator,
+    # importance_update and persistent_optimizer, and use `aggregation` for their own averages.
+    config.method = 'spafl'              # spafl | fedavg | local | fedpm | heterofl | fedspa
+    config.baseline = ml_collections.ConfigDict()  # the baselines' settings (README "Baselines")
+    config.baseline.fedpm_score_lr = 0.1             # lr of FedPM's mask scores; None = config.lr
+    config.baseline.fedpm_score_optimizer = 'adam'   # adam (the paper) | sgd (clip + momentum)
+    config.baseline.fedpm_weight_init = 'signed_constant'  # frozen weights: signed_constant | model
+    config.baseline.fedpm_prior = 1.0                # Beta(prior, prior) prior of each probability
+    config.baseline.fedpm_prior_reset_every = 1      # rounds between restarts of the Beta posterior
+    config.baseline.fedpm_prob_clip = 0.01           # theta clipped to [c, 1 - c] before logit
+    config.baseline.fedpm_eval_mask = 'threshold'    # threshold (theta > 0.5) | sample (fixed draw)
+    config.baseline.heterofl_rates = (1.0, 0.5, 0.25)  # width of client k: rates[k % len(rates)]
+    config.baseline.fedspa_density = 0.5             # FedSpa's fixed kept fraction of the weights
+    config.baseline.fedspa_distribution = 'uniform'  # per-layer densities: uniform | erk
+    config.baseline.fedspa_prune_rate = 0.5          # pruned and regrown fraction in round 0
+    config.baseline.fedspa_anneal_rounds = 100       # the prune rate reaches 0 at this round
+    config.baseline.fedspa_regrow = 'gradient'       # regrow by |dense gradient| | random
     # Execution.
     config.client_execution = 'vmap'     # vmap | map: how the sampled clients run
     config.conv_impl = 'im2col'          # im2col | xla: how convolutions are computed

@@ -1,0 +1,273 @@
+r"""Methods compared on one config over several seeds: the paper's Table 2 layout, learning curves.
+
+    python experiments/compare.py --config=default.py \
+        --methods=spafl,fedavg,local,fedpm,heterofl,fedspa --seeds=1,2 --workdir=/tmp/compare_digits
+    python experiments/compare.py --config=fmnist.py --config.rounds=100 --seeds=1 \
+        --workdir=/tmp/compare_fmnist
+
+Each (method, seed) is a plain `train.train_and_evaluate` run of the config with `method` and `seed`
+set, in `<workdir>/<method>/seed<seed>`. A finished run of the same config (summary.json written) is
+skipped and an unfinished one resumes from its checkpoint, so a killed comparison goes on where it
+stopped when the same command is run again. Written to <workdir>: `comparison.md` and
+`comparison.csv` (accuracy mean ± std over seeds, communication over the whole run in Gbit,
+training FLOPs per client, density) and `learning_curves.png` (every method's accuracy by round).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from experiments import common
+from spafl_jax import configuration
+from spafl_jax import data as data_lib
+from spafl_jax import methods
+from spafl_jax import reporting
+from spafl_jax import train
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+# Final-round summary fields reported as mean ± std over seeds.
+SPREAD = ('accuracy', 'density', 'density_weighted')
+CSV_COLUMNS = ('method', 'seeds', 'finished', 'rounds', 'accuracy_mean', 'accuracy_std',
+               'gbit_total', 'gbit_up', 'gbit_down', 'flops_per_client', 'density_mean',
+               'density_std', 'density_weighted_mean', 'density_weighted_std')
+FLOP_UNITS = (('PFLOP', 1e15), ('TFLOP', 1e12), ('GFLOP', 1e9), ('MFLOP', 1e6))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(common.CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked '
+    'up in experiments/configs/); override fields with --config.FIELD=VALUE.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the comparison: one sub-directory '
+                               'per run, comparison.md / .csv and learning_curves.png.',
+                               required=True)
+_METHODS = flags.DEFINE_list('methods', list(methods.METHODS), 'Methods to compare.')
+_SEEDS = flags.DEFINE_list('seeds', ['1', '2'], 'Seeds of every method.')
+
+
+def run_dir(workdir: str, method: str, seed: int) -> str:
+    return os.path.join(workdir, method, f'seed{seed}')
+
+
+def run_config(config: ml_collections.ConfigDict, method: str,
+               seed: int) -> ml_collections.ConfigDict:
+    out = copy.deepcopy(config)
+    out.method, out.seed = method, seed
+    return out
+
+
+def run_comparison(config: ml_collections.ConfigDict, workdir: str, method_names: Sequence[str],
+                   seeds: Sequence[int], log: Callable[[str], None] = print) -> None:
+    """Runs every (method, seed) that is not finished yet; a diverged run is logged and left out."""
+    for name in method_names:   # every setting is checked before the first (long) run starts
+        configuration.validate(run_config(config, name, seeds[0]))
+    jobs = [(name, seed) for name in method_names for seed in seeds]
+    start = time.time()
+    for i, (name, seed) in enumerate(jobs, 1):
+        directory = run_dir(workdir, name, seed)
+        prefix = f'[{i}/{len(jobs)}] method={name} seed={seed}'
+        this_config = run_config(config, name, seed)
+        if common.finished_summary(directory, this_config) is not None:
+            log(f'{prefix}: done before, skipped')
+            continue
+        log(f'{prefix}: running in {directory}')   # an unfinished run resumes from its checkpoint
+        run_start = time.time()
+        try:
+            summary = train.train_and_evaluate(this_config, directory)
+        except train.NonFiniteError as e:
+            # Divergence is a result too: that seed counts as NaN, the comparison goes on.
+            log(f'{prefix}: diverged ({e})')
+            continue
+        log(f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
+            f'{100 * summary["density"]:.2f}% in {time.time() - run_start:.0f}s; '
+            f'{time.time() - start:.0f}s so far')
+
+
+def _read_summary(directory: str) -> dict[str, Any] | None:
+    path = os.path.join(directory, common.SUMMARY_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value); NaN if any value is NaN."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+
+
+def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+    """One row per method from the runs' summary.json files (a missing one counts as NaN).
+
+    Communication and FLOPs are the final summary's cumulative totals (bits up and down over the
+    whole run; FLOPs summed over the run and averaged over clients), averaged over seeds.
+    """
+    rows = []
+    nan = float('nan')
+    for name in method_names:
+        summaries = [_read_summary(run_dir(workdir, name, seed)) for seed in seeds]
+        done = [s for s in summaries if s is not None]
+        get = lambda field: [s[field] if s is not None else nan for s in summaries]
+        row: dict[str, Any] = {'method': name, 'seeds': ' '.join(map(str, seeds)),
+                               'finished': len(done),
+                               'rounds': done[0]['rounds'] if done else nan}
+        for field in SPREAD:
+            row[f'{field}_mean'], row[f'{field}_std'] = _mean_std(get(field))
+        up, down = (float(np.mean(get(field))) for field in ('bits_up', 'bits_down'))
+        row.update(gbit_up=up / 1e9, gbit_down=down / 1e9, gbit_total=(up + down) / 1e9,
+                   flops_per_client=float(np.mean(get('flops'))))
+        rows.append(row)
+    return rows
+
+
+def flop_unit(rows: Sequence[dict]) -> tuple[str, float]:
+    """The unit that shows the largest per-client FLOPs of the table with at most 4 digits before
+    the point."""
+    largest = max((r['flops_per_client'] for r in rows if math.isfinite(r['flops_per_client'])),
+                  default=0.0)
+    for unit, scale in FLOP_UNITS:
+        if largest >= scale:
+            return unit, scale
+    return FLOP_UNITS[-1]
+
+
+def write_tables(rows: Sequence[dict], workdir: str, command: str,
+                 config: ml_collections.ConfigDict) -> None:
+    """`comparison.csv` (fractions, Gbit and FLOPs at full precision) and `comparison.md`."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'comparison.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction='ignore')
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+
+    unit, scale = flop_unit(rows)
+    seeds = rows[0]['seeds'] if rows else ''
+    percent = lambda row, field: (f'{100 * row[f"{field}_mean"]:.2f} ± '
+                                  f'{100 * row[f"{field}_std"]:.2f}')
+    lines = [
+        f'# Comparison: {config.dataset} / {config.model}, {config.rounds} rounds',
+        '',
+        f'Command: `{command}`',
+        '',
+        f'{config.num_clients} clients, {config.clients_per_round} per round, '
+        f'alpha {config.alpha}, batch {config.batch_size}, {config.local_epochs} local epoch(s), '
+        f'lr {config.lr}; seeds {seeds}. Accuracy: final round, unweighted mean over clients of '
+        'each client\'s accuracy on its own test split, mean ± sample std over seeds. '
+        'Communication: bits sent over the whole run (up + down), 32-bit floats. FLOPs: '
+        'training FLOPs per client over the whole run (3 x MACs x kept fraction per example and '
+        'step). Density: mean over masked layers of the kept fraction (rows for SpaFL and '
+        'HeteroFL, weights for FedPM and FedSpa), and kept masked weights / all masked weights.',
+        '',
+        f'| method | accuracy (%) | communication (Gbit) | up (Gbit) | down (Gbit) | '
+        f'FLOPs per client ({unit}) | density (%) | density, weights (%) |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    for row in rows:
+        missing = len(seeds.split()) - row['finished']
+        name = row['method'] + (f' ({missing} run(s) missing or diverged)' if missing else '')
+        lines.append(
+            f'| {name} | {percent(row, "accuracy")} | {row["gbit_total"]:.4g} | '
+            f'{row["gbit_up"]:.4g} | {row["gbit_down"]:.4g} | '
+            f'{row["flops_per_client"] / scale:.4g} | {percent(row, "density")} | '
+            f'{percent(row, "density_weighted")} |')
+    with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+def learning_curves(workdir: str, method_names: Sequence[str],
+                    seeds: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{method: (rounds, mean accuracy, std accuracy)} over the seeds whose metrics.jsonl holds
+    that round (sample std, 0 where one seed)."""
+    curves = {}
+    for name in method_names:
+        by_round: dict[int, list[float]] = {}
+        for seed in seeds:
+            path = os.path.join(run_dir(workdir, name, seed), reporting.METRICS_FILENAME)
+            if os.path.isfile(path):
+                for record in reporting.read_metrics(path):
+                    by_round.setdefault(int(record['round']), []).append(float(record['accuracy']))
+        rounds = np.array(sorted(by_round), np.int64)
+        stats = np.array([_mean_std(by_round[r]) for r in rounds], np.float64).reshape(-1, 2)
+        curves[name] = (rounds, stats[:, 0], stats[:, 1])
+    return curves
+
+
+def plot_learning_curves(curves: dict, path: str, title: str = '') -> str:
+    """Mean accuracy (%) against the round, one line per method, ± std shaded."""
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)   # no pyplot: no global state, no display needed
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (rounds, mean, std) in curves.items():
+        if len(rounds) == 0:
+            continue
+        line, = ax.plot(rounds, 100 * mean, marker='.' if len(rounds) < 30 else None, label=name)
+        ax.fill_between(rounds, 100 * (mean - std), 100 * (mean + std), color=line.get_color(),
+                        alpha=0.2, linewidth=0)
+    ax.set_title(title)
+    ax.set_xlabel('round')
+    ax.set_ylabel('accuracy (%), mean over clients')
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def write_report(workdir: str, method_names: Sequence[str], seeds: Sequence[int], command: str,
+                 config: ml_collections.ConfigDict) -> list[dict]:
+    """The table (md, csv) and learning_curves.png from the runs in `workdir`; returns the rows."""
+    rows = collect(workdir, method_names, seeds)
+    write_tables(rows, workdir, command, config)
+    plot_learning_curves(learning_curves(workdir, method_names, seeds),
+                         os.path.join(workdir, 'learning_curves.png'),
+                         title=f'{config.dataset} / {config.model}')
+    return rows
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    try:
+        seeds = [int(s) for s in _SEEDS.value]
+    except ValueError:
+        raise app.UsageError(f'--seeds must be integers, got {",".join(_SEEDS.value)}') from None
+    unknown = [m for m in _METHODS.value if m not in methods.METHODS]
+    if unknown or not _METHODS.value or not seeds:
+        raise app.UsageError(f'--methods must be a non-empty list of {",".join(methods.METHODS)} '
+                             f'(got {",".join(_METHODS.value)}), --seeds a non-empty list.')
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    command = 'python experiments/compare.py ' + ' '.join(
+        shlex.quote(a.replace(common.CONFIG_DIR + os.sep, '')) for a in sys.argv[1:])
+    try:
+        run_comparison(config, workdir, _METHODS.value, seeds)
+    except (configuration.ConfigError, data_lib.DatasetUnavailableError, train.WorkdirError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    write_report(workdir, _METHODS.value, seeds, command, config)
+    with open(os.path.join(workdir, 'comparison.md')) as f:
+        print(f.read(), end='')
+    print(f'tables in {os.path.join(workdir, "comparison.md")} and comparison.csv; curves in '
+          f'{os.path.join(workdir, "learning_curves.png")}')
+
+
+if __name__ == '__main__':
+    sys.argv = common.resolve_config_argument(sys.argv)
+    app.run(main)

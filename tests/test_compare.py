@@ -1,0 +1,159 @@
+"""experiments/compare.py: the table and curves from runs written by hand (exact numbers), and the
+whole command on real digits."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import compare
+from experiments.configs import default
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+COMPARE = os.path.join(REPO, 'experiments', 'compare.py')
+
+
+def _write_run(workdir, method, seed, summary, accuracies):
+    directory = compare.run_dir(str(workdir), method, seed)
+    os.makedirs(directory)
+    if summary is not None:
+        with open(os.path.join(directory, 'summary.json'), 'w') as f:
+            json.dump({'rounds': 3, 'round': 3, **summary}, f)
+    with open(os.path.join(directory, 'metrics.jsonl'), 'w') as f:
+        for r, accuracy in enumerate(accuracies, 1):
+            f.write(json.dumps({'round': r, 'accuracy': accuracy}) + '\n')
+
+
+def _summary(accuracy, density, density_weighted, bits_up, bits_down, flops):
+    return dict(accuracy=accuracy, density=density, density_weighted=density_weighted,
+                bits_up=bits_up, bits_down=bits_down, flops=flops)
+
+
+def test_table_and_curves_from_hand_written_runs(tmp_path):
+    _write_run(tmp_path, 'spafl', 1, _summary(0.8, 0.5, 0.25, 1e9, 3e9, 2e12), [0.5, 0.7, 0.8])
+    _write_run(tmp_path, 'spafl', 2, _summary(0.9, 0.7, 0.35, 1e9, 3e9, 4e12), [0.6, 0.8, 0.9])
+    _write_run(tmp_path, 'fedavg', 1, _summary(0.6, 1.0, 1.0, 5e10, 5e10, 6e12), [0.2, 0.4, 0.6])
+    _write_run(tmp_path, 'fedavg', 2, _summary(0.7, 1.0, 1.0, 5e10, 5e10, 6e12), [0.3, 0.5, 0.7])
+    # A diverged (or killed) run: metrics of two rounds, no summary.
+    _write_run(tmp_path, 'local', 1, _summary(0.5, 1.0, 1.0, 0, 0, 6e12), [0.3, 0.5, 0.5])
+    _write_run(tmp_path, 'local', 2, None, [0.1, 0.2])
+    names, seeds = ('spafl', 'fedavg', 'local'), (1, 2)
+    config = default.get_config()
+    rows = compare.write_report(str(tmp_path), names, seeds, 'python experiments/compare.py ...',
+                                config)
+
+    spafl, fedavg, local = rows
+    assert spafl['method'] == 'spafl' and spafl['seeds'] == '1 2' and spafl['finished'] == 2
+    assert spafl['accuracy_mean'] == np.mean([0.8, 0.9])
+    assert spafl['accuracy_std'] == np.std([0.8, 0.9], ddof=1)
+    assert spafl['density_mean'] == np.mean([0.5, 0.7])
+    assert spafl['density_weighted_std'] == np.std([0.25, 0.35], ddof=1)
+    assert (spafl['gbit_up'], spafl['gbit_down'], spafl['gbit_total']) == (1.0, 3.0, 4.0)
+    assert spafl['flops_per_client'] == 3e12
+    assert (fedavg['gbit_up'], fedavg['gbit_down'], fedavg['gbit_total']) == (50.0, 50.0, 100.0)
+    assert fedavg['density_mean'] == 1.0 and fedavg['density_std'] == 0.0
+    assert local['finished'] == 1 and np.isnan(local['accuracy_mean'])
+    assert local['gbit_total'] != local['gbit_total']   # NaN: one seed has no result
+
+    with open(tmp_path / 'comparison.md') as f:
+        table = f.read()
+    assert ('| method | accuracy (%) | communication (Gbit) | up (Gbit) | down (Gbit) | '
+            'FLOPs per client (TFLOP) | density (%) | density, weights (%) |') in table
+    assert '| spafl | 85.00 ± 7.07 | 4 | 1 | 3 | 3 | 60.00 ± 14.14 | 30.00 ± 7.07 |' in table
+    assert '| fedavg | 65.00 ± 7.07 | 100 | 50 | 50 | 6 | 100.00 ± 0.00 | 100.00 ± 0.00 |' in table
+    assert '| local (1 run(s) missing or diverged) | nan ± nan |' in table
+    assert 'Command: `python experiments/compare.py ...`' in table
+
+    with open(tmp_path / 'comparison.csv') as f:
+        written = list(csv.DictReader(f))
+    assert [r['method'] for r in written] == list(names)
+    assert list(written[0]) == list(compare.CSV_COLUMNS)
+    assert float(written[0]['accuracy_mean']) == spafl['accuracy_mean']   # full precision
+    assert float(written[1]['gbit_total']) == 100.0
+    assert float(written[0]['flops_per_client']) == 3e12
+
+    curves = compare.learning_curves(str(tmp_path), names, seeds)
+    rounds, mean, std = curves['spafl']
+    np.testing.assert_array_equal(rounds, [1, 2, 3])
+    np.testing.assert_array_equal(mean, [np.mean([0.5, 0.6]), np.mean([0.7, 0.8]),
+                                         np.mean([0.8, 0.9])])
+    np.testing.assert_array_equal(std, [np.std([0.5, 0.6], ddof=1), np.std([0.7, 0.8], ddof=1),
+                                        np.std([0.8, 0.9], ddof=1)])
+    # Round 3 of `local` exists for seed 1 only: the mean of one seed, std 0.
+    rounds, mean, std = curves['local']
+    np.testing.assert_array_equal(rounds, [1, 2, 3])
+    np.testing.assert_array_equal(mean, [np.mean([0.3, 0.1]), np.mean([0.5, 0.2]), 0.5])
+    assert std[-1] == 0.0
+    assert os.path.getsize(tmp_path / 'learning_curves.png') > 0
+
+
+def test_flop_unit_follows_the_largest_value():
+    assert compare.flop_unit([{'flops_per_client': 3e12}, {'flops_per_client': 2e15}]) == (
+        'PFLOP', 1e15)
+    assert compare.flop_unit([{'flops_per_client': 5e8}]) == ('MFLOP', 1e6)
+    assert compare.flop_unit([{'flops_per_client': float('nan')}]) == ('MFLOP', 1e6)
+
+
+# The tiny digits federation: 4 clients, 2 sampled per round, 2 rounds of 1 local epoch.
+TINY = ['--config=default.py', '--config.num_clients=4', '--config.clients_per_round=2',
+        '--config.rounds=2', '--config.local_epochs=1']
+# digits_cnn: 38160 parameters (all masked weights, no BatchNorm), 122 thresholds.
+NUM_PARAMS, NUM_THRESHOLDS = 38160, 122
+
+
+def _compare(workdir):
+    return subprocess.run([sys.executable, COMPARE, *TINY, '--methods=spafl,fedavg', '--seeds=1',
+                           f'--workdir={workdir}'], capture_output=True, text=True, cwd=REPO,
+                          timeout=900, check=False)
+
+
+def test_compare_command_end_to_end_on_digits(tmp_path):
+    """Needs train.py to run `config.method` (methods.get); until then the fedavg run is SpaFL."""
+    workdir = tmp_path / 'compare'
+    result = _compare(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '[1/2] method=spafl seed=1: running in' in result.stdout
+    assert '[2/2] method=fedavg seed=1: running in' in result.stdout
+
+    summaries = {}
+    for method in ('spafl', 'fedavg'):
+        directory = workdir / method / 'seed1'
+        with open(directory / 'config.json') as f:
+            config = json.load(f)
+        assert (config['method'], config['seed'], config['rounds']) == (method, 1, 2)
+        with open(directory / 'summary.json') as f:
+            summaries[method] = json.load(f)
+    rounds, sampled, clients = 2, 2, 4
+    spafl, fedavg = summaries['spafl'], summaries['fedavg']
+    assert spafl['bits_up'] == rounds * sampled * NUM_THRESHOLDS * 32
+    assert spafl['bits_down'] == rounds * (sampled + clients) * NUM_THRESHOLDS * 32
+    # FedAvg: every parameter each way, dense (these fail while train.py ignores config.method).
+    assert fedavg['bits_up'] == fedavg['bits_down'] == rounds * sampled * NUM_PARAMS * 32
+    assert fedavg['density'] == fedavg['density_weighted'] == 1.0
+
+    with open(workdir / 'comparison.csv') as f:
+        rows = {row['method']: row for row in csv.DictReader(f)}
+    for method, summary in summaries.items():
+        row = rows[method]
+        assert float(row['accuracy_mean']) == summary['accuracy'] and row['finished'] == '1'
+        assert float(row['gbit_total']) == (summary['bits_up'] + summary['bits_down']) / 1e9
+        assert float(row['flops_per_client']) == summary['flops'] > 0
+    with open(workdir / 'comparison.md') as f:
+        table = f.read()
+    accuracy = 100 * summaries['fedavg']['accuracy']
+    assert f'| fedavg | {accuracy:.2f} ± 0.00 |' in table
+    assert os.path.getsize(workdir / 'learning_curves.png') > 0
+
+    # Run again: both runs are finished, so nothing trains, and the table is rewritten the same.
+    result = _compare(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('done before, skipped') == 2
+    with open(workdir / 'comparison.md') as f:
+        assert f.read() == table
