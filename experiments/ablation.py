@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import os
 import shlex
 import sys
@@ -32,6 +31,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from experiments import common
 from spafl_jax import configuration
 from spafl_jax import data as data_lib
 from spafl_jax import train
@@ -41,7 +41,6 @@ ESTIMATORS = ('long_tailed', 'identity', 'outside_unit')
 IMPORTANCE_UPDATES = ('all_after', 'none')
 # Final-round summary fields that the table reports, in this order.
 REPORTED = ('accuracy', 'density', 'density_weighted')
-SUMMARY_FILENAME = 'summary.json'
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(_CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
@@ -60,21 +59,6 @@ def setting_name(estimator: str, importance_update: str) -> str:
 
 def run_dir(workdir: str, estimator: str, importance_update: str, seed: int) -> str:
     return os.path.join(workdir, setting_name(estimator, importance_update), f'seed{seed}')
-
-
-def _finished(directory: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-    """The summary of a finished run of exactly this config in `directory`, else None."""
-    summary_path = os.path.join(directory, SUMMARY_FILENAME)
-    config_path = os.path.join(directory, 'config.json')
-    if not (os.path.isfile(summary_path) and os.path.isfile(config_path)):
-        return None
-    with open(config_path) as f:
-        previous = json.load(f)
-    # Through JSON, so that tuples and lists compare equal as they do on disk.
-    if previous != json.loads(json.dumps(config.to_dict())):
-        return None   # e.g. more rounds asked for: train_and_evaluate extends or refuses the run
-    with open(summary_path) as f:
-        return json.load(f)
 
 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
@@ -102,7 +86,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
         run_config.estimator = estimator
         run_config.importance_update = importance_update
         run_config.seed = seed
-        summary = _finished(directory, run_config)
+        summary = common.finished_summary(directory, run_config)
         if summary is not None:
             log(f'{prefix}: done before, skipped')
         else:
@@ -175,19 +159,6 @@ def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
         f.write('\n'.join(lines) + '\n')
 
 
-def _resolve_config_argument(argv: list[str]) -> list[str]:
-    """`--config=fmnist.py[:arg]` -> experiments/configs/fmnist.py, as experiments/main.py does."""
-    out = []
-    for arg in argv:
-        if arg.startswith('--config=') and not arg.startswith('--config.'):
-            value = arg[len('--config='):]
-            path, sep, rest = value.partition(':')
-            if not os.path.exists(path) and os.path.exists(os.path.join(_CONFIG_DIR, path)):
-                arg = '--config=' + os.path.join(_CONFIG_DIR, path) + sep + rest
-        out.append(arg)
-    return out
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -210,5 +181,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    sys.argv = _resolve_config_argument(sys.argv)
+    sys.argv = common.resolve_config_argument(sys.argv)
     app.run(main)
