@@ -10,7 +10,8 @@ from spafl_jax import data as data_lib
 from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import models
-from spafl_jax.federated import AGGREGATIONS, CLIENT_EXECUTIONS, IMPORTANCE_UPDATES
+from spafl_jax.execution import CLIENT_EXECUTIONS
+from spafl_jax.federated import AGGREGATIONS, IMPORTANCE_UPDATES
 
 AUGMENTATIONS = ('none', 'crop_flip')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -63,6 +64,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, 'compute_dtype', COMPUTE_DTYPES)
     _choice(config, 'conv_impl', CONV_IMPLS)
     _choice(config, 'client_execution', CLIENT_EXECUTIONS)
+    _validate_execution(config)
     for field in ('num_clients', 'clients_per_round', 'rounds', 'batch_size', 'local_epochs',
                   'eval_every', 'eval_batch_size', 'scan_unroll', 'checkpoint_every'):
         _number(config, field, positive=True, integer=True)
@@ -106,3 +108,19 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
         methods.check_settings(config.baseline)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _validate_execution(config: ml_collections.ConfigDict) -> None:
+    """The execution fields (optional: a config without them runs on one process)."""
+    for field in ('vmap_lanes', 'num_cpu_devices'):
+        if field in config:
+            _number(config, field, non_negative=True, integer=True)
+    for field in ('eval_chunk', 'num_processes'):
+        if field in config:
+            _number(config, field, positive=True, integer=True)
+    if 'process_id' in config:
+        _number(config, 'process_id', non_negative=True, integer=True,
+                at_most=config.get('num_processes', 1) - 1)
+    address = config.get('coordinator_address')
+    if address is not None and (not isinstance(address, str) or ':' not in address):
+        raise ConfigError(f'config.coordinator_address={address!r} must be None or "host:port".')

@@ -51,19 +51,27 @@ CLIENTS = 'clients'   # the mesh axis the client dimension is sharded along
 
 def resolve_client_execution(name: str, backend: str | None = None,
                              conv_impl: str = 'im2col') -> str:
-    """'auto' -> the measured best strategy for the backend (BENCHMARKS.md); anything else as is.
+    """'auto' -> the strategy measured fastest for the backend (BENCHMARKS.md); others unchanged.
 
-    CPU: 'loop'. One compiled step per local step has no padding and keeps XLA:CPU's convolutions
-    (either implementation) out of while loops; 'map' matches it with im2col but is many times slower
-    with `conv_impl='xla'`. GPU/TPU: 'vmap', which fills the device with several clients at once.
+    CPU with im2col convolutions: 'map' (one program per round, no per-step dispatch; about 10 %
+    faster per step than 'loop'). CPU with `conv_impl='xla'`: 'loop', because XLA:CPU runs
+    `lax.conv` inside a while loop about 7x slower. GPU/TPU: 'vmap', which fills the device with
+    several clients at once.
     """
     if name not in CLIENT_EXECUTIONS:
         raise ValueError(f'client_execution={name!r}; use one of {", ".join(CLIENT_EXECUTIONS)}.')
     if name != 'auto':
         return name
-    backend = backend or jax.default_backend()
-    del conv_impl  # both implementations measured fastest with 'loop' on CPU
-    return 'loop' if backend == 'cpu' else 'vmap'
+    if (backend or jax.default_backend()) != 'cpu':
+        return 'vmap'
+    return 'loop' if conv_impl == 'xla' else 'map'
+
+
+def legacy_client_execution(name: str, backend: str | None = None) -> str:
+    """The nearest of `federated.CLIENT_EXECUTIONS` ('vmap', 'map'), for code that only knows those
+    (`federated.run_round`, the baselines)."""
+    resolved = resolve_client_execution(name, backend)
+    return resolved if resolved in federated.CLIENT_EXECUTIONS else 'map'
 
 
 def initialize_runtime(coordinator_address: str | None = None, num_processes: int = 1,
@@ -72,12 +80,13 @@ def initialize_runtime(coordinator_address: str | None = None, num_processes: in
 
     With `coordinator_address`, `jax.distributed.initialize` joins `num_processes` processes (TPU
     pods, GPU hosts, or CPU processes whose collectives go through gloo). `num_cpu_devices > 0` splits
-    the host CPU into that many devices (tests of multi-device code, and two clients training at once
-    on a two-core machine).
+    the host CPU into that many devices: multi-device code on a laptop, and two small clients
+    training at once (the digits default: 1.7x); LeNet-5 gains nothing, its ops already use every
+    core (BENCHMARKS.md).
     """
     if num_cpu_devices > 0:
         jax.config.update('jax_num_cpu_devices', num_cpu_devices)
-    if coordinator_address:
+    if coordinator_address and not jax.distributed.is_initialized():
         # CPU processes exchange the psum through gloo (the default of this JAX; set for clarity).
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(coordinator_address=coordinator_address,
@@ -312,7 +321,7 @@ class RoundRunner:
     def __init__(self, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,
                  spec: DataSpec, train_data: ClientData, test_data: ClientData, *,
                  strategy: str = 'auto', mesh: Mesh | None = None, lanes: int = 0,
-                 unroll: int = 1, eval_chunk: int = 64, macs=None):
+                 unroll: int = 1, eval_chunk: int = 32, macs=None):
         self.model, self.local_cfg, self.round_cfg, self.spec = model, local_cfg, round_cfg, spec
         self.macs = macs
         train_counts = np.asarray(jax.device_get(train_data.counts))
@@ -342,6 +351,7 @@ class RoundRunner:
         self.test_counts = test_counts
         self.test_data = self._place_test(test_data)
         self._eval_table = None
+        self.traces: dict[str, int] = {}
         self._build()
 
     # -- placement ------------------------------------------------------------------------------
@@ -387,7 +397,15 @@ class RoundRunner:
     # -- the device programs, written for one device's shard ------------------------------------
 
     def _shard_map(self, fn, in_specs, out_specs):
-        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+        """`fn` on each device's shard; each trace of it is counted (see `trace_counts`)."""
+        name = fn.__name__
+
+        @functools.wraps(fn)
+        def counted(*args):
+            self.traces[name] = self.traces.get(name, 0) + 1
+            return fn(*args)
+
+        return jax.shard_map(counted, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                              check_vma=False)
 
     def _begin(self, state: FederatedState, data: ClientData, sampled, seed_key):
@@ -541,9 +559,10 @@ class RoundRunner:
             def slot(work, lane, data, steps, valid, t, lr, penalty_coeff):
                 # A device with nothing left to do this slot (lockstep padding) skips the step.
                 lane = _squeeze(lane)
-                lane = jax.lax.cond(valid[0, t], lambda l: self._lane_step(
-                    work, data, l, steps[0, t], lr, penalty_coeff), lambda l: l, lane)
-                return _unsqueeze(lane)
+                step = lambda l: self._lane_step(work, data, l, steps[0, t], lr, penalty_coeff)
+                if self.devices == 1:   # one device never waits for another: no padded slots
+                    return _unsqueeze(step(lane))
+                return _unsqueeze(jax.lax.cond(valid[0, t], step, lambda l: l, lane))
 
             def switch(work, lane, positions, t):
                 work = _store_lane(work, _squeeze(lane))
@@ -587,9 +606,11 @@ class RoundRunner:
 
             self._eval_slot_fn = jax.jit(self._shard_map(
                 eval_slot, (shd, test_specs, shd, shd, shd, rep), shd), donate_argnums=(2,))
+            def eval_finish(clients, correct, data):
+                return self._eval_outputs(clients, correct, data)
+
             self._eval_finish_fn = jax.jit(self._shard_map(
-                lambda clients, correct, data: self._eval_outputs(clients, correct, data),
-                (shd, shd, test_specs), rep))
+                eval_finish, (shd, shd, test_specs), rep))
         else:
             self._eval_fn = jax.jit(self._shard_map(self._evaluate_local, (shd, test_specs), rep))
 
@@ -615,11 +636,11 @@ class RoundRunner:
             jnp.zeros((), jnp.int32))
 
     def _evaluate_local(self, clients, data):
-        one = lambda c, ids, n: self._eval_client(c, data, ids, n)
-        if self.strategy == 'vmap':
-            correct = jax.vmap(one)(clients, data.example_ids, data.counts)
-        else:
-            correct = jax.lax.map(lambda a: one(*a), (clients, data.example_ids, data.counts))
+        one = lambda a: self._eval_client(a[0], data, a[1], a[2])
+        # 'vmap' evaluates `lanes` clients at once (all of a device's clients at once would hold
+        # every client's activations: 16 GB for Conv4 at 100 clients).
+        batch = self.lanes if self.strategy == 'vmap' else None
+        correct = jax.lax.map(one, (clients, data.example_ids, data.counts), batch_size=batch)
         return self._eval_outputs(clients, correct, data)
 
     def _eval_outputs(self, clients, correct, data):
@@ -628,6 +649,11 @@ class RoundRunner:
         return jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), local)
 
     # -- the public calls -----------------------------------------------------------------------
+
+    def trace_counts(self) -> dict[str, int]:
+        """How many times each device program was traced so far: 1 each, whatever the number of
+        rounds, since nothing is traced (or compiled) again after the first round."""
+        return dict(self.traces)
 
     def plan(self, sampled: np.ndarray) -> RoundPlan:
         return plan_round(np.asarray(sampled), self.steps_per_epoch, self.local_cfg.local_epochs,
@@ -686,8 +712,54 @@ class RoundRunner:
 def make_round_runner(config, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,
                       spec: DataSpec, train_data: ClientData, test_data: ClientData,
                       macs=None) -> RoundRunner:
-    """The runner a config asks for: strategy, lanes, unroll and evaluation chunk from `config`."""
+    """The SpaFL runner a config asks for (strategy, lanes, unroll, evaluation chunk)."""
     return RoundRunner(model, local_cfg, round_cfg, spec, train_data, test_data,
                        strategy=config.client_execution, lanes=config.get('vmap_lanes', 0),
-                       unroll=config.scan_unroll, eval_chunk=config.get('eval_chunk', 64),
+                       unroll=config.scan_unroll, eval_chunk=config.get('eval_chunk', 32),
                        macs=macs)
+
+
+def make_round_functions(config, method, model: nn.Module, local_cfg: LocalConfig,
+                         round_cfg: RoundConfig, spec: DataSpec, train_data: ClientData,
+                         test_data: ClientData, macs=None):
+    """`(round_fn, eval_fn)` for the runner: `round_fn(state, train_data, sampled, seed_key)` and
+    `eval_fn(state, test_data)`, whatever the method and strategy.
+
+    SpaFL runs on a `RoundRunner` (its data placed once, so the data arguments are ignored); the
+    baselines keep their own compiled round with the strategy mapped to one they know.
+    """
+    if method.name != 'spafl':
+        round_cfg = dataclasses.replace(
+            round_cfg, client_execution=legacy_client_execution(round_cfg.client_execution))
+        return (method.make_round_fn(model, local_cfg, round_cfg, spec, macs),
+                method.make_eval_fn(model, spec, config.eval_batch_size))
+    runner = make_round_runner(config, model, local_cfg, round_cfg, spec, train_data, test_data,
+                               macs)
+
+    def round_fn(state, data, sampled, seed_key):
+        del data  # placed on the mesh once, at construction
+        return runner.run_round(state, np.asarray(sampled), seed_key)
+
+    def eval_fn(state, data):
+        del data
+        return runner.evaluate(state)
+
+    round_fn.runner = eval_fn.runner = runner
+    return round_fn, eval_fn
+
+
+def initialize_from_config(config) -> None:
+    """`initialize_runtime` with the config's fields (absent fields: single process, no change)."""
+    initialize_runtime(coordinator_address=config.get('coordinator_address'),
+                       num_processes=config.get('num_processes', 1),
+                       process_id=config.get('process_id', 0),
+                       num_cpu_devices=config.get('num_cpu_devices', 0))
+
+
+def host_local(tree):
+    """Every leaf as a full numpy array on this host (gathers across hosts when there are several):
+    what a checkpoint writer or a figure needs from a sharded state."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -24,6 +24,7 @@ from spafl_jax import client as client_lib
 from spafl_jax.checkpoint import Checkpointer, PreemptionWatcher
 from spafl_jax import configuration
 from spafl_jax import data as data_lib
+from spafl_jax import execution
 from spafl_jax import federated
 from spafl_jax import masking
 from spafl_jax import methods
@@ -43,7 +44,9 @@ def local_config(config) -> client_lib.LocalConfig:
 def round_config(config) -> federated.RoundConfig:
     return federated.RoundConfig(
         clients_per_round=config.clients_per_round, importance_update=config.importance_update,
-        aggregation=config.aggregation, client_execution=config.client_execution)
+        aggregation=config.aggregation,
+        # 'vmap' or 'map' for the functions that know only those; SpaFL's runner reads the config.
+        client_execution=execution.legacy_client_execution(config.client_execution))
 
 
 def data_spec(config, dataset: data_lib.Dataset) -> client_lib.DataSpec:
@@ -238,6 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     NonFiniteError or Preempted with a message meant for the user.
     """
     configuration.validate(config)
+    execution.initialize_from_config(config)   # before anything touches a device
     run = Run(config)   # loads and splits the data; fails before anything is written or compiled
     prepare_workdir(workdir, config, overwrite)
     try:
@@ -288,8 +292,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with open(summary_path) as f:
             return json.load(f)
 
-    round_fn = run.method.make_round_fn(run.model, run.local_cfg, run.round_cfg, run.spec, macs)
-    eval_fn = run.method.make_eval_fn(run.model, run.spec, config.eval_batch_size)
+    round_fn, eval_fn = execution.make_round_functions(
+        config, run.method, run.model, run.local_cfg, run.round_cfg, run.spec, run.train_data,
+        run.test_data, macs)
     # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
     writer = reporting.MetricsWriter(workdir, resume_from_round=start_round + 1)
     records = reporting.read_metrics(writer.path)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from spafl_jax import checkpoint
+from spafl_jax import execution
 from spafl_jax import federated
 from spafl_jax import models
 from spafl_jax import client as client_lib
@@ -155,20 +156,16 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 
 def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                             monkeypatch):
-    make_round_fn = federated.make_round_fn
+    run_round = execution.RoundRunner.run_round
 
-    def poisoned(*args, **kwargs):
-        round_fn = make_round_fn(*args, **kwargs)
+    def poisoned(self, state, sampled, seed_key):
+        state, metrics = run_round(self, state, sampled, seed_key)
+        if int(state.round) == 3:           # round 3 produces a NaN threshold
+            bad = jax.tree.map(lambda t: t.at[0].set(jnp.nan), state.clients.thresholds)
+            state = state.replace(clients=state.clients.replace(thresholds=bad))
+        return state, metrics
 
-        def run(state, *rest):
-            state, metrics = round_fn(state, *rest)
-            if int(state.round) == 3:           # round 3 produces a NaN threshold
-                bad = jax.tree.map(lambda t: t.at[0].set(jnp.nan), state.clients.thresholds)
-                state = state.replace(clients=state.clients.replace(thresholds=bad))
-            return state, metrics
-        return run
-
-    monkeypatch.setattr(federated, 'make_round_fn', poisoned)
+    monkeypatch.setattr(execution.RoundRunner, 'run_round', poisoned)
     config = default.get_config()
     config.update(num_clients=6, clients_per_round=6, rounds=5, local_epochs=1,
                   checkpoint_every=2)

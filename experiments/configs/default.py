@@ -52,7 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.baseline.fedspa_anneal_rounds = 100       # the prune rate reaches 0 at this round
     config.baseline.fedspa_regrow = 'gradient'       # regrow by |dense gradient| | random
     # Execution.
-    config.client_execution = 'vmap'     # vmap | map: how the sampled clients run
+    config.client_execution = 'auto'     # auto | loop | map | vmap: how the sampled clients run
+    config.vmap_lanes = 0                # 'vmap': clients stepping at once per device; 0 = all
+    config.eval_chunk = 32               # test examples per evaluation call (padding < this)
+    config.num_cpu_devices = 0           # > 0: split the host CPU into this many devices
+    config.coordinator_address = None    # 'host:port' of process 0 in a multi-host run
+    config.num_processes = 1             # processes of a multi-host run
+    config.process_id = 0                # this process's index in a multi-host run
     config.conv_impl = 'im2col'          # im2col | xla: how convolutions are computed
     config.compute_dtype = 'float32'     # float32 | bfloat16 (matmul inputs; parameters stay f32)
     config.scan_unroll = 1               # unroll of the scan over local steps

@@ -1,0 +1,180 @@
+"""The `clients` mesh: 1, 2 and 4 simulated CPU devices, and 2 processes on localhost, all giving the
+results of one device, without retracing after the first round.
+
+Each configuration runs in a fresh Python process, because the number of CPU devices and
+`jax.distributed` can only be set before JAX first touches a device (this pytest process already has).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spafl_jax import client as client_lib
+from spafl_jax import data as data_lib
+from spafl_jax import federated
+from spafl_jax import layers
+
+NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2   # 3 sampled over 2 or 4 devices: empty positions
+
+# Runs ROUNDS rounds with each strategy on a fresh state and saves every leaf of the final state,
+# the round metrics and the evaluation, gathered to this host, plus each compiled function's number of
+# traces. argv: out_path devices strategies [coordinator num_processes process_id].
+WORKER = textwrap.dedent('''
+    import sys
+    import numpy as np
+    import jax
+    out, devices, strategies = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(',')
+    from spafl_jax import execution
+    if len(sys.argv) > 4:
+        execution.initialize_runtime(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]),
+                                     num_cpu_devices=devices)
+    else:
+        execution.initialize_runtime(num_cpu_devices=devices)
+    import test_multidevice as t
+    results = {}
+    for strategy in strategies:
+        state, metrics, evaluation, traces = t.run_rounds(strategy)
+        results.update(t.flatten(strategy, execution.host_local((state, metrics, evaluation))))
+        results[strategy + '/traces'] = np.array(list(traces.values()))
+    if jax.process_index() == 0:
+        np.savez(out, **results)
+    print('devices', len(jax.devices()), 'processes', jax.process_count(), flush=True)
+''')
+
+
+class TinyMLP(nn.Module):
+    """Two masked dense layers: compiles in a fraction of a CNN's time, and sharding does not care."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(layers.MaskedDense(16)(x.reshape(x.shape[0], -1)))
+        return layers.MaskedDense(10)(x)
+
+
+def setup():
+    dataset = data_lib.load_digits()
+    train_ids, test_ids = data_lib.dirichlet_split(
+        dataset.train_labels, dataset.test_labels, NUM_CLIENTS, alpha=0.3,
+        min_train_examples=BATCH, seed=0)
+    train = federated.make_client_data(dataset.train_images, dataset.train_labels, train_ids)
+    test = federated.make_client_data(dataset.test_images, dataset.test_labels, test_ids)
+    model = TinyMLP()
+    cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=2, lr=0.05, th_coeff=0.01)
+    spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)
+    round_cfg = federated.RoundConfig(clients_per_round=SAMPLED, aggregation='data_size')
+    return train, test, model, cfg, spec, round_cfg
+
+
+def sampled_clients(r: int) -> np.ndarray:
+    return np.sort(np.random.default_rng([5, r]).choice(NUM_CLIENTS, SAMPLED, replace=False))
+
+
+def flatten(prefix: str, tree) -> dict:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {prefix + jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
+_INITIAL = []
+
+
+def initial_state():
+    """One compiled initialization per process (it costs more than a round of the tiny model);
+    a fresh copy each time, since rounds donate their input state."""
+    if not _INITIAL:
+        _, _, model, cfg, *_ = setup()
+        _INITIAL.append(federated.init_state(model, cfg, jax.random.key(3), NUM_CLIENTS,
+                                             (8, 8, 1)))
+    return jax.tree.map(jnp.copy, _INITIAL[0])
+
+
+def run_rounds(strategy: str):
+    """ROUNDS rounds and an evaluation on whatever devices this process has."""
+    from spafl_jax import execution   # pylint: disable=g-import-not-at-top
+    train, test, model, cfg, spec, round_cfg = setup()
+    runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test, strategy=strategy,
+                                   lanes=2, eval_chunk=16)
+    state = initial_state()
+    for r in range(ROUNDS):
+        state, metrics = runner.run_round(state, sampled_clients(r), jax.random.key(1))
+    evaluation = runner.evaluate(state)
+    return state, metrics, evaluation, runner.trace_counts()
+
+
+def reference():
+    """`federated.run_round` on one device: what every mesh must reproduce."""
+    train, test, model, cfg, spec, round_cfg = setup()
+    round_fn = federated.make_round_fn(model, cfg, round_cfg, spec)
+    state = initial_state()
+    for r in range(ROUNDS):
+        state, _ = round_fn(state, train, jnp.asarray(sampled_clients(r)), jax.random.key(1))
+    evaluation = federated.make_eval_fn(model, spec, 64)(state.clients, test)
+    return flatten('', jax.device_get(state)), jax.device_get(evaluation)
+
+
+def _spawn(tmp_path, name: str, devices: int, strategies: str, *distributed: str):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__) + os.pathsep +
+               os.environ.get('PYTHONPATH', ''))
+    env.pop('XLA_FLAGS', None)
+    out = str(tmp_path / f'{name}.npz')
+    return out, subprocess.Popen([sys.executable, '-c', WORKER, out, str(devices), strategies,
+                                  *distributed], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process, timeout: float = 300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def _check(results: dict, ref_state: dict, ref_eval: dict, strategy: str) -> None:
+    for key, value in ref_state.items():
+        np.testing.assert_allclose(results[f'{strategy}[0]{key}'], value, rtol=2e-4, atol=2e-5,
+                                   err_msg=f'{strategy}: {key}')
+    np.testing.assert_array_equal(results[f"{strategy}[2]['correct']"], ref_eval['correct'])
+    np.testing.assert_allclose(results[f"{strategy}[2]['layer_density']"],
+                               ref_eval['layer_density'])
+    # Every compiled function traced once: later rounds reuse the first round's executables.
+    assert results[f'{strategy}/traces'].tolist() == [1] * len(results[f'{strategy}/traces'])
+
+
+@pytest.fixture(scope='module')
+def ref():
+    return reference()
+
+
+def test_one_two_and_four_devices_give_the_one_device_results(tmp_path, ref):
+    jobs = {devices: _spawn(tmp_path, f'd{devices}', devices, 'map,loop,vmap')
+            for devices in (1, 2, 4)}
+    for devices, (out, process) in jobs.items():
+        assert f'devices {devices} processes 1' in _finish(process)
+        results = dict(np.load(out))
+        for strategy in ('map', 'loop', 'vmap'):
+            _check(results, *ref, strategy)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_give_the_one_process_results(tmp_path, ref):
+    # Two processes with 2 CPU devices each: a 4-device mesh whose psum crosses processes (gloo).
+    address = f'127.0.0.1:{_free_port()}'
+    jobs = [_spawn(tmp_path, f'p{i}', 2, 'map,loop', address, '2', str(i)) for i in range(2)]
+    outputs = [_finish(process) for _, process in jobs]
+    assert all('devices 4 processes 2' in output for output in outputs), outputs
+    results = dict(np.load(jobs[0][0]))
+    for strategy in ('map', 'loop'):
+        _check(results, *ref, strategy)
