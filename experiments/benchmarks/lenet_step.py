@@ -4,8 +4,8 @@ first-convolution implementations, run as one jitted call per step and inside a 
     python experiments/benchmarks/lenet_step.py
 
 The variants compute the same function (same parameters, same masks; max pooling by reshape gives the
-same gradient except on exact ties, which ReLU zeros anyway). `models.LeNet5` is 'im2col + window
-pool'. The ratios say what a change to `layers.py` / `models.py` would buy.
+same gradient except on exact ties, which ReLU zeros anyway). `models.LeNet5` is im2col convolutions
+with `models.max_pool_2x2` (reshape + max). The ratios say what a change to `layers.py` / `models.py` would buy.
 """
 
 from __future__ import annotations
@@ -28,24 +28,18 @@ from spafl_jax.layers import MaskedConv, MaskedDense
 
 
 def window_pool(x):
+    # What models.py used before `max_pool_2x2`: its gradient is a select-and-scatter.
     return nn.max_pool(x, (2, 2), strides=(2, 2))
-
-
-def reshape_pool(x):
-    # The gradient of a reduction max is elementwise (no select-and-scatter, which XLA:CPU runs as a
-    # slow loop).
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class LeNet5Variant(nn.Module):
     """`models.LeNet5` with the first conv's implementation and the pooling as fields."""
     first_conv: str = 'im2col'
-    pool: str = 'window'
+    pool: str = 'reshape'
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        pool = reshape_pool if self.pool == 'reshape' else window_pool
+        pool = models.max_pool_2x2 if self.pool == 'reshape' else window_pool
         conv = functools.partial(MaskedConv, kernel_size=(5, 5), padding='VALID')
         x = pool(nn.relu(conv(20, conv_impl=self.first_conv)(x)))
         x = pool(nn.relu(conv(50, conv_impl='im2col')(x)))
@@ -63,9 +57,9 @@ def main():
     xs = jax.random.normal(jax.random.key(1), (steps, batch, 28, 28, 1))
     ys = jax.random.randint(jax.random.key(2), (steps, batch), 0, 10)
     variants = {'models.LeNet5': models.LeNet5(),
-                'reshape pool': LeNet5Variant(pool='reshape'),
+                'nn.max_pool (before)': LeNet5Variant(pool='window'),
                 'xla conv1': LeNet5Variant(first_conv='xla'),
-                'both': LeNet5Variant(first_conv='xla', pool='reshape')}
+                'xla conv1 + nn.max_pool': LeNet5Variant(first_conv='xla', pool='window')}
     fns = {}
     for name, model in variants.items():
         one = functools.partial(lambda model, s, o, x, y: client_lib.local_step(
