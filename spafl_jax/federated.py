@@ -140,8 +140,17 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
             all_clients.params, delta))
     new_state = FederatedState(clients=all_clients, server_thresholds=new_global, last_delta=delta,
                                round=r + 1)
+    return new_state, round_metrics(metrics, local_cfg, data, num_sampled)
+
+
+def round_metrics(metrics, local_cfg: LocalConfig, data: ClientData, num_sampled: int) -> dict:
+    """A round's scalar metrics from the sampled clients' summed metrics (loss, correct, steps, flops).
+
+    `max_steps` counts the steps of the padded schedule (every client at the largest client's size),
+    the denominator of the useful-step fraction.
+    """
     steps = jnp.maximum(metrics['steps'], 1.0)
-    round_metrics = {
+    return {
         'train_loss': jnp.mean(metrics['loss'] / steps),
         'train_accuracy': jnp.sum(metrics['correct']) / jnp.maximum(
             jnp.sum(metrics['steps']) * local_cfg.batch_size, 1.0),
@@ -150,7 +159,6 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
         'max_steps': jnp.float32(data.example_ids.shape[1] // local_cfg.batch_size *
                                  local_cfg.local_epochs * num_sampled),
     }
-    return new_state, round_metrics
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):

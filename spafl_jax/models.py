@@ -51,18 +51,28 @@ def _torch_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dens
                     name=name)
 
 
-class DigitsCNN(nn.Module):
-    """A small masked CNN for the 8x8 scikit-learn digits: the embedded default."""
+class MaskedNet(nn.Module):
+    """The fields every model takes (see `create_model`) and factories of its masked layers."""
     num_classes: int = 10
     estimator: str = 'long_tailed'
     conv_impl: str = 'im2col'
     compute_dtype: Any = None
 
+    def masked_layers(self, **conv_kwargs):
+        """(conv, dense): `MaskedConv` / `MaskedDense` constructors with this model's settings."""
+        conv = functools.partial(MaskedConv, estimator=self.estimator, conv_impl=self.conv_impl,
+                                 compute_dtype=self.compute_dtype, **conv_kwargs)
+        dense = functools.partial(MaskedDense, estimator=self.estimator,
+                                  compute_dtype=self.compute_dtype)
+        return conv, dense
+
+
+class DigitsCNN(MaskedNet):
+    """A small masked CNN for the 8x8 scikit-learn digits: the embedded default."""
+
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(MaskedConv, kernel_size=(3, 3), padding='SAME', estimator=self.estimator,
-                                 conv_impl=self.conv_impl, compute_dtype=self.compute_dtype)
-        dense = functools.partial(MaskedDense, estimator=self.estimator, compute_dtype=self.compute_dtype)
+        conv, dense = self.masked_layers(kernel_size=(3, 3), padding='SAME')
         x = nn.relu(conv(16)(x))
         x = max_pool_2x2(nn.relu(conv(32)(x)))
         x = x.reshape(x.shape[0], -1)
@@ -70,18 +80,12 @@ class DigitsCNN(nn.Module):
         return dense(self.num_classes)(x)
 
 
-class LeNet5(nn.Module):
+class LeNet5(MaskedNet):
     """LeNet-5 of the official FMNIST folder: 430,500 masked weights, 580 thresholds."""
-    num_classes: int = 10
-    estimator: str = 'long_tailed'
-    conv_impl: str = 'im2col'
-    compute_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(MaskedConv, kernel_size=(5, 5), padding='VALID', estimator=self.estimator,
-                                 conv_impl=self.conv_impl, compute_dtype=self.compute_dtype)
-        dense = functools.partial(MaskedDense, estimator=self.estimator, compute_dtype=self.compute_dtype)
+        conv, dense = self.masked_layers(kernel_size=(5, 5), padding='VALID')
         x = max_pool_2x2(nn.relu(conv(20)(x)))
         x = max_pool_2x2(nn.relu(conv(50)(x)))
         x = x.reshape(x.shape[0], -1)
@@ -89,18 +93,12 @@ class LeNet5(nn.Module):
         return dense(self.num_classes)(x)
 
 
-class Conv4(nn.Module):
+class Conv4(MaskedNet):
     """Conv4 of the official CIFAR-10 folder: 804,800 masked weights, 650 thresholds."""
-    num_classes: int = 10
-    estimator: str = 'long_tailed'
-    conv_impl: str = 'im2col'
-    compute_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(MaskedConv, kernel_size=(5, 5), padding='VALID', estimator=self.estimator,
-                                 conv_impl=self.conv_impl, compute_dtype=self.compute_dtype)
-        dense = functools.partial(MaskedDense, estimator=self.estimator, compute_dtype=self.compute_dtype)
+        conv, dense = self.masked_layers(kernel_size=(5, 5), padding='VALID')
         for i, features in enumerate((64, 64, 128, 128)):
             x = nn.relu(_batch_norm(train)(conv(features)(x)))
             if i % 2 == 1:
@@ -141,16 +139,13 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class ResNet18(nn.Module):
+class ResNet18(MaskedNet):
     """Half-width pre-activation ResNet-18 of the official CIFAR-100 folder.
 
     Every conv (stem, block convs, 1x1 shortcuts) is masked: 2,790,240 masked weights, 2,400
     thresholds. The final Linear is not masked, and there is no BatchNorm after the last block.
     """
     num_classes: int = 100
-    estimator: str = 'long_tailed'
-    conv_impl: str = 'im2col'
-    compute_dtype: Any = None
     widths: tuple[int, ...] = (32, 64, 128, 256)
     blocks_per_stage: int = 2
 
@@ -158,8 +153,8 @@ class ResNet18(nn.Module):
     def __call__(self, x, train: bool = False):
         block = functools.partial(PreActBlock, estimator=self.estimator, conv_impl=self.conv_impl,
                                   compute_dtype=self.compute_dtype)
-        x = MaskedConv(self.widths[0], kernel_size=(3, 3), padding=1, estimator=self.estimator,
-                       conv_impl=self.conv_impl, compute_dtype=self.compute_dtype, name='stem')(x)
+        conv, _ = self.masked_layers()
+        x = conv(self.widths[0], kernel_size=(3, 3), padding=1, name='stem')(x)
         x = nn.relu(_batch_norm(train)(x))
         for stage, features in enumerate(self.widths):
             for b in range(self.blocks_per_stage):
@@ -200,17 +195,14 @@ class TransformerBlock(nn.Module):
         return x + dense(self.dim, name='mlp2')(h)
 
 
-class ViT(nn.Module):
+class ViT(MaskedNet):
     """ViT of the official CIFAR-10 folder: patch 4, dim 128, depth 6, 8 heads of 64, MLP 256.
 
     Masked: qkv, attention-out and both MLP layers of every block (1,966,080 weights, 12,288
     thresholds). Unmasked: the patch embedding, cls token, position embedding, LayerNorms and head.
     Dropout is 0 in the official configuration, so there is none.
     """
-    num_classes: int = 10
-    estimator: str = 'long_tailed'
-    conv_impl: str = 'im2col'   # unused: the ViT has no masked conv; kept for a uniform constructor
-    compute_dtype: Any = None
+    # `conv_impl` is unused: the ViT has no masked conv.
     patch_size: int = 4
     dim: int = 128
     depth: int = 6
@@ -254,10 +246,10 @@ def check_model(name: str) -> None:
 
 
 def create_model(name: str, num_classes: int, estimator: str = 'long_tailed',
-                                  conv_impl: str = 'im2col', compute_dtype: Any = None) -> nn.Module:
+                 conv_impl: str = 'im2col', compute_dtype: Any = None) -> nn.Module:
     check_model(name)
     return MODELS[name](num_classes=num_classes, estimator=estimator, conv_impl=conv_impl,
-                                            compute_dtype=compute_dtype)
+                        compute_dtype=compute_dtype)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:

@@ -128,20 +128,6 @@ def map_clients(fn: Callable, args: tuple, execution: str):
     raise ValueError(f'client_execution={execution!r}: use one of {federated.CLIENT_EXECUTIONS}.')
 
 
-def round_metrics(metrics, local_cfg: LocalConfig, data: ClientData, num_sampled: int) -> dict:
-    """The same round metrics as `federated.run_round`, from per-client summed metrics."""
-    steps = jnp.maximum(metrics['steps'], 1.0)
-    return {
-        'train_loss': jnp.mean(metrics['loss'] / steps),
-        'train_accuracy': jnp.sum(metrics['correct']) / jnp.maximum(
-            jnp.sum(metrics['steps']) * local_cfg.batch_size, 1.0),
-        'local_steps': jnp.sum(metrics['steps']),
-        'flops': jnp.sum(metrics['flops']),
-        'max_steps': jnp.float32(data.example_ids.shape[1] // local_cfg.batch_size *
-                                 local_cfg.local_epochs * num_sampled),
-    }
-
-
 # ----------------------------------------------------------------------------------------------------
 # Aggregation.
 
