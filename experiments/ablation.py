@@ -15,7 +15,6 @@ sample standard deviation over seeds of the final accuracy and densities is writ
 from __future__ import annotations
 
 import copy
-import csv
 import os
 import shlex
 import sys
@@ -29,7 +28,6 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
 from experiments import common
 from spafl_jax import configuration
@@ -111,10 +109,9 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
         row: dict[str, Any] = {'estimator': estimator, 'importance_update': importance_update,
                                'seeds': ' '.join(str(s) for s in seeds)}
         for field in REPORTED:
-            values = np.array([run[field] for run in runs], np.float64)
-            row[f'{field}_runs'] = values.tolist()
-            row[f'{field}_mean'] = float(values.mean())
-            row[f'{field}_std'] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            values = [float(run[field]) for run in runs]
+            row[f'{field}_runs'] = values
+            row[f'{field}_mean'], row[f'{field}_std'] = common.mean_std(values)
         rows.append(row)
     return rows
 
@@ -128,11 +125,7 @@ def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
                  config: ml_collections.ConfigDict) -> None:
     """`ablation.csv` (full-precision fractions) and `ablation.md` (percent, mean ± std)."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'ablation.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=csv_columns(), extrasaction='ignore')
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    common.write_csv(os.path.join(workdir, 'ablation.csv'), rows, csv_columns())
 
     seeds = rows[0]['seeds'] if rows else ''
     lines = [
@@ -140,9 +133,8 @@ def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
         '',
         f'Command: `{command}`',
         '',
-        f'{config.num_clients} clients, {config.clients_per_round} per round, '
-        f'alpha {config.alpha}, batch {config.batch_size}, {config.local_epochs} local epoch(s), '
-        f'lr {config.lr}, th_coeff {config.th_coeff}. Final round, mean ± sample std over seeds '
+        f'{common.setting_sentence(config)}, th_coeff {config.th_coeff}. Final round, mean ± '
+        f'sample std over seeds '
         f'{seeds}. Accuracy: '
         'unweighted mean over clients; density: mean over masked layers of the kept-row fraction; '
         'weights: kept masked weights / all masked weights.',
@@ -151,8 +143,7 @@ def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
         '|---|---|---|---|---|',
     ]
     for row in rows:
-        cells = [f'{100 * row[f"{field}_mean"]:.2f} ± {100 * row[f"{field}_std"]:.2f}'
-                 for field in REPORTED]
+        cells = [common.percent_cell(row, field) for field in REPORTED]
         lines.append(f'| `{row["estimator"]}` | `{row["importance_update"]}` | '
                      + ' | '.join(cells) + ' |')
     with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
@@ -162,10 +153,7 @@ def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-    try:
-        seeds = [int(s) for s in _SEEDS.value]
-    except ValueError:
-        raise app.UsageError(f'--seeds must be integers, got {",".join(_SEEDS.value)}') from None
+    seeds = common.parse_seeds(_SEEDS.value)
     config, workdir = _CONFIG.value, _WORKDIR.value
     command = 'python experiments/ablation.py ' + ' '.join(
         shlex.quote(a.replace(_CONFIG_DIR + os.sep, '')) for a in sys.argv[1:])

@@ -16,7 +16,6 @@ training FLOPs per client, density) and `learning_curves.png` (every method's ac
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os
@@ -107,12 +106,6 @@ def _read_summary(directory: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for one value); NaN if any value is NaN."""
-    v = np.asarray(values, np.float64)
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else 0.0)
-
-
 def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> list[dict]:
     """One row per method from the runs' summary.json files (a missing one counts as NaN).
 
@@ -129,7 +122,7 @@ def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> 
                                'finished': len(done),
                                'rounds': done[0]['rounds'] if done else nan}
         for field in SPREAD:
-            row[f'{field}_mean'], row[f'{field}_std'] = _mean_std(get(field))
+            row[f'{field}_mean'], row[f'{field}_std'] = common.mean_std(get(field))
         up, down = (float(np.mean(get(field))) for field in ('bits_up', 'bits_down'))
         row.update(gbit_up=up / 1e9, gbit_down=down / 1e9, gbit_total=(up + down) / 1e9,
                    flops_per_client=float(np.mean(get('flops'))))
@@ -152,24 +145,17 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
                  config: ml_collections.ConfigDict) -> None:
     """`comparison.csv` (fractions, Gbit and FLOPs at full precision) and `comparison.md`."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'comparison.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction='ignore')
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    common.write_csv(os.path.join(workdir, 'comparison.csv'), rows, CSV_COLUMNS)
 
     unit, scale = flop_unit(rows)
     seeds = rows[0]['seeds'] if rows else ''
-    percent = lambda row, field: (f'{100 * row[f"{field}_mean"]:.2f} ± '
-                                  f'{100 * row[f"{field}_std"]:.2f}')
+    percent = common.percent_cell
     lines = [
         f'# Comparison: {config.dataset} / {config.model}, {config.rounds} rounds',
         '',
         f'Command: `{command}`',
         '',
-        f'{config.num_clients} clients, {config.clients_per_round} per round, '
-        f'alpha {config.alpha}, batch {config.batch_size}, {config.local_epochs} local epoch(s), '
-        f'lr {config.lr}; seeds {seeds}. Accuracy: final round, unweighted mean over clients of '
+        f'{common.setting_sentence(config)}; seeds {seeds}. Accuracy: final round, unweighted mean over clients of '
         'each client\'s accuracy on its own test split, mean ± sample std over seeds. '
         'Communication: bits sent over the whole run (up + down), 32-bit floats. FLOPs: '
         'training FLOPs per client over the whole run (3 x MACs x kept fraction per example and '
@@ -205,7 +191,7 @@ def learning_curves(workdir: str, method_names: Sequence[str],
                 for record in reporting.read_metrics(path):
                     by_round.setdefault(int(record['round']), []).append(float(record['accuracy']))
         rounds = np.array(sorted(by_round), np.int64)
-        stats = np.array([_mean_std(by_round[r]) for r in rounds], np.float64).reshape(-1, 2)
+        stats = np.array([common.mean_std(by_round[r]) for r in rounds], np.float64).reshape(-1, 2)
         curves[name] = (rounds, stats[:, 0], stats[:, 1])
     return curves
 
@@ -245,10 +231,7 @@ def write_report(workdir: str, method_names: Sequence[str], seeds: Sequence[int]
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-    try:
-        seeds = [int(s) for s in _SEEDS.value]
-    except ValueError:
-        raise app.UsageError(f'--seeds must be integers, got {",".join(_SEEDS.value)}') from None
+    seeds = common.parse_seeds(_SEEDS.value)
     unknown = [m for m in _METHODS.value if m not in methods.METHODS]
     if unknown or not _METHODS.value or not seeds:
         raise app.UsageError(f'--methods must be a non-empty list of {",".join(methods.METHODS)} '

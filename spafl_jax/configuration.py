@@ -121,6 +121,10 @@ def _validate_execution(config: ml_collections.ConfigDict) -> None:
     if 'process_id' in config:
         _number(config, 'process_id', non_negative=True, integer=True,
                 at_most=config.get('num_processes', 1) - 1)
-    address = config.get('coordinator_address')
-    if address is not None and (not isinstance(address, str) or ':' not in address):
-        raise ConfigError(f'config.coordinator_address={address!r} must be None or "host:port".')
+    address = config.get('coordinator_address') or ''
+    if not isinstance(address, str) or (address and ':' not in address):
+        raise ConfigError(f'config.coordinator_address={address!r} must be "" (one process) or '
+                          '"host:port" of process 0.')
+    if config.get('num_processes', 1) > 1 and not address:
+        raise ConfigError(f'config.num_processes={config.num_processes} needs '
+                          'config.coordinator_address="host:port" of process 0.')

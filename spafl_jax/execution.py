@@ -757,9 +757,32 @@ def initialize_from_config(config) -> None:
 
 
 def host_local(tree):
-    """Every leaf as a full numpy array on this host (gathers across hosts when there are several):
-    what a checkpoint writer or a figure needs from a sharded state."""
+    """Every leaf as a full numpy array on this host: what a checkpoint writer or a figure needs.
+
+    Leaves sharded across hosts are gathered, which is a collective: in a multi-host run every
+    process must call this with the same tree, at the same point.
+    """
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return multihost_utils.process_allgather(tree, tiled=True)
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+    return jax.tree.map(one, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (a collective in a multi-host run)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (nothing to wait for on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices(name)

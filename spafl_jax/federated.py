@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spafl_jax import client as client_lib
+from spafl_jax import data as data_lib
 from spafl_jax import masking
 from spafl_jax import models
 from spafl_jax import server
@@ -62,6 +63,16 @@ def make_client_data(images: np.ndarray, labels: np.ndarray, client_indices) -> 
         table[k, :len(ids)] = ids
     return ClientData(images=jnp.asarray(images), labels=jnp.asarray(labels, jnp.int32),
                       example_ids=jnp.asarray(table), counts=jnp.asarray(counts))
+
+
+def split_clients(dataset, num_clients: int, alpha: float, min_train_examples: int,
+                  seed: int = 0) -> tuple[ClientData, ClientData]:
+    """(train, test) client data of `dataset` (a `data.Dataset`) split by `data.dirichlet_split`."""
+    train_ids, test_ids = data_lib.dirichlet_split(
+        dataset.train_labels, dataset.test_labels, num_clients=num_clients, alpha=alpha,
+        min_train_examples=min_train_examples, seed=seed, num_classes=dataset.num_classes)
+    return (make_client_data(dataset.train_images, dataset.train_labels, train_ids),
+            make_client_data(dataset.test_images, dataset.test_labels, test_ids))
 
 
 def init_clients(model: nn.Module, cfg: LocalConfig, rng: jax.Array, num_clients: int,

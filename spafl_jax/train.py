@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import time
 from typing import Any
 
@@ -80,19 +81,14 @@ def sample_clients(seed: int, round_index: int, num_clients: int, num_sampled: i
 
 def split_data(config, dataset: data_lib.Dataset):
     try:
-        train_ids, test_ids = data_lib.dirichlet_split(
-            dataset.train_labels, dataset.test_labels, num_clients=config.num_clients,
-            alpha=config.alpha, min_train_examples=config.batch_size, seed=config.seed,
-            num_classes=dataset.num_classes)
+        return federated.split_clients(dataset, config.num_clients, config.alpha,
+                                       min_train_examples=config.batch_size, seed=config.seed)
     except ValueError as e:
         raise configuration.ConfigError(
             f'the Dirichlet split cannot give each of config.num_clients={config.num_clients} '
             f'clients config.batch_size={config.batch_size} examples of {config.dataset} with '
             f'config.alpha={config.alpha} ({e}); use fewer clients, a smaller batch or a larger '
             'alpha.') from None
-    train = federated.make_client_data(dataset.train_images, dataset.train_labels, train_ids)
-    test = federated.make_client_data(dataset.test_images, dataset.test_labels, test_ids)
-    return train, test
 
 
 def _one_client(tree):
@@ -107,7 +103,10 @@ def _format_bits(bits: float) -> str:
 
 
 def save_final_state(path: str, state, method: methods.Method) -> None:
-    """All clients' weights, thresholds and BatchNorm statistics (leading client axis), msgpack."""
+    """All clients' weights, thresholds and BatchNorm statistics (leading client axis), msgpack.
+
+    `state` holds host arrays (`execution.host_local`), so a state sharded over hosts is whole.
+    """
     params, thresholds, batch_stats = method.client_variables(state)
     tree = {'params': params, 'thresholds': thresholds, 'batch_stats': batch_stats}
     if method.communicates_thresholds:
@@ -138,9 +137,12 @@ class Preempted(RuntimeError):
         self.signum = signum
 
 
-# Fields that may change when a run is resumed: they do not alter what a round computes.
+# Fields that may change when a run is resumed: how long it runs and what it reports, and where and
+# how it executes (a run checkpointed on one machine resumes on another; the execution changes
+# results only to float rounding).
 RESUMABLE_FIELDS = ('rounds', 'eval_every', 'eval_batch_size', 'checkpoint_every',
-                    'sparsity_rounds')
+                    'sparsity_rounds', 'client_execution', 'vmap_lanes', 'eval_chunk',
+                    'num_cpu_devices', 'coordinator_address', 'num_processes', 'process_id')
 
 CONFIG_FILENAME = 'config.json'
 CHECKPOINT_DIRNAME = 'checkpoints'
@@ -207,10 +209,12 @@ class Run:
                                       self.dataset.num_classes)
 
 
-def _first_layer_masks(clients) -> np.ndarray:
-    kernel = jax.tree.leaves(masking.kernels_of(clients.params, clients.thresholds))[0]
-    threshold = jax.tree.leaves(clients.thresholds)[0]
-    return np.asarray(jax.vmap(masking.hard_row_mask)(kernel, threshold)).astype(np.float32)
+@jax.jit
+def _first_layer_masks(params, thresholds) -> jax.Array:
+    """[clients, rows] kept rows of every client's first masked layer (1 kept, 0 pruned)."""
+    kernel = jax.tree.leaves(masking.kernels_of(params, thresholds))[0]
+    threshold = jax.tree.leaves(thresholds)[0]
+    return jax.vmap(masking.hard_row_mask)(kernel, threshold).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -239,15 +243,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     Writes config.json, metrics.jsonl (one line per evaluated round), checkpoints/, summary.json,
     final_state.msgpack and the figures. Raises ConfigError, DatasetUnavailableError, WorkdirError,
     NonFiniteError or Preempted with a message meant for the user.
+
+    In a multi-host run every process calls this with the same config and a workdir they all see
+    (a shared file system). Every process computes; process 0 alone writes the files, and all of
+    them take part in the checkpoints.
     """
     configuration.validate(config)
     execution.initialize_from_config(config)   # before anything touches a device
+    lead = jax.process_index() == 0
     run = Run(config)   # loads and splits the data; fails before anything is written or compiled
-    prepare_workdir(workdir, config, overwrite)
-    try:
-        reporting.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME), config.to_dict())
-    except OSError as e:
-        raise _disk_error(e, workdir, CONFIG_FILENAME) from None
+    if lead:
+        prepare_workdir(workdir, config, overwrite)
+        try:
+            reporting.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME), config.to_dict())
+        except OSError as e:
+            raise _disk_error(e, workdir, CONFIG_FILENAME) from None
+    execution.barrier('spafl_jax: workdir prepared')
 
     summary_path = os.path.join(workdir, 'summary.json')
     state = run.initial_state()
@@ -296,14 +307,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         config, run.method, run.model, run.local_cfg, run.round_cfg, run.spec, run.train_data,
         run.test_data, macs)
     # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
-    writer = reporting.MetricsWriter(workdir, resume_from_round=start_round + 1)
-    records = reporting.read_metrics(writer.path)
+    writer = reporting.MetricsWriter(workdir, resume_from_round=start_round + 1) if lead else None
+    records = reporting.read_metrics(writer.path) if lead else []
     sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
     round_seconds = []
 
     def save_checkpoint(rounds_done: int) -> None:
         try:
-            checkpointer.save(rounds_done, state, {'round': rounds_done, 'totals': totals})
+            checkpointer.save(rounds_done, execution.host_local(state),
+                              {'round': rounds_done, 'totals': totals})
         except OSError as e:
             raise _disk_error(e, workdir, 'a checkpoint') from None
 
@@ -317,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 evaluate_now = (r + 1) % config.eval_every == 0 or r + 1 == config.rounds
                 evaluation = eval_fn(state, run.test_data) if evaluate_now else None
                 finite = _finite_report(run.method, state, sampled)
-                round_metrics, evaluation, finite = jax.device_get(
+                round_metrics, evaluation, finite = execution.host_local(
                     (round_metrics, evaluation, finite))
                 bad = [part for part, ok in (('loss', np.isfinite(round_metrics['train_loss'])),
                                              *finite.items()) if not ok]
@@ -333,11 +345,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 totals['max_steps'] += float(round_metrics['max_steps'])
                 round_seconds.append(time.time() - start)
                 if r + 1 in sparsity_rounds:
-                    reporting.plot_sparsity_pattern(
-                        _first_layer_masks(client_lib.ClientState(
-                            *run.method.client_variables(state), opt_state=())),
-                        os.path.join(workdir, f'sparsity_round_{r + 1:04d}.png'),
-                        title=f'{names[0]}: kept rows per client after round {r + 1}')
+                    params, thresholds, _ = run.method.client_variables(state)
+                    masks = execution.host_local(_first_layer_masks(params, thresholds))
+                    if lead:
+                        reporting.plot_sparsity_pattern(
+                            masks, os.path.join(workdir, f'sparsity_round_{r + 1:04d}.png'),
+                            title=f'{names[0]}: kept rows per client after round {r + 1}')
                 if evaluate_now:
                     record = {
                         'round': r + 1,
@@ -352,7 +365,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         'useful_step_fraction': totals['steps'] / max(totals['max_steps'], 1.0),
                     }
                     try:
-                        writer.write(record)
+                        if lead:
+                            writer.write(record)
                     except OSError as e:
                         raise _disk_error(e, workdir, reporting.METRICS_FILENAME) from None
                     records.append(record)
@@ -362,18 +376,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                  100 * record['density_weighted'],
                                  _format_bits(record['bits_up']), _format_bits(record['bits_down']),
                                  record['train_loss'], round_seconds[-1])
-                if (r + 1) % config.checkpoint_every == 0 or preemption.received:
+                # Every process must take the same branch: a signal that reached one stops all.
+                preempted = execution.any_process(bool(preemption.received))
+                if (r + 1) % config.checkpoint_every == 0 or preempted:
                     save_checkpoint(r + 1)
-                if preemption.received:
-                    raise Preempted(preemption.received, r + 1, workdir)
+                if preempted:
+                    raise Preempted(preemption.received or signal.SIGTERM, r + 1, workdir)
             if not checkpointer.steps() or checkpointer.steps()[-1] != config.rounds:
                 save_checkpoint(config.rounds)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         checkpointer.close()
 
+    host_state = execution.host_local(state)
     try:
-        save_final_state(os.path.join(workdir, 'final_state.msgpack'), state, run.method)
         final = records[-1]
         steady = round_seconds[1:] or round_seconds or [float('nan')]
         summary = {
@@ -385,8 +402,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             'seconds_first_round': round_seconds[0] if round_seconds else float('nan'),
             'seconds_per_round': float(np.mean(steady)),
         }
-        reporting.write_json_atomic(summary_path, summary)
-        reporting.plot_metrics(records, workdir)
+        if lead:
+            save_final_state(os.path.join(workdir, 'final_state.msgpack'), host_state, run.method)
+            reporting.write_json_atomic(summary_path, summary)
+            reporting.plot_metrics(records, workdir)
     except OSError as e:
         raise _disk_error(e, workdir, 'the summary and figures') from None
     return summary

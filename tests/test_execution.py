@@ -101,6 +101,9 @@ def test_config_validation_names_the_execution_field():
     config.update(num_processes=2, process_id=2)
     with pytest.raises(configuration.ConfigError, match='config.process_id'):
         configuration.validate(config)
+    config.update(process_id=1)
+    with pytest.raises(configuration.ConfigError, match='config.coordinator_address'):
+        configuration.validate(config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,11 +112,7 @@ def test_config_validation_names_the_execution_field():
 @pytest.fixture(scope='module')
 def digits():
     dataset = data_lib.load_digits()
-    train_ids, test_ids = data_lib.dirichlet_split(
-        dataset.train_labels, dataset.test_labels, NUM_CLIENTS, alpha=0.3,
-        min_train_examples=BATCH, seed=0)
-    train = federated.make_client_data(dataset.train_images, dataset.train_labels, train_ids)
-    test = federated.make_client_data(dataset.test_images, dataset.test_labels, test_ids)
+    train, test = federated.split_clients(dataset, NUM_CLIENTS, alpha=0.3, min_train_examples=BATCH)
     spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)
     return train, test, spec
 

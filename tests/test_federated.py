@@ -20,11 +20,7 @@ NUM_CLIENTS, SAMPLED, BATCH = 6, 3, 16
 @pytest.fixture(scope='module')
 def setup():
     dataset = data_lib.load_digits()
-    train_ids, test_ids = data_lib.dirichlet_split(
-        dataset.train_labels, dataset.test_labels, NUM_CLIENTS, alpha=1.0,
-        min_train_examples=BATCH, seed=0)
-    train = federated.make_client_data(dataset.train_images, dataset.train_labels, train_ids)
-    test = federated.make_client_data(dataset.test_images, dataset.test_labels, test_ids)
+    train, test = federated.split_clients(dataset, NUM_CLIENTS, alpha=1.0, min_train_examples=BATCH)
     model = models.create_model('digits_cnn', 10)
     cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=1, lr=0.05, th_coeff=0.01)
     spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)

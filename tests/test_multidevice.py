@@ -7,6 +7,7 @@ Each configuration runs in a fresh Python process, because the number of CPU dev
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -63,11 +64,7 @@ class TinyMLP(nn.Module):
 
 def setup():
     dataset = data_lib.load_digits()
-    train_ids, test_ids = data_lib.dirichlet_split(
-        dataset.train_labels, dataset.test_labels, NUM_CLIENTS, alpha=0.3,
-        min_train_examples=BATCH, seed=0)
-    train = federated.make_client_data(dataset.train_images, dataset.train_labels, train_ids)
-    test = federated.make_client_data(dataset.test_images, dataset.test_labels, test_ids)
+    train, test = federated.split_clients(dataset, NUM_CLIENTS, alpha=0.3, min_train_examples=BATCH)
     model = TinyMLP()
     cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=2, lr=0.05, th_coeff=0.01)
     spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)
@@ -178,3 +175,47 @@ def test_two_processes_on_localhost_give_the_one_process_results(tmp_path, ref):
     results = dict(np.load(jobs[0][0]))
     for strategy in ('map', 'loop'):
         _check(results, *ref, strategy)
+
+
+_MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
+                     'main.py')
+# The embedded default, small: 8 clients split over 4 devices, a checkpoint after round 2.
+_SMALL_RUN = ('--config.num_clients=8', '--config.clients_per_round=3', '--config.local_epochs=1',
+              '--config.checkpoint_every=2', '--config.sparsity_rounds=(1,)')
+
+
+def _main(workdir, rounds: int, *flags: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop('XLA_FLAGS', None)
+    return subprocess.Popen([sys.executable, _MAIN, f'--workdir={workdir}', *_SMALL_RUN,
+                             f'--config.rounds={rounds}', *flags], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_processes_run_and_resume_the_training_command_like_one(tmp_path):
+    """`experiments/main.py` as two processes sharing a workdir: process 0 writes the files, both
+    take part in the checkpoints, and a resumed run restores on both and goes on as one process."""
+    single, multi = tmp_path / 'single', tmp_path / 'multi'
+    for rounds in (3, 4):   # 3 rounds (checkpoints 2 and 3), then resumed from 3 up to 4 rounds
+        address = f'127.0.0.1:{_free_port()}'
+        jobs = [_main(single, rounds)] + [
+            _main(multi, rounds, f'--config.coordinator_address={address}',
+                  '--config.num_processes=2', f'--config.process_id={i}',
+                  '--config.num_cpu_devices=2') for i in range(2)]
+        outputs = [_finish(job) for job in jobs]
+    assert 'resuming from the checkpoint of round 3' in outputs[1], outputs[1][-2000:]
+    expected, got = _metrics(single), _metrics(multi)
+    assert [r['round'] for r in got] == [1, 2, 3, 4]
+    for want, have in zip(expected, got):
+        for key in ('accuracy', 'density', 'density_weighted', 'bits_up', 'bits_down'):
+            assert have[key] == pytest.approx(want[key], abs=1e-6), (want['round'], key)
+        assert have['train_loss'] == pytest.approx(want['train_loss'], rel=1e-4)
+    for name in ('summary.json', 'final_state.msgpack', 'sparsity_round_0001.png',
+                 'accuracy.png'):
+        assert (multi / name).exists(), name
+    assert sorted(os.listdir(multi / 'checkpoints')) == ['3', '4']

@@ -12,28 +12,13 @@ each round, raw 0-255 pixels without augmentation.
 import ml_collections
 
 from experiments.configs import cifar10
-from experiments.configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = default.get_config()
-    config.dataset = 'cifar10'
-    config.model = 'vit'
-    config.augment = 'crop_flip'
-    config.num_clients = 100
-    config.clients_per_round = 10
-    config.alpha = 0.1
-    config.rounds = 500
-    config.batch_size = 16
-    config.local_epochs = 1
-    config.lr = 0.01
-    config.lr_decay = 1.0
-    config.clip = 3.0
-    config.th_coeff = 1e-4
-    config.penalty_warmup = False
-    config.eval_batch_size = 500
-    if arg == 'official':
-        cifar10.apply_official_cifar10(config)
-    elif arg:
+    if arg not in (None, '', 'official'):
         raise ValueError(f'cifar10_vit.py takes no argument or "official", got {arg!r}.')
+    config = cifar10.get_config(arg)   # the CIFAR-10 split, optimizer and official behaviours
+    config.model = 'vit'
+    config.local_epochs = 1
+    config.th_coeff = 1e-4
     return config

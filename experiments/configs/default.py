@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.vmap_lanes = 0                # 'vmap': clients stepping at once per device; 0 = all
     config.eval_chunk = 32               # test examples per evaluation call (padding < this)
     config.num_cpu_devices = 0           # > 0: split the host CPU into this many devices
-    config.coordinator_address = None    # 'host:port' of process 0 in a multi-host run
+    config.coordinator_address = ''      # 'host:port' of process 0 in a multi-host run
     config.num_processes = 1             # processes of a multi-host run
     config.process_id = 0                # this process's index in a multi-host run
     config.conv_impl = 'im2col'          # im2col | xla: how convolutions are computed

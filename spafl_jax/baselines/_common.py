@@ -7,6 +7,7 @@ server does with it. Nothing here edits the core: it composes `client` and `fede
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -126,6 +127,13 @@ def map_clients(fn: Callable, args: tuple, execution: str):
     if execution == 'map':
         return jax.lax.map(lambda a: fn(*a), args)
     raise ValueError(f'client_execution={execution!r}: use one of {federated.CLIENT_EXECUTIONS}.')
+
+
+def compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg):
+    """A baseline's `run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics),
+    the input state donated."""
+    return jax.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs,
+                                     method_cfg=method_cfg), donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -88,8 +88,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedAvgConfig()):
     """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
-    return jax.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs,
-                                     method_cfg=method_cfg), donate_argnums=(0,))
+    return _common.compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg)
 
 
 def evaluate(model: nn.Module, spec: DataSpec, state: FedAvgState, data: ClientData,

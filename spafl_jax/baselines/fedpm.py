@@ -193,8 +193,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedPMConfig()):
     """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
     method_cfg.validate()
-    return jax.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs,
-                                     method_cfg=method_cfg), donate_argnums=(0,))
+    return _common.compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg)
 
 
 def eval_masks(state: FedPMState, method_cfg: FedPMConfig = FedPMConfig()):
