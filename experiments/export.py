@@ -1,7 +1,8 @@
 r"""Exports every client of a SpaFL run as a compact dense model. The logic lives in
 `spafl_jax.export`; this file only parses flags and prints.
 
-    python experiments/export.py --workdir=runs/fmnist_lenet5 [--out=DIR] [--batch_size=256]
+    python experiments/export.py --workdir=runs/fmnist_lenet5 [--out=DIR] [--batch_size=256] \
+        [--clients=0,1,2]
 
 Writes `client_XXX.npz` + `client_XXX.json` per client and `compact_numpy.py` (numpy-only loader and
 forward) into --out (default WORKDIR/compact), and prints per client: parameters before and after,
@@ -26,14 +27,23 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory with config.json 
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: WORKDIR/compact).')
 _BATCH = flags.DEFINE_integer('batch_size', 256, 'Batch of random images the timing uses.')
 _REPEATS = flags.DEFINE_integer('repeats', 20, 'Timed calls per model (median reported).')
+_CLIENTS = flags.DEFINE_list('clients', None, 'Client ids to export (default: every client).')
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
     out = _OUT.value or os.path.join(_WORKDIR.value, 'compact')
-    rows = export.export_workdir(_WORKDIR.value, out, batch_size=_BATCH.value,
-                                 repeats=_REPEATS.value)
+    try:
+        clients = None if _CLIENTS.value is None else [int(c) for c in _CLIENTS.value]
+    except ValueError:
+        raise app.UsageError(f'--clients must be integers, got {",".join(_CLIENTS.value)}') from None
+    try:
+        rows = export.export_workdir(_WORKDIR.value, out, batch_size=_BATCH.value,
+                                     repeats=_REPEATS.value, clients=clients)
+    except (OSError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
     print(f'{"client":>6} {"params before":>14} {"params after":>13} {"kept":>6} {"bytes":>10} '
           f'{"masked ms":>10} {"compact ms":>10} {"speed-up":>8} {"max |diff|":>10}')
     done = [r for r in rows if 'error' not in r]

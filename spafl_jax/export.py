@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from flax import serialization
 from flax import traverse_util
@@ -634,8 +634,10 @@ def time_forwards(fns_and_args, repeats: int = 20) -> list[float]:
 
 
 def export_workdir(workdir: str, out_dir: str, batch_size: int = 256, repeats: int = 20,
-                   seed: int = 0, loader=load_client_variables) -> list[dict]:
-    """Exports every client of a run to `out_dir/client_XXX.{npz,json}` and times both models.
+                   seed: int = 0, loader=load_client_variables,
+                   clients: Sequence[int] | None = None) -> list[dict]:
+    """Exports every client of a run (or the ids in `clients`) to `out_dir/client_XXX.{npz,json}`
+    and times both models.
 
     Returns one row per client: parameters before/after, bytes on disk, median jitted forward time of
     the masked and the compact model on the same random batch, their ratio, and the largest
@@ -644,7 +646,13 @@ def export_workdir(workdir: str, out_dir: str, batch_size: int = 256, repeats: i
     """
     with open(os.path.join(workdir, 'config.json')) as f:
         config = json.load(f)
-    model_name, clients = loader(workdir)
+    model_name, all_clients = loader(workdir)
+    if clients is None:
+        clients = range(len(all_clients))
+    unknown = sorted(set(clients) - set(range(len(all_clients))))
+    if unknown:
+        raise ValueError(f'clients {unknown} are not in the run; it has clients 0..'
+                         f'{len(all_clients) - 1}.')
     image_shape = image_shape_of(config)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'compact_numpy.py'), 'w') as f:
@@ -653,7 +661,8 @@ def export_workdir(workdir: str, out_dir: str, batch_size: int = 256, repeats: i
     rows = []
     model = None
     masked_fn = jax.jit(lambda v, images: model.apply(v, images, train=False))
-    for i, variables in enumerate(clients):
+    for i in clients:
+        variables = all_clients[i]
         row = {'client': i, 'params_before': count_parameters(variables)}
         try:
             compact = compact_model(model_name, variables)

@@ -216,3 +216,12 @@ def test_export_workdir(tmp_path):
         assert r['bytes'] == sum(os.path.getsize(os.path.join(out, f'client_{r["client"]:03d}{e}'))
                                  for e in ('.npz', '.json'))
     assert os.path.exists(os.path.join(out, 'compact_numpy.py'))
+    # A chosen subset, and an id the run does not have.
+    subset = export.export_workdir(workdir, str(tmp_path / 'subset'), batch_size=8, repeats=1,
+                                   clients=[1])
+    assert [r['client'] for r in subset] == [1]
+    assert subset[0]['params_after'] == rows[1]['params_after']
+    assert sorted(os.listdir(tmp_path / 'subset')) == ['client_001.json', 'client_001.npz',
+                                                        'compact_numpy.py']
+    with pytest.raises(ValueError, match=r'clients \[7\] are not in the run; it has clients 0..2'):
+        export.export_workdir(workdir, str(tmp_path / 'bad'), clients=[1, 7])
