@@ -3,6 +3,12 @@
 The state of ALL clients is stacked on a leading client axis `[clients, ...]`. A round gathers the
 sampled clients, broadcasts the server thresholds to them, trains them, aggregates their thresholds,
 scatters them back and applies the importance update; it is one pure function, compiled once.
+
+`run_round` is the reference form: every sampled client runs the largest client's number of steps
+(padded steps change nothing), vmapped or mapped over the clients. It is the one to read, to use in
+your own code on one device, and the one the tests hold the faster forms to. The runner
+(`train.py`) goes through `execution.RoundRunner`, which computes the same round without padded steps
+and across devices and hosts (BENCHMARKS.md).
 """
 
 from __future__ import annotations
