@@ -128,9 +128,10 @@ class MaskedConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
         kernel = self.param('kernel', torch_default_init, (kh, kw, x.shape[-1], self.features),
-                                                jnp.float32)
+                            jnp.float32)
         threshold = _threshold(self, self.features)
         y = CONV_IMPLS[self.conv_impl](x, masking.masked_kernel(kernel, threshold, self.estimator),
-                                                                      self.strides, self.padding, self.compute_dtype)
-        self.sow(MACS, 'macs', np.float32(np.prod(y.shape[1:3]) * kh * kw * x.shape[-1] * self.features))
+                                       self.strides, self.padding, self.compute_dtype)
+        self.sow(MACS, 'macs',
+                 np.float32(np.prod(y.shape[1:3]) * kh * kw * x.shape[-1] * self.features))
         return y

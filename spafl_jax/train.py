@@ -308,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         run.test_data, macs)
     # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
     writer = reporting.MetricsWriter(workdir, resume_from_round=start_round + 1) if lead else None
-    records = reporting.read_metrics(writer.path) if lead else []
+    execution.barrier('spafl_jax: metrics file repaired')   # then every process reads the same lines
+    records = reporting.read_metrics(os.path.join(workdir, reporting.METRICS_FILENAME))
     sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
     round_seconds = []
 
