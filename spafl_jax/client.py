@@ -180,6 +180,30 @@ def round_opt_state(cfg: LocalConfig, state: ClientState):
     return make_optimizer(cfg).init((state.params, state.thresholds))
 
 
+def over_real_steps(cfg: LocalConfig, body, carry, count, max_count: int):
+    """Runs `carry, metrics = body(carry, index)` for a client's real local steps only, in order.
+
+    `index` is the step's row in `local_schedule`: the s-th real step of epoch e is row
+    e * (max_count // batch_size) + s. The loop's trip count is the client's own number of real
+    steps, so a small client does not pay for the largest one's padding (under `vmap` the lanes run
+    to the longest lane, and the extra iterations are discarded). Returns (carry, metrics summed over
+    the steps).
+    """
+    stride = max_count // cfg.batch_size
+    per_epoch = count // cfg.batch_size
+    safe_per_epoch = jnp.maximum(per_epoch, 1)
+    metrics_shape = jax.eval_shape(lambda c: body(c, jnp.int32(0))[1], carry)
+    zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape)
+
+    def step(t, loop_carry):
+        carry, sums = loop_carry
+        index = (t // safe_per_epoch) * stride + t % safe_per_epoch
+        carry, metrics = body(carry, index)
+        return carry, jax.tree.map(jnp.add, sums, metrics)
+
+    return jax.lax.fori_loop(0, per_epoch * cfg.local_epochs, step, (carry, zeros))
+
+
 def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: ClientState, images,
                  labels, example_ids, count, rng, round_index, macs=None):
     """`local_epochs` of SGD on one client's data.
@@ -196,20 +220,18 @@ def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: Clie
     """
     lr = learning_rate(cfg, round_index)
     penalty_coeff = cfg.th_coeff * penalty_scale(cfg, round_index)
-    batches, valid, keys = local_schedule(cfg, rng, count, example_ids.shape[0])
-    opt_state = round_opt_state(cfg, state)
+    batches, _, keys = local_schedule(cfg, rng, count, example_ids.shape[0])
 
-    def body(carry, inputs):
+    def body(carry, index):
         client, opt = carry
-        positions, ok, key = inputs
-        ids = example_ids[positions]
-        x = preprocess(spec, images[ids], key)
-        client, opt, metrics = local_step(model, cfg, client, opt, x, labels[ids], ok, lr,
-                                          penalty_coeff, macs)
+        ids = example_ids[batches[index]]
+        x = preprocess(spec, images[ids], keys[index])
+        client, opt, metrics = local_step(model, cfg, client, opt, x, labels[ids], jnp.bool_(True),
+                                          lr, penalty_coeff, macs)
         return (client, opt), metrics
 
-    (state, opt_state), metrics = jax.lax.scan(body, (state, opt_state), (batches, valid, keys),
-                                               unroll=cfg.scan_unroll)
+    (state, opt_state), metrics = over_real_steps(
+        cfg, body, (state, round_opt_state(cfg, state)), count, example_ids.shape[0])
     if cfg.persistent_optimizer:
         state = state.replace(opt_state=opt_state)
-    return state, jax.tree.map(jnp.sum, metrics)
+    return state, metrics

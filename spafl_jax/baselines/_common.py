@@ -80,7 +80,7 @@ def cross_entropy(logits, y):
 
 def local_sgd(cfg: LocalConfig, spec: DataSpec, loss_fn: Callable, trainable, extra, images, labels,
               example_ids, count, rng, round_index, tx: optax.GradientTransformation | None = None):
-    """`local_epochs` of clipped momentum SGD on one client's data; padded steps change nothing.
+    """`local_epochs` of clipped momentum SGD on one client's data, its real steps only.
 
     Args:
       cfg: local hyperparameters (the optimizer is fresh every round in all baselines).
@@ -96,28 +96,26 @@ def local_sgd(cfg: LocalConfig, spec: DataSpec, loss_fn: Callable, trainable, ex
     schedule_rng, step_rng = jax.random.split(rng)
     batches, valid = client_lib.batch_schedule(schedule_rng, count, example_ids.shape[0],
                                                cfg.batch_size, cfg.local_epochs)
+    keys = jax.random.split(step_rng, valid.shape[0])
     tx = client_lib.make_optimizer(cfg) if tx is None else tx
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def body(carry, inputs):
-        positions, ok, key = inputs
+    def body(carry, index):
         trainable, extra, opt_state = carry
-        augment_key, loss_key = jax.random.split(key)
-        ids = example_ids[positions]
+        augment_key, loss_key = jax.random.split(keys[index])
+        ids = example_ids[batches[index]]
         x = client_lib.preprocess(spec, images[ids], augment_key)
-        (loss, (new_extra, correct, flops)), grads = grad_fn(trainable, extra, x, labels[ids],
-                                                             loss_key)
-        updates, new_opt_state = tx.update(grads, opt_state)
-        new_trainable = jax.tree.map(lambda p, u: p - lr * u, trainable, updates)
-        keep = lambda new, old: jnp.where(ok, new, old)
-        carry = jax.tree.map(keep, (new_trainable, new_extra, new_opt_state), carry)
-        v = ok.astype(jnp.float32)
-        return carry, {'loss': loss * v, 'correct': correct * v, 'steps': v, 'flops': flops * v}
+        (loss, (extra, correct, flops)), grads = grad_fn(trainable, extra, x, labels[ids],
+                                                         loss_key)
+        updates, opt_state = tx.update(grads, opt_state)
+        trainable = jax.tree.map(lambda p, u: p - lr * u, trainable, updates)
+        metrics = {'loss': loss, 'correct': correct.astype(jnp.float32),
+                   'steps': jnp.float32(1.0), 'flops': jnp.asarray(flops, jnp.float32)}
+        return (trainable, extra, opt_state), metrics
 
-    keys = jax.random.split(step_rng, valid.shape[0])
-    (trainable, extra, _), metrics = jax.lax.scan(
-        body, (trainable, extra, tx.init(trainable)), (batches, valid, keys), unroll=cfg.scan_unroll)
-    return trainable, extra, jax.tree.map(jnp.sum, metrics)
+    (trainable, extra, _), metrics = client_lib.over_real_steps(
+        cfg, body, (trainable, extra, tx.init(trainable)), count, example_ids.shape[0])
+    return trainable, extra, metrics
 
 
 def map_clients(fn: Callable, args: tuple, execution: str):
