@@ -186,22 +186,33 @@ def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):
 
 def evaluate_client(model: nn.Module, spec: DataSpec, client: ClientState, images, labels,
                     example_ids, count, batch_size: int):
-    """Correct predictions of one client's own model on its own (padded) test examples."""
+    """Correct predictions of one client's own model on its own (padded) test examples.
+
+    Only the batches that hold real examples run: ceil(count / batch_size) of them.
+    """
     variables = {'params': client.params,
                  'thresholds': masking.reset_collapsed_thresholds(client.params, client.thresholds),
                  'batch_stats': client.batch_stats}
     num_batches = -(-example_ids.shape[0] // batch_size)
     padded = jnp.pad(example_ids, (0, num_batches * batch_size - example_ids.shape[0]))
-    positions = jnp.arange(num_batches * batch_size).reshape(num_batches, batch_size)
 
-    def body(correct, pos):
-        ids = padded[pos]
+    def body(b, correct):
+        start = b * batch_size
+        ids = jax.lax.dynamic_slice(padded, (start,), (batch_size,))
         logits = model.apply(variables, preprocess_eval(spec, images[ids]), train=False)
-        hit = (jnp.argmax(logits, -1) == labels[ids]) & (pos < count)
-        return correct + jnp.sum(hit), None
+        hit = (jnp.argmax(logits, -1) == labels[ids]) & (start + jnp.arange(batch_size) < count)
+        return correct + jnp.sum(hit)
 
-    correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), positions)
-    return correct
+    return jax.lax.fori_loop(0, (count + batch_size - 1) // batch_size, body,
+                             jnp.zeros((), jnp.int32))
+
+
+def over_clients(fn, *args):
+    """`fn` over the leading client axis of `args`: one client after another on CPU (`lax.map`:
+    per-client weights make vmapped matmuls slow there, BENCHMARKS.md), `vmap` on accelerators."""
+    if jax.default_backend() == 'cpu':
+        return jax.lax.map(lambda a: fn(*a), args)
+    return jax.vmap(fn)(*args)
 
 
 def preprocess_eval(spec: DataSpec, images):
@@ -214,9 +225,9 @@ def evaluate(model, spec, clients: ClientState, data: ClientData, batch_size: in
     Returns a dict of arrays: correct [N], counts [N], layer_density [N, L] (kept-row fraction),
     kept_weights [N] (masked weights in kept rows).
     """
-    correct = jax.vmap(lambda c, ids, n: evaluate_client(model, spec, c, data.images, data.labels,
-                                                         ids, n, batch_size))(
-        clients, data.example_ids, data.counts)
+    correct = over_clients(lambda c, ids, n: evaluate_client(model, spec, c, data.images,
+                                                             data.labels, ids, n, batch_size),
+                           clients, data.example_ids, data.counts)
     return {'correct': correct, 'counts': data.counts, **density_stats(clients)}
 
 

@@ -189,7 +189,7 @@ def correct_per_client(model: nn.Module, spec: DataSpec, client_fn: Callable[[ja
         return federated.evaluate_client(model, spec, client_fn(k), data.images, data.labels, ids, n,
                                          batch_size)
     num_clients = data.counts.shape[0]
-    return jax.vmap(one)(jnp.arange(num_clients), data.example_ids, data.counts)
+    return federated.over_clients(one, jnp.arange(num_clients), data.example_ids, data.counts)
 
 
 def weight_density(kernel_masks) -> tuple[jax.Array, jax.Array]:
