@@ -39,7 +39,6 @@ class LocalConfig:
     th_coeff: float = 1e-4        # weight of sum(exp(-tau)) in the loss
     penalty_warmup: bool = False  # scale the penalty by sigmoid(10 r - 5)
     persistent_optimizer: bool = False
-    scan_unroll: int = 1          # unroll of the scan over local steps (rolled convs are slow on CPU)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,11 +4,11 @@ The state of ALL clients is stacked on a leading client axis `[clients, ...]`. A
 sampled clients, broadcasts the server thresholds to them, trains them, aggregates their thresholds,
 scatters them back and applies the importance update; it is one pure function, compiled once.
 
-`run_round` is the reference form: every sampled client runs the largest client's number of steps
-(padded steps change nothing), vmapped or mapped over the clients. It is the one to read, to use in
-your own code on one device, and the one the tests hold the faster forms to. The runner
-(`train.py`) goes through `execution.RoundRunner`, which computes the same round without padded steps
-and across devices and hosts (BENCHMARKS.md).
+`run_round` is the reference form: the sampled clients vmapped (or mapped), each running its own
+real local steps (`client.over_real_steps`; under vmap the lanes run to the longest client). It is
+the one to read, to use in your own code on one device, and the one the tests hold the faster forms
+to. The runner (`train.py`) goes through `execution.RoundRunner`, which computes the same round with
+clients packed onto lanes and devices, across hosts too (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -38,8 +38,7 @@ def local_config(config) -> client_lib.LocalConfig:
     return client_lib.LocalConfig(
         batch_size=config.batch_size, local_epochs=config.local_epochs, lr=config.lr,
         lr_decay=config.lr_decay, min_lr=config.min_lr, clip=config.clip, th_coeff=config.th_coeff,
-        penalty_warmup=config.penalty_warmup, persistent_optimizer=config.persistent_optimizer,
-        scan_unroll=config.scan_unroll)
+        penalty_warmup=config.penalty_warmup, persistent_optimizer=config.persistent_optimizer)
 
 
 def round_config(config) -> federated.RoundConfig:
