@@ -112,9 +112,13 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
 
 def _validate_execution(config: ml_collections.ConfigDict) -> None:
     """The execution fields (optional: a config without them runs on one process)."""
-    for field in ('vmap_lanes', 'num_cpu_devices'):
-        if field in config:
-            _number(config, field, non_negative=True, integer=True)
+    if 'vmap_lanes' in config:
+        _number(config, 'vmap_lanes', non_negative=True, integer=True)
+    if 'num_cpu_devices' in config:
+        _number(config, 'num_cpu_devices', integer=True)
+        if config.num_cpu_devices < -1:
+            raise ConfigError(f'config.num_cpu_devices={config.num_cpu_devices!r} must be -1 (one '
+                              'device per CPU core), 0 (JAX\'s single CPU device) or a count > 0.')
     for field in ('eval_chunk', 'num_processes'):
         if field in config:
             _number(config, field, positive=True, integer=True)

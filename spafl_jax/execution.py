@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 from absl import logging
@@ -39,6 +40,7 @@ from spafl_jax import client as client_lib
 from spafl_jax import federated
 from spafl_jax import masking
 from spafl_jax import server
+from spafl_jax import xla
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, FederatedState, RoundConfig
 
@@ -74,17 +76,40 @@ def legacy_client_execution(name: str, backend: str | None = None) -> str:
     return resolved if resolved in federated.CLIENT_EXECUTIONS else 'map'
 
 
+AUTO_CPU_DEVICES = -1   # config.num_cpu_devices: one CPU device per core, at most one per client
+
+
+def auto_cpu_devices(clients_per_round: int) -> int:
+    """CPU devices for `num_cpu_devices=-1`: one per core this process may run on, at most one per
+    sampled client (more devices than clients would stay idle)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, min(cores or 1, clients_per_round))
+
+
 def initialize_runtime(coordinator_address: str | None = None, num_processes: int = 1,
-                       process_id: int = 0, num_cpu_devices: int = 0) -> None:
+                       process_id: int = 0, num_cpu_devices: int = 0,
+                       clients_per_round: int = 1) -> None:
     """Multi-host start-up and simulated CPU devices; must run before JAX touches a device.
 
     With `coordinator_address`, `jax.distributed.initialize` joins `num_processes` processes (TPU
-    pods, GPU hosts, or CPU processes whose collectives go through gloo). `num_cpu_devices > 0` splits
-    the host CPU into that many devices: multi-device code on a laptop, and two small clients
-    training at once (the digits default: 1.7x); LeNet-5 gains nothing, its ops already use every
-    core (BENCHMARKS.md).
+    pods, GPU hosts, or CPU processes whose collectives go through gloo).
+
+    `num_cpu_devices > 0` splits the host CPU into that many devices: multi-device code on a laptop,
+    and several clients training at once. `AUTO_CPU_DEVICES` (-1) takes `auto_cpu_devices`: on the
+    project's 2 cores two devices made a Fashion-MNIST round 1.2x faster and the digits default 1.4x
+    (BENCHMARKS.md), because one client's small ops do not keep both cores busy. Auto leaves the
+    devices alone in a multi-process run, and when JAX has already started (in a notebook, say). The
+    setting only concerns the CPU backend: a GPU or TPU run is not affected.
     """
-    if num_cpu_devices > 0:
+    if num_cpu_devices == AUTO_CPU_DEVICES:
+        count = auto_cpu_devices(clients_per_round) if num_processes == 1 else 1
+        if count > 1:
+            try:
+                jax.config.update('jax_num_cpu_devices', count)
+            except RuntimeError:
+                logging.info('num_cpu_devices=-1 (auto): JAX has already started, so its CPU '
+                             'devices stay as they are.')
+    elif num_cpu_devices > 0:
         jax.config.update('jax_num_cpu_devices', num_cpu_devices)
     if coordinator_address and not jax.distributed.is_initialized():
         # CPU processes exchange the psum through gloo (the default of this JAX; set for clarity).
@@ -408,6 +433,10 @@ class RoundRunner:
         return jax.shard_map(counted, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                              check_vma=False)
 
+    def _jit(self, fn, **kwargs):
+        """`jax.jit` with the compiler options measured fastest for the model (`xla.jit`)."""
+        return xla.jit(fn, model=self.model, **kwargs)
+
     def _begin(self, state: FederatedState, data: ClientData, sampled, seed_key):
         """Gathers this device's clients, broadcasts tau_g, draws their schedules (steps 1-2)."""
         cfg = self.local_cfg
@@ -571,14 +600,14 @@ class RoundRunner:
             def finish(state, work, lane, sampled, executed):
                 return self._finish(state, _store_lane(work, _squeeze(lane)), sampled, executed)
 
-            self._begin_fn = jax.jit(self._shard_map(
+            self._begin_fn = self._jit(self._shard_map(
                 begin, (state_specs, data_specs, rep, rep, shd), (work_specs, lane_specs, (rep, rep))))
-            self._slot_fn = jax.jit(self._shard_map(
+            self._slot_fn = self._jit(self._shard_map(
                 slot, (work_specs, lane_specs, data_specs, shd, shd, rep, rep, rep), lane_specs))
-            self._switch_fn = jax.jit(self._shard_map(
+            self._switch_fn = self._jit(self._shard_map(
                 switch, (work_specs, lane_specs, shd, rep), (work_specs, lane_specs)),
                 donate_argnums=(0, 1))
-            self._finish_fn = jax.jit(self._shard_map(
+            self._finish_fn = self._jit(self._shard_map(
                 finish, (state_specs, work_specs, lane_specs, rep, rep), (state_specs, rep)),
                 donate_argnums=(0,))
         else:
@@ -592,7 +621,7 @@ class RoundRunner:
                                             slots[0], lr, penalty_coeff)
                 return self._finish(state, work, sampled, executed)
 
-            self._round_fn = jax.jit(self._shard_map(
+            self._round_fn = self._jit(self._shard_map(
                 whole, (state_specs, data_specs, rep, rep, shd, shd, shd, shd, rep),
                 (state_specs, rep)), donate_argnums=(0,))
 
@@ -604,15 +633,15 @@ class RoundRunner:
                                         data.counts[i], j)
                 return correct.at[i].add(jnp.where(valid[0, t], hits, 0))
 
-            self._eval_slot_fn = jax.jit(self._shard_map(
+            self._eval_slot_fn = self._jit(self._shard_map(
                 eval_slot, (shd, test_specs, shd, shd, shd, rep), shd), donate_argnums=(2,))
             def eval_finish(clients, correct, data):
                 return self._eval_outputs(clients, correct, data)
 
-            self._eval_finish_fn = jax.jit(self._shard_map(
+            self._eval_finish_fn = self._jit(self._shard_map(
                 eval_finish, (shd, shd, test_specs), rep))
         else:
-            self._eval_fn = jax.jit(self._shard_map(self._evaluate_local, (shd, test_specs), rep))
+            self._eval_fn = self._jit(self._shard_map(self._evaluate_local, (shd, test_specs), rep))
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -753,7 +782,8 @@ def initialize_from_config(config) -> None:
     initialize_runtime(coordinator_address=config.get('coordinator_address'),
                        num_processes=config.get('num_processes', 1),
                        process_id=config.get('process_id', 0),
-                       num_cpu_devices=config.get('num_cpu_devices', 0))
+                       num_cpu_devices=config.get('num_cpu_devices', 0),
+                       clients_per_round=config.get('clients_per_round', 1))
 
 
 def host_local(tree):

@@ -29,6 +29,7 @@ from spafl_jax import data as data_lib
 from spafl_jax import masking
 from spafl_jax import models
 from spafl_jax import server
+from spafl_jax import xla
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 
 IMPORTANCE_UPDATES = ('all_after', 'sampled_before', 'none')
@@ -180,8 +181,8 @@ def round_metrics(metrics, local_cfg: LocalConfig, data: ClientData, num_sampled
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):
     """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
-    return jax.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs),
-                   donate_argnums=(0,))
+    return xla.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs),
+                   donate_argnums=(0,), model=model)
 
 
 def evaluate_client(model: nn.Module, spec: DataSpec, client: ClientState, images, labels,
@@ -245,4 +246,4 @@ def density_stats(clients: ClientState):
 
 
 def make_eval_fn(model, spec, batch_size):
-    return jax.jit(functools.partial(evaluate, model, spec, batch_size=batch_size))
+    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size), model=model)

@@ -72,42 +72,88 @@ class MaskedDense(nn.Module):
         return _matmul(x, masking.masked_kernel(kernel, threshold, self.estimator), self.compute_dtype)
 
 
+# Activation layouts a masked conv takes and returns. NHWC is Flax's; CNHW (channels, batch, height,
+# width) makes the im2col matmul `kernel^T @ patches` with the long batch x pixels axis minor, which
+# on XLA:CPU spares the transposes of NHWC's gradient and pools on contiguous rows (BENCHMARKS.md).
+LAYOUTS = ('NHWC', 'CNHW')
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f'layout={layout!r}: use one of {LAYOUTS}.')
+
+
+def spatial_axes(layout: str) -> tuple[int, int]:
+    """The (height, width) axes of an activation in `layout`."""
+    check_layout(layout)
+    return (1, 2) if layout == 'NHWC' else (2, 3)
+
+
+def channel_axis(layout: str) -> int:
+    check_layout(layout)
+    return -1 if layout == 'NHWC' else 0
+
+
+def _pad_spatial(x: jax.Array, kernel_hw: tuple[int, int], strides: Sequence[int],
+                 padding: Padding, layout: str) -> jax.Array:
+    """`x` with the explicit or 'SAME' zero padding applied to its spatial axes."""
+    padding = explicit_padding(padding)
+    h_axis, w_axis = spatial_axes(layout)
+    if padding == 'VALID':
+        return x
+    if padding == 'SAME':
+        pairs = []
+        for size, k, s in zip((x.shape[h_axis], x.shape[w_axis]), kernel_hw, strides):
+            pad = max((-(-size // s) - 1) * s + k - size, 0)
+            pairs.append((pad // 2, pad - pad // 2))
+        padding = tuple(pairs)
+    widths = [(0, 0)] * x.ndim
+    widths[h_axis], widths[w_axis] = padding
+    return jnp.pad(x, widths)
+
+
 def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding,
-                                dtype=None) -> jax.Array:
+                dtype=None, layout: str = 'NHWC') -> jax.Array:
     """Convolution as shifted slices concatenated on the channel axis and one matmul.
 
     On XLA:CPU this runs about 1.5x faster than `lax.conv_general_dilated` for the 5x5 convolutions of
     the SpaFL models (see PERF_NOTES), and vmapped over clients it becomes a batched matmul rather than a
-    grouped convolution.
+    grouped convolution. `x` and the result are in `layout` ('NHWC' or 'CNHW'); the kernel is HWIO in
+    both, and the patches' feature order (row, column, input channel) matches its reshape.
     """
     kh, kw, cin, cout = kernel.shape
     sh, sw = strides
-    padding = explicit_padding(padding)
-    if not isinstance(padding, str):
-        x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    elif padding == 'SAME':
-        h, w = x.shape[1:3]
-        out_h, out_w = -(-h // sh), -(-w // sw)
-        pad_h = max((out_h - 1) * sh + kh - h, 0)
-        pad_w = max((out_w - 1) * sw + kw - w, 0)
-        x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
-                                        (0, 0)))
-    h, w = x.shape[1:3]
+    x = _pad_spatial(x, (kh, kw), strides, padding, layout)
+    h_axis, w_axis = spatial_axes(layout)
+    h, w = x.shape[h_axis], x.shape[w_axis]
     out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
-    patches = [x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
-                          for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
-    return _matmul(patches, kernel.reshape(kh * kw * cin, cout), dtype)
+
+    def shifted(i, j):
+        index = [slice(None)] * 4
+        index[h_axis] = slice(i, i + (out_h - 1) * sh + 1, sh)
+        index[w_axis] = slice(j, j + (out_w - 1) * sw + 1, sw)
+        return x[tuple(index)]
+
+    patches = [shifted(i, j) for i in range(kh) for j in range(kw)]
+    weights = kernel.reshape(kh * kw * cin, cout)
+    if layout == 'NHWC':
+        patches = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
+        return _matmul(patches, weights, dtype)
+    patches = jnp.concatenate(patches, axis=0) if len(patches) > 1 else patches[0]
+    n = patches.shape[1]
+    y = _matmul(weights.T, patches.reshape(kh * kw * cin, n * out_h * out_w), dtype)
+    return y.reshape(cout, n, out_h, out_w)
 
 
 def xla_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding,
-             dtype=None) -> jax.Array:
-    """`lax.conv_general_dilated` in the same NHWC/HWIO layout and padding conventions as `im2col_conv`."""
+             dtype=None, layout: str = 'NHWC') -> jax.Array:
+    """`lax.conv_general_dilated` with the layouts and padding conventions of `im2col_conv`."""
+    check_layout(layout)
     padding = explicit_padding(padding)
     if dtype is not None:
         x, kernel = x.astype(dtype), kernel.astype(dtype)
     return jax.lax.conv_general_dilated(
-            x, kernel, tuple(strides), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            x, kernel, tuple(strides), padding, dimension_numbers=(layout, 'HWIO', layout),
             preferred_element_type=jnp.float32 if dtype is not None else None)
 
 
@@ -115,7 +161,10 @@ CONV_IMPLS = {'im2col': im2col_conv, 'xla': xla_conv}
 
 
 class MaskedConv(nn.Module):
-    """2-D convolution (NHWC, kernel [kh, kw, in, out]) with a row-masked kernel and no bias."""
+    """2-D convolution (kernel [kh, kw, in, out]) with a row-masked kernel and no bias.
+
+    Activations are NHWC, or CNHW with `layout='CNHW'`; the parameters are the same in both.
+    """
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     strides: tuple[int, int] = (1, 1)
@@ -123,15 +172,16 @@ class MaskedConv(nn.Module):
     estimator: str = 'long_tailed'
     conv_impl: str = 'im2col'
     compute_dtype: Any = None
+    layout: str = 'NHWC'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
-        kernel = self.param('kernel', torch_default_init, (kh, kw, x.shape[-1], self.features),
-                            jnp.float32)
+        cin = x.shape[channel_axis(self.layout)]
+        kernel = self.param('kernel', torch_default_init, (kh, kw, cin, self.features), jnp.float32)
         threshold = _threshold(self, self.features)
         y = CONV_IMPLS[self.conv_impl](x, masking.masked_kernel(kernel, threshold, self.estimator),
-                                       self.strides, self.padding, self.compute_dtype)
-        self.sow(MACS, 'macs',
-                 np.float32(np.prod(y.shape[1:3]) * kh * kw * x.shape[-1] * self.features))
+                                       self.strides, self.padding, self.compute_dtype, self.layout)
+        pixels = np.prod([y.shape[a] for a in spatial_axes(self.layout)])
+        self.sow(MACS, 'macs', np.float32(pixels * kh * kw * cin * self.features))
         return y

@@ -15,28 +15,37 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spafl_jax.layers import MaskedConv, MaskedDense, torch_default_init
+from spafl_jax.layers import (MaskedConv, MaskedDense, channel_axis, spatial_axes,
+                              torch_default_init)
 
 
-def _batch_norm(train: bool) -> nn.BatchNorm:
+def _batch_norm(train: bool, axis: int = -1) -> nn.BatchNorm:
     # PyTorch momentum 0.1 is Flax momentum 0.9.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    return nn.BatchNorm(use_running_average=not train, axis=axis, momentum=0.9, epsilon=1e-5)
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max pooling with stride 2, NHWC (VALID: an odd last row or column is dropped).
+def max_pool_2x2(x: jax.Array, layout: str = 'NHWC') -> jax.Array:
+    """2x2 max pooling with stride 2 over the spatial axes of `layout` (VALID: an odd last row or
+    column is dropped).
 
     The values are those of `nn.max_pool(x, (2, 2), strides=(2, 2))`. Written as a reshape and a
     max-reduction because `nn.max_pool`'s gradient is a select-and-scatter that XLA:CPU runs as a
     slow loop: this makes a LeNet-5 training step 1.28x faster here (BENCHMARKS.md, "Where a LeNet-5
-    step goes"; a hand-written custom_vjp measured slower inside the whole step). The gradients differ
-    only on exact ties inside a window, which the reduction splits evenly where `nn.max_pool` picks
-    one entry. Our models pool after a ReLU, whose gradient is zero on the all-zero windows where ties
-    happen, so the gradients are equal up to ties between positive floats.
+    step goes"; hand-written custom_vjp gradients measured slower inside the whole step). The gradients
+    differ only on exact ties inside a window, which the reduction splits evenly where `nn.max_pool`
+    picks one entry. Our models pool right before or after a ReLU, whose gradient is zero on the
+    windows of non-positive values where ties happen, so the gradients are equal up to ties between
+    positive floats.
     """
-    b, h, w, c = x.shape
-    x = x[:, :h - h % 2, :w - w % 2, :]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    h_axis, w_axis = spatial_axes(layout)
+    h, w = x.shape[h_axis], x.shape[w_axis]
+    index = [slice(None)] * x.ndim
+    index[h_axis], index[w_axis] = slice(0, h - h % 2), slice(0, w - w % 2)
+    x = x[tuple(index)]
+    shape = list(x.shape)
+    shape[w_axis:w_axis + 1] = [w // 2, 2]
+    shape[h_axis:h_axis + 1] = [h // 2, 2]
+    return x.reshape(shape).max(axis=(h_axis + 1, w_axis + 2))
 
 
 def _torch_bias_init(fan_in: int):
@@ -52,29 +61,55 @@ def _torch_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dens
 
 
 class MaskedNet(nn.Module):
-    """The fields every model takes (see `create_model`) and factories of its masked layers."""
+    """The fields every model takes (see `create_model`) and factories of its masked layers.
+
+    Two fields choose how the model runs, never what it computes:
+      layout: the activation layout of the conv stack ('NHWC' or 'CNHW', see `layers.LAYOUTS`).
+        Models take NHWC images and flatten NHWC features whatever it is, so parameters, masks and
+        outputs do not depend on it.
+      xla_cpu_ynnpack: whether XLA:CPU may hand this model's dots, reductions and elementwise code
+        to YNNPACK (its default) in the programs `xla.jit` compiles for it.
+    Each model sets the defaults measured fastest on CPU (BENCHMARKS.md, "Layouts and YNNPACK").
+    """
     num_classes: int = 10
     estimator: str = 'long_tailed'
     conv_impl: str = 'im2col'
     compute_dtype: Any = None
+    layout: str = 'NHWC'
+    xla_cpu_ynnpack: bool = True
 
     def masked_layers(self, **conv_kwargs):
         """(conv, dense): `MaskedConv` / `MaskedDense` constructors with this model's settings."""
         conv = functools.partial(MaskedConv, estimator=self.estimator, conv_impl=self.conv_impl,
-                                 compute_dtype=self.compute_dtype, **conv_kwargs)
+                                 compute_dtype=self.compute_dtype, layout=self.layout,
+                                 **conv_kwargs)
         dense = functools.partial(MaskedDense, estimator=self.estimator,
                                   compute_dtype=self.compute_dtype)
         return conv, dense
 
+    def from_nhwc(self, x: jax.Array) -> jax.Array:
+        """NHWC images in this model's layout."""
+        return x if self.layout == 'NHWC' else x.transpose(3, 0, 1, 2)
+
+    def to_nhwc(self, x: jax.Array) -> jax.Array:
+        """Activations in this model's layout as NHWC (before flattening, so dense rows are HWC)."""
+        return x if self.layout == 'NHWC' else x.transpose(1, 2, 3, 0)
+
+    def pool(self, x: jax.Array) -> jax.Array:
+        return max_pool_2x2(x, self.layout)
+
 
 class DigitsCNN(MaskedNet):
     """A small masked CNN for the 8x8 scikit-learn digits: the embedded default."""
+    layout: str = 'CNHW'          # both measured faster on XLA:CPU (BENCHMARKS.md)
+    xla_cpu_ynnpack: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv, dense = self.masked_layers(kernel_size=(3, 3), padding='SAME')
-        x = nn.relu(conv(16)(x))
-        x = max_pool_2x2(nn.relu(conv(32)(x)))
+        x = nn.relu(conv(16)(self.from_nhwc(x)))
+        x = nn.relu(self.pool(conv(32)(x)))   # = pool(relu(.)), with the ReLU on 4x fewer values
+        x = self.to_nhwc(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(dense(64)(x))
         return dense(self.num_classes)(x)
@@ -82,12 +117,15 @@ class DigitsCNN(MaskedNet):
 
 class LeNet5(MaskedNet):
     """LeNet-5 of the official FMNIST folder: 430,500 masked weights, 580 thresholds."""
+    layout: str = 'CNHW'          # both measured faster on XLA:CPU (BENCHMARKS.md)
+    xla_cpu_ynnpack: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv, dense = self.masked_layers(kernel_size=(5, 5), padding='VALID')
-        x = max_pool_2x2(nn.relu(conv(20)(x)))
-        x = max_pool_2x2(nn.relu(conv(50)(x)))
+        x = nn.relu(self.pool(conv(20)(self.from_nhwc(x))))   # = pool(relu(.)), 4x fewer ReLUs
+        x = nn.relu(self.pool(conv(50)(x)))
+        x = self.to_nhwc(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(dense(500)(x))
         return dense(self.num_classes)(x)
@@ -99,10 +137,11 @@ class Conv4(MaskedNet):
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv, dense = self.masked_layers(kernel_size=(5, 5), padding='VALID')
+        x = self.from_nhwc(x)
         for i, features in enumerate((64, 64, 128, 128)):
-            x = nn.relu(_batch_norm(train)(conv(features)(x)))
-            if i % 2 == 1:
-                x = max_pool_2x2(x)
+            x = _batch_norm(train, channel_axis(self.layout))(conv(features)(x))
+            x = nn.relu(self.pool(x) if i % 2 == 1 else x)   # = pool(relu(.))
+        x = self.to_nhwc(x)
         x = x.reshape(x.shape[0], -1)
         for features in (128, 128):
             x = nn.relu(_batch_norm(train)(dense(features)(x)))

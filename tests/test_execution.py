@@ -3,6 +3,10 @@ each real step once and balances the work, and 'auto' resolves per backend."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,7 +96,8 @@ def test_auto_resolves_per_backend_and_conv_impl():
 
 def test_config_validation_names_the_execution_field():
     for field, value in (('client_execution', 'pmap'), ('vmap_lanes', -1), ('eval_chunk', 0),
-                         ('num_processes', 0), ('coordinator_address', 'localhost')):
+                         ('num_processes', 0), ('coordinator_address', 'localhost'),
+                         ('num_cpu_devices', -2)):
         config = default.get_config()
         config[field] = value
         with pytest.raises(configuration.ConfigError, match=f'config.{field}'):
@@ -104,6 +109,29 @@ def test_config_validation_names_the_execution_field():
     config.update(process_id=1)
     with pytest.raises(configuration.ConfigError, match='config.coordinator_address'):
         configuration.validate(config)
+
+
+def test_auto_cpu_devices_is_one_per_core_and_at_most_one_per_client(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2}, raising=False)
+    assert execution.auto_cpu_devices(10) == 3
+    assert execution.auto_cpu_devices(2) == 2
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0}, raising=False)
+    assert execution.auto_cpu_devices(10) == 1
+
+
+def test_auto_cpu_devices_split_a_fresh_process_and_leave_a_started_one_alone():
+    devices = jax.device_count()   # JAX has started in this process
+    execution.initialize_runtime(num_cpu_devices=execution.AUTO_CPU_DEVICES, clients_per_round=10)
+    assert jax.device_count() == devices
+    script = ('import os, jax\n'
+              'os.sched_getaffinity = lambda pid: {0, 1, 2}\n'
+              'from spafl_jax import execution\n'
+              'execution.initialize_runtime(num_cpu_devices=-1, clients_per_round=10)\n'
+              'print(jax.device_count())\n')
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split()[-1] == '3'
 
 
 # --------------------------------------------------------------------------------------------------

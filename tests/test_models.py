@@ -7,6 +7,7 @@ import functools
 
 import chex
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,6 +166,65 @@ def test_conv_impls_agree_on_padding(kernel_size, strides, padding):
     kernel = rng.normal(size=(*kernel_size, 3, 4)).astype(np.float32)
     chex.assert_trees_all_close(_conv('im2col', x, kernel, strides, padding),
                                 _conv('xla', x, kernel, strides, padding), rtol=1e-5, atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _conv_cnhw(conv_impl, x, kernel, strides, padding):
+    # NHWC in and out, computed in the CNHW layout.
+    y = layers.CONV_IMPLS[conv_impl](x.transpose(3, 0, 1, 2), kernel, strides, padding,
+                                     layout='CNHW')
+    return y.transpose(1, 2, 3, 0)
+
+
+@pytest.mark.parametrize('kernel_size,strides,padding', [
+        ((3, 3), (2, 2), 1), ((5, 5), (2, 2), ((2, 1), (0, 2))), ((3, 3), (2, 2), 'SAME'),
+        ((5, 5), (1, 1), 'VALID'), ((1, 1), (2, 2), 0)])
+@pytest.mark.parametrize('conv_impl', list(layers.CONV_IMPLS))
+def test_cnhw_layout_computes_the_nhwc_convolution(conv_impl, kernel_size, strides, padding):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH, 9, 8, 3)).astype(np.float32)
+    kernel = rng.normal(size=(*kernel_size, 3, 4)).astype(np.float32)
+    chex.assert_trees_all_close(_conv_cnhw(conv_impl, x, kernel, strides, padding),
+                                _conv('xla', x, kernel, strides, padding), rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_2x2_in_both_layouts_is_flax_max_pool():
+    x = np.random.default_rng(2).normal(size=(BATCH, 7, 6, 3)).astype(np.float32)  # odd row dropped
+    want = nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(models.max_pool_2x2(x), want)
+    np.testing.assert_array_equal(
+        models.max_pool_2x2(x.transpose(3, 0, 1, 2), 'CNHW').transpose(1, 2, 3, 0), want)
+
+
+@pytest.mark.parametrize('name', ('digits_cnn', 'lenet5', 'conv4'))
+def test_layouts_give_the_same_model(name):
+    """Same parameters, logits and gradients in NHWC and CNHW: the layout is only how it runs."""
+    image_shape, num_classes, _, _ = MODEL_CASES[name]
+    _, variables = _setup(name)
+    variables = _with_thresholds(variables, _median_thresholds(variables))
+    x = _images(name)
+    results = []
+    for layout in layers.LAYOUTS:
+        model = models.MODELS[name](num_classes=num_classes, layout=layout)
+        chex.assert_trees_all_equal_shapes(
+            jax.eval_shape(lambda key: models.init_variables(model, key, image_shape),
+                           jax.random.key(0)), _shapes(name))
+
+        @jax.jit
+        def logits_and_grads(params, model=model):
+            loss = lambda p: jnp.sum(model.apply({**variables, 'params': p}, x, train=False) ** 2)
+            return model.apply({**variables, 'params': params}, x, train=False), jax.grad(loss)(params)
+        results.append(logits_and_grads(variables['params']))
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def test_layout_and_ynnpack_defaults_are_the_measured_ones():
+    assert models.LeNet5().layout == models.DigitsCNN().layout == 'CNHW'
+    assert models.Conv4().layout == 'NHWC'
+    assert not models.LeNet5().xla_cpu_ynnpack and not models.DigitsCNN().xla_cpu_ynnpack
+    assert models.Conv4().xla_cpu_ynnpack
+    with pytest.raises(ValueError, match='layout'):
+        layers.spatial_axes('NCHW')
 
 
 @pytest.mark.parametrize('conv_impl', list(layers.CONV_IMPLS))

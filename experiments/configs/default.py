@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.client_execution = 'auto'     # auto | loop | map | vmap: how the sampled clients run
     config.vmap_lanes = 0                # 'vmap': clients stepping at once per device; 0 = all
     config.eval_chunk = 32               # test examples per evaluation call (padding < this)
-    config.num_cpu_devices = 0           # > 0: split the host CPU into this many devices
+    config.num_cpu_devices = -1          # CPU devices: -1 one per core (<= clients_per_round),
+                                         # 0 JAX's one device, > 0 this many
     config.coordinator_address = ''      # 'host:port' of process 0 in a multi-host run
     config.num_processes = 1             # processes of a multi-host run
     config.process_id = 0                # this process's index in a multi-host run

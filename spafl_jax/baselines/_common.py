@@ -21,6 +21,7 @@ from spafl_jax import client as client_lib
 from spafl_jax import federated
 from spafl_jax import masking
 from spafl_jax import models
+from spafl_jax import xla
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 from spafl_jax.federated import ClientData
 
@@ -130,8 +131,8 @@ def map_clients(fn: Callable, args: tuple, execution: str):
 def compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg):
     """A baseline's `run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics),
     the input state donated."""
-    return jax.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs,
-                                     method_cfg=method_cfg), donate_argnums=(0,))
+    return xla.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs,
+                                     method_cfg=method_cfg), donate_argnums=(0,), model=model)
 
 
 # ----------------------------------------------------------------------------------------------------

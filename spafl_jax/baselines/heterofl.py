@@ -38,6 +38,7 @@ import numpy as np
 
 from spafl_jax import federated
 from spafl_jax import masking
+from spafl_jax import xla
 from spafl_jax.baselines import _common
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
@@ -232,8 +233,8 @@ def evaluate(model: nn.Module, spec: DataSpec, state: HeteroFLState, data: Clien
 
 
 def make_eval_fn(model, spec, batch_size, method_cfg=HeteroFLConfig()):
-    return jax.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
-                                     method_cfg=method_cfg))
+    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
+                                     method_cfg=method_cfg), model=model)
 
 
 def submodel_size(model_variables: dict, rate: float) -> int:

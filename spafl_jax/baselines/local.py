@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from spafl_jax import federated
+from spafl_jax import xla
 from spafl_jax.baselines import _common
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
@@ -96,8 +97,8 @@ def evaluate(model: nn.Module, spec: DataSpec, state: LocalState, data: ClientDa
 
 
 def make_eval_fn(model, spec, batch_size, method_cfg=LocalOnlyConfig()):
-    return jax.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
-                                     method_cfg=method_cfg))
+    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
+                                     method_cfg=method_cfg), model=model)
 
 
 def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,

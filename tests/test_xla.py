@@ -1,0 +1,39 @@
+"""Tests for spafl_jax.xla: which models compile with YNNPACK off, and that the option reaches XLA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from spafl_jax import models, xla
+
+
+def test_models_measured_faster_without_ynnpack_get_the_option_on_cpu_only():
+    assert xla.compiler_options(models.LeNet5(), 'cpu') == xla.YNNPACK_OFF
+    assert xla.compiler_options(models.DigitsCNN(), 'cpu') == xla.YNNPACK_OFF
+    assert xla.compiler_options(models.Conv4(), 'cpu') == {}   # its BatchNorm wants YNNPACK
+    assert xla.compiler_options(models.LeNet5(xla_cpu_ynnpack=True), 'cpu') == {}
+    assert xla.compiler_options(models.LeNet5(), 'gpu') == {}
+    assert xla.compiler_options(models.LeNet5(), 'tpu') == {}
+    assert xla.compiler_options(None, 'cpu') == {}
+
+
+def _compiled_text(jit, model):
+    variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
+    loss = lambda p, x: jnp.sum(model.apply({**variables, 'params': p}, x) ** 2)
+    fn = jit(jax.grad(loss))
+    return fn.lower(variables['params'], jnp.ones((4, 28, 28, 1))).compile().as_text()
+
+
+def test_the_option_reaches_the_compiled_program():
+    model = models.LeNet5()
+    # XLA's default hands this program's dots and reductions to YNNPACK; ours keeps them.
+    assert '__ynn_fusion' in _compiled_text(jax.jit, model)
+    assert '__ynn_fusion' not in _compiled_text(lambda f: xla.jit(f, model=model), model)
+
+
+def test_caller_options_reach_the_program_too():
+    model = models.LeNet5(xla_cpu_ynnpack=True)   # no options of its own
+    assert '__ynn_fusion' in _compiled_text(lambda f: xla.jit(f, model=model), model)
+    assert '__ynn_fusion' not in _compiled_text(
+        lambda f: xla.jit(f, model=model, compiler_options=xla.YNNPACK_OFF), model)
