@@ -41,6 +41,7 @@ import numpy as np
 
 from spafl_jax import masking
 from spafl_jax import models
+from spafl_jax import xla
 
 FORMAT = 'spafl_compact/1'
 
@@ -659,8 +660,7 @@ def export_workdir(workdir: str, out_dir: str, batch_size: int = 256, repeats: i
         f.write(standalone_source())
     x = jax.random.normal(jax.random.key(seed), (batch_size, *image_shape), jnp.float32)
     rows = []
-    model = None
-    masked_fn = jax.jit(lambda v, images: model.apply(v, images, train=False))
+    model = masked_fn = None
     for i in clients:
         variables = all_clients[i]
         row = {'client': i, 'params_before': count_parameters(variables)}
@@ -672,12 +672,16 @@ def export_workdir(workdir: str, out_dir: str, batch_size: int = 256, repeats: i
         if model is None:
             model = models.create_model(model_name, output_features(compact.description),
                                         conv_impl=config.get('conv_impl', 'im2col'))
+            # Both forwards compile with the options training used (`xla.jit`).
+            masked_fn = xla.jit(lambda v, images: model.apply(v, images, train=False),
+                                model=model)
         prefix = os.path.join(out_dir, f'client_{i:03d}')
         row['bytes'] = save_compact(prefix, compact.description, compact.params)
         row['params_after'] = compact.num_parameters
         ev = jax.device_put(eval_variables(variables))
         params = jax.device_put(compact.params)
-        compact_fn = jax.jit(lambda p, images, d=compact.description: compact_apply(d, p, images))
+        compact_fn = xla.jit(lambda p, images, d=compact.description: compact_apply(d, p, images),
+                             model=model)
         row['max_abs_diff'] = float(jnp.max(jnp.abs(masked_fn(ev, x) - compact_fn(params, x))))
         row['masked_s'], row['compact_s'] = time_forwards(
                 [(masked_fn, (ev, x)), (compact_fn, (params, x))], repeats)
