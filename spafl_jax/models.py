@@ -30,8 +30,8 @@ def max_pool_2x2(x: jax.Array, layout: str = 'NHWC') -> jax.Array:
 
     The values are those of `nn.max_pool(x, (2, 2), strides=(2, 2))`. Written as a reshape and a
     max-reduction because `nn.max_pool`'s gradient is a select-and-scatter that XLA:CPU runs as a
-    slow loop: this makes a LeNet-5 training step 1.28x faster here (BENCHMARKS.md, "Where a LeNet-5
-    step goes"; hand-written custom_vjp gradients measured slower inside the whole step). The gradients
+    slow loop: this made a LeNet-5 training step 1.33x faster here (BENCHMARKS.md, "Layouts and
+    YNNPACK"; hand-written custom_vjp gradients measured slower inside the whole step). The gradients
     differ only on exact ties inside a window, which the reduction splits evenly where `nn.max_pool`
     picks one entry. Our models pool right before or after a ReLU, whose gradient is zero on the
     windows of non-positive values where ties happen, so the gradients are equal up to ties between

@@ -108,7 +108,11 @@ def main(argv=None):
     parser.add_argument('--vmap_lanes', type=int, default=0)
     parser.add_argument('--padded_scan', default='digits_cnn,lenet5',
                         help='models for which the reference federated.run_round is timed too')
+    parser.add_argument('--num_cpu_devices', type=int, default=execution.AUTO_CPU_DEVICES,
+                        help='as config.num_cpu_devices: -1 one per core (the default), 0 one')
     args = parser.parse_args(argv)
+    execution.initialize_runtime(num_cpu_devices=args.num_cpu_devices,
+                                 clients_per_round=args.clients_per_round)
 
     peak = matmul_gflops()
     print(f'backend {jax.default_backend()}, {len(jax.devices())} device(s), '
