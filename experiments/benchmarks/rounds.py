@@ -6,7 +6,7 @@ r"""Seconds per SpaFL round for every execution strategy and model, as ratios me
 Synthetic data of each model's shape; client sizes from a Dirichlet(alpha) split (alpha = 0.1 by
 default, as the official CIFAR folders) scaled to `--mean_examples` per client; 10 sampled clients of
 `--num_clients`. Against, in the same process: a plain Python loop of a jitted single-client step
-(`client.local_step`, batches gathered eagerly) over the same real steps, the reference round
+(`client.local_step` under `xla.jit`, batches gathered eagerly, one device) over the same real steps, the reference round
 (`federated.run_round`: clients vmapped, each lane running to the longest client's steps), and a jitted 2048x2048 float32 matmul
 for the achievable GFLOP/s. Every figure is the median of the steady rounds (the first one compiles);
 the machine is shared, so read the ratios, not the absolute times.
@@ -30,6 +30,7 @@ from spafl_jax import data as data_lib
 from spafl_jax import execution
 from spafl_jax import federated
 from spafl_jax import models
+from spafl_jax import xla
 
 # model -> (image shape, official batch size, local epochs used here)
 MODELS = {'digits_cnn': ((8, 8, 1), 16, 2), 'lenet5': ((28, 28, 1), 64, 1),
@@ -150,9 +151,10 @@ def main(argv=None):
         python_loop_round.counts = counts
         python_loop_round.schedule = jax.jit(lambda key, count: client_lib.local_schedule(
             cfg, key, count, train.example_ids.shape[1])[0])
-        python_loop_round.step = jax.jit(lambda c, o, x, y: client_lib.local_step(
+        # The model's compiler options (`xla.jit`), so that `x loop` measures the execution only.
+        python_loop_round.step = xla.jit(lambda c, o, x, y: client_lib.local_step(
             model, cfg, c, o, client_lib.preprocess(spec, x), y, jnp.bool_(True), cfg.lr,
-            cfg.th_coeff)[:2])
+            cfg.th_coeff)[:2], model=model)
         state = jax.tree.map(jnp.copy, initial)
         first, base = measure(lambda r: python_loop_round(model, cfg, spec, state, train,
                                                            samples[r], seed_key, r), args.rounds)
