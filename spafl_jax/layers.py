@@ -119,7 +119,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
     On XLA:CPU this runs about 1.5x faster than `lax.conv_general_dilated` for the 5x5 convolutions of
     the SpaFL models (see PERF_NOTES), and vmapped over clients it becomes a batched matmul rather than a
     grouped convolution. `x` and the result are in `layout` ('NHWC' or 'CNHW'); the kernel is HWIO in
-    both, and the patches' feature order (row, column, input channel) matches its reshape.
+    both, and the patches' feature order matches its reshape.
     """
     kh, kw, cin, cout = kernel.shape
     sh, sw = strides
@@ -128,19 +128,20 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
     h, w = x.shape[h_axis], x.shape[w_axis]
     out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
 
-    def shifted(i, j):
-        index = [slice(None)] * 4
-        index[h_axis] = slice(i, i + (out_h - 1) * sh + 1, sh)
-        index[w_axis] = slice(j, j + (out_w - 1) * sw + 1, sw)
-        return x[tuple(index)]
-
-    patches = [shifted(i, j) for i in range(kh) for j in range(kw)]
-    weights = kernel.reshape(kh * kw * cin, cout)
     if layout == 'NHWC':
+        patches = [x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+                   for i in range(kh) for j in range(kw)]
         patches = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
-        return _matmul(patches, weights, dtype)
-    patches = jnp.concatenate(patches, axis=0) if len(patches) > 1 else patches[0]
+        return _matmul(patches, kernel.reshape(kh * kw * cin, cout), dtype)
+    # CNHW: the kh row shifts, then the kw column shifts of those, each concatenated on the major
+    # axis. That is kh + kw slices instead of kh * kw (a LeNet-5 forward at batch 32 ran 1.3x faster:
+    # XLA:CPU runs every slice as its own kernel), with the features in (column, row, channel) order.
+    rows = [x[:, :, i:i + (out_h - 1) * sh + 1:sh, :] for i in range(kh)]
+    rows = jnp.concatenate(rows, axis=0) if kh > 1 else rows[0]
+    patches = [rows[..., j:j + (out_w - 1) * sw + 1:sw] for j in range(kw)]
+    patches = jnp.concatenate(patches, axis=0) if kw > 1 else patches[0]
     n = patches.shape[1]
+    weights = kernel.transpose(1, 0, 2, 3).reshape(kh * kw * cin, cout)
     y = _matmul(weights.T, patches.reshape(kh * kw * cin, n * out_h * out_w), dtype)
     return y.reshape(cout, n, out_h, out_w)
 
