@@ -95,9 +95,11 @@ class MaskedNet(nn.Module):
         """NHWC images in this model's layout."""
         return x if self.layout == 'NHWC' else x.transpose(3, 0, 1, 2)
 
-    def to_nhwc(self, x: jax.Array) -> jax.Array:
-        """Activations in this model's layout as NHWC (before flattening, so dense rows are HWC)."""
-        return x if self.layout == 'NHWC' else x.transpose(1, 2, 3, 0)
+    def flatten(self, x: jax.Array) -> jax.Array:
+        """Activations in this model's layout as [batch, features] in NHWC order (the dense layer's
+        rows are (row, column, channel) whatever the layout)."""
+        x = x if self.layout == 'NHWC' else x.transpose(1, 2, 3, 0)
+        return x.reshape(x.shape[0], -1)
 
     def pool(self, x: jax.Array) -> jax.Array:
         return max_pool_2x2(x, self.layout)
@@ -113,8 +115,7 @@ class DigitsCNN(MaskedNet):
         conv, dense = self.masked_layers(kernel_size=(3, 3), padding='SAME')
         x = nn.relu(conv(16)(self.from_nhwc(x)))
         x = nn.relu(self.pool(conv(32)(x)))   # = pool(relu(.)), with the ReLU on 4x fewer values
-        x = self.to_nhwc(x)
-        x = x.reshape(x.shape[0], -1)
+        x = self.flatten(x)
         x = nn.relu(dense(64)(x))
         return dense(self.num_classes)(x)
 
@@ -129,8 +130,7 @@ class LeNet5(MaskedNet):
         conv, dense = self.masked_layers(kernel_size=(5, 5), padding='VALID')
         x = nn.relu(self.pool(conv(20)(self.from_nhwc(x))))   # = pool(relu(.)), 4x fewer ReLUs
         x = nn.relu(self.pool(conv(50)(x)))
-        x = self.to_nhwc(x)
-        x = x.reshape(x.shape[0], -1)
+        x = self.flatten(x)
         x = nn.relu(dense(500)(x))
         return dense(self.num_classes)(x)
 
@@ -145,8 +145,7 @@ class Conv4(MaskedNet):
         for i, features in enumerate((64, 64, 128, 128)):
             x = _batch_norm(train, channel_axis(self.layout))(conv(features)(x))
             x = nn.relu(self.pool(x) if i % 2 == 1 else x)   # = pool(relu(.))
-        x = self.to_nhwc(x)
-        x = x.reshape(x.shape[0], -1)
+        x = self.flatten(x)
         for features in (128, 128):
             x = nn.relu(_batch_norm(train)(dense(features)(x)))
         return dense(self.num_classes)(x)
