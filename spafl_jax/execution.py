@@ -64,7 +64,7 @@ def resolve_client_execution(name: str, backend: str | None = None,
         raise ValueError(f'client_execution={name!r}; use one of {", ".join(CLIENT_EXECUTIONS)}.')
     if name != 'auto':
         return name
-    if (backend or jax.default_backend()) != 'cpu':
+    if not federated.clients_in_sequence(backend):
         return 'vmap'
     return 'loop' if conv_impl == 'xla' else 'map'
 

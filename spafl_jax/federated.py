@@ -208,10 +208,15 @@ def evaluate_client(model: nn.Module, spec: DataSpec, client: ClientState, image
                              jnp.zeros((), jnp.int32))
 
 
+def clients_in_sequence(backend: str | None = None) -> bool:
+    """Whether clients run fastest one after another on `backend` (CPU: per-client weights make
+    vmapped matmuls slow there, BENCHMARKS.md) rather than vmapped (accelerators)."""
+    return (backend or jax.default_backend()) == 'cpu'
+
+
 def over_clients(fn, *args):
-    """`fn` over the leading client axis of `args`: one client after another on CPU (`lax.map`:
-    per-client weights make vmapped matmuls slow there, BENCHMARKS.md), `vmap` on accelerators."""
-    if jax.default_backend() == 'cpu':
+    """`fn` over the leading client axis of `args`: `lax.map` or `vmap`, by `clients_in_sequence`."""
+    if clients_in_sequence():
         return jax.lax.map(lambda a: fn(*a), args)
     return jax.vmap(fn)(*args)
 

@@ -1,7 +1,7 @@
 """`jax.jit` with the XLA compiler options a model was measured fastest with.
 
 On CPU, XLA hands dots, reductions and elementwise code to YNNPACK by default. That helps some of our
-models and hurts others: with YNNPACK off, a LeNet-5 training step in the CNHW layout is about 1.9x
+models and hurts others: with YNNPACK off, a LeNet-5 training step in the CNHW layout is about 2.3x
 faster on the project's machine, while Conv4's BatchNorm reductions are faster with it (BENCHMARKS.md,
 "Layouts and YNNPACK"). Each model says which it wants (`models.MaskedNet.xla_cpu_ynnpack`). The
 options belong to one compiled program, so JAX code around ours keeps XLA's defaults, and
