@@ -6,9 +6,9 @@ r"""Seconds per SpaFL round for every execution strategy and model, as ratios me
 Synthetic data of each model's shape; client sizes from a Dirichlet(alpha) split (alpha = 0.1 by
 default, as the official CIFAR folders) scaled to `--mean_examples` per client; 10 sampled clients of
 `--num_clients`. Against, in the same process: a plain Python loop of a jitted single-client step
-(`client.local_step` under `xla.jit`, batches gathered eagerly, one device) over the same real steps, the reference round
-(`federated.run_round`: clients vmapped, each lane running to the longest client's steps), and a jitted 2048x2048 float32 matmul
-for the achievable GFLOP/s. Every figure is the median of the steady rounds (the first one compiles);
+(`client.local_step` under `xla.jit`, batches gathered eagerly, one device) over the same real
+steps, the reference round (`federated.run_round`: clients vmapped, each lane running to the longest
+client's steps), and a jitted 2048x2048 float32 matmul for the achievable GFLOP/s. Every figure is the median of the steady rounds (the first one compiles);
 the machine is shared, so read the ratios, not the absolute times.
 """
 

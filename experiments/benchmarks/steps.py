@@ -112,8 +112,7 @@ def main():
           f'inside a fori_loop, median of {args.repeats} x {args.steps} steps')
     for name in args.models.split(','):
         times = time_model(name, args.steps, args.repeats)
-        base = times['NHWC, YNNPACK on' + (' (default)' if 'NHWC, YNNPACK on (default)' in times
-                                            else '')]
+        base = next(t for label, t in times.items() if label.startswith('NHWC, YNNPACK on'))
         print(f'{name} (batch {MODELS[name][1]})')
         for label, t in times.items():
             print(f'  {label:<48} {1e3 * t:8.2f} ms   x{base / t:.2f} vs NHWC, YNNPACK on')
