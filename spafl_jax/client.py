@@ -39,6 +39,15 @@ class LocalConfig:
     th_coeff: float = 1e-4        # weight of sum(exp(-tau)) in the loss
     penalty_warmup: bool = False  # scale the penalty by sigmoid(10 r - 5)
     persistent_optimizer: bool = False
+    drop_last: bool = True        # drop each epoch's last partial batch; False: train on it too
+
+
+def steps_per_epoch(cfg: LocalConfig, count):
+    """Local steps per epoch of a client holding `count` examples (ints or arrays): its full
+    batches, plus the last partial one unless `cfg.drop_last`."""
+    if cfg.drop_last:
+        return count // cfg.batch_size
+    return (count + cfg.batch_size - 1) // cfg.batch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +61,7 @@ class DataSpec:
 
 
 def preprocess(spec: DataSpec, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    x = images.astype(jnp.float32)
+    x = images.astype(jnp.promote_types(images.dtype, jnp.float32))   # float64 stays float64
     if spec.normalize:
         x = (x / spec.pixel_max - jnp.asarray(spec.mean)) / jnp.asarray(spec.std)
     if spec.augment == 'crop_flip' and rng is not None:
@@ -71,14 +80,17 @@ def _crop_flip(x: jax.Array, rng: jax.Array, pad: int = 4) -> jax.Array:
     return jnp.where(flip, x[:, :, ::-1, :], x)
 
 
+# The schedules below compute in JAX's default float type: float32, or float64 under
+# `jax.enable_x64` (where tests/test_reference.py replays the official code's float64 traces).
+
 def learning_rate(cfg: LocalConfig, round_index) -> jax.Array:
-    return jnp.maximum(cfg.lr * cfg.lr_decay ** jnp.asarray(round_index, jnp.float32), cfg.min_lr)
+    return jnp.maximum(cfg.lr * cfg.lr_decay ** jnp.asarray(round_index, float), cfg.min_lr)
 
 
 def penalty_scale(cfg: LocalConfig, round_index) -> jax.Array:
     if cfg.penalty_warmup:
-        return jax.nn.sigmoid(10.0 * jnp.asarray(round_index, jnp.float32) - 5.0)
-    return jnp.ones((), jnp.float32)
+        return jax.nn.sigmoid(10.0 * jnp.asarray(round_index, float) - 5.0)
+    return jnp.ones((), float)
 
 
 def threshold_penalty(thresholds) -> jax.Array:
@@ -98,13 +110,25 @@ def init_opt_state(cfg: LocalConfig, params, thresholds):
     return make_optimizer(cfg).init((params, thresholds))
 
 
-def loss_fn(model: nn.Module, params, thresholds, batch_stats, x, y, penalty_coeff):
-    """Cross-entropy + penalty_coeff * sum(exp(-tau)); returns (loss, (batch_stats, ce, correct))."""
+def loss_fn(model: nn.Module, params, thresholds, batch_stats, x, y, penalty_coeff,
+            example_mask=None):
+    """Cross-entropy + penalty_coeff * sum(exp(-tau)); returns (loss, (batch_stats, ce, correct)).
+
+    `example_mask` [batch] marks the real examples of a partial batch: the cross-entropy is their
+    mean, as PyTorch's loss over a short last batch (models without BatchNorm only: padded examples
+    would enter the batch statistics).
+    """
     variables = {'params': params, 'thresholds': thresholds, 'batch_stats': batch_stats}
     logits, updated = model.apply(variables, x, train=True, mutable=['batch_stats'])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    hits = jnp.argmax(logits, -1) == y
+    if example_mask is None:
+        ce, correct = per_example.mean(), jnp.sum(hits)
+    else:
+        weight = example_mask.astype(per_example.dtype)
+        ce = jnp.sum(per_example * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+        correct = jnp.sum(hits & example_mask)
     loss = ce + penalty_coeff * threshold_penalty(thresholds)
-    correct = jnp.sum(jnp.argmax(logits, -1) == y)
     return loss, (updated.get('batch_stats', batch_stats), ce, correct)
 
 
@@ -116,12 +140,13 @@ def training_flops(params, thresholds, macs, batch_size) -> jax.Array:
 
 
 def local_step(model: nn.Module, cfg: LocalConfig, state: ClientState, opt_state, x, y, valid, lr,
-               penalty_coeff, macs=None):
-    """One SGD step. A step with `valid` False returns its inputs unchanged (padding of short clients)."""
+               penalty_coeff, macs=None, example_mask=None):
+    """One SGD step. A step with `valid` False returns its inputs unchanged (padding of short clients);
+    `example_mask` [batch] marks the real examples of a partial last batch (`loss_fn`)."""
     step_thresholds = masking.reset_collapsed_thresholds(state.params, state.thresholds)
     grad_fn = jax.value_and_grad(loss_fn, argnums=(1, 2), has_aux=True)
     (loss, (batch_stats, ce, correct)), grads = grad_fn(
-        model, state.params, step_thresholds, state.batch_stats, x, y, penalty_coeff)
+        model, state.params, step_thresholds, state.batch_stats, x, y, penalty_coeff, example_mask)
     tx = make_optimizer(cfg)
     updates, new_opt_state = tx.update(grads, opt_state)
     params, thresholds = jax.tree.map(lambda p, u: p - lr * u, (state.params, step_thresholds),
@@ -130,30 +155,40 @@ def local_step(model: nn.Module, cfg: LocalConfig, state: ClientState, opt_state
     keep = lambda new, old: jnp.where(valid, new, old)
     new_state = jax.tree.map(keep, new_state, state)
     new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    examples = (jnp.float32(x.shape[0]) if example_mask is None
+                else jnp.sum(example_mask.astype(jnp.float32)))
     flops = jnp.float32(0.0)
     if macs is not None:  # the masks this step's forward pass used
-        flops = training_flops(state.params, step_thresholds, macs, x.shape[0])
+        flops = training_flops(state.params, step_thresholds, macs, examples)
     v = valid.astype(jnp.float32)
-    metrics = {'loss': ce * v, 'correct': correct * v, 'steps': v, 'flops': flops * v}
+    metrics = {'loss': ce * v, 'correct': correct * v, 'steps': v, 'flops': flops * v,
+               'examples': examples * v}
     return new_state, new_opt_state, metrics
 
 
-def batch_schedule(rng, count, max_count: int, batch_size: int, epochs: int):
+def batch_schedule(rng, count, max_count: int, batch_size: int, epochs: int,
+                   drop_last: bool = True):
     """Shuffled batches of a client's own examples, padded to a shape every client shares.
 
-    Returns positions [epochs * (max_count // batch_size), batch_size] into the client's example list
-    and a validity flag per step: a client with `count` examples has `count // batch_size` real steps
-    per epoch (the last partial batch is dropped), the rest are padding.
+    Returns positions [epochs * stride, batch_size] into the client's example list and a validity
+    flag per step, with stride = `steps_per_epoch(max_count)`: a client with `count` examples has
+    `steps_per_epoch(count)` real steps per epoch, the rest are padding. Positions >= count are
+    padding inside a step (only the last partial batch has them, when not `drop_last`); read them
+    through `example_ids_of`, which clamps them into the table, and mask them out (`example_mask`).
     """
-    steps = max_count // batch_size
-    position = jnp.arange(max_count)
+    cfg = LocalConfig(batch_size=batch_size, drop_last=drop_last)
+    steps = steps_per_epoch(cfg, max_count)
+    width = max(max_count, steps * batch_size)   # > max_count only for a partial last batch
+    position = jnp.arange(width)
 
     def one_epoch(key):
-        order = jnp.argsort(jnp.where(position < count, jax.random.uniform(key, (max_count,)), 2.0))
+        keys = jnp.pad(jax.random.uniform(key, (max_count,)), (0, width - max_count),
+                       constant_values=2.0)
+        order = jnp.argsort(jnp.where(position < count, keys, 2.0))
         return order[:steps * batch_size].reshape(steps, batch_size)
 
     batches = jax.vmap(one_epoch)(jax.random.split(rng, epochs)).reshape(epochs * steps, batch_size)
-    valid = jnp.tile(jnp.arange(steps) < count // batch_size, epochs)
+    valid = jnp.tile(jnp.arange(steps) < steps_per_epoch(cfg, count), epochs)
     return batches, valid
 
 
@@ -163,13 +198,24 @@ def local_schedule(cfg: LocalConfig, rng, count, max_count: int):
     Every execution strategy draws through this one function, so batches and augmentation depend on
     (seed, round, client id) and the padded table width only, never on how the steps are run.
     Returns positions [steps, batch_size], valid [steps] and keys [steps] with
-    steps = local_epochs * (max_count // batch_size); step e * (max_count // batch_size) + s is the
-    s-th batch of epoch e.
+    steps = local_epochs * stride, stride = `steps_per_epoch(cfg, max_count)`; step e * stride + s
+    is the s-th batch of epoch e. A position >= count marks a padded example (`example_mask`).
     """
     schedule_rng, augment_rng = jax.random.split(rng)
     batches, valid = batch_schedule(schedule_rng, count, max_count, cfg.batch_size,
-                                    cfg.local_epochs)
+                                    cfg.local_epochs, cfg.drop_last)
     return batches, valid, jax.random.split(augment_rng, valid.shape[0])
+
+
+def example_ids_of(example_ids, positions):
+    """The dataset indices at `positions` of a client's (padded) example list; positions past its
+    end (padding of a partial batch) read its last entry."""
+    return example_ids[jnp.minimum(positions, example_ids.shape[-1] - 1)]
+
+
+def example_mask(cfg: LocalConfig, positions, count):
+    """[batch] real examples of a step of `local_schedule`, or None when every batch is full."""
+    return None if cfg.drop_last else positions < count
 
 
 def round_opt_state(cfg: LocalConfig, state: ClientState):
@@ -183,13 +229,13 @@ def over_real_steps(cfg: LocalConfig, body, carry, count, max_count: int):
     """Runs `carry, metrics = body(carry, index)` for a client's real local steps only, in order.
 
     `index` is the step's row in `local_schedule`: the s-th real step of epoch e is row
-    e * (max_count // batch_size) + s. The loop's trip count is the client's own number of real
+    e * steps_per_epoch(cfg, max_count) + s. The loop's trip count is the client's own number of real
     steps, so a small client does not pay for the largest one's padding (under `vmap` the lanes run
     to the longest lane, and the extra iterations are discarded). Returns (carry, metrics summed over
     the steps).
     """
-    stride = max_count // cfg.batch_size
-    per_epoch = count // cfg.batch_size
+    stride = steps_per_epoch(cfg, max_count)
+    per_epoch = steps_per_epoch(cfg, count)
     safe_per_epoch = jnp.maximum(per_epoch, 1)
     metrics_shape = jax.eval_shape(lambda c: body(c, jnp.int32(0))[1], carry)
     zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape)
@@ -223,10 +269,11 @@ def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: Clie
 
     def body(carry, index):
         client, opt = carry
-        ids = example_ids[batches[index]]
+        ids = example_ids_of(example_ids, batches[index])
         x = preprocess(spec, images[ids], keys[index])
         client, opt, metrics = local_step(model, cfg, client, opt, x, labels[ids], jnp.bool_(True),
-                                          lr, penalty_coeff, macs)
+                                          lr, penalty_coeff, macs,
+                                          example_mask(cfg, batches[index], count))
         return (client, opt), metrics
 
     (state, opt_state), metrics = over_real_steps(

@@ -11,7 +11,7 @@ from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import models
 from spafl_jax.execution import CLIENT_EXECUTIONS
-from spafl_jax.federated import AGGREGATIONS, IMPORTANCE_UPDATES
+from spafl_jax.federated import AGGREGATIONS, CLIENT_INITS, IMPORTANCE_UPDATES
 
 AUGMENTATIONS = ('none', 'crop_flip')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -47,7 +47,8 @@ REQUIRED = ('dataset', 'model', 'num_clients', 'clients_per_round', 'alpha', 'ro
             'local_epochs', 'lr', 'lr_decay', 'min_lr', 'clip', 'th_coeff', 'penalty_warmup',
             'persistent_optimizer', 'estimator', 'importance_update', 'aggregation', 'raw_pixels',
             'augment', 'eval_every', 'eval_batch_size', 'seed', 'compute_dtype', 'conv_impl',
-            'client_execution', 'scan_unroll', 'data_dir', 'checkpoint_every', 'sparsity_rounds')
+            'client_execution', 'scan_unroll', 'data_dir', 'checkpoint_every', 'sparsity_rounds',
+            'drop_last', 'client_init')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -79,7 +80,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _number(config, 'min_lr', non_negative=True)
     _number(config, 'clip', non_negative=True)
     _number(config, 'th_coeff', non_negative=True)
-    for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels'):
+    for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels', 'drop_last'):
         if not isinstance(config[field], bool):
             raise ConfigError(f'config.{field}={config[field]!r} must be True or False.')
     rounds = config.sparsity_rounds
@@ -101,6 +102,16 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f'config.{field} is missing; start from '
                               'experiments/configs/default.py.')
     _choice(config, 'method', methods.METHODS)
+    if not config.get('drop_last', True) and config.method != 'spafl':
+        raise ConfigError(f'config.drop_last=False applies to spafl only: config.method='
+                          f'{config.method!r} trains on full batches; drop the override.')
+    if 'client_init' in config:
+        _choice(config, 'client_init', CLIENT_INITS)
+        if config.client_init != 'shared' and config.method not in methods.OWN_INITIAL_MODELS:
+            raise ConfigError(f'config.client_init={config.client_init!r} applies to '
+                              f'{" and ".join(methods.OWN_INITIAL_MODELS)} only: '
+                              f'config.method={config.method!r} starts every client from one '
+                              'global model; drop the override.')
     if not isinstance(config.baseline, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f'config.baseline={config.baseline!r} must be a ConfigDict of baseline '
                           'settings, e.g. config.baseline.fedspa_density = 0.5.')

@@ -179,9 +179,10 @@ def plan_round(sampled: np.ndarray, steps_per_epoch: np.ndarray, epochs: int, st
 
     Args:
       sampled: [S] client ids.
-      steps_per_epoch: [num_clients] real steps per epoch of every client (count // batch_size).
+      steps_per_epoch: [num_clients] real steps per epoch of every client
+        (`client.steps_per_epoch`).
       epochs: local epochs.
-      stride: steps per epoch of the padded schedule (max_count // batch_size).
+      stride: steps per epoch of the padded schedule (`client.steps_per_epoch` of max_count).
       devices, lanes: mesh size and lanes per device.
       max_slots: the fixed slot-table length (an upper bound on any lane's steps).
     """
@@ -264,6 +265,7 @@ class RoundWork:
     opt_state: Any           # this round's optimizer state (fresh or persistent)
     metrics: Any             # per-client sums: loss, correct, steps, flops
     batch_ids: jax.Array     # [per_device, schedule_steps, batch] example ids of every step
+    batch_mask: Any          # [per_device, schedule_steps, batch] real examples; None: all full
     step_keys: jax.Array     # [per_device, schedule_steps] augmentation keys
     steps_per_epoch: jax.Array  # [per_device] real steps per epoch; 0 for an empty position
     weights: jax.Array       # [per_device] aggregation weight; 0 for an empty position
@@ -323,7 +325,8 @@ def _scatter_sampled(local_clients, sampled, trained):
 
 
 def _zero_metrics(n: int):
-    return {k: jnp.zeros((n,), jnp.float32) for k in ('loss', 'correct', 'steps', 'flops')}
+    return {k: jnp.zeros((n,), jnp.float32)
+            for k in ('loss', 'correct', 'steps', 'flops', 'examples')}
 
 
 def _squeeze(tree):
@@ -358,9 +361,9 @@ class RoundRunner:
         self.strategy = resolve_client_execution(strategy, self.mesh.devices.flat[0].platform,
                                                  conv_impl)
         self.unroll = max(int(unroll), 1)
-        b, epochs = local_cfg.batch_size, local_cfg.local_epochs
-        self.steps_per_epoch = train_counts // b
-        self.stride = int(train_data.example_ids.shape[1]) // b
+        epochs = local_cfg.local_epochs
+        self.steps_per_epoch = client_lib.steps_per_epoch(local_cfg, train_counts)
+        self.stride = client_lib.steps_per_epoch(local_cfg, int(train_data.example_ids.shape[1]))
         self.per_device = -(-round_cfg.clients_per_round // self.devices)
         if self.strategy == 'vmap':
             self.lanes = self.per_device if lanes <= 0 else min(lanes, self.per_device)
@@ -456,25 +459,27 @@ class RoundRunner:
 
         def schedule(key, count, example_ids):
             batches, _, step_keys = client_lib.local_schedule(cfg, key, count, max_count)
-            return example_ids[batches], step_keys
+            return (client_lib.example_ids_of(example_ids, batches), step_keys,
+                    client_lib.example_mask(cfg, batches, count))
 
-        batch_ids, step_keys = jax.vmap(schedule)(keys, counts, data.example_ids[ids])
+        batch_ids, step_keys, batch_mask = jax.vmap(schedule)(keys, counts, data.example_ids[ids])
         opt_state = jax.vmap(functools.partial(client_lib.round_opt_state, cfg))(clients)
         if self.round_cfg.aggregation == 'data_size':
             weights = counts.astype(jnp.float32)
         else:
             weights = real.astype(jnp.float32)
         return RoundWork(clients=clients, opt_state=opt_state, metrics=_zero_metrics(self.per_device),
-                         batch_ids=batch_ids, step_keys=step_keys,
-                         steps_per_epoch=counts // cfg.batch_size, weights=weights)
+                         batch_ids=batch_ids, batch_mask=batch_mask, step_keys=step_keys,
+                         steps_per_epoch=client_lib.steps_per_epoch(cfg, counts), weights=weights)
 
     def _step(self, work: RoundWork, data: ClientData, client, opt_state, position, k, valid, lr,
               penalty_coeff):
         """`client.local_step` on step k of the schedule of the client at `position`."""
         ids = work.batch_ids[position, k]
         x = client_lib.preprocess(self.spec, data.images[ids], work.step_keys[position, k])
+        mask = None if work.batch_mask is None else work.batch_mask[position, k]
         return client_lib.local_step(self.model, self.local_cfg, client, opt_state, x,
-                                     data.labels[ids], valid, lr, penalty_coeff, self.macs)
+                                     data.labels[ids], valid, lr, penalty_coeff, self.macs, mask)
 
     def _lane_step(self, work, data, lane: Lane, k, lr, penalty_coeff) -> Lane:
         c, o, m = self._step(work, data, lane.client, lane.opt_state, lane.position, k,
@@ -556,10 +561,11 @@ class RoundRunner:
         sums = jax.lax.psum({
             'loss': jnp.sum(real * m['loss'] / jnp.maximum(m['steps'], 1.0)),
             'clients': jnp.sum(real), 'correct': jnp.sum(m['correct']),
-            'steps': jnp.sum(m['steps']), 'flops': jnp.sum(m['flops'])}, CLIENTS)
+            'steps': jnp.sum(m['steps']), 'flops': jnp.sum(m['flops']),
+            'examples': jnp.sum(m['examples'])}, CLIENTS)
         metrics = {
             'train_loss': sums['loss'] / jnp.maximum(sums['clients'], 1.0),
-            'train_accuracy': sums['correct'] / jnp.maximum(sums['steps'] * cfg.batch_size, 1.0),
+            'train_accuracy': sums['correct'] / jnp.maximum(sums['examples'], 1.0),
             'local_steps': sums['steps'],
             'flops': sums['flops'],
             'max_steps': executed.astype(jnp.float32),   # executed steps, padding included
@@ -576,7 +582,7 @@ class RoundRunner:
         state_specs = FederatedState(clients=shd, server_thresholds=rep, last_delta=rep, round=rep)
         data_specs = ClientData(images=rep, labels=rep, example_ids=rep, counts=rep)
         work_specs = RoundWork(clients=shd, opt_state=shd, metrics=shd, batch_ids=shd,
-                               step_keys=shd, steps_per_epoch=shd, weights=shd)
+                               batch_mask=shd, step_keys=shd, steps_per_epoch=shd, weights=shd)
         lane_specs = Lane(position=shd, client=shd, opt_state=shd, metrics=shd)
 
         if self.strategy == 'loop':

@@ -82,20 +82,42 @@ def split_clients(dataset, num_clients: int, alpha: float, min_train_examples: i
             make_client_data(dataset.test_images, dataset.test_labels, test_ids))
 
 
+CLIENT_INITS = ('shared', 'independent')
+
+
+def check_client_init(client_init: str) -> None:
+    if client_init not in CLIENT_INITS:
+        raise ValueError(f'client_init={client_init!r} is not known; use one of {CLIENT_INITS}.')
+
+
+def client_init_keys(rng: jax.Array, num_clients: int, client_init: str = 'shared') -> jax.Array:
+    """[num_clients] initialization keys: one key for everyone ('shared'), or fold_in(rng, k).
+
+    'shared' is what the official code does (one model, deep-copied to every client), so row i of a
+    layer is the same neuron on every client at the start and the mean of threshold i over clients
+    means something. 'independent' draws every client's model from its own key.
+    """
+    check_client_init(client_init)
+    if client_init == 'shared':
+        return jnp.stack([rng] * num_clients)
+    return jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(num_clients))
+
+
 def init_clients(model: nn.Module, cfg: LocalConfig, rng: jax.Array, num_clients: int,
-                 image_shape) -> ClientState:
-    """Independently initialized clients, stacked: client k uses fold_in(rng, k)."""
-    def one(k):
-        variables = models.init_variables(model, jax.random.fold_in(rng, k), image_shape)
+                 image_shape, client_init: str = 'shared') -> ClientState:
+    """Every client's initial state, stacked on a leading client axis (see `client_init_keys`)."""
+    def one(key):
+        variables = models.init_variables(model, key, image_shape)
         return ClientState(params=variables['params'], thresholds=variables['thresholds'],
                            batch_stats=variables['batch_stats'],
                            opt_state=client_lib.init_opt_state(cfg, variables['params'],
                                                               variables['thresholds']))
-    return jax.jit(jax.vmap(one))(jnp.arange(num_clients))
+    return jax.jit(jax.vmap(one))(client_init_keys(rng, num_clients, client_init))
 
 
-def init_state(model, cfg: LocalConfig, rng, num_clients, image_shape) -> FederatedState:
-    clients = init_clients(model, cfg, rng, num_clients, image_shape)
+def init_state(model, cfg: LocalConfig, rng, num_clients, image_shape,
+               client_init: str = 'shared') -> FederatedState:
+    clients = init_clients(model, cfg, rng, num_clients, image_shape, client_init)
     zeros = lambda: jax.tree.map(lambda t: jnp.zeros(t.shape[1:], t.dtype), clients.thresholds)
     # Separate buffers: the round donates its state, and one buffer cannot be donated twice.
     return FederatedState(clients=clients, server_thresholds=zeros(), last_delta=zeros(),
@@ -170,11 +192,11 @@ def round_metrics(metrics, local_cfg: LocalConfig, data: ClientData, num_sampled
     steps = jnp.maximum(metrics['steps'], 1.0)
     return {
         'train_loss': jnp.mean(metrics['loss'] / steps),
-        'train_accuracy': jnp.sum(metrics['correct']) / jnp.maximum(
-            jnp.sum(metrics['steps']) * local_cfg.batch_size, 1.0),
+        'train_accuracy': jnp.sum(metrics['correct']) / jnp.maximum(jnp.sum(metrics['examples']),
+                                                                     1.0),
         'local_steps': jnp.sum(metrics['steps']),
         'flops': jnp.sum(metrics['flops']),
-        'max_steps': jnp.float32(data.example_ids.shape[1] // local_cfg.batch_size *
+        'max_steps': jnp.float32(client_lib.steps_per_epoch(local_cfg, data.example_ids.shape[1]) *
                                  local_cfg.local_epochs * num_sampled),
     }
 
@@ -202,7 +224,7 @@ def evaluate_client(model: nn.Module, spec: DataSpec, client: ClientState, image
         ids = jax.lax.dynamic_slice(padded, (start,), (batch_size,))
         logits = model.apply(variables, preprocess_eval(spec, images[ids]), train=False)
         hit = (jnp.argmax(logits, -1) == labels[ids]) & (start + jnp.arange(batch_size) < count)
-        return correct + jnp.sum(hit)
+        return correct + jnp.sum(hit, dtype=jnp.int32)
 
     return jax.lax.fori_loop(0, (count + batch_size - 1) // batch_size, body,
                              jnp.zeros((), jnp.int32))
@@ -238,8 +260,14 @@ def evaluate(model, spec, clients: ClientState, data: ClientData, batch_size: in
 
 
 def density_stats(clients: ClientState):
-    """Kept-row fraction per client and layer, and kept masked weights per client."""
+    """Kept-row fraction per client and layer, and kept masked weights per client.
+
+    The masks are those the evaluated model uses: a collapsed layer (at most 1 % of rows kept) has
+    its thresholds reset first, as in every forward pass (the official code reports the kept
+    fraction of the model it just evaluated, after that reset).
+    """
     def one(params, thresholds):
+        thresholds = masking.reset_collapsed_thresholds(params, thresholds)
         kernels = masking.kernels_of(params, thresholds)
         masks = jax.tree.map(masking.hard_row_mask, kernels, thresholds)
         fractions = jnp.stack([jnp.mean(m.astype(jnp.float32)) for m in jax.tree.leaves(masks)])

@@ -14,6 +14,7 @@ same signatures. Nothing here computes a round or a metric; it only adapts call 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -113,9 +114,9 @@ def check_settings(settings: Mapping[str, Any]) -> None:
 # SpaFL.
 
 def _spafl_init_state(model: nn.Module, local_cfg: LocalConfig, rng: jax.Array, num_clients: int,
-                      image_shape, num_classes: int = 10):
+                      image_shape, num_classes: int = 10, *, client_init: str = 'shared'):
     del num_classes  # the model already has its head
-    return federated.init_state(model, local_cfg, rng, num_clients, image_shape)
+    return federated.init_state(model, local_cfg, rng, num_clients, image_shape, client_init)
 
 
 def _spafl_make_eval_fn(model: nn.Module, spec: DataSpec, batch_size: int) -> Callable:
@@ -182,12 +183,18 @@ def _heterofl_client_variables(state):
 
 # --------------------------------------------------------------------------------------------------
 
-def _baseline(name: str, method_cfg, num_clients: int | None) -> Method:
+# The methods whose clients each hold a model of their own from the start (the others start every
+# client from one global model, so `client_init='independent'` has no meaning for them).
+OWN_INITIAL_MODELS = ('spafl', 'local')
+
+
+def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) -> Method:
     module = baselines.get(name)
 
     def init_state(model, local_cfg, rng, num_clients, image_shape, num_classes=10):
+        extra = {'client_init': client_init} if name in OWN_INITIAL_MODELS else {}
         return module.init_state(model, local_cfg, rng, num_clients, image_shape,
-                                 num_classes=num_classes, method_cfg=method_cfg)
+                                 num_classes=num_classes, method_cfg=method_cfg, **extra)
 
     def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):
         return module.make_round_fn(model, local_cfg, round_cfg, spec, macs, method_cfg=method_cfg)
@@ -224,11 +231,13 @@ def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
     """
     if name not in METHODS:
         raise ValueError(f'method={name!r} is not known; allowed values: {", ".join(METHODS)}.')
+    client_init = config.get('client_init', 'shared') if config is not None else 'shared'
     if name == 'spafl':
-        return Method(name='spafl', init_state=_spafl_init_state,
+        return Method(name='spafl',
+                      init_state=functools.partial(_spafl_init_state, client_init=client_init),
                       make_round_fn=federated.make_round_fn, make_eval_fn=_spafl_make_eval_fn,
                       bits_per_round=_spafl_bits_per_round, client_variables=_own_clients,
                       communicates_thresholds=True)
     settings = config.get('baseline') if config is not None else None
     num_clients = config.get('num_clients') if config is not None else None
-    return _baseline(name, baseline_config(name, settings), num_clients)
+    return _baseline(name, baseline_config(name, settings), num_clients, client_init)

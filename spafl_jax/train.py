@@ -38,7 +38,8 @@ def local_config(config) -> client_lib.LocalConfig:
     return client_lib.LocalConfig(
         batch_size=config.batch_size, local_epochs=config.local_epochs, lr=config.lr,
         lr_decay=config.lr_decay, min_lr=config.min_lr, clip=config.clip, th_coeff=config.th_coeff,
-        penalty_warmup=config.penalty_warmup, persistent_optimizer=config.persistent_optimizer)
+        penalty_warmup=config.penalty_warmup, persistent_optimizer=config.persistent_optimizer,
+        drop_last=config.get('drop_last', True))
 
 
 def round_config(config) -> federated.RoundConfig:
@@ -64,12 +65,17 @@ def build_model(config, num_classes: int):
 def check_model_fits(model, config, image_shape) -> None:
     """Abstract evaluation only (no compilation): does the model accept this dataset's images?"""
     try:
-        jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), image_shape))
+        shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), image_shape))
     except Exception as e:  # pylint: disable=broad-except
         raise configuration.ConfigError(
             f'config.model={config.model!r} does not accept {config.dataset!r} images of shape '
             f'{tuple(image_shape)} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
             f'pick a model made for this dataset.') from None
+    if not config.get('drop_last', True) and jax.tree.leaves(shapes['batch_stats']):
+        raise configuration.ConfigError(
+            f'config.drop_last=False needs a model without BatchNorm: the padded examples of a '
+            f'partial batch would enter the batch statistics of config.model={config.model!r}; '
+            'keep config.drop_last=True.')
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, num_sampled: int) -> np.ndarray:
@@ -78,14 +84,22 @@ def sample_clients(seed: int, round_index: int, num_clients: int, num_sampled: i
     return np.sort(rng.choice(num_clients, num_sampled, replace=False)).astype(np.int32)
 
 
+def min_train_examples(config) -> int:
+    """The split is redrawn until every client can take a local step: a full batch when the last
+    partial batch is dropped, one example otherwise (the official FMNIST folder never redraws; with
+    its 100 clients a client without examples is rare)."""
+    return config.batch_size if config.get('drop_last', True) else 1
+
+
 def split_data(config, dataset: data_lib.Dataset):
+    minimum = min_train_examples(config)
     try:
         return federated.split_clients(dataset, config.num_clients, config.alpha,
-                                       min_train_examples=config.batch_size, seed=config.seed)
+                                       min_train_examples=minimum, seed=config.seed)
     except ValueError as e:
         raise configuration.ConfigError(
             f'the Dirichlet split cannot give each of config.num_clients={config.num_clients} '
-            f'clients config.batch_size={config.batch_size} examples of {config.dataset} with '
+            f'clients {minimum} examples of {config.dataset} with '
             f'config.alpha={config.alpha} ({e}); use fewer clients, a smaller batch or a larger '
             'alpha.') from None
 
@@ -210,7 +224,9 @@ class Run:
 
 @jax.jit
 def _first_layer_masks(params, thresholds) -> jax.Array:
-    """[clients, rows] kept rows of every client's first masked layer (1 kept, 0 pruned)."""
+    """[clients, rows] kept rows of every client's first masked layer (1 kept, 0 pruned), as the
+    evaluated model uses them (collapsed layers reset)."""
+    thresholds = jax.vmap(masking.reset_collapsed_thresholds)(params, thresholds)
     kernel = jax.tree.leaves(masking.kernels_of(params, thresholds))[0]
     threshold = jax.tree.leaves(thresholds)[0]
     return jax.vmap(masking.hard_row_mask)(kernel, threshold).astype(jnp.float32)

@@ -20,9 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Model and mask.
     config.model = 'digits_cnn'          # digits_cnn | lenet5 | conv4
     config.estimator = 'long_tailed'     # long_tailed | identity | outside_unit (step backward)
+    config.client_init = 'shared'        # shared (one initial model for all, official) | independent
     # Local training.
     config.rounds = 50                   # communication rounds
-    config.batch_size = 16               # local batch size; the last partial batch is dropped
+    config.batch_size = 16               # local batch size
+    config.drop_last = True              # drop each epoch's last partial batch (False: official)
     config.local_epochs = 5              # passes over a client's own data per round
     config.lr = 0.05                     # SGD learning rate (momentum 0.9)
     config.lr_decay = 1.0                # lr multiplied by this every round

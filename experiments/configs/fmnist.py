@@ -42,3 +42,4 @@ def apply_official_fmnist(config: ml_collections.ConfigDict) -> None:
     config.importance_update = 'sampled_before'
     config.persistent_optimizer = True
     config.raw_pixels = True
+    config.drop_last = False   # the official loader trains on each epoch's last partial batch

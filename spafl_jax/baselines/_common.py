@@ -93,6 +93,8 @@ def local_sgd(cfg: LocalConfig, spec: DataSpec, loss_fn: Callable, trainable, ex
     Returns:
       (trainable, extra, metrics summed over the client's real steps).
     """
+    if not cfg.drop_last:
+        raise ValueError('drop_last=False is SpaFL\'s (the baselines train on full batches only).')
     lr = client_lib.learning_rate(cfg, round_index)
     schedule_rng, step_rng = jax.random.split(rng)
     batches, valid = client_lib.batch_schedule(schedule_rng, count, example_ids.shape[0],
@@ -111,7 +113,8 @@ def local_sgd(cfg: LocalConfig, spec: DataSpec, loss_fn: Callable, trainable, ex
         updates, opt_state = tx.update(grads, opt_state)
         trainable = jax.tree.map(lambda p, u: p - lr * u, trainable, updates)
         metrics = {'loss': loss, 'correct': correct.astype(jnp.float32),
-                   'steps': jnp.float32(1.0), 'flops': jnp.asarray(flops, jnp.float32)}
+                   'steps': jnp.float32(1.0), 'flops': jnp.asarray(flops, jnp.float32),
+                   'examples': jnp.float32(cfg.batch_size)}
         return (trainable, extra, opt_state), metrics
 
     (trainable, extra, _), metrics = client_lib.over_real_steps(

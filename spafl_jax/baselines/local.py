@@ -6,7 +6,8 @@ used densely (thresholds fixed at `_common.DENSE_THRESHOLD`, untrained, unpenali
 Choices (there is no paper to depart from):
   - a client trains only in the rounds it is sampled, `local_epochs` each time, so Local spends the
     same computation per round as the federated methods under the same schedule;
-  - clients are initialized independently (client k from fold_in(rng, k)), as SpaFL's clients are;
+  - clients start from one shared initial model (`client_init='independent'`: each its own), as
+    SpaFL's clients do;
   - the optimizer is fresh every round, as in every baseline.
 """
 
@@ -40,17 +41,20 @@ class LocalState:
 
 def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
                num_clients: int, image_shape, *, num_classes: int = 10,
-               method_cfg: LocalOnlyConfig = LocalOnlyConfig()) -> LocalState:
-    """Independently initialized dense clients, stacked; client k uses fold_in(rng, k)."""
+               method_cfg: LocalOnlyConfig = LocalOnlyConfig(),
+               client_init: str = 'shared') -> LocalState:
+    """Dense clients, stacked: one shared initial model, or client k's own from fold_in(rng, k)
+    (`federated.client_init_keys`)."""
     del local_cfg, method_cfg
     model = _common.dense_model(_common.resolve_model(model_or_name, num_classes))
+    keys = federated.client_init_keys(rng, num_clients, client_init)
 
-    def one(k):
-        variables = _common.init_dense_variables(model, jax.random.fold_in(rng, k), image_shape)
+    def one(key):
+        variables = _common.init_dense_variables(model, key, image_shape)
         return ClientState(params=variables['params'], thresholds=variables['thresholds'],
                            batch_stats=variables['batch_stats'], opt_state=())
 
-    clients = _common.stack([one(k) for k in range(num_clients)])
+    clients = _common.stack([one(keys[k]) for k in range(num_clients)])
     return LocalState(clients=clients, round=jnp.zeros((), jnp.int32))
 
 
