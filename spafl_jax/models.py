@@ -19,9 +19,48 @@ from spafl_jax.layers import (MaskedConv, MaskedDense, channel_axis, spatial_axe
                               torch_default_init)
 
 
-def _batch_norm(train: bool, axis: int = -1) -> nn.BatchNorm:
-    # PyTorch momentum 0.1 is Flax momentum 0.9.
-    return nn.BatchNorm(use_running_average=not train, axis=axis, momentum=0.9, epsilon=1e-5)
+class BatchNorm(nn.Module):
+    """BatchNorm as PyTorch computes it (`nn.BatchNorm1d/2d`, momentum 0.1, eps 1e-5).
+
+    Training normalizes with the biased batch variance and updates the running variance with the
+    unbiased one (times n / (n - 1), n the values per feature), which `flax.linen.BatchNorm` does
+    not: with the official batch of 16, its dense layers' running variance would be 16/15 too
+    small at evaluation. Variables and names are those of `flax.linen.BatchNorm` (`params`: scale,
+    bias; `batch_stats`: mean, var), so checkpoints and exports do not change. tests/test_reference
+    holds it to the official CIFAR-10 code.
+    """
+    use_running_average: bool
+    axis: int = -1
+    momentum: float = 0.9      # Flax convention: PyTorch's momentum 0.1
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axis = self.axis % x.ndim
+        features = x.shape[axis]
+        reduce = tuple(a for a in range(x.ndim) if a != axis)
+        shape = [1] * x.ndim
+        shape[axis] = features
+        scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            mean = jnp.mean(x, axis=reduce)
+            var = jnp.mean(jnp.square(x - mean.reshape(shape)), axis=reduce)
+            if not self.is_initializing():
+                n = x.size // features
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1.0 - m) * mean
+                running_var.value = m * running_var.value + (1.0 - m) * var * (n / max(n - 1, 1))
+        y = (x - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + self.epsilon)
+        return y * scale.reshape(shape) + bias.reshape(shape)
+
+
+def _batch_norm(train: bool, axis: int = -1) -> BatchNorm:
+    return BatchNorm(use_running_average=not train, axis=axis)
 
 
 def max_pool_2x2(x: jax.Array, layout: str = 'NHWC') -> jax.Array:

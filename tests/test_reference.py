@@ -232,7 +232,8 @@ class Checker:
                 for ours_key, theirs_key in (('mean', 'mean'), ('var', 'var')):
                     mine = ours[(f'BatchNorm_{i}', ours_key)]
                     theirs = arrays[f'{prefix}/bn/{bn}/{theirs_key}']
-                    np.testing.assert_allclose(mine, theirs, rtol=WEIGHT_RTOL, atol=1e-12,
+                    np.testing.assert_allclose(mine, theirs, rtol=WEIGHT_RTOL,
+                                               atol=WEIGHT_RTOL * np.max(np.abs(theirs)),
                                                err_msg=f'{prefix} {bn} running {ours_key}')
         else:
             assert not stats
@@ -287,9 +288,10 @@ def _replay(folder: str) -> Checker:
         for k in range(rp.num_clients):   # 7. every client on its own test split
             accuracy, density = rp.test(k)
             prefix = f'r{r}/tested/{k}'
-            # Accuracy and density are ratios of counts: equal, not close.
-            assert accuracy == pytest.approx(float(arrays[f'{prefix}/accuracy']), abs=1e-9), prefix
-            assert density == pytest.approx(float(arrays[f'{prefix}/density']), abs=1e-9), prefix
+            # Ratios of counts (the official accuracy is summed in float32): one test example or
+            # one row is worth far more than the tolerance.
+            assert accuracy == pytest.approx(float(arrays[f'{prefix}/accuracy']), abs=1e-4), prefix
+            assert density == pytest.approx(float(arrays[f'{prefix}/density']), abs=1e-6), prefix
             check.snapshot(prefix, k)
     return check
 
@@ -305,8 +307,6 @@ def test_fmnist_trace_matches_the_official_code():
     print('largest deviations', check.worst)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(HERE, 'cifar10_trace.npz')),
-                    reason='no CIFAR-10 trace recorded')
 def test_cifar10_trace_matches_the_official_code():
     check = replay_trace('cifar10')
     print('largest deviations', check.worst)

@@ -161,9 +161,16 @@ def official_folder(official: str, folder: str) -> str:
 
 
 def import_folder(path: str) -> None:
-    """Makes the folder's own modules importable the way its train.py expects (cwd and sys.path)."""
+    """Makes the folder's own modules importable the way its train.py expects (cwd and sys.path).
+
+    The CIFAR folders' model/net.py imports `binarization` as a top-level module while the clients
+    import `model.binarization`; both names are made to refer to one module, or the clients'
+    isinstance checks would not recognise the model's masked layers.
+    """
     os.chdir(path)
     sys.path.insert(0, path)
+    sys.path.append(os.path.join(path, 'model'))
+    sys.modules['model.binarization'] = importlib.import_module('binarization')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,12 +239,13 @@ def initial_weights(shapes: list[tuple[int, ...]], seed: int) -> list[np.ndarray
 
 
 def synthetic_cifar(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-shaped float images [n, 3, 32, 32] with class-dependent means, and labels."""
+    """CIFAR-shaped 0-255 images [n, 3, 32, 32] (channels first, so that the official loader's
+    reshape is the identity) with class-dependent colours, as float32, and their labels."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n).astype(np.int64)
-    means = rng.normal(0.0, 1.0, (10, 3, 1, 1)).astype(np.float32)
-    images = rng.normal(0.0, 1.0, (n, 3, 32, 32)).astype(np.float32) + means[labels]
-    return images, labels
+    colours = rng.uniform(60.0, 196.0, (10, 3, 1, 1))
+    images = np.clip(rng.normal(0.0, 40.0, (n, 3, 32, 32)) + colours[labels], 0, 255)
+    return np.round(images).astype(np.uint8).astype(np.float32), labels
 
 
 def _masked_layers(model):
@@ -348,9 +356,10 @@ def record_trace(args) -> None:
             'drop_last': drop_last, 'torch': torch.__version__, 'dtype': 'float64',
             'collapse_resets': [int(l.zero_count) for c in simulator.Clients_list
                                 for _, l in _masked_layers(c.model)]}
+    # Every image holds 0-255 integers (real Fashion-MNIST, or synthetic CIFAR): stored as uint8.
     arrays_out = {'meta': np.array(json.dumps(meta)),
-                  'train_images': train[0], 'train_labels': train[1],
-                  'test_images': test[0], 'test_labels': test[1]}
+                  'train_images': train[0].astype(np.uint8), 'train_labels': train[1],
+                  'test_images': test[0].astype(np.uint8), 'test_labels': test[1]}
     arrays_out.update({f'initial/{k}': v for k, v in digest(model).items()})
     for k, ids in enumerate(train_ids):
         arrays_out[f'split/train/{k}'] = ids
