@@ -202,3 +202,55 @@ def test_evaluation_counts_each_clients_own_test_split(setup):
     assert int(result['correct'][4]) == int(np.sum(np.argmax(logits, -1) == np.asarray(
         test.labels)[ids]))
     np.testing.assert_array_equal(result['layer_density'], np.ones((NUM_CLIENTS, 4)))
+
+
+def test_partial_last_batch_is_trained_on_with_its_real_examples_only():
+    # 37 examples at batch 8: 4 full batches and one of 5, every example once per epoch.
+    cfg = client_lib.LocalConfig(batch_size=8, local_epochs=2, drop_last=False)
+    assert client_lib.steps_per_epoch(cfg, 37) == 5 and client_lib.steps_per_epoch(cfg, 40) == 5
+    batches, valid = client_lib.batch_schedule(jax.random.key(0), count=37, max_count=70,
+                                               batch_size=8, epochs=2, drop_last=False)
+    stride = client_lib.steps_per_epoch(cfg, 70)   # 9: the largest client's last batch is 6
+    assert batches.shape == (2 * stride, 8)
+    np.testing.assert_array_equal(valid, np.tile(np.arange(stride) < 5, 2))
+    for epoch in range(2):
+        steps = np.asarray(batches[epoch * stride:epoch * stride + 5])
+        mask = np.asarray(client_lib.example_mask(cfg, steps, 37))
+        assert mask[:4].all() and mask[4].sum() == 5
+        assert sorted(steps[mask].tolist()) == list(range(37))
+    # With drop_last (the default) the draws are the ones the schedule always made.
+    kept, _ = client_lib.batch_schedule(jax.random.key(0), 37, 70, 8, 2)
+    assert client_lib.example_mask(client_lib.LocalConfig(), kept, 37) is None
+
+
+def test_masked_examples_do_not_count_in_the_loss(setup):
+    # The loss of a padded batch with its mask is the plain mean over the real examples, as
+    # PyTorch's cross-entropy over a short last batch.
+    _, train, _, model, cfg, spec = setup
+    state = _take(_state(model, cfg).clients, 0)
+    x = client_lib.preprocess(spec, train.images[:BATCH])
+    y = train.labels[:BATCH]
+    loss = lambda x_, y_, m: client_lib.loss_fn(model, state.params, state.thresholds, {}, x_, y_,
+                                                 0.0, m)
+    short, (_, _, short_correct) = loss(x[:5], y[:5], None)
+    padded, (_, _, padded_correct) = loss(x, y, jnp.arange(BATCH) < 5)
+    np.testing.assert_allclose(padded, short, rtol=1e-6)
+    assert int(padded_correct) == int(short_correct)
+    grads = [jax.grad(lambda t: client_lib.loss_fn(model, state.params, t, {}, *a)[0])(
+        state.thresholds) for a in ((x[:5], y[:5], 0.01, None), (x, y, 0.01, jnp.arange(BATCH) < 5))]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), *grads)
+
+
+def test_reported_density_is_the_evaluated_models():
+    # A layer whose thresholds exceed every row is collapsed: the forward pass resets its thresholds
+    # to 0, and the density reported is that of the model evaluated (all rows kept), not 0.
+    model = models.create_model('digits_cnn', 10)
+    state = federated.init_state(model, client_lib.LocalConfig(), jax.random.key(0), 2, (8, 8, 1))
+    names = list(state.clients.thresholds)
+    collapsed = dict(state.clients.thresholds)
+    collapsed[names[0]] = {'threshold': jnp.full_like(collapsed[names[0]]['threshold'], 10.0)}
+    half = jnp.where(jnp.arange(collapsed[names[1]]['threshold'].shape[-1]) % 2 == 0, 10.0, -1.0)
+    collapsed[names[1]] = {'threshold': jnp.broadcast_to(half, collapsed[names[1]]['threshold'].shape)}
+    stats = federated.density_stats(state.clients.replace(thresholds=collapsed))
+    np.testing.assert_allclose(stats['layer_density'][:, 0], 1.0)   # reset: every row kept
+    np.testing.assert_allclose(stats['layer_density'][:, 1], 0.5)   # half pruned, not collapsed

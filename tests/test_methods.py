@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spafl_jax import client as client_lib
 from spafl_jax import configuration
 from spafl_jax import federated
 from spafl_jax import methods
@@ -182,3 +183,29 @@ def test_unknown_or_missing_method_fields():
                                              (8, 8, 1), 10)
     with pytest.raises(ValueError, match='config.num_clients'):
         methods.get('fedavg').client_variables(state)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(method='fedavg', client_init='independent'),
+     r"config\.client_init='independent' applies to spafl and local only"),
+    (dict(client_init='each'), r"config\.client_init='each' is not allowed"),
+    (dict(method='fedspa', drop_last=False), r'config\.drop_last=False applies to spafl only'),
+])
+def test_initialization_and_partial_batch_fields_are_checked(overrides, message):
+    config = _config(overrides.pop('method', 'spafl'))
+    config.update(overrides)
+    with pytest.raises(configuration.ConfigError, match=message):
+        configuration.validate(config)
+
+
+@pytest.mark.parametrize('name', ['spafl', 'local'])
+def test_clients_start_from_one_model_unless_asked_otherwise(name):
+    for client_init, same in (('shared', True), ('independent', False)):
+        config = _config(name)
+        config.client_init = client_init
+        state = methods.get(name, config).init_state(
+            models.create_model('digits_cnn', 10), client_lib.LocalConfig(), jax.random.key(0),
+            NUM_CLIENTS, (8, 8, 1), 10)
+        kernel = jax.tree.leaves(state.clients.params)[0]
+        assert np.array_equal(kernel[0], kernel[-1]) == same, (name, client_init)
+        assert np.abs(np.asarray(kernel[0])).max() > 0

@@ -342,3 +342,21 @@ def test_resnet_blocks_have_pytorch_shapes():
     assert params['head']['kernel'].shape == (256, 100)
     # Pre-activation: stem BN + two BNs per block, none after the last block.
     assert len(variables['batch_stats']) == 1 + 8
+
+
+def test_batch_norm_follows_pytorch():
+    # Training: normalize with the biased batch variance; running variance updated with the
+    # unbiased one (n / (n - 1)), momentum 0.1 in PyTorch's convention; evaluation: running stats.
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, (16, 5)), jnp.float32)
+    bn = models.BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+    y, updated = bn.apply(variables, x, mutable=['batch_stats'])
+    mean, var = np.mean(np.asarray(x), 0), np.var(np.asarray(x), 0)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(updated['batch_stats']['mean'], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(updated['batch_stats']['var'], 0.9 + 0.1 * var * 16 / 15, rtol=1e-5)
+    evaluated = models.BatchNorm(use_running_average=True).apply(
+        {**variables, 'batch_stats': updated['batch_stats']}, x)
+    stats = updated['batch_stats']
+    np.testing.assert_allclose(evaluated, (x - stats['mean']) / np.sqrt(stats['var'] + 1e-5),
+                               rtol=1e-5, atol=1e-5)

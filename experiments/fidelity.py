@@ -1,0 +1,131 @@
+r"""Our official-FMNIST preset against the official PyTorch code, from the runs' compact records.
+
+    python experiments/fidelity.py --results=results
+
+reads `<results>/official_fmnist_seed<k>/metrics.jsonl` (the official code, recorded by
+tests/reference/record_official.py) and `<results>/fmnist_official_seed<k>/metrics.jsonl` (ours:
+`python experiments/main.py --config=fmnist.py:official --config.rounds=200 --config.seed=<k>`), prints
+accuracy and density of both codes at the chosen rounds, per seed and as the mean over the seeds
+both codes reached, and draws both curves in one figure (`<results>/fidelity_fmnist.png`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
+
+_RESULTS = flags.DEFINE_string('results', 'results', 'Folder of the compact run records.')
+_SEEDS = flags.DEFINE_list('seeds', ['1', '2'], 'Seeds to compare.')
+_ROUNDS = flags.DEFINE_list('rounds', ['50', '100', '200'], 'Rounds of the table.')
+_OUT = flags.DEFINE_string('out', '', 'Figure path; default <results>/fidelity_fmnist.png.')
+
+CODES = (('official', 'official_fmnist_seed{}', 'official PyTorch code'),
+         ('ours', 'fmnist_official_seed{}', 'spafl_jax fmnist.py:official'))
+
+
+def read_curve(path: str) -> dict[int, dict]:
+    """round -> record of a metrics.jsonl (an unfinished last line is ignored)."""
+    curve = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            curve[int(record['round'])] = record
+    return curve
+
+
+def load(results: str, seeds: list[str]) -> dict[tuple[str, str], dict[int, dict]]:
+    runs = {}
+    for code, pattern, _ in CODES:
+        for seed in seeds:
+            path = os.path.join(results, pattern.format(seed), 'metrics.jsonl')
+            if os.path.exists(path):
+                runs[(code, seed)] = read_curve(path)
+    return runs
+
+
+def table(runs, seeds: list[str], rounds: list[int]) -> str:
+    """Markdown: accuracy (%) and density of both codes at `rounds`, per seed and mean."""
+    lines = ['| round | seed | official accuracy | ours accuracy | difference | official density |'
+             ' ours density | difference |', '|---|---|---|---|---|---|---|---|']
+    for r in rounds:
+        pairs = []
+        for seed in seeds + ['mean']:
+            if seed == 'mean':
+                if len(pairs) < 2:
+                    continue
+                off = tuple(np.mean([p[0][i] for p in pairs]) for i in range(2))
+                our = tuple(np.mean([p[1][i] for p in pairs]) for i in range(2))
+                label = f'mean of {len(pairs)}'
+            else:
+                a, b = runs.get(('official', seed), {}).get(r), runs.get(('ours', seed), {}).get(r)
+                if a is None or b is None:
+                    lines.append(f'| {r} | {seed} | {_fmt(a, "accuracy", 100)} | '
+                                 f'{_fmt(b, "accuracy", 100)} | – | {_fmt(a, "density", 1)} | '
+                                 f'{_fmt(b, "density", 1)} | – |')
+                    continue
+                off, our = (a['accuracy'], a['density']), (b['accuracy'], b['density'])
+                pairs.append((off, our))
+                label = seed
+            lines.append(f'| {r} | {label} | {100 * off[0]:.1f} | {100 * our[0]:.1f} | '
+                         f'{100 * (our[0] - off[0]):+.1f} | {off[1]:.3f} | {our[1]:.3f} | '
+                         f'{our[1] - off[1]:+.3f} |')
+    return '\n'.join(lines)
+
+
+def _fmt(record, key, scale):
+    return 'not reached' if record is None else f'{scale * record[key]:.{1 if scale == 100 else 3}f}'
+
+
+def plot(runs, seeds: list[str], path: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    fig, (ax_acc, ax_den) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = {'official': 'tab:red', 'ours': 'tab:blue'}
+    styles = {seed: style for seed, style in zip(seeds, ('-', '--', ':', '-.'))}
+    for (code, seed), curve in sorted(runs.items()):
+        rounds = sorted(curve)
+        label = f'{dict((c, t) for c, _, t in CODES)[code]}, seed {seed}'
+        kwargs = dict(color=colours[code], linestyle=styles.get(seed, '-'), linewidth=1.2,
+                      label=label)
+        ax_acc.plot(rounds, [100 * curve[r]['accuracy'] for r in rounds], **kwargs)
+        ax_den.plot(rounds, [curve[r]['density'] for r in rounds], **kwargs)
+    ax_acc.set(xlabel='round', ylabel='accuracy (%), mean over the 100 clients',
+               title='Test accuracy, each client on its own split')
+    ax_den.set(xlabel='round', ylabel='density (mean over layers of kept rows)',
+               title='Density', ylim=(0, 1.02))
+    for ax in (ax_acc, ax_den):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8, loc='lower right')
+    fig.suptitle('Fashion-MNIST, LeNet-5, 100 clients (10 per round): official code vs '
+                 'fmnist.py:official', fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    seeds = _SEEDS.value
+    runs = load(_RESULTS.value, seeds)
+    if not runs:
+        raise SystemExit(f'error: no run records in --results={_RESULTS.value}; see the module '
+                         'docstring for the runs it expects.')
+    print(table(runs, seeds, [int(r) for r in _ROUNDS.value]))
+    out = _OUT.value or os.path.join(_RESULTS.value, 'fidelity_fmnist.png')
+    plot(runs, seeds, out)
+    print(f'figure: {out}')
+
+
+if __name__ == '__main__':
+    app.run(main)
