@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
-import hashlib
 import importlib
 import json
 import os
