@@ -24,6 +24,9 @@ class ClientState:
     thresholds: Any    # one vector per masked layer: what is communicated
     batch_stats: Any   # BatchNorm running statistics ({} for models without BatchNorm)
     opt_state: Any     # momentum buffers when the optimizer persists across rounds, else ()
+    # Under `collapse_check='previous'`: per masked layer, whether the mask of the client's last
+    # forward pass (training step or test batch) kept at most 1 % of its rows. Else ().
+    collapsed: Any = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,13 @@ class LocalConfig:
     penalty_warmup: bool = False  # scale the penalty by sigmoid(10 r - 5)
     persistent_optimizer: bool = False
     drop_last: bool = True        # drop each epoch's last partial batch; False: train on it too
+    # When a collapsed layer (at most 1 % of rows kept) has its thresholds reset to 0: 'current'
+    # checks the mask about to be used; 'previous' checks the mask of the client's previous forward
+    # pass, training or test, as the official code does (`ClientState.collapsed`).
+    collapse_check: str = 'current'
+
+
+COLLAPSE_CHECKS = ('current', 'previous')
 
 
 def steps_per_epoch(cfg: LocalConfig, count):
@@ -110,6 +120,27 @@ def init_opt_state(cfg: LocalConfig, params, thresholds):
     return make_optimizer(cfg).init((params, thresholds))
 
 
+def init_collapsed(cfg: LocalConfig, thresholds):
+    """`ClientState.collapsed` of a new client: no layer collapsed ('previous'), or ()."""
+    if cfg.collapse_check != 'previous':
+        return ()
+    return jax.tree.map(lambda _: jnp.zeros((), bool), thresholds)
+
+
+def step_thresholds(cfg: LocalConfig, state: ClientState):
+    """The thresholds a forward pass uses: collapsed layers reset to 0 (`LocalConfig.collapse_check`)."""
+    if cfg.collapse_check == 'previous':
+        return masking.reset_flagged(state.collapsed, state.thresholds)
+    return masking.reset_collapsed_thresholds(state.params, state.thresholds)
+
+
+def after_forward(cfg: LocalConfig, params, thresholds):
+    """`ClientState.collapsed` after a forward pass with these weights and thresholds."""
+    if cfg.collapse_check != 'previous':
+        return ()
+    return masking.collapsed_layers(params, thresholds)
+
+
 def loss_fn(model: nn.Module, params, thresholds, batch_stats, x, y, penalty_coeff,
             example_mask=None):
     """Cross-entropy + penalty_coeff * sum(exp(-tau)); returns (loss, (batch_stats, ce, correct)).
@@ -143,15 +174,15 @@ def local_step(model: nn.Module, cfg: LocalConfig, state: ClientState, opt_state
                penalty_coeff, macs=None, example_mask=None):
     """One SGD step. A step with `valid` False returns its inputs unchanged (padding of short clients);
     `example_mask` [batch] marks the real examples of a partial last batch (`loss_fn`)."""
-    step_thresholds = masking.reset_collapsed_thresholds(state.params, state.thresholds)
+    used = step_thresholds(cfg, state)
     grad_fn = jax.value_and_grad(loss_fn, argnums=(1, 2), has_aux=True)
     (loss, (batch_stats, ce, correct)), grads = grad_fn(
-        model, state.params, step_thresholds, state.batch_stats, x, y, penalty_coeff, example_mask)
+        model, state.params, used, state.batch_stats, x, y, penalty_coeff, example_mask)
     tx = make_optimizer(cfg)
     updates, new_opt_state = tx.update(grads, opt_state)
-    params, thresholds = jax.tree.map(lambda p, u: p - lr * u, (state.params, step_thresholds),
-                                      updates)
-    new_state = state.replace(params=params, thresholds=thresholds, batch_stats=batch_stats)
+    params, thresholds = jax.tree.map(lambda p, u: p - lr * u, (state.params, used), updates)
+    new_state = state.replace(params=params, thresholds=thresholds, batch_stats=batch_stats,
+                              collapsed=after_forward(cfg, state.params, used))
     keep = lambda new, old: jnp.where(valid, new, old)
     new_state = jax.tree.map(keep, new_state, state)
     new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
@@ -159,7 +190,7 @@ def local_step(model: nn.Module, cfg: LocalConfig, state: ClientState, opt_state
                 else jnp.sum(example_mask.astype(jnp.float32)))
     flops = jnp.float32(0.0)
     if macs is not None:  # the masks this step's forward pass used
-        flops = training_flops(state.params, step_thresholds, macs, examples)
+        flops = training_flops(state.params, used, macs, examples)
     v = valid.astype(jnp.float32)
     metrics = {'loss': ce * v, 'correct': correct * v, 'steps': v, 'flops': flops * v,
                'examples': examples * v}

@@ -7,6 +7,7 @@ import numbers
 import ml_collections
 
 from spafl_jax import data as data_lib
+from spafl_jax.client import COLLAPSE_CHECKS
 from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import models
@@ -48,7 +49,7 @@ REQUIRED = ('dataset', 'model', 'num_clients', 'clients_per_round', 'alpha', 'ro
             'persistent_optimizer', 'estimator', 'importance_update', 'aggregation', 'raw_pixels',
             'augment', 'eval_every', 'eval_batch_size', 'seed', 'compute_dtype', 'conv_impl',
             'client_execution', 'scan_unroll', 'data_dir', 'checkpoint_every', 'sparsity_rounds',
-            'drop_last', 'client_init')
+            'drop_last', 'client_init', 'collapse_check')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -105,6 +106,12 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
     if not config.get('drop_last', True) and config.method != 'spafl':
         raise ConfigError(f'config.drop_last=False applies to spafl only: config.method='
                           f'{config.method!r} trains on full batches; drop the override.')
+    if 'collapse_check' in config:
+        _choice(config, 'collapse_check', COLLAPSE_CHECKS)
+        if config.collapse_check != 'current' and config.method != 'spafl':
+            raise ConfigError(f'config.collapse_check={config.collapse_check!r} applies to spafl '
+                              f'only: config.method={config.method!r} has no collapse reset; drop '
+                              'the override.')
     if 'client_init' in config:
         _choice(config, 'client_init', CLIENT_INITS)
         if config.client_init != 'shared' and config.method not in methods.OWN_INITIAL_MODELS:

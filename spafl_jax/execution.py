@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any
 
@@ -371,6 +372,8 @@ class RoundRunner:
         slots = max_lane_steps(self.steps_per_epoch, epochs, self.per_device)
         self.max_slots = -(-slots // self.unroll) * self.unroll
         self.eval_chunk = max(int(eval_chunk), 1)
+        if local_cfg.collapse_check == 'previous':   # no chunk straddles the first test batch's end
+            self.eval_chunk = math.gcd(self.eval_chunk, local_cfg.batch_size)
 
         self._replicated = NamedSharding(self.mesh, P())
         self._sharded = NamedSharding(self.mesh, P(CLIENTS))
@@ -647,15 +650,20 @@ class RoundRunner:
                 eval_finish, (shd, shd, test_specs), rep))
         else:
             self._eval_fn = self._jit(self._shard_map(self._evaluate_local, (shd, test_specs), rep))
+        def tested(clients, data):
+            return federated.tested_clients(self.local_cfg, clients, data.counts)
+
+        self._tested_fn = self._jit(self._shard_map(tested, (shd, test_specs), shd))
 
     # -- evaluation -----------------------------------------------------------------------------
 
     def _eval_chunk(self, client: ClientState, data: ClientData, example_ids, count, j):
         """Correct predictions of one client on its test examples [j * chunk, (j + 1) * chunk)."""
         c = self.eval_chunk
-        variables = {'params': client.params,
-                     'thresholds': masking.reset_collapsed_thresholds(client.params,
-                                                                      client.thresholds),
+        first, rest, _ = federated.test_thresholds(self.local_cfg, client, count)
+        thresholds = jax.tree.map(lambda x, y: jnp.where(j * c < self.local_cfg.batch_size, x, y),
+                                  first, rest)
+        variables = {'params': client.params, 'thresholds': thresholds,
                      'batch_stats': client.batch_stats}
         ids = jax.lax.dynamic_slice_in_dim(example_ids, j * c, c)
         logits = self.model.apply(variables, federated.preprocess_eval(self.spec, data.images[ids]),
@@ -678,7 +686,7 @@ class RoundRunner:
         return self._eval_outputs(clients, correct, data)
 
     def _eval_outputs(self, clients, correct, data):
-        stats = federated.density_stats(clients)
+        stats = federated.tested_density_stats(self.local_cfg, clients, data.counts)
         local = {'correct': correct, 'counts': data.counts, **stats}
         return jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), local)
 
@@ -724,11 +732,22 @@ class RoundRunner:
         return self._round_fn(state, self.train_data, sampled_dev, key, *tables,
                               sharded(plan.slots), executed)
 
+    def _placed_clients(self, clients):
+        return jax.tree.map(lambda x: x if getattr(x, 'sharding', None) == self._sharded
+                            else self._global(x, self._sharded), clients)
+
+    def tested_state(self, state: FederatedState) -> FederatedState:
+        """`state` as testing every client leaves it: the same state unless the collapse check is
+        'previous', where a test's collapse resets stay in the clients (`federated.test_thresholds`)."""
+        if self.local_cfg.collapse_check != 'previous':
+            return state
+        return state.replace(clients=self._tested_fn(self._placed_clients(state.clients),
+                                                     self.test_data))
+
     def evaluate(self, state_or_clients) -> dict:
         """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""
         clients = getattr(state_or_clients, 'clients', state_or_clients)
-        clients = jax.tree.map(lambda x: x if getattr(x, 'sharding', None) == self._sharded
-                               else self._global(x, self._sharded), clients)
+        clients = self._placed_clients(clients)
         if self.strategy != 'loop':
             return self._eval_fn(clients, self.test_data)
         if self._eval_table is None:
@@ -765,8 +784,9 @@ def make_round_functions(config, method, model: nn.Module, local_cfg: LocalConfi
     if method.name != 'spafl':
         round_cfg = dataclasses.replace(
             round_cfg, client_execution=legacy_client_execution(round_cfg.client_execution))
+        evaluate = method.make_eval_fn(model, spec, config.eval_batch_size)
         return (method.make_round_fn(model, local_cfg, round_cfg, spec, macs),
-                method.make_eval_fn(model, spec, config.eval_batch_size))
+                lambda state, data: (state, evaluate(state, data)))
     runner = make_round_runner(config, model, local_cfg, round_cfg, spec, train_data, test_data,
                                macs)
 
@@ -776,7 +796,7 @@ def make_round_functions(config, method, model: nn.Module, local_cfg: LocalConfi
 
     def eval_fn(state, data):
         del data
-        return runner.evaluate(state)
+        return runner.tested_state(state), runner.evaluate(state)
 
     round_fn.runner = eval_fn.runner = runner
     return round_fn, eval_fn

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax
@@ -111,7 +112,8 @@ def init_clients(model: nn.Module, cfg: LocalConfig, rng: jax.Array, num_clients
         return ClientState(params=variables['params'], thresholds=variables['thresholds'],
                            batch_stats=variables['batch_stats'],
                            opt_state=client_lib.init_opt_state(cfg, variables['params'],
-                                                              variables['thresholds']))
+                                                              variables['thresholds']),
+                           collapsed=client_lib.init_collapsed(cfg, variables['thresholds']))
     return jax.jit(jax.vmap(one))(client_init_keys(rng, num_clients, client_init))
 
 
@@ -207,21 +209,52 @@ def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):
                    donate_argnums=(0,), model=model)
 
 
+def test_thresholds(cfg: LocalConfig, client: ClientState, count):
+    """The thresholds a client's test uses, and the client after it (`LocalConfig.collapse_check`).
+
+    Returns (first, rest, tested): the thresholds of the first test batch of `cfg.batch_size`
+    examples and of the later ones, and the client with its state after the test.
+
+    'current': every batch resets the collapsed layers of the mask it is about to use; the client
+    is unchanged. 'previous' (the official code, which tests in batches of the training batch
+    size): the first batch resets what the client's previous forward pass found collapsed, the
+    second what the first batch found, and the resets stay in the client's thresholds. A client
+    without test examples runs no forward pass and is unchanged.
+    """
+    if cfg.collapse_check != 'previous':
+        used = masking.reset_collapsed_thresholds(client.params, client.thresholds)
+        return used, used, client
+    first = masking.reset_flagged(client.collapsed, client.thresholds)
+    flags = masking.collapsed_layers(client.params, first)
+    rest = masking.reset_flagged(flags, first)
+    later = count > cfg.batch_size
+    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(later, x, y), a, b)
+    thresholds = pick(rest, first)
+    tested = client.replace(thresholds=thresholds,
+                            collapsed=pick(masking.collapsed_layers(client.params, rest), flags))
+    tested = jax.tree.map(lambda new, old: jnp.where(count > 0, new, old), tested, client)
+    return first, rest, tested
+
+
 def evaluate_client(model: nn.Module, spec: DataSpec, client: ClientState, images, labels,
-                    example_ids, count, batch_size: int):
+                    example_ids, count, batch_size: int, cfg: LocalConfig = LocalConfig()):
     """Correct predictions of one client's own model on its own (padded) test examples.
 
-    Only the batches that hold real examples run: ceil(count / batch_size) of them.
+    Only the batches that hold real examples run: ceil(count / batch_size) of them. The thresholds
+    are `test_thresholds`'s.
     """
-    variables = {'params': client.params,
-                 'thresholds': masking.reset_collapsed_thresholds(client.params, client.thresholds),
-                 'batch_stats': client.batch_stats}
+    first, rest, _ = test_thresholds(cfg, client, count)
+    if cfg.collapse_check == 'previous':   # no batch may straddle the first test batch's end
+        batch_size = math.gcd(batch_size, cfg.batch_size)
     num_batches = -(-example_ids.shape[0] // batch_size)
     padded = jnp.pad(example_ids, (0, num_batches * batch_size - example_ids.shape[0]))
 
     def body(b, correct):
         start = b * batch_size
         ids = jax.lax.dynamic_slice(padded, (start,), (batch_size,))
+        thresholds = jax.tree.map(lambda x, y: jnp.where(start < cfg.batch_size, x, y), first, rest)
+        variables = {'params': client.params, 'thresholds': thresholds,
+                     'batch_stats': client.batch_stats}
         logits = model.apply(variables, preprocess_eval(spec, images[ids]), train=False)
         hit = (jnp.argmax(logits, -1) == labels[ids]) & (start + jnp.arange(batch_size) < count)
         return correct + jnp.sum(hit, dtype=jnp.int32)
@@ -247,27 +280,44 @@ def preprocess_eval(spec: DataSpec, images):
     return client_lib.preprocess(spec, images, None)
 
 
-def evaluate(model, spec, clients: ClientState, data: ClientData, batch_size: int):
+def evaluate(model, spec, clients: ClientState, data: ClientData, batch_size: int,
+             cfg: LocalConfig = LocalConfig()):
     """Per-client accuracy on its own test split and per-client, per-layer densities.
 
     Returns a dict of arrays: correct [N], counts [N], layer_density [N, L] (kept-row fraction),
-    kept_weights [N] (masked weights in kept rows).
+    kept_weights [N] (masked weights in kept rows). Under `collapse_check='previous'` the test
+    changes the clients (`test_thresholds`): `tested_clients` gives them.
     """
     correct = over_clients(lambda c, ids, n: evaluate_client(model, spec, c, data.images,
-                                                             data.labels, ids, n, batch_size),
+                                                             data.labels, ids, n, batch_size, cfg),
                            clients, data.example_ids, data.counts)
-    return {'correct': correct, 'counts': data.counts, **density_stats(clients)}
+    return {'correct': correct, 'counts': data.counts,
+            **tested_density_stats(cfg, clients, data.counts)}
 
 
-def density_stats(clients: ClientState):
+def tested_clients(cfg: LocalConfig, clients: ClientState, counts) -> ClientState:
+    """Every client as its test leaves it (`test_thresholds`), `[N, ...]`."""
+    return jax.vmap(lambda c, n: test_thresholds(cfg, c, n)[2])(clients, counts)
+
+
+def tested_density_stats(cfg: LocalConfig, clients: ClientState, counts):
+    """`density_stats` of the masks the clients' test used last."""
+    if cfg.collapse_check != 'previous':
+        return density_stats(clients)
+    return density_stats(tested_clients(cfg, clients, counts), reset=False)
+
+
+def density_stats(clients: ClientState, reset: bool = True):
     """Kept-row fraction per client and layer, and kept masked weights per client.
 
-    The masks are those the evaluated model uses: a collapsed layer (at most 1 % of rows kept) has
-    its thresholds reset first, as in every forward pass (the official code reports the kept
-    fraction of the model it just evaluated, after that reset).
+    The masks are those the evaluated model uses: with `reset`, a collapsed layer (at most 1 % of
+    rows kept) has its thresholds reset first, as in every forward pass (the official code reports
+    the kept fraction of the mask its test used last, which is after that reset). Without it, the
+    thresholds as they are (`tested_density_stats` under `collapse_check='previous'`).
     """
     def one(params, thresholds):
-        thresholds = masking.reset_collapsed_thresholds(params, thresholds)
+        if reset:
+            thresholds = masking.reset_collapsed_thresholds(params, thresholds)
         kernels = masking.kernels_of(params, thresholds)
         masks = jax.tree.map(masking.hard_row_mask, kernels, thresholds)
         fractions = jnp.stack([jnp.mean(m.astype(jnp.float32)) for m in jax.tree.leaves(masks)])
@@ -278,5 +328,6 @@ def density_stats(clients: ClientState):
     return {'layer_density': fractions, 'kept_weights': kept}
 
 
-def make_eval_fn(model, spec, batch_size):
-    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size), model=model)
+def make_eval_fn(model, spec, batch_size, cfg: LocalConfig = LocalConfig()):
+    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size, cfg=cfg),
+                   model=model)

@@ -83,10 +83,19 @@ def hard_row_mask(kernel: Array, threshold: Array) -> Array:
 COLLAPSE_DENSITY = 0.01
 
 
+def collapsed(kernel: Array, threshold: Array) -> Array:
+    """Whether the layer's mask keeps at most 1 % of its rows (the official reset's trigger)."""
+    return jnp.mean(hard_row_mask(kernel, threshold).astype(jnp.float32)) <= COLLAPSE_DENSITY
+
+
 def reset_collapsed(kernel: Array, threshold: Array) -> Array:
     """Thresholds reset to 0 when at most 1 % of the layer's rows survive (official code)."""
-    kept = jnp.mean(hard_row_mask(kernel, threshold).astype(jnp.float32))
-    return jnp.where(kept <= COLLAPSE_DENSITY, jnp.zeros_like(threshold), threshold)
+    return reset_if(collapsed(kernel, threshold), threshold)
+
+
+def reset_if(flag: Array, threshold: Array) -> Array:
+    """`threshold`, or zeros where the scalar `flag` is set."""
+    return jnp.where(flag, jnp.zeros_like(threshold), threshold)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,6 +129,16 @@ def layer_names(thresholds) -> list[str]:
 def reset_collapsed_thresholds(params, thresholds):
     """Applies `reset_collapsed` to every masked layer of one model."""
     return jax.tree.map(reset_collapsed, kernels_of(params, thresholds), thresholds)
+
+
+def collapsed_layers(params, thresholds):
+    """One boolean scalar per masked layer (shaped like `thresholds`): `collapsed` of its mask."""
+    return jax.tree.map(collapsed, kernels_of(params, thresholds), thresholds)
+
+
+def reset_flagged(flags, thresholds):
+    """Thresholds of the layers whose flag (from `collapsed_layers`) is set, reset to 0."""
+    return jax.tree.map(reset_if, flags, thresholds)
 
 
 def layer_densities(params, thresholds):

@@ -119,8 +119,11 @@ def _spafl_init_state(model: nn.Module, local_cfg: LocalConfig, rng: jax.Array, 
     return federated.init_state(model, local_cfg, rng, num_clients, image_shape, client_init)
 
 
-def _spafl_make_eval_fn(model: nn.Module, spec: DataSpec, batch_size: int) -> Callable:
-    evaluate = federated.make_eval_fn(model, spec, batch_size)
+def _spafl_make_eval_fn(model: nn.Module, spec: DataSpec, batch_size: int, *,
+                        test_cfg: LocalConfig = LocalConfig()) -> Callable:
+    """The evaluation of a SpaFL state; under `collapse_check='previous'` the resets the test
+    would leave in the clients are not applied to `state` (`execution.RoundRunner.tested_state`)."""
+    evaluate = federated.make_eval_fn(model, spec, batch_size, test_cfg)
     return lambda state, test_data: evaluate(state.clients, test_data)
 
 
@@ -233,9 +236,15 @@ def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
         raise ValueError(f'method={name!r} is not known; allowed values: {", ".join(METHODS)}.')
     client_init = config.get('client_init', 'shared') if config is not None else 'shared'
     if name == 'spafl':
+        # What the test needs of the local configuration: the collapse check and, for 'previous',
+        # the batch size its first test batch has.
+        test_cfg = LocalConfig() if config is None else LocalConfig(
+            batch_size=config.get('batch_size', 32),
+            collapse_check=config.get('collapse_check', 'current'))
         return Method(name='spafl',
                       init_state=functools.partial(_spafl_init_state, client_init=client_init),
-                      make_round_fn=federated.make_round_fn, make_eval_fn=_spafl_make_eval_fn,
+                      make_round_fn=federated.make_round_fn,
+                      make_eval_fn=functools.partial(_spafl_make_eval_fn, test_cfg=test_cfg),
                       bits_per_round=_spafl_bits_per_round, client_variables=_own_clients,
                       communicates_thresholds=True)
     settings = config.get('baseline') if config is not None else None

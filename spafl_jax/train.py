@@ -39,7 +39,8 @@ def local_config(config) -> client_lib.LocalConfig:
         batch_size=config.batch_size, local_epochs=config.local_epochs, lr=config.lr,
         lr_decay=config.lr_decay, min_lr=config.min_lr, clip=config.clip, th_coeff=config.th_coeff,
         penalty_warmup=config.penalty_warmup, persistent_optimizer=config.persistent_optimizer,
-        drop_last=config.get('drop_last', True))
+        drop_last=config.get('drop_last', True),
+        collapse_check=config.get('collapse_check', 'current'))
 
 
 def round_config(config) -> federated.RoundConfig:
@@ -343,7 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                      config.clients_per_round))
                 state, round_metrics = round_fn(state, run.train_data, sampled, run.seed_key)
                 evaluate_now = (r + 1) % config.eval_every == 0 or r + 1 == config.rounds
-                evaluation = eval_fn(state, run.test_data) if evaluate_now else None
+                evaluation = None
+                if evaluate_now:   # testing may change the state (collapse_check='previous')
+                    state, evaluation = eval_fn(state, run.test_data)
                 finite = _finite_report(run.method, state, sampled)
                 round_metrics, evaluation, finite = execution.host_local(
                     (round_metrics, evaluation, finite))

@@ -45,12 +45,14 @@ PAPER = {
 
 # What each `:official` preset changes, as documented in the README's table of official folders.
 OFFICIAL_FIELDS = ('estimator', 'importance_update', 'persistent_optimizer', 'raw_pixels',
-                   'augment', 'drop_last')
+                   'augment', 'drop_last', 'collapse_check')
 _OFFICIAL_CIFAR = dict(estimator='outside_unit', importance_update='all_after',
-                       persistent_optimizer=False, raw_pixels=True, augment='none', drop_last=True)
+                       persistent_optimizer=False, raw_pixels=True, augment='none', drop_last=True,
+                       collapse_check='previous')
 OFFICIAL = {
     'fmnist.py': dict(estimator='identity', importance_update='sampled_before',
-                      persistent_optimizer=True, raw_pixels=True, augment='none', drop_last=False),
+                      persistent_optimizer=True, raw_pixels=True, augment='none', drop_last=False,
+                      collapse_check='previous'),
     'cifar10.py': _OFFICIAL_CIFAR,
     'cifar10_vit.py': _OFFICIAL_CIFAR,
     'cifar100.py': _OFFICIAL_CIFAR,   # assumed like the CIFAR-10 folder (docstring of cifar100.py)

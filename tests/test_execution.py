@@ -202,3 +202,47 @@ def test_train_and_evaluate_runs_the_configured_strategy(tmp_path):
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary['rounds'] == 2
     assert summary['useful_step_fraction'] == 1.0    # the loop runs real steps only
+
+
+def test_every_strategy_tests_as_the_reference_under_the_official_collapse_check(digits):
+    """Under collapse_check='previous' a test changes the clients: the runner's test (chunks of 16
+    test examples, batches of BATCH) must give what `federated.evaluate` gives, and leave the
+    clients as `federated.tested_clients` does."""
+    train, test, spec = digits
+    model = models.create_model('digits_cnn', 10)
+    cfg = client_lib.LocalConfig(batch_size=BATCH, collapse_check='previous')
+    round_cfg = federated.RoundConfig(clients_per_round=SAMPLED)
+    state = federated.init_state(model, cfg, jax.random.key(3), NUM_CLIENTS, (8, 8, 1))
+    # Clients 0-1: the first masked layer collapsed (thresholds above every row), flagged for
+    # client 0 only; clients 2-3: flagged without being collapsed (a reset by a stale flag).
+    first = lambda tree: jax.tree.leaves(tree)[0]
+    collapse = jnp.arange(NUM_CLIENTS) < 2
+    flagged = (jnp.arange(NUM_CLIENTS) == 0) | (jnp.arange(NUM_CLIENTS) >= 2) & (
+        jnp.arange(NUM_CLIENTS) < 4)
+    thresholds = jax.tree.map(lambda t: t + 0.05, state.clients.thresholds)
+    leaves = jax.tree.leaves(thresholds)
+    leaves[0] = jnp.where(collapse[:, None], 100.0, leaves[0])
+    flags = jax.tree.map(lambda f: jnp.zeros_like(f), state.clients.collapsed)
+    flag_leaves = jax.tree.leaves(flags)
+    flag_leaves[0] = flagged
+    clients = state.clients.replace(
+        thresholds=jax.tree.unflatten(jax.tree.structure(thresholds), leaves),
+        collapsed=jax.tree.unflatten(jax.tree.structure(flags), flag_leaves))
+    state = state.replace(clients=clients)
+    ref_eval = federated.make_eval_fn(model, spec, 64, cfg)(clients, test)
+    ref_tested = federated.tested_clients(cfg, clients, test.counts)
+    # The reference itself: client 0 and the stale-flag clients reset; client 1 only if its test
+    # has a second batch; the others keep their thresholds.
+    counts = np.asarray(test.counts)
+    reset = np.asarray(flagged) | (np.arange(NUM_CLIENTS) == 1) & (counts > BATCH)
+    np.testing.assert_array_equal(np.all(np.asarray(first(ref_tested.thresholds)) == 0, axis=1),
+                                  reset)
+    for strategy, lanes in (('loop', 1), ('vmap', 2)):
+        runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test,
+                                       strategy=strategy, lanes=lanes, eval_chunk=16)
+        evaluation = runner.evaluate(state)
+        np.testing.assert_array_equal(evaluation['correct'], ref_eval['correct'])
+        np.testing.assert_allclose(evaluation['layer_density'], ref_eval['layer_density'])
+        tested = runner.tested_state(state)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(tested.clients),
+                     jax.device_get(ref_tested))

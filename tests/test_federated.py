@@ -254,3 +254,61 @@ def test_reported_density_is_the_evaluated_models():
     stats = federated.density_stats(state.clients.replace(thresholds=collapsed))
     np.testing.assert_allclose(stats['layer_density'][:, 0], 1.0)   # reset: every row kept
     np.testing.assert_allclose(stats['layer_density'][:, 1], 0.5)   # half pruned, not collapsed
+
+
+def _collapsed_layer(collapse_check):
+    """A one-layer client whose thresholds (1.0) lie above every row's mean |w| (0.1 .. 0.4)."""
+    layer = layers.MaskedDense(4)
+    cfg = client_lib.LocalConfig(batch_size=2, lr=0.1, th_coeff=0.0, collapse_check=collapse_check)
+    thresholds = {'threshold': jnp.ones(4)}
+    state = client_lib.ClientState(
+        params={'kernel': jnp.ones((3, 4)) * jnp.array([0.1, 0.2, 0.3, 0.4])},
+        thresholds=thresholds, batch_stats={}, opt_state=(),
+        collapsed=client_lib.init_collapsed(cfg, thresholds))
+    return lambda_model(layer), cfg, state
+
+
+def test_previous_collapse_check_resets_one_training_step_late():
+    x, y = jnp.ones((2, 3)), jnp.array([0, 1])
+    steps = {}
+    for check in client_lib.COLLAPSE_CHECKS:
+        model, cfg, state = _collapsed_layer(check)
+        run, opt = [], client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
+        for _ in range(2):
+            state, opt, _ = client_lib.local_step(model, cfg, state, opt, x, y, jnp.array(True),
+                                                  cfg.lr, 0.0)
+            run.append(state)
+        steps[check] = run
+    # 'current' resets before the first step; 'previous' trains one step on the collapsed mask
+    # (no earlier forward pass found it collapsed), flags the layer, and resets before the second.
+    assert np.all(np.abs(steps['current'][0].thresholds['threshold']) < 0.2)
+    assert np.all(steps['previous'][0].thresholds['threshold'] > 0.8)
+    assert bool(steps['previous'][0].collapsed['threshold'])
+    assert np.all(np.abs(steps['previous'][1].thresholds['threshold']) < 0.2)
+    assert not bool(steps['previous'][1].collapsed['threshold'])
+    assert steps['current'][1].collapsed == ()
+
+
+def test_previous_collapse_check_test_resets_after_its_first_batch():
+    _, cfg, client = _collapsed_layer('previous')
+    zeros, high = np.zeros(4), np.ones(4)
+    # One test batch (2 examples, batch size 2): it uses the collapsed mask and only flags it.
+    first, rest, tested = federated.test_thresholds(cfg, client, 2)
+    np.testing.assert_array_equal(first['threshold'], high)
+    np.testing.assert_array_equal(rest['threshold'], zeros)
+    np.testing.assert_array_equal(tested.thresholds['threshold'], high)
+    assert bool(tested.collapsed['threshold'])
+    # Its next forward pass resets; so does a second batch of the same test, and the reset stays.
+    again = federated.test_thresholds(cfg, tested, 2)
+    np.testing.assert_array_equal(again[0]['threshold'], zeros)
+    _, _, tested = federated.test_thresholds(cfg, client, 3)
+    np.testing.assert_array_equal(tested.thresholds['threshold'], zeros)
+    assert not bool(tested.collapsed['threshold'])
+    # No test examples: no forward pass, nothing changes.
+    _, _, untouched = federated.test_thresholds(cfg, client, 0)
+    assert jax.tree.all(jax.tree.map(np.array_equal, untouched, client))
+    # 'current' resets the mask it is about to use and leaves the client as it is.
+    _, cfg, client = _collapsed_layer('current')
+    first, _, tested = federated.test_thresholds(cfg, client, 2)
+    np.testing.assert_array_equal(first['threshold'], zeros)
+    assert tested is client

@@ -17,6 +17,10 @@ The replay feeds the same initial weights, batches and sampled clients through `
 number agrees after every round, to float32 tolerance. That covers the mask, the estimators, the
 penalty and its warm-up, momentum (persistent or fresh), clipping, partial last batches,
 aggregation, both importance-update schedules, BatchNorm statistics and the reported density.
+
+A third fixture, `fmnist_collapse_trace.npz`, is the FMNIST trace recorded with th_coeff 0.5, where
+layers collapse (at most 1 % of rows kept) and the official code resets their thresholds: it pins
+down when that reset happens (`LocalConfig.collapse_check`).
 """
 
 from __future__ import annotations
@@ -48,15 +52,15 @@ WEIGHT_RTOL = 1e-6
 SEMANTICS = {
     'fmnist': dict(model='lenet5', estimator='identity', importance_update='sampled_before',
                    persistent_optimizer=True, penalty_warmup=True, clip=0.0, drop_last=False,
-                   dense_inputs={'fc3': (50, 4, 4)}),
+                   collapse_check='previous', dense_inputs={'fc3': (50, 4, 4)}),
     'cifar10': dict(model='conv4', estimator='outside_unit', importance_update='all_after',
                     persistent_optimizer=False, penalty_warmup=False, drop_last=True,
-                    dense_inputs={'dense1': (128, 2, 2)}),
+                    collapse_check='previous', dense_inputs={'dense1': (128, 2, 2)}),
 }
 
 
-def load_trace(folder: str) -> tuple[dict, dict]:
-    path = os.path.join(HERE, f'{folder}_trace.npz')
+def load_trace(name: str) -> tuple[dict, dict]:
+    path = os.path.join(HERE, f'{name}_trace.npz')
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     return json.loads(str(arrays.pop('meta'))), arrays
@@ -98,9 +102,9 @@ def initial_weights(shapes, seed):
 class Replay:
     """Our library run on a trace's inputs, one official call at a time."""
 
-    def __init__(self, folder: str):
-        self.meta, self.arrays = load_trace(folder)
-        sem = SEMANTICS[folder]
+    def __init__(self, name: str, collapse_check: str | None = None):
+        self.meta, self.arrays = load_trace(name)
+        sem = SEMANTICS[self.meta['folder']]
         s = self.meta['settings']
         self.names = self.meta['layers']
         self.chw = [sem['dense_inputs'].get(n) for n in self.names]
@@ -108,7 +112,8 @@ class Replay:
             batch_size=s['batch_size'], local_epochs=s['local_epoch'], lr=s['learning_rate'],
             clip=float(s.get('clip', 0.0)), th_coeff=s['th_coeff'],
             penalty_warmup=sem['penalty_warmup'], persistent_optimizer=sem['persistent_optimizer'],
-            drop_last=sem['drop_last'])
+            drop_last=sem['drop_last'],
+            collapse_check=collapse_check or sem['collapse_check'])
         self.importance = sem['importance_update']
         self.num_clients, self.rounds = s['num_clients'], s['comm_rounds']
         self.model = models.create_model(sem['model'], 10, estimator=sem['estimator'])
@@ -130,15 +135,18 @@ class Replay:
         assert len(paths) == len(self.names)
         params = masking.replace_kernels(variables['params'], new_kernels)
         opt_state = client_lib.init_opt_state(self.cfg, params, variables['thresholds'])
-        one = client_lib.ClientState(params=params, thresholds=variables['thresholds'],
-                                     batch_stats=variables['batch_stats'], opt_state=opt_state)
+        one = client_lib.ClientState(
+            params=params, thresholds=variables['thresholds'], batch_stats=variables['batch_stats'],
+            opt_state=opt_state, collapsed=client_lib.init_collapsed(self.cfg,
+                                                                     variables['thresholds']))
         self.clients = [one] * self.num_clients
         zeros = jax.tree.map(jnp.zeros_like, variables['thresholds'])
         self.server_thresholds, self.delta = zeros, zeros
         self.step = jax.jit(functools.partial(client_lib.local_step, self.model, self.cfg))
         self.evaluate = jax.jit(functools.partial(federated.evaluate_client, self.model, self.spec,
-                                                  batch_size=64))
-        self.density = jax.jit(federated.density_stats)
+                                                  batch_size=64, cfg=self.cfg))
+        self.tested = jax.jit(lambda c, n: federated.tested_clients(self.cfg, c, n))
+        self.density = jax.jit(functools.partial(federated.tested_density_stats, self.cfg))
 
     @staticmethod
     def _nhwc(images):
@@ -180,7 +188,9 @@ class Replay:
         correct = self.evaluate(self.clients[k], self.test_x, self.test_y,
                                 jnp.asarray(ids, jnp.int32), len(ids))
         stacked = jax.tree.map(lambda x: x[None], self.clients[k])
-        density = float(jnp.mean(self.density(stacked)['layer_density']))
+        count = jnp.asarray([len(ids)], jnp.int32)
+        density = float(jnp.mean(self.density(stacked, count)['layer_density']))
+        self.clients[k] = jax.tree.map(lambda x: x[0], self.tested(stacked, count))
         return 100.0 * float(correct) / len(ids), density
 
     def importance_update(self, k: int, delta):
@@ -247,13 +257,13 @@ def _tree_from_official(replay, prefix):
     return _set_leaves(replay.server_thresholds, leaves)
 
 
-def replay_trace(folder: str) -> Checker:
+def replay_trace(name: str, collapse_check: str | None = None) -> Checker:
     with jax.enable_x64(True):
-        return _replay(folder)
+        return _replay(name, collapse_check)
 
 
-def _replay(folder: str) -> Checker:
-    rp = Replay(folder)
+def _replay(name: str, collapse_check: str | None) -> Checker:
+    rp = Replay(name, collapse_check)
     arrays = rp.arrays
     check = Checker(rp)
     kernels = jax.tree.leaves(masking.kernels_of(rp.clients[0].params, rp.clients[0].thresholds))
@@ -310,3 +320,18 @@ def test_fmnist_trace_matches_the_official_code():
 def test_cifar10_trace_matches_the_official_code():
     check = replay_trace('cifar10')
     print('largest deviations', check.worst)
+
+
+def test_collapse_trace_matches_the_official_code():
+    """th_coeff 0.5: layers collapse within the trace, so it fixes when a reset happens."""
+    meta, _ = load_trace('fmnist_collapse')
+    assert meta['settings']['th_coeff'] == 0.5 and sum(meta['collapse_resets']) >= 2
+    check = replay_trace('fmnist_collapse')
+    print('largest deviations', check.worst)
+
+
+def test_collapse_trace_tells_the_reset_timings_apart():
+    """Checking the mask about to be used, instead of the previous forward pass's, resets a step
+    earlier and leaves the official thresholds behind by far more than the tolerance."""
+    with pytest.raises(AssertionError, match='thresholds'):
+        replay_trace('fmnist_collapse', collapse_check='current')

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.rounds = 50                   # communication rounds
     config.batch_size = 16               # local batch size
     config.drop_last = True              # drop each epoch's last partial batch (False: official)
+    config.collapse_check = 'current'    # collapse reset on the mask in use | previous (official)
     config.local_epochs = 5              # passes over a client's own data per round
     config.lr = 0.05                     # SGD learning rate (momentum 0.9)
     config.lr_decay = 1.0                # lr multiplied by this every round

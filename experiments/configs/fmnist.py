@@ -43,3 +43,4 @@ def apply_official_fmnist(config: ml_collections.ConfigDict) -> None:
     config.persistent_optimizer = True
     config.raw_pixels = True
     config.drop_last = False   # the official loader trains on each epoch's last partial batch
+    config.collapse_check = 'previous'   # resets on the previous forward pass's mask, test included

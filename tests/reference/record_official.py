@@ -17,6 +17,8 @@ all the tests need):
         --folder=fmnist --out=tests/reference/fmnist_trace.npz
     /tmp/torch/bin/python tests/reference/record_official.py trace --official=/tmp/spafl_official \
         --folder=cifar10 --out=tests/reference/cifar10_trace.npz
+    /tmp/torch/bin/python tests/reference/record_official.py trace --official=/tmp/spafl_official \
+        --folder=fmnist --th_coeff=0.5 --out=tests/reference/fmnist_collapse_trace.npz
     # A learning curve of the unchanged FMNIST folder on the real data (about 10-30 s a round here):
     /tmp/torch/bin/python tests/reference/record_official.py curve --official=/tmp/spafl_official \
         --rounds=200 --seed=1 --out=results/official_fmnist_seed1
@@ -275,6 +277,9 @@ def record_trace(args) -> None:
     from torch.utils.data import DataLoader  # pylint: disable=import-outside-toplevel
 
     settings = dict(TRACES[args.folder])
+    if args.th_coeff is not None:   # a larger penalty makes layers collapse within the trace
+        settings['th_coeff'] = args.th_coeff
+    recorded_settings = dict(settings)
     n_train, n_test = settings.pop('train_examples'), settings.pop('test_examples')
     if args.folder == 'fmnist':
         images, labels, test_images, test_labels = load_fashion_mnist(args.data)
@@ -349,7 +354,7 @@ def record_trace(args) -> None:
     record = _Recorder(simulator, train_ids, official_args)
     simulator.FL_loop()
 
-    meta = {'folder': args.folder, 'settings': TRACES[args.folder], 'init_seed': init_seed,
+    meta = {'folder': args.folder, 'settings': recorded_settings, 'init_seed': init_seed,
             'layers': [name for name, _ in layers],
             'layer_shapes': [list(l.weight.shape) for _, l in layers],
             'drop_last': drop_last, 'torch': torch.__version__, 'dtype': 'float64',
@@ -481,6 +486,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest='command', required=True)
     trace = sub.add_parser('trace', help='record a golden trace of a folder on a small subset')
     trace.add_argument('--folder', choices=sorted(TRACES), required=True)
+    trace.add_argument('--th_coeff', type=float, default=None,
+                       help="override the trace's th_coeff (0.5: layers collapse and reset)")
     curve = sub.add_parser('curve', help='run the unchanged FMNIST folder and keep its curve')
     curve.add_argument('--rounds', type=int, default=200)
     curve.add_argument('--seed', type=int, default=1)
