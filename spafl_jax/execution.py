@@ -310,8 +310,13 @@ def _gather_sampled(local_clients, sampled):
     picked = jax.tree.map(lambda x: x[jnp.clip(local, 0, per_shard - 1)], local_clients)
     contribution = jax.tree.map(
         lambda x: jnp.where(owned.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros_like(x)), picked)
-    return jax.tree.map(lambda x: jax.lax.psum_scatter(x, CLIENTS, scatter_dimension=0, tiled=True),
-                        contribution)
+    return jax.tree.map(_psum_scatter, contribution)
+
+
+def _psum_scatter(x):
+    if x.dtype == jnp.bool_:   # the collapse flags: a sum of one owner's flag and zeros
+        return _psum_scatter(x.astype(jnp.int32)).astype(jnp.bool_)
+    return jax.lax.psum_scatter(x, CLIENTS, scatter_dimension=0, tiled=True)
 
 
 def _scatter_sampled(local_clients, sampled, trained):
