@@ -7,6 +7,10 @@ tests/reference/record_official.py) and `<results>/fmnist_official_seed<k>/metri
 `python experiments/main.py --config=fmnist.py:official --config.rounds=200 --config.seed=<k>`), prints
 accuracy and density of both codes at the chosen rounds, per seed and as the mean over the seeds
 both codes reached, and draws both curves in one figure (`<results>/fidelity_fmnist.png`).
+
+Records of ours with the collapse reset checked on the mask about to be used
+(`<results>/fmnist_official_current_seed<k>/`, `--config.collapse_check=current`), where present,
+get a table and curves of their own: what the official timing of that reset changes.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ _ROUNDS = flags.DEFINE_list('rounds', ['50', '100', '200'], 'Rounds of the table
 _OUT = flags.DEFINE_string('out', '', 'Figure path; default <results>/fidelity_fmnist.png.')
 
 CODES = (('official', 'official_fmnist_seed{}', 'official PyTorch code'),
-         ('ours', 'fmnist_official_seed{}', 'spafl_jax fmnist.py:official'))
+         ('ours', 'fmnist_official_seed{}', 'spafl_jax fmnist.py:official'),
+         ('current', 'fmnist_official_current_seed{}',
+          'spafl_jax fmnist.py:official, collapse_check=current'))
 
 
 def read_curve(path: str) -> dict[int, dict]:
@@ -53,8 +59,9 @@ def load(results: str, seeds: list[str]) -> dict[tuple[str, str], dict[int, dict
     return runs
 
 
-def table(runs, seeds: list[str], rounds: list[int]) -> str:
-    """Markdown: accuracy (%) and density of both codes at `rounds`, per seed and mean."""
+def table(runs, seeds: list[str], rounds: list[int], ours: str = 'ours') -> str:
+    """Markdown: accuracy (%) and density of the official code and `ours` at `rounds`, per seed
+    and mean."""
     lines = ['| round | seed | official accuracy | ours accuracy | difference | official density |'
              ' ours density | difference |', '|---|---|---|---|---|---|---|---|']
     for r in rounds:
@@ -67,7 +74,7 @@ def table(runs, seeds: list[str], rounds: list[int]) -> str:
                 our = tuple(np.mean([p[1][i] for p in pairs]) for i in range(2))
                 label = f'mean of {len(pairs)}'
             else:
-                a, b = runs.get(('official', seed), {}).get(r), runs.get(('ours', seed), {}).get(r)
+                a, b = runs.get(('official', seed), {}).get(r), runs.get((ours, seed), {}).get(r)
                 if a is None or b is None:
                     lines.append(f'| {r} | {seed} | {_fmt(a, "accuracy", 100)} | '
                                  f'{_fmt(b, "accuracy", 100)} | – | {_fmt(a, "density", 1)} | '
@@ -91,13 +98,14 @@ def plot(runs, seeds: list[str], path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     fig, (ax_acc, ax_den) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {'official': 'tab:red', 'ours': 'tab:blue'}
+    colours = {'official': 'tab:red', 'ours': 'tab:blue', 'current': 'tab:gray'}
     styles = {seed: style for seed, style in zip(seeds, ('-', '--', ':', '-.'))}
     for (code, seed), curve in sorted(runs.items()):
         rounds = sorted(curve)
         label = f'{dict((c, t) for c, _, t in CODES)[code]}, seed {seed}'
-        kwargs = dict(color=colours[code], linestyle=styles.get(seed, '-'), linewidth=1.2,
-                      label=label)
+        kwargs = dict(color=colours[code], linestyle=styles.get(seed, '-'),
+                      linewidth=0.8 if code == 'current' else 1.2,
+                      alpha=0.6 if code == 'current' else 1.0, label=label)
         ax_acc.plot(rounds, [100 * curve[r]['accuracy'] for r in rounds], **kwargs)
         ax_den.plot(rounds, [curve[r]['density'] for r in rounds], **kwargs)
     ax_acc.set(xlabel='round', ylabel='accuracy (%), mean over the 100 clients',
@@ -121,7 +129,11 @@ def main(argv):
     if not runs:
         raise SystemExit(f'error: no run records in --results={_RESULTS.value}; see the module '
                          'docstring for the runs it expects.')
-    print(table(runs, seeds, [int(r) for r in _ROUNDS.value]))
+    rounds = [int(r) for r in _ROUNDS.value]
+    print(table(runs, seeds, rounds))
+    if any(code == 'current' for code, _ in runs):
+        print('\nours with collapse_check=current:')
+        print(table(runs, seeds, rounds, ours='current'))
     out = _OUT.value or os.path.join(_RESULTS.value, 'fidelity_fmnist.png')
     plot(runs, seeds, out)
     print(f'figure: {out}')

@@ -66,7 +66,9 @@ def setup():
     dataset = data_lib.load_digits()
     train, test = federated.split_clients(dataset, NUM_CLIENTS, alpha=0.3, min_train_examples=BATCH)
     model = TinyMLP()
-    cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=2, lr=0.05, th_coeff=0.01)
+    # 'previous' carries a boolean flag per client and layer through the gathers and scatters.
+    cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=2, lr=0.05, th_coeff=0.01,
+                                 collapse_check='previous')
     spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)
     round_cfg = federated.RoundConfig(clients_per_round=SAMPLED, aggregation='data_size')
     return train, test, model, cfg, spec, round_cfg
@@ -114,7 +116,7 @@ def reference():
     state = initial_state()
     for r in range(ROUNDS):
         state, _ = round_fn(state, train, jnp.asarray(sampled_clients(r)), jax.random.key(1))
-    evaluation = federated.make_eval_fn(model, spec, 64)(state.clients, test)
+    evaluation = federated.make_eval_fn(model, spec, 64, cfg)(state.clients, test)
     return flatten('', jax.device_get(state)), jax.device_get(evaluation)
 
 
