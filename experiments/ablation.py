@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(_CONFIG_DIR)))  # works witho
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 import ml_collections
-from ml_collections import config_flags
 
 from experiments import common
 from spafl_jax import configuration
@@ -40,9 +39,9 @@ IMPORTANCE_UPDATES = ('all_after', 'none')
 # Final-round summary fields that the table reports, in this order.
 REPORTED = ('accuracy', 'density', 'density_weighted')
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(_CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
-    'experiments/configs/); override fields with --config.FIELD=VALUE.', lock_config=True)
+_CONFIG = common.define_config_flag(
+    os.path.join(_CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
+    'experiments/configs/); override fields with --config.FIELD=VALUE.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the ablation: one sub-directory per '
                                'run, and ablation.md / ablation.csv.', required=True)
 _SEEDS = flags.DEFINE_list('seeds', ['1', '2', '3'], 'Seeds of every setting.')
@@ -170,4 +169,4 @@ def main(argv):
 
 if __name__ == '__main__':
     sys.argv = common.resolve_config_argument(sys.argv)
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

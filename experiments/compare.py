@@ -32,7 +32,6 @@ from absl import flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
@@ -50,9 +49,9 @@ CSV_COLUMNS = ('method', 'seeds', 'finished', 'rounds', 'accuracy_mean', 'accura
                'density_std', 'density_weighted_mean', 'density_weighted_std')
 FLOP_UNITS = (('PFLOP', 1e15), ('TFLOP', 1e12), ('GFLOP', 1e9), ('MFLOP', 1e6))
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(common.CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked '
-    'up in experiments/configs/); override fields with --config.FIELD=VALUE.', lock_config=True)
+_CONFIG = common.define_config_flag(
+    os.path.join(common.CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked '
+    'up in experiments/configs/); override fields with --config.FIELD=VALUE.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the comparison: one sub-directory '
                                'per run, comparison.md / .csv and learning_curves.png.',
                                required=True)
@@ -253,4 +252,4 @@ def main(argv):
 
 if __name__ == '__main__':
     sys.argv = common.resolve_config_argument(sys.argv)
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

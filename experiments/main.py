@@ -15,23 +15,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
 
-from experiments.common import CONFIG_DIR as _CONFIG_DIR  # pylint: disable=g-import-not-at-top
-from experiments.common import resolve_config_argument  # pylint: disable=g-import-not-at-top
+from experiments import common  # pylint: disable=g-import-not-at-top
 
-sys.argv = resolve_config_argument(sys.argv)
+sys.argv = common.resolve_config_argument(sys.argv)
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from spafl_jax import configuration
 from spafl_jax import data as data_lib
 from spafl_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(_CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
-    'experiments/configs/); override fields with --config.FIELD=VALUE.', lock_config=True)
+_CONFIG = common.define_config_flag(
+    os.path.join(common.CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
+    'experiments/configs/); override fields with --config.FIELD=VALUE.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, figures and checkpoints '
                                '(default: runs/<dataset>_<model>_<time>); the same command on the '
                                'same workdir resumes from its newest good checkpoint.')
@@ -64,4 +62,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

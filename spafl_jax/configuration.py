@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 
 import ml_collections
 
@@ -36,6 +38,8 @@ def _number(config, field, *, positive=False, non_negative=False, integer=False,
     ok_type = (isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real))
     if isinstance(value, bool) or not ok_type:
         raise ConfigError(f'config.{field}={value!r} must be {kind}.')
+    if not math.isfinite(value):
+        raise ConfigError(f'config.{field}={value!r} must be a finite number.')
     if positive and not value > 0:
         raise ConfigError(f'config.{field}={value!r} must be > 0.')
     if non_negative and value < 0:
@@ -70,7 +74,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ('num_clients', 'clients_per_round', 'rounds', 'batch_size', 'local_epochs',
                   'eval_every', 'eval_batch_size', 'scan_unroll', 'checkpoint_every'):
         _number(config, field, positive=True, integer=True)
-    _number(config, 'seed', non_negative=True, integer=True)
+    # Seeds feed NumPy's and JAX's generators, which take unsigned 32-bit values.
+    _number(config, 'seed', non_negative=True, integer=True, at_most=2**32 - 1)
     if config.clients_per_round > config.num_clients:
         raise ConfigError(f'config.clients_per_round={config.clients_per_round} must be <= '
                           f'config.num_clients={config.num_clients}: sampling is without '
@@ -81,6 +86,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _number(config, 'min_lr', non_negative=True)
     _number(config, 'clip', non_negative=True)
     _number(config, 'th_coeff', non_negative=True)
+    if 'max_loss' in config:
+        _number(config, 'max_loss', positive=True)
     for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels', 'drop_last'):
         if not isinstance(config[field], bool):
             raise ConfigError(f'config.{field}={config[field]!r} must be True or False.')
@@ -92,6 +99,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data_dir is not None and not isinstance(config.data_dir, str):
         raise ConfigError(f'config.data_dir={config.data_dir!r} must be a path, or empty for the '
                           'default places.')
+    if config.data_dir and os.path.exists(os.path.expanduser(config.data_dir)) and not (
+            os.path.isdir(os.path.expanduser(config.data_dir))):
+        raise ConfigError(f'config.data_dir={config.data_dir!r} is a file, not a directory; give '
+                          'the directory that holds the data files, or leave it empty.')
     validate_method(config)
 
 

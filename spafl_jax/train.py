@@ -139,7 +139,8 @@ class WorkdirError(RuntimeError):
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a NaN or infinity; the last good checkpoint is left as it was."""
+    """Training produced a NaN or infinity, or a loss above `config.max_loss`: it diverged. The
+    last good checkpoint is left as it was."""
 
 
 class Preempted(RuntimeError):
@@ -328,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     records = reporting.read_metrics(os.path.join(workdir, reporting.METRICS_FILENAME))
     sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
     round_seconds = []
+    max_loss = float(config.get('max_loss', 1e6))
 
     def save_checkpoint(rounds_done: int) -> None:
         try:
@@ -357,6 +359,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         f'round {r + 1}: non-finite {", ".join(bad)} (sampled clients '
                         f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
                         f'{checkpointer.directory} is intact. Lower config.lr or set config.clip.')
+                if float(round_metrics['train_loss']) > max_loss:
+                    raise NonFiniteError(
+                        f'round {r + 1}: training loss {float(round_metrics["train_loss"]):.3g} is '
+                        f'above config.max_loss={max_loss:g}: the run diverged (sampled clients '
+                        f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
+                        f'{checkpointer.directory} is intact. Lower config.lr or config.th_coeff, '
+                        'or set config.clip.')
                 totals['bits_up'] += bits_up_round
                 totals['bits_down'] += bits_down_round
                 totals['flops'] += float(round_metrics['flops'])

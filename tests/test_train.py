@@ -86,6 +86,22 @@ BAD_INPUTS = [
     ('--config.estimator=ste', 'config.estimator'),
     ('--config.num_clients=1000', 'config.num_clients'),
     ('--config.model=conv4', 'config.model'),          # 5x5 valid convs do not fit 8x8 digits
+    # The config file, its argument, unknown fields and wrong types: caught while flags parse.
+    ('--config=nosuch.py', '--config=nosuch.py: the config file cannot be read'),
+    ('--config=' + os.path.join(REPO, 'README.md'), 'README.md; fix the file'),   # not Python
+    ('--config=fmnist.py:bogus', 'takes no argument or "official"'),
+    ('--config.foo=1', "--config.foo=1: the config has no field 'foo'"),
+    ('--config.rounds=abc', '--config.rounds=abc: must be an integer'),
+    ('--config.lr=fast', '--config.lr=fast: must be a number'),
+    # Values that are not finite, out of the generators' range, or of a kind that does not exist.
+    ('--config.th_coeff=nan', 'config.th_coeff=nan must be a finite number'),
+    ('--config.clip=nan', 'config.clip=nan must be a finite number'),
+    ('--config.min_lr=nan', 'config.min_lr=nan must be a finite number'),
+    ('--config.lr=inf', 'config.lr=inf must be a finite number'),
+    ('--config.seed=99999999999999999999', 'config.seed'),
+    ('--config.data_dir=' + os.path.join(REPO, 'README.md'), 'is a file, not a directory'),
+    ('--config.collapse_check=later', 'config.collapse_check'),
+    ('--config.max_loss=0', 'config.max_loss'),
 ]
 
 
@@ -131,3 +147,13 @@ def test_readme_example_runs():
     assert blocks, 'README.md lost its tested example'
     for block in blocks:
         exec(compile(block, 'README.md', 'exec'), {})  # pylint: disable=exec-used
+
+
+def test_a_loss_above_max_loss_stops_the_run_as_diverged(tmp_path):
+    # Cross-entropy of 10 classes starts near log(10) = 2.3: a bound of 1 stops the first round.
+    with pytest.raises(train.NonFiniteError, match=r'round 1: training loss .* above '
+                                                   r'config.max_loss=1: the run diverged'):
+        train.train_and_evaluate(_config(num_clients=6, clients_per_round=3, rounds=2,
+                                         local_epochs=1, max_loss=1.0), str(tmp_path))
+    assert not os.path.exists(tmp_path / 'metrics.jsonl') or not (
+        tmp_path / 'metrics.jsonl').read_text().strip()

@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every = 1                # evaluate all clients every this many rounds
     config.eval_batch_size = 256         # examples per evaluation batch
     config.seed = 1                      # all randomness derives from (seed, round, client id)
+    config.max_loss = 1e6                # a training loss above this stops the run (diverged)
     config.checkpoint_every = 10         # save a checkpoint every this many rounds (and at the end)
     config.sparsity_rounds = (1, 10, 25)  # also draw the first layer's sparsity pattern after these
     return config
