@@ -6,11 +6,13 @@ The command line (experiments/main.py) only parses flags and calls this; a noteb
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import json
 import os
 import shutil
 import signal
+import socket
 import time
 from typing import Any
 
@@ -157,7 +159,12 @@ class Preempted(RuntimeError):
 # results only to float rounding).
 RESUMABLE_FIELDS = ('rounds', 'eval_every', 'eval_batch_size', 'checkpoint_every',
                     'sparsity_rounds', 'client_execution', 'vmap_lanes', 'eval_chunk',
-                    'num_cpu_devices', 'coordinator_address', 'num_processes', 'process_id')
+                    'num_cpu_devices', 'coordinator_address', 'num_processes', 'process_id',
+                    'max_loss')
+# Fields added after runs were already written, with the value that reproduces those runs: a
+# workdir whose config.json lacks one resumes as if it held that value.
+ADDED_FIELDS = {'collapse_check': 'current', 'max_loss': 1e6}
+LOCK_FILENAME = '.lock'
 
 CONFIG_FILENAME = 'config.json'
 CHECKPOINT_DIRNAME = 'checkpoints'
@@ -167,8 +174,53 @@ def _normalized(d: dict) -> dict:
     return json.loads(json.dumps(d, sort_keys=True))
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-    """Creates the workdir; a workdir holding a run with another config is refused or cleared."""
+class WorkdirLock:
+    """One run at a time in a workdir: an exclusive `flock` on `<workdir>/.lock`, held until the
+    run ends. The kernel drops it when the process dies, however it dies, so a crashed or killed
+    run never leaves the workdir locked."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILENAME)
+        self._file = None
+
+    def acquire(self) -> None:
+        try:
+            f = open(self.path, 'a+')
+        except OSError as e:
+            raise WorkdirError(f'workdir {os.path.dirname(self.path)!r}: its lock file cannot be '
+                               f'opened ({e.strerror}); pass a writable --workdir.') from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or 'another process'
+            f.close()
+            raise WorkdirError(f'workdir {os.path.dirname(self.path)!r} is in use by another run '
+                               f'({holder}); wait for it to finish, or pass another --workdir.'
+                               ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()   # closing drops the flock
+            self._file = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool,
+                    lock: WorkdirLock | None = None) -> None:
+    """Creates the workdir and takes its `lock`; a workdir holding a run with another config is
+    refused or cleared."""
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
@@ -176,6 +228,8 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: 
                            'pass a writable --workdir.') from None
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise WorkdirError(f'workdir {workdir!r} is not writable; pass a writable --workdir.')
+    if lock is not None:
+        lock.acquire()
     config_path = os.path.join(workdir, CONFIG_FILENAME)
     if os.path.exists(config_path) and not overwrite:
         try:
@@ -185,6 +239,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: 
             raise WorkdirError(f'workdir {workdir!r} holds an unreadable {CONFIG_FILENAME} ({e}); '
                                'pass --overwrite to start afresh there, or another --workdir.'
                                ) from None
+        previous = {**ADDED_FIELDS, **previous}
         current = _normalized(config.to_dict())
         differing = sorted(k for k in set(previous) | set(current)
                            if k not in RESUMABLE_FIELDS and previous.get(k) != current.get(k))
@@ -259,18 +314,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     Writes config.json, metrics.jsonl (one line per evaluated round), checkpoints/, summary.json,
     final_state.msgpack and the figures. Raises ConfigError, DatasetUnavailableError, WorkdirError,
-    NonFiniteError or Preempted with a message meant for the user.
+    NonFiniteError or Preempted with a message meant for the user. The workdir is locked while the
+    run lasts (`WorkdirLock`): a second run on it stops with a WorkdirError.
 
     In a multi-host run every process calls this with the same config and a workdir they all see
-    (a shared file system). Every process computes; process 0 alone writes the files, and all of
-    them take part in the checkpoints.
+    (a shared file system). Every process computes; process 0 alone writes the files (and holds
+    the lock), and all of them take part in the checkpoints.
     """
+    lock = WorkdirLock(workdir)
+    try:
+        return _train_and_evaluate(config, workdir, overwrite, lock)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrite: bool,
+                        lock: WorkdirLock) -> dict[str, Any]:
     configuration.validate(config)
     execution.initialize_from_config(config)   # before anything touches a device
     lead = jax.process_index() == 0
     run = Run(config)   # loads and splits the data; fails before anything is written or compiled
     if lead:
-        prepare_workdir(workdir, config, overwrite)
+        prepare_workdir(workdir, config, overwrite, lock)
         try:
             reporting.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME), config.to_dict())
         except OSError as e:

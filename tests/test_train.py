@@ -157,3 +157,39 @@ def test_a_loss_above_max_loss_stops_the_run_as_diverged(tmp_path):
                                          local_epochs=1, max_loss=1.0), str(tmp_path))
     assert not os.path.exists(tmp_path / 'metrics.jsonl') or not (
         tmp_path / 'metrics.jsonl').read_text().strip()
+
+
+def test_a_busy_workdir_is_refused_and_a_dead_runs_lock_is_not_stuck(tmp_path):
+    workdir = str(tmp_path / 'run')
+    os.makedirs(workdir)
+    holder = train.WorkdirLock(workdir)
+    holder.acquire()   # another run, as far as the kernel is concerned (a separate open file)
+    with pytest.raises(train.WorkdirError, match=r"in use by another run \(pid \d+ on "):
+        train.train_and_evaluate(_config(rounds=1), workdir)
+    holder.release()
+    assert not os.path.exists(os.path.join(workdir, 'config.json'))   # refused before writing
+    # A run killed while holding the lock (SIGKILL: no cleanup at all) leaves it free.
+    script = ('import os, sys, time; from spafl_jax import train; '
+              'lock = train.WorkdirLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); '
+              'time.sleep(600)')
+    proc = subprocess.Popen([sys.executable, '-c', script, workdir], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == 'locked'
+    with pytest.raises(train.WorkdirError, match='in use by another run'):
+        train.WorkdirLock(workdir).acquire()
+    proc.kill()
+    proc.wait()
+    with train.WorkdirLock(workdir):
+        pass
+
+
+def test_a_workdir_written_before_a_field_existed_resumes_with_its_old_value(tmp_path):
+    workdir = str(tmp_path)
+    config = _config(rounds=1)
+    old = {k: v for k, v in config.to_dict().items() if k not in train.ADDED_FIELDS}
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        json.dump(old, f)
+    train.prepare_workdir(workdir, config, overwrite=False)   # the defaults: the old behaviour
+    with pytest.raises(train.WorkdirError, match="collapse_check: 'current' -> 'previous'"):
+        train.prepare_workdir(workdir, _config(rounds=1, collapse_check='previous'),
+                              overwrite=False)
