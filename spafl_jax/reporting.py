@@ -14,6 +14,7 @@ import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import numpy as np
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -51,18 +52,44 @@ def _is_tensorboard_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _parse_complete_lines(text: str) -> list[dict]:
-    """Parses JSON lines, dropping a final line that has no newline yet."""
+def _parse_records(text: str) -> tuple[list[dict], list[str]]:
+    """The records of a metrics.jsonl text, and a note per line that is not one.
+
+    A record is a JSON object with an integer 'round', rounds strictly
+    increasing. A last line without its newline is kept if it is a whole
+    record (only the newline was lost) and otherwise is the fragment a killed
+    writer left. Garbage lines, and records whose round does not follow the
+    previous one, are left out and named in the notes.
+    """
+    records, notes = [], []
     lines = text.split("\n")
-    # The last element is "" when the file ends in "\n" and otherwise the
-    # fragment a killed writer left behind; either way it is not a record.
-    return [json.loads(line) for line in lines[:-1] if line.strip()]
+    for number, line in enumerate(lines, start=1):
+        last = number == len(lines)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("round"), int)
+                and not isinstance(record.get("round"), bool)):
+            notes.append(f"line {number}: "
+                         + ("an unfinished last record" if last else "not a metrics record")
+                         + f" ({line[:40]!r})")
+            continue
+        if records and record["round"] <= records[-1]["round"]:
+            notes.append(f"line {number}: round {record['round']} does not follow "
+                         f"round {records[-1]['round']}")
+            continue
+        records.append(record)
+    return records, notes
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Reads a metrics.jsonl file, ignoring a trailing partial line."""
-    with open(path, "r", encoding="utf-8") as f:
-        return _parse_complete_lines(f.read())
+    """The records of a metrics.jsonl file (`_parse_records`: a torn last line
+    or a garbage line is left out)."""
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        return _parse_records(f.read())[0]
 
 
 def _write_text_atomic(path: str, text: str) -> None:
@@ -150,23 +177,19 @@ class MetricsWriter:
             return None
         with open(self.path, "rb") as f:
             data = f.read()
-        complete_end = data.rfind(b"\n") + 1
-        if complete_end != len(data):
-            # Only the tail can be partial (every record is one write), so
-            # truncating in place keeps all complete records.
-            os.truncate(self.path, complete_end)
-            data = data[:complete_end]
-        records = _parse_complete_lines(data.decode("utf-8"))
+        text = data.decode("utf-8", errors="replace")
+        records, notes = _parse_records(text)
+        for note in notes:
+            logging.warning("%s, %s: left out", self.path, note)
         if resume_from_round is not None:
-            kept = [r for r in records if r["round"] < resume_from_round]
-            if len(kept) != len(records):
-                _write_text_atomic(
-                    self.path,
-                    "".join(
-                        json.dumps(r, sort_keys=True) + "\n" for r in kept
-                    ),
-                )
-            records = kept
+            records = [r for r in records if r["round"] < resume_from_round]
+        repaired = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        if repaired != text:
+            if not notes and text.startswith(repaired):
+                # Only whole records at the end go (rounds to recompute): cut in place.
+                os.truncate(self.path, len(repaired.encode("utf-8")))
+            else:
+                _write_text_atomic(self.path, repaired)
         return max((r["round"] for r in records), default=None)
 
     def write(self, record: Mapping[str, Any]) -> None:

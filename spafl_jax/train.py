@@ -380,10 +380,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
                            f'config.rounds={config.rounds}; ask for at least {start_round} rounds '
                            'or pass another --workdir.')
     if start_round == config.rounds and os.path.exists(summary_path):
-        checkpointer.close()
-        logging.info('the run in %s is already complete (%d rounds).', workdir, config.rounds)
-        with open(summary_path) as f:
-            return json.load(f)
+        try:
+            with open(summary_path) as f:
+                summary = json.load(f)
+            if not isinstance(summary, dict):
+                raise ValueError('not a JSON object')
+        except (OSError, ValueError) as e:   # rebuilt below from the checkpoint and the metrics
+            logging.warning('%s cannot be read (%s); it is written again.', summary_path, e)
+        else:
+            checkpointer.close()
+            logging.info('the run in %s is already complete (%d rounds).', workdir, config.rounds)
+            return summary
 
     round_fn, eval_fn = execution.make_round_functions(
         config, run.method, run.model, run.local_cfg, run.round_cfg, run.spec, run.train_data,

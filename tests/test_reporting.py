@@ -215,3 +215,45 @@ def test_pyplot_state_untouched(tmp_path):
     if "matplotlib.pyplot" in sys.modules:
         import matplotlib.pyplot as plt
         assert plt.get_fignums() == []
+
+
+def test_garbage_and_out_of_order_lines_are_left_out_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"accuracy": 0.1, "round": 1}\n'
+                     b'\x00\xffgarbage\n'
+                     b'{"accuracy": 0.2, "round": 2}\n'
+                     b'[1, 2]\n'
+                     b'{"accuracy": 0.9, "round": 1}\n'
+                     b'{"accuracy": 0.3, "round": 3}\n')
+    assert [r["round"] for r in reporting.read_metrics(str(path))] == [1, 2, 3]
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        writer.write({"round": 4, "accuracy": 0.4})
+    assert path.read_bytes() == (b'{"accuracy": 0.1, "round": 1}\n'
+                                 b'{"accuracy": 0.2, "round": 2}\n'
+                                 b'{"accuracy": 0.3, "round": 3}\n'
+                                 b'{"accuracy": 0.4, "round": 4}\n')
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "line 2: not a metrics record" in warned
+    assert "line 4: not a metrics record" in warned
+    assert "line 5: round 1 does not follow round 2" in warned
+
+
+def test_a_last_record_that_lost_only_its_newline_is_kept(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = b'{"accuracy": 0.1, "round": 1}\n{"accuracy": 0.2, "round": 2}'
+    path.write_bytes(whole)
+    assert [r["round"] for r in reporting.read_metrics(str(path))] == [1, 2]
+    with reporting.MetricsWriter(str(tmp_path), resume_from_round=3) as writer:
+        writer.write({"round": 3, "accuracy": 0.3})
+    assert path.read_bytes() == whole + b'\n{"accuracy": 0.3, "round": 3}\n'
+
+
+def test_a_clean_file_is_not_rewritten(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        writer.write({"round": 1, "accuracy": 0.1})
+    before = os.stat(path)
+    with reporting.MetricsWriter(str(tmp_path), resume_from_round=2):
+        pass
+    after = os.stat(path)
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)

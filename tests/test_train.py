@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -193,3 +194,18 @@ def test_a_workdir_written_before_a_field_existed_resumes_with_its_old_value(tmp
     with pytest.raises(train.WorkdirError, match="collapse_check: 'current' -> 'previous'"):
         train.prepare_workdir(workdir, _config(rounds=1, collapse_check='previous'),
                               overwrite=False)
+
+
+def test_a_garbage_summary_of_a_finished_run_is_rebuilt(digits_run, tmp_path):
+    workdir, summary = digits_run
+    copy = str(tmp_path / 'run')
+    shutil.copytree(workdir, copy)
+    with open(os.path.join(copy, 'summary.json'), 'w') as f:
+        f.write('{"accuracy": 0.9')   # cut mid-write
+    metrics = open(os.path.join(copy, 'metrics.jsonl')).read()
+    rebuilt = train.train_and_evaluate(
+        _config(num_clients=10, clients_per_round=5, rounds=16, local_epochs=3, eval_every=4), copy)
+    assert rebuilt['accuracy'] == summary['accuracy'] and rebuilt['round'] == 16
+    with open(os.path.join(copy, 'summary.json')) as f:
+        assert json.load(f)['accuracy'] == summary['accuracy']
+    assert open(os.path.join(copy, 'metrics.jsonl')).read() == metrics
