@@ -2,14 +2,17 @@
 
 A checkpoint holds every client's state, the server thresholds and delta, the round, and the host-side
 running totals. Randomness derives from (seed, round, client id), so nothing else is needed for a
-resumed run to continue bit for bit. Each checkpoint carries a SHA-256 of its arrays: a newest
-checkpoint that is torn or corrupt is detected and the previous one used.
+resumed run to continue bit for bit. Each checkpoint carries a SHA-256 of its arrays and its
+progress record: a newest checkpoint that is torn or corrupt in any field is detected, set aside
+in `<directory>.unusable/`, and the previous one used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 from typing import Any
 
@@ -20,13 +23,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def state_digest(tree) -> str:
-    """SHA-256 over every leaf's dtype, shape and bytes, in pytree order."""
+def state_digest(tree, progress: dict[str, Any] | None = None) -> str:
+    """SHA-256 over every leaf's dtype, shape and bytes, in pytree order, and over `progress` (the
+    round and the running totals, without its own 'digest'), so that no field goes unverified."""
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(tree):
         leaf = np.asarray(leaf)
         h.update(f'{leaf.dtype}{leaf.shape}'.encode())
         h.update(np.ascontiguousarray(leaf).tobytes())
+    if progress is not None:
+        fields = {k: v for k, v in progress.items() if k != 'digest'}
+        h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -57,7 +64,9 @@ class Checkpointer:
 
     def save(self, step: int, state, progress: dict[str, Any]) -> None:
         host_state = jax.tree.map(np.asarray, flax.serialization.to_state_dict(state))
-        progress = {**progress, 'digest': state_digest(host_state)}
+        # Through JSON, as the restore will read it (tuples become lists, keys strings).
+        progress = json.loads(json.dumps(progress))
+        progress = {**progress, 'digest': state_digest(host_state, progress)}
         with _quiet_orbax():
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(host_state), progress=ocp.args.JsonSave(progress)),
@@ -84,14 +93,41 @@ class Checkpointer:
                         progress=ocp.args.JsonRestore()))
                 host_state = jax.tree.map(np.asarray, restored['state'])
                 progress = dict(restored['progress'])
-                if progress.get('digest') != state_digest(host_state):
-                    raise ValueError('the arrays do not match the digest written with them')
+                if progress.get('digest') != state_digest(host_state, progress):
+                    raise ValueError('its contents do not match the digest written with them')
+                if progress.get('round') != step:
+                    raise ValueError(f'it says round {progress.get("round")!r}')
             except Exception as e:  # pylint: disable=broad-except
-                logging.warning('checkpoint %d in %s is unusable (%s: %s); trying an older one.',
-                                step, self.directory, type(e).__name__, str(e)[:200])
+                logging.warning('checkpoint %d in %s is unusable (%s: %s); it is set aside in '
+                                '%s and an older one used.', step, self.directory,
+                                type(e).__name__, str(e)[:200], self.unusable_directory)
+                self._set_aside(step)
                 continue
             return flax.serialization.from_state_dict(target, host_state), progress
         return None
+
+    @property
+    def unusable_directory(self) -> str:
+        return self.directory + '.unusable'
+
+    def _set_aside(self, step: int) -> None:
+        """Moves an unusable checkpoint out of orbax's sight, so that the round it held can be
+        computed and saved again (and nothing written is deleted). Process 0 moves it; the others
+        skip it as unusable too."""
+        if jax.process_index() == 0:
+            source = os.path.join(self.directory, str(step))
+            target = os.path.join(self.unusable_directory, str(step))
+            suffix = 1
+            while os.path.exists(target):
+                target = os.path.join(self.unusable_directory, f'{step}.{suffix}')
+                suffix += 1
+            try:
+                os.makedirs(self.unusable_directory, exist_ok=True)
+                shutil.move(source, target)
+            except OSError as e:
+                logging.warning('checkpoint %d could not be set aside (%s).', step, e)
+        with _quiet_orbax():
+            self._manager.reload()
 
     def close(self) -> None:
         with _quiet_orbax():

@@ -191,3 +191,26 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     config.update(rounds=1)
     with pytest.raises(train.WorkdirError, match='workdir'):
         train.train_and_evaluate(config, target)
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_changed_counter_is_detected_and_the_round_saved_again(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), max_to_keep=3)
+    ckpt.save(2, _tiny_state(0), {'round': 2, 'totals': {'bits_up': 100}})
+    ckpt.save(4, _tiny_state(1), {'round': 4, 'totals': {'bits_up': 200}})
+    # One digit of a running total flipped in the newest checkpoint's progress record.
+    paths = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / 'checkpoints' / '4')
+             for name in names if 'progress' in root]
+    assert paths
+    for path in paths:
+        text = open(path).read()
+        if '200' in text:
+            with open(path, 'w') as f:
+                f.write(text.replace('200', '300'))
+    _, progress = ckpt.restore_latest(_tiny_state(7))
+    assert progress['round'] == 2 and progress['totals'] == {'bits_up': 100}
+    # Set aside, not deleted; and round 4 can be saved again once recomputed.
+    assert os.listdir(tmp_path / 'checkpoints.unusable') == ['4']
+    ckpt.save(4, _tiny_state(1), {'round': 4, 'totals': {'bits_up': 200}})
+    _, progress = ckpt.restore_latest(_tiny_state(7))
+    assert progress['totals'] == {'bits_up': 200}
