@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -214,3 +215,39 @@ def test_a_changed_counter_is_detected_and_the_round_saved_again(tmp_path):
     ckpt.save(4, _tiny_state(1), {'round': 4, 'totals': {'bits_up': 200}})
     _, progress = ckpt.restore_latest(_tiny_state(7))
     assert progress['totals'] == {'bits_up': 200}
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line_and_the_run_still_resumes(tmp_path):
+    workdir = str(tmp_path / 'twice')
+    slow = '--config.local_epochs=30'   # rounds long enough for a second Ctrl-C to land in one
+    proc = subprocess.Popen(_command(workdir, slow), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    lines, warned = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if 'SIGINT received' in line:
+                warned.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while _lines(workdir) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert warned.wait(60), ''.join(lines)[-2000:]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = ''.join(lines)
+    assert proc.returncode == 130, err[-2000:]
+    assert 'Traceback' not in err
+    assert [l.strip() for l in lines if 'interrupted again' in l] == [
+        'interrupted again: stopped at once, without a checkpoint of this round; the same command '
+        'resumes from the last one.']
+    proc = subprocess.run(_command(workdir, slow), capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        assert [json.loads(l)['round'] for l in f] == list(range(1, ROUNDS + 1))
