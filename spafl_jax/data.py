@@ -211,7 +211,29 @@ def load_fashion_mnist_idx(directory: str | os.PathLike) -> Dataset:
             f"fashion_mnist: {directory} does not hold all of "
             f"{', '.join(f'{b}[.gz]' for b in _IDX_FILES.values())}."
         )
-    arrays = {key: read_idx(path) for key, path in files.items()}
+    arrays = {}
+    for key, path in files.items():
+        try:
+            arrays[key] = read_idx(path)
+        except (OSError, EOFError, ValueError) as e:   # gzip.BadGzipFile is an OSError
+            raise DatasetUnavailableError(
+                f"fashion_mnist: {path} cannot be read ({e}); replace it with the standard "
+                f"Fashion-MNIST file."
+            ) from None
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        problem = None
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+            problem = f"images of shape {images.shape} and type {images.dtype}, not [n, 28, 28] uint8"
+        elif labels.ndim != 1 or len(labels) != len(images):
+            problem = f"{len(images)} images but labels of shape {labels.shape}"
+        elif len(labels) and (labels.min() < 0 or labels.max() > 9):
+            problem = f"labels from {labels.min()} to {labels.max()}, not 0..9"
+        if problem:
+            raise DatasetUnavailableError(
+                f"fashion_mnist: the {split} files in {directory} hold {problem}; replace them "
+                f"with the standard Fashion-MNIST files."
+            )
     return _make_dataset(
         "fashion_mnist",
         arrays["train_images"][..., None],
@@ -235,11 +257,10 @@ def _tfds_data_dir(data_dir: str | None) -> str:
 
 def _tfds_prepare_hint(name: str, data_dir: str) -> str:
     return (
-        f"To provide it, on a machine with internet and TensorFlow run\n"
-        f"  pip install tensorflow tensorflow-datasets\n"
-        f"  tfds build {name} --data_dir=/tmp/tfds --file_format=array_record\n"
-        f"then copy /tmp/tfds/{name} to {os.path.join(data_dir, name)} on this machine "
-        f"(reading it back needs no TensorFlow)."
+        f"to provide it, run `tfds build {name} --data_dir=/tmp/tfds "
+        f"--file_format=array_record` on a machine with internet and TensorFlow, then copy "
+        f"/tmp/tfds/{name} to {os.path.join(data_dir, name)} here (reading it needs no "
+        f"TensorFlow)."
     )
 
 
@@ -334,13 +355,10 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
         return load_tfds(name, data_dir)
     except DatasetUnavailableError as e:
         raise DatasetUnavailableError(
-            "fashion_mnist is not available. Looked for:\n  "
-            + "\n  ".join(looked_in)
-            + "\nProvide it in either of two ways:\n"
-            "  1. sudo apt-get install dataset-fashion-mnist  (IDX files in "
-            f"{FASHION_MNIST_DIRS[0]}), or copy the four IDX files into --data_dir;\n"
-            f"  2. prepared tensorflow-datasets data. {_tfds_prepare_hint(name, tfds_dir)}\n"
-            f"(tfds said: {e})"
+            "fashion_mnist is not available (looked for " + "; ".join(looked_in) + "); "
+            "install it with `sudo apt-get install dataset-fashion-mnist` (IDX files in "
+            f"{FASHION_MNIST_DIRS[0]}), copy the four IDX files into config.data_dir, or "
+            f"prepare tensorflow-datasets data: {_tfds_prepare_hint(name, tfds_dir)}"
         ) from e
 
 

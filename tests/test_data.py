@@ -270,6 +270,7 @@ def test_missing_dataset_raises_quickly_with_directory_and_command(tmp_path):
         data.load_dataset("cifar10", data_dir=str(tmp_path))
     assert time.monotonic() - start < 10
     message = str(info.value)
+    assert "\n" not in message
     assert "cifar10" in message and str(tmp_path) in message
     assert "tfds build cifar10" in message and "--file_format=array_record" in message
 
@@ -281,8 +282,9 @@ def test_missing_fashion_mnist_lists_every_place(tmp_path, monkeypatch):
         data.load_dataset("fashion_mnist", data_dir=str(tmp_path))
     assert time.monotonic() - start < 10
     message = str(info.value)
+    assert "\n" not in message
     for place in (tmp_path, tmp_path / "fashion_mnist", tmp_path / "apt"):
-        assert f"IDX files in {place}\n" in message
+        assert f"IDX files in {place};" in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "tfds build fashion_mnist" in message
 
@@ -317,3 +319,28 @@ def test_load_real_fashion_mnist():
     # Published Fashion-MNIST statistics.
     np.testing.assert_allclose(ds.mean, [0.2860], atol=1e-4)
     np.testing.assert_allclose(ds.std, [0.3530], atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated_gzip", "wrong_magic", "counts",
+                                    "labels"])
+def test_a_damaged_fashion_mnist_file_is_one_line_naming_it(tmp_path, damage):
+    _write_fashion_idx(tmp_path, n_train=12, n_test=5, compress=True)
+    train_images = tmp_path / "train-images-idx3-ubyte.gz"
+    train_labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    if damage == "garbage":
+        train_images.write_bytes(b"this is not an IDX file at all")
+    elif damage == "truncated_gzip":
+        train_images.write_bytes(train_images.read_bytes()[:40])
+    elif damage == "wrong_magic":
+        train_images.write_bytes(gzip.compress(b"\x01\x02" + gzip.decompress(
+            train_images.read_bytes())[2:]))
+    elif damage == "counts":
+        train_labels.write_bytes(gzip.compress(_idx_bytes(np.zeros(11, np.uint8))))
+    else:
+        train_labels.write_bytes(gzip.compress(_idx_bytes(np.full(12, 42, np.uint8))))
+    with pytest.raises(data.DatasetUnavailableError) as info:
+        data.load_fashion_mnist_idx(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "replace" in message
+    named = train_labels.name if damage in ("counts", "labels") else train_images.name
+    assert named in message or "train files" in message, message
