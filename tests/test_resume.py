@@ -251,3 +251,36 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line_and_the_run_still_resumes(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         assert [json.loads(l)['round'] for l in f] == list(range(1, ROUNDS + 1))
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_damaged_records_and_checkpoints_still_end_as_an_uninterrupted_run(reference, tmp_path):
+    """A run killed late, then its files damaged as a crash or a careless hand would: the last
+    metrics record loses its newline, a garbage line appears, a counter of the newest checkpoint
+    changes, and summary.json is garbage. The resumed run ends byte for byte as the reference."""
+    workdir = str(tmp_path / 'damaged')
+    code, _ = _run_until(workdir, 5)
+    assert code == -signal.SIGKILL
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    lines = _read(workdir, 'metrics.jsonl').splitlines(keepends=True)
+    damaged = lines[:2] + [b'\x00garbage\n'] + lines[2:]
+    damaged[-1] = damaged[-1].rstrip(b'\n')
+    with open(metrics, 'wb') as f:
+        f.write(b''.join(damaged))
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+        f.write('{"accuracy": ')
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                   if s.isdigit())
+    newest = os.path.join(workdir, 'checkpoints', str(steps[-1]))
+    for root, _, names in os.walk(newest):
+        for name in names:
+            path = os.path.join(root, name)
+            if 'progress' in root:
+                text = open(path).read()
+                with open(path, 'w') as f:
+                    f.write(text.replace('"bits_up": ', '"bits_up": 1'))
+    _finish(workdir)
+    assert _read(workdir, 'metrics.jsonl') == _read(reference, 'metrics.jsonl')
+    assert _read(workdir, 'final_state.msgpack') == _read(reference, 'final_state.msgpack')
+    assert _read(workdir, 'summary.json').startswith(b'{')
+    assert os.listdir(os.path.join(workdir, 'checkpoints.unusable')) == [str(steps[-1])]
