@@ -1,6 +1,6 @@
 """Datasets as in-memory numpy arrays, and the Dirichlet non-IID client split.
 
-Everything here is plain numpy (SPEC section 4): the loaders return uint8 NHWC images and int32
+Everything here is plain numpy (docs/algorithm.md, section 4): the loaders return uint8 NHWC images and int32
 labels; scaling, normalization and augmentation happen later, on device. TensorFlow is never
 required: tensorflow-datasets data is read from prepared ArrayRecord files through
 `builder.as_data_source`, which decodes examples with numpy and Pillow.
@@ -363,7 +363,7 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dirichlet non-IID split (SPEC section 4).
+# Dirichlet non-IID split (docs/algorithm.md, section 4).
 
 
 def dirichlet_split(

@@ -1,7 +1,7 @@
 """How a round's client work reaches the hardware: execution strategies over the client axis, the
 `clients` device mesh, multi-host start-up, and `make_round_runner`, the one entry point of `train.py`.
 
-Every strategy computes exactly `federated.run_round` (SPEC section 3): the same `client.local_step`
+Every strategy computes exactly `federated.run_round` (docs/algorithm.md, section 3): the same `client.local_step`
 on the same batches with the same keys, drawn from (seed, round, client id) by
 `client.local_schedule`, so results never depend on the strategy or the number of devices. They differ
 only in how the local steps are issued:

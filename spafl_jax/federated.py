@@ -152,7 +152,7 @@ def _put(tree, idx, values):
 def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
               state: FederatedState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
               macs=None):
-    """One SpaFL round (SPEC section 3). `sampled` holds the [clients_per_round] client ids."""
+    """One SpaFL round (docs/algorithm.md, section 3). `sampled` holds the [clients_per_round] client ids."""
     r = state.round
     clients = _take(state.clients, sampled)
     num_sampled = sampled.shape[0]

@@ -117,7 +117,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
     """Convolution as shifted slices concatenated on the channel axis and one matmul.
 
     On XLA:CPU this runs about 1.5x faster than `lax.conv_general_dilated` for the 5x5 convolutions of
-    the SpaFL models (see PERF_NOTES), and vmapped over clients it becomes a batched matmul rather than a
+    the SpaFL models (BENCHMARKS.md), and vmapped over clients it becomes a batched matmul rather than a
     grouped convolution. `x` and the result are in `layout` ('NHWC' or 'CNHW'); the kernel is HWIO in
     both, and the patches' feature order matches its reshape.
     """

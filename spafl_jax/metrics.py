@@ -1,4 +1,4 @@
-"""What SpaFL reports (SPEC section 7): accuracy, density, communication in bits and training FLOPs."""
+"""What SpaFL reports (docs/algorithm.md, section 7): accuracy, density, communication in bits and training FLOPs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SpaFL models with the official sizes (SPEC section 5), built from masked layers.
+"""The SpaFL models with the official sizes (docs/algorithm.md, section 5), built from masked layers.
 
 Every model is called as `model.apply(variables, images, train=...)` with NHWC float images and
 returns logits. `variables` holds `params`, `thresholds` and, for models with BatchNorm, `batch_stats`.

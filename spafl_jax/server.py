@@ -24,7 +24,7 @@ def aggregate(client_thresholds, weights: jax.Array | None = None, axis_name: st
 
 
 def importance_normalizer(kernel_shape) -> int:
-    """D of SPEC section 3, step 6: kh*kw for a conv kernel, fan_in for a dense one."""
+    """D of docs/algorithm.md, section 3, step 6: kh*kw for a conv kernel, fan_in for a dense one."""
     if len(kernel_shape) == 2:
         return kernel_shape[0]
     size = 1

@@ -27,7 +27,7 @@ from experiments.configs import fmnist
 CONFIGS = {'fmnist.py': fmnist, 'cifar10.py': cifar10, 'cifar10_vit.py': cifar10_vit,
            'cifar100.py': cifar100}
 
-# SPEC section 6, column by column.
+# docs/algorithm.md, section 6, column by column.
 PAPER = {
     'fmnist.py': dict(dataset='fashion_mnist', model='lenet5', rounds=500, alpha=0.2,
                       batch_size=64, local_epochs=5, lr=0.001, lr_decay=1.0, clip=0.0,

@@ -1,4 +1,4 @@
-r"""SpaFL on CIFAR-10 with Conv4 (SPEC sections 5-6).
+r"""SpaFL on CIFAR-10 with Conv4 (docs/algorithm.md, sections 5-6).
 
     python experiments/main.py --config=cifar10.py --config.data_dir=~/tensorflow_datasets
     python experiments/main.py --config=cifar10.py:official --config.data_dir=...   # official folder

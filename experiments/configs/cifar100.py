@@ -1,4 +1,4 @@
-r"""SpaFL on CIFAR-100 with the half-width pre-activation ResNet-18 (SPEC sections 5-6).
+r"""SpaFL on CIFAR-100 with the half-width pre-activation ResNet-18 (docs/algorithm.md, sections 5-6).
 
     python experiments/main.py --config=cifar100.py --config.data_dir=~/tensorflow_datasets
     python experiments/main.py --config=cifar100.py:official --config.data_dir=...  # official
@@ -6,7 +6,7 @@ r"""SpaFL on CIFAR-100 with the half-width pre-activation ResNet-18 (SPEC sectio
 CIFAR-100 comes from tensorflow-datasets data prepared in data_dir (array_record format; see
 README); the 100 fine labels are used.
 
-`:official` assumes the official CIFAR-100 folder behaves like the CIFAR-10 folder (SPEC sections 3
+`:official` assumes the official CIFAR-100 folder behaves like the CIFAR-10 folder (docs/algorithm.md, sections 3
 and 6 name only the penalty warm-up as a difference, and the warm-up is already on here): the
 `outside_unit` estimator, importance update to all clients after aggregation, a fresh optimizer each
 round, raw 0-255 pixels without augmentation.

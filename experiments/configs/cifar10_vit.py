@@ -1,4 +1,4 @@
-r"""SpaFL on CIFAR-10 with the ViT (SPEC sections 5-6; the paper's ViT row).
+r"""SpaFL on CIFAR-10 with the ViT (docs/algorithm.md, sections 5-6; the paper's ViT row).
 
     python experiments/main.py --config=cifar10_vit.py --config.data_dir=~/tensorflow_datasets
     python experiments/main.py --config=cifar10_vit.py:official --config.data_dir=...  # official

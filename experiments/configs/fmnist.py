@@ -1,4 +1,4 @@
-r"""SpaFL on Fashion-MNIST with LeNet-5: the paper's first setting (SPEC section 6).
+r"""SpaFL on Fashion-MNIST with LeNet-5: the paper's first setting (docs/algorithm.md, section 6).
 
     python experiments/main.py --config=fmnist.py
     python experiments/main.py --config=fmnist.py --config.rounds=20 --workdir=/tmp/fmnist

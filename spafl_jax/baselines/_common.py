@@ -169,7 +169,7 @@ def masked_mean(values, holds, weights: jax.Array, previous):
 
 
 # ----------------------------------------------------------------------------------------------------
-# FLOPs (SPEC section 7): 3 x multiply-accumulates x kept fraction, per example.
+# FLOPs (docs/algorithm.md, section 7): 3 x multiply-accumulates x kept fraction, per example.
 
 def step_flops(macs, fractions, batch_size: int) -> jax.Array:
     """FLOPs of one step; `macs` and `fractions` are pytrees shaped like the thresholds."""
