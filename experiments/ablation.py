@@ -31,6 +31,7 @@ import ml_collections
 from experiments import common
 from spafl_jax import configuration
 from spafl_jax import data as data_lib
+from spafl_jax import files
 from spafl_jax import train
 
 ESTIMATORS = ('long_tailed', 'identity', 'outside_unit')
@@ -145,8 +146,7 @@ def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
         cells = [common.percent_cell(row, field) for field in REPORTED]
         lines.append(f'| `{row["estimator"]}` | `{row["importance_update"]}` | '
                      + ' | '.join(cells) + ' |')
-    with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    files.write_atomic(os.path.join(workdir, 'ablation.md'), '\n'.join(lines) + '\n')
 
 
 def main(argv):

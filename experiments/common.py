@@ -4,6 +4,7 @@ pieces of their result tables."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -12,21 +13,29 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from spafl_jax import files
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 SUMMARY_FILENAME = 'summary.json'
 
 
 def resolve_config_argument(argv: list[str]) -> list[str]:
-    """`--config=cifar10.py[:arg]` -> experiments/configs/cifar10.py when not a path that exists."""
-    out = []
-    for arg in argv:
+    """`--config=cifar10.py[:arg]` -> experiments/configs/cifar10.py when not a path that exists.
+
+    The config file is moved before its `--config.FIELD=VALUE` overrides (ml_collections refuses
+    an override that comes first; the overrides apply to the file wherever they are written).
+    """
+    files_, others = [], []
+    for arg in argv[1:]:
         if arg.startswith('--config=') and not arg.startswith('--config.'):
             value = arg[len('--config='):]
             path, sep, rest = value.partition(':')
             if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path)):
                 arg = '--config=' + os.path.join(CONFIG_DIR, path) + sep + rest
-        out.append(arg)
-    return out
+            files_.append(arg)
+        else:
+            others.append(arg)
+    return argv[:1] + files_ + others
 
 
 def exit_with_error(message: str) -> None:
@@ -60,6 +69,9 @@ def parse_flags(argv: list[str]) -> list[str]:
             _ = flags.FLAGS['config'].value.get   # a file that failed to load raises here
         return rest
     except (AttributeError, KeyError) as e:
+        if "attribute 'get_config'" in str(e):
+            exit_with_error(f'{config_arg}: the file defines no get_config(); a config file '
+                            'returns its ml_collections.ConfigDict from get_config().')
         exit_with_error(_unknown_field(e, argv))
     except SyntaxError as e:
         exit_with_error(f'{config_arg}: {e.msg} at line {e.lineno} of {e.filename}; fix the file.')
@@ -69,6 +81,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                         f'a name in {CONFIG_DIR}.')
     except flags.Error as e:
         exit_with_error(_flag_error_line(str(e)))
+    except Exception as e:  # pylint: disable=broad-except  (raised by the config file's own code)
+        detail = (str(e).strip().splitlines() or [''])[0]
+        exit_with_error(f'{config_arg}: get_config() raised {type(e).__name__}: {detail}; fix '
+                        'the file.')
     return []
 
 
@@ -135,11 +151,12 @@ def percent_cell(row: dict[str, Any], field: str) -> str:
 
 def write_csv(path: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     """The rows' `columns`, floats at full precision (repr)."""
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction='ignore')
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    text = io.StringIO(newline='')
+    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction='ignore')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    files.write_atomic(path, text.getvalue())
 
 
 def setting_sentence(config: ml_collections.ConfigDict) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 from experiments import common
 from spafl_jax import configuration
 from spafl_jax import data as data_lib
+from spafl_jax import files
 from spafl_jax import methods
 from spafl_jax import reporting
 from spafl_jax import train
@@ -173,8 +174,7 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
             f'{row["gbit_up"]:.4g} | {row["gbit_down"]:.4g} | '
             f'{row["flops_per_client"] / scale:.4g} | {percent(row, "density")} | '
             f'{percent(row, "density_weighted")} |')
-    with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    files.write_atomic(os.path.join(workdir, 'comparison.md'), '\n'.join(lines) + '\n')
 
 
 def learning_curves(workdir: str, method_names: Sequence[str],
@@ -211,9 +211,7 @@ def plot_learning_curves(curves: dict, path: str, title: str = '') -> str:
     ax.set_ylabel('accuracy (%), mean over clients')
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return reporting.save_figure(fig, path, dpi=fig.dpi)
 
 
 def write_report(workdir: str, method_names: Sequence[str], seeds: Sequence[int], command: str,

@@ -97,6 +97,7 @@ def plot(runs, seeds: list[str], path: str) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
     fig, (ax_acc, ax_den) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = {'official': 'tab:red', 'ours': 'tab:blue', 'current': 'tab:gray'}
     styles = {seed: style for seed, style in zip(seeds, ('-', '--', ':', '-.'))}
@@ -117,8 +118,7 @@ def plot(runs, seeds: list[str], path: str) -> None:
     ax_acc.legend(fontsize=8, loc='lower right')
     fig.suptitle('Fashion-MNIST, LeNet-5, 100 clients (10 per round): official code vs '
                  'fmnist.py:official', fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    reporting.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -38,7 +38,6 @@ import numpy as np
 
 from spafl_jax import client as client_lib
 from spafl_jax import federated
-from spafl_jax import masking
 from spafl_jax import server
 from spafl_jax import xla
 from spafl_jax.client import ClientState, DataSpec, LocalConfig

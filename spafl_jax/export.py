@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spafl_jax import files
 from spafl_jax import masking
 from spafl_jax import models
 from spafl_jax import xla
@@ -215,9 +217,10 @@ def save_compact(path_prefix: str, description: dict, params: dict[str, np.ndarr
     directory = os.path.dirname(path_prefix)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    np.savez(path_prefix + '.npz', **{k: np.asarray(v) for k, v in params.items()})
-    with open(path_prefix + '.json', 'w') as f:
-        json.dump(description, f, indent=1)
+    arrays = io.BytesIO()
+    np.savez(arrays, **{k: np.asarray(v) for k, v in params.items()})
+    files.write_atomic(path_prefix + '.npz', arrays.getvalue())
+    files.write_atomic(path_prefix + '.json', json.dumps(description, indent=1))
     return os.path.getsize(path_prefix + '.npz') + os.path.getsize(path_prefix + '.json')
 
 
@@ -656,8 +659,7 @@ def export_workdir(workdir: str, out_dir: str, batch_size: int = 256, repeats: i
                          f'{len(all_clients) - 1}.')
     image_shape = image_shape_of(config)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'compact_numpy.py'), 'w') as f:
-        f.write(standalone_source())
+    files.write_atomic(os.path.join(out_dir, 'compact_numpy.py'), standalone_source())
     x = jax.random.normal(jax.random.key(seed), (batch_size, *image_shape), jnp.float32)
     rows = []
     model = masked_fn = None

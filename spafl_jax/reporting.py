@@ -6,11 +6,12 @@ notebooks that only have the `metrics.jsonl` of a finished run.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import numbers
 import os
-import tempfile
+import struct
 import time
 from typing import Any, Mapping, Sequence
 
@@ -22,10 +23,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+from spafl_jax import files
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
+# One event file, rebuilt from metrics.jsonl whenever it does not hold exactly its records.
+EVENTS_FILENAME = "events.out.tfevents.spafl_jax"
 _DPI = 120
 
 
@@ -92,89 +97,134 @@ def read_metrics(path: str) -> list[dict]:
         return _parse_records(f.read())[0]
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(
-        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename itself durable; not all platforms allow opening a dir.
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+def json_ready(obj: Any) -> Any:
+    """`obj` as it reads back from a JSON file (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(obj))
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Writes `obj` as JSON so readers see either the old or the new file."""
-    _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    files.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _tfrecord(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC, the data, its masked CRC (little-endian)."""
+    header = struct.pack("<Q", len(data))
+    return (header + struct.pack("<I", masked_crc32c(header)) + data
+            + struct.pack("<I", masked_crc32c(data)))
+
+
+def _read_tfrecords(blob: bytes) -> list[tuple[int, bytes]]:
+    """(end offset, data) of each whole, checksummed record, up to the first torn or bad one."""
+    out, offset = [], 0
+    while offset + 12 <= len(blob):
+        header = blob[offset:offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", blob[offset + 8:offset + 12])
+        end = offset + 12 + length + 4
+        if header_crc != masked_crc32c(header) or end > len(blob):
+            break
+        data = blob[offset + 12:offset + 12 + length]
+        if struct.unpack("<I", blob[end - 4:end])[0] != masked_crc32c(data):
+            break
+        out.append((end, data))
+        offset = end
+    return out
+
+
+def _version_event(wall_time: float) -> event_pb2.Event:
+    return event_pb2.Event(wall_time=wall_time, file_version="brain.Event:2")
+
+
+def _scalar_event(record: Mapping[str, Any], wall_time: float) -> event_pb2.Event:
+    values = [
+        summary_pb2.Summary.Value(tag=key, simple_value=float(value))
+        for key, value in sorted(record.items())
+        if key != "round" and _is_tensorboard_scalar(value)
+    ]
+    return event_pb2.Event(wall_time=wall_time, step=record["round"],
+                           summary=summary_pb2.Summary(value=values))
+
+
+def _same_content(a: event_pb2.Event, b: event_pb2.Event) -> bool:
+    """Equal but for the wall time (which a rebuilt event cannot know)."""
+    a, b = event_pb2.Event.FromString(a.SerializeToString()), event_pb2.Event.FromString(
+        b.SerializeToString())
+    a.wall_time = b.wall_time = 0.0
+    return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+def _open_event_log(directory: str, records: Sequence[Mapping[str, Any]]) -> str:
+    """Makes `directory`/EVENTS_FILENAME hold exactly a version event and one scalar event per
+    record, and returns its path.
+
+    TensorBoard reads every event file of a directory, so a file that is not rebuilt from the
+    metrics could show rounds a killed run wrote and a resumed run recomputed. The file is kept as
+    it is when it already holds exactly these events (wall times aside), cut when it only holds
+    more of them (rounds about to be recomputed, or a torn last event), and otherwise written
+    again; other event files (those of older versions of this writer) are removed once it is
+    durable.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, EVENTS_FILENAME)
+    now = time.time()
+    expected = [_version_event(now)] + [_scalar_event(r, now) for r in records]
+    existing = files.read_bytes(path) or b""
+    found = _read_tfrecords(existing)
+    matched = 0
+    for (_, data), event in zip(found, expected):
+        try:
+            if not _same_content(event_pb2.Event.FromString(data), event):
+                break
+        except Exception:  # pylint: disable=broad-except  (not an event at all)
+            break
+        matched += 1
+    if matched == len(expected):
+        end = found[matched - 1][0]
+        if end < len(existing):
+            os.truncate(path, end)
+    else:
+        kept = [event_pb2.Event.FromString(data) for _, data in found[:matched]]
+        files.write_atomic(path, b"".join(
+            _tfrecord(e.SerializeToString()) for e in kept + expected[matched:]))
+    for name in os.listdir(directory):
+        if "tfevents" in name and name != EVENTS_FILENAME:
+            os.remove(os.path.join(directory, name))
+    return path
 
 
 class MetricsWriter:
     """Writes one JSON object per evaluated round to workdir/metrics.jsonl and
-    TensorBoard event files to workdir/tensorboard/.
+    its numbers to the TensorBoard event file workdir/tensorboard/EVENTS_FILENAME.
 
     Safe across kills and restarts: each record is a single O_APPEND write
     followed by fsync, a partial last line left by a killed process is cut on
     open, and `resume_from_round` drops the records a restarted run is about to
     recompute, so no round is ever held twice. Rounds must strictly increase.
+    The event file is derived from metrics.jsonl and never trusted: on open it
+    is made to hold exactly the records kept (`_open_event_log`).
     """
 
     def __init__(self, workdir: str, resume_from_round: int | None = None):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILENAME)
         self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIRNAME)
-        self._last_round = self._repair(resume_from_round)
+        records = self._repair(resume_from_round)
+        self._last_round = records[-1]["round"] if records else None
         self._fd = os.open(
             self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
         )
-        self._tb = EventFileWriter(self.tensorboard_dir)
-        # A START session log tells TensorBoard to purge events at steps >=
-        # this one from older event files, i.e. those of a killed run that
-        # this run will write again.
-        restart_step = (
-            resume_from_round
-            if resume_from_round is not None
-            else (0 if self._last_round is None else self._last_round + 1)
-        )
-        self._tb.add_event(
-            event_pb2.Event(
-                wall_time=time.time(),
-                step=restart_step,
-                session_log=event_pb2.SessionLog(
-                    status=event_pb2.SessionLog.START
-                ),
-            )
-        )
-        self._tb.flush()
+        self._tb_fd = os.open(_open_event_log(self.tensorboard_dir, records),
+                              os.O_WRONLY | os.O_APPEND)
 
-    def _repair(self, resume_from_round: int | None) -> int | None:
-        """Cuts a partial last line and rounds >= resume_from_round.
+    def _repair(self, resume_from_round: int | None) -> list[dict]:
+        """Cuts a partial last line, garbage lines and rounds >= resume_from_round.
 
         Returns:
-          The largest round still in the file, or None if it holds none.
+          The records still in the file.
         """
         if not os.path.exists(self.path):
-            return None
+            return []
         with open(self.path, "rb") as f:
             data = f.read()
         text = data.decode("utf-8", errors="replace")
@@ -189,8 +239,8 @@ class MetricsWriter:
                 # Only whole records at the end go (rounds to recompute): cut in place.
                 os.truncate(self.path, len(repaired.encode("utf-8")))
             else:
-                _write_text_atomic(self.path, repaired)
-        return max((r["round"] for r in records), default=None)
+                files.write_atomic(self.path, repaired)
+        return records
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Appends one round's metrics; every number also goes to TensorBoard."""
@@ -216,26 +266,14 @@ class MetricsWriter:
             raise OSError(f"Short write to {self.path}: {written}/{len(line)}.")
         os.fsync(self._fd)
         self._last_round = step
-
-        values = [
-            summary_pb2.Summary.Value(tag=key, simple_value=float(value))
-            for key, value in sorted(clean.items())
-            if key != "round" and _is_tensorboard_scalar(value)
-        ]
-        self._tb.add_event(
-            event_pb2.Event(
-                wall_time=time.time(),
-                step=step,
-                summary=summary_pb2.Summary(value=values),
-            )
-        )
-        self._tb.flush()
+        # Not fsynced: a torn event is rebuilt from metrics.jsonl on the next open.
+        os.write(self._tb_fd, _tfrecord(_scalar_event(clean, time.time()).SerializeToString()))
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
-            self._fd = None
-            self._tb.close()
+            os.close(self._tb_fd)
+            self._fd = self._tb_fd = None
 
     def __enter__(self) -> "MetricsWriter":
         return self
@@ -269,9 +307,12 @@ def _new_axes(title: str, ylabel: str):
     return fig, ax
 
 
-def _save(fig: Figure, path: str) -> str:
+def save_figure(fig: Figure, path: str, dpi: float = _DPI) -> str:
+    """Writes the PNG atomically, and only when its bytes change (drawing is deterministic)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    files.write_atomic(path, buffer.getvalue())
     return path
 
 
@@ -315,7 +356,7 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str
         fig, ax = _new_axes("Test accuracy", "accuracy (%)")
         if plot_main(ax, ["accuracy", "accuracy_weighted"], 100.0):
             ax.legend()
-            paths.append(_save(fig, os.path.join(out_dir, "accuracy.png")))
+            paths.append(save_figure(fig, os.path.join(out_dir, "accuracy.png")))
 
     layer_keys = sorted(k for k in keys if k.startswith("density/"))
     if keys & {"density", "density_weighted"} or layer_keys:
@@ -330,13 +371,13 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str
         if drawn:
             ax.set_ylim(bottom=0.0)
             ax.legend(fontsize="small", ncol=2 if len(layer_keys) > 4 else 1)
-            paths.append(_save(fig, os.path.join(out_dir, "density.png")))
+            paths.append(save_figure(fig, os.path.join(out_dir, "density.png")))
 
     if keys & {"bits_up", "bits_down"}:
         fig, ax = _new_axes("Cumulative communication", "communication (Gbit)")
         if plot_main(ax, ["bits_up", "bits_down"], 1e-9):
             ax.legend()
-            paths.append(_save(fig, os.path.join(out_dir, "communication.png")))
+            paths.append(save_figure(fig, os.path.join(out_dir, "communication.png")))
     return paths
 
 
@@ -378,4 +419,4 @@ def plot_sparsity_pattern(masks: np.ndarray, out_path: str, title: str = "") -> 
     ax.xaxis.get_major_locator().set_params(integer=True)
     out_dir = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(out_dir, exist_ok=True)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)

@@ -29,6 +29,7 @@ from spafl_jax import configuration
 from spafl_jax import data as data_lib
 from spafl_jax import execution
 from spafl_jax import federated
+from spafl_jax import files
 from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import metrics as metrics_lib
@@ -111,6 +112,10 @@ def _one_client(tree):
     return jax.tree.map(lambda x: x[0], tree)
 
 
+def _without(d: dict[str, Any], keys) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
 def _format_bits(bits: float) -> str:
     for unit, scale in (('Gbit', 1e9), ('Mbit', 1e6), ('kbit', 1e3)):
         if bits >= scale:
@@ -127,13 +132,25 @@ def save_final_state(path: str, state, method: methods.Method) -> None:
     tree = {'params': params, 'thresholds': thresholds, 'batch_stats': batch_stats}
     if method.communicates_thresholds:
         tree['server_thresholds'] = state.server_thresholds
-    payload = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, tree))
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_atomic(path, flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, tree)))
+
+
+def _pack_masks(masks: np.ndarray) -> dict[str, Any]:
+    """[clients, rows] 0/1 masks as a JSON value (a checkpoint's progress record holds them)."""
+    masks = np.asarray(masks) != 0
+    return {'shape': list(masks.shape), 'bits': np.packbits(masks).tobytes().hex()}
+
+
+def _unpack_masks(packed: dict[str, Any]) -> np.ndarray:
+    shape = tuple(packed['shape'])
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed['bits']), np.uint8))
+    return bits[:int(np.prod(shape))].reshape(shape).astype(np.float32)
+
+
+def _draw_sparsity(workdir: str, layer: str, round_: int, packed: dict[str, Any]) -> None:
+    reporting.plot_sparsity_pattern(
+        _unpack_masks(packed), os.path.join(workdir, f'sparsity_round_{round_:04d}.png'),
+        title=f'{layer}: kept rows per client after round {round_}')
 
 
 class WorkdirError(RuntimeError):
@@ -363,11 +380,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
 
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME))
     totals = {'bits_up': 0, 'bits_down': 0, 'flops': 0.0, 'steps': 0.0, 'max_steps': 0.0}
+    sparsity = {}   # round (a string, as JSON keys are) -> packed first-layer masks
     start_round = 0
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         state, progress = restored
         start_round, totals = int(progress['round']), progress['totals']
+        sparsity = dict(progress.get('sparsity', {}))   # absent in checkpoints of older versions
         logging.info('resuming from the checkpoint of round %d in %s', start_round, workdir)
     logging.info('%s on %s: %d clients (%d per round), %d masked weights, %d thresholds; '
                  'train examples per client %d..%d', config.model, config.dataset,
@@ -379,18 +398,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
         raise WorkdirError(f'workdir {workdir!r} holds a run already at round {start_round}, past '
                            f'config.rounds={config.rounds}; ask for at least {start_round} rounds '
                            'or pass another --workdir.')
+    previous_summary = None   # of a complete run: its timings are kept if the rest still holds
     if start_round == config.rounds and os.path.exists(summary_path):
         try:
             with open(summary_path) as f:
-                summary = json.load(f)
-            if not isinstance(summary, dict):
+                previous_summary = json.load(f)
+            if not isinstance(previous_summary, dict):
                 raise ValueError('not a JSON object')
         except (OSError, ValueError) as e:   # rebuilt below from the checkpoint and the metrics
             logging.warning('%s cannot be read (%s); it is written again.', summary_path, e)
+            previous_summary = None
         else:
-            checkpointer.close()
-            logging.info('the run in %s is already complete (%d rounds).', workdir, config.rounds)
-            return summary
+            logging.info('the run in %s is already complete (%d rounds); its summary, final state '
+                         'and figures are checked against the checkpoint and the metrics.',
+                         workdir, config.rounds)
 
     round_fn, eval_fn = execution.make_round_functions(
         config, run.method, run.model, run.local_cfg, run.round_cfg, run.spec, run.train_data,
@@ -406,7 +427,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
     def save_checkpoint(rounds_done: int) -> None:
         try:
             checkpointer.save(rounds_done, execution.host_local(state),
-                              {'round': rounds_done, 'totals': totals})
+                              {'round': rounds_done, 'totals': totals, 'sparsity': sparsity})
         except OSError as e:
             raise _disk_error(e, workdir, 'a checkpoint') from None
 
@@ -446,11 +467,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
                 round_seconds.append(time.time() - start)
                 if r + 1 in sparsity_rounds:
                     params, thresholds, _ = run.method.client_variables(state)
-                    masks = execution.host_local(_first_layer_masks(params, thresholds))
+                    sparsity[str(r + 1)] = _pack_masks(
+                        execution.host_local(_first_layer_masks(params, thresholds)))
                     if lead:
-                        reporting.plot_sparsity_pattern(
-                            masks, os.path.join(workdir, f'sparsity_round_{r + 1:04d}.png'),
-                            title=f'{names[0]}: kept rows per client after round {r + 1}')
+                        _draw_sparsity(workdir, names[0], r + 1, sparsity[str(r + 1)])
                 if evaluate_now:
                     record = {
                         'round': r + 1,
@@ -502,10 +522,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
             'seconds_first_round': round_seconds[0] if round_seconds else float('nan'),
             'seconds_per_round': float(np.mean(steady)),
         }
+        timings = ('seconds_first_round', 'seconds_per_round')
+        if previous_summary is not None and not round_seconds:
+            # Nothing ran now: the timings measured when the run did are kept, if everything
+            # else in the old summary is what the checkpoint and the metrics say.
+            if _without(previous_summary, timings) == _without(reporting.json_ready(summary),
+                                                               timings):
+                summary = previous_summary
+            else:
+                logging.warning('%s does not match the metrics of the run; it is written again.',
+                                summary_path)
         if lead:
             save_final_state(os.path.join(workdir, 'final_state.msgpack'), host_state, run.method)
             reporting.write_json_atomic(summary_path, summary)
+            # Figures are derived files: drawn again from the metrics and the checkpointed masks
+            # (a file that already shows the same is left untouched).
             reporting.plot_metrics(records, workdir)
+            for round_, packed in sorted(sparsity.items(), key=lambda item: int(item[0])):
+                _draw_sparsity(workdir, names[0], int(round_), packed)
     except OSError as e:
         raise _disk_error(e, workdir, 'the summary and figures') from None
     return summary

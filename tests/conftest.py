@@ -9,7 +9,12 @@ environment.
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # tests/faults.py
 
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix='spafl_jax_test_cache_')
@@ -17,3 +22,13 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
     os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
     os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory):
+    """An uninterrupted run of `faults.FLAGS` (the digits default, 8 rounds) that resumed, killed
+    and damaged runs must end equal to."""
+    import faults  # pylint: disable=import-outside-toplevel
+    workdir = str(tmp_path_factory.mktemp('reference'))
+    faults.finish(workdir)
+    return workdir

@@ -257,3 +257,53 @@ def test_a_clean_file_is_not_rewritten(tmp_path):
         pass
     after = os.stat(path)
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+
+
+def _event_files(tb_dir):
+    return sorted(n for n in os.listdir(tb_dir) if "tfevents" in n)
+
+
+def test_tensorboard_is_rebuilt_from_the_metrics_and_never_trusted(tmp_path):
+    """A torn event, a garbage file and an older writer's file: the next open leaves one file
+    holding exactly the records of metrics.jsonl; a file that already does is not touched."""
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        for r in (1, 2, 3):
+            writer.write({"round": r, "accuracy": r / 10})
+    tb_dir = str(tmp_path / "tensorboard")
+    path = os.path.join(tb_dir, reporting.EVENTS_FILENAME)
+    whole = open(path, "rb").read()
+    stat = os.stat(path)
+    with reporting.MetricsWriter(str(tmp_path)):
+        pass
+    assert open(path, "rb").read() == whole
+    assert os.stat(path).st_mtime_ns == stat.st_mtime_ns and os.stat(path).st_ino == stat.st_ino
+
+    with open(path, "ab") as f:   # a torn event a kill left
+        f.write(whole[-30:-7])
+    with open(os.path.join(tb_dir, "events.out.tfevents.1.old"), "wb") as f:
+        f.write(b"stale")
+    with reporting.MetricsWriter(str(tmp_path)) as writer:
+        writer.write({"round": 4, "accuracy": 0.4})
+    assert _event_files(tb_dir) == [reporting.EVENTS_FILENAME]
+    assert _scalars(tb_dir, "accuracy") == [(r, pytest.approx(r / 10)) for r in (1, 2, 3, 4)]
+
+    with open(path, "r+b") as f:   # a flipped byte inside round 2's event: rebuilt from there
+        f.seek(len(whole) // 2)
+        byte = f.read(1)
+        f.seek(len(whole) // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with reporting.MetricsWriter(str(tmp_path), resume_from_round=4):
+        pass
+    assert _scalars(tb_dir, "accuracy") == [(r, pytest.approx(r / 10)) for r in (1, 2, 3)]
+    assert [r["round"] for r in reporting.read_metrics(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_figures_are_written_only_when_they_change(tmp_path):
+    records = _records()
+    paths = reporting.plot_metrics(records, str(tmp_path))
+    before = {p: os.stat(p).st_mtime_ns for p in paths}
+    assert reporting.plot_metrics(records, str(tmp_path)) == paths
+    assert {p: os.stat(p).st_mtime_ns for p in paths} == before
+    reporting.plot_metrics(records[:-1], str(tmp_path))
+    assert all(os.stat(p).st_mtime_ns != before[p] for p in paths)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

@@ -25,57 +25,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from experiments.configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-ROUNDS = 8
-FLAGS = ['--config.num_clients=6', '--config.clients_per_round=3', f'--config.rounds={ROUNDS}',
-         '--config.local_epochs=1', '--config.checkpoint_every=2', '--config.sparsity_rounds=(1,)']
+import faults  # conftest puts tests/ on the path  # pylint: disable=g-import-not-at-top,wrong-import-position
+from faults import ROUNDS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-
-def _command(workdir, *extra):
-    return [sys.executable, os.path.join(REPO, 'experiments', 'main.py'), f'--workdir={workdir}',
-            *FLAGS, *extra]
-
-
-def _env():
-    return {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-
-
-def _lines(workdir):
-    path = os.path.join(workdir, 'metrics.jsonl')
-    if not os.path.exists(path):
-        return 0
-    with open(path, 'rb') as f:
-        return f.read().count(b'\n')
-
-
-def _run_until(workdir, lines, sig=signal.SIGKILL, timeout=300):
-    """Starts the run and sends `sig` once metrics.jsonl holds `lines` lines."""
-    proc = subprocess.Popen(_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=_env())
-    deadline = time.time() + timeout
-    while _lines(workdir) < lines and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, f'run ended before {lines} lines: {proc.stderr.read()[-2000:]}'
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err
-
-
-def _finish(workdir):
-    proc = subprocess.run(_command(workdir), capture_output=True, text=True, env=_env(),
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+_command, _env, _lines, _run_until, _finish = (faults.command, faults.env, faults.metrics_lines,
+                                               faults.run_until, faults.finish)
 
 
 def _read(workdir, name):
     with open(os.path.join(workdir, name), 'rb') as f:
         return f.read()
-
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp('reference'))
-    _finish(workdir)
-    return workdir
 
 
 def test_sigkill_at_several_points_then_resume_is_bit_exact(reference, tmp_path):
