@@ -111,6 +111,10 @@ def _flag_error_line(message: str) -> str:
                        ('could not convert string to float', 'must be a number')):
         if cause in line:
             return f'{line.split(": ")[0]}: {fix}.'
+    if line.startswith('Unknown command line flag'):
+        name = line.split("'")[1] if line.count("'") >= 2 else ''
+        return (f'{line}; config fields take the --config. prefix (--config.{name}=VALUE), and '
+                '--help lists the flags.')
     return line
 
 

@@ -238,6 +238,9 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: 
                     lock: WorkdirLock | None = None) -> None:
     """Creates the workdir and takes its `lock`; a workdir holding a run with another config is
     refused or cleared."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f'workdir {workdir!r} is a file, not a directory; pass a directory as '
+                           '--workdir.')
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:

@@ -204,7 +204,7 @@ INPUT_CASES = [
          '--config.rounds=abc: must be an integer'),
     Case('float field given a word', ('--config.lr=fast',), '--config.lr=fast: must be a number'),
     Case('tuple field given a word', ('--config.sparsity_rounds=abc',), 'sparsity_rounds'),
-    Case('unknown flag', ('--rounds=3',), 'rounds'),
+    Case('unknown flag', ('--rounds=3',), '--config.rounds=VALUE'),
     # Values.
     Case('unknown dataset', ('--config.dataset=mnist',), 'config.dataset'),
     Case('unknown model', ('--config.model=resnet50',), 'config.model'),
@@ -238,7 +238,7 @@ INPUT_CASES = [
          prepare=_other_config),
     Case('workdir config.json is garbage', (), 'unreadable config.json', prepare=_garbage_config),
     Case('workdir busy with another run', (), 'is in use by another run', prepare=_busy),
-    Case('workdir is a file', ('--workdir={root}/data',), 'cannot be created',
+    Case('workdir is a file', ('--workdir={root}/data',), 'is a file, not a directory',
          prepare=_data_file),
 ]
 
