@@ -165,8 +165,7 @@ def _fedpm_client_variables(method_cfg: fedpm.FedPMConfig, num_clients: int | No
         # The deployed global mask over the frozen weights; BatchNorm statistics are per client.
         n = _client_axis(num_clients, 'fedpm')
         masks = jax.tree.map(lambda m: m.astype(jnp.float32), fedpm.eval_masks(state, method_cfg))
-        params = fedpm._masked_params(  # pylint: disable=protected-access
-            state.weights, state.thresholds, masks)
+        params = fedpm.masked_params(state.weights, state.thresholds, masks)
         return _broadcast(params, n), _broadcast(state.thresholds, n), state.batch_stats
     return client_variables
 

@@ -29,8 +29,8 @@ from spafl_jax import xla
 from spafl_jax.baselines import _common
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
+from spafl_jax.metrics import BITS_PER_FLOAT
 
-BITS_PER_FLOAT = 32
 
 
 @dataclasses.dataclass(frozen=True)

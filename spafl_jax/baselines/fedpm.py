@@ -48,8 +48,8 @@ from spafl_jax import xla
 from spafl_jax.baselines import _common
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
+from spafl_jax.metrics import BITS_PER_FLOAT
 
-BITS_PER_FLOAT = 32
 WEIGHT_INITS = ('signed_constant', 'model')
 SCORE_OPTIMIZERS = ('adam', 'sgd')
 EVAL_MASKS = ('threshold', 'sample')
@@ -115,7 +115,8 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
                       round=jnp.zeros((), jnp.int32))
 
 
-def _masked_params(weights, thresholds, masks):
+def masked_params(weights, thresholds, masks):
+    """The frozen weights with each masked kernel multiplied by its (binary or sampled) mask."""
     kernels = masking.kernels_of(weights, thresholds)
     return masking.replace_kernels(weights, jax.tree.map(jnp.multiply, kernels, masks))
 
@@ -158,7 +159,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
         draws = jax.tree.map(lambda d: d.astype(jnp.float32), _bernoulli(key, theta))
         # Straight-through: the forward pass sees the binary draw, the backward pass sigmoid(s).
         masks = jax.tree.map(lambda m, t: m + t - jax.lax.stop_gradient(t), draws, theta)
-        params = _masked_params(state.weights, state.thresholds, masks)
+        params = masked_params(state.weights, state.thresholds, masks)
         logits, batch_stats = _common.apply_train(model, params, state.thresholds, batch_stats, x)
         ce, correct = _common.cross_entropy(logits, y)
         flops = _common.step_flops(macs, jax.tree.map(jnp.mean, draws), cfg.batch_size)
@@ -213,7 +214,7 @@ def evaluate(model: nn.Module, spec: DataSpec, state: FedPMState, data: ClientDa
     """
     model = _common.dense_model(model)
     masks = eval_masks(state, method_cfg)
-    params = _masked_params(state.weights, state.thresholds,
+    params = masked_params(state.weights, state.thresholds,
                             jax.tree.map(lambda m: m.astype(jnp.float32), masks))
 
     def client_fn(k):
