@@ -13,6 +13,15 @@ import os
 import tempfile
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_NEW_FILE_MODE = 0o666 & ~_umask()   # what open(path, 'w') would give a new file
+
+
 def read_bytes(path: str) -> bytes | None:
     """The bytes of `path`, or None when it does not exist or cannot be read."""
     try:
@@ -36,6 +45,11 @@ def write_atomic(path: str, data: bytes | str) -> bool:
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
                                     suffix='.tmp')
     try:
+        try:   # the old file's permissions, or those of a newly created file (mkstemp's are 0600)
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            mode = _NEW_FILE_MODE
+        os.fchmod(fd, mode)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()

@@ -307,3 +307,14 @@ def test_figures_are_written_only_when_they_change(tmp_path):
     reporting.plot_metrics(records[:-1], str(tmp_path))
     assert all(os.stat(p).st_mtime_ns != before[p] for p in paths)
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_atomic_writes_keep_the_permissions_a_plain_write_would_give(tmp_path):
+    from spafl_jax import files  # pylint: disable=import-outside-toplevel
+    plain, atomic = tmp_path / "plain", tmp_path / "atomic"
+    plain.write_text("x")
+    assert files.write_atomic(str(atomic), "x")
+    assert atomic.stat().st_mode == plain.stat().st_mode
+    os.chmod(atomic, 0o640)
+    assert files.write_atomic(str(atomic), "y") and not files.write_atomic(str(atomic), "y")
+    assert atomic.stat().st_mode & 0o777 == 0o640 and atomic.read_text() == "y"
