@@ -361,20 +361,21 @@ def _checkpoint_bytes(workdir, rng):
     _flip(path, rng.randrange(os.path.getsize(path)))
 
 
+def _progress_files(workdir: str) -> list[str]:
+    """The files of the newest checkpoint's progress record (round, totals, digest)."""
+    return [os.path.join(root, name) for root, _, names in os.walk(_newest_checkpoint(workdir))
+            if 'progress' in root for name in names]
+
+
 def _checkpoint_counter(workdir, _):
-    for root, _, names in os.walk(_newest_checkpoint(workdir)):
-        if 'progress' in root:
-            for name in names:
-                path = os.path.join(root, name)
-                text = open(path).read()
-                _write(path, text.replace('"bits_up": ', '"bits_up": 1'))
+    for path in _progress_files(workdir):
+        text = open(path).read()
+        _write(path, text.replace('"bits_up": ', '"bits_up": 1'))
 
 
 def _checkpoint_missing_progress(workdir, _):
-    for root, _, names in os.walk(_newest_checkpoint(workdir)):
-        if 'progress' in root:
-            for name in names:
-                os.remove(os.path.join(root, name))
+    for path in _progress_files(workdir):
+        os.remove(path)
 
 
 def _torn_tensorboard(workdir, rng):
@@ -467,15 +468,21 @@ def first_warning(stderr: str) -> str:
     return '(no warning)'
 
 
-def same_run(workdir: str, reference: str) -> bool:
-    """Whether every derived file of `workdir` equals the uninterrupted run's (timings aside)."""
+def differences(workdir: str, reference: str) -> list[str]:
+    """What of a finished run in `workdir` differs from the uninterrupted run's: derived files
+    (byte for byte), the summary (timings aside), the TensorBoard scalars, temporary files left."""
+    out = []
     for name in DERIVED:
         with open(os.path.join(workdir, name), 'rb') as a, open(
                 os.path.join(reference, name), 'rb') as b:
             if a.read() != b.read():
-                return False
-    return (summary_without_timings(workdir) == summary_without_timings(reference)
-            and tensorboard_scalars(workdir) == tensorboard_scalars(reference))
+                out.append(name)
+    if summary_without_timings(workdir) != summary_without_timings(reference):
+        out.append('summary.json')
+    if tensorboard_scalars(workdir) != tensorboard_scalars(reference):
+        out.append('tensorboard scalars')
+    out += [n for n in os.listdir(workdir) if n.endswith('.tmp') and n != STRAY]
+    return out
 
 
 def _damage_cases(root: str) -> list[tuple[str, int, str, str]]:
@@ -493,7 +500,7 @@ def _damage_cases(root: str) -> list[tuple[str, int, str, str]]:
         damage(workdir, random.Random(i))
         proc = subprocess.run(command(workdir), capture_output=True, text=True, env=env(),
                               timeout=600, check=False)
-        same = proc.returncode == 0 and same_run(workdir, reference)
+        same = proc.returncode == 0 and not differences(workdir, reference)
         out.append((what, proc.returncode, first_warning(proc.stderr), 'yes' if same else 'NO'))
     return out
 
