@@ -102,8 +102,12 @@ def initial_weights(shapes, seed):
 class Replay:
     """Our library run on a trace's inputs, one official call at a time."""
 
-    def __init__(self, name: str, collapse_check: str | None = None):
-        self.meta, self.arrays = load_trace(name)
+    def __init__(self, name: str | tuple[dict, dict], collapse_check: str | None = None,
+                 dtype=jnp.float64):
+        """`name` is a fixture's name, or its (meta, arrays); `dtype` float64 for the traces, which
+        the recorder ran in float64, or float32 for the official code unchanged (replay_curve.py)."""
+        self.meta, self.arrays = load_trace(name) if isinstance(name, str) else name
+        self.dtype = dtype
         sem = SEMANTICS[self.meta['folder']]
         s = self.meta['settings']
         self.names = self.meta['layers']
@@ -124,13 +128,17 @@ class Replay:
         self.test_y = jnp.asarray(self.arrays['test_labels'], jnp.int32)
         self.train_ids = [self.arrays[f'split/train/{k}'] for k in range(self.num_clients)]
         self.test_ids = [self.arrays[f'split/test/{k}'] for k in range(self.num_clients)]
+        self.test_length = max(len(ids) for ids in self.test_ids)   # one shape: one compilation
 
-        variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), models.init_variables(
+        variables = jax.tree.map(lambda v: jnp.asarray(v, dtype), models.init_variables(
             self.model, jax.random.key(0), tuple(self.train_x.shape[1:])))
-        weights = initial_weights(self.meta['layer_shapes'], self.meta['init_seed'])
+        if f'initial/{self.names[0]}/weight' in self.arrays:   # recorded whole (replay_curve.py)
+            weights = [self.arrays[f'initial/{n}/weight'] for n in self.names]
+        else:
+            weights = initial_weights(self.meta['layer_shapes'], self.meta['init_seed'])
         kernels = masking.kernels_of(variables['params'], variables['thresholds'])
         paths = self._paths(kernels)
-        new_kernels = _set_leaves(kernels, [jnp.asarray(from_official(w, chw), jnp.float64)
+        new_kernels = _set_leaves(kernels, [jnp.asarray(from_official(w, chw), dtype)
                                             for w, chw in zip(weights, self.chw)])
         assert len(paths) == len(self.names)
         params = masking.replace_kernels(variables['params'], new_kernels)
@@ -148,12 +156,11 @@ class Replay:
         self.tested = jax.jit(lambda c, n: federated.tested_clients(self.cfg, c, n))
         self.density = jax.jit(functools.partial(federated.tested_density_stats, self.cfg))
 
-    @staticmethod
-    def _nhwc(images):
+    def _nhwc(self, images):
         images = np.asarray(images)
         if images.ndim == 3:                       # Fashion-MNIST: [n, 28, 28] raw pixels
-            return jnp.asarray(images[..., None], jnp.float64)
-        return jnp.asarray(images.transpose(0, 2, 3, 1), jnp.float64)   # [n, c, h, w]
+            return jnp.asarray(images[..., None], self.dtype)
+        return jnp.asarray(images.transpose(0, 2, 3, 1), self.dtype)   # [n, c, h, w]
 
     @staticmethod
     def _paths(tree):
@@ -185,8 +192,9 @@ class Replay:
 
     def test(self, k: int):
         ids = self.test_ids[k]
+        padded = np.pad(ids, (0, self.test_length - len(ids)))
         correct = self.evaluate(self.clients[k], self.test_x, self.test_y,
-                                jnp.asarray(ids, jnp.int32), len(ids))
+                                jnp.asarray(padded, jnp.int32), len(ids))
         stacked = jax.tree.map(lambda x: x[None], self.clients[k])
         count = jnp.asarray([len(ids)], jnp.int32)
         density = float(jnp.mean(self.density(stacked, count)['layer_density']))

@@ -215,6 +215,7 @@ def run_curve(args) -> None:
     config = {'code': 'official FMNIST folder (news-vt/SpaFL_NeruIPS_2024), unchanged',
               'command': ' '.join(argv), 'data': args.data}
     sys.argv = argv
+    draws = _record_draws(data) if args.draws else None
     import runpy  # pylint: disable=import-outside-toplevel
     try:
         runpy.run_path(os.path.join(folder, 'train.py'), run_name='__main__')
@@ -222,6 +223,62 @@ def run_curve(args) -> None:
         log = os.path.join(folder, 'log', 'curve', 'train_log.txt')
         if os.path.exists(log):
             write_curve_record(log, out, config)
+        if draws and draws.get('recorder'):
+            _write_draws(draws, args)
+
+
+def _record_draws(data) -> dict:
+    """Hooks the FMNIST folder's split and simulator so that its draws are recorded as it runs.
+
+    Nothing the official code computes changes (no random numbers are drawn by the hooks): its
+    split is kept as indices into the IDX files, its initial model whole, and each round's sampled
+    clients, every batch order and every client's test accuracy and density, so that
+    `tests/reference/replay_curve.py` can run our library on exactly the same draws.
+    """
+    draws: dict = {}
+    split_module = importlib.import_module('Split_Data')
+    split = split_module.Non_iid_split
+
+    def non_iid_split(*a, **k):
+        tr_sets, te_sets = split(*a, **k)
+        draws['train_ids'] = [_positions_in(d.x_data, data[0]) for d in tr_sets]
+        draws['test_ids'] = [_positions_in(d.x_data, data[2]) for d in te_sets]
+        return tr_sets, te_sets
+    split_module.Non_iid_split = non_iid_split
+
+    simulator_cls = importlib.import_module('Simulator').Simulator
+    initialization = simulator_cls.initialization
+
+    def initialize(self, model):
+        initialization(self, model)
+        layers = _masked_layers(self.Server.initial_model)
+        draws['layers'] = [name for name, _ in layers]
+        draws['initial'] = {name: _np(layer.weight) for name, layer in layers}
+        draws['settings'] = {k: v for k, v in vars(self.args).items()
+                             if isinstance(v, (int, float, str))}
+        draws['recorder'] = _Recorder(self, draws['train_ids'], self.args, snapshots=False)
+    simulator_cls.initialization = initialize
+    return draws
+
+
+def _write_draws(draws: dict, args) -> None:
+    recorder = draws['recorder']
+    meta = {'folder': 'fmnist', 'settings': draws['settings'], 'layers': draws['layers'],
+            'layer_shapes': [list(w.shape) for w in draws['initial'].values()],
+            'rounds_recorded': recorder.round + 1, 'data': args.data, 'dtype': 'float32',
+            'drop_last': False}
+    out = {'meta': np.array(json.dumps(meta))}
+    for name, w in draws['initial'].items():
+        out[f'initial/{name}/weight'] = w
+        out[f'initial/{name}/row_sum'] = w.reshape(w.shape[0], -1).astype(np.float64).sum(axis=1)
+    for k, (tr, te) in enumerate(zip(draws['train_ids'], draws['test_ids'])):
+        out[f'split/train/{k}'], out[f'split/test/{k}'] = tr, te
+    out.update({k: (v.astype(np.int32) if '/order/' in k else v)
+                for k, v in recorder.arrays.items()})
+    os.makedirs(os.path.dirname(os.path.abspath(args.draws)), exist_ok=True)
+    np.savez_compressed(args.draws, **out)
+    print(f'wrote {args.draws}: rounds {meta["rounds_recorded"]}, '
+          f'{os.path.getsize(args.draws) / 1e6:.1f} MB')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,8 +463,9 @@ def _positions_in(subset, images: np.ndarray) -> np.ndarray:
 class _Recorder:
     """Wraps the official server, clients and datasets of one simulation and records each round."""
 
-    def __init__(self, simulator, train_ids, official_args):
+    def __init__(self, simulator, train_ids, official_args, snapshots=True):
         self.simulator, self.args = simulator, official_args
+        self.snapshots = snapshots
         self.arrays: dict[str, np.ndarray] = {}
         self.round = -1
         self.train_ids = train_ids
@@ -467,6 +525,8 @@ class _Recorder:
         client.local_training, client.local_test, client.th_update = local_training, local_test, update
 
     def _snapshot(self, prefix, client):
+        if not self.snapshots:
+            return
         for name, layer in _masked_layers(client.model):
             self.arrays[f'{prefix}/threshold/{name}'] = _np(layer.threshold)
         for key, value in digest(client.model).items():
@@ -491,6 +551,9 @@ def main() -> None:
     curve = sub.add_parser('curve', help='run the unchanged FMNIST folder and keep its curve')
     curve.add_argument('--rounds', type=int, default=200)
     curve.add_argument('--seed', type=int, default=1)
+    curve.add_argument('--draws', default=None,
+                       help='also record the draws (split, initial model, sampled clients, batch '
+                            'orders, per-client results) to this .npz, for replay_curve.py')
     convert = sub.add_parser('convert', help='turn an official train_log.txt into a curve record')
     convert.add_argument('--log', required=True)
     convert.add_argument('--seed', type=int, default=1)

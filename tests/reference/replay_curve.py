@@ -1,0 +1,112 @@
+r"""Runs our library on the exact draws of an official learning curve: a paired comparison.
+
+`record_official.py curve --draws=DRAWS.npz` runs the official FMNIST folder unchanged on the real
+data and records what it drew: the split, the initial model, the sampled clients of every round,
+the order of every local batch, and every client's test accuracy and density. This script feeds
+the same initial model, split, clients and batches through our library in float32, as the official
+code computes (client.local_step, server.aggregate, server.importance_update and our evaluation,
+as tests/test_reference.py drives them for the golden traces), and writes our curve next to the
+official one. With every draw shared, what is left between the two curves is float rounding (two
+float32 programs drift apart, most at ReLU kinks and collapse resets) instead of the seed-to-seed
+spread of the split and the initial model, which on this workload is larger than the effects
+being looked for.
+
+    /tmp/torch/bin/python tests/reference/record_official.py curve --official=/tmp/spafl_official \
+        --rounds=100 --seed=1 --out=/tmp/official_seed1 --draws=/tmp/draws_seed1.npz
+    python tests/reference/replay_curve.py --draws=/tmp/draws_seed1.npz \
+        --out=results/fmnist_official_paired_seed1
+
+The output directory receives `metrics.jsonl` (our curve: round, accuracy, density, and the
+official ones from the draws as `official_accuracy` and `official_density`) and `config.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from spafl_jax import data as data_lib  # pylint: disable=wrong-import-position
+from spafl_jax import files  # pylint: disable=wrong-import-position
+from spafl_jax import server  # pylint: disable=wrong-import-position
+import test_reference  # pylint: disable=wrong-import-position,import-error
+
+
+def load_draws(path: str, data_dir: str | None) -> tuple[dict, dict]:
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop('meta')))
+    meta['settings']['comm_rounds'] = meta['rounds_recorded']
+    fmnist = data_lib.load_fashion_mnist_idx(data_dir or meta['data'])
+    arrays['train_images'], arrays['train_labels'] = fmnist.train_images[..., 0], fmnist.train_labels
+    arrays['test_images'], arrays['test_labels'] = fmnist.test_images[..., 0], fmnist.test_labels
+    return meta, arrays
+
+
+def replay(meta: dict, arrays: dict, out: str, rounds: int | None) -> None:
+    rp = test_reference.Replay((meta, arrays), dtype=jnp.float32)
+    rounds = min(rounds or rp.rounds, rp.rounds)
+    os.makedirs(out, exist_ok=True)
+    files.write_atomic(os.path.join(out, 'config.json'), json.dumps({
+        'code': 'spafl_jax on the draws of an official curve (tests/reference/replay_curve.py)',
+        'official_settings': meta['settings'], 'rounds': rounds, 'dtype': 'float32'},
+        indent=1).encode())
+    records = []
+    for r in range(rounds):
+        start = time.time()
+        sampled = arrays[f'r{r}/sampled']
+        for k in sampled:   # broadcast, and FMNIST's importance update before training
+            rp.clients[k] = rp.clients[k].replace(thresholds=rp.server_thresholds)
+            if rp.importance == 'sampled_before' and r > 0:
+                rp.importance_update(k, rp.delta)
+        for k in sampled:
+            rp.train(k, arrays[f'r{r}/order/{k}'], r)
+        new_global = server.aggregate(jax.tree.map(lambda *t: jnp.stack(t),
+                                                   *[rp.clients[k].thresholds for k in sampled]))
+        rp.delta = jax.tree.map(jnp.subtract, new_global, rp.server_thresholds)
+        rp.server_thresholds = new_global
+        if rp.importance == 'all_after':
+            for k in range(rp.num_clients):
+                rp.importance_update(k, rp.delta)
+        tested = [rp.test(k) for k in range(rp.num_clients)]
+        official = [(float(arrays[f'r{r}/tested/{k}/accuracy']),
+                     float(arrays[f'r{r}/tested/{k}/density'])) for k in range(rp.num_clients)]
+        accuracy, density = np.mean(tested, axis=0)
+        official_accuracy, official_density = np.mean(official, axis=0)
+        differences = np.abs(np.asarray(tested) - np.asarray(official))
+        records.append({
+            'round': r + 1, 'accuracy': round(accuracy / 100.0, 6), 'density': round(density, 6),
+            'official_accuracy': round(official_accuracy / 100.0, 6),
+            'official_density': round(official_density, 6),
+            'clients_equal_accuracy': int(np.sum(differences[:, 0] < 1e-3)),
+            'max_client_accuracy_difference': round(float(differences[:, 0].max()) / 100.0, 6)})
+        files.write_atomic(os.path.join(out, 'metrics.jsonl'),
+                           ''.join(json.dumps(x) + '\n' for x in records).encode())
+        print(f'round {r + 1}/{rounds}: accuracy {accuracy:.2f} % (official '
+              f'{official_accuracy:.2f}), density {density:.3f} (official {official_density:.3f}), '
+              f'{records[-1]["clients_equal_accuracy"]} clients equal, '
+              f'{time.time() - start:.1f} s', flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--draws', required=True, help='.npz written by record_official.py curve')
+    parser.add_argument('--out', required=True, help='directory for metrics.jsonl and config.json')
+    parser.add_argument('--data', default=None, help='Fashion-MNIST IDX files (default: as recorded)')
+    parser.add_argument('--rounds', type=int, default=None, help='stop after this many rounds')
+    args = parser.parse_args()
+    meta, arrays = load_draws(args.draws, args.data)
+    replay(meta, arrays, args.out, args.rounds)
+
+
+if __name__ == '__main__':
+    main()
