@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spafl_jax import checks
 from spafl_jax import masking
 
 
@@ -48,8 +49,22 @@ class LocalConfig:
     # pass, training or test, as the official code does (`ClientState.collapsed`).
     collapse_check: str = 'current'
 
+    def __post_init__(self):
+        name = type(self).__name__
+        for field in ('batch_size', 'local_epochs'):
+            checks.number(name, field, getattr(self, field), positive=True, integer=True)
+        checks.number(name, 'lr', self.lr, non_negative=True)
+        checks.number(name, 'lr_decay', self.lr_decay, positive=True, at_most=1.0)
+        for field in ('min_lr', 'clip', 'th_coeff'):
+            checks.number(name, field, getattr(self, field), non_negative=True)
+        checks.number(name, 'momentum', self.momentum, non_negative=True, at_most=1.0)
+        for field in ('penalty_warmup', 'persistent_optimizer', 'drop_last'):
+            checks.boolean(name, field, getattr(self, field))
+        checks.choice(name, 'collapse_check', self.collapse_check, COLLAPSE_CHECKS)
+
 
 COLLAPSE_CHECKS = ('current', 'previous')
+AUGMENTATIONS = ('none', 'crop_flip')
 
 
 def steps_per_epoch(cfg: LocalConfig, count):
@@ -68,6 +83,17 @@ class DataSpec:
     std: tuple[float, ...] = (1.0,)
     normalize: bool = True        # False: feed raw 0..pixel_max values (official loaders)
     augment: str = 'none'         # 'none' or 'crop_flip' (random crop with 4 padding, horizontal flip)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        checks.number(name, 'pixel_max', self.pixel_max, positive=True)
+        if len(self.mean) != len(self.std):
+            raise checks.ConfigError(f'{name}.mean={self.mean!r} and {name}.std={self.std!r} need '
+                                     'one value per channel each.')
+        for i, value in enumerate(self.std):
+            checks.number(name, f'std[{i}]', value, positive=True)
+        checks.boolean(name, 'normalize', self.normalize)
+        checks.choice(name, 'augment', self.augment, AUGMENTATIONS)
 
 
 def preprocess(spec: DataSpec, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:

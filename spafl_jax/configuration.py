@@ -2,50 +2,30 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 
 import ml_collections
 
+from spafl_jax import checks
 from spafl_jax import data as data_lib
-from spafl_jax.client import COLLAPSE_CHECKS
+from spafl_jax.checks import ConfigError  # re-exported: callers catch configuration.ConfigError
+from spafl_jax.client import AUGMENTATIONS, COLLAPSE_CHECKS
 from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import models
 from spafl_jax.execution import CLIENT_EXECUTIONS
 from spafl_jax.federated import AGGREGATIONS, CLIENT_INITS, IMPORTANCE_UPDATES
 
-AUGMENTATIONS = ('none', 'crop_flip')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 CONV_IMPLS = ('im2col', 'xla')
 
 
-class ConfigError(ValueError):
-    """A config field has a value the run cannot use; the message names the field and the fix."""
-
-
 def _choice(config, field, allowed):
-    value = config[field]
-    if value not in allowed:
-        raise ConfigError(f'config.{field}={value!r} is not allowed; use one of: '
-                          f'{", ".join(map(str, allowed))}.')
+    checks.choice('config', field, config[field], allowed)
 
 
-def _number(config, field, *, positive=False, non_negative=False, integer=False, at_most=None):
-    value = config[field]
-    kind = 'an integer' if integer else 'a number'
-    ok_type = (isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real))
-    if isinstance(value, bool) or not ok_type:
-        raise ConfigError(f'config.{field}={value!r} must be {kind}.')
-    if not math.isfinite(value):
-        raise ConfigError(f'config.{field}={value!r} must be a finite number.')
-    if positive and not value > 0:
-        raise ConfigError(f'config.{field}={value!r} must be > 0.')
-    if non_negative and value < 0:
-        raise ConfigError(f'config.{field}={value!r} must be >= 0.')
-    if at_most is not None and value > at_most:
-        raise ConfigError(f'config.{field}={value!r} must be <= {at_most}.')
+def _number(config, field, **kwargs):
+    checks.number('config', field, config[field], **kwargs)
 
 
 REQUIRED = ('dataset', 'model', 'num_clients', 'clients_per_round', 'alpha', 'rounds', 'batch_size',
@@ -89,8 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if 'max_loss' in config:
         _number(config, 'max_loss', positive=True)
     for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels', 'drop_last'):
-        if not isinstance(config[field], bool):
-            raise ConfigError(f'config.{field}={config[field]!r} must be True or False.')
+        checks.boolean('config', field, config[field])
     rounds = config.sparsity_rounds
     if (not isinstance(rounds, (tuple, list)) or
             not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in rounds)):

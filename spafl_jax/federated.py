@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spafl_jax import checks
 from spafl_jax import client as client_lib
 from spafl_jax import data as data_lib
 from spafl_jax import masking
@@ -61,6 +62,14 @@ class RoundConfig:
     importance_update: str = 'all_after'   # 'all_after' (CIFAR folder), 'sampled_before' (FMNIST), 'none'
     aggregation: str = 'uniform'           # 'uniform' (official) or 'data_size'
     client_execution: str = 'vmap'         # 'vmap' or 'map' (lax.map) over the sampled clients
+
+    def __post_init__(self):
+        name = type(self).__name__
+        checks.number(name, 'clients_per_round', self.clients_per_round, positive=True,
+                      integer=True)
+        checks.choice(name, 'importance_update', self.importance_update, IMPORTANCE_UPDATES)
+        checks.choice(name, 'aggregation', self.aggregation, AGGREGATIONS)
+        checks.choice(name, 'client_execution', self.client_execution, CLIENT_EXECUTIONS)
 
 
 def make_client_data(images: np.ndarray, labels: np.ndarray, client_indices) -> ClientData:
