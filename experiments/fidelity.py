@@ -11,6 +11,12 @@ both codes reached, and draws both curves in one figure (`<results>/fidelity_fmn
 Records of ours with the collapse reset checked on the mask about to be used
 (`<results>/fmnist_official_current_seed<k>/`, `--config.collapse_check=current`), where present,
 get a table and curves of their own: what the official timing of that reset changes.
+
+Paired records (`<results>/fmnist_official_paired_seed<k>/`, written by
+tests/reference/replay_curve.py: our library run on the official run's own split, initial model,
+sampled clients and batch orders) get a table, a summary of how far the paired curves are apart
+against how far the official code's own seeds are, and a figure of their own
+(`<results>/fidelity_fmnist_paired.png`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ _OUT = flags.DEFINE_string('out', '', 'Figure path; default <results>/fidelity_f
 CODES = (('official', 'official_fmnist_seed{}', 'official PyTorch code'),
          ('ours', 'fmnist_official_seed{}', 'spafl_jax fmnist.py:official'),
          ('current', 'fmnist_official_current_seed{}',
-          'spafl_jax fmnist.py:official, collapse_check=current'))
+          'spafl_jax fmnist.py:official, collapse_check=current'),
+         ('paired', 'fmnist_official_paired_seed{}', 'spafl_jax on the official draws'))
 
 
 def read_curve(path: str) -> dict[int, dict]:
@@ -93,15 +100,42 @@ def _fmt(record, key, scale):
     return 'not reached' if record is None else f'{scale * record[key]:.{1 if scale == 100 else 3}f}'
 
 
-def plot(runs, seeds: list[str], path: str) -> None:
+def paired_summary(runs, seeds: list[str]) -> str:
+    """Per seed: the mean and largest |ours - official| over the rounds both reached, on shared
+    draws, beside the same for the official code's seeds against each other."""
+    def gaps(a, b):
+        rounds = sorted(set(a) & set(b))
+        acc = np.array([100 * abs(a[r]['accuracy'] - b[r]['accuracy']) for r in rounds])
+        den = np.array([abs(a[r]['density'] - b[r]['density']) for r in rounds])
+        return (f'rounds 1-{rounds[-1]}: accuracy mean {acc.mean():.2f} / largest {acc.max():.1f} '
+                f'points, density mean {den.mean():.3f} / largest {den.max():.3f}')
+    lines = []
+    for seed in seeds:
+        if ('paired', seed) in runs and ('official', seed) in runs:
+            lines.append(f'seed {seed}, ours on the official draws against the official code, '
+                         f'{gaps(runs[("paired", seed)], runs[("official", seed)])}')
+    official = [runs[('official', s)] for s in seeds if ('official', s) in runs]
+    if lines and len(official) >= 2:
+        lines.append(f'the official code, seed {seeds[0]} against seed {seeds[1]}, '
+                     f'{gaps(official[0], official[1])}')
+    return '\n'.join(lines)
+
+
+def plot(runs, seeds: list[str], path: str, codes=('official', 'ours', 'current'),
+         title='official code vs fmnist.py:official') -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
     fig, (ax_acc, ax_den) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {'official': 'tab:red', 'ours': 'tab:blue', 'current': 'tab:gray'}
+    colours = {'official': 'tab:red', 'ours': 'tab:blue', 'current': 'tab:gray',
+               'paired': 'tab:green'}
     styles = {seed: style for seed, style in zip(seeds, ('-', '--', ':', '-.'))}
     for (code, seed), curve in sorted(runs.items()):
+        if code not in codes:
+            continue
+        if code == 'official' and 'paired' in codes and ('paired', seed) not in runs:
+            continue
         rounds = sorted(curve)
         label = f'{dict((c, t) for c, _, t in CODES)[code]}, seed {seed}'
         kwargs = dict(color=colours[code], linestyle=styles.get(seed, '-'),
@@ -116,8 +150,7 @@ def plot(runs, seeds: list[str], path: str) -> None:
     for ax in (ax_acc, ax_den):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8, loc='lower right')
-    fig.suptitle('Fashion-MNIST, LeNet-5, 100 clients (10 per round): official code vs '
-                 'fmnist.py:official', fontsize=11)
+    fig.suptitle(f'Fashion-MNIST, LeNet-5, 100 clients (10 per round): {title}', fontsize=11)
     reporting.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
@@ -137,6 +170,14 @@ def main(argv):
     out = _OUT.value or os.path.join(_RESULTS.value, 'fidelity_fmnist.png')
     plot(runs, seeds, out)
     print(f'figure: {out}')
+    if any(code == 'paired' for code, _ in runs):
+        print('\nours on the official draws (split, initial model, clients, batches):')
+        print(table(runs, seeds, rounds, ours='paired'))
+        print(paired_summary(runs, seeds))
+        paired = os.path.join(os.path.dirname(out), 'fidelity_fmnist_paired.png')
+        plot(runs, seeds, paired, codes=('official', 'paired'),
+             title='official code vs spafl_jax on the same draws')
+        print(f'figure: {paired}')
 
 
 if __name__ == '__main__':

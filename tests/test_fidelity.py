@@ -24,6 +24,7 @@ def test_table_compares_each_seed_and_their_mean(tmp_path):
     _write(results, 'fmnist_official_seed1', {1: (0.55, 0.85), 2: (0.62, 0.82)}, torn=True)
     _write(results, 'fmnist_official_seed2', {1: (0.75, 0.65)})
     _write(results, 'fmnist_official_current_seed1', {2: (0.40, 0.50)})
+    _write(results, 'fmnist_official_paired_seed1', {1: (0.52, 0.88), 2: (0.58, 0.81)})
     # A subprocess: the command's absl flags would clash with other experiment modules' here.
     result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'fidelity.py'),
                              f'--results={results}', '--rounds=1,2'], capture_output=True,
@@ -38,4 +39,12 @@ def test_table_compares_each_seed_and_their_mean(tmp_path):
     # The second table: ours with collapse_check=current.
     assert 'ours with collapse_check=current:' in result.stdout
     assert '| 2 | 1 | 60.0 | 40.0 | -20.0 | 0.800 | 0.500 | -0.300 |' in lines[7:]
+    # The third: ours on the official run's own draws, and how far apart the curves are.
+    paired = result.stdout.split('ours on the official draws', 1)[1]
+    assert '| 1 | 1 | 50.0 | 52.0 | +2.0 | 0.900 | 0.880 | -0.020 |' in paired
+    assert ('seed 1, ours on the official draws against the official code, rounds 1-2: '
+            'accuracy mean 2.00 / largest 2.0 points, density mean 0.015 / largest 0.020') in paired
+    assert ('the official code, seed 1 against seed 2, rounds 1-2: accuracy mean 20.00 / largest '
+            '20.0 points, density mean 0.200 / largest 0.200') in paired
+    assert os.path.getsize(os.path.join(results, 'fidelity_fmnist_paired.png')) > 10_000
     assert os.path.getsize(os.path.join(results, 'fidelity_fmnist.png')) > 10_000
