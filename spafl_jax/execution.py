@@ -38,7 +38,6 @@ import numpy as np
 
 from spafl_jax import client as client_lib
 from spafl_jax import federated
-from spafl_jax import server
 from spafl_jax import xla
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, FederatedState, RoundConfig
@@ -454,11 +453,7 @@ class RoundRunner:
         mine = jax.lax.dynamic_slice_in_dim(sampled, d * self.per_device, self.per_device)
         real = mine >= 0
         ids = jnp.maximum(mine, 0)
-        clients = clients.replace(thresholds=jax.tree.map(
-            lambda t: jnp.broadcast_to(t, (self.per_device, *t.shape)), state.server_thresholds))
-        if self.round_cfg.importance_update == 'sampled_before':
-            clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
-                clients.params, state.last_delta))
+        clients = federated.broadcast(self.round_cfg, clients, state)
         keys = federated.client_keys(seed_key, state.round, ids)
         counts = jnp.where(real, data.counts[ids], 0)
         max_count = data.example_ids.shape[1]
@@ -554,14 +549,9 @@ class RoundRunner:
         trained = work.clients
         if cfg.persistent_optimizer:
             trained = trained.replace(opt_state=work.opt_state)
-        new_global = server.aggregate(trained.thresholds, work.weights, axis_name=CLIENTS)
-        delta = jax.tree.map(jnp.subtract, new_global, state.server_thresholds)
-        clients = _scatter_sampled(state.clients, sampled, trained)
-        if self.round_cfg.importance_update == 'all_after':
-            clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
-                clients.params, delta))
-        new_state = FederatedState(clients=clients, server_thresholds=new_global, last_delta=delta,
-                                   round=state.round + 1)
+        new_state = federated.server_update(
+            self.round_cfg, state, trained.thresholds, work.weights,
+            _scatter_sampled(state.clients, sampled, trained), axis_name=CLIENTS)
         m = work.metrics
         real = (work.steps_per_epoch > 0).astype(jnp.float32)
         sums = jax.lax.psum({

@@ -158,19 +158,43 @@ def _put(tree, idx, values):
     return jax.tree.map(lambda x, v: x.at[idx].set(v), tree, values)
 
 
-def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
-              state: FederatedState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
-              macs=None):
-    """One SpaFL round (docs/algorithm.md, section 3). `sampled` holds the [clients_per_round] client ids."""
-    r = state.round
-    clients = _take(state.clients, sampled)
-    num_sampled = sampled.shape[0]
-    # 2. broadcast
+def broadcast(round_cfg: RoundConfig, clients: ClientState, state: FederatedState) -> ClientState:
+    """Step 2 of docs/algorithm.md, section 3: the sampled `clients` ([n, ...]) receive tau_g and,
+    under `importance_update='sampled_before'` (the FMNIST folder), last round's importance update."""
+    n = jax.tree.leaves(clients.thresholds)[0].shape[0]
     clients = clients.replace(thresholds=jax.tree.map(
-        lambda t: jnp.broadcast_to(t, (num_sampled, *t.shape)), state.server_thresholds))
+        lambda t: jnp.broadcast_to(t, (n, *t.shape)), state.server_thresholds))
     if round_cfg.importance_update == 'sampled_before':
         clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
             clients.params, state.last_delta))
+    return clients
+
+
+def server_update(round_cfg: RoundConfig, state: FederatedState, trained_thresholds, weights,
+                  clients: ClientState, axis_name: str | None = None) -> FederatedState:
+    """Steps 4-6: tau_g becomes the (weighted) mean of the trained clients' thresholds; its change
+    reaches every client's weights under `importance_update='all_after'` (the CIFAR folders).
+
+    `trained_thresholds` ([n, ...]) and `weights` ([n], None for equal weights) are the sampled
+    clients'; `clients` is every client, the trained ones already written back. With `axis_name`
+    the client axis is sharded and the mean is a weighted `pmean` over it.
+    """
+    new_global = server.aggregate(trained_thresholds, weights, axis_name=axis_name)
+    delta = jax.tree.map(jnp.subtract, new_global, state.server_thresholds)
+    if round_cfg.importance_update == 'all_after':
+        clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
+            clients.params, delta))
+    return FederatedState(clients=clients, server_thresholds=new_global, last_delta=delta,
+                          round=state.round + 1)
+
+
+def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
+              state: FederatedState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
+              macs=None):
+    """One SpaFL round (docs/algorithm.md, section 3), the readable reference of
+    `execution.RoundRunner`. `sampled` holds the [clients_per_round] client ids."""
+    r = state.round
+    clients = broadcast(round_cfg, _take(state.clients, sampled), state)
     # 3. local training
     train = functools.partial(client_lib.local_update, model, local_cfg, spec, macs=macs)
     args = (clients, data.example_ids[sampled], data.counts[sampled],
@@ -180,18 +204,11 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
         clients, metrics = jax.vmap(one)(*args)
     else:
         clients, metrics = jax.lax.map(lambda a: one(*a), args)
-    # 4-5. aggregate
+    # 4-6. aggregate, and the importance update
     weights = (data.counts[sampled] if round_cfg.aggregation == 'data_size' else None)
-    new_global = server.aggregate(clients.thresholds, weights)
-    delta = jax.tree.map(jnp.subtract, new_global, state.server_thresholds)
-    all_clients = _put(state.clients, sampled, clients)
-    # 6. importance update of every client's weights
-    if round_cfg.importance_update == 'all_after':
-        all_clients = all_clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
-            all_clients.params, delta))
-    new_state = FederatedState(clients=all_clients, server_thresholds=new_global, last_delta=delta,
-                               round=r + 1)
-    return new_state, round_metrics(metrics, local_cfg, data, num_sampled)
+    new_state = server_update(round_cfg, state, clients.thresholds, weights,
+                              _put(state.clients, sampled, clients))
+    return new_state, round_metrics(metrics, local_cfg, data, sampled.shape[0])
 
 
 def round_metrics(metrics, local_cfg: LocalConfig, data: ClientData, num_sampled: int) -> dict:
