@@ -150,7 +150,10 @@ class Replay:
         self.clients = [one] * self.num_clients
         zeros = jax.tree.map(jnp.zeros_like, variables['thresholds'])
         self.server_thresholds, self.delta = zeros, zeros
-        self.step = jax.jit(functools.partial(client_lib.local_step, self.model, self.cfg))
+        b = self.cfg.batch_size
+        self.max_steps = self.cfg.local_epochs * max(
+            (len(ids) // b if self.cfg.drop_last else -(-len(ids) // b)) for ids in self.train_ids)
+        self.local_steps = jax.jit(self._local_steps)
         self.evaluate = jax.jit(functools.partial(federated.evaluate_client, self.model, self.spec,
                                                   batch_size=64, cfg=self.cfg))
         self.tested = jax.jit(lambda c, n: federated.tested_clients(self.cfg, c, n))
@@ -168,24 +171,38 @@ class Replay:
 
     # -- one client's local training on the recorded batches ------------------------------------
 
+    def _local_steps(self, state, opt, images, labels, batches, masks, num_steps, lr, penalty):
+        """`client.local_step` on batches[0..num_steps) (padded to one shape: one compilation)."""
+        def body(i, carry):
+            state, opt = carry
+            ids = batches[i]
+            state, opt, _ = client_lib.local_step(self.model, self.cfg, state, opt, images[ids],
+                                                  labels[ids], jnp.bool_(True), lr, penalty,
+                                                  example_mask=masks[i])
+            return state, opt
+        return jax.lax.fori_loop(0, num_steps, body, (state, opt))
+
     def train(self, k: int, order: np.ndarray, round_index: int):
         cfg, b = self.cfg, self.cfg.batch_size
         n = len(self.train_ids[k])
         per_epoch = (n // b) * b if cfg.drop_last else n
         assert len(order) == cfg.local_epochs * per_epoch, (k, len(order), per_epoch)
-        state = self.clients[k]
-        opt = client_lib.round_opt_state(cfg, state)
-        lr = client_lib.learning_rate(cfg, round_index)
-        penalty = cfg.th_coeff * client_lib.penalty_scale(cfg, round_index)
+        batches = np.zeros((self.max_steps, b), np.int32)
+        masks = np.zeros((self.max_steps, b), bool)
+        steps = 0
         for e in range(cfg.local_epochs):
             epoch = order[e * per_epoch:(e + 1) * per_epoch]
             for start in range(0, per_epoch, b):
                 ids = epoch[start:start + b]
-                mask = np.arange(b) < len(ids)
-                ids = np.pad(ids, (0, b - len(ids)), mode='edge')
-                state, opt, _ = self.step(state, opt, self.train_x[ids], self.train_y[ids],
-                                          jnp.bool_(True), lr, penalty,
-                                          example_mask=jnp.asarray(mask))
+                masks[steps, :len(ids)] = True
+                batches[steps] = np.pad(ids, (0, b - len(ids)), mode='edge')
+                steps += 1
+        state = self.clients[k]
+        opt = client_lib.round_opt_state(cfg, state)
+        lr = client_lib.learning_rate(cfg, round_index)
+        penalty = cfg.th_coeff * client_lib.penalty_scale(cfg, round_index)
+        state, opt = self.local_steps(state, opt, self.train_x, self.train_y, batches, masks,
+                                      steps, lr, penalty)
         if cfg.persistent_optimizer:
             state = state.replace(opt_state=opt)
         self.clients[k] = state
