@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION = os.path.join(REPO, 'experiments', 'ablation.py')

@@ -59,6 +59,7 @@ def _mean_accuracy(result) -> float:
     return float(jnp.mean(result['correct'] / result['counts']))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(baselines.BASELINES))
 def test_baseline_learns_on_digits(name, digits, digits_model):
     train, test, spec = digits

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -16,6 +17,8 @@ sys.path.insert(0, REPO)
 from experiments import compare
 from experiments.configs import default
 # pylint: enable=g-import-not-at-top,wrong-import-position
+
+pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
 
 COMPARE = os.path.join(REPO, 'experiments', 'compare.py')
 

@@ -24,6 +24,8 @@ from experiments.configs import default
 from experiments.configs import fmnist
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
+pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+
 CONFIGS = {'fmnist.py': fmnist, 'cifar10.py': cifar10, 'cifar10_vit.py': cifar10_vit,
            'cifar100.py': cifar100}
 

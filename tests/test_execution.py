@@ -119,6 +119,7 @@ def test_auto_cpu_devices_is_one_per_core_and_at_most_one_per_client(monkeypatch
     assert execution.auto_cpu_devices(10) == 1
 
 
+@pytest.mark.slow
 def test_auto_cpu_devices_split_a_fresh_process_and_leave_a_started_one_alone():
     devices = jax.device_count()   # JAX has started in this process
     execution.initialize_runtime(num_cpu_devices=execution.AUTO_CPU_DEVICES, clients_per_round=10)
@@ -152,6 +153,7 @@ def _rounds(round_fn, state, train):
     return state, metrics
 
 
+@pytest.mark.slow
 def test_every_strategy_is_the_spafl_round(digits):
     # The official FMNIST variant (importance update of the sampled clients before training,
     # persistent momentum) with a CNN: the parts of the round most easily got wrong.
@@ -194,6 +196,7 @@ def test_every_strategy_is_the_spafl_round(digits):
         assert set(runner.trace_counts().values()) == {1}, runner.trace_counts()
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_runs_the_configured_strategy(tmp_path):
     from spafl_jax import train   # pylint: disable=g-import-not-at-top
     config = default.get_config()
@@ -204,6 +207,7 @@ def test_train_and_evaluate_runs_the_configured_strategy(tmp_path):
     assert summary['useful_step_fraction'] == 1.0    # the loop runs real steps only
 
 
+@pytest.mark.slow
 def test_every_strategy_tests_as_the_reference_under_the_official_collapse_check(digits):
     """Under collapse_check='previous' a test changes the clients: the runner's test (chunks of 16
     test examples, batches of BATCH) must give what `federated.evaluate` gives, and leave the

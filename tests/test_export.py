@@ -157,6 +157,7 @@ def test_collapsed_layer_is_reset_as_in_evaluation():
                                _masked_eval('conv4', variables, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_npz_json_round_trip_and_standalone_numpy_forward(tmp_path):
     variables, _ = _sparse_variables('conv4')
     compact = export.compact_model('conv4', variables)
@@ -192,6 +193,7 @@ def _write_workdir(workdir, clients):
         f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, state)))
 
 
+@pytest.mark.slow
 def test_export_workdir(tmp_path):
     clients = [_sparse_variables('digits_cnn', seed)[0] for seed in range(3)]
     # Client 2 has an all-zero layer: reported, not exported, and the others still are.

@@ -11,6 +11,8 @@ import pytest
 
 import faults  # conftest puts tests/ on the path  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+
 CASES = faults.INPUT_CASES + faults.DIVERGENCE_CASES
 
 

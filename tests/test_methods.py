@@ -48,6 +48,7 @@ def digits_run():
     return train.Run(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', methods.METHODS)
 def test_method_runs_rounds_and_evaluates_through_the_adapter(name, digits_run):
     run = digits_run
@@ -106,6 +107,7 @@ def test_method_runs_rounds_and_evaluates_through_the_adapter(name, digits_run):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, batch_stats)))
 
 
+@pytest.mark.slow
 def test_bits_per_round_match_hand_counts(digits_run):
     run = digits_run
     variables = models.init_variables(run.model, jax.random.key(0), run.dataset.image_shape)

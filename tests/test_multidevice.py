@@ -25,6 +25,8 @@ from spafl_jax import data as data_lib
 from spafl_jax import federated
 from spafl_jax import layers
 
+pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+
 NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2   # 3 sampled over 2 or 4 devices: empty positions
 
 # Runs ROUNDS rounds with each strategy on a fresh state and saves every leaf of the final state,

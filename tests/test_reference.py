@@ -40,6 +40,8 @@ from spafl_jax import masking
 from spafl_jax import models
 from spafl_jax import server
 
+pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+
 HERE = os.path.join(os.path.dirname(__file__), 'reference')
 
 # Measured on the fixtures: thresholds agree to 2e-9, weight fingerprints to 3e-8 of their scale.

@@ -28,6 +28,8 @@ from experiments.configs import default  # pylint: disable=g-import-not-at-top,w
 import faults  # conftest puts tests/ on the path  # pylint: disable=g-import-not-at-top,wrong-import-position
 from faults import ROUNDS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+
 _command, _env, _lines, _run_until, _finish = (faults.command, faults.env, faults.metrics_lines,
                                                faults.run_until, faults.finish)
 

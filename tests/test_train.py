@@ -18,6 +18,8 @@ sys.path.insert(0, REPO)
 
 from experiments.configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+
 
 def _config(**overrides):
     config = default.get_config()
