@@ -208,24 +208,27 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
     weights = (data.counts[sampled] if round_cfg.aggregation == 'data_size' else None)
     new_state = server_update(round_cfg, state, clients.thresholds, weights,
                               _put(state.clients, sampled, clients))
-    return new_state, round_metrics(metrics, local_cfg, data, sampled.shape[0])
+    return new_state, round_metrics(metrics, round_cfg.client_execution)
 
 
-def round_metrics(metrics, local_cfg: LocalConfig, data: ClientData, num_sampled: int) -> dict:
+def round_metrics(metrics, client_execution: str) -> dict:
     """A round's scalar metrics from the sampled clients' summed metrics (loss, correct, steps, flops).
 
-    `max_steps` counts the steps of the padded schedule (every client at the largest client's size),
-    the denominator of the useful-step fraction.
+    `max_steps` counts the local steps the round executed, padding included, as
+    `execution.RoundRunner` counts them, so that `local_steps / max_steps` is the useful-step
+    fraction of every method and engine: under 'vmap' every client's loop runs as long as the
+    longest client's; under 'map' each client runs its own steps only.
     """
     steps = jnp.maximum(metrics['steps'], 1.0)
+    executed = (metrics['steps'].shape[0] * jnp.max(metrics['steps'])
+                if client_execution == 'vmap' else jnp.sum(metrics['steps']))
     return {
         'train_loss': jnp.mean(metrics['loss'] / steps),
         'train_accuracy': jnp.sum(metrics['correct']) / jnp.maximum(jnp.sum(metrics['examples']),
                                                                      1.0),
         'local_steps': jnp.sum(metrics['steps']),
         'flops': jnp.sum(metrics['flops']),
-        'max_steps': jnp.float32(client_lib.steps_per_epoch(local_cfg, data.example_ids.shape[1]) *
-                                 local_cfg.local_epochs * num_sampled),
+        'max_steps': jnp.asarray(executed, jnp.float32),
     }
 
 

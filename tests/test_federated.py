@@ -312,3 +312,18 @@ def test_previous_collapse_check_test_resets_after_its_first_batch():
     first, _, tested = federated.test_thresholds(cfg, client, 2)
     np.testing.assert_array_equal(first['threshold'], zeros)
     assert tested is client
+
+
+def test_max_steps_counts_the_steps_each_engine_executes():
+    """Under 'vmap' every client's loop runs as long as the longest one's; under 'map' each runs
+    its own: the useful-step fraction means the same for every method and engine."""
+    metrics = {'steps': jnp.array([3.0, 5.0, 2.0]), 'loss': jnp.array([3.0, 10.0, 1.0]),
+               'correct': jnp.array([10.0, 20.0, 5.0]), 'examples': jnp.array([30.0, 50.0, 20.0]),
+               'flops': jnp.array([1.0, 2.0, 3.0])}
+    vmapped = federated.round_metrics(metrics, 'vmap')
+    mapped = federated.round_metrics(metrics, 'map')
+    assert float(vmapped['max_steps']) == 15.0 and float(mapped['max_steps']) == 10.0
+    for m in (vmapped, mapped):
+        assert float(m['local_steps']) == 10.0 and float(m['flops']) == 6.0
+        np.testing.assert_allclose(float(m['train_loss']), (1.0 + 2.0 + 0.5) / 3)
+        np.testing.assert_allclose(float(m['train_accuracy']), 35.0 / 100.0)

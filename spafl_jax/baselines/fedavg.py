@@ -84,7 +84,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
         params=_common.masked_mean(params, None, weights, state.params),
         batch_stats=_common.masked_mean(batch_stats, None, weights, state.batch_stats),
         thresholds=state.thresholds, round=r + 1)
-    return new_state, federated.round_metrics(metrics, local_cfg, data, sampled.shape[0])
+    return new_state, federated.round_metrics(metrics, round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedAvgConfig()):

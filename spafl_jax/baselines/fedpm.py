@@ -189,7 +189,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
     new_state = state.replace(probabilities=theta, alpha=alpha, beta=beta,
                               batch_stats=_common.put(state.batch_stats, sampled, batch_stats),
                               round=r + 1)
-    return new_state, federated.round_metrics(metrics, local_cfg, data, sampled.shape[0])
+    return new_state, federated.round_metrics(metrics, round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedPMConfig()):

@@ -247,7 +247,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
                                                                batch_stats=batch_stats))
     new_state = FedSpaState(clients=clients, masks=_common.put(state.masks, sampled, new_masks),
                             global_params=global_params, round=r + 1)
-    return new_state, federated.round_metrics(metrics, local_cfg, data, sampled.shape[0])
+    return new_state, federated.round_metrics(metrics, round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedSpaConfig()):

@@ -85,7 +85,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
     clients = _common.put(state.clients, sampled,
                           mine.replace(params=params, batch_stats=batch_stats))
     new_state = LocalState(clients=clients, round=r + 1)
-    return new_state, federated.round_metrics(metrics, local_cfg, data, sampled.shape[0])
+    return new_state, federated.round_metrics(metrics, round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=LocalOnlyConfig()):
