@@ -40,7 +40,9 @@ CODES = (('official', 'official_fmnist_seed{}', 'official PyTorch code'),
          ('ours', 'fmnist_official_seed{}', 'spafl_jax fmnist.py:official'),
          ('current', 'fmnist_official_current_seed{}',
           'spafl_jax fmnist.py:official, collapse_check=current'),
-         ('paired', 'fmnist_official_paired_seed{}', 'spafl_jax on the official draws'))
+         ('paired', 'fmnist_official_paired_seed{}', 'spafl_jax on the official draws'),
+         ('rounding', 'fmnist_official_paired_rounding_seed{}',
+          'the same, rounded differently (YNNPACK off)'))
 
 
 def read_curve(path: str) -> dict[int, dict]:
@@ -114,6 +116,9 @@ def paired_summary(runs, seeds: list[str]) -> str:
         if ('paired', seed) in runs and ('official', seed) in runs:
             lines.append(f'seed {seed}, ours on the official draws against the official code, '
                          f'{gaps(runs[("paired", seed)], runs[("official", seed)])}')
+        if ('paired', seed) in runs and ('rounding', seed) in runs:
+            lines.append(f'seed {seed}, ours against ours rounded differently, same draws, '
+                         f'{gaps(runs[("rounding", seed)], runs[("paired", seed)])}')
     official = [runs[('official', s)] for s in seeds if ('official', s) in runs]
     if lines and len(official) >= 2:
         lines.append(f'the official code, seed {seeds[0]} against seed {seeds[1]}, '
@@ -129,7 +134,7 @@ def plot(runs, seeds: list[str], path: str, codes=('official', 'ours', 'current'
     from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
     fig, (ax_acc, ax_den) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = {'official': 'tab:red', 'ours': 'tab:blue', 'current': 'tab:gray',
-               'paired': 'tab:green'}
+               'paired': 'tab:green', 'rounding': 'tab:olive'}
     styles = {seed: style for seed, style in zip(seeds, ('-', '--', ':', '-.'))}
     for (code, seed), curve in sorted(runs.items()):
         if code not in codes:
@@ -139,8 +144,8 @@ def plot(runs, seeds: list[str], path: str, codes=('official', 'ours', 'current'
         rounds = sorted(curve)
         label = f'{dict((c, t) for c, _, t in CODES)[code]}, seed {seed}'
         kwargs = dict(color=colours[code], linestyle=styles.get(seed, '-'),
-                      linewidth=0.8 if code == 'current' else 1.2,
-                      alpha=0.6 if code == 'current' else 1.0, label=label)
+                      linewidth=0.8 if code in ('current', 'rounding') else 1.2,
+                      alpha=0.6 if code in ('current', 'rounding') else 1.0, label=label)
         ax_acc.plot(rounds, [100 * curve[r]['accuracy'] for r in rounds], **kwargs)
         ax_den.plot(rounds, [curve[r]['density'] for r in rounds], **kwargs)
     ax_acc.set(xlabel='round', ylabel='accuracy (%), mean over the 100 clients',
@@ -175,7 +180,7 @@ def main(argv):
         print(table(runs, seeds, rounds, ours='paired'))
         print(paired_summary(runs, seeds))
         paired = os.path.join(os.path.dirname(out), 'fidelity_fmnist_paired.png')
-        plot(runs, seeds, paired, codes=('official', 'paired'),
+        plot(runs, seeds, paired, codes=('official', 'paired', 'rounding'),
              title='official code vs spafl_jax on the same draws')
         print(f'figure: {paired}')
 

@@ -29,6 +29,7 @@ def test_table_compares_each_seed_and_their_mean(tmp_path):
     _write(results, 'fmnist_official_seed2', {1: (0.75, 0.65)})
     _write(results, 'fmnist_official_current_seed1', {2: (0.40, 0.50)})
     _write(results, 'fmnist_official_paired_seed1', {1: (0.52, 0.88), 2: (0.58, 0.81)})
+    _write(results, 'fmnist_official_paired_rounding_seed1', {1: (0.53, 0.88), 2: (0.55, 0.80)})
     # A subprocess: the command's absl flags would clash with other experiment modules' here.
     result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'fidelity.py'),
                              f'--results={results}', '--rounds=1,2'], capture_output=True,
@@ -48,6 +49,8 @@ def test_table_compares_each_seed_and_their_mean(tmp_path):
     assert '| 1 | 1 | 50.0 | 52.0 | +2.0 | 0.900 | 0.880 | -0.020 |' in paired
     assert ('seed 1, ours on the official draws against the official code, rounds 1-2: '
             'accuracy mean 2.00 / largest 2.0 points, density mean 0.015 / largest 0.020') in paired
+    assert ('seed 1, ours against ours rounded differently, same draws, rounds 1-2: accuracy '
+            'mean 2.00 / largest 3.0 points, density mean 0.005 / largest 0.010') in paired
     assert ('the official code, seed 1 against seed 2, rounds 1-2: accuracy mean 20.00 / largest '
             '20.0 points, density mean 0.200 / largest 0.200') in paired
     assert os.path.getsize(os.path.join(results, 'fidelity_fmnist_paired.png')) > 10_000

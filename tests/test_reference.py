@@ -105,9 +105,10 @@ class Replay:
     """Our library run on a trace's inputs, one official call at a time."""
 
     def __init__(self, name: str | tuple[dict, dict], collapse_check: str | None = None,
-                 dtype=jnp.float64):
+                 dtype=jnp.float64, conv_impl: str = 'im2col'):
         """`name` is a fixture's name, or its (meta, arrays); `dtype` float64 for the traces, which
-        the recorder ran in float64, or float32 for the official code unchanged (replay_curve.py)."""
+        the recorder ran in float64, or float32 for the official code unchanged (replay_curve.py);
+        `conv_impl` how our convolutions are computed (the same numbers up to rounding)."""
         self.meta, self.arrays = load_trace(name) if isinstance(name, str) else name
         self.dtype = dtype
         sem = SEMANTICS[self.meta['folder']]
@@ -122,7 +123,8 @@ class Replay:
             collapse_check=collapse_check or sem['collapse_check'])
         self.importance = sem['importance_update']
         self.num_clients, self.rounds = s['num_clients'], s['comm_rounds']
-        self.model = models.create_model(sem['model'], 10, estimator=sem['estimator'])
+        self.model = models.create_model(sem['model'], 10, estimator=sem['estimator'],
+                                         conv_impl=conv_impl)
         self.spec = client_lib.DataSpec(normalize=False)
         self.train_x = self._nhwc(self.arrays['train_images'])
         self.train_y = jnp.asarray(self.arrays['train_labels'], jnp.int32)

@@ -16,6 +16,11 @@ being looked for.
     python tests/reference/replay_curve.py --draws=/tmp/draws_seed1.npz \
         --out=results/fmnist_official_paired_seed1
 
+A control for the rounding: the same replay under
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` (XLA:CPU's own dot kernels instead of YNNPACK's:
+the same arithmetic, rounded differently) or with `--conv_impl=xla` gives a second curve of ours on
+the same draws; how far it moves from the first is how far float rounding alone moves a curve here.
+
 The output directory receives `metrics.jsonl` (our curve: round, accuracy, density, and the
 official ones from the draws as `official_accuracy` and `official_density`) and `config.json`.
 """
@@ -52,13 +57,15 @@ def load_draws(path: str, data_dir: str | None) -> tuple[dict, dict]:
     return meta, arrays
 
 
-def replay(meta: dict, arrays: dict, out: str, rounds: int | None) -> None:
-    rp = test_reference.Replay((meta, arrays), dtype=jnp.float32)
+def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
+           conv_impl: str = 'im2col') -> None:
+    rp = test_reference.Replay((meta, arrays), dtype=jnp.float32, conv_impl=conv_impl)
     rounds = min(rounds or rp.rounds, rp.rounds)
     os.makedirs(out, exist_ok=True)
     files.write_atomic(os.path.join(out, 'config.json'), json.dumps({
         'code': 'spafl_jax on the draws of an official curve (tests/reference/replay_curve.py)',
-        'official_settings': meta['settings'], 'rounds': rounds, 'dtype': 'float32'},
+        'official_settings': meta['settings'], 'rounds': rounds, 'dtype': 'float32',
+        'conv_impl': conv_impl, 'xla_flags': os.environ.get('XLA_FLAGS', '')},
         indent=1).encode())
     records = []
     for r in range(rounds):
@@ -103,9 +110,12 @@ def main() -> None:
     parser.add_argument('--out', required=True, help='directory for metrics.jsonl and config.json')
     parser.add_argument('--data', default=None, help='Fashion-MNIST IDX files (default: as recorded)')
     parser.add_argument('--rounds', type=int, default=None, help='stop after this many rounds')
+    parser.add_argument('--conv_impl', default='im2col', choices=('im2col', 'xla'),
+                        help="our convolutions: the same numbers up to float rounding, so 'xla' "
+                             "against the default measures how far rounding alone moves a curve")
     args = parser.parse_args()
     meta, arrays = load_draws(args.draws, args.data)
-    replay(meta, arrays, args.out, args.rounds)
+    replay(meta, arrays, args.out, args.rounds, args.conv_impl)
 
 
 if __name__ == '__main__':
