@@ -136,12 +136,15 @@ def plot(runs, seeds: list[str], path: str, codes=('official', 'ours', 'current'
     colours = {'official': 'tab:red', 'ours': 'tab:blue', 'current': 'tab:gray',
                'paired': 'tab:green', 'rounding': 'tab:olive'}
     styles = {seed: style for seed, style in zip(seeds, ('-', '--', ':', '-.'))}
+    last = max((max(c) for (code, _), c in runs.items() if code == 'paired' and c), default=None)
     for (code, seed), curve in sorted(runs.items()):
         if code not in codes:
             continue
         if code == 'official' and 'paired' in codes and ('paired', seed) not in runs:
             continue
         rounds = sorted(curve)
+        if 'paired' in codes and last is not None:   # the official curve over the paired rounds
+            rounds = [r for r in rounds if r <= last]
         label = f'{dict((c, t) for c, _, t in CODES)[code]}, seed {seed}'
         kwargs = dict(color=colours[code], linestyle=styles.get(seed, '-'),
                       linewidth=0.8 if code in ('current', 'rounding') else 1.2,
