@@ -6,10 +6,10 @@ the order of every local batch, and every client's test accuracy and density. Th
 the same initial model, split, clients and batches through our library in float32, as the official
 code computes (client.local_step, server.aggregate, server.importance_update and our evaluation,
 as tests/test_reference.py drives them for the golden traces), and writes our curve next to the
-official one. With every draw shared, what is left between the two curves is float rounding (two
-float32 programs drift apart, most at ReLU kinks and collapse resets) instead of the seed-to-seed
-spread of the split and the initial model, which on this workload is larger than the effects
-being looked for.
+official one. With every draw shared, what is left between the two curves is how the two
+float32 programs round (they drift apart, most at ReLU kinks and collapse resets), plus any
+difference the golden traces miss, instead of the seed-to-seed spread of the split and the initial
+model, which on this workload is larger than the effects being looked for.
 
     /tmp/torch/bin/python tests/reference/record_official.py curve --official=/tmp/spafl_official \
         --rounds=100 --seed=1 --out=/tmp/official_seed1 --draws=/tmp/draws_seed1.npz
