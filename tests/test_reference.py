@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,9 @@ class Replay:
             opt_state=opt_state, collapsed=client_lib.init_collapsed(self.cfg,
                                                                      variables['thresholds']))
         self.clients = [one] * self.num_clients
+        # Per client and masked layer: how many forward passes reset a collapsed layer's thresholds
+        # (the official `zero_count`), counted in training and test alike.
+        self.resets = np.zeros((self.num_clients, len(self.names)), np.int64)
         zeros = jax.tree.map(jnp.zeros_like, variables['thresholds'])
         self.server_thresholds, self.delta = zeros, zeros
         b = self.cfg.batch_size
@@ -175,16 +179,27 @@ class Replay:
 
     # -- one client's local training on the recorded batches ------------------------------------
 
+    def _resetting(self, state):
+        """Per masked layer, 1 where the next forward pass resets the layer's thresholds."""
+        if self.cfg.collapse_check == 'previous':
+            flags = state.collapsed
+        else:
+            flags = masking.collapsed_layers(state.params, state.thresholds)
+        return jnp.stack([f.astype(jnp.int32) for f in jax.tree.leaves(flags)])
+
     def _local_steps(self, state, opt, images, labels, batches, masks, num_steps, lr, penalty):
-        """`client.local_step` on batches[0..num_steps) (padded to one shape: one compilation)."""
+        """`client.local_step` on batches[0..num_steps) (padded to one shape: one compilation);
+        also returns how many of the steps reset each layer."""
         def body(i, carry):
-            state, opt = carry
+            state, opt, resets = carry
             ids = batches[i]
+            resets = resets + self._resetting(state)
             state, opt, _ = client_lib.local_step(self.model, self.cfg, state, opt, images[ids],
                                                   labels[ids], jnp.bool_(True), lr, penalty,
                                                   example_mask=masks[i])
-            return state, opt
-        return jax.lax.fori_loop(0, num_steps, body, (state, opt))
+            return state, opt, resets
+        resets = jnp.zeros(len(self.names), jnp.int32)
+        return jax.lax.fori_loop(0, num_steps, body, (state, opt, resets))
 
     def train(self, k: int, order: np.ndarray, round_index: int):
         cfg, b = self.cfg, self.cfg.batch_size
@@ -205,8 +220,9 @@ class Replay:
         opt = client_lib.round_opt_state(cfg, state)
         lr = client_lib.learning_rate(cfg, round_index)
         penalty = cfg.th_coeff * client_lib.penalty_scale(cfg, round_index)
-        state, opt = self.local_steps(state, opt, self.train_x, self.train_y, batches, masks,
-                                      steps, lr, penalty)
+        state, opt, resets = self.local_steps(state, opt, self.train_x, self.train_y, batches,
+                                              masks, steps, lr, penalty)
+        self.resets[k] += np.asarray(resets)
         if cfg.persistent_optimizer:
             state = state.replace(opt_state=opt)
         self.clients[k] = state
@@ -218,9 +234,10 @@ class Replay:
                                 jnp.asarray(padded, jnp.int32), len(ids))
         stacked = jax.tree.map(lambda x: x[None], self.clients[k])
         count = jnp.asarray([len(ids)], jnp.int32)
-        density = float(jnp.mean(self.density(stacked, count)['layer_density']))
+        self.layer_density = np.asarray(self.density(stacked, count)['layer_density'])[0]
+        self.resets[k] += np.asarray(self._resetting(self.clients[k]))   # the test's first pass
         self.clients[k] = jax.tree.map(lambda x: x[0], self.tested(stacked, count))
-        return 100.0 * float(correct) / len(ids), density
+        return 100.0 * float(correct) / len(ids), float(np.mean(self.layer_density))
 
     def importance_update(self, k: int, delta):
         state = self.clients[k]
@@ -356,6 +373,8 @@ def test_collapse_trace_matches_the_official_code():
     meta, _ = load_trace('fmnist_collapse')
     assert meta['settings']['th_coeff'] == 0.5 and sum(meta['collapse_resets']) >= 2
     check = replay_trace('fmnist_collapse')
+    # Every client's layers collapsed and were reset as often as the official ones.
+    np.testing.assert_array_equal(check.replay.resets.reshape(-1), meta['collapse_resets'])
     print('largest deviations', check.worst)
 
 
@@ -364,3 +383,40 @@ def test_collapse_trace_tells_the_reset_timings_apart():
     earlier and leaves the official thresholds behind by far more than the tolerance."""
     with pytest.raises(AssertionError, match='thresholds'):
         replay_trace('fmnist_collapse', collapse_check='current')
+
+
+def test_replay_curve_reports_layers_and_resets_as_the_official_code(tmp_path):
+    """replay_curve.py (float32, as on the official curves' draws) on the collapse trace: every
+    client agrees in every round, and the per-layer report counts the resets and kept fractions
+    the official code had."""
+    sys.path.insert(0, HERE)
+    import replay_curve  # pylint: disable=import-outside-toplevel,import-error
+    meta, arrays = load_trace('fmnist_collapse')
+    n, rounds = meta['settings']['num_clients'], meta['settings']['comm_rounds']
+    official_resets = np.asarray(meta['collapse_resets']).reshape(n, len(meta['layers']))
+    # What a recorder keeping per-layer records draws after the last round: each layer's reset
+    # count, and the kept fraction of the test's masks (from the trace's snapshots).
+    prefix = f'r{rounds - 1}/tested'
+    for k in range(n):
+        arrays[f'{prefix}/{k}/resets'] = official_resets[k]
+        arrays[f'{prefix}/{k}/layer_density'] = np.asarray([np.mean(
+            arrays[f'{prefix}/{k}/{name}/row_abs_mean'] > arrays[f'{prefix}/{k}/threshold/{name}'])
+            for name in meta['layers']])
+    per_client = str(tmp_path / 'per_client.npz')
+    replay_curve.replay(meta, arrays, str(tmp_path), None, per_client=per_client)
+    with open(tmp_path / 'metrics.jsonl') as f:
+        records = [json.loads(line) for line in f]
+    assert [r['round'] for r in records] == list(range(1, rounds + 1))
+    for r in records:
+        assert r['clients_equal_accuracy'] == n and r['accuracy'] == r['official_accuracy'], r
+    last = records[-1]
+    assert sum(last['resets']) >= 2
+    assert last['resets'] == last['official_resets'] == official_resets.sum(axis=0).tolist()
+    assert last['clients_equal_resets'] == n
+    np.testing.assert_allclose(last['layer_density'], last['official_layer_density'], atol=1e-6)
+    assert np.mean(last['official_layer_density']) == pytest.approx(last['official_density'],
+                                                                     abs=1e-5)
+    with np.load(per_client) as f:
+        assert f['resets'].shape == (rounds, n, len(meta['layers']))
+        np.testing.assert_array_equal(f['resets'][-1], official_resets)
+        np.testing.assert_array_equal(f['official_resets'][-1], official_resets)

@@ -514,6 +514,13 @@ class _Recorder:
             prefix = f'r{self.round}/tested/{k}'
             self.arrays[f'{prefix}/accuracy'] = np.float64(acc)
             self.arrays[f'{prefix}/density'] = np.float64(density)
+            layers = [layer for _, layer in _masked_layers(client.model)]
+            # Per masked layer: the kept fraction this test's masks had, and how many times the
+            # layer has collapsed and had its thresholds reset so far (the official `zero_count`).
+            self.arrays[f'{prefix}/layer_density'] = np.asarray(
+                [float(layer.ratio) for layer in layers], np.float64)
+            self.arrays[f'{prefix}/resets'] = np.asarray(
+                [int(layer.zero_count) for layer in layers], np.int32)
             self._snapshot(prefix, client)
             return acc, loss, density
 

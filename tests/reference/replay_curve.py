@@ -22,7 +22,10 @@ the same arithmetic, rounded differently) or with `--conv_impl=xla` gives a seco
 the same draws; how far it moves from the first is how far float rounding alone moves a curve here.
 
 The output directory receives `metrics.jsonl` (our curve: round, accuracy, density, and the
-official ones from the draws as `official_accuracy` and `official_density`) and `config.json`.
+official ones from the draws as `official_accuracy` and `official_density`; per masked layer the
+mean kept fraction and the collapse resets summed over clients, ours and, where the draws hold them,
+the official ones) and `config.json`. `--per_client=FILE.npz` keeps the same per client and round,
+to find where the two runs part.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def load_draws(path: str, data_dir: str | None) -> tuple[dict, dict]:
 
 
 def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
-           conv_impl: str = 'im2col') -> None:
+           conv_impl: str = 'im2col', per_client: str | None = None) -> None:
     rp = test_reference.Replay((meta, arrays), dtype=jnp.float32, conv_impl=conv_impl)
     rounds = min(rounds or rp.rounds, rp.rounds)
     os.makedirs(out, exist_ok=True)
@@ -67,7 +70,7 @@ def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
         'official_settings': meta['settings'], 'rounds': rounds, 'dtype': 'float32',
         'conv_impl': conv_impl, 'xla_flags': os.environ.get('XLA_FLAGS', '')},
         indent=1).encode())
-    records = []
+    records, history = [], {}
     for r in range(rounds):
         start = time.time()
         sampled = arrays[f'r{r}/sampled']
@@ -84,9 +87,15 @@ def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
         if rp.importance == 'all_after':
             for k in range(rp.num_clients):
                 rp.importance_update(k, rp.delta)
-        tested = [rp.test(k) for k in range(rp.num_clients)]
+        tested, layer_density = [], []
+        for k in range(rp.num_clients):
+            tested.append(rp.test(k))
+            layer_density.append(rp.layer_density)
         official = [(float(arrays[f'r{r}/tested/{k}/accuracy']),
                      float(arrays[f'r{r}/tested/{k}/density'])) for k in range(rp.num_clients)]
+        round_history = {'accuracy': np.asarray(tested)[:, 0], 'layer_density': layer_density,
+                         'resets': rp.resets.copy(),
+                         'official_accuracy': np.asarray(official)[:, 0]}
         accuracy, density = np.mean(tested, axis=0)
         official_accuracy, official_density = np.mean(official, axis=0)
         differences = np.abs(np.asarray(tested) - np.asarray(official))
@@ -95,12 +104,30 @@ def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
             'official_accuracy': round(official_accuracy / 100.0, 6),
             'official_density': round(official_density, 6),
             'clients_equal_accuracy': int(np.sum(differences[:, 0] < 1e-3)),
-            'max_client_accuracy_difference': round(float(differences[:, 0].max()) / 100.0, 6)})
+            'max_client_accuracy_difference': round(float(differences[:, 0].max()) / 100.0, 6),
+            'layer_density': [round(float(x), 6) for x in np.mean(layer_density, axis=0)],
+            'resets': rp.resets.sum(axis=0).tolist()})
+        if f'r{r}/tested/0/resets' in arrays:   # drawn by a recorder that keeps per-layer records
+            theirs = {what: np.stack([arrays[f'r{r}/tested/{k}/{what}']
+                                      for k in range(rp.num_clients)])
+                      for what in ('layer_density', 'resets')}
+            round_history.update({f'official_{w}': v for w, v in theirs.items()})
+            records[-1].update({
+                'official_layer_density': [round(float(x), 6)
+                                           for x in theirs['layer_density'].mean(axis=0)],
+                'official_resets': theirs['resets'].sum(axis=0).tolist(),
+                'clients_equal_resets': int(np.sum(np.all(theirs['resets'] == rp.resets, axis=1)))})
+        for what, value in round_history.items():
+            history.setdefault(what, []).append(np.asarray(value))
+        if per_client:
+            np.savez_compressed(per_client, layers=np.asarray(rp.names),
+                                **{w: np.stack(v) for w, v in history.items()})
         files.write_atomic(os.path.join(out, 'metrics.jsonl'),
                            ''.join(json.dumps(x) + '\n' for x in records).encode())
         print(f'round {r + 1}/{rounds}: accuracy {accuracy:.2f} % (official '
               f'{official_accuracy:.2f}), density {density:.3f} (official {official_density:.3f}), '
-              f'{records[-1]["clients_equal_accuracy"]} clients equal, '
+              f'{records[-1]["clients_equal_accuracy"]} clients equal, resets '
+              f'{records[-1]["resets"]} (official {records[-1].get("official_resets", "-")}), '
               f'{time.time() - start:.1f} s', flush=True)
 
 
@@ -113,9 +140,12 @@ def main() -> None:
     parser.add_argument('--conv_impl', default='im2col', choices=('im2col', 'xla'),
                         help="our convolutions: the same numbers up to float rounding, so 'xla' "
                              "against the default measures how far rounding alone moves a curve")
+    parser.add_argument('--per_client', default=None,
+                        help='also write every client\'s accuracy, layer densities and reset counts '
+                             'after every round, ours and official, to this .npz')
     args = parser.parse_args()
     meta, arrays = load_draws(args.draws, args.data)
-    replay(meta, arrays, args.out, args.rounds, args.conv_impl)
+    replay(meta, arrays, args.out, args.rounds, args.conv_impl, args.per_client)
 
 
 if __name__ == '__main__':
