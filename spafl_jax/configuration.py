@@ -14,7 +14,8 @@ from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import models
 from spafl_jax.execution import CLIENT_EXECUTIONS
-from spafl_jax.federated import AGGREGATIONS, CLIENT_INITS, IMPORTANCE_UPDATES
+from spafl_jax.algorithm import AGGREGATIONS
+from spafl_jax.federated import CLIENT_INITS, IMPORTANCE_UPDATES
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 CONV_IMPLS = ('im2col', 'xla')

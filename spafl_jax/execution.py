@@ -36,11 +36,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
 from spafl_jax import federated
 from spafl_jax import xla
-from spafl_jax.client import ClientState, DataSpec, LocalConfig
-from spafl_jax.federated import ClientData, FederatedState, RoundConfig
+from spafl_jax.client import DataSpec, LocalConfig
+from spafl_jax.federated import ClientData, RoundConfig
 
 CLIENT_EXECUTIONS = ('auto', 'loop', 'map', 'vmap')
 CLIENTS = 'clients'   # the mesh axis the client dimension is sharded along
@@ -68,10 +69,10 @@ def resolve_client_execution(name: str, backend: str | None = None,
 
 
 def legacy_client_execution(name: str, backend: str | None = None) -> str:
-    """The nearest of `federated.CLIENT_EXECUTIONS` ('vmap', 'map'), for code that only knows those
+    """The nearest of `algorithm_lib.CLIENT_EXECUTIONS` ('vmap', 'map'), for code that only knows those
     (`federated.run_round`, the baselines)."""
     resolved = resolve_client_execution(name, backend)
-    return resolved if resolved in federated.CLIENT_EXECUTIONS else 'map'
+    return resolved if resolved in algorithm_lib.CLIENT_EXECUTIONS else 'map'
 
 
 AUTO_CPU_DEVICES = -1   # config.num_cpu_devices: one CPU device per core, at most one per client
@@ -259,8 +260,8 @@ def plan_evaluation(counts: np.ndarray, chunk: int, devices: int) -> tuple[np.nd
 @flax.struct.dataclass
 class RoundWork:
     """The sampled clients of a round on one device, `[per_device, ...]`, while they train."""
-    clients: ClientState     # thresholds already broadcast from the server
-    opt_state: Any           # this round's optimizer state (fresh or persistent)
+    clients: Any             # as `Algorithm.client_start` started them
+    opt_state: Any           # this round's optimizer state
     metrics: Any             # per-client sums: loss, correct, steps, flops
     batch_ids: jax.Array     # [per_device, schedule_steps, batch] example ids of every step
     batch_mask: Any          # [per_device, schedule_steps, batch] real examples; None: all full
@@ -274,7 +275,7 @@ class Lane:
     """The one client a lane is stepping, held apart from the stack so that a step reads and writes
     only this client's buffers (indexing the stack in every step doubled the step time on CPU)."""
     position: jax.Array      # [] its position in the device's stack
-    client: ClientState
+    client: Any
     opt_state: Any
     metrics: Any
 
@@ -299,10 +300,9 @@ def _store_lane(work: RoundWork, lane: Lane) -> RoundWork:
                         metrics=_put(work.metrics, i, lane.metrics))
 
 
-def _gather_sampled(local_clients, sampled):
+def _gather_sampled(local_clients, sampled, per_shard: int):
     """The clients at `sampled` (global ids, -1 = none) from a client-sharded state, each device
     getting its consecutive share: owners contribute, a reduce-scatter delivers."""
-    per_shard = jax.tree.leaves(local_clients)[0].shape[0]
     local = sampled - jax.lax.axis_index(CLIENTS) * per_shard
     owned = (local >= 0) & (local < per_shard) & (sampled >= 0)
     picked = jax.tree.map(lambda x: x[jnp.clip(local, 0, per_shard - 1)], local_clients)
@@ -317,9 +317,8 @@ def _psum_scatter(x):
     return jax.lax.psum_scatter(x, CLIENTS, scatter_dimension=0, tiled=True)
 
 
-def _scatter_sampled(local_clients, sampled, trained):
+def _scatter_sampled(local_clients, sampled, trained, per_shard: int):
     """Writes the trained clients (this device's share) back to their owners' shards."""
-    per_shard = jax.tree.leaves(local_clients)[0].shape[0]
     everyone = jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), trained)
     local = sampled - jax.lax.axis_index(CLIENTS) * per_shard
     owned = (local >= 0) & (local < per_shard) & (sampled >= 0)
@@ -342,24 +341,30 @@ def _unsqueeze(tree):
 
 
 class RoundRunner:
-    """Runs SpaFL rounds and evaluations with one execution strategy on one `clients` mesh.
+    """Runs the rounds and evaluations of an `algorithm.Algorithm` (SpaFL unless `algorithm` is
+    given) with one execution strategy on one `clients` mesh.
 
     Build it with `make_round_runner`. `run_round(state, sampled, seed_key)` takes the host-side
     sampled ids; `evaluate(state)` returns every client's correct predictions, test counts and
     densities, replicated on every host. Every function compiles once: later rounds reuse it.
+    `local_cfg` gives the batch schedule (batch size, epochs, drop_last), `round_cfg` the number
+    of sampled clients and the aggregation weights.
     """
 
     def __init__(self, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,
                  spec: DataSpec, train_data: ClientData, test_data: ClientData, *,
                  strategy: str = 'auto', mesh: Mesh | None = None, lanes: int = 0,
-                 unroll: int = 1, eval_chunk: int = 32, macs=None):
+                 unroll: int = 1, eval_chunk: int = 32, macs=None,
+                 algorithm: algorithm_lib.Algorithm | None = None):
+        self.alg = (algorithm if algorithm is not None
+                    else federated.algorithm(model, local_cfg, round_cfg, macs))
         self.model, self.local_cfg, self.round_cfg, self.spec = model, local_cfg, round_cfg, spec
-        self.macs = macs
         train_counts = np.asarray(jax.device_get(train_data.counts))
         test_counts = np.asarray(jax.device_get(test_data.counts))
         self.num_clients = len(train_counts)
         self.mesh = mesh if mesh is not None else make_mesh(self.num_clients)
         self.devices = self.mesh.devices.size
+        self.per_shard = self.num_clients // self.devices
         conv_impl = getattr(model, 'conv_impl', 'im2col')
         self.strategy = resolve_client_execution(strategy, self.mesh.devices.flat[0].platform,
                                                  conv_impl)
@@ -375,8 +380,8 @@ class RoundRunner:
         slots = max_lane_steps(self.steps_per_epoch, epochs, self.per_device)
         self.max_slots = -(-slots // self.unroll) * self.unroll
         self.eval_chunk = max(int(eval_chunk), 1)
-        if local_cfg.collapse_check == 'previous':   # no chunk straddles the first test batch's end
-            self.eval_chunk = math.gcd(self.eval_chunk, local_cfg.batch_size)
+        if self.alg.first_test_batch:   # no chunk straddles the first test batch's end
+            self.eval_chunk = math.gcd(self.eval_chunk, self.alg.first_test_batch)
 
         self._replicated = NamedSharding(self.mesh, P())
         self._sharded = NamedSharding(self.mesh, P(CLIENTS))
@@ -411,15 +416,12 @@ class RoundRunner:
                           counts=self._global(np.asarray(jax.device_get(data.counts)),
                                               self._sharded))
 
-    def state_sharding(self, state: FederatedState):
-        """Client axis sharded over the mesh; server thresholds and the round replicated."""
-        return FederatedState(
-            clients=jax.tree.map(lambda _: self._sharded, state.clients),
-            server_thresholds=jax.tree.map(lambda _: self._replicated, state.server_thresholds),
-            last_delta=jax.tree.map(lambda _: self._replicated, state.last_delta),
-            round=self._replicated)
+    def state_sharding(self, state):
+        """Client axis sharded over the mesh; the server's part and the round replicated."""
+        return jax.tree.map(lambda _: self._replicated, state).replace(
+            clients=jax.tree.map(lambda _: self._sharded, state.clients))
 
-    def place_state(self, state: FederatedState) -> FederatedState:
+    def place_state(self, state):
         """`state` laid out on the mesh (a no-op when it already is)."""
         target = self.state_sharding(state)
         if all(getattr(x, 'sharding', None) == s
@@ -445,16 +447,16 @@ class RoundRunner:
         """`jax.jit` with the compiler options measured fastest for the model (`xla.jit`)."""
         return xla.jit(fn, model=self.model, **kwargs)
 
-    def _begin(self, state: FederatedState, data: ClientData, sampled, seed_key):
-        """Gathers this device's clients, broadcasts tau_g, draws their schedules (steps 1-2)."""
+    def _begin(self, state, data: ClientData, sampled, seed_key):
+        """Gathers this device's clients, starts them, draws their schedules (steps 1-2)."""
         cfg = self.local_cfg
-        clients = _gather_sampled(state.clients, sampled)
+        clients = _gather_sampled(state.clients, sampled, self.per_shard)
         d = jax.lax.axis_index(CLIENTS)
         mine = jax.lax.dynamic_slice_in_dim(sampled, d * self.per_device, self.per_device)
         real = mine >= 0
         ids = jnp.maximum(mine, 0)
-        clients = federated.broadcast(self.round_cfg, clients, state)
-        keys = federated.client_keys(seed_key, state.round, ids)
+        clients, opt_state = algorithm_lib.start_clients(self.alg, state, clients)
+        keys = algorithm_lib.client_keys(seed_key, state.round, ids)
         counts = jnp.where(real, data.counts[ids], 0)
         max_count = data.example_ids.shape[1]
 
@@ -464,31 +466,27 @@ class RoundRunner:
                     client_lib.example_mask(cfg, batches, count))
 
         batch_ids, step_keys, batch_mask = jax.vmap(schedule)(keys, counts, data.example_ids[ids])
-        opt_state = jax.vmap(functools.partial(client_lib.round_opt_state, cfg))(clients)
-        if self.round_cfg.aggregation == 'data_size':
-            weights = counts.astype(jnp.float32)
-        else:
-            weights = real.astype(jnp.float32)
+        weights = algorithm_lib.aggregation_weights(self.round_cfg.aggregation, counts, real)
         return RoundWork(clients=clients, opt_state=opt_state, metrics=_zero_metrics(self.per_device),
                          batch_ids=batch_ids, batch_mask=batch_mask, step_keys=step_keys,
                          steps_per_epoch=client_lib.steps_per_epoch(cfg, counts), weights=weights)
 
-    def _step(self, work: RoundWork, data: ClientData, client, opt_state, position, k, valid, lr,
-              penalty_coeff):
-        """`client.local_step` on step k of the schedule of the client at `position`."""
+    def _step(self, work: RoundWork, data: ClientData, client, opt_state, position, k, valid,
+              scalars):
+        """`Algorithm.client_step` on step k of the schedule of the client at `position`."""
         ids = work.batch_ids[position, k]
         x = client_lib.preprocess(self.spec, data.images[ids], work.step_keys[position, k])
         mask = None if work.batch_mask is None else work.batch_mask[position, k]
-        return client_lib.local_step(self.model, self.local_cfg, client, opt_state, x,
-                                     data.labels[ids], valid, lr, penalty_coeff, self.macs, mask)
+        return algorithm_lib.masked_step(self.alg, client, opt_state, x, data.labels[ids], mask,
+                                         scalars, valid)
 
-    def _lane_step(self, work, data, lane: Lane, k, lr, penalty_coeff) -> Lane:
+    def _lane_step(self, work, data, lane: Lane, k, scalars) -> Lane:
         c, o, m = self._step(work, data, lane.client, lane.opt_state, lane.position, k,
-                             jnp.bool_(True), lr, penalty_coeff)
+                             jnp.bool_(True), scalars)
         return lane.replace(client=c, opt_state=o,
                             metrics=jax.tree.map(jnp.add, lane.metrics, m))
 
-    def _map_clients(self, work: RoundWork, data, lr, penalty_coeff) -> RoundWork:
+    def _map_clients(self, work: RoundWork, data, scalars) -> RoundWork:
         """'map': this device's clients one after the other, each for exactly its real steps (a
         while loop with a data-dependent trip count: no padded steps, one program per round)."""
         epochs, u = self.local_cfg.local_epochs, self.unroll
@@ -500,7 +498,7 @@ class RoundRunner:
 
             def step(j, lane):
                 return self._lane_step(work, data, lane, (j // per_epoch) * self.stride
-                                       + j % per_epoch, lr, penalty_coeff)
+                                       + j % per_epoch, scalars)
 
             def unrolled(i_trip, lane):
                 for j in range(u):
@@ -513,8 +511,8 @@ class RoundRunner:
 
         return jax.lax.fori_loop(0, self.per_device, one_client, work)
 
-    def _vmap_slots(self, work: RoundWork, data, positions, steps, valid, slots, lr,
-                    penalty_coeff) -> RoundWork:
+    def _vmap_slots(self, work: RoundWork, data, positions, steps, valid, slots,
+                    scalars) -> RoundWork:
         """'vmap': all lanes step together, `slots` times; lane l steps client positions[t, l]."""
         u = self.unroll
         direct = self.lanes == self.per_device   # lane l is client l: no gather, no scatter
@@ -522,7 +520,7 @@ class RoundRunner:
         def slot(t, work):
             if direct:
                 c, o, m = jax.vmap(lambda c, o, p, k, ok: self._step(
-                    work, data, c, o, p, k, ok, lr, penalty_coeff))(
+                    work, data, c, o, p, k, ok, scalars))(
                         work.clients, work.opt_state, jnp.arange(self.per_device), steps[t],
                         valid[t])
                 return work.replace(clients=c, opt_state=o,
@@ -530,7 +528,7 @@ class RoundRunner:
             pos = positions[t]
             take = lambda tree: jax.tree.map(lambda x: x[pos], tree)
             c, o, m = jax.vmap(lambda c, o, p, k, ok: self._step(
-                work, data, c, o, p, k, ok, lr, penalty_coeff))(
+                work, data, c, o, p, k, ok, scalars))(
                     take(work.clients), take(work.opt_state), pos, steps[t], valid[t])
             put = lambda tree, v: jax.tree.map(lambda x, y: x.at[pos].set(y), tree, v)
             return work.replace(clients=put(work.clients, c), opt_state=put(work.opt_state, o),
@@ -543,15 +541,12 @@ class RoundRunner:
 
         return jax.lax.fori_loop(0, (slots + u - 1) // u, unrolled, work)
 
-    def _finish(self, state: FederatedState, work: RoundWork, sampled, executed):
-        """Aggregates (psum over devices), applies the importance update, scatters back (3-6)."""
-        cfg = self.local_cfg
-        trained = work.clients
-        if cfg.persistent_optimizer:
-            trained = trained.replace(opt_state=work.opt_state)
-        new_state = federated.server_update(
-            self.round_cfg, state, trained.thresholds, work.weights,
-            _scatter_sampled(state.clients, sampled, trained), axis_name=CLIENTS)
+    def _finish(self, state, work: RoundWork, sampled, executed):
+        """The clients end, the server averages (psum over devices) and updates (steps 3-4)."""
+        new_state = algorithm_lib.end_round(
+            self.alg, state, work.clients, work.opt_state, work.weights,
+            lambda everyone, stored: _scatter_sampled(everyone, sampled, stored, self.per_shard),
+            axis_name=CLIENTS)
         m = work.metrics
         real = (work.steps_per_epoch > 0).astype(jnp.float32)
         sums = jax.lax.psum({
@@ -568,14 +563,9 @@ class RoundRunner:
         }
         return new_state, metrics
 
-    def _schedule_scalars(self, state):
-        r = state.round
-        return (client_lib.learning_rate(self.local_cfg, r),
-                self.local_cfg.th_coeff * client_lib.penalty_scale(self.local_cfg, r))
-
     def _build(self):
         rep, shd = P(), P(CLIENTS)
-        state_specs = FederatedState(clients=shd, server_thresholds=rep, last_delta=rep, round=rep)
+        state_specs = algorithm_lib.state_specs(self.alg, shd, rep)
         data_specs = ClientData(images=rep, labels=rep, example_ids=rep, counts=rep)
         work_specs = RoundWork(clients=shd, opt_state=shd, metrics=shd, batch_ids=shd,
                                batch_mask=shd, step_keys=shd, steps_per_epoch=shd, weights=shd)
@@ -585,12 +575,12 @@ class RoundRunner:
             def begin(state, data, sampled, seed_key, first):
                 work = self._begin(state, data, sampled, seed_key)
                 lane = _unsqueeze(_load_lane(work, first[0]))
-                return work, lane, self._schedule_scalars(state)
+                return work, lane, self.alg.round_scalars(state)
 
-            def slot(work, lane, data, steps, valid, t, lr, penalty_coeff):
+            def slot(work, lane, data, steps, valid, t, scalars):
                 # A device with nothing left to do this slot (lockstep padding) skips the step.
                 lane = _squeeze(lane)
-                step = lambda l: self._lane_step(work, data, l, steps[0, t], lr, penalty_coeff)
+                step = lambda l: self._lane_step(work, data, l, steps[0, t], scalars)
                 if self.devices == 1:   # one device never waits for another: no padded slots
                     return _unsqueeze(step(lane))
                 return _unsqueeze(jax.lax.cond(valid[0, t], step, lambda l: l, lane))
@@ -603,9 +593,9 @@ class RoundRunner:
                 return self._finish(state, _store_lane(work, _squeeze(lane)), sampled, executed)
 
             self._begin_fn = self._jit(self._shard_map(
-                begin, (state_specs, data_specs, rep, rep, shd), (work_specs, lane_specs, (rep, rep))))
+                begin, (state_specs, data_specs, rep, rep, shd), (work_specs, lane_specs, rep)))
             self._slot_fn = self._jit(self._shard_map(
-                slot, (work_specs, lane_specs, data_specs, shd, shd, rep, rep, rep), lane_specs))
+                slot, (work_specs, lane_specs, data_specs, shd, shd, rep, rep), lane_specs))
             self._switch_fn = self._jit(self._shard_map(
                 switch, (work_specs, lane_specs, shd, rep), (work_specs, lane_specs)),
                 donate_argnums=(0, 1))
@@ -615,12 +605,12 @@ class RoundRunner:
         else:
             def whole(state, data, sampled, seed_key, positions, steps, valid, slots, executed):
                 work = self._begin(state, data, sampled, seed_key)
-                lr, penalty_coeff = self._schedule_scalars(state)
+                scalars = self.alg.round_scalars(state)
                 if self.strategy == 'map':
-                    work = self._map_clients(work, data, lr, penalty_coeff)
+                    work = self._map_clients(work, data, scalars)
                 else:
                     work = self._vmap_slots(work, data, positions[0], steps[0], valid[0],
-                                            slots[0], lr, penalty_coeff)
+                                            slots[0], scalars)
                 return self._finish(state, work, sampled, executed)
 
             self._round_fn = self._jit(self._shard_map(
@@ -629,58 +619,62 @@ class RoundRunner:
 
         test_specs = ClientData(images=rep, labels=rep, example_ids=shd, counts=shd)
         if self.strategy == 'loop':
-            def eval_slot(clients, data, correct, table, valid, t):
+            def eval_slot(state, data, correct, table, valid, t):
                 i, j = table[0, t, 0], table[0, t, 1]
-                hits = self._eval_chunk(_take(clients, i), data, data.example_ids[i],
+                hits = self._eval_chunk(state, _take(state.clients, i), data, data.example_ids[i],
                                         data.counts[i], j)
                 return correct.at[i].add(jnp.where(valid[0, t], hits, 0))
 
             self._eval_slot_fn = self._jit(self._shard_map(
-                eval_slot, (shd, test_specs, shd, shd, shd, rep), shd), donate_argnums=(2,))
-            def eval_finish(clients, correct, data):
-                return self._eval_outputs(clients, correct, data)
+                eval_slot, (state_specs, test_specs, shd, shd, shd, rep), shd),
+                donate_argnums=(2,))
+
+            def eval_finish(state, correct, data):
+                return self._eval_outputs(state, correct, data)
 
             self._eval_finish_fn = self._jit(self._shard_map(
-                eval_finish, (shd, shd, test_specs), rep))
+                eval_finish, (state_specs, shd, test_specs), rep))
         else:
-            self._eval_fn = self._jit(self._shard_map(self._evaluate_local, (shd, test_specs), rep))
-        def tested(clients, data):
-            return federated.tested_clients(self.local_cfg, clients, data.counts)
+            self._eval_fn = self._jit(self._shard_map(self._evaluate_local,
+                                                      (state_specs, test_specs), rep))
 
-        self._tested_fn = self._jit(self._shard_map(tested, (shd, test_specs), shd))
+        def tested(state, data):
+            return self.alg.tested(state, state.clients, data.counts)
+
+        self._tested_fn = self._jit(self._shard_map(tested, (state_specs, test_specs), shd))
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    def _eval_chunk(self, client: ClientState, data: ClientData, example_ids, count, j):
+    def _eval_chunk(self, state, client, data: ClientData, example_ids, count, j):
         """Correct predictions of one client on its test examples [j * chunk, (j + 1) * chunk)."""
         c = self.eval_chunk
-        first, rest, _ = federated.test_thresholds(self.local_cfg, client, count)
-        thresholds = jax.tree.map(lambda x, y: jnp.where(j * c < self.local_cfg.batch_size, x, y),
-                                  first, rest)
-        variables = {'params': client.params, 'thresholds': thresholds,
-                     'batch_stats': client.batch_stats}
+        first, rest = self.alg.eval_variables(state, client, count)
+        variables = jax.tree.map(lambda x, y: jnp.where(j * c < self.alg.first_test_batch, x, y),
+                                 first, rest)
         ids = jax.lax.dynamic_slice_in_dim(example_ids, j * c, c)
-        logits = self.model.apply(variables, federated.preprocess_eval(self.spec, data.images[ids]),
-                                  train=False)
+        logits = self.alg.model.apply(
+            variables, federated.preprocess_eval(self.spec, data.images[ids]), train=False)
         position = j * c + jnp.arange(c)
         return jnp.sum((jnp.argmax(logits, -1) == data.labels[ids]) & (position < count))
 
-    def _eval_client(self, client, data, example_ids, count):
+    def _eval_client(self, state, client, data, example_ids, count):
         chunks = (count + self.eval_chunk - 1) // self.eval_chunk
         return jax.lax.fori_loop(
-            0, chunks, lambda j, acc: acc + self._eval_chunk(client, data, example_ids, count, j),
+            0, chunks,
+            lambda j, acc: acc + self._eval_chunk(state, client, data, example_ids, count, j),
             jnp.zeros((), jnp.int32))
 
-    def _evaluate_local(self, clients, data):
-        one = lambda a: self._eval_client(a[0], data, a[1], a[2])
+    def _evaluate_local(self, state, data):
+        one = lambda a: self._eval_client(state, a[0], data, a[1], a[2])
         # 'vmap' evaluates `lanes` clients at once (all of a device's clients at once would hold
         # every client's activations: 16 GB for Conv4 at 100 clients).
         batch = self.lanes if self.strategy == 'vmap' else None
-        correct = jax.lax.map(one, (clients, data.example_ids, data.counts), batch_size=batch)
-        return self._eval_outputs(clients, correct, data)
+        correct = jax.lax.map(one, (state.clients, data.example_ids, data.counts),
+                              batch_size=batch)
+        return self._eval_outputs(state, correct, data)
 
-    def _eval_outputs(self, clients, correct, data):
-        stats = federated.tested_density_stats(self.local_cfg, clients, data.counts)
+    def _eval_outputs(self, state, correct, data):
+        stats = self.alg.eval_density(state, state.clients, data.counts)
         local = {'correct': correct, 'counts': data.counts, **stats}
         return jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), local)
 
@@ -695,7 +689,7 @@ class RoundRunner:
         return plan_round(np.asarray(sampled), self.steps_per_epoch, self.local_cfg.local_epochs,
                           self.stride, self.devices, self.lanes, self.max_slots)
 
-    def run_round(self, state: FederatedState, sampled: np.ndarray, seed_key: jax.Array):
+    def run_round(self, state, sampled: np.ndarray, seed_key: jax.Array):
         """One SpaFL round for the host-side `sampled` client ids -> (new state, metrics).
 
         Nothing waits for the device inside: the plan is host arithmetic on start-up counts, and the
@@ -714,36 +708,31 @@ class RoundRunner:
             positions = plan.positions[:, :, 0]
             steps, valid = sharded(plan.steps[:, :, 0]), sharded(plan.valid[:, :, 0])
             positions_dev = sharded(positions)
-            work, lane, (lr, penalty_coeff) = self._begin_fn(
+            work, lane, scalars = self._begin_fn(
                 state, self.train_data, sampled_dev, key, sharded(positions[:, 0]))
             for t in range(int(plan.slots.max())):
                 if t and np.any(positions[:, t] != positions[:, t - 1]):
                     work, lane = self._switch_fn(work, lane, positions_dev, np.int32(t))
-                lane = self._slot_fn(work, lane, self.train_data, steps, valid, np.int32(t), lr,
-                                     penalty_coeff)
+                lane = self._slot_fn(work, lane, self.train_data, steps, valid, np.int32(t),
+                                     scalars)
             return self._finish_fn(state, work, lane, sampled_dev, executed)
         tables = tuple(sharded(x) for x in (plan.positions, plan.steps, plan.valid))
         return self._round_fn(state, self.train_data, sampled_dev, key, *tables,
                               sharded(plan.slots), executed)
 
-    def _placed_clients(self, clients):
-        return jax.tree.map(lambda x: x if getattr(x, 'sharding', None) == self._sharded
-                            else self._global(x, self._sharded), clients)
-
-    def tested_state(self, state: FederatedState) -> FederatedState:
-        """`state` as testing every client leaves it: the same state unless the collapse check is
-        'previous', where a test's collapse resets stay in the clients (`federated.test_thresholds`)."""
-        if self.local_cfg.collapse_check != 'previous':
+    def tested_state(self, state):
+        """`state` as testing every client leaves it (`Algorithm.tested`): the same state unless a
+        test changes the clients (SpaFL's official collapse check, `federated.test_thresholds`)."""
+        if self.alg.tested is algorithm_lib.unchanged:
             return state
-        return state.replace(clients=self._tested_fn(self._placed_clients(state.clients),
-                                                     self.test_data))
+        state = self.place_state(state)
+        return state.replace(clients=self._tested_fn(state, self.test_data))
 
-    def evaluate(self, state_or_clients) -> dict:
+    def evaluate(self, state) -> dict:
         """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""
-        clients = getattr(state_or_clients, 'clients', state_or_clients)
-        clients = self._placed_clients(clients)
+        state = self.place_state(state)
         if self.strategy != 'loop':
-            return self._eval_fn(clients, self.test_data)
+            return self._eval_fn(state, self.test_data)
         if self._eval_table is None:
             table, valid = plan_evaluation(self.test_counts, self.eval_chunk, self.devices)
             self._eval_table = (self._global(table, self._sharded),
@@ -751,9 +740,9 @@ class RoundRunner:
         table, valid, length = self._eval_table
         correct = self._global(np.zeros(self.num_clients, np.int32), self._sharded)
         for t in range(length):
-            correct = self._eval_slot_fn(clients, self.test_data, correct, table, valid,
+            correct = self._eval_slot_fn(state, self.test_data, correct, table, valid,
                                          np.int32(t))
-        return self._eval_finish_fn(clients, correct, self.test_data)
+        return self._eval_finish_fn(state, correct, self.test_data)
 
 
 def make_round_runner(config, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import checks
 from spafl_jax import client as client_lib
 from spafl_jax import data as data_lib
@@ -35,8 +36,6 @@ from spafl_jax import xla
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 
 IMPORTANCE_UPDATES = ('all_after', 'sampled_before', 'none')
-AGGREGATIONS = ('uniform', 'data_size')
-CLIENT_EXECUTIONS = ('vmap', 'map')
 
 
 @flax.struct.dataclass
@@ -68,8 +67,9 @@ class RoundConfig:
         checks.number(name, 'clients_per_round', self.clients_per_round, positive=True,
                       integer=True)
         checks.choice(name, 'importance_update', self.importance_update, IMPORTANCE_UPDATES)
-        checks.choice(name, 'aggregation', self.aggregation, AGGREGATIONS)
-        checks.choice(name, 'client_execution', self.client_execution, CLIENT_EXECUTIONS)
+        checks.choice(name, 'aggregation', self.aggregation, algorithm_lib.AGGREGATIONS)
+        checks.choice(name, 'client_execution', self.client_execution,
+                      algorithm_lib.CLIENT_EXECUTIONS)
 
 
 def make_client_data(images: np.ndarray, labels: np.ndarray, client_indices) -> ClientData:
@@ -144,42 +144,29 @@ def layer_macs(model: nn.Module, variables, image_shape):
         {path[:-1] + ('threshold',): float(value[0]) for path, value in flat.items()})
 
 
-def client_keys(seed_key: jax.Array, round_index, client_ids: jax.Array) -> jax.Array:
-    """Randomness derives from (seed, round, client id) only."""
-    round_key = jax.random.fold_in(seed_key, round_index)
-    return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
-
-
-def _take(tree, idx):
-    return jax.tree.map(lambda x: x[idx], tree)
-
-
-def _put(tree, idx, values):
-    return jax.tree.map(lambda x, v: x.at[idx].set(v), tree, values)
-
-
-def broadcast(round_cfg: RoundConfig, clients: ClientState, state: FederatedState) -> ClientState:
-    """Step 2 of docs/algorithm.md, section 3: the sampled `clients` ([n, ...]) receive tau_g and,
-    under `importance_update='sampled_before'` (the FMNIST folder), last round's importance update."""
-    n = jax.tree.leaves(clients.thresholds)[0].shape[0]
-    clients = clients.replace(thresholds=jax.tree.map(
-        lambda t: jnp.broadcast_to(t, (n, *t.shape)), state.server_thresholds))
+def start_client(round_cfg: RoundConfig, cfg: LocalConfig, state: FederatedState,
+                 stored: ClientState):
+    """Step 2 of docs/algorithm.md, section 3, for one sampled client: it receives tau_g and, under
+    `importance_update='sampled_before'` (the FMNIST folder), last round's importance update.
+    Returns (client, the optimizer state its local work starts from)."""
+    client = stored.replace(thresholds=state.server_thresholds)
     if round_cfg.importance_update == 'sampled_before':
-        clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
-            clients.params, state.last_delta))
-    return clients
+        client = client.replace(params=server.importance_update(client.params, state.last_delta))
+    return client, client_lib.round_opt_state(cfg, client)
 
 
-def server_update(round_cfg: RoundConfig, state: FederatedState, trained_thresholds, weights,
-                  clients: ClientState, axis_name: str | None = None) -> FederatedState:
-    """Steps 4-6: tau_g becomes the (weighted) mean of the trained clients' thresholds; its change
-    reaches every client's weights under `importance_update='all_after'` (the CIFAR folders).
+def end_client(cfg: LocalConfig, client: ClientState, opt_state):
+    """Step 3's end: the client keeps its model (and its momentum if persistent), sends tau_k."""
+    if cfg.persistent_optimizer:
+        client = client.replace(opt_state=opt_state)
+    return client, client.thresholds
 
-    `trained_thresholds` ([n, ...]) and `weights` ([n], None for equal weights) are the sampled
-    clients'; `clients` is every client, the trained ones already written back. With `axis_name`
-    the client axis is sharded and the mean is a weighted `pmean` over it.
-    """
-    new_global = server.aggregate(trained_thresholds, weights, axis_name=axis_name)
+
+def server_update(round_cfg: RoundConfig, state: FederatedState, new_global,
+                  clients: ClientState) -> FederatedState:
+    """Steps 4-6: tau_g becomes `new_global` (the mean of the trained clients' thresholds); its
+    change reaches every client's weights under `importance_update='all_after'` (the CIFAR folders).
+    `clients` is every client, the trained ones already written back."""
     delta = jax.tree.map(jnp.subtract, new_global, state.server_thresholds)
     if round_cfg.importance_update == 'all_after':
         clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
@@ -188,48 +175,50 @@ def server_update(round_cfg: RoundConfig, state: FederatedState, trained_thresho
                           round=state.round + 1)
 
 
+def algorithm(model: nn.Module, cfg: LocalConfig, round_cfg: RoundConfig,
+              macs=None) -> algorithm_lib.Algorithm:
+    """SpaFL as an `algorithm.Algorithm`: what `run_round` and `execution.RoundRunner` drive."""
+    previous = cfg.collapse_check == 'previous'   # a test changes the clients (`test_thresholds`)
+
+    def round_scalars(state):
+        r = state.round
+        return client_lib.learning_rate(cfg, r), cfg.th_coeff * client_lib.penalty_scale(cfg, r)
+
+    def client_step(client, opt_state, x, y, example_mask, scalars):
+        lr, penalty_coeff = scalars
+        return client_lib.local_step(model, cfg, client, opt_state, x, y, jnp.bool_(True), lr,
+                                     penalty_coeff, macs, example_mask)
+
+    def eval_variables(state, client, count):
+        del state
+        first, rest, _ = test_thresholds(cfg, client, count)
+        variables = lambda t: {'params': client.params, 'thresholds': t,
+                               'batch_stats': client.batch_stats}
+        return variables(first), variables(rest)
+
+    return algorithm_lib.Algorithm(
+        name='spafl', model=model, state_type=FederatedState, round_scalars=round_scalars,
+        client_start=functools.partial(start_client, round_cfg, cfg),
+        client_step=client_step,
+        client_end=functools.partial(end_client, cfg),
+        server_update=functools.partial(server_update, round_cfg),
+        eval_variables=eval_variables,
+        eval_density=lambda state, clients, counts: tested_density_stats(cfg, clients, counts),
+        tested=(lambda state, clients, counts: tested_clients(cfg, clients, counts)) if previous
+        else algorithm_lib.unchanged,
+        first_test_batch=cfg.batch_size if previous else 0)
+
+
 def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
               state: FederatedState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
               macs=None):
-    """One SpaFL round (docs/algorithm.md, section 3), the readable reference of
-    `execution.RoundRunner`. `sampled` holds the [clients_per_round] client ids."""
-    r = state.round
-    clients = broadcast(round_cfg, _take(state.clients, sampled), state)
-    # 3. local training
-    train = functools.partial(client_lib.local_update, model, local_cfg, spec, macs=macs)
-    args = (clients, data.example_ids[sampled], data.counts[sampled],
-            client_keys(seed_key, r, sampled))
-    one = lambda c, ids, n, key: train(c, data.images, data.labels, ids, n, key, r)
-    if round_cfg.client_execution == 'vmap':
-        clients, metrics = jax.vmap(one)(*args)
-    else:
-        clients, metrics = jax.lax.map(lambda a: one(*a), args)
-    # 4-6. aggregate, and the importance update
-    weights = (data.counts[sampled] if round_cfg.aggregation == 'data_size' else None)
-    new_state = server_update(round_cfg, state, clients.thresholds, weights,
-                              _put(state.clients, sampled, clients))
-    return new_state, round_metrics(metrics, round_cfg.client_execution)
-
-
-def round_metrics(metrics, client_execution: str) -> dict:
-    """A round's scalar metrics from the sampled clients' summed metrics (loss, correct, steps, flops).
-
-    `max_steps` counts the local steps the round executed, padding included, as
-    `execution.RoundRunner` counts them, so that `local_steps / max_steps` is the useful-step
-    fraction of every method and engine: under 'vmap' every client's loop runs as long as the
-    longest client's; under 'map' each client runs its own steps only.
-    """
-    steps = jnp.maximum(metrics['steps'], 1.0)
-    executed = (metrics['steps'].shape[0] * jnp.max(metrics['steps'])
-                if client_execution == 'vmap' else jnp.sum(metrics['steps']))
-    return {
-        'train_loss': jnp.mean(metrics['loss'] / steps),
-        'train_accuracy': jnp.sum(metrics['correct']) / jnp.maximum(jnp.sum(metrics['examples']),
-                                                                     1.0),
-        'local_steps': jnp.sum(metrics['steps']),
-        'flops': jnp.sum(metrics['flops']),
-        'max_steps': jnp.asarray(executed, jnp.float32),
-    }
+    """One SpaFL round (docs/algorithm.md, section 3): `algorithm.run_round` of `algorithm(...)`,
+    the readable reference of `execution.RoundRunner`. `sampled` holds the [clients_per_round]
+    client ids."""
+    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs), local_cfg, spec,
+                                   state, data, sampled, seed_key,
+                                   aggregation=round_cfg.aggregation,
+                                   client_execution=round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):

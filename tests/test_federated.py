@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
 from spafl_jax import data as data_lib
 from spafl_jax import federated
@@ -144,7 +145,7 @@ def test_one_round_changes_exactly_what_it_should(setup, mode):
     new, metrics = federated.run_round(model, cfg, round_cfg, spec, state, train, sampled, seed_key)
 
     # By hand: broadcast, (importance update before), local training, mean, delta, (update after).
-    keys = federated.client_keys(seed_key, 0, sampled)
+    keys = algorithm_lib.client_keys(seed_key, 0, sampled)
     trained = []
     for i, k in enumerate(np.asarray(sampled)):
         c = _take(state.clients, k).replace(thresholds=state.server_thresholds)
@@ -320,8 +321,8 @@ def test_max_steps_counts_the_steps_each_engine_executes():
     metrics = {'steps': jnp.array([3.0, 5.0, 2.0]), 'loss': jnp.array([3.0, 10.0, 1.0]),
                'correct': jnp.array([10.0, 20.0, 5.0]), 'examples': jnp.array([30.0, 50.0, 20.0]),
                'flops': jnp.array([1.0, 2.0, 3.0])}
-    vmapped = federated.round_metrics(metrics, 'vmap')
-    mapped = federated.round_metrics(metrics, 'map')
+    vmapped = algorithm_lib.round_metrics(metrics, 'vmap')
+    mapped = algorithm_lib.round_metrics(metrics, 'map')
     assert float(vmapped['max_steps']) == 15.0 and float(mapped['max_steps']) == 10.0
     for m in (vmapped, mapped):
         assert float(m['local_steps']) == 10.0 and float(m['flops']) == 6.0

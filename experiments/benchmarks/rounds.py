@@ -25,6 +25,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
 from spafl_jax import data as data_lib
 from spafl_jax import execution
@@ -77,7 +78,7 @@ def python_loop_round(model, cfg, spec, state, data, sampled, seed_key, r):
     for c in sampled:
         client = jax.tree.map(lambda x: x[c], state.clients)
         opt = client_lib.make_optimizer(cfg).init((client.params, client.thresholds))
-        key = federated.client_keys(seed_key, r, jnp.asarray([c]))[0]
+        key = algorithm_lib.client_keys(seed_key, r, jnp.asarray([c]))[0]
         batches = python_loop_round.schedule(key, data.counts[c])
         per_epoch = int(python_loop_round.counts[c]) // cfg.batch_size
         stride = data.example_ids.shape[1] // cfg.batch_size

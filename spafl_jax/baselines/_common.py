@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
 from spafl_jax import federated
 from spafl_jax import masking
@@ -128,7 +129,7 @@ def map_clients(fn: Callable, args: tuple, execution: str):
         return jax.vmap(fn)(*args)
     if execution == 'map':
         return jax.lax.map(lambda a: fn(*a), args)
-    raise ValueError(f'client_execution={execution!r}: use one of {federated.CLIENT_EXECUTIONS}.')
+    raise ValueError(f'client_execution={execution!r}: use one of {algorithm_lib.CLIENT_EXECUTIONS}.')
 
 
 def compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg):
@@ -147,7 +148,7 @@ def client_weights(aggregation: str, data: ClientData, sampled: jax.Array) -> ja
         return data.counts[sampled].astype(jnp.float32)
     if aggregation == 'uniform':
         return jnp.ones(sampled.shape, jnp.float32)
-    raise ValueError(f'aggregation={aggregation!r}: use one of {federated.AGGREGATIONS}.')
+    raise ValueError(f'aggregation={aggregation!r}: use one of {algorithm_lib.AGGREGATIONS}.')
 
 
 def masked_mean(values, holds, weights: jax.Array, previous):

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spafl_jax import federated
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import xla
 from spafl_jax.baselines import _common
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
@@ -77,14 +77,14 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
                                  data.images, data.labels, ids, count, key, r)
 
     args = (data.example_ids[sampled], data.counts[sampled],
-            federated.client_keys(seed_key, r, sampled))
+            algorithm_lib.client_keys(seed_key, r, sampled))
     params, batch_stats, metrics = _common.map_clients(one, args, round_cfg.client_execution)
     weights = _common.client_weights(round_cfg.aggregation, data, sampled)
     new_state = FedAvgState(
         params=_common.masked_mean(params, None, weights, state.params),
         batch_stats=_common.masked_mean(batch_stats, None, weights, state.batch_stats),
         thresholds=state.thresholds, round=r + 1)
-    return new_state, federated.round_metrics(metrics, round_cfg.client_execution)
+    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedAvgConfig()):

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spafl_jax import federated
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import masking
 from spafl_jax import xla
 from spafl_jax.baselines import _common
@@ -174,7 +174,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
         return upload, batch_stats, metrics
 
     args = (_common.take(state.batch_stats, sampled), data.example_ids[sampled], data.counts[sampled],
-            federated.client_keys(seed_key, r, sampled))
+            algorithm_lib.client_keys(seed_key, r, sampled))
     uploads, batch_stats, metrics = _common.map_clients(one, args, round_cfg.client_execution)
 
     # Bayesian aggregation: the received masks are Bernoulli observations of theta.
@@ -189,7 +189,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
     new_state = state.replace(probabilities=theta, alpha=alpha, beta=beta,
                               batch_stats=_common.put(state.batch_stats, sampled, batch_stats),
                               round=r + 1)
-    return new_state, federated.round_metrics(metrics, round_cfg.client_execution)
+    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedPMConfig()):

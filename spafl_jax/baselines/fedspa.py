@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
-from spafl_jax import federated
 from spafl_jax import masking
 from spafl_jax import xla
 from spafl_jax.baselines import _common
@@ -236,7 +236,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
     masks = _common.take(state.masks, sampled)
     mine = _common.take(state.clients, sampled)
     args = (masks, mine.batch_stats, data.example_ids[sampled], data.counts[sampled],
-            federated.client_keys(seed_key, r, sampled))
+            algorithm_lib.client_keys(seed_key, r, sampled))
     params, batch_stats, new_masks, metrics = _common.map_clients(one, args,
                                                                   round_cfg.client_execution)
     weights = _common.client_weights(round_cfg.aggregation, data, sampled)
@@ -247,7 +247,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
                                                                batch_stats=batch_stats))
     new_state = FedSpaState(clients=clients, masks=_common.put(state.masks, sampled, new_masks),
                             global_params=global_params, round=r + 1)
-    return new_state, federated.round_metrics(metrics, round_cfg.client_execution)
+    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedSpaConfig()):

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafl_jax import federated
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import masking
 from spafl_jax import xla
 from spafl_jax.baselines import _common
@@ -190,7 +190,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
         return params, batch_stats, param_masks, stat_masks, metrics
 
     args = (state.client_rates[sampled], data.example_ids[sampled], data.counts[sampled],
-            federated.client_keys(seed_key, r, sampled))
+            algorithm_lib.client_keys(seed_key, r, sampled))
     params, batch_stats, param_masks, stat_masks, metrics = _common.map_clients(
         one, args, round_cfg.client_execution)
     weights = _common.client_weights(round_cfg.aggregation, data, sampled)
@@ -198,7 +198,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
         params=_common.masked_mean(params, param_masks, weights, state.params),
         batch_stats=_common.masked_mean(batch_stats, stat_masks, weights, state.batch_stats),
         round=r + 1)
-    return new_state, federated.round_metrics(metrics, round_cfg.client_execution)
+    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=HeteroFLConfig()):

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import federated
 from spafl_jax import xla
 from spafl_jax.baselines import _common
@@ -80,12 +81,12 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
 
     mine = _common.take(state.clients, sampled)
     args = (mine.params, mine.batch_stats, data.example_ids[sampled], data.counts[sampled],
-            federated.client_keys(seed_key, r, sampled))
+            algorithm_lib.client_keys(seed_key, r, sampled))
     params, batch_stats, metrics = _common.map_clients(one, args, round_cfg.client_execution)
     clients = _common.put(state.clients, sampled,
                           mine.replace(params=params, batch_stats=batch_stats))
     new_state = LocalState(clients=clients, round=r + 1)
-    return new_state, federated.round_metrics(metrics, round_cfg.client_execution)
+    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=LocalOnlyConfig()):

@@ -1,0 +1,223 @@
+"""A federated algorithm as a value, and the one round that drives any of them.
+
+An `Algorithm` is a handful of pure functions: what a sampled client starts its local work from,
+one local step, what the client keeps and what it sends, and what the server makes of the mean of
+what was sent. A round is the same for every algorithm (docs/algorithm.md, section 3):
+
+  1. the sampled clients' stored states are gathered and each starts its local work:
+     `client_start(state, stored) -> (client, opt_state)` (SpaFL: tau_g broadcast; FedAvg: a copy
+     of the global model);
+  2. each runs its real local steps, in the order `client.local_schedule` draws from
+     (seed, round, client id): `client_step(client, opt_state, x, y, example_mask, scalars)
+     -> (client, opt_state, metrics)`, with `scalars = round_scalars(state)` (the learning rate...);
+  3. each ends: `client_end(client, opt_state) -> (stored, message)`: what it keeps, what it sends;
+  4. the server takes the weighted mean of the messages (`server.aggregate`, a `pmean` when the
+     clients are sharded: `end_round` is its only caller) and
+     `server_update(state, mean, clients) -> state` gives the next state from it and every client's
+     stored state, the trained ones already written back.
+
+`run_round` below is the readable reference: the sampled clients vmapped (or `lax.map`ped) on one
+device. `execution.RoundRunner` is the backend the runner uses: the same functions on a `clients`
+mesh, clients packed onto lanes, across hosts. Neither knows what an algorithm's state holds.
+
+The state an algorithm works on is a flax struct dataclass (`Algorithm.state_type`) with a field
+`clients`, whose leaves are `[num_clients, ...]` (sharded along the mesh; `()` when clients keep
+nothing between rounds, as in FedAvg) and a field `round` (rounds completed); every other field is
+the server's and replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spafl_jax import client as client_lib
+from spafl_jax import server
+from spafl_jax.client import DataSpec, LocalConfig
+
+CLIENT_EXECUTIONS = ('vmap', 'map')
+AGGREGATIONS = ('uniform', 'data_size')
+METRICS = ('loss', 'correct', 'steps', 'flops', 'examples')   # what `client_step` returns
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """A federated algorithm: the functions one round calls (see the module docstring).
+
+    Training:
+      round_scalars(state) -> the pytree of scalars every local step of the round uses.
+      client_start(state, stored) -> (client, opt_state) of one sampled client.
+      client_step(client, opt_state, x, y, example_mask, scalars) -> (client, opt_state, metrics):
+        one step on a preprocessed batch; `example_mask` [batch] marks the real examples of a
+        partial batch, or is None; metrics are the scalars named in `METRICS` (steps = 1).
+      client_end(client, opt_state) -> (stored, message).
+      server_update(state, mean_message, clients) -> the next state (its `round` one higher).
+    Evaluation (each client on its own test split, with the model `model`):
+      eval_variables(state, stored, count) -> (first, rest): the model variables of the client's
+        first test batch of `first_test_batch` examples and of the later ones (the same unless a
+        test changes the model as it runs, as SpaFL's official collapse check does).
+      eval_density(state, clients, counts) -> {'layer_density': [n, L], 'kept_weights': [n]}.
+      tested(state, clients, counts) -> the clients as their test leaves them.
+    """
+    name: str
+    model: nn.Module
+    state_type: type
+    round_scalars: Callable[..., Any]
+    client_start: Callable[..., Any]
+    client_step: Callable[..., Any]
+    client_end: Callable[..., Any]
+    server_update: Callable[..., Any]
+    eval_variables: Callable[..., Any]
+    eval_density: Callable[..., Any]
+    tested: Callable[..., Any] = None   # default: `unchanged`
+    first_test_batch: int = 0
+
+    def __post_init__(self):
+        if self.tested is None:
+            object.__setattr__(self, 'tested', unchanged)
+
+
+def unchanged(state, clients, counts):
+    """`Algorithm.tested` of an algorithm whose test leaves the clients as they are."""
+    del state, counts
+    return clients
+
+
+def keeps_clients(state) -> bool:
+    """Whether the clients keep a state of their own between rounds."""
+    return bool(jax.tree.leaves(state.clients))
+
+
+def state_specs(alg: Algorithm, sharded, replicated):
+    """A prefix of the algorithm's state: `sharded` for the clients, `replicated` for the rest."""
+    return alg.state_type(**{f.name: sharded if f.name == 'clients' else replicated
+                             for f in dataclasses.fields(alg.state_type)})
+
+
+def aggregation_weights(aggregation: str, counts: jax.Array, real: jax.Array) -> jax.Array:
+    """[sampled] weights of the mean: equal ('uniform', the official code), or the training-set
+    sizes ('data_size'); 0 where `real` is False (an empty position)."""
+    if aggregation == 'data_size':
+        return jnp.where(real, counts, 0).astype(jnp.float32)
+    return real.astype(jnp.float32)
+
+
+def start_clients(alg: Algorithm, state, stored):
+    """Step 1 for `[n, ...]` gathered clients: (clients, optimizer states)."""
+    return jax.vmap(alg.client_start, in_axes=(None, 0))(state, stored)
+
+
+def masked_step(alg: Algorithm, client, opt_state, x, y, example_mask, scalars, valid):
+    """`client_step`, or nothing where `valid` is False (a padded step of a short client)."""
+    new_client, new_opt, metrics = alg.client_step(client, opt_state, x, y, example_mask, scalars)
+    keep = lambda new, old: jnp.where(valid, new, old)
+    return (jax.tree.map(keep, new_client, client), jax.tree.map(keep, new_opt, opt_state),
+            jax.tree.map(lambda m: m * valid.astype(m.dtype), metrics))
+
+
+def end_round(alg: Algorithm, state, trained, opt_state, weights, write_back,
+              axis_name: str | None = None):
+    """Steps 3-4: the trained clients end, the server averages their messages and updates.
+
+    `trained`, `opt_state`, `weights` are the `[n, ...]` trained clients (weight 0: an empty
+    position); `write_back(clients, stored)` puts their stored states into all of `state.clients`.
+    With `axis_name` the clients are sharded along it and the mean is a `pmean` over it.
+    """
+    stored, messages = jax.vmap(alg.client_end)(trained, opt_state)
+    mean = server.aggregate(messages, weights, axis_name=axis_name)
+    return alg.server_update(state, mean, write_back(state.clients, stored))
+
+
+def client_keys(seed_key: jax.Array, round_index, client_ids: jax.Array) -> jax.Array:
+    """Randomness derives from (seed, round, client id) only."""
+    round_key = jax.random.fold_in(seed_key, round_index)
+    return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
+
+
+def local_work(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, client, opt_state, scalars,
+               images, labels, example_ids, count, key):
+    """Step 2 for one client: its real local steps, each on the batch `local_schedule` drew.
+
+    `images`, `labels` are the whole training set; `example_ids` [max_count] the client's indices
+    into it (padded), `count` how many are real. Returns (client, opt_state, metrics summed over
+    its steps).
+    """
+    max_count = example_ids.shape[0]
+    batches, _, keys = client_lib.local_schedule(cfg, key, count, max_count)
+
+    def body(carry, index):
+        client, opt_state = carry
+        positions = batches[index]
+        ids = client_lib.example_ids_of(example_ids, positions)
+        x = client_lib.preprocess(spec, images[ids], keys[index])
+        client, opt_state, metrics = alg.client_step(
+            client, opt_state, x, labels[ids], client_lib.example_mask(cfg, positions, count),
+            scalars)
+        return (client, opt_state), metrics
+
+    (client, opt_state), metrics = client_lib.over_real_steps(cfg, body, (client, opt_state),
+                                                              count, max_count)
+    return client, opt_state, metrics
+
+
+def take(tree, idx):
+    return jax.tree.map(lambda x: x[idx], tree)
+
+
+def put(tree, idx, values):
+    return jax.tree.map(lambda x, v: x.at[idx].set(v), tree, values)
+
+
+def run_round(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, state, data, sampled: jax.Array,
+              seed_key: jax.Array, *, aggregation: str = 'uniform',
+              client_execution: str = 'vmap'):
+    """One round of `alg` for the `[clients_per_round]` ids `sampled` on one device: the readable
+    reference of `execution.RoundRunner`. `data` is a `federated.ClientData`; returns
+    (next state, `round_metrics`)."""
+    if client_execution not in CLIENT_EXECUTIONS:
+        raise ValueError(f'client_execution={client_execution!r}; use one of '
+                         f'{", ".join(CLIENT_EXECUTIONS)}.')
+    clients, opt_state = start_clients(alg, state, take(state.clients, sampled))
+    scalars = alg.round_scalars(state)
+    counts = data.counts[sampled]
+
+    def one(client, opt, example_ids, count, key):
+        return local_work(alg, cfg, spec, client, opt, scalars, data.images, data.labels,
+                          example_ids, count, key)
+
+    args = (clients, opt_state, data.example_ids[sampled], counts,
+            client_keys(seed_key, state.round, sampled))
+    if client_execution == 'vmap':
+        clients, opt_state, metrics = jax.vmap(one)(*args)
+    else:
+        clients, opt_state, metrics = jax.lax.map(lambda a: one(*a), args)
+    weights = aggregation_weights(aggregation, counts, jnp.ones(counts.shape, bool))
+    new_state = end_round(alg, state, clients, opt_state, weights,
+                          lambda everyone, stored: put(everyone, sampled, stored))
+    return new_state, round_metrics(metrics, client_execution)
+
+
+def round_metrics(metrics, client_execution: str) -> dict:
+    """A round's scalar metrics from the sampled clients' summed metrics (`METRICS`).
+
+    `max_steps` counts the local steps the round executed, padding included, as
+    `execution.RoundRunner` counts them, so that `local_steps / max_steps` is the useful-step
+    fraction of every method and backend: under 'vmap' every client's loop runs as long as the
+    longest client's; under 'map' each client runs its own steps only.
+    """
+    steps = jnp.maximum(metrics['steps'], 1.0)
+    executed = (metrics['steps'].shape[0] * jnp.max(metrics['steps'])
+                if client_execution == 'vmap' else jnp.sum(metrics['steps']))
+    return {
+        'train_loss': jnp.mean(metrics['loss'] / steps),
+        'train_accuracy': jnp.sum(metrics['correct']) / jnp.maximum(jnp.sum(metrics['examples']),
+                                                                     1.0),
+        'local_steps': jnp.sum(metrics['steps']),
+        'flops': jnp.sum(metrics['flops']),
+        'max_steps': jnp.asarray(executed, jnp.float32),
+    }
+
