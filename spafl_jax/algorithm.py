@@ -29,6 +29,7 @@ the server's and replicated.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -106,9 +107,10 @@ def aggregation_weights(aggregation: str, counts: jax.Array, real: jax.Array) ->
     return real.astype(jnp.float32)
 
 
-def start_clients(alg: Algorithm, state, stored):
-    """Step 1 for `[n, ...]` gathered clients: (clients, optimizer states)."""
-    return jax.vmap(alg.client_start, in_axes=(None, 0))(state, stored)
+def start_clients(alg: Algorithm, state, stored, n: int):
+    """Step 1 for `n` gathered clients (`stored` `[n, ...]`, or () when clients keep nothing):
+    (clients, optimizer states), each `[n, ...]`."""
+    return jax.vmap(lambda s, _: alg.client_start(state, s))(stored, jnp.arange(n))
 
 
 def masked_step(alg: Algorithm, client, opt_state, x, y, example_mask, scalars, valid):
@@ -181,7 +183,7 @@ def run_round(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, state, data, sam
     if client_execution not in CLIENT_EXECUTIONS:
         raise ValueError(f'client_execution={client_execution!r}; use one of '
                          f'{", ".join(CLIENT_EXECUTIONS)}.')
-    clients, opt_state = start_clients(alg, state, take(state.clients, sampled))
+    clients, opt_state = start_clients(alg, state, take(state.clients, sampled), sampled.shape[0])
     scalars = alg.round_scalars(state)
     counts = data.counts[sampled]
 
@@ -221,3 +223,41 @@ def round_metrics(metrics, client_execution: str) -> dict:
         'max_steps': jnp.asarray(executed, jnp.float32),
     }
 
+
+
+def evaluate_client(alg: Algorithm, spec: DataSpec, state, stored, images, labels, example_ids,
+                    count, batch_size: int):
+    """Correct predictions of one client's model on its own (padded) test examples; only the
+    batches that hold real examples run."""
+    first, rest = alg.eval_variables(state, stored, count)
+    if alg.first_test_batch:   # no batch may straddle the first test batch's end
+        batch_size = math.gcd(batch_size, alg.first_test_batch)
+    num_batches = -(-example_ids.shape[0] // batch_size)
+    padded = jnp.pad(example_ids, (0, num_batches * batch_size - example_ids.shape[0]))
+
+    def body(b, correct):
+        start = b * batch_size
+        ids = jax.lax.dynamic_slice(padded, (start,), (batch_size,))
+        variables = jax.tree.map(lambda x, y: jnp.where(start < alg.first_test_batch, x, y),
+                                 first, rest)
+        logits = alg.model.apply(variables, client_lib.preprocess(spec, images[ids], None),
+                                 train=False)
+        hit = (jnp.argmax(logits, -1) == labels[ids]) & (start + jnp.arange(batch_size) < count)
+        return correct + jnp.sum(hit, dtype=jnp.int32)
+
+    return jax.lax.fori_loop(0, (count + batch_size - 1) // batch_size, body,
+                             jnp.zeros((), jnp.int32))
+
+
+def evaluate(alg: Algorithm, spec: DataSpec, state, data, batch_size: int) -> dict:
+    """Every client on its own test split (`data`, a `federated.ClientData`), one after another:
+    the reference of `execution.RoundRunner.evaluate`. Returns correct [N], counts [N],
+    layer_density [N, L] and kept_weights [N]."""
+    def one(args):
+        stored, example_ids, count = args
+        return evaluate_client(alg, spec, state, stored, data.images, data.labels, example_ids,
+                               count, batch_size)
+
+    correct = jax.lax.map(one, (state.clients, data.example_ids, data.counts))
+    return {'correct': correct, 'counts': data.counts,
+            **alg.eval_density(state, state.clients, data.counts)}

@@ -455,7 +455,8 @@ class RoundRunner:
         mine = jax.lax.dynamic_slice_in_dim(sampled, d * self.per_device, self.per_device)
         real = mine >= 0
         ids = jnp.maximum(mine, 0)
-        clients, opt_state = algorithm_lib.start_clients(self.alg, state, clients)
+        clients, opt_state = algorithm_lib.start_clients(self.alg, state, clients,
+                                                         self.per_device)
         keys = algorithm_lib.client_keys(seed_key, state.round, ids)
         counts = jnp.where(real, data.counts[ids], 0)
         max_count = data.example_ids.shape[1]
@@ -747,31 +748,33 @@ class RoundRunner:
 
 def make_round_runner(config, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,
                       spec: DataSpec, train_data: ClientData, test_data: ClientData,
-                      macs=None) -> RoundRunner:
-    """The SpaFL runner a config asks for (strategy, lanes, unroll, evaluation chunk)."""
+                      macs=None, algorithm: algorithm_lib.Algorithm | None = None) -> RoundRunner:
+    """The runner a config asks for (strategy, lanes, unroll, evaluation chunk) of `algorithm`
+    (SpaFL's by default)."""
     return RoundRunner(model, local_cfg, round_cfg, spec, train_data, test_data,
                        strategy=config.client_execution, lanes=config.get('vmap_lanes', 0),
                        unroll=config.scan_unroll, eval_chunk=config.get('eval_chunk', 32),
-                       macs=macs)
+                       macs=macs, algorithm=algorithm)
 
 
 def make_round_functions(config, method, model: nn.Module, local_cfg: LocalConfig,
                          round_cfg: RoundConfig, spec: DataSpec, train_data: ClientData,
                          test_data: ClientData, macs=None):
     """`(round_fn, eval_fn)` for the runner: `round_fn(state, train_data, sampled, seed_key)` and
-    `eval_fn(state, test_data)`, whatever the method and strategy.
+    `eval_fn(state, test_data) -> (state, evaluation)`, whatever the method and strategy.
 
-    SpaFL runs on a `RoundRunner` (its data placed once, so the data arguments are ignored); the
-    baselines keep their own compiled round with the strategy mapped to one they know.
+    A method written as an `algorithm.Algorithm` (`method.algorithm`: SpaFL, FedAvg, Local) runs on
+    a `RoundRunner` (its data placed once, so the data arguments are ignored); the others keep
+    their own compiled round on one device, with the strategy mapped to one they know.
     """
-    if method.name != 'spafl':
+    if method.algorithm is None:
         round_cfg = dataclasses.replace(
             round_cfg, client_execution=legacy_client_execution(round_cfg.client_execution))
         evaluate = method.make_eval_fn(model, spec, config.eval_batch_size)
         return (method.make_round_fn(model, local_cfg, round_cfg, spec, macs),
                 lambda state, data: (state, evaluate(state, data)))
     runner = make_round_runner(config, model, local_cfg, round_cfg, spec, train_data, test_data,
-                               macs)
+                               macs, method.algorithm(model, local_cfg, round_cfg, macs))
 
     def round_fn(state, data, sampled, seed_key):
         del data  # placed on the mesh once, at construction

@@ -47,6 +47,9 @@ class Method:
     client_variables(state) -> (params, thresholds, batch_stats), each `[N, ...]`: the model every
         client evaluates with (jit-compatible)
     communicates_thresholds: whether thresholds travel (SpaFL only)
+    algorithm(model, local_cfg, round_cfg, macs) -> `algorithm.Algorithm`, which the runner's
+        backends (`execution.RoundRunner`: mesh, lanes, hosts) drive; None for a method still
+        written as its own compiled round (FedPM, HeteroFL, FedSpa), which runs on one device
     """
     name: str
     init_state: Callable
@@ -55,6 +58,7 @@ class Method:
     bits_per_round: Callable
     client_variables: Callable
     communicates_thresholds: bool
+    algorithm: Callable | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,6 +205,10 @@ def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) 
     def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):
         return module.make_round_fn(model, local_cfg, round_cfg, spec, macs, method_cfg=method_cfg)
 
+    def algorithm(model, local_cfg, round_cfg, macs=None):
+        del round_cfg   # the baselines use only the runner's aggregation weights
+        return module.algorithm(model, local_cfg, macs, method_cfg=method_cfg)
+
     def make_eval_fn(model, spec, batch_size):
         return module.make_eval_fn(model, spec, batch_size, method_cfg=method_cfg)
 
@@ -218,7 +226,8 @@ def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) 
     }[name]
     return Method(name=name, init_state=init_state, make_round_fn=make_round_fn,
                   make_eval_fn=make_eval_fn, bits_per_round=bits_per_round,
-                  client_variables=client_variables, communicates_thresholds=False)
+                  client_variables=client_variables, communicates_thresholds=False,
+                  algorithm=algorithm if hasattr(module, 'algorithm') else None)
 
 
 def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
@@ -245,7 +254,7 @@ def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
                       make_round_fn=federated.make_round_fn,
                       make_eval_fn=functools.partial(_spafl_make_eval_fn, test_cfg=test_cfg),
                       bits_per_round=_spafl_bits_per_round, client_variables=_own_clients,
-                      communicates_thresholds=True)
+                      communicates_thresholds=True, algorithm=federated.algorithm)
     settings = config.get('baseline') if config is not None else None
     num_clients = config.get('num_clients') if config is not None else None
     return _baseline(name, baseline_config(name, settings), num_clients, client_init)

@@ -14,8 +14,9 @@ def aggregate(client_thresholds, weights: jax.Array | None = None, axis_name: st
     With `axis_name`, the client axis is sharded and the sums become `psum`s over it, i.e. a `pmean`
     (weighted) across devices and hosts; each shard passes its own clients.
     """
-    num = jax.tree.leaves(client_thresholds)[0].shape[0]
-    weights = jnp.ones((num,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    if weights is None:
+        weights = jnp.ones((jax.tree.leaves(client_thresholds)[0].shape[0],), jnp.float32)
+    weights = weights.astype(jnp.float32)
     total = jnp.sum(weights)
     summed = jax.tree.map(lambda t: jnp.tensordot(weights, t, axes=1), client_thresholds)
     if axis_name is not None:

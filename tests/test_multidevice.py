@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spafl_jax import baselines
 from spafl_jax import client as client_lib
 from spafl_jax import data as data_lib
 from spafl_jax import federated
@@ -28,6 +29,8 @@ from spafl_jax import layers
 pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
 
 NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2   # 3 sampled over 2 or 4 devices: empty positions
+# The baselines written as an `algorithm.Algorithm`, which run on the same mesh as SpaFL.
+ALGORITHM_BASELINES = ('fedavg', 'local')
 
 # Runs ROUNDS rounds with each strategy on a fresh state and saves every leaf of the final state,
 # the round metrics and the evaluation, gathered to this host, plus each compiled function's number of
@@ -45,10 +48,12 @@ WORKER = textwrap.dedent('''
         execution.initialize_runtime(num_cpu_devices=devices)
     import test_multidevice as t
     results = {}
-    for strategy in strategies:
-        state, metrics, evaluation, traces = t.run_rounds(strategy)
-        results.update(t.flatten(strategy, execution.host_local((state, metrics, evaluation))))
-        results[strategy + '/traces'] = np.array(list(traces.values()))
+    for method in ('spafl',) + t.ALGORITHM_BASELINES:
+        for strategy in strategies:
+            name = strategy if method == 'spafl' else f'{method}/{strategy}'
+            state, metrics, evaluation, traces = t.run_rounds(strategy, method)
+            results.update(t.flatten(name, execution.host_local((state, metrics, evaluation))))
+            results[name + '/traces'] = np.array(list(traces.values()))
     if jax.process_index() == 0:
         np.savez(out, **results)
     print('devices', len(jax.devices()), 'processes', jax.process_count(), flush=True)
@@ -85,41 +90,52 @@ def flatten(prefix: str, tree) -> dict:
     return {prefix + jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
 
 
-_INITIAL = []
+_INITIAL = {}
 
 
-def initial_state():
+def initial_state(method: str = 'spafl'):
     """One compiled initialization per process (it costs more than a round of the tiny model);
     a fresh copy each time, since rounds donate their input state."""
-    if not _INITIAL:
+    if method not in _INITIAL:
         _, _, model, cfg, *_ = setup()
-        _INITIAL.append(federated.init_state(model, cfg, jax.random.key(3), NUM_CLIENTS,
-                                             (8, 8, 1)))
-    return jax.tree.map(jnp.copy, _INITIAL[0])
+        if method == 'spafl':
+            state = federated.init_state(model, cfg, jax.random.key(3), NUM_CLIENTS, (8, 8, 1))
+        else:
+            state = baselines.get(method).init_state(model, cfg, jax.random.key(3), NUM_CLIENTS,
+                                                     (8, 8, 1))
+        _INITIAL[method] = state
+    return jax.tree.map(jnp.copy, _INITIAL[method])
 
 
-def run_rounds(strategy: str):
-    """ROUNDS rounds and an evaluation on whatever devices this process has."""
+def run_rounds(strategy: str, method: str = 'spafl'):
+    """ROUNDS rounds of `method` and an evaluation on whatever devices this process has."""
     from spafl_jax import execution   # pylint: disable=g-import-not-at-top
     train, test, model, cfg, spec, round_cfg = setup()
+    algorithm = None if method == 'spafl' else baselines.get(method).algorithm(model, cfg)
     runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test, strategy=strategy,
-                                   lanes=2, eval_chunk=16)
-    state = initial_state()
+                                   lanes=2, eval_chunk=16, algorithm=algorithm)
+    state = initial_state(method)
     for r in range(ROUNDS):
         state, metrics = runner.run_round(state, sampled_clients(r), jax.random.key(1))
     evaluation = runner.evaluate(state)
     return state, metrics, evaluation, runner.trace_counts()
 
 
-def reference():
-    """`federated.run_round` on one device: what every mesh must reproduce."""
+def reference(method: str = 'spafl'):
+    """`federated.run_round` (or the baseline's `run_round`) on one device: what every mesh must
+    reproduce."""
     train, test, model, cfg, spec, round_cfg = setup()
-    round_fn = federated.make_round_fn(model, cfg, round_cfg, spec)
-    state = initial_state()
+    if method == 'spafl':
+        round_fn = federated.make_round_fn(model, cfg, round_cfg, spec)
+        evaluate = lambda state: federated.make_eval_fn(model, spec, 64, cfg)(state.clients, test)
+    else:
+        module = baselines.get(method)
+        round_fn = module.make_round_fn(model, cfg, round_cfg, spec)
+        evaluate = lambda state: module.make_eval_fn(model, spec, 64)(state, test)
+    state = initial_state(method)
     for r in range(ROUNDS):
         state, _ = round_fn(state, train, jnp.asarray(sampled_clients(r)), jax.random.key(1))
-    evaluation = federated.make_eval_fn(model, spec, 64, cfg)(state.clients, test)
-    return flatten('', jax.device_get(state)), jax.device_get(evaluation)
+    return flatten('', jax.device_get(state)), jax.device_get(evaluate(state))
 
 
 def _spawn(tmp_path, name: str, devices: int, strategies: str, *distributed: str):
@@ -139,6 +155,7 @@ def _finish(process, timeout: float = 300) -> str:
 
 
 def _check(results: dict, ref_state: dict, ref_eval: dict, strategy: str) -> None:
+    assert ref_state, 'a state without leaves compares nothing'
     for key, value in ref_state.items():
         np.testing.assert_allclose(results[f'{strategy}[0]{key}'], value, rtol=2e-4, atol=2e-5,
                                    err_msg=f'{strategy}: {key}')
@@ -154,7 +171,13 @@ def ref():
     return reference()
 
 
-def test_one_two_and_four_devices_give_the_one_device_results(tmp_path, ref):
+@pytest.fixture(scope='module')
+def baseline_refs():
+    return {method: reference(method) for method in ALGORITHM_BASELINES}
+
+
+def test_one_two_and_four_devices_give_the_one_device_results(tmp_path, ref, baseline_refs):
+    """SpaFL, and every baseline written as an `algorithm.Algorithm`, with every strategy."""
     jobs = {devices: _spawn(tmp_path, f'd{devices}', devices, 'map,loop,vmap')
             for devices in (1, 2, 4)}
     for devices, (out, process) in jobs.items():
@@ -162,6 +185,8 @@ def test_one_two_and_four_devices_give_the_one_device_results(tmp_path, ref):
         results = dict(np.load(out))
         for strategy in ('map', 'loop', 'vmap'):
             _check(results, *ref, strategy)
+            for method, method_ref in baseline_refs.items():
+                _check(results, *method_ref, f'{method}/{strategy}')
 
 
 def _free_port() -> int:
@@ -170,7 +195,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_on_localhost_give_the_one_process_results(tmp_path, ref):
+def test_two_processes_on_localhost_give_the_one_process_results(tmp_path, ref, baseline_refs):
     # Two processes with 2 CPU devices each: a 4-device mesh whose psum crosses processes (gloo).
     address = f'127.0.0.1:{_free_port()}'
     jobs = [_spawn(tmp_path, f'p{i}', 2, 'map,loop', address, '2', str(i)) for i in range(2)]
@@ -179,6 +204,8 @@ def test_two_processes_on_localhost_give_the_one_process_results(tmp_path, ref):
     results = dict(np.load(jobs[0][0]))
     for strategy in ('map', 'loop'):
         _check(results, *ref, strategy)
+        for method, method_ref in baseline_refs.items():
+            _check(results, *method_ref, f'{method}/{strategy}')
 
 
 _MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',

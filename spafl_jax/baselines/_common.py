@@ -123,6 +123,54 @@ def local_sgd(cfg: LocalConfig, spec: DataSpec, loss_fn: Callable, trainable, ex
     return trainable, extra, metrics
 
 
+def check_full_batches(cfg: LocalConfig) -> None:
+    if not cfg.drop_last:
+        raise ValueError('drop_last=False is SpaFL\'s (the baselines train on full batches only).')
+
+
+def dense_client_step(model: nn.Module, cfg: LocalConfig, macs=None) -> Callable:
+    """`Algorithm.client_step` of a client training a dense model's weights by plain cross-entropy
+    (FedAvg, Local), with the runner's optimizer (clipping, momentum); `scalars` is the learning
+    rate."""
+    check_full_batches(cfg)
+    tx = client_lib.make_optimizer(cfg)
+
+    def step(client: ClientState, opt_state, x, y, example_mask, lr):
+        del example_mask   # full batches only
+        def loss_fn(params):
+            logits, batch_stats = apply_train(model, params, client.thresholds,
+                                              client.batch_stats, x)
+            ce, correct = cross_entropy(logits, y)
+            return ce, (batch_stats, correct)
+
+        (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            client.params)
+        updates, opt_state = tx.update(grads, opt_state)
+        params = jax.tree.map(lambda p, u: p - lr * u, client.params, updates)
+        metrics = {'loss': loss, 'correct': correct.astype(jnp.float32),
+                   'steps': jnp.float32(1.0),
+                   'flops': dense_step_flops(macs, client.thresholds, cfg.batch_size),
+                   'examples': jnp.float32(cfg.batch_size)}
+        return client.replace(params=params, batch_stats=batch_stats), opt_state, metrics
+
+    return step
+
+
+def fresh_optimizer(cfg: LocalConfig, params):
+    """The optimizer state every baseline client starts a round with (momentum zero)."""
+    return client_lib.make_optimizer(cfg).init(params)
+
+
+def learning_rate(cfg: LocalConfig):
+    """`Algorithm.round_scalars` of the baselines: the round's learning rate."""
+    return lambda state: client_lib.learning_rate(cfg, state.round)
+
+
+def variables_of(client: ClientState) -> dict:
+    return {'params': client.params, 'thresholds': client.thresholds,
+            'batch_stats': client.batch_stats}
+
+
 def map_clients(fn: Callable, args: tuple, execution: str):
     """`fn` over the leading (sampled-client) axis of every arg: vmap, or lax.map to save memory."""
     if execution == 'vmap':

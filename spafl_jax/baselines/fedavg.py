@@ -44,6 +44,46 @@ class FedAvgState:
     batch_stats: Any   # the global BatchNorm running statistics ({} without BatchNorm)
     thresholds: Any    # all DENSE_THRESHOLD: fixed, never trained, never sent
     round: jax.Array   # rounds completed (int32 scalar)
+    clients: Any = ()  # clients keep nothing between rounds
+
+
+def algorithm(model: nn.Module, local_cfg: LocalConfig, macs=None, *,
+              method_cfg: FedAvgConfig = FedAvgConfig()) -> algorithm_lib.Algorithm:
+    """FedAvg as an `algorithm.Algorithm`: each sampled client trains a copy of the global model
+    and sends it back; the server's model becomes their (weighted) mean."""
+    del method_cfg
+    model = _common.dense_model(model)
+
+    def global_model(state) -> ClientState:
+        return ClientState(params=state.params, thresholds=state.thresholds,
+                           batch_stats=state.batch_stats, opt_state=())
+
+    def client_start(state, stored):
+        del stored   # nothing
+        client = global_model(state)
+        return client, _common.fresh_optimizer(local_cfg, client.params)
+
+    def client_end(client, opt_state):
+        del opt_state
+        return (), (client.params, client.batch_stats)
+
+    def server_update(state, mean, clients):
+        del clients
+        params, batch_stats = mean
+        return state.replace(params=params, batch_stats=batch_stats, round=state.round + 1)
+
+    def eval_variables(state, stored, count):
+        del stored, count
+        variables = _common.variables_of(global_model(state))
+        return variables, variables
+
+    return algorithm_lib.Algorithm(
+        name='fedavg', model=model, state_type=FedAvgState,
+        round_scalars=_common.learning_rate(local_cfg), client_start=client_start,
+        client_step=_common.dense_client_step(model, local_cfg, macs), client_end=client_end,
+        server_update=server_update, eval_variables=eval_variables,
+        eval_density=lambda state, clients, counts: _common.dense_density(
+            state.thresholds, state.params, counts.shape[0]))
 
 
 def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
@@ -60,31 +100,11 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
 def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
               state: FedAvgState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
               macs=None, *, method_cfg: FedAvgConfig = FedAvgConfig()):
-    """One FedAvg round: broadcast, local training of the `[clients_per_round]` sampled ids, average."""
-    del method_cfg
-    model = _common.dense_model(model)
-    r = state.round
-    flops = _common.dense_step_flops(macs, state.thresholds, local_cfg.batch_size)
-
-    def loss_fn(params, batch_stats, x, y, key):
-        del key
-        logits, batch_stats = _common.apply_train(model, params, state.thresholds, batch_stats, x)
-        ce, correct = _common.cross_entropy(logits, y)
-        return ce, (batch_stats, correct, flops)
-
-    def one(ids, count, key):
-        return _common.local_sgd(local_cfg, spec, loss_fn, state.params, state.batch_stats,
-                                 data.images, data.labels, ids, count, key, r)
-
-    args = (data.example_ids[sampled], data.counts[sampled],
-            algorithm_lib.client_keys(seed_key, r, sampled))
-    params, batch_stats, metrics = _common.map_clients(one, args, round_cfg.client_execution)
-    weights = _common.client_weights(round_cfg.aggregation, data, sampled)
-    new_state = FedAvgState(
-        params=_common.masked_mean(params, None, weights, state.params),
-        batch_stats=_common.masked_mean(batch_stats, None, weights, state.batch_stats),
-        thresholds=state.thresholds, round=r + 1)
-    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
+    """One FedAvg round (`algorithm.run_round` of `algorithm(...)`) for the sampled ids."""
+    return algorithm_lib.run_round(algorithm(model, local_cfg, macs, method_cfg=method_cfg),
+                                   local_cfg, spec, state, data, sampled, seed_key,
+                                   aggregation=round_cfg.aggregation,
+                                   client_execution=round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedAvgConfig()):
@@ -94,17 +114,10 @@ def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedAv
 
 def evaluate(model: nn.Module, spec: DataSpec, state: FedAvgState, data: ClientData,
              batch_size: int, *, method_cfg: FedAvgConfig = FedAvgConfig()) -> dict:
-    """The global model on every client's own test split; density 1 everywhere.
-
-    Returns correct [N], counts [N], layer_density [N, L] (all 1), kept_weights [N] (all masked weights).
-    """
-    del method_cfg
-    model = _common.dense_model(model)
-    global_model = ClientState(params=state.params, thresholds=state.thresholds,
-                               batch_stats=state.batch_stats, opt_state=())
-    correct = _common.correct_per_client(model, spec, lambda k: global_model, data, batch_size)
-    return {'correct': correct, 'counts': data.counts,
-            **_common.dense_density(state.thresholds, state.params, data.counts.shape[0])}
+    """Every client on its own test split (`algorithm.evaluate` of `algorithm(...)`): correct [N],
+    counts [N], layer_density [N, L] (all 1), kept_weights [N] (every masked weight)."""
+    return algorithm_lib.evaluate(algorithm(model, LocalConfig(), method_cfg=method_cfg), spec,
+                                  state, data, batch_size)
 
 
 def make_eval_fn(model, spec, batch_size, method_cfg=FedAvgConfig()):

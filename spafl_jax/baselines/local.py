@@ -40,6 +40,42 @@ class LocalState:
     round: jax.Array       # rounds completed (int32 scalar)
 
 
+def algorithm(model: nn.Module, local_cfg: LocalConfig, macs=None, *,
+              method_cfg: LocalOnlyConfig = LocalOnlyConfig()) -> algorithm_lib.Algorithm:
+    """Local training as an `algorithm.Algorithm`: a sampled client trains its own model and
+    sends nothing; the server only counts the round."""
+    del method_cfg
+    model = _common.dense_model(model)
+
+    def client_start(state, stored):
+        del state
+        return stored, _common.fresh_optimizer(local_cfg, stored.params)
+
+    def client_end(client, opt_state):
+        del opt_state
+        return client, ()
+
+    def server_update(state, mean, clients):
+        del mean   # nothing was sent
+        return LocalState(clients=clients, round=state.round + 1)
+
+    def eval_variables(state, client, count):
+        del state, count
+        variables = _common.variables_of(client)
+        return variables, variables
+
+    def eval_density(state, clients, counts):
+        del state
+        one = _common.take(clients, 0)
+        return _common.dense_density(one.thresholds, one.params, counts.shape[0])
+
+    return algorithm_lib.Algorithm(
+        name='local', model=model, state_type=LocalState,
+        round_scalars=_common.learning_rate(local_cfg), client_start=client_start,
+        client_step=_common.dense_client_step(model, local_cfg, macs), client_end=client_end,
+        server_update=server_update, eval_variables=eval_variables, eval_density=eval_density)
+
+
 def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
                num_clients: int, image_shape, *, num_classes: int = 10,
                method_cfg: LocalOnlyConfig = LocalOnlyConfig(),
@@ -62,31 +98,11 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
 def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
               state: LocalState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
               macs=None, *, method_cfg: LocalOnlyConfig = LocalOnlyConfig()):
-    """The `[clients_per_round]` sampled clients train their own models; no aggregation."""
-    del method_cfg
-    model = _common.dense_model(model)
-    r = state.round
-    thresholds = _common.take(state.clients.thresholds, 0)
-    flops = _common.dense_step_flops(macs, thresholds, local_cfg.batch_size)
-
-    def loss_fn(params, batch_stats, x, y, key):
-        del key
-        logits, batch_stats = _common.apply_train(model, params, thresholds, batch_stats, x)
-        ce, correct = _common.cross_entropy(logits, y)
-        return ce, (batch_stats, correct, flops)
-
-    def one(params, batch_stats, ids, count, key):
-        return _common.local_sgd(local_cfg, spec, loss_fn, params, batch_stats, data.images,
-                                 data.labels, ids, count, key, r)
-
-    mine = _common.take(state.clients, sampled)
-    args = (mine.params, mine.batch_stats, data.example_ids[sampled], data.counts[sampled],
-            algorithm_lib.client_keys(seed_key, r, sampled))
-    params, batch_stats, metrics = _common.map_clients(one, args, round_cfg.client_execution)
-    clients = _common.put(state.clients, sampled,
-                          mine.replace(params=params, batch_stats=batch_stats))
-    new_state = LocalState(clients=clients, round=r + 1)
-    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
+    """One round of local training (`algorithm.run_round` of `algorithm(...)`)."""
+    return algorithm_lib.run_round(algorithm(model, local_cfg, macs, method_cfg=method_cfg),
+                                   local_cfg, spec, state, data, sampled, seed_key,
+                                   aggregation=round_cfg.aggregation,
+                                   client_execution=round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=LocalOnlyConfig()):
@@ -96,9 +112,10 @@ def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=Local
 
 def evaluate(model: nn.Module, spec: DataSpec, state: LocalState, data: ClientData,
              batch_size: int, *, method_cfg: LocalOnlyConfig = LocalOnlyConfig()) -> dict:
-    """Every client's own model on its own test split (exactly `federated.evaluate`; density 1)."""
-    del method_cfg
-    return federated.evaluate(_common.dense_model(model), spec, state.clients, data, batch_size)
+    """Every client on its own test split (`algorithm.evaluate` of `algorithm(...)`): correct [N],
+    counts [N], layer_density [N, L] (all 1), kept_weights [N] (every masked weight)."""
+    return algorithm_lib.evaluate(algorithm(model, LocalConfig(), method_cfg=method_cfg), spec,
+                                  state, data, batch_size)
 
 
 def make_eval_fn(model, spec, batch_size, method_cfg=LocalOnlyConfig()):
