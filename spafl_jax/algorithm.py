@@ -5,10 +5,10 @@ one local step, what the client keeps and what it sends, and what the server mak
 what was sent. A round is the same for every algorithm (docs/algorithm.md, section 3):
 
   1. the sampled clients' stored states are gathered and each starts its local work:
-     `client_start(state, stored) -> (client, opt_state)` (SpaFL: tau_g broadcast; FedAvg: a copy
-     of the global model);
+     `client_start(state, stored, key) -> (client, opt_state)` (SpaFL: tau_g broadcast; FedAvg: a
+     copy of the global model);
   2. each runs its real local steps, in the order `client.local_schedule` draws from
-     (seed, round, client id): `client_step(client, opt_state, x, y, example_mask, scalars)
+     (seed, round, client id): `client_step(client, opt_state, x, y, example_mask, scalars, key)
      -> (client, opt_state, metrics)`, with `scalars = round_scalars(state)` (the learning rate...);
   3. each ends: `client_end(client, opt_state) -> (stored, message)`: what it keeps, what it sends;
   4. the server takes the weighted mean of the messages (`server.aggregate`, a `pmean` when the
@@ -51,10 +51,13 @@ class Algorithm:
 
     Training:
       round_scalars(state) -> the pytree of scalars every local step of the round uses.
-      client_start(state, stored) -> (client, opt_state) of one sampled client.
-      client_step(client, opt_state, x, y, example_mask, scalars) -> (client, opt_state, metrics):
-        one step on a preprocessed batch; `example_mask` [batch] marks the real examples of a
-        partial batch, or is None; metrics are the scalars named in `METRICS` (steps = 1).
+      client_start(state, stored, key) -> (client, opt_state) of one sampled client; `key` is the
+        client's own for the round, from (seed, round, client id).
+      client_step(client, opt_state, x, y, example_mask, scalars, key) -> (client, opt_state,
+        metrics): one step on a preprocessed batch; `example_mask` [batch] marks the real examples
+        of a partial batch, or is None; `key` is the step's (the one its augmentation used: derive
+        new randomness from it with `jax.random.fold_in`); metrics are the scalars named in
+        `METRICS` (steps = 1).
       client_end(client, opt_state) -> (stored, message).
       server_update(state, mean_message, clients) -> the next state (its `round` one higher).
     Evaluation (each client on its own test split, with the model `model`):
@@ -107,15 +110,16 @@ def aggregation_weights(aggregation: str, counts: jax.Array, real: jax.Array) ->
     return real.astype(jnp.float32)
 
 
-def start_clients(alg: Algorithm, state, stored, n: int):
-    """Step 1 for `n` gathered clients (`stored` `[n, ...]`, or () when clients keep nothing):
-    (clients, optimizer states), each `[n, ...]`."""
-    return jax.vmap(lambda s, _: alg.client_start(state, s))(stored, jnp.arange(n))
+def start_clients(alg: Algorithm, state, stored, keys):
+    """Step 1 for the gathered clients (`stored` `[n, ...]`, or () when clients keep nothing) with
+    their `[n]` round keys: (clients, optimizer states), each `[n, ...]`."""
+    return jax.vmap(lambda s, k: alg.client_start(state, s, k))(stored, keys)
 
 
-def masked_step(alg: Algorithm, client, opt_state, x, y, example_mask, scalars, valid):
+def masked_step(alg: Algorithm, client, opt_state, x, y, example_mask, scalars, key, valid):
     """`client_step`, or nothing where `valid` is False (a padded step of a short client)."""
-    new_client, new_opt, metrics = alg.client_step(client, opt_state, x, y, example_mask, scalars)
+    new_client, new_opt, metrics = alg.client_step(client, opt_state, x, y, example_mask, scalars,
+                                                   key)
     keep = lambda new, old: jnp.where(valid, new, old)
     return (jax.tree.map(keep, new_client, client), jax.tree.map(keep, new_opt, opt_state),
             jax.tree.map(lambda m: m * valid.astype(m.dtype), metrics))
@@ -158,7 +162,7 @@ def local_work(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, client, opt_sta
         x = client_lib.preprocess(spec, images[ids], keys[index])
         client, opt_state, metrics = alg.client_step(
             client, opt_state, x, labels[ids], client_lib.example_mask(cfg, positions, count),
-            scalars)
+            scalars, keys[index])
         return (client, opt_state), metrics
 
     (client, opt_state), metrics = client_lib.over_real_steps(cfg, body, (client, opt_state),
@@ -183,7 +187,8 @@ def run_round(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, state, data, sam
     if client_execution not in CLIENT_EXECUTIONS:
         raise ValueError(f'client_execution={client_execution!r}; use one of '
                          f'{", ".join(CLIENT_EXECUTIONS)}.')
-    clients, opt_state = start_clients(alg, state, take(state.clients, sampled), sampled.shape[0])
+    keys = client_keys(seed_key, state.round, sampled)
+    clients, opt_state = start_clients(alg, state, take(state.clients, sampled), keys)
     scalars = alg.round_scalars(state)
     counts = data.counts[sampled]
 
@@ -191,8 +196,7 @@ def run_round(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, state, data, sam
         return local_work(alg, cfg, spec, client, opt, scalars, data.images, data.labels,
                           example_ids, count, key)
 
-    args = (clients, opt_state, data.example_ids[sampled], counts,
-            client_keys(seed_key, state.round, sampled))
+    args = (clients, opt_state, data.example_ids[sampled], counts, keys)
     if client_execution == 'vmap':
         clients, opt_state, metrics = jax.vmap(one)(*args)
     else:

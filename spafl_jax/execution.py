@@ -455,9 +455,8 @@ class RoundRunner:
         mine = jax.lax.dynamic_slice_in_dim(sampled, d * self.per_device, self.per_device)
         real = mine >= 0
         ids = jnp.maximum(mine, 0)
-        clients, opt_state = algorithm_lib.start_clients(self.alg, state, clients,
-                                                         self.per_device)
         keys = algorithm_lib.client_keys(seed_key, state.round, ids)
+        clients, opt_state = algorithm_lib.start_clients(self.alg, state, clients, keys)
         counts = jnp.where(real, data.counts[ids], 0)
         max_count = data.example_ids.shape[1]
 
@@ -479,7 +478,7 @@ class RoundRunner:
         x = client_lib.preprocess(self.spec, data.images[ids], work.step_keys[position, k])
         mask = None if work.batch_mask is None else work.batch_mask[position, k]
         return algorithm_lib.masked_step(self.alg, client, opt_state, x, data.labels[ids], mask,
-                                         scalars, valid)
+                                         scalars, work.step_keys[position, k], valid)
 
     def _lane_step(self, work, data, lane: Lane, k, scalars) -> Lane:
         c, o, m = self._step(work, data, lane.client, lane.opt_state, lane.position, k,

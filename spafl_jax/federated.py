@@ -184,7 +184,8 @@ def algorithm(model: nn.Module, cfg: LocalConfig, round_cfg: RoundConfig,
         r = state.round
         return client_lib.learning_rate(cfg, r), cfg.th_coeff * client_lib.penalty_scale(cfg, r)
 
-    def client_step(client, opt_state, x, y, example_mask, scalars):
+    def client_step(client, opt_state, x, y, example_mask, scalars, key):
+        del key   # SpaFL's steps draw nothing
         lr, penalty_coeff = scalars
         return client_lib.local_step(model, cfg, client, opt_state, x, y, jnp.bool_(True), lr,
                                      penalty_coeff, macs, example_mask)
@@ -198,7 +199,7 @@ def algorithm(model: nn.Module, cfg: LocalConfig, round_cfg: RoundConfig,
 
     return algorithm_lib.Algorithm(
         name='spafl', model=model, state_type=FederatedState, round_scalars=round_scalars,
-        client_start=functools.partial(start_client, round_cfg, cfg),
+        client_start=lambda state, stored, key: start_client(round_cfg, cfg, state, stored),
         client_step=client_step,
         client_end=functools.partial(end_client, cfg),
         server_update=functools.partial(server_update, round_cfg),

@@ -135,8 +135,8 @@ def dense_client_step(model: nn.Module, cfg: LocalConfig, macs=None) -> Callable
     check_full_batches(cfg)
     tx = client_lib.make_optimizer(cfg)
 
-    def step(client: ClientState, opt_state, x, y, example_mask, lr):
-        del example_mask   # full batches only
+    def step(client: ClientState, opt_state, x, y, example_mask, lr, key):
+        del example_mask, key   # full batches only; nothing drawn
         def loss_fn(params):
             logits, batch_stats = apply_train(model, params, client.thresholds,
                                               client.batch_stats, x)

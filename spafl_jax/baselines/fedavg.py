@@ -58,8 +58,8 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, macs=None, *,
         return ClientState(params=state.params, thresholds=state.thresholds,
                            batch_stats=state.batch_stats, opt_state=())
 
-    def client_start(state, stored):
-        del stored   # nothing
+    def client_start(state, stored, key):
+        del stored, key   # clients keep nothing; nothing drawn
         client = global_model(state)
         return client, _common.fresh_optimizer(local_cfg, client.params)
 

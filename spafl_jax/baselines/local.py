@@ -47,8 +47,8 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, macs=None, *,
     del method_cfg
     model = _common.dense_model(model)
 
-    def client_start(state, stored):
-        del state
+    def client_start(state, stored, key):
+        del state, key
         return stored, _common.fresh_optimizer(local_cfg, stored.params)
 
     def client_end(client, opt_state):
