@@ -8,8 +8,9 @@ what was sent. A round is the same for every algorithm (docs/algorithm.md, secti
      `client_start(state, stored, key) -> (client, opt_state)` (SpaFL: tau_g broadcast; FedAvg: a
      copy of the global model);
   2. each runs its real local steps, in the order `client.local_schedule` draws from
-     (seed, round, client id): `client_step(client, opt_state, x, y, example_mask, scalars, key)
-     -> (client, opt_state, metrics)`, with `scalars = round_scalars(state)` (the learning rate...);
+     (seed, round, client id): `client_step(client, opt_state, x, y, example_mask, constants, key)
+     -> (client, opt_state, metrics)`, with `constants = round_constants(state)` (what every
+     client's steps share this round: the learning rate...);
   3. each ends: `client_end(client, opt_state) -> (stored, message)`: what it keeps, what it sends;
   4. the server takes the weighted mean of the messages (`server.aggregate`, a `pmean` when the
      clients are sharded: `end_round` is its only caller) and
@@ -50,16 +51,18 @@ class Algorithm:
     """A federated algorithm: the functions one round calls (see the module docstring).
 
     Training:
-      round_scalars(state) -> the pytree of scalars every local step of the round uses.
+      round_constants(state) -> what every local step of the round shares: the learning rate,
+        and whatever else is the same for every client (FedPM: the frozen weights).
       client_start(state, stored, key) -> (client, opt_state) of one sampled client; `key` is the
         client's own for the round, from (seed, round, client id).
-      client_step(client, opt_state, x, y, example_mask, scalars, key) -> (client, opt_state,
+      client_step(client, opt_state, x, y, example_mask, constants, key) -> (client, opt_state,
         metrics): one step on a preprocessed batch; `example_mask` [batch] marks the real examples
         of a partial batch, or is None; `key` is the step's (the one its augmentation used: derive
         new randomness from it with `jax.random.fold_in`); metrics are the scalars named in
         `METRICS` (steps = 1).
       client_end(client, opt_state) -> (stored, message).
       server_update(state, mean_message, clients) -> the next state (its `round` one higher).
+    The mean's weights are the round's (`aggregation_weights`) unless `aggregation` fixes them.
     Evaluation (each client on its own test split, with the model `model`):
       eval_variables(state, stored, count) -> (first, rest): the model variables of the client's
         first test batch of `first_test_batch` examples and of the later ones (the same unless a
@@ -70,7 +73,7 @@ class Algorithm:
     name: str
     model: nn.Module
     state_type: type
-    round_scalars: Callable[..., Any]
+    round_constants: Callable[..., Any]
     client_start: Callable[..., Any]
     client_step: Callable[..., Any]
     client_end: Callable[..., Any]
@@ -79,6 +82,7 @@ class Algorithm:
     eval_density: Callable[..., Any]
     tested: Callable[..., Any] = None   # default: `unchanged`
     first_test_batch: int = 0
+    aggregation: str | None = None   # the mean's weights if the method fixes them (AGGREGATIONS)
 
     def __post_init__(self):
         if self.tested is None:
@@ -116,9 +120,9 @@ def start_clients(alg: Algorithm, state, stored, keys):
     return jax.vmap(lambda s, k: alg.client_start(state, s, k))(stored, keys)
 
 
-def masked_step(alg: Algorithm, client, opt_state, x, y, example_mask, scalars, key, valid):
+def masked_step(alg: Algorithm, client, opt_state, x, y, example_mask, constants, key, valid):
     """`client_step`, or nothing where `valid` is False (a padded step of a short client)."""
-    new_client, new_opt, metrics = alg.client_step(client, opt_state, x, y, example_mask, scalars,
+    new_client, new_opt, metrics = alg.client_step(client, opt_state, x, y, example_mask, constants,
                                                    key)
     keep = lambda new, old: jnp.where(valid, new, old)
     return (jax.tree.map(keep, new_client, client), jax.tree.map(keep, new_opt, opt_state),
@@ -144,7 +148,7 @@ def client_keys(seed_key: jax.Array, round_index, client_ids: jax.Array) -> jax.
     return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
 
 
-def local_work(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, client, opt_state, scalars,
+def local_work(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, client, opt_state, constants,
                images, labels, example_ids, count, key):
     """Step 2 for one client: its real local steps, each on the batch `local_schedule` drew.
 
@@ -162,7 +166,7 @@ def local_work(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, client, opt_sta
         x = client_lib.preprocess(spec, images[ids], keys[index])
         client, opt_state, metrics = alg.client_step(
             client, opt_state, x, labels[ids], client_lib.example_mask(cfg, positions, count),
-            scalars, keys[index])
+            constants, keys[index])
         return (client, opt_state), metrics
 
     (client, opt_state), metrics = client_lib.over_real_steps(cfg, body, (client, opt_state),
@@ -189,11 +193,11 @@ def run_round(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, state, data, sam
                          f'{", ".join(CLIENT_EXECUTIONS)}.')
     keys = client_keys(seed_key, state.round, sampled)
     clients, opt_state = start_clients(alg, state, take(state.clients, sampled), keys)
-    scalars = alg.round_scalars(state)
+    constants = alg.round_constants(state)
     counts = data.counts[sampled]
 
     def one(client, opt, example_ids, count, key):
-        return local_work(alg, cfg, spec, client, opt, scalars, data.images, data.labels,
+        return local_work(alg, cfg, spec, client, opt, constants, data.images, data.labels,
                           example_ids, count, key)
 
     args = (clients, opt_state, data.example_ids[sampled], counts, keys)
@@ -201,7 +205,8 @@ def run_round(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, state, data, sam
         clients, opt_state, metrics = jax.vmap(one)(*args)
     else:
         clients, opt_state, metrics = jax.lax.map(lambda a: one(*a), args)
-    weights = aggregation_weights(aggregation, counts, jnp.ones(counts.shape, bool))
+    weights = aggregation_weights(alg.aggregation or aggregation, counts,
+                                  jnp.ones(counts.shape, bool))
     new_state = end_round(alg, state, clients, opt_state, weights,
                           lambda everyone, stored: put(everyone, sampled, stored))
     return new_state, round_metrics(metrics, client_execution)

@@ -466,27 +466,28 @@ class RoundRunner:
                     client_lib.example_mask(cfg, batches, count))
 
         batch_ids, step_keys, batch_mask = jax.vmap(schedule)(keys, counts, data.example_ids[ids])
-        weights = algorithm_lib.aggregation_weights(self.round_cfg.aggregation, counts, real)
+        weights = algorithm_lib.aggregation_weights(
+            self.alg.aggregation or self.round_cfg.aggregation, counts, real)
         return RoundWork(clients=clients, opt_state=opt_state, metrics=_zero_metrics(self.per_device),
                          batch_ids=batch_ids, batch_mask=batch_mask, step_keys=step_keys,
                          steps_per_epoch=client_lib.steps_per_epoch(cfg, counts), weights=weights)
 
     def _step(self, work: RoundWork, data: ClientData, client, opt_state, position, k, valid,
-              scalars):
+              constants):
         """`Algorithm.client_step` on step k of the schedule of the client at `position`."""
         ids = work.batch_ids[position, k]
         x = client_lib.preprocess(self.spec, data.images[ids], work.step_keys[position, k])
         mask = None if work.batch_mask is None else work.batch_mask[position, k]
         return algorithm_lib.masked_step(self.alg, client, opt_state, x, data.labels[ids], mask,
-                                         scalars, work.step_keys[position, k], valid)
+                                         constants, work.step_keys[position, k], valid)
 
-    def _lane_step(self, work, data, lane: Lane, k, scalars) -> Lane:
+    def _lane_step(self, work, data, lane: Lane, k, constants) -> Lane:
         c, o, m = self._step(work, data, lane.client, lane.opt_state, lane.position, k,
-                             jnp.bool_(True), scalars)
+                             jnp.bool_(True), constants)
         return lane.replace(client=c, opt_state=o,
                             metrics=jax.tree.map(jnp.add, lane.metrics, m))
 
-    def _map_clients(self, work: RoundWork, data, scalars) -> RoundWork:
+    def _map_clients(self, work: RoundWork, data, constants) -> RoundWork:
         """'map': this device's clients one after the other, each for exactly its real steps (a
         while loop with a data-dependent trip count: no padded steps, one program per round)."""
         epochs, u = self.local_cfg.local_epochs, self.unroll
@@ -498,7 +499,7 @@ class RoundRunner:
 
             def step(j, lane):
                 return self._lane_step(work, data, lane, (j // per_epoch) * self.stride
-                                       + j % per_epoch, scalars)
+                                       + j % per_epoch, constants)
 
             def unrolled(i_trip, lane):
                 for j in range(u):
@@ -512,7 +513,7 @@ class RoundRunner:
         return jax.lax.fori_loop(0, self.per_device, one_client, work)
 
     def _vmap_slots(self, work: RoundWork, data, positions, steps, valid, slots,
-                    scalars) -> RoundWork:
+                    constants) -> RoundWork:
         """'vmap': all lanes step together, `slots` times; lane l steps client positions[t, l]."""
         u = self.unroll
         direct = self.lanes == self.per_device   # lane l is client l: no gather, no scatter
@@ -520,7 +521,7 @@ class RoundRunner:
         def slot(t, work):
             if direct:
                 c, o, m = jax.vmap(lambda c, o, p, k, ok: self._step(
-                    work, data, c, o, p, k, ok, scalars))(
+                    work, data, c, o, p, k, ok, constants))(
                         work.clients, work.opt_state, jnp.arange(self.per_device), steps[t],
                         valid[t])
                 return work.replace(clients=c, opt_state=o,
@@ -528,7 +529,7 @@ class RoundRunner:
             pos = positions[t]
             take = lambda tree: jax.tree.map(lambda x: x[pos], tree)
             c, o, m = jax.vmap(lambda c, o, p, k, ok: self._step(
-                work, data, c, o, p, k, ok, scalars))(
+                work, data, c, o, p, k, ok, constants))(
                     take(work.clients), take(work.opt_state), pos, steps[t], valid[t])
             put = lambda tree, v: jax.tree.map(lambda x, y: x.at[pos].set(y), tree, v)
             return work.replace(clients=put(work.clients, c), opt_state=put(work.opt_state, o),
@@ -575,12 +576,12 @@ class RoundRunner:
             def begin(state, data, sampled, seed_key, first):
                 work = self._begin(state, data, sampled, seed_key)
                 lane = _unsqueeze(_load_lane(work, first[0]))
-                return work, lane, self.alg.round_scalars(state)
+                return work, lane, self.alg.round_constants(state)
 
-            def slot(work, lane, data, steps, valid, t, scalars):
+            def slot(work, lane, data, steps, valid, t, constants):
                 # A device with nothing left to do this slot (lockstep padding) skips the step.
                 lane = _squeeze(lane)
-                step = lambda l: self._lane_step(work, data, l, steps[0, t], scalars)
+                step = lambda l: self._lane_step(work, data, l, steps[0, t], constants)
                 if self.devices == 1:   # one device never waits for another: no padded slots
                     return _unsqueeze(step(lane))
                 return _unsqueeze(jax.lax.cond(valid[0, t], step, lambda l: l, lane))
@@ -605,12 +606,12 @@ class RoundRunner:
         else:
             def whole(state, data, sampled, seed_key, positions, steps, valid, slots, executed):
                 work = self._begin(state, data, sampled, seed_key)
-                scalars = self.alg.round_scalars(state)
+                constants = self.alg.round_constants(state)
                 if self.strategy == 'map':
-                    work = self._map_clients(work, data, scalars)
+                    work = self._map_clients(work, data, constants)
                 else:
                     work = self._vmap_slots(work, data, positions[0], steps[0], valid[0],
-                                            slots[0], scalars)
+                                            slots[0], constants)
                 return self._finish(state, work, sampled, executed)
 
             self._round_fn = self._jit(self._shard_map(
@@ -708,13 +709,13 @@ class RoundRunner:
             positions = plan.positions[:, :, 0]
             steps, valid = sharded(plan.steps[:, :, 0]), sharded(plan.valid[:, :, 0])
             positions_dev = sharded(positions)
-            work, lane, scalars = self._begin_fn(
+            work, lane, constants = self._begin_fn(
                 state, self.train_data, sampled_dev, key, sharded(positions[:, 0]))
             for t in range(int(plan.slots.max())):
                 if t and np.any(positions[:, t] != positions[:, t - 1]):
                     work, lane = self._switch_fn(work, lane, positions_dev, np.int32(t))
                 lane = self._slot_fn(work, lane, self.train_data, steps, valid, np.int32(t),
-                                     scalars)
+                                     constants)
             return self._finish_fn(state, work, lane, sampled_dev, executed)
         tables = tuple(sharded(x) for x in (plan.positions, plan.steps, plan.valid))
         return self._round_fn(state, self.train_data, sampled_dev, key, *tables,

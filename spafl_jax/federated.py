@@ -180,13 +180,13 @@ def algorithm(model: nn.Module, cfg: LocalConfig, round_cfg: RoundConfig,
     """SpaFL as an `algorithm.Algorithm`: what `run_round` and `execution.RoundRunner` drive."""
     previous = cfg.collapse_check == 'previous'   # a test changes the clients (`test_thresholds`)
 
-    def round_scalars(state):
+    def round_constants(state):
         r = state.round
         return client_lib.learning_rate(cfg, r), cfg.th_coeff * client_lib.penalty_scale(cfg, r)
 
-    def client_step(client, opt_state, x, y, example_mask, scalars, key):
+    def client_step(client, opt_state, x, y, example_mask, constants, key):
         del key   # SpaFL's steps draw nothing
-        lr, penalty_coeff = scalars
+        lr, penalty_coeff = constants
         return client_lib.local_step(model, cfg, client, opt_state, x, y, jnp.bool_(True), lr,
                                      penalty_coeff, macs, example_mask)
 
@@ -198,7 +198,7 @@ def algorithm(model: nn.Module, cfg: LocalConfig, round_cfg: RoundConfig,
         return variables(first), variables(rest)
 
     return algorithm_lib.Algorithm(
-        name='spafl', model=model, state_type=FederatedState, round_scalars=round_scalars,
+        name='spafl', model=model, state_type=FederatedState, round_constants=round_constants,
         client_start=lambda state, stored, key: start_client(round_cfg, cfg, state, stored),
         client_step=client_step,
         client_end=functools.partial(end_client, cfg),

@@ -170,7 +170,7 @@ def _fedpm_client_variables(method_cfg: fedpm.FedPMConfig, num_clients: int | No
         n = _client_axis(num_clients, 'fedpm')
         masks = jax.tree.map(lambda m: m.astype(jnp.float32), fedpm.eval_masks(state, method_cfg))
         params = fedpm.masked_params(state.weights, state.thresholds, masks)
-        return _broadcast(params, n), _broadcast(state.thresholds, n), state.batch_stats
+        return _broadcast(params, n), _broadcast(state.thresholds, n), state.clients
     return client_variables
 
 
@@ -182,8 +182,8 @@ def _heterofl_client_variables(state):
         masks = heterofl.width_masks(state.params, layout, rate)
         return jax.tree.map(lambda x, m: x * m, state.params, masks)
 
-    num_clients = state.client_rates.shape[0]
-    return (jax.vmap(one)(state.client_rates), _broadcast(state.thresholds, num_clients),
+    num_clients = state.clients.shape[0]
+    return (jax.vmap(one)(state.clients), _broadcast(state.thresholds, num_clients),
             _broadcast(state.batch_stats, num_clients))
 
 
@@ -206,8 +206,7 @@ def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) 
         return module.make_round_fn(model, local_cfg, round_cfg, spec, macs, method_cfg=method_cfg)
 
     def algorithm(model, local_cfg, round_cfg, macs=None):
-        del round_cfg   # the baselines use only the runner's aggregation weights
-        return module.algorithm(model, local_cfg, macs, method_cfg=method_cfg)
+        return module.algorithm(model, local_cfg, round_cfg, macs, method_cfg=method_cfg)
 
     def make_eval_fn(model, spec, batch_size):
         return module.make_eval_fn(model, spec, batch_size, method_cfg=method_cfg)

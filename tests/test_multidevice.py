@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
 
 NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2   # 3 sampled over 2 or 4 devices: empty positions
 # The baselines written as an `algorithm.Algorithm`, which run on the same mesh as SpaFL.
-ALGORITHM_BASELINES = ('fedavg', 'local')
+ALGORITHM_BASELINES = ('fedavg', 'local', 'fedpm')
 
 # Runs ROUNDS rounds with each strategy on a fresh state and saves every leaf of the final state,
 # the round metrics and the evaluation, gathered to this host, plus each compiled function's number of
@@ -111,7 +111,8 @@ def run_rounds(strategy: str, method: str = 'spafl'):
     """ROUNDS rounds of `method` and an evaluation on whatever devices this process has."""
     from spafl_jax import execution   # pylint: disable=g-import-not-at-top
     train, test, model, cfg, spec, round_cfg = setup()
-    algorithm = None if method == 'spafl' else baselines.get(method).algorithm(model, cfg)
+    algorithm = (None if method == 'spafl'
+                 else baselines.get(method).algorithm(model, cfg, round_cfg))
     runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test, strategy=strategy,
                                    lanes=2, eval_chunk=16, algorithm=algorithm)
     state = initial_state(method)

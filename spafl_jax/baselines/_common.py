@@ -130,7 +130,7 @@ def check_full_batches(cfg: LocalConfig) -> None:
 
 def dense_client_step(model: nn.Module, cfg: LocalConfig, macs=None) -> Callable:
     """`Algorithm.client_step` of a client training a dense model's weights by plain cross-entropy
-    (FedAvg, Local), with the runner's optimizer (clipping, momentum); `scalars` is the learning
+    (FedAvg, Local), with the runner's optimizer (clipping, momentum); `constants` is the learning
     rate."""
     check_full_batches(cfg)
     tx = client_lib.make_optimizer(cfg)
@@ -162,7 +162,7 @@ def fresh_optimizer(cfg: LocalConfig, params):
 
 
 def learning_rate(cfg: LocalConfig):
-    """`Algorithm.round_scalars` of the baselines: the round's learning rate."""
+    """`Algorithm.round_constants` of the baselines: the round's learning rate."""
     return lambda state: client_lib.learning_rate(cfg, state.round)
 
 

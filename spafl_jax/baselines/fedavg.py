@@ -47,11 +47,12 @@ class FedAvgState:
     clients: Any = ()  # clients keep nothing between rounds
 
 
-def algorithm(model: nn.Module, local_cfg: LocalConfig, macs=None, *,
+def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
+              macs=None, *,
               method_cfg: FedAvgConfig = FedAvgConfig()) -> algorithm_lib.Algorithm:
     """FedAvg as an `algorithm.Algorithm`: each sampled client trains a copy of the global model
     and sends it back; the server's model becomes their (weighted) mean."""
-    del method_cfg
+    del round_cfg, method_cfg
     model = _common.dense_model(model)
 
     def global_model(state) -> ClientState:
@@ -79,7 +80,7 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, macs=None, *,
 
     return algorithm_lib.Algorithm(
         name='fedavg', model=model, state_type=FedAvgState,
-        round_scalars=_common.learning_rate(local_cfg), client_start=client_start,
+        round_constants=_common.learning_rate(local_cfg), client_start=client_start,
         client_step=_common.dense_client_step(model, local_cfg, macs), client_end=client_end,
         server_update=server_update, eval_variables=eval_variables,
         eval_density=lambda state, clients, counts: _common.dense_density(
@@ -101,7 +102,8 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
               state: FedAvgState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
               macs=None, *, method_cfg: FedAvgConfig = FedAvgConfig()):
     """One FedAvg round (`algorithm.run_round` of `algorithm(...)`) for the sampled ids."""
-    return algorithm_lib.run_round(algorithm(model, local_cfg, macs, method_cfg=method_cfg),
+    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs,
+                                             method_cfg=method_cfg),
                                    local_cfg, spec, state, data, sampled, seed_key,
                                    aggregation=round_cfg.aggregation,
                                    client_execution=round_cfg.client_execution)

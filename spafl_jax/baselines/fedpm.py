@@ -43,10 +43,11 @@ import numpy as np
 import optax
 
 from spafl_jax import algorithm as algorithm_lib
+from spafl_jax import client as client_lib
 from spafl_jax import masking
 from spafl_jax import xla
 from spafl_jax.baselines import _common
-from spafl_jax.client import ClientState, DataSpec, LocalConfig
+from spafl_jax.client import DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
 from spafl_jax.metrics import BITS_PER_FLOAT
 
@@ -85,8 +86,17 @@ class FedPMState:
     probabilities: Any   # theta per masked weight (shaped like the thresholds, kernel-shaped leaves)
     alpha: Any           # Beta posterior, shaped like probabilities
     beta: Any
-    batch_stats: Any     # [num_clients, ...] each client's own BatchNorm statistics
+    clients: Any         # [num_clients, ...] each client's own BatchNorm statistics
     round: jax.Array     # rounds completed (int32 scalar)
+
+
+@flax.struct.dataclass
+class ScoreWork:
+    """A sampled client's local work: its mask scores, its BatchNorm statistics, and the key of the
+    mask it sends."""
+    scores: Any
+    batch_stats: Any
+    upload_key: jax.Array
 
 
 def _signed_constant(kernel: jax.Array) -> jax.Array:
@@ -111,7 +121,7 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
     stats = jax.tree.map(lambda s: jnp.tile(s, (num_clients,) + (1,) * s.ndim),
                          variables['batch_stats'])
     return FedPMState(weights=params, thresholds=thresholds, probabilities=full(0.5),
-                      alpha=full(method_cfg.prior), beta=full(method_cfg.prior), batch_stats=stats,
+                      alpha=full(method_cfg.prior), beta=full(method_cfg.prior), clients=stats,
                       round=jnp.zeros((), jnp.int32))
 
 
@@ -135,61 +145,111 @@ def _bernoulli(key: jax.Array, probabilities):
                               [part.reshape(p.shape) < p for part, p in zip(parts, leaves)])
 
 
-def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
-              state: FedPMState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
-              macs=None, *, method_cfg: FedPMConfig = FedPMConfig()):
-    """One FedPM round over the `[clients_per_round]` sampled ids (`round_cfg.aggregation` is unused:
-    the Bayesian aggregation counts every received mask once)."""
+def score_optimizer(cfg: LocalConfig, method_cfg: FedPMConfig) -> optax.GradientTransformation:
+    """The scores' optimizer before the -lr scaling (so the runner's learning-rate decay holds)."""
+    if method_cfg.score_optimizer == 'adam':
+        clip = optax.clip_by_global_norm(cfg.clip) if cfg.clip > 0 else optax.identity()
+        return optax.chain(clip, optax.scale_by_adam())
+    return client_lib.make_optimizer(cfg)
+
+
+def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
+              macs=None, *, method_cfg: FedPMConfig = FedPMConfig()) -> algorithm_lib.Algorithm:
+    """FedPM as an `algorithm.Algorithm`. The Bayesian aggregation counts every received mask once,
+    so the mean is unweighted whatever `round_cfg.aggregation` says."""
+    method_cfg.validate()
+    _common.check_full_batches(local_cfg)
     model = _common.dense_model(model)
-    r = state.round
     cfg = local_cfg
     if method_cfg.score_lr is not None:
         cfg = dataclasses.replace(local_cfg, lr=method_cfg.score_lr)
-    tx = None  # local_sgd's default: the runner's clip + momentum
-    if method_cfg.score_optimizer == 'adam':
-        # Only the direction: local_sgd applies -lr, so the runner's learning-rate decay still holds.
-        clip = optax.clip_by_global_norm(cfg.clip) if cfg.clip > 0 else optax.identity()
-        tx = optax.chain(clip, optax.scale_by_adam())
+    tx = score_optimizer(cfg, method_cfg)
+    received = jnp.float32(round_cfg.clients_per_round)
     c = method_cfg.prob_clip
-    start_scores = jax.tree.map(lambda p: jax.scipy.special.logit(jnp.clip(p, c, 1.0 - c)),
-                                state.probabilities)
 
-    def loss_fn(scores, batch_stats, x, y, key):
-        theta = jax.tree.map(jax.nn.sigmoid, scores)
-        draws = jax.tree.map(lambda d: d.astype(jnp.float32), _bernoulli(key, theta))
-        # Straight-through: the forward pass sees the binary draw, the backward pass sigmoid(s).
-        masks = jax.tree.map(lambda m, t: m + t - jax.lax.stop_gradient(t), draws, theta)
-        params = masked_params(state.weights, state.thresholds, masks)
-        logits, batch_stats = _common.apply_train(model, params, state.thresholds, batch_stats, x)
-        ce, correct = _common.cross_entropy(logits, y)
-        flops = _common.step_flops(macs, jax.tree.map(jnp.mean, draws), cfg.batch_size)
-        return ce, (batch_stats, correct, flops)
+    def round_constants(state):
+        return client_lib.learning_rate(cfg, state.round), state.weights, state.thresholds
 
-    def one(batch_stats, ids, count, key):
-        train_key, upload_key = jax.random.split(key)
-        scores, batch_stats, metrics = _common.local_sgd(
-            cfg, spec, loss_fn, start_scores, batch_stats, data.images, data.labels, ids, count,
-            train_key, r, tx=tx)
-        upload = _bernoulli(upload_key, jax.tree.map(jax.nn.sigmoid, scores))
-        return upload, batch_stats, metrics
+    def client_start(state, batch_stats, key):
+        scores = jax.tree.map(lambda p: jax.scipy.special.logit(jnp.clip(p, c, 1.0 - c)),
+                              state.probabilities)
+        work = ScoreWork(scores=scores, batch_stats=batch_stats,
+                         upload_key=jax.random.fold_in(key, 1))
+        return work, tx.init(scores)
 
-    args = (_common.take(state.batch_stats, sampled), data.example_ids[sampled], data.counts[sampled],
-            algorithm_lib.client_keys(seed_key, r, sampled))
-    uploads, batch_stats, metrics = _common.map_clients(one, args, round_cfg.client_execution)
+    def client_step(work, opt_state, x, y, example_mask, constants, key):
+        del example_mask   # full batches only
+        lr, weights, thresholds = constants
+        draw_key = jax.random.fold_in(key, 1)   # `key` drew the step's augmentation
 
-    # Bayesian aggregation: the received masks are Bernoulli observations of theta.
-    reset = (r % method_cfg.prior_reset_every) == 0
-    received = jnp.float32(sampled.shape[0])
-    ones = jax.tree.map(lambda u: jnp.sum(u.astype(jnp.float32), axis=0), uploads)
-    restart = lambda a: jnp.where(reset, method_cfg.prior, a)
-    alpha = jax.tree.map(lambda a, s: restart(a) + s, state.alpha, ones)
-    beta = jax.tree.map(lambda b, s: restart(b) + received - s, state.beta, ones)
-    theta = jax.tree.map(lambda a, b: (a - 1.0) / (a + b - 2.0), alpha, beta)
+        def loss_fn(scores):
+            theta = jax.tree.map(jax.nn.sigmoid, scores)
+            draws = jax.tree.map(lambda d: d.astype(jnp.float32), _bernoulli(draw_key, theta))
+            # Straight-through: the forward pass sees the binary draw, the backward sigmoid(s).
+            masks = jax.tree.map(lambda m, t: m + t - jax.lax.stop_gradient(t), draws, theta)
+            params = masked_params(weights, thresholds, masks)
+            logits, batch_stats = _common.apply_train(model, params, thresholds,
+                                                      work.batch_stats, x)
+            ce, correct = _common.cross_entropy(logits, y)
+            return ce, (batch_stats, correct, jax.tree.map(jnp.mean, draws))
 
-    new_state = state.replace(probabilities=theta, alpha=alpha, beta=beta,
-                              batch_stats=_common.put(state.batch_stats, sampled, batch_stats),
-                              round=r + 1)
-    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
+        (loss, (batch_stats, correct, kept)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(work.scores)
+        updates, opt_state = tx.update(grads, opt_state)
+        scores = jax.tree.map(lambda p, u: p - lr * u, work.scores, updates)
+        metrics = {'loss': loss, 'correct': correct.astype(jnp.float32),
+                   'steps': jnp.float32(1.0),
+                   'flops': _common.step_flops(macs, kept, cfg.batch_size),
+                   'examples': jnp.float32(cfg.batch_size)}
+        return work.replace(scores=scores, batch_stats=batch_stats), opt_state, metrics
+
+    def client_end(work, opt_state):
+        del opt_state
+        upload = _bernoulli(work.upload_key, jax.tree.map(jax.nn.sigmoid, work.scores))
+        return work.batch_stats, jax.tree.map(lambda u: u.astype(jnp.float32), upload)
+
+    def server_update(state, mean_upload, clients):
+        # Bayesian aggregation: the received masks are Bernoulli observations of theta.
+        reset = (state.round % method_cfg.prior_reset_every) == 0
+        ones = jax.tree.map(lambda m: m * received, mean_upload)
+        restart = lambda a: jnp.where(reset, method_cfg.prior, a)
+        alpha = jax.tree.map(lambda a, s: restart(a) + s, state.alpha, ones)
+        beta = jax.tree.map(lambda b, s: restart(b) + received - s, state.beta, ones)
+        theta = jax.tree.map(lambda a, b: (a - 1.0) / (a + b - 2.0), alpha, beta)
+        return state.replace(probabilities=theta, alpha=alpha, beta=beta, clients=clients,
+                             round=state.round + 1)
+
+    def eval_variables(state, batch_stats, count):
+        del count
+        masks = jax.tree.map(lambda m: m.astype(jnp.float32), eval_masks(state, method_cfg))
+        variables = {'params': masked_params(state.weights, state.thresholds, masks),
+                     'thresholds': state.thresholds, 'batch_stats': batch_stats}
+        return variables, variables
+
+    def eval_density(state, clients, counts):
+        # Unstructured: the kept-weight fraction of the global mask, the same for every client.
+        del clients
+        fractions, kept = _common.weight_density(eval_masks(state, method_cfg))
+        n = counts.shape[0]
+        return {'layer_density': jnp.broadcast_to(fractions, (n, fractions.shape[0])),
+                'kept_weights': jnp.broadcast_to(kept, (n,))}
+
+    return algorithm_lib.Algorithm(
+        name='fedpm', model=model, state_type=FedPMState, round_constants=round_constants,
+        client_start=client_start, client_step=client_step, client_end=client_end,
+        server_update=server_update, eval_variables=eval_variables, eval_density=eval_density,
+        aggregation='uniform')
+
+
+def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
+              state: FedPMState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
+              macs=None, *, method_cfg: FedPMConfig = FedPMConfig()):
+    """One FedPM round (`algorithm.run_round` of `algorithm(...)`) for the sampled ids."""
+    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs,
+                                             method_cfg=method_cfg),
+                                   local_cfg, spec, state, data, sampled, seed_key,
+                                   aggregation=round_cfg.aggregation,
+                                   client_execution=round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedPMConfig()):
@@ -207,26 +267,11 @@ def eval_masks(state: FedPMState, method_cfg: FedPMConfig = FedPMConfig()):
 
 def evaluate(model: nn.Module, spec: DataSpec, state: FedPMState, data: ClientData,
              batch_size: int, *, method_cfg: FedPMConfig = FedPMConfig()) -> dict:
-    """The global masked network (own BatchNorm statistics) on every client's own test split.
-
-    Returns correct [N], counts [N], layer_density [N, L] (kept-WEIGHT fraction of the global mask),
-    kept_weights [N].
-    """
-    model = _common.dense_model(model)
-    masks = eval_masks(state, method_cfg)
-    params = masked_params(state.weights, state.thresholds,
-                            jax.tree.map(lambda m: m.astype(jnp.float32), masks))
-
-    def client_fn(k):
-        return ClientState(params=params, thresholds=state.thresholds,
-                           batch_stats=_common.take(state.batch_stats, k), opt_state=())
-
-    correct = _common.correct_per_client(model, spec, client_fn, data, batch_size)
-    fractions, kept = _common.weight_density(masks)
-    n = data.counts.shape[0]
-    return {'correct': correct, 'counts': data.counts,
-            'layer_density': jnp.broadcast_to(fractions, (n, fractions.shape[0])),
-            'kept_weights': jnp.broadcast_to(kept, (n,))}
+    """The global masked network (own BatchNorm statistics) on every client's own test split
+    (`algorithm.evaluate`). Returns correct [N], counts [N], layer_density [N, L] (kept-WEIGHT
+    fraction of the global mask), kept_weights [N]."""
+    return algorithm_lib.evaluate(algorithm(model, LocalConfig(), method_cfg=method_cfg), spec,
+                                  state, data, batch_size)
 
 
 def make_eval_fn(model, spec, batch_size, method_cfg=FedPMConfig()):

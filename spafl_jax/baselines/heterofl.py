@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from spafl_jax import algorithm as algorithm_lib
+from spafl_jax import client as client_lib
 from spafl_jax import masking
 from spafl_jax import xla
 from spafl_jax.baselines import _common
-from spafl_jax.client import ClientState, DataSpec, LocalConfig
+from spafl_jax.client import DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
 from spafl_jax.metrics import BITS_PER_FLOAT
 
@@ -61,8 +62,18 @@ class HeteroFLState:
     params: Any          # the global (full-width) model
     batch_stats: Any     # the global BatchNorm statistics ({} without BatchNorm)
     thresholds: Any      # all DENSE_THRESHOLD: the SpaFL row masks are off
-    client_rates: jax.Array   # [num_clients] float32 width rate of each client
+    clients: jax.Array   # [num_clients] float32 width rate of each client
     round: jax.Array     # rounds completed (int32 scalar)
+
+
+@flax.struct.dataclass
+class SliceWork:
+    """A sampled client's local work: its slice of the global model, and which entries it holds."""
+    rate: jax.Array
+    params: Any          # the global weights, zero outside the slice
+    batch_stats: Any
+    param_masks: Any     # 1.0 where the slice holds an entry, else 0.0
+    stat_masks: Any
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,7 +160,7 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
     width_layout(variables['params'], variables['thresholds'])  # fail early on unsupported models
     return HeteroFLState(params=variables['params'], batch_stats=variables['batch_stats'],
                          thresholds=variables['thresholds'],
-                         client_rates=jnp.asarray(client_rates(num_clients, method_cfg)),
+                         clients=jnp.asarray(client_rates(num_clients, method_cfg)),
                          round=jnp.zeros((), jnp.int32))
 
 
@@ -158,47 +169,106 @@ def _kernel_fractions(param_masks, thresholds):
     return jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32)), kernels)
 
 
+def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
+              macs=None, *, method_cfg: HeteroFLConfig = HeteroFLConfig()) -> algorithm_lib.Algorithm:
+    """HeteroFL as an `algorithm.Algorithm`: a client trains its slice of the global model; each
+    entry becomes the mean over the clients that hold it (entries nobody holds keep their value)."""
+    del round_cfg, method_cfg   # the widths live in the state
+    _common.check_full_batches(local_cfg)
+    model = _common.dense_model(model)
+    tx = client_lib.make_optimizer(local_cfg)
+    as_float = lambda tree: jax.tree.map(lambda m: m.astype(jnp.float32), tree)
+
+    def slice_of(state, rate) -> SliceWork:
+        layout = width_layout(state.params, state.thresholds)['params']
+        param_masks = as_float(width_masks(state.params, layout, rate))
+        stat_masks = as_float(width_masks(state.batch_stats, _stats_layout(state.batch_stats),
+                                          rate))
+        return SliceWork(rate=rate, params=jax.tree.map(jnp.multiply, state.params, param_masks),
+                         batch_stats=state.batch_stats, param_masks=param_masks,
+                         stat_masks=stat_masks)
+
+    def client_start(state, rate, key):
+        del key
+        work = slice_of(state, rate)
+        return work, tx.init(work.params)
+
+    def client_step(work, opt_state, x, y, example_mask, constants, key):
+        del example_mask, key   # full batches only; nothing drawn
+        lr, thresholds = constants
+
+        def loss_fn(params):
+            # Multiplying by the mask (not slicing) keeps one static shape for every width; the
+            # entries outside the slice get zero gradient, so they stay 0.
+            cut = jax.tree.map(jnp.multiply, params, work.param_masks)
+            logits, batch_stats = _common.apply_train(model, cut, thresholds, work.batch_stats, x)
+            ce, correct = _common.cross_entropy(logits, y)
+            return ce, (batch_stats, correct)
+
+        (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            work.params)
+        updates, opt_state = tx.update(grads, opt_state)
+        params = jax.tree.map(lambda p, u: p - lr * u, work.params, updates)
+        flops = _common.step_flops(macs, _kernel_fractions(work.param_masks, thresholds),
+                                   local_cfg.batch_size)
+        metrics = {'loss': loss, 'correct': correct.astype(jnp.float32),
+                   'steps': jnp.float32(1.0), 'flops': flops,
+                   'examples': jnp.float32(local_cfg.batch_size)}
+        return work.replace(params=params, batch_stats=batch_stats), opt_state, metrics
+
+    def client_end(work, opt_state):
+        del opt_state
+        held = lambda tree, masks: jax.tree.map(jnp.multiply, tree, masks)
+        return work.rate, (held(work.params, work.param_masks), work.param_masks,
+                           held(work.batch_stats, work.stat_masks), work.stat_masks)
+
+    def server_update(state, mean, clients):
+        params, param_holders, stats, stat_holders = mean
+        # mean(holds * value) / mean(holds): the mean over the clients that hold an entry.
+        over_holders = lambda v, h, old: jnp.where(h > 0, v / jnp.where(h > 0, h, 1.0), old)
+        return state.replace(
+            params=jax.tree.map(over_holders, params, param_holders, state.params),
+            batch_stats=jax.tree.map(over_holders, stats, stat_holders, state.batch_stats),
+            clients=clients, round=state.round + 1)
+
+    def eval_variables(state, rate, count):
+        del count
+        variables = _common.variables_of(slice_of(state, rate))
+        variables['thresholds'] = state.thresholds
+        return variables, variables
+
+    def eval_density(state, rates, counts):
+        del counts
+        layout = width_layout(state.params, state.thresholds)['params']
+
+        def one(rate):
+            kernels = masking.kernels_of(width_masks(state.params, layout, rate),
+                                         state.thresholds)
+            rows = jnp.stack([
+                jnp.mean(jnp.any(m, axis=tuple(range(m.ndim - 1))).astype(jnp.float32))
+                for m in jax.tree.leaves(kernels)])
+            return rows, _common.weight_density(kernels)[1]
+
+        rows, kept = jax.vmap(one)(rates)
+        return {'layer_density': rows, 'kept_weights': kept}
+
+    return algorithm_lib.Algorithm(
+        name='heterofl', model=model, state_type=HeteroFLState,
+        round_constants=lambda state: (client_lib.learning_rate(local_cfg, state.round),
+                                       state.thresholds),
+        client_start=client_start, client_step=client_step, client_end=client_end,
+        server_update=server_update, eval_variables=eval_variables, eval_density=eval_density)
+
+
 def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
               state: HeteroFLState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
               macs=None, *, method_cfg: HeteroFLConfig = HeteroFLConfig()):
-    """One HeteroFL round over the `[clients_per_round]` sampled ids (widths from state.client_rates)."""
-    del method_cfg  # the widths live in the state
-    model = _common.dense_model(model)
-    r = state.round
-    layout = width_layout(state.params, state.thresholds)['params']
-    stats_layout = _stats_layout(state.batch_stats)
-
-    def one(rate, ids, count, key):
-        param_masks = width_masks(state.params, layout, rate)
-        stat_masks = width_masks(state.batch_stats, stats_layout, rate)
-        cut = lambda tree: jax.tree.map(lambda x, m: x * m, tree, param_masks)
-        flops = _common.step_flops(macs, _kernel_fractions(param_masks, state.thresholds),
-                                   local_cfg.batch_size)
-
-        def loss_fn(params, batch_stats, x, y, key):
-            del key
-            # Multiplying by the mask (not slicing) keeps one static shape for every width; the
-            # entries outside the slice get zero gradient, so they stay 0.
-            logits, batch_stats = _common.apply_train(model, cut(params), state.thresholds,
-                                                      batch_stats, x)
-            ce, correct = _common.cross_entropy(logits, y)
-            return ce, (batch_stats, correct, flops)
-
-        params, batch_stats, metrics = _common.local_sgd(
-            local_cfg, spec, loss_fn, cut(state.params), state.batch_stats, data.images,
-            data.labels, ids, count, key, r)
-        return params, batch_stats, param_masks, stat_masks, metrics
-
-    args = (state.client_rates[sampled], data.example_ids[sampled], data.counts[sampled],
-            algorithm_lib.client_keys(seed_key, r, sampled))
-    params, batch_stats, param_masks, stat_masks, metrics = _common.map_clients(
-        one, args, round_cfg.client_execution)
-    weights = _common.client_weights(round_cfg.aggregation, data, sampled)
-    new_state = state.replace(
-        params=_common.masked_mean(params, param_masks, weights, state.params),
-        batch_stats=_common.masked_mean(batch_stats, stat_masks, weights, state.batch_stats),
-        round=r + 1)
-    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
+    """One HeteroFL round (`algorithm.run_round` of `algorithm(...)`) for the sampled ids."""
+    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs,
+                                             method_cfg=method_cfg),
+                                   local_cfg, spec, state, data, sampled, seed_key,
+                                   aggregation=round_cfg.aggregation,
+                                   client_execution=round_cfg.client_execution)
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=HeteroFLConfig()):
@@ -208,28 +278,11 @@ def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=Heter
 
 def evaluate(model: nn.Module, spec: DataSpec, state: HeteroFLState, data: ClientData,
              batch_size: int, *, method_cfg: HeteroFLConfig = HeteroFLConfig()) -> dict:
-    """Every client's width slice of the global model on its own test split.
-
-    Returns correct [N], counts [N], layer_density [N, L] (kept-row fraction), kept_weights [N].
-    """
-    del method_cfg
-    model = _common.dense_model(model)
-    layout = width_layout(state.params, state.thresholds)['params']
-
-    def client_fn(k):
-        masks = width_masks(state.params, layout, state.client_rates[k])
-        return ClientState(params=jax.tree.map(lambda x, m: x * m, state.params, masks),
-                           thresholds=state.thresholds, batch_stats=state.batch_stats, opt_state=())
-
-    def density(rate):
-        kernels = masking.kernels_of(width_masks(state.params, layout, rate), state.thresholds)
-        rows = jnp.stack([jnp.mean(jnp.any(m, axis=tuple(range(m.ndim - 1))).astype(jnp.float32))
-                          for m in jax.tree.leaves(kernels)])
-        return rows, _common.weight_density(kernels)[1]
-
-    correct = _common.correct_per_client(model, spec, client_fn, data, batch_size)
-    rows, kept = jax.vmap(density)(state.client_rates)
-    return {'correct': correct, 'counts': data.counts, 'layer_density': rows, 'kept_weights': kept}
+    """Every client's width slice of the global model on its own test split
+    (`algorithm.evaluate`). Returns correct [N], counts [N], layer_density [N, L] (kept-row
+    fraction), kept_weights [N]."""
+    return algorithm_lib.evaluate(algorithm(model, LocalConfig(), method_cfg=method_cfg), spec,
+                                  state, data, batch_size)
 
 
 def make_eval_fn(model, spec, batch_size, method_cfg=HeteroFLConfig()):

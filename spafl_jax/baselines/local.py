@@ -40,11 +40,12 @@ class LocalState:
     round: jax.Array       # rounds completed (int32 scalar)
 
 
-def algorithm(model: nn.Module, local_cfg: LocalConfig, macs=None, *,
+def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
+              macs=None, *,
               method_cfg: LocalOnlyConfig = LocalOnlyConfig()) -> algorithm_lib.Algorithm:
     """Local training as an `algorithm.Algorithm`: a sampled client trains its own model and
     sends nothing; the server only counts the round."""
-    del method_cfg
+    del round_cfg, method_cfg
     model = _common.dense_model(model)
 
     def client_start(state, stored, key):
@@ -71,7 +72,7 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, macs=None, *,
 
     return algorithm_lib.Algorithm(
         name='local', model=model, state_type=LocalState,
-        round_scalars=_common.learning_rate(local_cfg), client_start=client_start,
+        round_constants=_common.learning_rate(local_cfg), client_start=client_start,
         client_step=_common.dense_client_step(model, local_cfg, macs), client_end=client_end,
         server_update=server_update, eval_variables=eval_variables, eval_density=eval_density)
 
@@ -99,7 +100,8 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
               state: LocalState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
               macs=None, *, method_cfg: LocalOnlyConfig = LocalOnlyConfig()):
     """One round of local training (`algorithm.run_round` of `algorithm(...)`)."""
-    return algorithm_lib.run_round(algorithm(model, local_cfg, macs, method_cfg=method_cfg),
+    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs,
+                                             method_cfg=method_cfg),
                                    local_cfg, spec, state, data, sampled, seed_key,
                                    aggregation=round_cfg.aggregation,
                                    client_execution=round_cfg.client_execution)
