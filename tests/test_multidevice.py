@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
 
 NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2   # 3 sampled over 2 or 4 devices: empty positions
 # The baselines written as an `algorithm.Algorithm`, which run on the same mesh as SpaFL.
-ALGORITHM_BASELINES = ('fedavg', 'local', 'fedpm')
+ALGORITHM_BASELINES = ('fedavg', 'local', 'fedpm', 'heterofl')
 
 # Runs ROUNDS rounds with each strategy on a fresh state and saves every leaf of the final state,
 # the round metrics and the evaluation, gathered to this host, plus each compiled function's number of

@@ -233,8 +233,9 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
 
     def eval_variables(state, rate, count):
         del count
-        variables = _common.variables_of(slice_of(state, rate))
-        variables['thresholds'] = state.thresholds
+        work = slice_of(state, rate)
+        variables = {'params': work.params, 'thresholds': state.thresholds,
+                     'batch_stats': work.batch_stats}
         return variables, variables
 
     def eval_density(state, rates, counts):

@@ -60,17 +60,48 @@ def load_draws(path: str, data_dir: str | None) -> tuple[dict, dict]:
     return meta, arrays
 
 
+def _official_resets(arrays: dict, r: int, k: int, layers: int) -> np.ndarray | None:
+    """Client k's official reset counts after round r's test (None: not recorded)."""
+    if r < 0:
+        return np.zeros(layers, np.int64)
+    key = f'r{r}/tested/{k}/resets'
+    return arrays[key].astype(np.int64) if key in arrays else None
+
+
+def _force_resets(rp, k: int, missing: np.ndarray) -> None:
+    """Client k's thresholds of the layers where `missing` > 0 set to 0, as a reset leaves them."""
+    leaves, treedef = jax.tree.flatten(rp.clients[k].thresholds)
+    leaves = [jnp.zeros_like(t) if m > 0 else t for t, m in zip(leaves, missing)]
+    rp.clients[k] = rp.clients[k].replace(thresholds=jax.tree.unflatten(treedef, leaves))
+
+
 def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
-           conv_impl: str = 'im2col', per_client: str | None = None) -> None:
+           conv_impl: str = 'im2col', per_client: str | None = None,
+           follow_official_resets: bool = False) -> None:
     rp = test_reference.Replay((meta, arrays), dtype=jnp.float32, conv_impl=conv_impl)
     rounds = min(rounds or rp.rounds, rp.rounds)
     os.makedirs(out, exist_ok=True)
     files.write_atomic(os.path.join(out, 'config.json'), json.dumps({
         'code': 'spafl_jax on the draws of an official curve (tests/reference/replay_curve.py)',
         'official_settings': meta['settings'], 'rounds': rounds, 'dtype': 'float32',
-        'conv_impl': conv_impl, 'xla_flags': os.environ.get('XLA_FLAGS', '')},
+        'conv_impl': conv_impl, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+        'follow_official_resets': follow_official_resets},
         indent=1).encode())
     records, history = [], {}
+    layers = len(rp.names)
+    forced = np.zeros((rp.num_clients, layers), np.int64)
+
+    def follow(k: int, r: int, ours_before: np.ndarray) -> None:
+        # A collapse reset the official run had in round r and ours did not: made ours.
+        after, before = (_official_resets(arrays, r_, k, layers) for r_ in (r, r - 1))
+        if after is None or before is None:   # drawn by a recorder without per-layer records
+            return
+        theirs = after - before
+        missing = theirs - (rp.resets[k] - ours_before) - forced_this_round[k]
+        if np.any(missing > 0):
+            _force_resets(rp, k, missing)
+            forced[k] += np.maximum(missing, 0)
+            forced_this_round[k] += np.maximum(missing, 0)
     for r in range(rounds):
         start = time.time()
         sampled = arrays[f'r{r}/sampled']
@@ -78,8 +109,12 @@ def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
             rp.clients[k] = rp.clients[k].replace(thresholds=rp.server_thresholds)
             if rp.importance == 'sampled_before' and r > 0:
                 rp.importance_update(k, rp.delta)
+        before_round = rp.resets.copy()
+        forced_this_round = np.zeros_like(forced)
         for k in sampled:
             rp.train(k, arrays[f'r{r}/order/{k}'], r)
+            if follow_official_resets:   # before aggregation: the server receives the reset
+                follow(k, r, before_round[k])
         new_global = server.aggregate(jax.tree.map(lambda *t: jnp.stack(t),
                                                    *[rp.clients[k].thresholds for k in sampled]))
         rp.delta = jax.tree.map(jnp.subtract, new_global, rp.server_thresholds)
@@ -91,6 +126,12 @@ def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
         for k in range(rp.num_clients):
             tested.append(rp.test(k))
             layer_density.append(rp.layer_density)
+            if follow_official_resets:   # a reset at test: the mask is the reset one from now on
+                follow(k, r, before_round[k])
+        official_global = [arrays[f'r{r}/global/{name}.threshold'] for name in rp.names]
+        threshold_difference = float(np.mean(np.concatenate([
+            np.abs(np.asarray(ours) - theirs).ravel()
+            for ours, theirs in zip(jax.tree.leaves(rp.server_thresholds), official_global)])))
         official = [(float(arrays[f'r{r}/tested/{k}/accuracy']),
                      float(arrays[f'r{r}/tested/{k}/density'])) for k in range(rp.num_clients)]
         round_history = {'accuracy': np.asarray(tested)[:, 0], 'layer_density': layer_density,
@@ -106,7 +147,10 @@ def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
             'clients_equal_accuracy': int(np.sum(differences[:, 0] < 1e-3)),
             'max_client_accuracy_difference': round(float(differences[:, 0].max()) / 100.0, 6),
             'layer_density': [round(float(x), 6) for x in np.mean(layer_density, axis=0)],
-            'resets': rp.resets.sum(axis=0).tolist()})
+            'resets': rp.resets.sum(axis=0).tolist(),
+            'server_threshold_difference': threshold_difference})
+        if follow_official_resets:
+            records[-1]['forced_resets'] = forced.sum(axis=0).tolist()
         if f'r{r}/tested/0/resets' in arrays:   # drawn by a recorder that keeps per-layer records
             theirs = {what: np.stack([arrays[f'r{r}/tested/{k}/{what}']
                                       for k in range(rp.num_clients)])
@@ -143,9 +187,14 @@ def main() -> None:
     parser.add_argument('--per_client', default=None,
                         help='also write every client\'s accuracy, layer densities and reset counts '
                              'after every round, ours and official, to this .npz')
+    parser.add_argument('--follow_official_resets', action='store_true',
+                        help='where the official run reset a collapsed layer and ours did not, '
+                             'reset ours too (after the client\'s training, or after its test): '
+                             'how far the curves part because of that discrete event alone')
     args = parser.parse_args()
     meta, arrays = load_draws(args.draws, args.data)
-    replay(meta, arrays, args.out, args.rounds, args.conv_impl, args.per_client)
+    replay(meta, arrays, args.out, args.rounds, args.conv_impl, args.per_client,
+           args.follow_official_resets)
 
 
 if __name__ == '__main__':
