@@ -75,17 +75,33 @@ def _force_resets(rp, k: int, missing: np.ndarray) -> None:
     rp.clients[k] = rp.clients[k].replace(thresholds=jax.tree.unflatten(treedef, leaves))
 
 
+def _perturb(rp, seed: int) -> None:
+    """Every initial weight moved by one unit in the last place, up or down at random (seeded):
+    a perturbation as small as float32 rounding, to see how far it alone moves a curve."""
+    rng = np.random.default_rng(seed)
+
+    def one(x):
+        x = np.asarray(x)
+        away = np.where(rng.random(x.shape) < 0.5, np.inf, -np.inf).astype(x.dtype)
+        return jnp.asarray(np.nextafter(x, away))
+
+    params = jax.tree.map(one, rp.clients[0].params)
+    rp.clients = [c.replace(params=params) for c in rp.clients]
+
+
 def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
            conv_impl: str = 'im2col', per_client: str | None = None,
-           follow_official_resets: bool = False) -> None:
+           follow_official_resets: bool = False, perturb_seed: int | None = None) -> None:
     rp = test_reference.Replay((meta, arrays), dtype=jnp.float32, conv_impl=conv_impl)
+    if perturb_seed is not None:
+        _perturb(rp, perturb_seed)
     rounds = min(rounds or rp.rounds, rp.rounds)
     os.makedirs(out, exist_ok=True)
     files.write_atomic(os.path.join(out, 'config.json'), json.dumps({
         'code': 'spafl_jax on the draws of an official curve (tests/reference/replay_curve.py)',
         'official_settings': meta['settings'], 'rounds': rounds, 'dtype': 'float32',
         'conv_impl': conv_impl, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-        'follow_official_resets': follow_official_resets},
+        'follow_official_resets': follow_official_resets, 'perturb_seed': perturb_seed},
         indent=1).encode())
     records, history = [], {}
     layers = len(rp.names)
@@ -191,10 +207,14 @@ def main() -> None:
                         help='where the official run reset a collapsed layer and ours did not, '
                              'reset ours too (after the client\'s training, or after its test): '
                              'how far the curves part because of that discrete event alone')
+    parser.add_argument('--perturb_seed', type=int, default=None,
+                        help='move every initial weight by one unit in the last place (up or '
+                             'down, drawn from this seed): an ensemble of such replays shows how '
+                             'far rounding-sized differences alone move the curve')
     args = parser.parse_args()
     meta, arrays = load_draws(args.draws, args.data)
     replay(meta, arrays, args.out, args.rounds, args.conv_impl, args.per_client,
-           args.follow_official_resets)
+           args.follow_official_resets, args.perturb_seed)
 
 
 if __name__ == '__main__':
