@@ -17,6 +17,13 @@ tests/reference/replay_curve.py: our library run on the official run's own split
 sampled clients and batch orders) get a table, a summary of how far the paired curves are apart
 against how far the official code's own seeds are, and a figure of their own
 (`<results>/fidelity_fmnist_paired.png`).
+
+The diagnosis of seed 1 (`<results>/fidelity_diagnosis_seed1/<variant>/`, each written by
+replay_curve.py on the same draws, with per-layer densities and collapse resets, ours and official):
+'ours', 'rounding' (XLA's dot kernels instead of YNNPACK's), 'perturb<k>' (every initial weight
+moved by one unit in the last place, `--perturb_seed=k`) form an ensemble of rounding-sized
+differences; 'follow' resets a collapsed layer wherever the official run did and ours did not
+(`--follow_official_resets`). It gets a table, a summary and `<results>/fidelity_fmnist_diagnosis.png`.
 """
 
 from __future__ import annotations
@@ -126,6 +133,99 @@ def paired_summary(runs, seeds: list[str]) -> str:
     return '\n'.join(lines)
 
 
+DIAGNOSIS = 'fidelity_diagnosis_seed1'
+ENSEMBLE = ('ours', 'rounding', 'perturb1', 'perturb2', 'perturb3', 'perturb4')   # those present are used
+
+
+def load_diagnosis(results: str) -> dict[str, dict[int, dict]]:
+    """variant -> its replay_curve.py curve, for the variants recorded under DIAGNOSIS."""
+    folder = os.path.join(results, DIAGNOSIS)
+    if not os.path.isdir(folder):
+        return {}
+    return {name: read_curve(os.path.join(folder, name, 'metrics.jsonl'))
+            for name in sorted(os.listdir(folder))
+            if os.path.exists(os.path.join(folder, name, 'metrics.jsonl'))}
+
+
+def diagnosis(variants: dict[str, dict[int, dict]], every: int = 5) -> str:
+    """Per round: the official accuracy against every variant's, whether it lies inside the
+    ensemble's range, and the last layer's density and the collapse resets, official against the
+    ensemble's range; then how far each variant is from the official curve."""
+    ensemble = [v for v in ENSEMBLE if v in variants]
+    names = ensemble + [v for v in sorted(variants) if v not in ensemble]
+    rounds = sorted(set.intersection(*(set(variants[v]) for v in names)))
+    head = ('| round | official | ' + ' | '.join(names) + ' | official inside the ensemble | '
+            'fc4 density: official / ensemble | resets: official / ensemble |')
+    lines = [head, '|' + '---|' * (head.count('|') - 1)]
+    span = lambda values, f: f'{f(min(values))}-{f(max(values))}'
+    for r in rounds:
+        if r % every and r != rounds[-1]:
+            continue
+        official = variants[names[0]][r]
+        theirs = 100 * official['official_accuracy']
+        acc = [100 * variants[v][r]['accuracy'] for v in ensemble]
+        fc4 = [variants[v][r]['layer_density'][-1] for v in ensemble]
+        resets = [sum(variants[v][r]['resets']) for v in ensemble]
+        inside = min(acc) <= theirs <= max(acc)
+        lines.append(
+            f'| {r} | {theirs:.1f} | '
+            + ' | '.join(f'{100 * variants[v][r]["accuracy"]:.1f}' for v in names)
+            + f' | {"yes" if inside else "no"} | '
+            f'{official["official_layer_density"][-1]:.3f} / {span(fc4, lambda x: f"{x:.3f}")} | '
+            f'{sum(official["official_resets"])} / {span(resets, str)} |')
+    gaps = []
+    for v in names:
+        d = np.array([100 * abs(variants[v][r]['accuracy'] - variants[v][r]['official_accuracy'])
+                      for r in rounds])
+        gaps.append(f'{v} against the official code, rounds 1-{rounds[-1]}: accuracy mean '
+                    f'{d.mean():.2f} / largest {d.max():.1f} points')
+    spread = np.array([np.ptp([100 * variants[v][r]['accuracy'] for v in ensemble])
+                       for r in rounds])
+    inside = sum(min(100 * variants[v][r]['accuracy'] for v in ensemble)
+                 <= 100 * variants[names[0]][r]['official_accuracy']
+                 <= max(100 * variants[v][r]['accuracy'] for v in ensemble) for r in rounds)
+    gaps.append(f'the ensemble ({", ".join(ensemble)}): spread mean {spread.mean():.2f} / largest '
+                f'{spread.max():.1f} points; the official curve inside its range in {inside} of '
+                f'{len(rounds)} rounds')
+    return '\n'.join(lines) + '\n' + '\n'.join(gaps)
+
+
+def plot_diagnosis(variants: dict[str, dict[int, dict]], path: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
+    fig, (ax_acc, ax_fc4) = plt.subplots(1, 2, figsize=(12, 4.5))
+    first = variants[sorted(variants)[0]]
+    rounds = sorted(first)
+    for ax, key, scale in ((ax_acc, 'official_accuracy', 100), (ax_fc4, None, 1)):
+        values = ([scale * first[r][key] for r in rounds] if key else
+                  [first[r]['official_layer_density'][-1] for r in rounds])
+        ax.plot(rounds, values, color='tab:red', linewidth=1.6, label='official code')
+    members = [name for name in sorted(variants) if name in ENSEMBLE]
+    for name, curve in sorted(variants.items()):
+        rs = sorted(curve)
+        in_ensemble = name in ENSEMBLE
+        label = (f'ours, {len(members)} runs: {", ".join(members)}' if name == members[0]
+                 else None if in_ensemble else f'ours: {name}')
+        kwargs = dict(color='tab:blue' if in_ensemble else 'tab:green',
+                      linewidth=0.9 if in_ensemble else 1.4, alpha=0.7 if in_ensemble else 1.0,
+                      label=label)
+        ax_acc.plot(rs, [100 * curve[r]['accuracy'] for r in rs], **kwargs)
+        ax_fc4.plot(rs, [curve[r]['layer_density'][-1] for r in rs], **kwargs)
+    ax_acc.set(xlabel='round', ylabel='accuracy (%), mean over the 100 clients',
+               title='Test accuracy on the official seed-1 draws')
+    ax_fc4.set(xlabel='round', ylabel='kept rows of the last layer (fc4), mean over clients',
+               title='Last-layer density')
+    for ax in (ax_acc, ax_fc4):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc='lower right' if ax is ax_acc else 'upper right')
+    fig.suptitle('Blue: ours under rounding-sized differences (an ensemble); green: ours resetting '
+                 'wherever the official run reset', fontsize=10)
+    reporting.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def plot(runs, seeds: list[str], path: str, codes=('official', 'ours', 'current'),
          title='official code vs fmnist.py:official') -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
@@ -172,6 +272,7 @@ def main(argv):
                          'docstring for the runs it expects.')
     rounds = [int(r) for r in _ROUNDS.value]
     print(table(runs, seeds, rounds))
+    variants = load_diagnosis(_RESULTS.value)
     if any(code == 'current' for code, _ in runs):
         print('\nours with collapse_check=current:')
         print(table(runs, seeds, rounds, ours='current'))
@@ -186,6 +287,12 @@ def main(argv):
         plot(runs, seeds, paired, codes=('official', 'paired', 'rounding'),
              title='official code vs spafl_jax on the same draws')
         print(f'figure: {paired}')
+    if variants:
+        print('\nseed 1, the gap diagnosed (ours on the official draws, every 5 rounds):')
+        print(diagnosis(variants))
+        figure = os.path.join(os.path.dirname(out), 'fidelity_fmnist_diagnosis.png')
+        plot_diagnosis(variants, figure)
+        print(f'figure: {figure}')
 
 
 if __name__ == '__main__':

@@ -55,3 +55,37 @@ def test_table_compares_each_seed_and_their_mean(tmp_path):
             '20.0 points, density mean 0.200 / largest 0.200') in paired
     assert os.path.getsize(os.path.join(results, 'fidelity_fmnist_paired.png')) > 10_000
     assert os.path.getsize(os.path.join(results, 'fidelity_fmnist.png')) > 10_000
+
+
+def _variant(results, name, rounds):
+    folder = os.path.join(results, 'fidelity_diagnosis_seed1', name)
+    os.makedirs(folder)
+    with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
+        for r, (accuracy, fc4, resets) in rounds.items():
+            f.write(json.dumps({
+                'round': r, 'accuracy': accuracy, 'official_accuracy': 0.5,
+                'layer_density': [1.0, fc4], 'official_layer_density': [1.0, 0.4],
+                'resets': [0, resets], 'official_resets': [0, 1]}) + '\n')
+
+
+def test_diagnosis_sets_the_official_curve_against_an_ensemble_of_ours(tmp_path):
+    results = str(tmp_path)
+    _write(results, 'official_fmnist_seed1', {1: (0.50, 0.90), 5: (0.50, 0.80)})
+    _variant(results, 'ours', {1: (0.52, 0.5, 0), 5: (0.55, 0.45, 0)})
+    _variant(results, 'perturb1', {1: (0.49, 0.3, 1), 5: (0.58, 0.35, 2)})
+    _variant(results, 'follow', {1: (0.40, 0.5, 1), 5: (0.45, 0.45, 1)})
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'fidelity.py'),
+                             f'--results={results}', '--rounds=1'], capture_output=True,
+                            text=True, timeout=300, check=True)
+    diagnosed = result.stdout.split('the gap diagnosed', 1)[1]
+    lines = [l for l in diagnosed.splitlines() if l.startswith('|')]
+    assert lines[0] == ('| round | official | ours | perturb1 | follow | official inside the '
+                        'ensemble | fc4 density: official / ensemble | resets: official / '
+                        'ensemble |')
+    # Round 5 only (every 5 rounds, and the last): 50 lies below the ensemble's 55-58.
+    assert lines[2:] == ['| 5 | 50.0 | 55.0 | 58.0 | 45.0 | no | 0.400 / 0.350-0.450 | 1 / 0-2 |']
+    assert ('follow against the official code, rounds 1-5: accuracy mean 7.50 / largest 10.0 '
+            'points') in diagnosed
+    assert ('the ensemble (ours, perturb1): spread mean 3.00 / largest 3.0 points; the official '
+            'curve inside its range in 1 of 2 rounds') in diagnosed
+    assert os.path.getsize(os.path.join(results, 'fidelity_fmnist_diagnosis.png')) > 10_000

@@ -4,6 +4,9 @@ Every module `m = BASELINES[name]` provides, with `Config = CONFIGS[name]` its h
 
     m.init_state(model_or_name, local_cfg, rng, num_clients, image_shape, *, num_classes=10,
                  method_cfg=Config()) -> state
+    m.algorithm(model, local_cfg, round_cfg, macs=None, *, method_cfg=Config())
+        -> algorithm.Algorithm   # all but FedSpa: the method as pure functions, which every
+                                 # backend runs (run_round below, execution.RoundRunner)
     m.run_round(model, local_cfg, round_cfg, spec, state, data, sampled, seed_key, macs=None, *,
                 method_cfg=Config()) -> (state, metrics)    # metrics as federated.run_round's
     m.make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=Config())
