@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax
@@ -257,29 +256,11 @@ def test_thresholds(cfg: LocalConfig, client: ClientState, count):
 
 def evaluate_client(model: nn.Module, spec: DataSpec, client: ClientState, images, labels,
                     example_ids, count, batch_size: int, cfg: LocalConfig = LocalConfig()):
-    """Correct predictions of one client's own model on its own (padded) test examples.
-
-    Only the batches that hold real examples run: ceil(count / batch_size) of them. The thresholds
-    are `test_thresholds`'s.
-    """
-    first, rest, _ = test_thresholds(cfg, client, count)
-    if cfg.collapse_check == 'previous':   # no batch may straddle the first test batch's end
-        batch_size = math.gcd(batch_size, cfg.batch_size)
-    num_batches = -(-example_ids.shape[0] // batch_size)
-    padded = jnp.pad(example_ids, (0, num_batches * batch_size - example_ids.shape[0]))
-
-    def body(b, correct):
-        start = b * batch_size
-        ids = jax.lax.dynamic_slice(padded, (start,), (batch_size,))
-        thresholds = jax.tree.map(lambda x, y: jnp.where(start < cfg.batch_size, x, y), first, rest)
-        variables = {'params': client.params, 'thresholds': thresholds,
-                     'batch_stats': client.batch_stats}
-        logits = model.apply(variables, preprocess_eval(spec, images[ids]), train=False)
-        hit = (jnp.argmax(logits, -1) == labels[ids]) & (start + jnp.arange(batch_size) < count)
-        return correct + jnp.sum(hit, dtype=jnp.int32)
-
-    return jax.lax.fori_loop(0, (count + batch_size - 1) // batch_size, body,
-                             jnp.zeros((), jnp.int32))
+    """Correct predictions of one client's own model on its own (padded) test examples
+    (`algorithm.evaluate_client` of SpaFL): only the batches that hold real examples run, with the
+    thresholds `test_thresholds` gives."""
+    return algorithm_lib.evaluate_client(algorithm(model, cfg, RoundConfig()), spec, None, client,
+                                         images, labels, example_ids, count, batch_size)
 
 
 def clients_in_sequence(backend: str | None = None) -> bool:
