@@ -134,7 +134,7 @@ def paired_summary(runs, seeds: list[str]) -> str:
 
 
 DIAGNOSIS = 'fidelity_diagnosis_seed1'
-ENSEMBLE = ('ours', 'rounding', 'perturb1', 'perturb2', 'perturb3', 'perturb4')   # those present are used
+ENSEMBLE = ('ours', 'rounding') + tuple(f'perturb{k}' for k in range(1, 10))   # those present are used
 
 
 def load_diagnosis(results: str) -> dict[str, dict[int, dict]]:
@@ -202,15 +202,19 @@ def plot_diagnosis(variants: dict[str, dict[int, dict]], path: str) -> None:
         values = ([scale * first[r][key] for r in rounds] if key else
                   [first[r]['official_layer_density'][-1] for r in rounds])
         ax.plot(rounds, values, color='tab:red', linewidth=1.6, label='official code')
-    members = [name for name in sorted(variants) if name in ENSEMBLE]
+    perturbed = [n for n in sorted(variants) if n in ENSEMBLE and n.startswith('perturb')]
+    exact = [n for n in sorted(variants) if n in ENSEMBLE and n not in perturbed]
     for name, curve in sorted(variants.items()):
         rs = sorted(curve)
-        in_ensemble = name in ENSEMBLE
-        label = (f'ours, {len(members)} runs: {", ".join(members)}' if name == members[0]
-                 else None if in_ensemble else f'ours: {name}')
-        kwargs = dict(color='tab:blue' if in_ensemble else 'tab:green',
-                      linewidth=0.9 if in_ensemble else 1.4, alpha=0.7 if in_ensemble else 1.0,
-                      label=label)
+        if name in perturbed:
+            label = (f'ours, initial weights moved one ulp ({len(perturbed)} runs)'
+                     if name == perturbed[0] else None)
+            kwargs = dict(color='tab:cyan', linewidth=0.8, alpha=0.8, label=label)
+        elif name in exact:
+            label = f'ours, recorded weights ({", ".join(exact)})' if name == exact[0] else None
+            kwargs = dict(color='tab:blue', linewidth=1.1, label=label)
+        else:
+            kwargs = dict(color='tab:green', linewidth=1.4, label=f'ours: {name}')
         ax_acc.plot(rs, [100 * curve[r]['accuracy'] for r in rs], **kwargs)
         ax_fc4.plot(rs, [curve[r]['layer_density'][-1] for r in rs], **kwargs)
     ax_acc.set(xlabel='round', ylabel='accuracy (%), mean over the 100 clients',
@@ -220,8 +224,8 @@ def plot_diagnosis(variants: dict[str, dict[int, dict]], path: str) -> None:
     for ax in (ax_acc, ax_fc4):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc='lower right' if ax is ax_acc else 'upper right')
-    fig.suptitle('Blue: ours under rounding-sized differences (an ensemble); green: ours resetting '
-                 'wherever the official run reset', fontsize=10)
+    fig.suptitle('The official run against ours on the same draws: as recorded, rounded differently, '
+                 'perturbed by one ulp, and resetting wherever the official run reset', fontsize=10)
     reporting.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
