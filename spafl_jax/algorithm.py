@@ -11,7 +11,10 @@ what was sent. A round is the same for every algorithm (docs/algorithm.md, secti
      (seed, round, client id): `client_step(client, opt_state, x, y, example_mask, constants, key)
      -> (client, opt_state, metrics)`, with `constants = round_constants(state)` (what every
      client's steps share this round: the learning rate...);
-  3. each ends: `client_end(client, opt_state) -> (stored, message)`: what it keeps, what it sends;
+  3. each ends: an algorithm that needs one more look at its data after training (FedSpa's regrow
+     gradient) has `client_final(client, opt_state, x, y, constants, key) -> (client, metrics)`
+     called on one batch drawn for the purpose (`final_batch`); then
+     `client_end(client, opt_state) -> (stored, message)`: what it keeps, what it sends;
   4. the server takes the weighted mean of the messages (`server.aggregate`, a `pmean` when the
      clients are sharded: `end_round` is its only caller) and
      `server_update(state, mean, clients) -> state` gives the next state from it and every client's
@@ -30,6 +33,7 @@ the server's and replicated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 
 from spafl_jax import client as client_lib
 from spafl_jax import server
+from spafl_jax import xla
 from spafl_jax.client import DataSpec, LocalConfig
 
 CLIENT_EXECUTIONS = ('vmap', 'map')
@@ -60,6 +65,9 @@ class Algorithm:
         of a partial batch, or is None; `key` is the step's (the one its augmentation used: derive
         new randomness from it with `jax.random.fold_in`); metrics are the scalars named in
         `METRICS` (steps = 1).
+      client_final(client, opt_state, x, y, constants, key) -> (client, metrics), optional: once
+        after the local steps, on one preprocessed batch of the client's own data (`final_batch`;
+        no augmentation), with a key of its own; metrics as `client_step`'s (steps = 0).
       client_end(client, opt_state) -> (stored, message).
       server_update(state, mean_message, clients) -> the next state (its `round` one higher).
     The mean's weights are the round's (`aggregation_weights`) unless `aggregation` fixes them.
@@ -81,6 +89,7 @@ class Algorithm:
     eval_variables: Callable[..., Any]
     eval_density: Callable[..., Any]
     tested: Callable[..., Any] = None   # default: `unchanged`
+    client_final: Callable[..., Any] | None = None
     first_test_batch: int = 0
     aggregation: str | None = None   # the mean's weights if the method fixes them (AGGREGATIONS)
 
@@ -174,6 +183,28 @@ def local_work(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, client, opt_sta
     return client, opt_state, metrics
 
 
+# The stream of a client's round key that `client_final` draws from (`local_schedule` splits the
+# key itself, so a fold-in cannot collide with its draws).
+FINAL_STREAM = 0x46494e
+
+def final_batch(cfg: LocalConfig, key: jax.Array, count, example_ids: jax.Array):
+    """The batch `client_final` sees and its key: ([batch_size] dataset ids, key), drawn from the
+    client's round key alone."""
+    batch_key, final_key = jax.random.split(jax.random.fold_in(key, FINAL_STREAM))
+    positions, _ = client_lib.batch_schedule(batch_key, count, example_ids.shape[0], cfg.batch_size,
+                                             1)
+    return client_lib.example_ids_of(example_ids, positions[0]), final_key
+
+
+def finish_clients(alg: Algorithm, spec: DataSpec, clients, opt_state, constants, images, labels,
+                   final_ids, final_keys):
+    """`client_final` for `[n, ...]` trained clients on their `final_batch`es: (clients, metrics)."""
+    def one(client, opt, ids, key):
+        x = client_lib.preprocess(spec, images[ids], None)
+        return alg.client_final(client, opt, x, labels[ids], constants, key)
+    return jax.vmap(one)(clients, opt_state, final_ids, final_keys)
+
+
 def take(tree, idx):
     return jax.tree.map(lambda x: x[idx], tree)
 
@@ -205,11 +236,26 @@ def run_round(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, state, data, sam
         clients, opt_state, metrics = jax.vmap(one)(*args)
     else:
         clients, opt_state, metrics = jax.lax.map(lambda a: one(*a), args)
+    if alg.client_final is not None:
+        final_ids, final_keys = jax.vmap(lambda k, c, e: final_batch(cfg, k, c, e))(
+            keys, counts, data.example_ids[sampled])
+        clients, final_metrics = finish_clients(alg, spec, clients, opt_state, constants,
+                                                data.images, data.labels, final_ids, final_keys)
+        metrics = jax.tree.map(jnp.add, metrics, final_metrics)
     weights = aggregation_weights(alg.aggregation or aggregation, counts,
                                   jnp.ones(counts.shape, bool))
     new_state = end_round(alg, state, clients, opt_state, weights,
                           lambda everyone, stored: put(everyone, sampled, stored))
     return new_state, round_metrics(metrics, client_execution)
+
+
+def make_round_fn(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, *,
+                  aggregation: str = 'uniform', client_execution: str = 'vmap'):
+    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics). The state
+    passed in is donated: its buffers are reused for the next one, so do not read it afterwards."""
+    return xla.jit(functools.partial(run_round, alg, cfg, spec, aggregation=aggregation,
+                                     client_execution=client_execution),
+                   donate_argnums=(0,), model=alg.model)
 
 
 def round_metrics(metrics, client_execution: str) -> dict:
@@ -270,3 +316,8 @@ def evaluate(alg: Algorithm, spec: DataSpec, state, data, batch_size: int) -> di
     correct = jax.lax.map(one, (state.clients, data.example_ids, data.counts))
     return {'correct': correct, 'counts': data.counts,
             **alg.eval_density(state, state.clients, data.counts)}
+
+
+def make_eval_fn(alg: Algorithm, spec: DataSpec, batch_size: int):
+    """`evaluate` compiled once: (state, data) -> the evaluation dict."""
+    return xla.jit(functools.partial(evaluate, alg, spec, batch_size=batch_size), model=alg.model)

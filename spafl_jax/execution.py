@@ -68,13 +68,6 @@ def resolve_client_execution(name: str, backend: str | None = None,
     return 'loop' if conv_impl == 'xla' else 'map'
 
 
-def legacy_client_execution(name: str, backend: str | None = None) -> str:
-    """The nearest of `algorithm_lib.CLIENT_EXECUTIONS` ('vmap', 'map'), for code that only knows those
-    (`federated.run_round`, the baselines)."""
-    resolved = resolve_client_execution(name, backend)
-    return resolved if resolved in algorithm_lib.CLIENT_EXECUTIONS else 'map'
-
-
 AUTO_CPU_DEVICES = -1   # config.num_cpu_devices: one CPU device per core, at most one per client
 
 
@@ -268,6 +261,8 @@ class RoundWork:
     step_keys: jax.Array     # [per_device, schedule_steps] augmentation keys
     steps_per_epoch: jax.Array  # [per_device] real steps per epoch; 0 for an empty position
     weights: jax.Array       # [per_device] aggregation weight; 0 for an empty position
+    final_ids: Any = None    # [per_device, batch] the batch of `Algorithm.client_final`, if any
+    final_keys: Any = None   # [per_device] its keys
 
 
 @flax.struct.dataclass
@@ -468,9 +463,15 @@ class RoundRunner:
         batch_ids, step_keys, batch_mask = jax.vmap(schedule)(keys, counts, data.example_ids[ids])
         weights = algorithm_lib.aggregation_weights(
             self.alg.aggregation or self.round_cfg.aggregation, counts, real)
+        final_ids = final_keys = None
+        if self.alg.client_final is not None:
+            final_ids, final_keys = jax.vmap(
+                lambda k, c, e: algorithm_lib.final_batch(cfg, k, c, e))(
+                    keys, counts, data.example_ids[ids])
         return RoundWork(clients=clients, opt_state=opt_state, metrics=_zero_metrics(self.per_device),
                          batch_ids=batch_ids, batch_mask=batch_mask, step_keys=step_keys,
-                         steps_per_epoch=client_lib.steps_per_epoch(cfg, counts), weights=weights)
+                         steps_per_epoch=client_lib.steps_per_epoch(cfg, counts), weights=weights,
+                         final_ids=final_ids, final_keys=final_keys)
 
     def _step(self, work: RoundWork, data: ClientData, client, opt_state, position, k, valid,
               constants):
@@ -542,14 +543,19 @@ class RoundRunner:
 
         return jax.lax.fori_loop(0, (slots + u - 1) // u, unrolled, work)
 
-    def _finish(self, state, work: RoundWork, sampled, executed):
+    def _finish(self, state, work: RoundWork, data: ClientData, sampled, executed):
         """The clients end, the server averages (psum over devices) and updates (steps 3-4)."""
+        real = (work.steps_per_epoch > 0).astype(jnp.float32)
+        clients, m = work.clients, work.metrics
+        if self.alg.client_final is not None:
+            clients, final = algorithm_lib.finish_clients(
+                self.alg, self.spec, clients, work.opt_state, self.alg.round_constants(state),
+                data.images, data.labels, work.final_ids, work.final_keys)
+            m = jax.tree.map(lambda a, b: a + real * b, m, final)
         new_state = algorithm_lib.end_round(
-            self.alg, state, work.clients, work.opt_state, work.weights,
+            self.alg, state, clients, work.opt_state, work.weights,
             lambda everyone, stored: _scatter_sampled(everyone, sampled, stored, self.per_shard),
             axis_name=CLIENTS)
-        m = work.metrics
-        real = (work.steps_per_epoch > 0).astype(jnp.float32)
         sums = jax.lax.psum({
             'loss': jnp.sum(real * m['loss'] / jnp.maximum(m['steps'], 1.0)),
             'clients': jnp.sum(real), 'correct': jnp.sum(m['correct']),
@@ -569,7 +575,8 @@ class RoundRunner:
         state_specs = algorithm_lib.state_specs(self.alg, shd, rep)
         data_specs = ClientData(images=rep, labels=rep, example_ids=rep, counts=rep)
         work_specs = RoundWork(clients=shd, opt_state=shd, metrics=shd, batch_ids=shd,
-                               batch_mask=shd, step_keys=shd, steps_per_epoch=shd, weights=shd)
+                               batch_mask=shd, step_keys=shd, steps_per_epoch=shd, weights=shd,
+                               final_ids=shd, final_keys=shd)
         lane_specs = Lane(position=shd, client=shd, opt_state=shd, metrics=shd)
 
         if self.strategy == 'loop':
@@ -590,8 +597,9 @@ class RoundRunner:
                 work = _store_lane(work, _squeeze(lane))
                 return work, _unsqueeze(_load_lane(work, positions[0, t]))
 
-            def finish(state, work, lane, sampled, executed):
-                return self._finish(state, _store_lane(work, _squeeze(lane)), sampled, executed)
+            def finish(state, work, lane, data, sampled, executed):
+                return self._finish(state, _store_lane(work, _squeeze(lane)), data, sampled,
+                                    executed)
 
             self._begin_fn = self._jit(self._shard_map(
                 begin, (state_specs, data_specs, rep, rep, shd), (work_specs, lane_specs, rep)))
@@ -601,7 +609,8 @@ class RoundRunner:
                 switch, (work_specs, lane_specs, shd, rep), (work_specs, lane_specs)),
                 donate_argnums=(0, 1))
             self._finish_fn = self._jit(self._shard_map(
-                finish, (state_specs, work_specs, lane_specs, rep, rep), (state_specs, rep)),
+                finish, (state_specs, work_specs, lane_specs, data_specs, rep, rep),
+                (state_specs, rep)),
                 donate_argnums=(0,))
         else:
             def whole(state, data, sampled, seed_key, positions, steps, valid, slots, executed):
@@ -612,7 +621,7 @@ class RoundRunner:
                 else:
                     work = self._vmap_slots(work, data, positions[0], steps[0], valid[0],
                                             slots[0], constants)
-                return self._finish(state, work, sampled, executed)
+                return self._finish(state, work, data, sampled, executed)
 
             self._round_fn = self._jit(self._shard_map(
                 whole, (state_specs, data_specs, rep, rep, shd, shd, shd, shd, rep),
@@ -716,7 +725,7 @@ class RoundRunner:
                     work, lane = self._switch_fn(work, lane, positions_dev, np.int32(t))
                 lane = self._slot_fn(work, lane, self.train_data, steps, valid, np.int32(t),
                                      constants)
-            return self._finish_fn(state, work, lane, sampled_dev, executed)
+            return self._finish_fn(state, work, lane, self.train_data, sampled_dev, executed)
         tables = tuple(sharded(x) for x in (plan.positions, plan.steps, plan.valid))
         return self._round_fn(state, self.train_data, sampled_dev, key, *tables,
                               sharded(plan.slots), executed)
@@ -761,18 +770,8 @@ def make_round_functions(config, method, model: nn.Module, local_cfg: LocalConfi
                          round_cfg: RoundConfig, spec: DataSpec, train_data: ClientData,
                          test_data: ClientData, macs=None):
     """`(round_fn, eval_fn)` for the runner: `round_fn(state, train_data, sampled, seed_key)` and
-    `eval_fn(state, test_data) -> (state, evaluation)`, whatever the method and strategy.
-
-    A method written as an `algorithm.Algorithm` (`method.algorithm`: SpaFL, FedAvg, Local) runs on
-    a `RoundRunner` (its data placed once, so the data arguments are ignored); the others keep
-    their own compiled round on one device, with the strategy mapped to one they know.
-    """
-    if method.algorithm is None:
-        round_cfg = dataclasses.replace(
-            round_cfg, client_execution=legacy_client_execution(round_cfg.client_execution))
-        evaluate = method.make_eval_fn(model, spec, config.eval_batch_size)
-        return (method.make_round_fn(model, local_cfg, round_cfg, spec, macs),
-                lambda state, data: (state, evaluate(state, data)))
+    `eval_fn(state, test_data) -> (state, evaluation)`, the method's algorithm on a `RoundRunner`
+    (its data placed once, at construction, so the data arguments are ignored)."""
     runner = make_round_runner(config, model, local_cfg, round_cfg, spec, train_data, test_data,
                                macs, method.algorithm(model, local_cfg, round_cfg, macs))
 

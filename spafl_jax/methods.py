@@ -1,14 +1,16 @@
 """One interface over SpaFL and its comparison baselines, so the runner can run any of them.
 
-`get(config.method, config)` returns a `Method`: the method's own pure functions (`federated` for
-SpaFL, `baselines.<name>` otherwise) with its settings from `config.baseline` bound in, all with the
-same signatures. Nothing here computes a round or a metric; it only adapts call signatures.
+`get(config.method, config)` returns a `Method`: the method's initial state, its
+`algorithm.Algorithm` and its communication count (`federated` for SpaFL, `baselines.<name>`
+otherwise), with its settings from `config.baseline` bound in. Nothing here computes a round or a
+metric: any backend runs the algorithm.
 
     method = methods.get('fedspa', config)
     state = method.init_state(model, local_cfg, rng, num_clients, image_shape, num_classes)
-    round_fn = method.make_round_fn(model, local_cfg, round_cfg, spec, macs)
+    alg = method.algorithm(model, local_cfg, round_cfg, macs)
+    round_fn = algorithm.make_round_fn(alg, local_cfg, spec)   # or execution.RoundRunner
     state, metrics = round_fn(state, train_data, sampled, seed_key)
-    evaluation = method.make_eval_fn(model, spec, batch_size)(state, test_data)
+    evaluation = algorithm.make_eval_fn(alg, spec, batch_size)(state, test_data)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from spafl_jax import baselines
 from spafl_jax import federated
 from spafl_jax import metrics as metrics_lib
 from spafl_jax.baselines import _common, fedpm, heterofl
-from spafl_jax.client import DataSpec, LocalConfig
+from spafl_jax.client import LocalConfig
 
 METHODS = ('spafl', 'fedavg', 'local', 'fedpm', 'heterofl', 'fedspa')
 
@@ -36,29 +38,21 @@ class Method:
     """A federated method as the runner sees it (leading client axis `[N, ...]` where stacked).
 
     init_state(model, local_cfg, rng, num_clients, image_shape, num_classes) -> state
-    make_round_fn(model, local_cfg, round_cfg, spec, macs)
-        -> round_fn(state, train_data, sampled, seed_key) -> (state, metrics)
-           metrics: train_loss, train_accuracy, local_steps, max_steps, flops (scalars of the round)
-    make_eval_fn(model, spec, batch_size) -> eval_fn(state, test_data)
-        -> {correct [N], counts [N], layer_density [N, L], kept_weights [N]}
+    algorithm(model, local_cfg, round_cfg, macs) -> `algorithm.Algorithm`, which every backend
+        drives (`algorithm.run_round`, `execution.RoundRunner`: mesh, lanes, hosts)
     bits_per_round(num_clients, clients_per_round, one_client_variables, importance_update)
         -> (bits up, bits down) of one round; `one_client_variables` is one model's
            {'params', 'thresholds', 'batch_stats'}; importance_update matters to SpaFL only
     client_variables(state) -> (params, thresholds, batch_stats), each `[N, ...]`: the model every
         client evaluates with (jit-compatible)
     communicates_thresholds: whether thresholds travel (SpaFL only)
-    algorithm(model, local_cfg, round_cfg, macs) -> `algorithm.Algorithm`, which the runner's
-        backends (`execution.RoundRunner`: mesh, lanes, hosts) drive; None for a method still
-        written as its own compiled round (FedPM, HeteroFL, FedSpa), which runs on one device
     """
     name: str
     init_state: Callable
-    make_round_fn: Callable
-    make_eval_fn: Callable
+    algorithm: Callable
     bits_per_round: Callable
     client_variables: Callable
     communicates_thresholds: bool
-    algorithm: Callable | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,14 +117,6 @@ def _spafl_init_state(model: nn.Module, local_cfg: LocalConfig, rng: jax.Array, 
     return federated.init_state(model, local_cfg, rng, num_clients, image_shape, client_init)
 
 
-def _spafl_make_eval_fn(model: nn.Module, spec: DataSpec, batch_size: int, *,
-                        test_cfg: LocalConfig = LocalConfig()) -> Callable:
-    """The evaluation of a SpaFL state; under `collapse_check='previous'` the resets the test
-    would leave in the clients are not applied to `state` (`execution.RoundRunner.tested_state`)."""
-    evaluate = federated.make_eval_fn(model, spec, batch_size, test_cfg)
-    return lambda state, test_data: evaluate(state.clients, test_data)
-
-
 def _spafl_bits_per_round(num_clients: int, clients_per_round: int, one_client_variables: dict,
                           importance_update: str) -> tuple[int, int]:
     return metrics_lib.spafl_bits_per_round(_common.num_entries(one_client_variables['thresholds']),
@@ -138,7 +124,7 @@ def _spafl_bits_per_round(num_clients: int, clients_per_round: int, one_client_v
 
 
 def _own_clients(state):
-    """SpaFL, Local, FedSpa: every client's own model is in `state.clients`."""
+    """SpaFL, Local: every client's own model is in `state.clients`."""
     return state.clients.params, state.clients.thresholds, state.clients.batch_stats
 
 
@@ -174,6 +160,13 @@ def _fedpm_client_variables(method_cfg: fedpm.FedPMConfig, num_clients: int | No
     return client_variables
 
 
+def _fedspa_client_variables(state):
+    # Each client's own weights and statistics; the thresholds (all open) are the server's.
+    num_clients = jax.tree.leaves(state.clients)[0].shape[0]
+    return (state.clients.params, _broadcast(state.thresholds, num_clients),
+            state.clients.batch_stats)
+
+
 def _heterofl_client_variables(state):
     # Client k holds the global model cut to its width (zeros outside), as heterofl.evaluate uses.
     layout = heterofl.width_layout(state.params, state.thresholds)['params']
@@ -202,14 +195,8 @@ def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) 
         return module.init_state(model, local_cfg, rng, num_clients, image_shape,
                                  num_classes=num_classes, method_cfg=method_cfg, **extra)
 
-    def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):
-        return module.make_round_fn(model, local_cfg, round_cfg, spec, macs, method_cfg=method_cfg)
-
     def algorithm(model, local_cfg, round_cfg, macs=None):
         return module.algorithm(model, local_cfg, round_cfg, macs, method_cfg=method_cfg)
-
-    def make_eval_fn(model, spec, batch_size):
-        return module.make_eval_fn(model, spec, batch_size, method_cfg=method_cfg)
 
     def bits_per_round(num_clients, clients_per_round, one_client_variables, importance_update):
         del importance_update  # SpaFL's
@@ -221,12 +208,11 @@ def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) 
         'local': _own_clients,
         'fedpm': _fedpm_client_variables(method_cfg, num_clients),
         'heterofl': _heterofl_client_variables,
-        'fedspa': _own_clients,
+        'fedspa': _fedspa_client_variables,
     }[name]
-    return Method(name=name, init_state=init_state, make_round_fn=make_round_fn,
-                  make_eval_fn=make_eval_fn, bits_per_round=bits_per_round,
-                  client_variables=client_variables, communicates_thresholds=False,
-                  algorithm=algorithm if hasattr(module, 'algorithm') else None)
+    return Method(name=name, init_state=init_state, algorithm=algorithm,
+                  bits_per_round=bits_per_round, client_variables=client_variables,
+                  communicates_thresholds=False)
 
 
 def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
@@ -243,17 +229,10 @@ def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
         raise ValueError(f'method={name!r} is not known; allowed values: {", ".join(METHODS)}.')
     client_init = config.get('client_init', 'shared') if config is not None else 'shared'
     if name == 'spafl':
-        # What the test needs of the local configuration: the collapse check and, for 'previous',
-        # the batch size its first test batch has.
-        test_cfg = LocalConfig() if config is None else LocalConfig(
-            batch_size=config.get('batch_size', 32),
-            collapse_check=config.get('collapse_check', 'current'))
         return Method(name='spafl',
                       init_state=functools.partial(_spafl_init_state, client_init=client_init),
-                      make_round_fn=federated.make_round_fn,
-                      make_eval_fn=functools.partial(_spafl_make_eval_fn, test_cfg=test_cfg),
-                      bits_per_round=_spafl_bits_per_round, client_variables=_own_clients,
-                      communicates_thresholds=True, algorithm=federated.algorithm)
+                      algorithm=federated.algorithm, bits_per_round=_spafl_bits_per_round,
+                      client_variables=_own_clients, communicates_thresholds=True)
     settings = config.get('baseline') if config is not None else None
     num_clients = config.get('num_clients') if config is not None else None
     return _baseline(name, baseline_config(name, settings), num_clients, client_init)

@@ -49,9 +49,7 @@ def local_config(config) -> client_lib.LocalConfig:
 def round_config(config) -> federated.RoundConfig:
     return federated.RoundConfig(
         clients_per_round=config.clients_per_round, importance_update=config.importance_update,
-        aggregation=config.aggregation,
-        # 'vmap' or 'map' for the functions that know only those; SpaFL's runner reads the config.
-        client_execution=execution.legacy_client_execution(config.client_execution))
+        aggregation=config.aggregation)
 
 
 def data_spec(config, dataset: data_lib.Dataset) -> client_lib.DataSpec:

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import baselines
 from spafl_jax import federated
 from spafl_jax import layers
+from spafl_jax import masking
 from spafl_jax import models
+from spafl_jax import server
 from spafl_jax.baselines import _common, fedavg, fedpm, fedspa, heterofl, local
 from spafl_jax.client import DataSpec, LocalConfig
 from spafl_jax.federated import RoundConfig
@@ -67,8 +70,10 @@ def test_baseline_learns_on_digits(name, digits, digits_model):
     method, method_cfg = baselines.get(name), baselines.make_config(name)
     state = method.init_state('digits_cnn', LOCAL_CFG, jax.random.key(1), NUM_CLIENTS, IMAGE_SHAPE,
                               method_cfg=method_cfg)
-    round_fn = method.make_round_fn(model, LOCAL_CFG, ROUND_CFG, spec, macs, method_cfg=method_cfg)
-    eval_fn = method.make_eval_fn(model, spec, 64, method_cfg=method_cfg)
+    alg = method.algorithm(model, LOCAL_CFG, ROUND_CFG, macs, method_cfg=method_cfg)
+    round_fn = algorithm_lib.make_round_fn(alg, LOCAL_CFG, spec, aggregation=ROUND_CFG.aggregation,
+                                           client_execution=ROUND_CFG.client_execution)
+    eval_fn = algorithm_lib.make_eval_fn(alg, spec, 64)
     before = _mean_accuracy(eval_fn(state, test))
     seed_key = jax.random.key(2)
     for r in range(ROUNDS):
@@ -97,7 +102,7 @@ def test_baseline_learns_on_digits(name, digits, digits_model):
         # Prune-and-regrow keeps exactly half of every layer, for every client, every round.
         np.testing.assert_array_equal(kept, NUM_PARAMS // 2)
         per_layer = [np.sum(np.asarray(m), axis=tuple(range(1, m.ndim)))
-                     for m in jax.tree.leaves(state.masks)]
+                     for m in jax.tree.leaves(state.clients.masks)]
         np.testing.assert_array_equal(np.stack(per_layer, 1),
                                       np.tile(np.array(KERNEL_SIZES) // 2, (NUM_CLIENTS, 1)))
     elif name == 'heterofl':
@@ -168,13 +173,34 @@ def test_fedspa_erk_keeps_the_overall_density():
     assert densities[1] < 0.5 and densities[2] < 1.0
 
 
-def test_masked_mean_over_holders():
-    values = {'w': jnp.array([[1.0, 2.0, 3.0], [3.0, 6.0, 9.0]])}
-    holds = {'w': jnp.array([[1, 1, 0], [1, 0, 0]])}
-    previous = {'w': jnp.array([0.0, 0.0, -7.0])}
-    mean = _common.masked_mean(values, holds, jnp.array([1.0, 3.0]), previous)['w']
-    # entry 0: (1*1 + 3*3) / 4; entry 1: client 0 only; entry 2: nobody holds it, old value kept.
-    np.testing.assert_allclose(mean, [2.5, 2.0, -7.0])
+def test_fedspa_server_mean_is_over_the_holders(digits_model):
+    # Two clients upload their weights on their own masks; the server's new weight of each entry is
+    # the weighted mean over the clients that hold it, and an entry nobody holds keeps its value.
+    model, _, _ = digits_model
+    alg = fedspa.algorithm(model, LOCAL_CFG)
+    state = fedspa.init_state('digits_cnn', LOCAL_CFG, jax.random.key(0), 2, IMAGE_SHAPE)
+    # Each client's random mask, with the first slice of every kernel held by nobody.
+    masks = [jax.tree.map(lambda m: m[k].at[0].set(False), state.clients.masks) for k in range(2)]
+    works = [fedspa.FedSpaWork(
+        params=fedspa._on_mask(jax.tree.map(lambda p: jnp.full(p.shape, value), state.global_params),
+                               state.thresholds, m),
+        batch_stats=state.clients.batch_stats, masks=m, next_masks=m)
+        for value, m in ((1.0, masks[0]), (5.0, masks[1]))]
+    _, messages = jax.vmap(alg.client_end)(jax.tree.map(lambda *xs: jnp.stack(xs), *works),
+                                           jnp.zeros(2))
+    mean = server.aggregate(messages, jnp.array([1.0, 3.0]))
+    new = alg.server_update(state, mean, state.clients).global_params
+
+    kernels = jax.tree.leaves(masking.kernels_of(new, state.thresholds))
+    old = jax.tree.leaves(masking.kernels_of(state.global_params, state.thresholds))
+    held = [[np.asarray(m) for m in jax.tree.leaves(mask)] for mask in masks]
+    assert len(kernels) == len(KERNEL_SIZES)
+    for kernel, before, h0, h1 in zip(kernels, old, *held):
+        assert (h0 & h1).any() and (h0 & ~h1).any() and (~h0 & h1).any()
+        expected = np.where(h0 & h1, (1.0 * 1.0 + 3.0 * 5.0) / 4.0,
+                            np.where(h0, 1.0, np.where(h1, 5.0, before)))
+        np.testing.assert_allclose(kernel, expected, rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(kernel)[0], np.asarray(before)[0])
 
 
 def test_dense_thresholds_give_the_plain_dense_gradient():

@@ -89,7 +89,6 @@ def test_auto_resolves_per_backend_and_conv_impl():
     assert execution.resolve_client_execution('auto', 'gpu') == 'vmap'
     assert execution.resolve_client_execution('auto', 'tpu') == 'vmap'
     assert execution.resolve_client_execution('loop', 'tpu') == 'loop'
-    assert execution.legacy_client_execution('loop', 'cpu') == 'map'
     with pytest.raises(ValueError, match='client_execution'):
         execution.resolve_client_execution('pmap')
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
 from spafl_jax import configuration
 from spafl_jax import federated
@@ -50,7 +51,7 @@ def digits_run():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', methods.METHODS)
-def test_method_runs_rounds_and_evaluates_through_the_adapter(name, digits_run):
+def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
     run = digits_run
     config = _config(name)
     configuration.validate(config)
@@ -63,8 +64,10 @@ def test_method_runs_rounds_and_evaluates_through_the_adapter(name, digits_run):
     one = jax.tree.map(lambda x: x[0], {'params': params, 'thresholds': thresholds,
                                         'batch_stats': batch_stats})
     macs = federated.layer_macs(run.model, one, run.dataset.image_shape)
-    round_fn = method.make_round_fn(run.model, run.local_cfg, run.round_cfg, run.spec, macs)
-    eval_fn = method.make_eval_fn(run.model, run.spec, config.eval_batch_size)
+    alg = method.algorithm(run.model, run.local_cfg, run.round_cfg, macs)
+    round_fn = algorithm_lib.make_round_fn(alg, run.local_cfg, run.spec,
+                                           aggregation=run.round_cfg.aggregation)
+    eval_fn = algorithm_lib.make_eval_fn(alg, run.spec, config.eval_batch_size)
     before = eval_fn(state, run.test_data)
     for r in range(ROUNDS):
         sampled = jnp.asarray(train.sample_clients(config.seed, r, NUM_CLIENTS, SAMPLED))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import baselines
 from spafl_jax import client as client_lib
 from spafl_jax import data as data_lib
@@ -29,8 +30,8 @@ from spafl_jax import layers
 pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
 
 NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2   # 3 sampled over 2 or 4 devices: empty positions
-# The baselines written as an `algorithm.Algorithm`, which run on the same mesh as SpaFL.
-ALGORITHM_BASELINES = ('fedavg', 'local', 'fedpm', 'heterofl')
+# Every baseline: each is an `algorithm.Algorithm`, and runs on the same mesh as SpaFL.
+ALGORITHM_BASELINES = ('fedavg', 'local', 'fedpm', 'heterofl', 'fedspa')
 
 # Runs ROUNDS rounds with each strategy on a fresh state and saves every leaf of the final state,
 # the round metrics and the evaluation, gathered to this host, plus each compiled function's number of
@@ -130,9 +131,10 @@ def reference(method: str = 'spafl'):
         round_fn = federated.make_round_fn(model, cfg, round_cfg, spec)
         evaluate = lambda state: federated.make_eval_fn(model, spec, 64, cfg)(state.clients, test)
     else:
-        module = baselines.get(method)
-        round_fn = module.make_round_fn(model, cfg, round_cfg, spec)
-        evaluate = lambda state: module.make_eval_fn(model, spec, 64)(state, test)
+        alg = baselines.get(method).algorithm(model, cfg, round_cfg)
+        round_fn = algorithm_lib.make_round_fn(alg, cfg, spec, aggregation=round_cfg.aggregation,
+                                               client_execution=round_cfg.client_execution)
+        evaluate = lambda state: algorithm_lib.make_eval_fn(alg, spec, 64)(state, test)
     state = initial_state(method)
     for r in range(ROUNDS):
         state, _ = round_fn(state, train, jnp.asarray(sampled_clients(r)), jax.random.key(1))

@@ -1,28 +1,21 @@
-"""The paper's comparison baselines, each a module of pure functions shaped like SpaFL's round.
+"""The paper's comparison baselines, each an `algorithm.Algorithm` that every backend runs.
 
 Every module `m = BASELINES[name]` provides, with `Config = CONFIGS[name]` its hyperparameters:
 
     m.init_state(model_or_name, local_cfg, rng, num_clients, image_shape, *, num_classes=10,
                  method_cfg=Config()) -> state
     m.algorithm(model, local_cfg, round_cfg, macs=None, *, method_cfg=Config())
-        -> algorithm.Algorithm   # all but FedSpa: the method as pure functions, which every
-                                 # backend runs (run_round below, execution.RoundRunner)
-    m.run_round(model, local_cfg, round_cfg, spec, state, data, sampled, seed_key, macs=None, *,
-                method_cfg=Config()) -> (state, metrics)    # metrics as federated.run_round's
-    m.make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=Config())
-        # jit, donating the state: (state, data, sampled, seed_key) -> (state, metrics)
-    m.evaluate(model, spec, state, data, batch_size, *, method_cfg=Config()) -> dict
-        # correct [N], counts [N], layer_density [N, L], kept_weights [N], as federated.evaluate;
-        # accuracy always on each client's own test split
-    m.make_eval_fn(model, spec, batch_size, method_cfg=Config())   # jit: (state, data) -> dict
+        -> algorithm.Algorithm: the method as pure functions, which every backend runs
+           (`algorithm.run_round` / `make_round_fn` on one device, `execution.RoundRunner` on a
+           mesh); `algorithm.evaluate` scores every client on its own test split
     m.communication_bits(num_clients, clients_per_round, model_variables, *, method_cfg=Config())
-        # -> (bits up, bits down) per round
+        -> (bits up, bits down) per round
 
-`round_cfg` is `federated.RoundConfig` (clients_per_round, aggregation and client_execution are
-used; importance_update is SpaFL's own); `data` is `federated.ClientData`; `model_variables` is one
-model's `models.init_variables`. The baselines run the SpaFL models with every threshold fixed where
-no row is masked: thresholds are never trained, penalized or sent (th_coeff, penalty_warmup unused),
-and the local optimizer is fresh every round (persistent_optimizer unused).
+`round_cfg` is `federated.RoundConfig` (clients_per_round and aggregation are used;
+importance_update is SpaFL's own); `model_variables` is one model's `models.init_variables`. The
+baselines run the SpaFL models with every threshold fixed where no row is masked: thresholds are
+never trained, penalized or sent (th_coeff, penalty_warmup unused), and the local optimizer is
+fresh every round (persistent_optimizer unused).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ Departures from the paper:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax
@@ -25,12 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from spafl_jax import algorithm as algorithm_lib
-from spafl_jax import xla
 from spafl_jax.baselines import _common
-from spafl_jax.client import ClientState, DataSpec, LocalConfig
-from spafl_jax.federated import ClientData, RoundConfig
+from spafl_jax.client import ClientState, LocalConfig
+from spafl_jax.federated import RoundConfig
 from spafl_jax.metrics import BITS_PER_FLOAT
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,35 +93,6 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
     variables = _common.init_dense_variables(model, rng, image_shape)
     return FedAvgState(params=variables['params'], batch_stats=variables['batch_stats'],
                        thresholds=variables['thresholds'], round=jnp.zeros((), jnp.int32))
-
-
-def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
-              state: FedAvgState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
-              macs=None, *, method_cfg: FedAvgConfig = FedAvgConfig()):
-    """One FedAvg round (`algorithm.run_round` of `algorithm(...)`) for the sampled ids."""
-    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs,
-                                             method_cfg=method_cfg),
-                                   local_cfg, spec, state, data, sampled, seed_key,
-                                   aggregation=round_cfg.aggregation,
-                                   client_execution=round_cfg.client_execution)
-
-
-def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedAvgConfig()):
-    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
-    return _common.compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg)
-
-
-def evaluate(model: nn.Module, spec: DataSpec, state: FedAvgState, data: ClientData,
-             batch_size: int, *, method_cfg: FedAvgConfig = FedAvgConfig()) -> dict:
-    """Every client on its own test split (`algorithm.evaluate` of `algorithm(...)`): correct [N],
-    counts [N], layer_density [N, L] (all 1), kept_weights [N] (every masked weight)."""
-    return algorithm_lib.evaluate(algorithm(model, LocalConfig(), method_cfg=method_cfg), spec,
-                                  state, data, batch_size)
-
-
-def make_eval_fn(model, spec, batch_size, method_cfg=FedAvgConfig()):
-    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
-                                     method_cfg=method_cfg), model=model)
 
 
 def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,

@@ -32,7 +32,6 @@ Choices and departures from the paper:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax
@@ -45,10 +44,9 @@ import optax
 from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
 from spafl_jax import masking
-from spafl_jax import xla
 from spafl_jax.baselines import _common
-from spafl_jax.client import DataSpec, LocalConfig
-from spafl_jax.federated import ClientData, RoundConfig
+from spafl_jax.client import LocalConfig
+from spafl_jax.federated import RoundConfig
 from spafl_jax.metrics import BITS_PER_FLOAT
 
 WEIGHT_INITS = ('signed_constant', 'model')
@@ -241,42 +239,11 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         aggregation='uniform')
 
 
-def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
-              state: FedPMState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
-              macs=None, *, method_cfg: FedPMConfig = FedPMConfig()):
-    """One FedPM round (`algorithm.run_round` of `algorithm(...)`) for the sampled ids."""
-    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs,
-                                             method_cfg=method_cfg),
-                                   local_cfg, spec, state, data, sampled, seed_key,
-                                   aggregation=round_cfg.aggregation,
-                                   client_execution=round_cfg.client_execution)
-
-
-def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedPMConfig()):
-    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
-    method_cfg.validate()
-    return _common.compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg)
-
-
 def eval_masks(state: FedPMState, method_cfg: FedPMConfig = FedPMConfig()):
     """The binary mask every client deploys: theta > 0.5, or one draw from a fixed key."""
     if method_cfg.eval_mask == 'threshold':
         return jax.tree.map(lambda p: p > 0.5, state.probabilities)
     return _bernoulli(jax.random.key(0), state.probabilities)
-
-
-def evaluate(model: nn.Module, spec: DataSpec, state: FedPMState, data: ClientData,
-             batch_size: int, *, method_cfg: FedPMConfig = FedPMConfig()) -> dict:
-    """The global masked network (own BatchNorm statistics) on every client's own test split
-    (`algorithm.evaluate`). Returns correct [N], counts [N], layer_density [N, L] (kept-WEIGHT
-    fraction of the global mask), kept_weights [N]."""
-    return algorithm_lib.evaluate(algorithm(model, LocalConfig(), method_cfg=method_cfg), spec,
-                                  state, data, batch_size)
-
-
-def make_eval_fn(model, spec, batch_size, method_cfg=FedPMConfig()):
-    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
-                                     method_cfg=method_cfg), model=model)
 
 
 def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,

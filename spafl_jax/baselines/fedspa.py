@@ -5,7 +5,8 @@ kept weights per layer (density `density`, spread uniformly or by ERK). A sample
 global weights on its mask, trains only the kept weights (masked forward pass, so the others get zero
 gradient), uploads its trained sparse weights with a bitmap of its mask, and then updates its mask
 for the next round: it prunes the alpha_r fraction of kept weights with the smallest magnitude and
-regrows as many where the dense gradient of one batch is largest (or at random), alpha_r the cosine
+regrows as many where the dense gradient of one batch is largest (or at random; `client_final`,
+on a batch of its own data drawn for it), alpha_r the cosine
 schedule alpha_0 / 2 x (1 + cos(pi r / anneal_rounds)), 0 after `anneal_rounds`. The server averages
 every entry over the sampled clients whose mask holds it (entries nobody holds keep their value).
 Other parameters (BatchNorm scale/bias) are dense and averaged like FedAvg's.
@@ -28,7 +29,6 @@ Choices and departures from the paper:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax
@@ -40,10 +40,9 @@ import numpy as np
 from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
 from spafl_jax import masking
-from spafl_jax import xla
 from spafl_jax.baselines import _common
-from spafl_jax.client import ClientState, DataSpec, LocalConfig
-from spafl_jax.federated import ClientData, RoundConfig
+from spafl_jax.client import LocalConfig
+from spafl_jax.federated import RoundConfig
 from spafl_jax.metrics import BITS_PER_FLOAT
 
 DISTRIBUTIONS = ('uniform', 'erk')
@@ -70,13 +69,28 @@ class FedSpaConfig:
 
 
 @flax.struct.dataclass
+class FedSpaClient:
+    """What a FedSpa client keeps between rounds."""
+    params: Any        # its personal weights: 0 off the mask they were trained on
+    batch_stats: Any   # its own BatchNorm statistics (never sent)
+    masks: Any         # bool, its mask for the next round (one kernel-shaped leaf per masked layer)
+
+
+@flax.struct.dataclass
 class FedSpaState:
-    clients: ClientState   # [num_clients, ...]: personal weights (0 off the mask they were trained
-                           # on), thresholds all DENSE_THRESHOLD, own BatchNorm statistics
-    masks: Any             # [num_clients, ...] bool, each client's mask for its next round
-                           # (shaped like the thresholds, one kernel-shaped leaf per masked layer)
-    global_params: Any     # the server's weights
-    round: jax.Array       # rounds completed (int32 scalar)
+    clients: FedSpaClient   # [num_clients, ...]
+    global_params: Any      # the server's weights
+    thresholds: Any         # all DENSE_THRESHOLD: the SpaFL models used densely (never trained)
+    round: jax.Array        # rounds completed (int32 scalar)
+
+
+@flax.struct.dataclass
+class FedSpaWork:
+    """A sampled client during its round."""
+    params: Any        # the global weights on its mask, then trained
+    batch_stats: Any
+    masks: Any         # the mask it trains with (and uploads)
+    next_masks: Any    # after `client_final`: its mask for the next round
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,7 +160,7 @@ def cosine_rate(method_cfg: FedSpaConfig, round_index) -> jax.Array:
     return 0.5 * method_cfg.prune_rate * (1.0 + jnp.cos(jnp.pi * r / method_cfg.anneal_rounds))
 
 
-def _holds(params, thresholds, masks):
+def _holds(params, masks):
     """A params-shaped pytree: the kernel masks on masked kernels, True everywhere else."""
     return masking.replace_kernels(jax.tree.map(lambda x: jnp.ones(x.shape, bool), params), masks)
 
@@ -173,113 +187,114 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
 
     def one(k):
         masks = random_masks(jax.random.fold_in(mask_rng, k), kernels, counts)
-        client = ClientState(params=_on_mask(params, thresholds, masks), thresholds=thresholds,
-                             batch_stats=variables['batch_stats'], opt_state=())
-        return client, masks
+        return FedSpaClient(params=_on_mask(params, thresholds, masks),
+                            batch_stats=variables['batch_stats'], masks=masks)
 
-    clients, masks = _common.stack([one(k) for k in range(num_clients)])
-    return FedSpaState(clients=clients, masks=masks, global_params=params,
+    return FedSpaState(clients=_common.stack([one(k) for k in range(num_clients)]),
+                       global_params=params, thresholds=thresholds,
                        round=jnp.zeros((), jnp.int32))
 
 
-def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
-              state: FedSpaState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
-              macs=None, *, method_cfg: FedSpaConfig = FedSpaConfig()):
-    """One FedSpa round over the `[clients_per_round]` sampled ids."""
+def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
+              macs=None, *, method_cfg: FedSpaConfig = FedSpaConfig()) -> algorithm_lib.Algorithm:
+    """FedSpa as an `algorithm.Algorithm`: sparse training on the client's mask, prune-and-regrow
+    in `client_final`, the server's mean over the holders of each entry."""
+    del round_cfg
+    method_cfg.validate()
     model = _common.dense_model(model)
-    r = state.round
-    thresholds = _common.take(state.clients.thresholds, 0)
-    kernels = masking.kernels_of(state.global_params, thresholds)
-    counts = kept_counts(kernels, method_cfg)
-    fractions = jax.tree.map(lambda k, c: c / k.size, kernels, counts)
-    flops = _common.step_flops(macs, fractions, local_cfg.batch_size)
-    regrow_flops = _common.dense_step_flops(macs, thresholds, local_cfg.batch_size)
-    rate = cosine_rate(method_cfg, r)
+    _common.check_full_batches(local_cfg)
+    tx = client_lib.make_optimizer(local_cfg)
 
-    def one(masks, batch_stats, ids, count, key):
-        train_key, regrow_key = jax.random.split(key)
+    def counts_of(params, thresholds):
+        return kept_counts(masking.kernels_of(params, thresholds), method_cfg)
 
-        def loss_fn(params, batch_stats, x, y, key):
-            del key
-            logits, batch_stats = _common.apply_train(
-                model, _on_mask(params, thresholds, masks), thresholds, batch_stats, x)
-            ce, correct = _common.cross_entropy(logits, y)
-            return ce, (batch_stats, correct, flops)
+    def round_constants(state):
+        return (client_lib.learning_rate(local_cfg, state.round), state.thresholds,
+                cosine_rate(method_cfg, state.round))
 
-        params, batch_stats, metrics = _common.local_sgd(
-            local_cfg, spec, loss_fn, _on_mask(state.global_params, thresholds, masks), batch_stats,
-            data.images, data.labels, ids, count, train_key, r)
+    def client_start(state, stored: FedSpaClient, key):
+        del key
+        params = _on_mask(state.global_params, state.thresholds, stored.masks)
+        work = FedSpaWork(params=params, batch_stats=stored.batch_stats, masks=stored.masks,
+                          next_masks=stored.masks)
+        return work, tx.init(params)
 
-        trained = masking.kernels_of(params, thresholds)
+    def client_step(work: FedSpaWork, opt_state, x, y, example_mask, constants, key):
+        del example_mask, key   # full batches only; nothing drawn
+        lr, thresholds, _ = constants
+        kernels = masking.kernels_of(work.params, thresholds)
+        fractions = jax.tree.map(lambda k, c: c / k.size, kernels,
+                                 counts_of(work.params, thresholds))
+        # The forward pass sees the weights on the mask only: the others get no gradient.
+        params, opt_state, batch_stats, loss, correct = _common.sgd_step(
+            model, tx, work.params, opt_state, thresholds, work.batch_stats, x, y, lr,
+            forward=lambda p: _on_mask(p, thresholds, work.masks))
+        metrics = _common.step_metrics(
+            loss, correct, _common.step_flops(macs, fractions, local_cfg.batch_size),
+            local_cfg.batch_size)
+        return work.replace(params=params, batch_stats=batch_stats), opt_state, metrics
+
+    def client_final(work: FedSpaWork, opt_state, x, y, constants, key):
+        del opt_state
+        _, thresholds, rate = constants
+        trained = masking.kernels_of(work.params, thresholds)
+        flops = jnp.float32(0.0)
         if method_cfg.regrow == 'gradient':
-            batches, _ = client_lib.batch_schedule(regrow_key, count, ids.shape[0],
-                                                   local_cfg.batch_size, 1)
-            batch = ids[batches[0]]
-            x = client_lib.preprocess(spec, data.images[batch], None)
-
             def ce_of(kernels):
-                logits, _ = _common.apply_train(model, masking.replace_kernels(params, kernels),
-                                                thresholds, batch_stats, x)
-                return _common.cross_entropy(logits, data.labels[batch])[0]
+                logits, _ = _common.apply_train(model, masking.replace_kernels(work.params, kernels),
+                                                thresholds, work.batch_stats, x)
+                return _common.cross_entropy(logits, y)[0]
 
-            # The gradient with respect to the masked kernels is dense: it scores pruned entries too.
+            # The gradient with respect to the kernels is dense: it scores pruned entries too.
             scores = jax.tree.map(jnp.abs, jax.grad(ce_of)(trained))
-            metrics = {**metrics, 'flops': metrics['flops'] + regrow_flops}
+            flops = _common.dense_step_flops(macs, thresholds, local_cfg.batch_size)
         else:
             leaves, treedef = jax.tree.flatten(trained)
-            keys = jax.random.split(regrow_key, len(leaves))
+            keys = jax.random.split(key, len(leaves))
             scores = jax.tree.unflatten(treedef, [jax.random.uniform(k, w.shape)
                                                   for k, w in zip(keys, leaves)])
-        new_masks = prune_regrow(trained, masks, scores, counts, rate)
-        return params, batch_stats, new_masks, metrics
+        next_masks = prune_regrow(trained, work.masks, scores, counts_of(work.params, thresholds),
+                                  rate)
+        metrics = {'loss': jnp.float32(0.0), 'correct': jnp.float32(0.0), 'steps': jnp.float32(0.0),
+                   'flops': flops, 'examples': jnp.float32(0.0)}
+        return work.replace(next_masks=next_masks), metrics
 
-    masks = _common.take(state.masks, sampled)
-    mine = _common.take(state.clients, sampled)
-    args = (masks, mine.batch_stats, data.example_ids[sampled], data.counts[sampled],
-            algorithm_lib.client_keys(seed_key, r, sampled))
-    params, batch_stats, new_masks, metrics = _common.map_clients(one, args,
-                                                                  round_cfg.client_execution)
-    weights = _common.client_weights(round_cfg.aggregation, data, sampled)
-    # Averaged over the masks the clients trained with, i.e. the entries they actually uploaded.
-    global_params = _common.masked_mean(params, _holds(params, thresholds, masks), weights,
-                                        state.global_params)
-    clients = _common.put(state.clients, sampled, mine.replace(params=params,
-                                                               batch_stats=batch_stats))
-    new_state = FedSpaState(clients=clients, masks=_common.put(state.masks, sampled, new_masks),
-                            global_params=global_params, round=r + 1)
-    return new_state, algorithm_lib.round_metrics(metrics, round_cfg.client_execution)
+    def client_end(work: FedSpaWork, opt_state):
+        del opt_state
+        stored = FedSpaClient(params=work.params, batch_stats=work.batch_stats,
+                              masks=work.next_masks)
+        # What the client uploads: its trained weights on the mask it trained with (0 elsewhere:
+        # they got no gradient) and that mask. The server's mean per entry is over its holders.
+        holds = jax.tree.map(lambda h: h.astype(jnp.float32), _holds(work.params, work.masks))
+        return stored, {'weights': work.params, 'holds': holds}
 
+    def server_update(state, mean, clients):
+        # mean['weights'] / mean['holds'] is the weighted mean over the clients holding each entry;
+        # an entry nobody held keeps its value.
+        global_params = jax.tree.map(
+            lambda w, h, old: jnp.where(h > 0, w / jnp.maximum(h, 1e-30), old),
+            mean['weights'], mean['holds'], state.global_params)
+        return state.replace(clients=clients, global_params=global_params, round=state.round + 1)
 
-def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=FedSpaConfig()):
-    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
-    method_cfg.validate()
-    return _common.compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg)
+    def eval_variables(state, stored: FedSpaClient, count):
+        del count
+        variables = {'params': stored.params, 'thresholds': state.thresholds,
+                     'batch_stats': stored.batch_stats}
+        return variables, variables
 
+    def eval_density(state, clients: FedSpaClient, counts):
+        del counts
+        def one(params):
+            kernels = masking.kernels_of(params, state.thresholds)
+            return _common.weight_density(jax.tree.map(lambda k: k != 0, kernels))
+        fractions, kept = jax.vmap(one)(clients.params)
+        return {'layer_density': fractions, 'kept_weights': kept}
 
-def evaluate(model: nn.Module, spec: DataSpec, state: FedSpaState, data: ClientData,
-             batch_size: int, *, method_cfg: FedSpaConfig = FedSpaConfig()) -> dict:
-    """Every client's own sparse model on its own test split.
-
-    Returns correct [N], counts [N], layer_density [N, L] (kept-WEIGHT fraction: nonzero weights),
-    kept_weights [N].
-    """
-    del method_cfg
-    model = _common.dense_model(model)
-    correct = _common.correct_per_client(model, spec, lambda k: _common.take(state.clients, k),
-                                         data, batch_size)
-
-    def density(params, thresholds):
-        return _common.weight_density(jax.tree.map(lambda k: k != 0,
-                                                   masking.kernels_of(params, thresholds)))
-
-    fractions, kept = jax.vmap(density)(state.clients.params, state.clients.thresholds)
-    return {'correct': correct, 'counts': data.counts, 'layer_density': fractions,
-            'kept_weights': kept}
-
-
-def make_eval_fn(model, spec, batch_size, method_cfg=FedSpaConfig()):
-    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
-                                     method_cfg=method_cfg), model=model)
+    return algorithm_lib.Algorithm(
+        name='fedspa', model=model, state_type=FedSpaState, round_constants=round_constants,
+        client_start=client_start, client_step=client_step, client_final=client_final,
+        client_end=client_end, server_update=server_update, eval_variables=eval_variables,
+        eval_density=eval_density)
 
 
 def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,

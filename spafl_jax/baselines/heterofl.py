@@ -25,7 +25,6 @@ Choices and departures from the paper:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from typing import Any
 
@@ -39,10 +38,9 @@ import numpy as np
 from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
 from spafl_jax import masking
-from spafl_jax import xla
 from spafl_jax.baselines import _common
-from spafl_jax.client import DataSpec, LocalConfig
-from spafl_jax.federated import ClientData, RoundConfig
+from spafl_jax.client import LocalConfig
+from spafl_jax.federated import RoundConfig
 from spafl_jax.metrics import BITS_PER_FLOAT
 
 _LAYER_NAME = re.compile(r'^Masked(Conv|Dense)_(\d+)$')
@@ -259,36 +257,6 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
                                        state.thresholds),
         client_start=client_start, client_step=client_step, client_end=client_end,
         server_update=server_update, eval_variables=eval_variables, eval_density=eval_density)
-
-
-def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
-              state: HeteroFLState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
-              macs=None, *, method_cfg: HeteroFLConfig = HeteroFLConfig()):
-    """One HeteroFL round (`algorithm.run_round` of `algorithm(...)`) for the sampled ids."""
-    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs,
-                                             method_cfg=method_cfg),
-                                   local_cfg, spec, state, data, sampled, seed_key,
-                                   aggregation=round_cfg.aggregation,
-                                   client_execution=round_cfg.client_execution)
-
-
-def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=HeteroFLConfig()):
-    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
-    return _common.compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg)
-
-
-def evaluate(model: nn.Module, spec: DataSpec, state: HeteroFLState, data: ClientData,
-             batch_size: int, *, method_cfg: HeteroFLConfig = HeteroFLConfig()) -> dict:
-    """Every client's width slice of the global model on its own test split
-    (`algorithm.evaluate`). Returns correct [N], counts [N], layer_density [N, L] (kept-row
-    fraction), kept_weights [N]."""
-    return algorithm_lib.evaluate(algorithm(model, LocalConfig(), method_cfg=method_cfg), spec,
-                                  state, data, batch_size)
-
-
-def make_eval_fn(model, spec, batch_size, method_cfg=HeteroFLConfig()):
-    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
-                                     method_cfg=method_cfg), model=model)
 
 
 def submodel_size(model_variables: dict, rate: float) -> int:

@@ -14,7 +14,6 @@ Choices (there is no paper to depart from):
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax
 import flax.linen as nn
@@ -23,10 +22,9 @@ import jax.numpy as jnp
 
 from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import federated
-from spafl_jax import xla
 from spafl_jax.baselines import _common
-from spafl_jax.client import ClientState, DataSpec, LocalConfig
-from spafl_jax.federated import ClientData, RoundConfig
+from spafl_jax.client import ClientState, LocalConfig
+from spafl_jax.federated import RoundConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +65,7 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
 
     def eval_density(state, clients, counts):
         del state
-        one = _common.take(clients, 0)
+        one = algorithm_lib.take(clients, 0)
         return _common.dense_density(one.thresholds, one.params, counts.shape[0])
 
     return algorithm_lib.Algorithm(
@@ -94,35 +92,6 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
 
     clients = _common.stack([one(keys[k]) for k in range(num_clients)])
     return LocalState(clients=clients, round=jnp.zeros((), jnp.int32))
-
-
-def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
-              state: LocalState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
-              macs=None, *, method_cfg: LocalOnlyConfig = LocalOnlyConfig()):
-    """One round of local training (`algorithm.run_round` of `algorithm(...)`)."""
-    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs,
-                                             method_cfg=method_cfg),
-                                   local_cfg, spec, state, data, sampled, seed_key,
-                                   aggregation=round_cfg.aggregation,
-                                   client_execution=round_cfg.client_execution)
-
-
-def make_round_fn(model, local_cfg, round_cfg, spec, macs=None, method_cfg=LocalOnlyConfig()):
-    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
-    return _common.compile_round(run_round, model, local_cfg, round_cfg, spec, macs, method_cfg)
-
-
-def evaluate(model: nn.Module, spec: DataSpec, state: LocalState, data: ClientData,
-             batch_size: int, *, method_cfg: LocalOnlyConfig = LocalOnlyConfig()) -> dict:
-    """Every client on its own test split (`algorithm.evaluate` of `algorithm(...)`): correct [N],
-    counts [N], layer_density [N, L] (all 1), kept_weights [N] (every masked weight)."""
-    return algorithm_lib.evaluate(algorithm(model, LocalConfig(), method_cfg=method_cfg), spec,
-                                  state, data, batch_size)
-
-
-def make_eval_fn(model, spec, batch_size, method_cfg=LocalOnlyConfig()):
-    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size,
-                                     method_cfg=method_cfg), model=model)
 
 
 def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,
