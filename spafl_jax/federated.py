@@ -4,11 +4,12 @@ The state of ALL clients is stacked on a leading client axis `[clients, ...]`. A
 sampled clients, broadcasts the server thresholds to them, trains them, aggregates their thresholds,
 scatters them back and applies the importance update; it is one pure function, compiled once.
 
-`run_round` is the reference form: the sampled clients vmapped (or mapped), each running its own
-real local steps (`client.over_real_steps`; under vmap the lanes run to the longest client). It is
-the one to read, to use in your own code on one device, and the one the tests hold the faster forms
-to. The runner (`train.py`) goes through `execution.RoundRunner`, which computes the same round with
-clients packed onto lanes and devices, across hosts too (BENCHMARKS.md).
+SpaFL is written as an `algorithm.Algorithm` (`algorithm` below: the client's start, step and end,
+the server's update, the evaluation); `run_round` is `algorithm.run_round` of it, the reference
+form on one device (the sampled clients vmapped or mapped, each running its own real local steps),
+the one to read and the one the tests hold the faster forms to. The runner (`train.py`) goes
+through `execution.RoundRunner`, which computes the same round with clients packed onto lanes and
+devices, across hosts too (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -222,9 +223,11 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):
-    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics)."""
-    return xla.jit(functools.partial(run_round, model, local_cfg, round_cfg, spec, macs=macs),
-                   donate_argnums=(0,), model=model)
+    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics), the state
+    donated (`algorithm.make_round_fn`)."""
+    return algorithm_lib.make_round_fn(algorithm(model, local_cfg, round_cfg, macs), local_cfg, spec,
+                                       aggregation=round_cfg.aggregation,
+                                       client_execution=round_cfg.client_execution)
 
 
 def test_thresholds(cfg: LocalConfig, client: ClientState, count):

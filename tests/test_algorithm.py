@@ -1,8 +1,9 @@
 """`algorithm.Algorithm`: a toy algorithm, written here, runs through every backend with equal results.
 
 The toy is FedAvg whose clients also keep a state of their own between rounds (how many local
-steps each has run), so the backends' gather, training, scatter and mean are all exercised by an
-algorithm the library has never seen: the reference round (`algorithm.run_round`, vmapped and
+steps each has run, plus 1000 for every `client_final` call, whose batch's label sum it reports as
+its FLOPs), so the backends' gather, training, final batch, scatter and mean are all exercised by
+an algorithm the library has never seen: the reference round (`algorithm.run_round`, vmapped and
 mapped) and `execution.RoundRunner` with each execution strategy must give the same state, the
 same metrics and the same evaluation.
 """
@@ -69,6 +70,13 @@ def toy_fedavg(model: nn.Module, cfg: client_lib.LocalConfig) -> algorithm.Algor
                    'examples': jnp.float32(y.shape[0])}
         return ({**variables, 'params': params}, steps + 1), opt_state, metrics
 
+    def client_final(client, opt_state, x, y, lr, key):
+        del opt_state, x, lr, key
+        variables, steps = client
+        metrics = {'loss': jnp.float32(0.0), 'correct': jnp.float32(0.0), 'steps': jnp.float32(0.0),
+                   'flops': jnp.sum(y).astype(jnp.float32), 'examples': jnp.float32(0.0)}
+        return (variables, steps + 1000), metrics
+
     def client_end(client, opt_state):
         del opt_state
         variables, steps = client
@@ -91,7 +99,8 @@ def toy_fedavg(model: nn.Module, cfg: client_lib.LocalConfig) -> algorithm.Algor
     return algorithm.Algorithm(
         name='toy_fedavg', model=model, state_type=ToyState,
         round_constants=lambda state: client_lib.learning_rate(cfg, state.round),
-        client_start=client_start, client_step=client_step, client_end=client_end,
+        client_start=client_start, client_step=client_step, client_final=client_final,
+        client_end=client_end,
         server_update=server_update, eval_variables=eval_variables, eval_density=eval_density)
 
 
@@ -140,9 +149,11 @@ def test_a_new_algorithm_runs_through_every_backend_with_equal_results(setup):
     steps_per_epoch = np.asarray(client_lib.steps_per_epoch(setup[3], np.asarray(setup[0].counts)))
     runs = np.zeros(NUM_CLIENTS, np.int64)
     for r in range(ROUNDS):
-        runs[_sampled(r)] += 2 * steps_per_epoch[_sampled(r)]
+        runs[_sampled(r)] += 2 * steps_per_epoch[_sampled(r)] + 1000
     np.testing.assert_array_equal(expected_state.clients, runs)
     assert float(expected_metrics['local_steps']) == 2 * steps_per_epoch[_sampled(ROUNDS - 1)].sum()
+    # One final batch of 16 of its own labels per sampled client (digits 0-9: sum 0 to 144).
+    assert 0 < float(expected_metrics['flops']) <= SAMPLED * 16 * 9
     accuracy = float(jnp.mean(expected_eval['correct'] / expected_eval['counts']))
     assert accuracy > 0.5, accuracy   # it learns (chance: 0.1)
 
@@ -151,7 +162,7 @@ def test_a_new_algorithm_runs_through_every_backend_with_equal_results(setup):
     for name, (state, metrics, evaluation) in others.items():
         for want, got in zip(jax.tree.leaves(expected_state), jax.tree.leaves(state)):
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)
-        for key in ('train_loss', 'train_accuracy', 'local_steps'):
+        for key in ('train_loss', 'train_accuracy', 'local_steps', 'flops'):
             assert float(metrics[key]) == pytest.approx(float(expected_metrics[key]), rel=1e-5), \
                 (name, key)
         np.testing.assert_array_equal(evaluation['correct'], expected_eval['correct'], name)
