@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 from flax import serialization
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -390,51 +391,31 @@ class _Builder:
                     'logits for every image: there is no network to export for this client.')
 
 
-# The sequential models as (op, module name, conv strides, conv padding); must follow models.py (the
-# export tests compare against the Flax models and catch any drift).
-_SEQUENTIAL = {
-        'digits_cnn': [('conv', 'MaskedConv_0', (1, 1), 'SAME'), ('relu',),
-                       ('conv', 'MaskedConv_1', (1, 1), 'SAME'), ('relu',), ('max_pool',),
-                       ('flatten',), ('dense', 'MaskedDense_0'), ('relu',),
-                       ('dense', 'MaskedDense_1')],
-        'lenet5': [('conv', 'MaskedConv_0', (1, 1), 'VALID'), ('relu',), ('max_pool',),
-                   ('conv', 'MaskedConv_1', (1, 1), 'VALID'), ('relu',), ('max_pool',),
-                   ('flatten',), ('dense', 'MaskedDense_0'), ('relu',), ('dense', 'MaskedDense_1')],
-        'conv4': [('conv', 'MaskedConv_0', (1, 1), 'VALID'), ('batch_norm', 'BatchNorm_0'), ('relu',),
-                  ('conv', 'MaskedConv_1', (1, 1), 'VALID'), ('batch_norm', 'BatchNorm_1'), ('relu',),
-                  ('max_pool',),
-                  ('conv', 'MaskedConv_2', (1, 1), 'VALID'), ('batch_norm', 'BatchNorm_2'), ('relu',),
-                  ('conv', 'MaskedConv_3', (1, 1), 'VALID'), ('batch_norm', 'BatchNorm_3'), ('relu',),
-                  ('max_pool',), ('flatten',),
-                  ('dense', 'MaskedDense_0'), ('batch_norm', 'BatchNorm_4'), ('relu',),
-                  ('dense', 'MaskedDense_1'), ('batch_norm', 'BatchNorm_5'), ('relu',),
-                  ('dense', 'MaskedDense_2')],
-}
-
-
 def _sequential(b: _Builder, plan) -> list[dict]:
-    """Every masked layer loses its pruned rows, the last one included (outputs gathered back)."""
+    """`models.SequentialNet.LAYERS`: every masked layer loses its pruned rows, the last one
+    included (outputs gathered back)."""
+    masked = [op for op in plan if op[0] in ('conv', 'dense')]
     layers = []
-    first = b.p[plan[0][1] + '/kernel']
-    b.reset_channels(first.shape[-2])
+    b.reset_channels(b.p[masked[0][1] + '/kernel'].shape[-2])
     for op in plan:
         if op[0] in ('conv', 'dense'):
             b.check_not_all_pruned(op[1])
-            strides, padding = (op[2], op[3]) if op[0] == 'conv' else ((1, 1), 'VALID')
-            layers.append(b.masked(op[1], op[0], drop_out=True, strides=strides, padding=padding))
+            padding = op[4] if op[0] == 'conv' else 'VALID'
+            layers.append(b.masked(op[1], op[0], drop_out=True, padding=padding))
+        elif op[0] == 'batch_norm':
+            layers.append(b.batch_norm(op[1]))
         else:
-            layers.append(getattr(b, op[0])(*op[1:]))
-    last = b.p[plan[-1][1] + '/kernel']
-    return layers + b.output_gather(last.shape[-1])
+            layers.append(getattr(b, op[0])())
+    return layers + b.output_gather(b.p[masked[-1][1] + '/kernel'].shape[-1])
 
 
-def _resnet18(b: _Builder) -> list[dict]:
+def _resnet18(b: _Builder, plan: dict) -> list[dict]:
     """Pre-activation ResNet: only the rows internal to a block are dropped.
 
     The residual stream `x + f(x)` needs its full width: a pruned row of a conv that writes into it
     (stem, a block's conv2, a 1x1 shortcut) is a zero channel of that conv, but the same channel of
     the sum carries the other branch and the earlier blocks, so those rows stay (as zero columns). A
-    block's conv1 is internal: its pruned rows, the matching BatchNorm_1 entries and conv2's input
+    block's conv1 is internal: its pruned rows, the matching bn2 entries and conv2's input
     channels are dropped; after BN and ReLU a dropped channel is a constant, which conv2 (padding 1,
     so border outputs see fewer taps) receives through a `const_kernel`. A block whose conv1 is
     entirely pruned keeps working: conv2 then sees only constants. The head is not masked.
@@ -442,28 +423,23 @@ def _resnet18(b: _Builder) -> list[dict]:
     layers = []
     b.reset_channels(b.p['stem/kernel'].shape[-2])
     layers.append(b.masked('stem', 'conv', drop_out=False, padding=1))
-    layers += [b.batch_norm('BatchNorm_0'), b.relu()]
-    # Stages and blocks as the parameters name them, so narrower or shallower variants export too.
-    stage = 0
-    while f'stage{stage + 1}_block1/conv1/kernel' in b.p:
-        index = 0
-        while f'stage{stage + 1}_block{index + 1}/conv1/kernel' in b.p:
+    layers += [b.batch_norm('stem_bn'), b.relu()]
+    for stage in range(plan['stages']):
+        for index in range(plan['blocks_per_stage']):
             name = f'stage{stage + 1}_block{index + 1}'
             s = (2, 2) if stage > 0 and index == 0 else (1, 1)
             width = b.kept.shape[0]
-            pre = [b.batch_norm(f'{name}/BatchNorm_0'), b.relu()]
+            pre = [b.batch_norm(f'{name}/bn1'), b.relu()]
             shortcut = None
             if name + '/shortcut/kernel' in b.p:
                 shortcut = [b.masked(f'{name}/shortcut', 'conv', drop_out=False, strides=s,
                                      padding=0)]
                 b.reset_channels(width)
             body = [b.masked(f'{name}/conv1', 'conv', drop_out=True, strides=s, padding=1),
-                    b.batch_norm(f'{name}/BatchNorm_1'), b.relu(),
+                    b.batch_norm(f'{name}/bn2'), b.relu(),
                     b.masked(f'{name}/conv2', 'conv', drop_out=False, padding=1)]
             layers.append({'type': 'preact_block', 'name': name, 'pre': pre, 'shortcut': shortcut,
                            'body': body})
-            index += 1
-        stage += 1
     layers.append({'type': 'mean_pool'})
     for key in ('kernel', 'bias'):
         b.params['head/' + key] = b.p['head/' + key]
@@ -479,7 +455,7 @@ def _head_order(alive: np.ndarray) -> tuple[np.ndarray, int]:
     return order, width
 
 
-def _vit(b: _Builder) -> list[dict]:
+def _vit(b: _Builder, plan: dict) -> list[dict]:
     """ViT: attention and MLP widths shrink inside a block, the residual width (dim) does not.
 
     The token stream `x + attn(x)`, `x + mlp(x)` needs its full width, so pruned rows of attn_out and
@@ -491,19 +467,16 @@ def _vit(b: _Builder) -> list[dict]:
     0. The logit scale stays 1/sqrt(original head_dim). Nothing here depends on a constant, so an
     entirely pruned internal layer is simply of width 0.
     """
-    net = models.MODELS['vit']()   # heads and head_dim are not recoverable from shapes: defaults
-    heads, head_dim = net.heads, net.head_dim
+    heads, head_dim = plan['heads'], plan['head_dim']   # not recoverable from the shapes
     inner = heads * head_dim
     eps = 1e-5
     copy = lambda *keys: b.params.update({k: b.p[k] for k in keys})  # noqa: E731
     copy('patch_embedding/kernel', 'patch_embedding/bias', 'cls_token', 'pos_embedding')
     b.params['tokens/cls_token'] = b.params.pop('cls_token')
     b.params['tokens/pos_embedding'] = b.params.pop('pos_embedding')
-    layers = [{'type': 'patch_embed', 'name': 'patch_embedding', 'patch_size': net.patch_size},
+    layers = [{'type': 'patch_embed', 'name': 'patch_embedding', 'patch_size': plan['patch_size']},
               {'type': 'tokens', 'name': 'tokens'}]
-    depth = 0
-    while f'block{depth + 1}/qkv/kernel' in b.p:
-        depth += 1
+    for depth in range(1, plan['depth'] + 1):
         name = f'block{depth}'
         mask = b.masks[f'{name}/qkv']
         kernel = b.p[f'{name}/qkv/kernel'] * mask.astype(np.float32)
@@ -541,13 +514,15 @@ def _vit(b: _Builder) -> list[dict]:
 
 
 SUPPORTED_MODELS = ('digits_cnn', 'lenet5', 'conv4', 'resnet18', 'vit')
+_EXPORTERS = {'sequential': _sequential, 'preact_resnet': _resnet18, 'vit': _vit}
 
 
-def compact_model(model_name: str, variables: dict) -> CompactModel:
+def compact_model(model: nn.Module | str, variables: dict) -> CompactModel:
     """The compact equivalent of one client's masked model.
 
     Args:
-      model_name: a key of `models.MODELS` (see `SUPPORTED_MODELS`).
+      model: the model, or a key of `models.MODELS` (its default sizes); the model's
+        `export_plan()`, declared beside its definition, says what to walk.
       variables: ONE client's {'params', 'thresholds', 'batch_stats'} (no client axis).
     Returns:
       A `CompactModel` whose `compact_apply(description, params, x)` equals
@@ -556,18 +531,20 @@ def compact_model(model_name: str, variables: dict) -> CompactModel:
       ValueError: an unknown model, or (sequential models) a masked layer with every row pruned,
         whose output is then a constant.
     """
-    if model_name not in SUPPORTED_MODELS:
-        raise ValueError(f'model={model_name!r}: compact export supports '
-                         f'{", ".join(SUPPORTED_MODELS)}.')
-    b = _Builder(model_name, variables)
-    if model_name in _SEQUENTIAL:
-        layers = _sequential(b, _SEQUENTIAL[model_name])
-    elif model_name == 'resnet18':
-        layers = _resnet18(b)
-    else:
-        layers = _vit(b)
+    if isinstance(model, str):
+        if model not in SUPPORTED_MODELS:
+            raise ValueError(f'model={model!r}: compact export supports '
+                             f'{", ".join(SUPPORTED_MODELS)}.')
+        model = models.create_model(model, 10)
+    name = next((k for k, cls in models.MODELS.items() if type(model) is cls), type(model).__name__)
+    if not hasattr(model, 'export_plan'):
+        raise ValueError(f'{type(model).__name__} declares no export_plan(); compact export '
+                         f'supports {", ".join(SUPPORTED_MODELS)}.')
+    kind, plan = model.export_plan()
+    b = _Builder(name, variables)
+    layers = _EXPORTERS[kind](b, plan)
     params = {k: np.ascontiguousarray(v) for k, v in b.params.items()}
-    description = {'format': FORMAT, 'model': model_name, 'layers': layers}
+    description = {'format': FORMAT, 'model': name, 'layers': layers}
     return CompactModel(description=description, params=params)
 
 

@@ -9,7 +9,7 @@ official code.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -59,8 +59,8 @@ class BatchNorm(nn.Module):
         return y * scale.reshape(shape) + bias.reshape(shape)
 
 
-def _batch_norm(train: bool, axis: int = -1) -> BatchNorm:
-    return BatchNorm(use_running_average=not train, axis=axis)
+def _batch_norm(train: bool, axis: int = -1, name: str | None = None) -> BatchNorm:
+    return BatchNorm(use_running_average=not train, axis=axis, name=name)
 
 
 def max_pool_2x2(x: jax.Array, layout: str = 'NHWC') -> jax.Array:
@@ -144,50 +144,83 @@ class MaskedNet(nn.Module):
         return max_pool_2x2(x, self.layout)
 
 
-class DigitsCNN(MaskedNet):
+class SequentialNet(MaskedNet):
+    """A masked network that is a sequence of named layers, declared once in `LAYERS`: `__call__`
+    runs it, and the compact export (`export.py`) and HeteroFL's width slicing walk it, so none of
+    them can drift from the others. The ops, in network order:
+
+      ('conv', name, features, kernel_size, padding)   a masked conv, stride 1
+      ('dense', name, features)                        a masked dense layer; features None: the
+                                                       model's `num_classes`
+      ('batch_norm', name)   ('relu',)   ('max_pool',) (2x2, stride 2)   ('flatten',) (NHWC order)
+    """
+    LAYERS: ClassVar[tuple] = ()
+
+    def export_plan(self) -> tuple:
+        """What `export.compact_model` walks: ('sequential', LAYERS)."""
+        return 'sequential', self.LAYERS
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv, dense = self.masked_layers()
+        x = self.from_nhwc(x)
+        flat = False
+        ops = list(self.LAYERS)
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            if op[0] == 'conv':
+                _, name, features, size, padding = op
+                x = conv(features, kernel_size=(size, size), padding=padding, name=name)(x)
+            elif op[0] == 'dense':
+                x = dense(op[2] or self.num_classes, name=op[1])(x)
+            elif op[0] == 'batch_norm':
+                x = _batch_norm(train, -1 if flat else channel_axis(self.layout), name=op[1])(x)
+            elif op[0] == 'relu':
+                if i + 1 < len(ops) and ops[i + 1][0] == 'max_pool':
+                    x, i = self.pool(x), i + 1   # pool(relu(.)) = relu(pool(.)): 4x fewer ReLUs
+                x = nn.relu(x)
+            elif op[0] == 'max_pool':
+                x = self.pool(x)
+            elif op[0] == 'flatten':
+                x, flat = self.flatten(x), True
+            else:
+                raise ValueError(f'{type(self).__name__}.LAYERS: unknown op {op!r}.')
+            i += 1
+        return x
+
+
+class DigitsCNN(SequentialNet):
     """A small masked CNN for the 8x8 scikit-learn digits: the embedded default."""
     layout: str = 'CNHW'          # both measured faster on XLA:CPU (BENCHMARKS.md)
     xla_cpu_ynnpack: bool = False
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        conv, dense = self.masked_layers(kernel_size=(3, 3), padding='SAME')
-        x = nn.relu(conv(16)(self.from_nhwc(x)))
-        x = nn.relu(self.pool(conv(32)(x)))   # = pool(relu(.)), with the ReLU on 4x fewer values
-        x = self.flatten(x)
-        x = nn.relu(dense(64)(x))
-        return dense(self.num_classes)(x)
+    LAYERS: ClassVar[tuple] = (
+        ('conv', 'conv1', 16, 3, 'SAME'), ('relu',),
+        ('conv', 'conv2', 32, 3, 'SAME'), ('relu',), ('max_pool',), ('flatten',),
+        ('dense', 'fc1', 64), ('relu',), ('dense', 'fc2', None))
 
 
-class LeNet5(MaskedNet):
+class LeNet5(SequentialNet):
     """LeNet-5 of the official FMNIST folder: 430,500 masked weights, 580 thresholds."""
     layout: str = 'CNHW'          # both measured faster on XLA:CPU (BENCHMARKS.md)
     xla_cpu_ynnpack: bool = False
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        conv, dense = self.masked_layers(kernel_size=(5, 5), padding='VALID')
-        x = nn.relu(self.pool(conv(20)(self.from_nhwc(x))))   # = pool(relu(.)), 4x fewer ReLUs
-        x = nn.relu(self.pool(conv(50)(x)))
-        x = self.flatten(x)
-        x = nn.relu(dense(500)(x))
-        return dense(self.num_classes)(x)
+    LAYERS: ClassVar[tuple] = (
+        ('conv', 'conv1', 20, 5, 'VALID'), ('relu',), ('max_pool',),
+        ('conv', 'conv2', 50, 5, 'VALID'), ('relu',), ('max_pool',), ('flatten',),
+        ('dense', 'fc1', 500), ('relu',), ('dense', 'fc2', None))
 
 
-class Conv4(MaskedNet):
+class Conv4(SequentialNet):
     """Conv4 of the official CIFAR-10 folder: 804,800 masked weights, 650 thresholds."""
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        conv, dense = self.masked_layers(kernel_size=(5, 5), padding='VALID')
-        x = self.from_nhwc(x)
-        for i, features in enumerate((64, 64, 128, 128)):
-            x = _batch_norm(train, channel_axis(self.layout))(conv(features)(x))
-            x = nn.relu(self.pool(x) if i % 2 == 1 else x)   # = pool(relu(.))
-        x = self.flatten(x)
-        for features in (128, 128):
-            x = nn.relu(_batch_norm(train)(dense(features)(x)))
-        return dense(self.num_classes)(x)
+    LAYERS: ClassVar[tuple] = (
+        ('conv', 'conv1', 64, 5, 'VALID'), ('batch_norm', 'bn1'), ('relu',),
+        ('conv', 'conv2', 64, 5, 'VALID'), ('batch_norm', 'bn2'), ('relu',), ('max_pool',),
+        ('conv', 'conv3', 128, 5, 'VALID'), ('batch_norm', 'bn3'), ('relu',),
+        ('conv', 'conv4', 128, 5, 'VALID'), ('batch_norm', 'bn4'), ('relu',), ('max_pool',),
+        ('flatten',),
+        ('dense', 'fc1', 128), ('batch_norm', 'bn5'), ('relu',),
+        ('dense', 'fc2', 128), ('batch_norm', 'bn6'), ('relu',),
+        ('dense', 'fc3', None))
 
 
 class PreActBlock(nn.Module):
@@ -207,7 +240,7 @@ class PreActBlock(nn.Module):
         conv = functools.partial(MaskedConv, estimator=self.estimator, conv_impl=self.conv_impl,
                                  compute_dtype=self.compute_dtype)
         s = (self.strides, self.strides)
-        out = nn.relu(_batch_norm(train)(x))
+        out = nn.relu(_batch_norm(train, name='bn1')(x))
         if self.strides != 1 or x.shape[-1] != self.features:
             # PyTorch padding=0 for the 1x1 projection.
             shortcut = conv(self.features, kernel_size=(1, 1), strides=s, padding=0, name='shortcut')(out)
@@ -215,7 +248,7 @@ class PreActBlock(nn.Module):
             shortcut = x
         # PyTorch padding=1: symmetric, unlike 'SAME' with stride 2 on even inputs.
         out = conv(self.features, kernel_size=(3, 3), strides=s, padding=1, name='conv1')(out)
-        out = nn.relu(_batch_norm(train)(out))
+        out = nn.relu(_batch_norm(train, name='bn2')(out))
         out = conv(self.features, kernel_size=(3, 3), strides=(1, 1), padding=1, name='conv2')(out)
         return out + shortcut
 
@@ -230,13 +263,18 @@ class ResNet18(MaskedNet):
     widths: tuple[int, ...] = (32, 64, 128, 256)
     blocks_per_stage: int = 2
 
+    def export_plan(self) -> tuple:
+        """What `export.compact_model` walks: the stem, the blocks by their names, the head."""
+        return 'preact_resnet', {'stages': len(self.widths),
+                                 'blocks_per_stage': self.blocks_per_stage}
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         block = functools.partial(PreActBlock, estimator=self.estimator, conv_impl=self.conv_impl,
                                   compute_dtype=self.compute_dtype)
         conv, _ = self.masked_layers()
         x = conv(self.widths[0], kernel_size=(3, 3), padding=1, name='stem')(x)
-        x = nn.relu(_batch_norm(train)(x))
+        x = nn.relu(_batch_norm(train, name='stem_bn')(x))
         for stage, features in enumerate(self.widths):
             for b in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and b == 0 else 1
@@ -290,6 +328,12 @@ class ViT(MaskedNet):
     heads: int = 8
     head_dim: int = 64
     mlp_dim: int = 256
+
+    def export_plan(self) -> tuple:
+        """What `export.compact_model` walks: the blocks, with the head sizes (which the shapes of
+        the weights do not determine)."""
+        return 'vit', {'depth': self.depth, 'heads': self.heads, 'head_dim': self.head_dim,
+                       'patch_size': self.patch_size}
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -142,12 +142,12 @@ def test_heterofl_width_masks_follow_channels(digits_model):
     _, variables, _ = digits_model
     layout = heterofl.width_layout(variables['params'], variables['thresholds'])['params']
     masks = heterofl.width_masks(variables['params'], layout, 0.5, np)
-    conv0 = masks['MaskedConv_0']['kernel']      # image channel kept, outputs 0..7
+    conv0 = masks['conv1']['kernel']      # image channel kept, outputs 0..7
     np.testing.assert_array_equal(conv0[0, 0, 0], np.arange(16) < 8)
-    dense0 = masks['MaskedDense_0']['kernel']    # input f = position * 32 + channel (NHWC flatten)
+    dense0 = masks['fc1']['kernel']    # input f = position * 32 + channel (NHWC flatten)
     np.testing.assert_array_equal(dense0[:, 0], np.arange(512) % 32 < 16)
     np.testing.assert_array_equal(dense0[0], np.arange(64) < 32)
-    head = masks['MaskedDense_1']['kernel']      # every class survives
+    head = masks['fc2']['kernel']      # every class survives
     np.testing.assert_array_equal(head[:, 0], np.arange(64) < 32)
     assert head[0].all()
 

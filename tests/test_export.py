@@ -19,7 +19,7 @@ import pytest
 from spafl_jax import export, models
 
 # Small images where the model allows it, and narrower/shallower variants of the big models, to keep
-# the file fast (the export reads stages, blocks and depth from the parameters).
+# the file fast (the export walks each model's own `export_plan()`: its stages, blocks and depth).
 IMAGE_SHAPES = {'digits_cnn': (8, 8, 1), 'lenet5': (28, 28, 1), 'conv4': (32, 32, 3),
                 'resnet18': (16, 16, 3), 'vit': (16, 16, 3)}
 MODEL_KWARGS = {'resnet18': {'widths': (8, 16)}, 'vit': {'depth': 1}}
@@ -81,7 +81,7 @@ def _masked_eval(name: str, variables, x):
 @pytest.mark.parametrize('name', MODEL_NAMES)
 def test_compact_equals_masked_eval(name):
     variables, _ = _sparse_variables(name)
-    compact = export.compact_model(name, variables)
+    compact = export.compact_model(_model(name)[0], variables)
     x = _images(name)
     expected = _masked_eval(name, variables, x)
     np.testing.assert_allclose(export.compact_apply(compact.description, compact.params, x), expected,
@@ -103,10 +103,9 @@ def test_constants_of_pruned_rows_are_folded():
     conv (a const_kernel): both paths must actually be exercised by the equality test above."""
     conv4 = export.compact_model('conv4', _sparse_variables('conv4')[0])
     folded = [l['name'] for l in conv4.description['layers'] if l.get('bias')]
-    assert folded == ['MaskedConv_1', 'MaskedConv_2', 'MaskedConv_3', 'MaskedDense_0',
-                      'MaskedDense_1', 'MaskedDense_2']
+    assert folded == ['conv2', 'conv3', 'conv4', 'fc1', 'fc2', 'fc3']
     if 'resnet18' in MODEL_NAMES:
-        resnet = export.compact_model('resnet18', _sparse_variables('resnet18')[0])
+        resnet = export.compact_model(_model('resnet18')[0], _sparse_variables('resnet18')[0])
         assert any(l.get('const_kernel') for l in _all_layers(resnet.description['layers']))
 
 
@@ -114,33 +113,33 @@ def test_parameter_count_is_kept_rows():
     # LeNet-5: no BatchNorm, so pruned rows are 0 after ReLU and nothing is folded.
     _, m = _sparse_variables('lenet5')
     k = {name: int(mask.sum()) for name, mask in m.items()}
-    expected = (25 * 1 * k['MaskedConv_0'] + 25 * k['MaskedConv_0'] * k['MaskedConv_1']
-                + 16 * k['MaskedConv_1'] * k['MaskedDense_0']   # 4x4 map after two pools
-                + k['MaskedDense_0'] * k['MaskedDense_1'])
-    assert k == {'MaskedConv_0': 12, 'MaskedConv_1': 30, 'MaskedDense_0': 300, 'MaskedDense_1': 6}
+    expected = (25 * 1 * k['conv1'] + 25 * k['conv1'] * k['conv2']
+                + 16 * k['conv2'] * k['fc1']   # 4x4 map after two pools
+                + k['fc1'] * k['fc2'])
+    assert k == {'conv1': 12, 'conv2': 30, 'fc1': 300, 'fc2': 6}
     assert export.compact_model('lenet5', _sparse_variables('lenet5')[0]).num_parameters == expected
 
     # Conv4: every layer after the first gets a bias (folded BN constants), every BN 4 kept entries.
     _, m = _sparse_variables('conv4')
-    c = [int(m[f'MaskedConv_{i}'].sum()) for i in range(4)]
-    d = [int(m[f'MaskedDense_{i}'].sum()) for i in range(3)]
+    c = [int(m[f'conv{i + 1}'].sum()) for i in range(4)]
+    d = [int(m[f'fc{i + 1}'].sum()) for i in range(3)]
     weights = (25 * 3 * c[0] + 25 * c[0] * c[1] + 25 * c[1] * c[2] + 25 * c[2] * c[3]
                + 4 * c[3] * d[0] + d[0] * d[1] + d[1] * d[2])   # 2x2 map before the flatten
     biases = c[1] + c[2] + c[3] + d[0] + d[1] + d[2]
     batch_norm = 4 * (sum(c) + d[0] + d[1])
     compact = export.compact_model('conv4', _sparse_variables('conv4')[0])
     assert compact.num_parameters == weights + biases + batch_norm
-    assert compact.params['MaskedConv_1/kernel'].shape == (5, 5, c[0], c[1])
-    assert compact.params['MaskedDense_0/kernel'].shape == (4 * c[3], d[0])
+    assert compact.params['conv2/kernel'].shape == (5, 5, c[0], c[1])
+    assert compact.params['fc1/kernel'].shape == (4 * c[3], d[0])
 
 
 def test_all_rows_pruned_is_a_clear_error():
     variables, _ = _sparse_variables('lenet5')
     params = traverse_util.flatten_dict(variables['params'])
     # Thresholds alone cannot do it: the collapse reset brings such a layer back. A zero kernel can.
-    params[('MaskedDense_0', 'kernel')] = np.zeros_like(params[('MaskedDense_0', 'kernel')])
+    params[('fc1', 'kernel')] = np.zeros_like(params[('fc1', 'kernel')])
     variables = {**variables, 'params': traverse_util.unflatten_dict(params)}
-    with pytest.raises(ValueError, match=r"all 500 rows of masked layer 'MaskedDense_0' are pruned.*"
+    with pytest.raises(ValueError, match=r"all 500 rows of masked layer 'fc1' are pruned.*"
                                          r"constant"):
         export.compact_model('lenet5', variables)
 
@@ -148,10 +147,10 @@ def test_all_rows_pruned_is_a_clear_error():
 def test_collapsed_layer_is_reset_as_in_evaluation():
     variables, _ = _sparse_variables('conv4')
     thresholds = dict(variables['thresholds'])
-    thresholds['MaskedDense_0'] = {'threshold': np.full((128,), 1e3, np.float32)}  # 0 % kept
+    thresholds['fc1'] = {'threshold': np.full((128,), 1e3, np.float32)}  # 0 % kept
     variables = {**variables, 'thresholds': thresholds}
     compact = export.compact_model('conv4', variables)
-    assert compact.params['MaskedDense_0/kernel'].shape[-1] == 128   # reset: every row is back
+    assert compact.params['fc1/kernel'].shape[-1] == 128   # reset: every row is back
     x = _images('conv4')
     np.testing.assert_allclose(export.compact_apply(compact.description, compact.params, x),
                                _masked_eval('conv4', variables, x), rtol=1e-5, atol=1e-5)
@@ -198,20 +197,20 @@ def test_export_workdir(tmp_path):
     clients = [_sparse_variables('digits_cnn', seed)[0] for seed in range(3)]
     # Client 2 has an all-zero layer: reported, not exported, and the others still are.
     params = traverse_util.flatten_dict(clients[2]['params'])
-    params[('MaskedConv_1', 'kernel')] = np.zeros_like(params[('MaskedConv_1', 'kernel')])
+    params[('conv2', 'kernel')] = np.zeros_like(params[('conv2', 'kernel')])
     clients[2] = {**clients[2], 'params': traverse_util.unflatten_dict(params)}
     workdir = str(tmp_path / 'run')
     _write_workdir(workdir, clients)
 
     model_name, loaded = export.load_client_variables(workdir)
     assert model_name == 'digits_cnn' and len(loaded) == 3
-    np.testing.assert_array_equal(loaded[1]['params']['MaskedConv_0']['kernel'],
-                                  clients[1]['params']['MaskedConv_0']['kernel'])
+    np.testing.assert_array_equal(loaded[1]['params']['conv1']['kernel'],
+                                  clients[1]['params']['conv1']['kernel'])
 
     out = str(tmp_path / 'out')
     rows = export.export_workdir(workdir, out, batch_size=8, repeats=2)
     assert [r['client'] for r in rows] == [0, 1, 2]
-    assert "'MaskedConv_1'" in rows[2]['error']
+    assert "'conv2'" in rows[2]['error']
     for r in rows[:2]:
         assert r['params_before'] == 38_160 and 0 < r['params_after'] < 38_160
         assert r['max_abs_diff'] < 1e-5 and r['masked_s'] > 0 and r['compact_s'] > 0

@@ -111,8 +111,8 @@ def test_padded_step_changes_nothing(setup):
     state = _take(_state(model, cfg).clients, 0)
     opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
     x = client_lib.preprocess(spec, train.images[:BATCH])
-    new, new_opt, metrics = client_lib.local_step(model, cfg, state, opt, x, train.labels[:BATCH],
-                                                  jnp.array(False), 0.05, 0.01)
+    step = jax.jit(functools.partial(client_lib.local_step, model, cfg))
+    new, new_opt, metrics = step(state, opt, x, train.labels[:BATCH], jnp.array(False), 0.05, 0.01)
     jax.tree.map(np.testing.assert_array_equal, (new, new_opt), (state, opt))
     assert float(metrics['steps']) == 0.0 and float(metrics['loss']) == 0.0
 
@@ -142,17 +142,19 @@ def test_one_round_changes_exactly_what_it_should(setup, mode):
     sampled = jnp.array([0, 2, 5])
     seed_key = jax.random.key(11)
     round_cfg = federated.RoundConfig(clients_per_round=SAMPLED, importance_update=mode)
-    new, metrics = federated.run_round(model, cfg, round_cfg, spec, state, train, sampled, seed_key)
+    new, metrics = jax.jit(functools.partial(federated.run_round, model, cfg, round_cfg, spec))(
+        state, train, sampled, seed_key)
 
     # By hand: broadcast, (importance update before), local training, mean, delta, (update after).
     keys = algorithm_lib.client_keys(seed_key, 0, sampled)
+    local_update = jax.jit(functools.partial(client_lib.local_update, model, cfg, spec))
     trained = []
     for i, k in enumerate(np.asarray(sampled)):
         c = _take(state.clients, k).replace(thresholds=state.server_thresholds)
         if mode == 'sampled_before':
             c = c.replace(params=server.importance_update(c.params, state.last_delta))
-        c, _ = client_lib.local_update(model, cfg, spec, c, train.images, train.labels,
-                                       train.example_ids[k], train.counts[k], keys[i], 0)
+        c, _ = local_update(c, train.images, train.labels, train.example_ids[k], train.counts[k],
+                            keys[i], 0)
         trained.append(c)
     mean = jax.tree.map(lambda *t: sum(t) / SAMPLED, *[c.thresholds for c in trained])
     delta = jax.tree.map(jnp.subtract, mean, state.server_thresholds)
@@ -231,14 +233,18 @@ def test_masked_examples_do_not_count_in_the_loss(setup):
     state = _take(_state(model, cfg).clients, 0)
     x = client_lib.preprocess(spec, train.images[:BATCH])
     y = train.labels[:BATCH]
-    loss = lambda x_, y_, m: client_lib.loss_fn(model, state.params, state.thresholds, {}, x_, y_,
-                                                 0.0, m)
-    short, (_, _, short_correct) = loss(x[:5], y[:5], None)
-    padded, (_, _, padded_correct) = loss(x, y, jnp.arange(BATCH) < 5)
+    # One program per batch shape gives the loss and the thresholds' gradient (with a penalty).
+    @functools.partial(jax.jit, static_argnums=(3,))
+    def loss_and_grad(x_, y_, m, coeff):
+        loss = lambda t: client_lib.loss_fn(model, state.params, t, {}, x_, y_, coeff, m)
+        return jax.value_and_grad(loss, has_aux=True)(state.thresholds)
+
+    (short, (_, _, short_correct)), _ = loss_and_grad(x[:5], y[:5], None, 0.0)
+    (padded, (_, _, padded_correct)), _ = loss_and_grad(x, y, jnp.arange(BATCH) < 5, 0.0)
     np.testing.assert_allclose(padded, short, rtol=1e-6)
     assert int(padded_correct) == int(short_correct)
-    grads = [jax.grad(lambda t: client_lib.loss_fn(model, state.params, t, {}, *a)[0])(
-        state.thresholds) for a in ((x[:5], y[:5], 0.01, None), (x, y, 0.01, jnp.arange(BATCH) < 5))]
+    grads = [loss_and_grad(*a)[1] for a in ((x[:5], y[:5], None, 0.01),
+                                            (x, y, jnp.arange(BATCH) < 5, 0.01))]
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), *grads)
 
 

@@ -108,7 +108,7 @@ def test_init_variables_lenet5():
     chex.assert_trees_all_equal_shapes(variables, _setup('lenet5')[1])
     for t in jax.tree.leaves(variables['thresholds']):
         assert not np.any(np.asarray(t))   # thresholds start at 0
-    kernel = variables['params']['MaskedDense_0']['kernel']   # PyTorch default: U(+-1/sqrt(800))
+    kernel = variables['params']['fc1']['kernel']   # PyTorch default: U(+-1/sqrt(800))
     assert float(jnp.max(jnp.abs(kernel))) <= 1 / np.sqrt(800)
     assert float(jnp.max(jnp.abs(kernel))) > 0.9 / np.sqrt(800)
 
@@ -261,7 +261,7 @@ def _masked_outputs(model, variables, x):
 
 
 # A masked layer in the middle of each model, with at least one masked layer computed before it.
-MIDDLE_LAYER = {'digits_cnn': 'MaskedConv_1', 'lenet5': 'MaskedDense_0', 'conv4': 'MaskedConv_2',
+MIDDLE_LAYER = {'digits_cnn': 'conv2', 'lenet5': 'fc1', 'conv4': 'conv3',
                 'resnet18': 'stage2_block1/conv2', 'vit': 'block3/mlp1'}
 
 
@@ -304,10 +304,10 @@ def _macs(name):
 def test_macs_lenet5():
     macs = _macs('lenet5')
     assert macs == {
-            'MaskedConv_0': 24 * 24 * 5 * 5 * 1 * 20,      # 288,000
-            'MaskedConv_1': 8 * 8 * 5 * 5 * 20 * 50,       # 1,600,000
-            'MaskedDense_0': 800 * 500,
-            'MaskedDense_1': 500 * 10,
+            'conv1': 24 * 24 * 5 * 5 * 1 * 20,      # 288,000
+            'conv2': 8 * 8 * 5 * 5 * 20 * 50,       # 1,600,000
+            'fc1': 800 * 500,
+            'fc2': 500 * 10,
     }
 
 
@@ -360,3 +360,19 @@ def test_batch_norm_follows_pytorch():
     stats = updated['batch_stats']
     np.testing.assert_allclose(evaluated, (x - stats['mean']) / np.sqrt(stats['var'] + 1e-5),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['digits_cnn', 'lenet5', 'conv4'])
+def test_sequential_models_are_their_declared_layers(name):
+    # One declaration serves the forward pass, the compact export and HeteroFL's slicing: the
+    # parameters are exactly the declared layers, and the masked ones' tree order is network order.
+    model = models.create_model(name, 10)
+    shape = {'conv4': (32, 32, 3), 'lenet5': (28, 28, 1), 'digits_cnn': (8, 8, 1)}[name]
+    variables = models.init_variables(model, jax.random.key(0), shape)
+    declared = [op[1] for op in model.LAYERS if op[0] in ('conv', 'dense', 'batch_norm')]
+    assert sorted(variables['params']) == sorted(declared)
+    masked = [op[1] for op in model.LAYERS if op[0] in ('conv', 'dense')]
+    assert list(variables['thresholds']) == masked
+    assert jax.tree_util.tree_structure(variables['thresholds']) == jax.tree_util.tree_structure(
+        {name: {'threshold': 0} for name in masked})
+    assert model.export_plan() == ('sequential', model.LAYERS)

@@ -286,7 +286,7 @@ class Checker:
             names = sorted({k_.split('/')[-2] for k_ in official})
             for i, bn in enumerate(names):
                 for ours_key, theirs_key in (('mean', 'mean'), ('var', 'var')):
-                    mine = ours[(f'BatchNorm_{i}', ours_key)]
+                    mine = ours[(f'bn{i + 1}', ours_key)]
                     theirs = arrays[f'{prefix}/bn/{bn}/{theirs_key}']
                     np.testing.assert_allclose(mine, theirs, rtol=WEIGHT_RTOL,
                                                atol=WEIGHT_RTOL * np.max(np.abs(theirs)),

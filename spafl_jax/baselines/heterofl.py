@@ -9,9 +9,10 @@ rates; zeroed entries get zero gradient and stay 0. The server averages every en
 clients whose sub-model holds it (entries held by nobody this round keep their value).
 
 Choices and departures from the paper:
-  - the width pattern is read from the SpaFL models' layer names: masked convolutions come before
-    masked dense layers, and a dense layer after a flatten (NHWC, channel fastest) keeps feature f iff
-    its channel f % C is kept; only these sequential models (digits_cnn, lenet5, conv4) are supported;
+  - the width pattern follows the masked layers in network order (the sequential models' `LAYERS`:
+    conv1, conv2, ..., fc1, ...), and a dense layer after a flatten (NHWC, channel fastest) keeps
+    feature f iff its channel f % C is kept; only the sequential models (digits_cnn, lenet5, conv4)
+    are supported;
   - 1-D parameters and statistics (BatchNorm scale/bias/mean/var) are cut with their own size;
   - BatchNorm keeps running statistics, aggregated like the weights over holders, instead of the
     paper's static BatchNorm (statistics recomputed after training); no Scaler module; no masked
@@ -25,7 +26,6 @@ Choices and departures from the paper:
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import flax
@@ -42,9 +42,6 @@ from spafl_jax.baselines import _common
 from spafl_jax.client import LocalConfig
 from spafl_jax.federated import RoundConfig
 from spafl_jax.metrics import BITS_PER_FLOAT
-
-_LAYER_NAME = re.compile(r'^Masked(Conv|Dense)_(\d+)$')
-
 
 @dataclasses.dataclass(frozen=True)
 class HeteroFLConfig:
@@ -79,13 +76,15 @@ class SliceWork:
 # index i along `axis` is kept iff (i % C) < ceil(rate * C).
 
 def _layer_order(thresholds) -> list[tuple]:
+    """The masked layers in network order: the order of the thresholds' tree, which is that of the
+    sequential models' layer names (`models.SequentialNet.LAYERS`: conv1, conv2, ..., fc1, ...;
+    `width_layout` rejects a model whose order does not chain)."""
     paths = [path[:-1] for path in traverse_util.flatten_dict(thresholds)]
     for path in paths:
-        if len(path) != 1 or not _LAYER_NAME.match(path[0]):
-            raise ValueError(f'HeteroFL supports sequential models of top-level MaskedConv_i / '
-                             f'MaskedDense_i layers; got the masked layer {"/".join(path)}.')
-    kind_index = lambda path: _LAYER_NAME.match(path[0]).groups()
-    return sorted(paths, key=lambda p: (kind_index(p)[0] != 'Conv', int(kind_index(p)[1])))
+        if len(path) != 1:
+            raise ValueError(f'HeteroFL supports sequential models (models.SequentialNet); got the '
+                             f'nested masked layer {"/".join(path)}.')
+    return paths
 
 
 def width_layout(params, thresholds) -> dict[str, dict]:
