@@ -29,3 +29,6 @@ from spafl_jax import models
 from spafl_jax import server
 
 __version__ = '0.1.0'
+
+__all__ = ['algorithm', 'baselines', 'client', 'data', 'federated', 'layers', 'masking', 'metrics',
+           'models', 'server', '__version__']

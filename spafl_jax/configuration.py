@@ -18,7 +18,7 @@ from spafl_jax.algorithm import AGGREGATIONS
 from spafl_jax.federated import CLIENT_INITS, IMPORTANCE_UPDATES
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
-CONV_IMPLS = ('im2col', 'xla')
+CONV_IMPLS = ('auto', 'im2col', 'xla')
 
 
 def _choice(config, field, allowed):

@@ -360,7 +360,7 @@ class RoundRunner:
         self.mesh = mesh if mesh is not None else make_mesh(self.num_clients)
         self.devices = self.mesh.devices.size
         self.per_shard = self.num_clients // self.devices
-        conv_impl = getattr(model, 'conv_impl', 'im2col')
+        conv_impl = getattr(model, 'conv_impl', 'xla')
         self.strategy = resolve_client_execution(strategy, self.mesh.devices.flat[0].platform,
                                                  conv_impl)
         self.unroll = max(int(unroll), 1)

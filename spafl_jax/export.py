@@ -650,7 +650,7 @@ def export_workdir(workdir: str, out_dir: str, batch_size: int = 256, repeats: i
             continue
         if model is None:
             model = models.create_model(model_name, output_features(compact.description),
-                                        conv_impl=config.get('conv_impl', 'im2col'))
+                                        conv_impl=config.get('conv_impl', 'auto'))
             # Both forwards compile with the options training used (`xla.jit`).
             masked_fn = xla.jit(lambda v, images: model.apply(v, images, train=False),
                                 model=model)

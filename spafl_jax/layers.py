@@ -164,14 +164,15 @@ CONV_IMPLS = {'im2col': im2col_conv, 'xla': xla_conv}
 class MaskedConv(nn.Module):
     """2-D convolution (kernel [kh, kw, in, out]) with a row-masked kernel and no bias.
 
-    Activations are NHWC, or CNHW with `layout='CNHW'`; the parameters are the same in both.
+    Activations are NHWC, or CNHW with `layout='CNHW'`; the parameters are the same in both. The
+    convolution is `lax.conv` ('xla'), or patches times a matrix ('im2col', faster on CPU).
     """
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     strides: tuple[int, int] = (1, 1)
     padding: Padding = 'VALID'   # explicit ints for PyTorch alignment with stride > 1
     estimator: str = 'long_tailed'
-    conv_impl: str = 'im2col'
+    conv_impl: str = 'xla'
     compute_dtype: Any = None
     layout: str = 'NHWC'
 

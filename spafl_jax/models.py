@@ -106,17 +106,23 @@ def _torch_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dens
 class MaskedNet(nn.Module):
     """The fields every model takes (see `create_model`) and factories of its masked layers.
 
-    Two fields choose how the model runs, never what it computes:
-      layout: the activation layout of the conv stack ('NHWC' or 'CNHW', see `layers.LAYOUTS`).
-        Models take NHWC images and flatten NHWC features whatever it is, so parameters, masks and
-        outputs do not depend on it.
+    A model is a plain Flax module: `__call__(x, train)` takes NHWC images and returns logits; its
+    parameters, thresholds and outputs are the same whatever the three fields below, which choose
+    only how it runs:
+      conv_impl: 'xla' (`lax.conv`, the default: what GPUs and TPUs run fastest) or 'im2col'
+        (patches times a matrix: several times faster inside XLA:CPU's loops).
+      layout: the activation layout of the conv stack ('NHWC', the default, or 'CNHW', see
+        `layers.LAYOUTS`); images come in NHWC and features are flattened in NHWC order whatever it
+        is.
       xla_cpu_ynnpack: whether XLA:CPU may hand this model's dots, reductions and elementwise code
         to YNNPACK (its default) in the programs `xla.jit` compiles for it.
-    Each model sets the defaults measured fastest on CPU (BENCHMARKS.md, "Layouts and YNNPACK").
+    `specialize(model, backend)` sets the values measured fastest on the backend (on CPU:
+    `CPU_SETTINGS`, BENCHMARKS.md "Layouts and YNNPACK"); `create_model`, which the runner uses,
+    applies it for the backend JAX runs on.
     """
     num_classes: int = 10
     estimator: str = 'long_tailed'
-    conv_impl: str = 'im2col'
+    conv_impl: str = 'xla'
     compute_dtype: Any = None
     layout: str = 'NHWC'
     xla_cpu_ynnpack: bool = True
@@ -192,8 +198,6 @@ class SequentialNet(MaskedNet):
 
 class DigitsCNN(SequentialNet):
     """A small masked CNN for the 8x8 scikit-learn digits: the embedded default."""
-    layout: str = 'CNHW'          # both measured faster on XLA:CPU (BENCHMARKS.md)
-    xla_cpu_ynnpack: bool = False
     LAYERS: ClassVar[tuple] = (
         ('conv', 'conv1', 16, 3, 'SAME'), ('relu',),
         ('conv', 'conv2', 32, 3, 'SAME'), ('relu',), ('max_pool',), ('flatten',),
@@ -202,8 +206,6 @@ class DigitsCNN(SequentialNet):
 
 class LeNet5(SequentialNet):
     """LeNet-5 of the official FMNIST folder: 430,500 masked weights, 580 thresholds."""
-    layout: str = 'CNHW'          # both measured faster on XLA:CPU (BENCHMARKS.md)
-    xla_cpu_ynnpack: bool = False
     LAYERS: ClassVar[tuple] = (
         ('conv', 'conv1', 20, 5, 'VALID'), ('relu',), ('max_pool',),
         ('conv', 'conv2', 50, 5, 'VALID'), ('relu',), ('max_pool',), ('flatten',),
@@ -232,7 +234,7 @@ class PreActBlock(nn.Module):
     features: int
     strides: int = 1
     estimator: str = 'long_tailed'
-    conv_impl: str = 'im2col'
+    conv_impl: str = 'xla'
     compute_dtype: Any = None
 
     @nn.compact
@@ -270,6 +272,8 @@ class ResNet18(MaskedNet):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.layout != 'NHWC':
+            raise ValueError(f'ResNet18 runs in the NHWC layout only; got layout={self.layout!r}.')
         block = functools.partial(PreActBlock, estimator=self.estimator, conv_impl=self.conv_impl,
                                   compute_dtype=self.compute_dtype)
         conv, _ = self.masked_layers()
@@ -370,11 +374,38 @@ def check_model(name: str) -> None:
         raise ValueError(f'model={name!r} is not known; allowed values: {", ".join(sorted(MODELS))}.')
 
 
+# How each model runs fastest on XLA:CPU (BENCHMARKS.md, "Layouts and YNNPACK"): im2col convolutions
+# everywhere (XLA:CPU runs `lax.conv` inside a loop about 7x slower), and for the two small CNNs the
+# CNHW layout with YNNPACK off (a LeNet-5 training step 2.3x faster). Not measured on GPU or TPU,
+# where the models keep XLA's convolutions in NHWC.
+CPU_SETTINGS = {
+    DigitsCNN: {'conv_impl': 'im2col', 'layout': 'CNHW', 'xla_cpu_ynnpack': False},
+    LeNet5: {'conv_impl': 'im2col', 'layout': 'CNHW', 'xla_cpu_ynnpack': False},
+    Conv4: {'conv_impl': 'im2col'},
+    ResNet18: {'conv_impl': 'im2col'},
+}
+CONV_IMPLS = ('auto', 'im2col', 'xla')   # 'auto': the backend's (`specialize`)
+
+
+def specialize(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """`model` with the settings that run fastest on `backend` (default: JAX's default backend):
+    on CPU its `CPU_SETTINGS`; elsewhere unchanged. What it computes does not change."""
+    if (backend or jax.default_backend()) != 'cpu':
+        return model
+    return model.clone(**CPU_SETTINGS.get(type(model), {}))
+
+
 def create_model(name: str, num_classes: int, estimator: str = 'long_tailed',
-                 conv_impl: str = 'im2col', compute_dtype: Any = None) -> nn.Module:
+                 conv_impl: str = 'auto', compute_dtype: Any = None,
+                 backend: str | None = None) -> nn.Module:
+    """Model `name` of `MODELS`, specialized for `backend` (`specialize`); `conv_impl` other than
+    'auto' overrides the backend's choice of convolution."""
     check_model(name)
-    return MODELS[name](num_classes=num_classes, estimator=estimator, conv_impl=conv_impl,
-                        compute_dtype=compute_dtype)
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f'conv_impl={conv_impl!r}: use one of {", ".join(CONV_IMPLS)}.')
+    model = specialize(MODELS[name](num_classes=num_classes, estimator=estimator,
+                                    compute_dtype=compute_dtype), backend)
+    return model if conv_impl == 'auto' else model.clone(conv_impl=conv_impl)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:

@@ -9,12 +9,13 @@ from spafl_jax import models, xla
 
 
 def test_models_measured_faster_without_ynnpack_get_the_option_on_cpu_only():
-    assert xla.compiler_options(models.LeNet5(), 'cpu') == xla.YNNPACK_OFF
-    assert xla.compiler_options(models.DigitsCNN(), 'cpu') == xla.YNNPACK_OFF
-    assert xla.compiler_options(models.Conv4(), 'cpu') == {}   # its BatchNorm wants YNNPACK
-    assert xla.compiler_options(models.LeNet5(xla_cpu_ynnpack=True), 'cpu') == {}
-    assert xla.compiler_options(models.LeNet5(), 'gpu') == {}
-    assert xla.compiler_options(models.LeNet5(), 'tpu') == {}
+    cpu = lambda name: models.create_model(name, 10, backend='cpu')
+    assert xla.compiler_options(cpu('lenet5'), 'cpu') == xla.YNNPACK_OFF
+    assert xla.compiler_options(cpu('digits_cnn'), 'cpu') == xla.YNNPACK_OFF
+    assert xla.compiler_options(cpu('conv4'), 'cpu') == {}   # its BatchNorm wants YNNPACK
+    assert xla.compiler_options(models.LeNet5(), 'cpu') == {}   # plain: XLA's defaults
+    assert xla.compiler_options(cpu('lenet5'), 'gpu') == {}
+    assert xla.compiler_options(cpu('lenet5'), 'tpu') == {}
     assert xla.compiler_options(None, 'cpu') == {}
 
 
@@ -26,7 +27,7 @@ def _compiled_text(jit, model):
 
 
 def test_the_option_reaches_the_compiled_program():
-    model = models.LeNet5()
+    model = models.LeNet5(xla_cpu_ynnpack=False)
     # XLA's default hands this program's dots and reductions to YNNPACK; ours keeps them.
     assert '__ynn_fusion' in _compiled_text(jax.jit, model)
     assert '__ynn_fusion' not in _compiled_text(lambda f: xla.jit(f, model=model), model)

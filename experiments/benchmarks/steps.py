@@ -57,18 +57,21 @@ class EarlierLeNet5(models.MaskedNet):
 
 
 def variants(name: str) -> dict[str, tuple[nn.Module, bool]]:
-    """label -> (model, YNNPACK on). The model's own defaults are marked."""
-    default = models.MODELS[name]()
+    """label -> (model, YNNPACK on), each with im2col convolutions. The CPU defaults
+    (`models.specialize`) are marked."""
+    default = models.create_model(name, 10, backend='cpu')
     out = {}
     for layout in ('NHWC', 'CNHW'):
         for ynnpack in (True, False):
             mark = ' (default)' if (layout, ynnpack) == (default.layout,
                                                          default.xla_cpu_ynnpack) else ''
             label = f'{layout}, YNNPACK {"on" if ynnpack else "off"}{mark}'
-            out[label] = (models.MODELS[name](layout=layout), ynnpack)
+            out[label] = (default.clone(layout=layout), ynnpack)
     if name == 'lenet5':
-        out['before: NHWC, relu->one 2x2 reduce, YNNPACK on'] = (EarlierLeNet5(), True)
-        out['before that: nn.max_pool, YNNPACK on'] = (EarlierLeNet5(pool='window'), True)
+        out['before: NHWC, relu->one 2x2 reduce, YNNPACK on'] = (
+            EarlierLeNet5(conv_impl='im2col'), True)
+        out['before that: nn.max_pool, YNNPACK on'] = (
+            EarlierLeNet5(conv_impl='im2col', pool='window'), True)
     return out
 
 

@@ -63,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.coordinator_address = ''      # 'host:port' of process 0 in a multi-host run
     config.num_processes = 1             # processes of a multi-host run
     config.process_id = 0                # this process's index in a multi-host run
-    config.conv_impl = 'im2col'          # im2col | xla: how convolutions are computed
+    config.conv_impl = 'auto'            # auto | im2col | xla: how convolutions are computed
+                                         # (auto: im2col on CPU, XLA's convolutions elsewhere)
     config.compute_dtype = 'float32'     # float32 | bfloat16 (matmul inputs; parameters stay f32)
     config.scan_unroll = 1               # unroll of the scan over local steps
     # Evaluation and bookkeeping.
