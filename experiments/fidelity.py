@@ -190,6 +190,30 @@ def diagnosis(variants: dict[str, dict[int, dict]], every: int = 5) -> str:
     return '\n'.join(lines) + '\n' + '\n'.join(gaps)
 
 
+def ensemble_table(variants: dict[str, dict[int, dict]], every: int = 10) -> str:
+    """Past the rounds every variant reached: at every `every`-th round, the official accuracy
+    against the ensemble members that reached it (their mean and range), and whether it lies inside
+    the range. Empty when no ensemble member ran longer than the others."""
+    ensemble = [v for v in ENSEMBLE if v in variants]
+    common = min(max(variants[v]) for v in ensemble) if ensemble else 0
+    last = max((max(variants[v]) for v in ensemble), default=0)
+    if last <= common:
+        return ''
+    lines = ['| round | official | runs | ours | ensemble mean | ensemble range | official inside |',
+             '|---|---|---|---|---|---|---|']
+    for r in range(every, last + 1, every):
+        members = [v for v in ensemble if r in variants[v]]
+        if len(members) < 2:
+            continue
+        acc = [100 * variants[v][r]['accuracy'] for v in members]
+        theirs = 100 * variants[members[0]][r]['official_accuracy']
+        ours = f'{100 * variants["ours"][r]["accuracy"]:.1f}' if r in variants.get('ours', {}) else '-'
+        lines.append(f'| {r} | {theirs:.1f} | {len(members)} ({", ".join(members)}) | {ours} | '
+                     f'{np.mean(acc):.1f} | {min(acc):.1f}-{max(acc):.1f} | '
+                     f'{"yes" if min(acc) <= theirs <= max(acc) else "no"} |')
+    return '\n'.join(lines)
+
+
 def plot_diagnosis(variants: dict[str, dict[int, dict]], path: str) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use('Agg')
@@ -294,6 +318,10 @@ def main(argv):
     if variants:
         print('\nseed 1, the gap diagnosed (ours on the official draws, every 5 rounds):')
         print(diagnosis(variants))
+        longer = ensemble_table(variants)
+        if longer:
+            print('\nseed 1, the ensemble members that ran longer (every 10 rounds):')
+            print(longer)
         figure = os.path.join(os.path.dirname(out), 'fidelity_fmnist_diagnosis.png')
         plot_diagnosis(variants, figure)
         print(f'figure: {figure}')
