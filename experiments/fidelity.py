@@ -193,6 +193,56 @@ def diagnosis(variants: dict[str, dict[int, dict]], every: int = 5) -> str:
     return '\n'.join(lines) + '\n' + '\n'.join(gaps)
 
 
+def two_cpus(official_a, ours_a, diagnosed_b, every: int = 5) -> str:
+    """The official code and ours, each run on two CPU kinds (A: the records `official_fmnist_seed1`
+    and `fmnist_official_paired_seed1`; B: the official run that recorded the diagnosis draws and
+    `ours` replayed on them), over the rounds all four reached: the table, then each pair's gap."""
+    official_b = {r: {'accuracy': c['official_accuracy'], 'density': c['official_density']}
+                  for r, c in diagnosed_b.items()}
+    curves = {'official, CPU A': official_a, 'official, CPU B': official_b,
+              'ours, CPU A': ours_a, 'ours, CPU B': diagnosed_b}
+    rounds = sorted(set.intersection(*(set(c) for c in curves.values())))
+    lines = ['| round | ' + ' | '.join(curves) + ' | official A - B |',
+             '|---|' + '---|' * (len(curves) + 1)]
+    acc = lambda c, r: 100 * c[r]['accuracy']
+    for r in rounds:
+        if r % every and r != rounds[-1]:
+            continue
+        lines.append(f'| {r} | ' + ' | '.join(f'{acc(c, r):.1f}' for c in curves.values())
+                     + f' | {acc(official_a, r) - acc(official_b, r):+.1f} |')
+    for (x, a), (y, b) in ((('official, CPU A', official_a), ('official, CPU B', official_b)),
+                           (('ours, CPU A', ours_a), ('official, CPU A', official_a)),
+                           (('ours, CPU B', diagnosed_b), ('official, CPU B', official_b)),
+                           (('ours, CPU A', ours_a), ('ours, CPU B', diagnosed_b))):
+        d = np.array([abs(acc(a, r) - acc(b, r)) for r in rounds])
+        lines.append(f'- {x} against {y}, rounds 1-{rounds[-1]}: accuracy mean {d.mean():.2f} / '
+                     f'largest {d.max():.1f} points')
+    return '\n'.join(lines)
+
+
+def plot_two_cpus(official_a, ours_a, diagnosed_b, path: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
+    last = max(diagnosed_b)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for curve, key, label, style in (
+            (official_a, 'accuracy', 'official code, CPU A', dict(color='tab:red')),
+            (diagnosed_b, 'official_accuracy', 'official code, CPU B',
+             dict(color='tab:red', linestyle='--')),
+            (ours_a, 'accuracy', 'spafl_jax, CPU A', dict(color='tab:blue')),
+            (diagnosed_b, 'accuracy', 'spafl_jax, CPU B', dict(color='tab:blue', linestyle='--'))):
+        rounds = [r for r in sorted(curve) if r <= last]
+        ax.plot(rounds, [100 * curve[r][key] for r in rounds], linewidth=1.3, label=label, **style)
+    ax.set(xlabel='round', ylabel='accuracy (%), mean over the 100 clients',
+           title='Seed 1, the same draws: each code on two CPU kinds')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc='lower right')
+    reporting.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def ensemble_table(variants: dict[str, dict[int, dict]], every: int = 10) -> str:
     """At every `every`-th round that at least two ensemble members reached: the official accuracy
     against the members' (their mean and range), and whether it lies inside the range."""
@@ -323,6 +373,12 @@ def main(argv):
         print(diagnosis(variants))
         figure = os.path.join(os.path.dirname(out), 'fidelity_fmnist_diagnosis.png')
         plot_diagnosis(variants, figure)
+        print(f'figure: {figure}')
+    if variants.get('ours') and ('official', '1') in runs and ('paired', '1') in runs:
+        print('\nseed 1, each code on two CPU kinds (the same draws, float rounding apart):')
+        print(two_cpus(runs[('official', '1')], runs[('paired', '1')], variants['ours']))
+        figure = os.path.join(os.path.dirname(out), 'fidelity_fmnist_cpus.png')
+        plot_two_cpus(runs[('official', '1')], runs[('paired', '1')], variants['ours'], figure)
         print(f'figure: {figure}')
     long_variants = load_diagnosis(_RESULTS.value, LONG_ENSEMBLE)
     if long_variants:

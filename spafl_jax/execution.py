@@ -700,7 +700,9 @@ class RoundRunner:
                           self.stride, self.devices, self.lanes, self.max_slots)
 
     def run_round(self, state, sampled: np.ndarray, seed_key: jax.Array):
-        """One SpaFL round for the host-side `sampled` client ids -> (new state, metrics).
+        """One round of the algorithm for the host-side `sampled` client ids -> (new state,
+        metrics). The state passed in is donated (its buffers become the new state's): do not read
+        it afterwards.
 
         Nothing waits for the device inside: the plan is host arithmetic on start-up counts, and the
         steps are dispatched asynchronously.
