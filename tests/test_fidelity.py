@@ -91,36 +91,48 @@ def test_diagnosis_sets_the_official_curve_against_an_ensemble_of_ours(tmp_path)
     assert os.path.getsize(os.path.join(results, 'fidelity_fmnist_diagnosis.png')) > 10_000
 
 
+
 def test_the_ensemble_table_compares_the_official_curve_with_every_member():
-    sys.path.insert(0, REPO)
-    from experiments import fidelity   # pylint: disable=import-outside-toplevel
     # Three members reach round 10, two of them round 20: each round compares the official curve
     # with the members that reached it.
     curves = {'ours': (0.50, 0.60), 'perturb1': (0.55, 0.70), 'perturb2': (0.52,)}
     variants = {name: {10 * (i + 1): {'accuracy': a, 'official_accuracy': 0.65}
                        for i, a in enumerate(accuracies)}
                 for name, accuracies in curves.items()}
-    table = fidelity.ensemble_table(variants).splitlines()
-    assert table[2:] == [
+    script = ('import json, sys\n'
+              f'sys.path.insert(0, {REPO!r})\n'
+              'from experiments import fidelity\n'
+              'variants = {n: {int(r): c for r, c in v.items()} for n, v in json.loads(sys.argv[1]).items()}\n'
+              'print(json.dumps([fidelity.ensemble_table(variants), '
+              'fidelity.ensemble_table({"ours": variants["ours"]})]))\n')
+    out = subprocess.run([sys.executable, '-c', script, json.dumps(variants)], capture_output=True,
+                         text=True, timeout=300, check=True)
+    table, alone = json.loads(out.stdout.splitlines()[-1])
+    assert table.splitlines()[2:] == [
         '| 10 | 65.0 | 3 (ours, perturb1, perturb2) | 50.0 | 52.3 | 50.0-55.0 | no |',
         '| 20 | 65.0 | 2 (ours, perturb1) | 60.0 | 65.0 | 60.0-70.0 | yes |']
-    assert fidelity.ensemble_table({'ours': variants['ours']}) == ''   # one run is no ensemble
+    assert alone == ''   # one run is no ensemble
 
 
 def test_two_cpus_sets_each_code_against_itself(tmp_path):
-    sys.path.insert(0, REPO)
-    from experiments import fidelity   # pylint: disable=import-outside-toplevel
     official_a = {r: {'accuracy': a, 'density': 0.5} for r, a in ((5, 0.50), (10, 0.70))}
     ours_a = {r: {'accuracy': a, 'density': 0.5} for r, a in ((5, 0.48), (10, 0.60))}
     diagnosed_b = {r: {'accuracy': a, 'density': 0.5, 'official_accuracy': o, 'official_density': 0.5}
                    for r, a, o in ((5, 0.47, 0.49), (10, 0.61, 0.62))}
-    lines = fidelity.two_cpus(official_a, ours_a, diagnosed_b).splitlines()
+    path = str(tmp_path / 'cpus.png')
+    script = ('import json, sys\n'
+              f'sys.path.insert(0, {REPO!r})\n'
+              'from experiments import fidelity\n'
+              'curves = [{int(r): c for r, c in v.items()} for v in json.loads(sys.argv[1])]\n'
+              'fidelity.plot_two_cpus(*curves, sys.argv[2])\n'
+              'print(json.dumps(fidelity.two_cpus(*curves)))\n')
+    out = subprocess.run([sys.executable, '-c', script, json.dumps([official_a, ours_a, diagnosed_b]),
+                          path], capture_output=True, text=True, timeout=300, check=True)
+    lines = json.loads(out.stdout.splitlines()[-1]).splitlines()
     assert lines[2:4] == ['| 5 | 50.0 | 49.0 | 48.0 | 47.0 | +1.0 |',
                           '| 10 | 70.0 | 62.0 | 60.0 | 61.0 | +8.0 |']
     assert lines[4] == ('- official, CPU A against official, CPU B, rounds 1-10: accuracy mean 4.50 / '
                         'largest 8.0 points')
     assert lines[7] == ('- ours, CPU A against ours, CPU B, rounds 1-10: accuracy mean 1.00 / '
                         'largest 1.0 points')
-    path = str(tmp_path / 'cpus.png')
-    fidelity.plot_two_cpus(official_a, ours_a, diagnosed_b, path)
     assert os.path.getsize(path) > 10_000
