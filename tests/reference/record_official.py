@@ -213,8 +213,11 @@ def run_curve(args) -> None:
     argv = ['train.py', '--learning_rate', '0.001', '--th_coeff', '0.002', '--local_epoch', '5',
             '--seed', str(args.seed), '--comm_rounds', str(args.rounds), '--affix', 'curve']
     config = {'code': 'official FMNIST folder (news-vt/SpaFL_NeruIPS_2024), unchanged',
-              'command': ' '.join(argv), 'data': args.data}
+              'command': ' '.join(argv), 'data': args.data,
+              'dtype': 'float64' if args.float64 else 'float32'}
     sys.argv = argv
+    if args.float64:
+        _run_in_float64()
     draws = _record_draws(data) if args.draws else None
     import runpy  # pylint: disable=import-outside-toplevel
     try:
@@ -225,6 +228,29 @@ def run_curve(args) -> None:
             write_curve_record(log, out, config)
         if draws and draws.get('recorder'):
             _write_draws(draws, args)
+
+
+def _in_float64(model) -> None:
+    """`model` cast to float64, and its inputs with it: the official computation unchanged, only
+    rounded 2^29 times more finely (as the golden traces run)."""
+    model.double()
+    model_cls = type(model)
+    if not getattr(model_cls, '_float64', False):
+        forward = model_cls.forward
+        model_cls.forward = lambda self, x: forward(self, x.double())
+        model_cls._float64 = True   # pylint: disable=protected-access
+
+
+def _run_in_float64() -> None:
+    """The FMNIST folder's model made float64 as the simulator receives it. Nothing else changes
+    and no random number is drawn, so its draws are those of the float32 run of the same seed."""
+    simulator_cls = importlib.import_module('Simulator').Simulator
+    initialization = simulator_cls.initialization
+
+    def initialize(self, model):
+        _in_float64(model)
+        initialization(self, model)
+    simulator_cls.initialization = initialize
 
 
 def _record_draws(data) -> dict:
@@ -253,7 +279,8 @@ def _record_draws(data) -> dict:
         initialization(self, model)
         layers = _masked_layers(self.Server.initial_model)
         draws['layers'] = [name for name, _ in layers]
-        draws['initial'] = {name: _np(layer.weight) for name, layer in layers}
+        # Float32 values even in a float64 run (drawn in float32, then cast exactly).
+        draws['initial'] = {name: _np(layer.weight).astype(np.float32) for name, layer in layers}
         draws['settings'] = {k: v for k, v in vars(self.args).items()
                              if isinstance(v, (int, float, str))}
         draws['recorder'] = _Recorder(self, draws['train_ids'], self.args, snapshots=False)
@@ -265,7 +292,8 @@ def _write_draws(draws: dict, args) -> None:
     recorder = draws['recorder']
     meta = {'folder': 'fmnist', 'settings': draws['settings'], 'layers': draws['layers'],
             'layer_shapes': [list(w.shape) for w in draws['initial'].values()],
-            'rounds_recorded': recorder.round + 1, 'data': args.data, 'dtype': 'float32',
+            'rounds_recorded': recorder.round + 1, 'data': args.data,
+            'dtype': 'float64' if args.float64 else 'float32',
             'drop_last': False}
     out = {'meta': np.array(json.dumps(meta))}
     for name, w in draws['initial'].items():
@@ -393,10 +421,7 @@ def record_trace(args) -> None:
     # In float64: the official computation unchanged, but precise enough that an activation within
     # float32 rounding of a ReLU kink cannot send the two codes apart (with raw 0-255 pixels that
     # happens within a few float32 steps, and the trajectories then drift by 1e-4).
-    model.double()
-    model_cls = type(model)
-    forward = model_cls.forward
-    model_cls.forward = lambda self, x: forward(self, x.double())
+    _in_float64(model)
     layers = _masked_layers(model)
     init_seed = 1000 + seed
     with torch.no_grad():
@@ -561,6 +586,10 @@ def main() -> None:
     curve.add_argument('--draws', default=None,
                        help='also record the draws (split, initial model, sampled clients, batch '
                             'orders, per-client results) to this .npz, for replay_curve.py')
+    curve.add_argument('--float64', action='store_true',
+                       help='run the official model in float64 (the same draws as float32): '
+                            'with replay_curve.py --float64, whether the two codes part on the '
+                            'real workload for a reason other than float32 rounding')
     convert = sub.add_parser('convert', help='turn an official train_log.txt into a curve record')
     convert.add_argument('--log', required=True)
     convert.add_argument('--seed', type=int, default=1)

@@ -91,15 +91,27 @@ def _perturb(rp, seed: int) -> None:
 
 def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
            conv_impl: str = 'im2col', per_client: str | None = None,
-           follow_official_resets: bool = False, perturb_seed: int | None = None) -> None:
-    rp = test_reference.Replay((meta, arrays), dtype=jnp.float32, conv_impl=conv_impl)
+           follow_official_resets: bool = False, perturb_seed: int | None = None,
+           float64: bool = False) -> None:
+    if float64:
+        with jax.enable_x64(True):
+            return _replay(meta, arrays, out, rounds, conv_impl, per_client,
+                           follow_official_resets, perturb_seed, jnp.float64)
+    return _replay(meta, arrays, out, rounds, conv_impl, per_client, follow_official_resets,
+                   perturb_seed, jnp.float32)
+
+
+def _replay(meta, arrays, out, rounds, conv_impl, per_client, follow_official_resets,
+            perturb_seed, dtype) -> None:
+    rp = test_reference.Replay((meta, arrays), dtype=dtype, conv_impl=conv_impl)
     if perturb_seed is not None:
         _perturb(rp, perturb_seed)
     rounds = min(rounds or rp.rounds, rp.rounds)
     os.makedirs(out, exist_ok=True)
     files.write_atomic(os.path.join(out, 'config.json'), json.dumps({
         'code': 'spafl_jax on the draws of an official curve (tests/reference/replay_curve.py)',
-        'official_settings': meta['settings'], 'rounds': rounds, 'dtype': 'float32',
+        'official_settings': meta['settings'], 'rounds': rounds,
+        'dtype': np.dtype(dtype).name, 'official_dtype': meta.get('dtype', 'float32'),
         'conv_impl': conv_impl, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
         'follow_official_resets': follow_official_resets, 'perturb_seed': perturb_seed},
         indent=1).encode())
@@ -211,10 +223,15 @@ def main() -> None:
                         help='move every initial weight by one unit in the last place (up or '
                              'down, drawn from this seed): an ensemble of such replays shows how '
                              'far rounding-sized differences alone move the curve')
+    parser.add_argument('--float64', action='store_true',
+                        help='run ours in float64, against an official curve recorded with '
+                             '--float64 (the same draws as float32 for the same seed): rounding '
+                             '2^29 times finer, so that only a difference in what is computed '
+                             'can part the curves early')
     args = parser.parse_args()
     meta, arrays = load_draws(args.draws, args.data)
     replay(meta, arrays, args.out, args.rounds, args.conv_impl, args.per_client,
-           args.follow_official_resets, args.perturb_seed)
+           args.follow_official_resets, args.perturb_seed, args.float64)
 
 
 if __name__ == '__main__':
