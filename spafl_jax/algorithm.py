@@ -191,8 +191,8 @@ def final_batch(cfg: LocalConfig, key: jax.Array, count, example_ids: jax.Array)
     """The batch `client_final` sees and its key: ([batch_size] dataset ids, key), drawn from the
     client's round key alone."""
     batch_key, final_key = jax.random.split(jax.random.fold_in(key, FINAL_STREAM))
-    positions, _ = client_lib.batch_schedule(batch_key, count, example_ids.shape[0], cfg.batch_size,
-                                             1)
+    positions, _ = client_lib.batch_schedule(batch_key, count, example_ids.shape[0],
+                                             batch_size=cfg.batch_size, epochs=1)
     return client_lib.example_ids_of(example_ids, positions[0]), final_key
 
 
@@ -304,20 +304,20 @@ def evaluate_client(alg: Algorithm, spec: DataSpec, state, stored, images, label
                              jnp.zeros((), jnp.int32))
 
 
-def evaluate(alg: Algorithm, spec: DataSpec, state, data, batch_size: int) -> dict:
+def evaluate(alg: Algorithm, spec: DataSpec, state, data, *, batch_size: int) -> dict:
     """Every client on its own test split (`data`, a `federated.ClientData`), one after another:
     the reference of `execution.RoundRunner.evaluate`. Returns correct [N], counts [N],
     layer_density [N, L] and kept_weights [N]."""
     def one(args):
         stored, example_ids, count = args
         return evaluate_client(alg, spec, state, stored, data.images, data.labels, example_ids,
-                               count, batch_size)
+                               count, batch_size=batch_size)
 
     correct = jax.lax.map(one, (state.clients, data.example_ids, data.counts))
     return {'correct': correct, 'counts': data.counts,
             **alg.eval_density(state, state.clients, data.counts)}
 
 
-def make_eval_fn(alg: Algorithm, spec: DataSpec, batch_size: int):
+def make_eval_fn(alg: Algorithm, spec: DataSpec, *, batch_size: int):
     """`evaluate` compiled once: (state, data) -> the evaluation dict."""
     return xla.jit(functools.partial(evaluate, alg, spec, batch_size=batch_size), model=alg.model)

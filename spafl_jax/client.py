@@ -196,8 +196,8 @@ def training_flops(params, thresholds, macs, batch_size) -> jax.Array:
     return 3.0 * batch_size * per_example
 
 
-def local_step(model: nn.Module, cfg: LocalConfig, state: ClientState, opt_state, x, y, valid, lr,
-               penalty_coeff, macs=None, example_mask=None):
+def local_step(model: nn.Module, cfg: LocalConfig, state: ClientState, opt_state, x, y, valid, *,
+               lr, penalty_coeff, macs=None, example_mask=None):
     """One SGD step. A step with `valid` False returns its inputs unchanged (padding of short clients);
     `example_mask` [batch] marks the real examples of a partial last batch (`loss_fn`)."""
     used = step_thresholds(cfg, state)
@@ -223,7 +223,7 @@ def local_step(model: nn.Module, cfg: LocalConfig, state: ClientState, opt_state
     return new_state, new_opt_state, metrics
 
 
-def batch_schedule(rng, count, max_count: int, batch_size: int, epochs: int,
+def batch_schedule(rng, count, max_count: int, *, batch_size: int, epochs: int,
                    drop_last: bool = True):
     """Shuffled batches of a client's own examples, padded to a shape every client shares.
 
@@ -259,8 +259,8 @@ def local_schedule(cfg: LocalConfig, rng, count, max_count: int):
     is the s-th batch of epoch e. A position >= count marks a padded example (`example_mask`).
     """
     schedule_rng, augment_rng = jax.random.split(rng)
-    batches, valid = batch_schedule(schedule_rng, count, max_count, cfg.batch_size,
-                                    cfg.local_epochs, cfg.drop_last)
+    batches, valid = batch_schedule(schedule_rng, count, max_count, batch_size=cfg.batch_size,
+                                    epochs=cfg.local_epochs, drop_last=cfg.drop_last)
     return batches, valid, jax.random.split(augment_rng, valid.shape[0])
 
 
@@ -307,7 +307,7 @@ def over_real_steps(cfg: LocalConfig, body, carry, count, max_count: int):
 
 
 def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: ClientState, images,
-                 labels, example_ids, count, rng, round_index, macs=None):
+                 labels, example_ids, count, *, rng, round_index, macs=None):
     """`local_epochs` of SGD on one client's data.
 
     Args:
@@ -329,8 +329,8 @@ def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: Clie
         ids = example_ids_of(example_ids, batches[index])
         x = preprocess(spec, images[ids], keys[index])
         client, opt, metrics = local_step(model, cfg, client, opt, x, labels[ids], jnp.bool_(True),
-                                          lr, penalty_coeff, macs,
-                                          example_mask(cfg, batches[index], count))
+                                          lr=lr, penalty_coeff=penalty_coeff, macs=macs,
+                                          example_mask=example_mask(cfg, batches[index], count))
         return (client, opt), metrics
 
     (state, opt_state), metrics = over_real_steps(

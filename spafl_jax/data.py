@@ -370,6 +370,7 @@ def dirichlet_split(
     train_labels: np.ndarray,
     test_labels: np.ndarray,
     num_clients: int,
+    *,
     alpha: float,
     min_train_examples: int,
     seed: int,

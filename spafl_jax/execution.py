@@ -78,7 +78,7 @@ def auto_cpu_devices(clients_per_round: int) -> int:
     return max(1, min(cores or 1, clients_per_round))
 
 
-def initialize_runtime(coordinator_address: str | None = None, num_processes: int = 1,
+def initialize_runtime(*, coordinator_address: str | None = None, num_processes: int = 1,
                        process_id: int = 0, num_cpu_devices: int = 0,
                        clients_per_round: int = 1) -> None:
     """Multi-host start-up and simulated CPU devices; must run before JAX touches a device.
@@ -165,7 +165,7 @@ def _least_loaded(loads: list[int], sizes: list[int], capacity: int) -> int:
     return min(free, key=lambda i: (loads[i], i))
 
 
-def plan_round(sampled: np.ndarray, steps_per_epoch: np.ndarray, epochs: int, stride: int,
+def plan_round(sampled: np.ndarray, steps_per_epoch: np.ndarray, *, epochs: int, stride: int,
                devices: int, lanes: int, max_slots: int) -> RoundPlan:
     """Packs the sampled clients onto devices, then lanes, longest first (LPT scheduling).
 
@@ -696,8 +696,9 @@ class RoundRunner:
         return dict(self.traces)
 
     def plan(self, sampled: np.ndarray) -> RoundPlan:
-        return plan_round(np.asarray(sampled), self.steps_per_epoch, self.local_cfg.local_epochs,
-                          self.stride, self.devices, self.lanes, self.max_slots)
+        return plan_round(np.asarray(sampled), self.steps_per_epoch,
+                          epochs=self.local_cfg.local_epochs, stride=self.stride,
+                          devices=self.devices, lanes=self.lanes, max_slots=self.max_slots)
 
     def run_round(self, state, sampled: np.ndarray, seed_key: jax.Array):
         """One round of the algorithm for the host-side `sampled` client ids -> (new state,
@@ -757,7 +758,7 @@ class RoundRunner:
         return self._eval_finish_fn(state, correct, self.test_data)
 
 
-def make_round_runner(config, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,
+def make_round_runner(config, model: nn.Module, *, local_cfg: LocalConfig, round_cfg: RoundConfig,
                       spec: DataSpec, train_data: ClientData, test_data: ClientData,
                       macs=None, algorithm: algorithm_lib.Algorithm | None = None) -> RoundRunner:
     """The runner a config asks for (strategy, lanes, unroll, evaluation chunk) of `algorithm`
@@ -768,14 +769,15 @@ def make_round_runner(config, model: nn.Module, local_cfg: LocalConfig, round_cf
                        macs=macs, algorithm=algorithm)
 
 
-def make_round_functions(config, method, model: nn.Module, local_cfg: LocalConfig,
+def make_round_functions(config, method, model: nn.Module, *, local_cfg: LocalConfig,
                          round_cfg: RoundConfig, spec: DataSpec, train_data: ClientData,
                          test_data: ClientData, macs=None):
     """`(round_fn, eval_fn)` for the runner: `round_fn(state, train_data, sampled, seed_key)` and
     `eval_fn(state, test_data) -> (state, evaluation)`, the method's algorithm on a `RoundRunner`
     (its data placed once, at construction, so the data arguments are ignored)."""
-    runner = make_round_runner(config, model, local_cfg, round_cfg, spec, train_data, test_data,
-                               macs, method.algorithm(model, local_cfg, round_cfg, macs))
+    runner = make_round_runner(config, model, local_cfg=local_cfg, round_cfg=round_cfg, spec=spec,
+                               train_data=train_data, test_data=test_data, macs=macs,
+                               algorithm=method.algorithm(model, local_cfg, round_cfg, macs))
 
     def round_fn(state, data, sampled, seed_key):
         del data  # placed on the mesh once, at construction

@@ -614,7 +614,7 @@ def time_forwards(fns_and_args, repeats: int = 20) -> list[float]:
     return [float(np.median(t)) for t in times]
 
 
-def export_workdir(workdir: str, out_dir: str, batch_size: int = 256, repeats: int = 20,
+def export_workdir(workdir: str, out_dir: str, *, batch_size: int = 256, repeats: int = 20,
                    seed: int = 0, loader=load_client_variables,
                    clients: Sequence[int] | None = None) -> list[dict]:
     """Exports every client of a run (or the ids in `clients`) to `out_dir/client_XXX.{npz,json}`

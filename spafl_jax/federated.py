@@ -82,7 +82,7 @@ def make_client_data(images: np.ndarray, labels: np.ndarray, client_indices) -> 
                       example_ids=jnp.asarray(table), counts=jnp.asarray(counts))
 
 
-def split_clients(dataset, num_clients: int, alpha: float, min_train_examples: int,
+def split_clients(dataset, num_clients: int, *, alpha: float, min_train_examples: int,
                   seed: int = 0) -> tuple[ClientData, ClientData]:
     """(train, test) client data of `dataset` (a `data.Dataset`) split by `data.dirichlet_split`."""
     train_ids, test_ids = data_lib.dirichlet_split(
@@ -113,9 +113,16 @@ def client_init_keys(rng: jax.Array, num_clients: int, client_init: str = 'share
     return jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(num_clients))
 
 
-def init_clients(model: nn.Module, cfg: LocalConfig, rng: jax.Array, num_clients: int,
+def init_clients(model: nn.Module, cfg: LocalConfig, rng: jax.Array, *, num_clients: int,
                  image_shape, client_init: str = 'shared') -> ClientState:
     """Every client's initial state, stacked on a leading client axis (see `client_init_keys`)."""
+    keys = client_init_keys(rng, num_clients, client_init)
+    return _init_clients(model, cfg, keys, tuple(int(d) for d in image_shape),
+                         client_init == 'shared')
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 3, 4))
+def _init_clients(model, cfg, keys, image_shape, shared: bool) -> ClientState:
     def one(key):
         variables = models.init_variables(model, key, image_shape)
         return ClientState(params=variables['params'], thresholds=variables['thresholds'],
@@ -123,12 +130,15 @@ def init_clients(model: nn.Module, cfg: LocalConfig, rng: jax.Array, num_clients
                            opt_state=client_lib.init_opt_state(cfg, variables['params'],
                                                               variables['thresholds']),
                            collapsed=client_lib.init_collapsed(cfg, variables['thresholds']))
-    return jax.jit(jax.vmap(one))(client_init_keys(rng, num_clients, client_init))
+    if shared:   # one model, copied: the same values as initializing each from the same key
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (keys.shape[0], *x.shape)), one(keys[0]))
+    return jax.vmap(one)(keys)
 
 
-def init_state(model, cfg: LocalConfig, rng, num_clients, image_shape,
+def init_state(model, cfg: LocalConfig, rng, *, num_clients, image_shape,
                client_init: str = 'shared') -> FederatedState:
-    clients = init_clients(model, cfg, rng, num_clients, image_shape, client_init)
+    clients = init_clients(model, cfg, rng, num_clients=num_clients, image_shape=image_shape,
+                           client_init=client_init)
     zeros = lambda: jax.tree.map(lambda t: jnp.zeros(t.shape[1:], t.dtype), clients.thresholds)
     # Separate buffers: the round donates its state, and one buffer cannot be donated twice.
     return FederatedState(clients=clients, server_thresholds=zeros(), last_delta=zeros(),
@@ -187,8 +197,9 @@ def algorithm(model: nn.Module, cfg: LocalConfig, round_cfg: RoundConfig,
     def client_step(client, opt_state, x, y, example_mask, constants, key):
         del key   # SpaFL's steps draw nothing
         lr, penalty_coeff = constants
-        return client_lib.local_step(model, cfg, client, opt_state, x, y, jnp.bool_(True), lr,
-                                     penalty_coeff, macs, example_mask)
+        return client_lib.local_step(model, cfg, client, opt_state, x, y, jnp.bool_(True), lr=lr,
+                                     penalty_coeff=penalty_coeff, macs=macs,
+                                     example_mask=example_mask)
 
     def eval_variables(state, client, count):
         del state
@@ -212,7 +223,7 @@ def algorithm(model: nn.Module, cfg: LocalConfig, round_cfg: RoundConfig,
 
 def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
               state: FederatedState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
-              macs=None):
+              *, macs=None):
     """One SpaFL round (docs/algorithm.md, section 3): `algorithm.run_round` of `algorithm(...)`,
     the readable reference of `execution.RoundRunner`. `sampled` holds the [clients_per_round]
     client ids."""
@@ -222,7 +233,7 @@ def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, 
                                    client_execution=round_cfg.client_execution)
 
 
-def make_round_fn(model, local_cfg, round_cfg, spec, macs=None):
+def make_round_fn(model, local_cfg, round_cfg, spec, *, macs=None):
     """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics), the state
     donated (`algorithm.make_round_fn`)."""
     return algorithm_lib.make_round_fn(algorithm(model, local_cfg, round_cfg, macs), local_cfg, spec,
@@ -258,12 +269,13 @@ def test_thresholds(cfg: LocalConfig, client: ClientState, count):
 
 
 def evaluate_client(model: nn.Module, spec: DataSpec, client: ClientState, images, labels,
-                    example_ids, count, batch_size: int, cfg: LocalConfig = LocalConfig()):
+                    example_ids, count, *, batch_size: int, cfg: LocalConfig = LocalConfig()):
     """Correct predictions of one client's own model on its own (padded) test examples
     (`algorithm.evaluate_client` of SpaFL): only the batches that hold real examples run, with the
     thresholds `test_thresholds` gives."""
     return algorithm_lib.evaluate_client(algorithm(model, cfg, RoundConfig()), spec, None, client,
-                                         images, labels, example_ids, count, batch_size)
+                                         images, labels, example_ids, count,
+                                         batch_size=batch_size)
 
 
 def clients_in_sequence(backend: str | None = None) -> bool:
@@ -283,7 +295,7 @@ def preprocess_eval(spec: DataSpec, images):
     return client_lib.preprocess(spec, images, None)
 
 
-def evaluate(model, spec, clients: ClientState, data: ClientData, batch_size: int,
+def evaluate(model, spec, clients: ClientState, data: ClientData, *, batch_size: int,
              cfg: LocalConfig = LocalConfig()):
     """Per-client accuracy on its own test split and per-client, per-layer densities.
 
@@ -292,7 +304,8 @@ def evaluate(model, spec, clients: ClientState, data: ClientData, batch_size: in
     changes the clients (`test_thresholds`): `tested_clients` gives them.
     """
     correct = over_clients(lambda c, ids, n: evaluate_client(model, spec, c, data.images,
-                                                             data.labels, ids, n, batch_size, cfg),
+                                                             data.labels, ids, n,
+                                                             batch_size=batch_size, cfg=cfg),
                            clients, data.example_ids, data.counts)
     return {'correct': correct, 'counts': data.counts,
             **tested_density_stats(cfg, clients, data.counts)}
@@ -331,6 +344,6 @@ def density_stats(clients: ClientState, reset: bool = True):
     return {'layer_density': fractions, 'kept_weights': kept}
 
 
-def make_eval_fn(model, spec, batch_size, cfg: LocalConfig = LocalConfig()):
+def make_eval_fn(model, spec, *, batch_size, cfg: LocalConfig = LocalConfig()):
     return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size, cfg=cfg),
                    model=model)

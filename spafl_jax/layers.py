@@ -112,7 +112,7 @@ def _pad_spatial(x: jax.Array, kernel_hw: tuple[int, int], strides: Sequence[int
     return jnp.pad(x, widths)
 
 
-def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding,
+def im2col_conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int], padding: Padding,
                 dtype=None, layout: str = 'NHWC') -> jax.Array:
     """Convolution as shifted slices concatenated on the channel axis and one matmul.
 
@@ -146,7 +146,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding
     return y.reshape(cout, n, out_h, out_w)
 
 
-def xla_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding,
+def xla_conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int], padding: Padding,
              dtype=None, layout: str = 'NHWC') -> jax.Array:
     """`lax.conv_general_dilated` with the layouts and padding conventions of `im2col_conv`."""
     check_layout(layout)
@@ -183,7 +183,8 @@ class MaskedConv(nn.Module):
         kernel = self.param('kernel', torch_default_init, (kh, kw, cin, self.features), jnp.float32)
         threshold = _threshold(self, self.features)
         y = CONV_IMPLS[self.conv_impl](x, masking.masked_kernel(kernel, threshold, self.estimator),
-                                       self.strides, self.padding, self.compute_dtype, self.layout)
+                                       strides=self.strides, padding=self.padding,
+                                       dtype=self.compute_dtype, layout=self.layout)
         pixels = np.prod([y.shape[a] for a in spatial_axes(self.layout)])
         self.sow(MACS, 'macs', np.float32(pixels * kh * kw * cin * self.features))
         return y

@@ -6,11 +6,12 @@ otherwise), with its settings from `config.baseline` bound in. Nothing here comp
 metric: any backend runs the algorithm.
 
     method = methods.get('fedspa', config)
-    state = method.init_state(model, local_cfg, rng, num_clients, image_shape, num_classes)
+    state = method.init_state(model, local_cfg, rng, num_clients=num_clients,
+                              image_shape=image_shape, num_classes=num_classes)
     alg = method.algorithm(model, local_cfg, round_cfg, macs)
     round_fn = algorithm.make_round_fn(alg, local_cfg, spec)   # or execution.RoundRunner
     state, metrics = round_fn(state, train_data, sampled, seed_key)
-    evaluation = algorithm.make_eval_fn(alg, spec, batch_size)(state, test_data)
+    evaluation = algorithm.make_eval_fn(alg, spec, batch_size=batch_size)(state, test_data)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ METHODS = ('spafl', 'fedavg', 'local', 'fedpm', 'heterofl', 'fedspa')
 class Method:
     """A federated method as the runner sees it (leading client axis `[N, ...]` where stacked).
 
-    init_state(model, local_cfg, rng, num_clients, image_shape, num_classes) -> state
+    init_state(model, local_cfg, rng, *, num_clients, image_shape, num_classes) -> state
     algorithm(model, local_cfg, round_cfg, macs) -> `algorithm.Algorithm`, which every backend
         drives (`algorithm.run_round`, `execution.RoundRunner`: mesh, lanes, hosts)
     bits_per_round(num_clients, clients_per_round, one_client_variables, importance_update)
@@ -111,16 +112,19 @@ def check_settings(settings: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # SpaFL.
 
-def _spafl_init_state(model: nn.Module, local_cfg: LocalConfig, rng: jax.Array, num_clients: int,
-                      image_shape, num_classes: int = 10, *, client_init: str = 'shared'):
+def _spafl_init_state(model: nn.Module, local_cfg: LocalConfig, rng: jax.Array, *,
+                      num_clients: int, image_shape, num_classes: int = 10,
+                      client_init: str = 'shared'):
     del num_classes  # the model already has its head
-    return federated.init_state(model, local_cfg, rng, num_clients, image_shape, client_init)
+    return federated.init_state(model, local_cfg, rng, num_clients=num_clients,
+                                image_shape=image_shape, client_init=client_init)
 
 
 def _spafl_bits_per_round(num_clients: int, clients_per_round: int, one_client_variables: dict,
                           importance_update: str) -> tuple[int, int]:
     return metrics_lib.spafl_bits_per_round(_common.num_entries(one_client_variables['thresholds']),
-                                            num_clients, clients_per_round, importance_update)
+                                            num_clients, clients_per_round,
+                                            importance_update=importance_update)
 
 
 def _own_clients(state):
@@ -172,7 +176,7 @@ def _heterofl_client_variables(state):
     layout = heterofl.width_layout(state.params, state.thresholds)['params']
 
     def one(rate):
-        masks = heterofl.width_masks(state.params, layout, rate)
+        masks = heterofl.width_masks(state.params, layout, rate=rate)
         return jax.tree.map(lambda x, m: x * m, state.params, masks)
 
     num_clients = state.clients.shape[0]
@@ -190,10 +194,11 @@ OWN_INITIAL_MODELS = ('spafl', 'local')
 def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) -> Method:
     module = baselines.get(name)
 
-    def init_state(model, local_cfg, rng, num_clients, image_shape, num_classes=10):
+    def init_state(model, local_cfg, rng, *, num_clients, image_shape, num_classes=10):
         extra = {'client_init': client_init} if name in OWN_INITIAL_MODELS else {}
-        return module.init_state(model, local_cfg, rng, num_clients, image_shape,
-                                 num_classes=num_classes, method_cfg=method_cfg, **extra)
+        return module.init_state(model, local_cfg, rng, num_clients=num_clients,
+                                 image_shape=image_shape, num_classes=num_classes,
+                                 method_cfg=method_cfg, **extra)
 
     def algorithm(model, local_cfg, round_cfg, macs=None):
         return module.algorithm(model, local_cfg, round_cfg, macs, method_cfg=method_cfg)

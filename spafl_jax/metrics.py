@@ -7,7 +7,7 @@ import numpy as np
 BITS_PER_FLOAT = 32
 
 
-def spafl_bits_per_round(num_thresholds: int, num_clients: int, clients_per_round: int,
+def spafl_bits_per_round(num_thresholds: int, num_clients: int, clients_per_round: int, *,
                          importance_update: str) -> tuple[int, int]:
     """(uplink, downlink) bits of one SpaFL round.
 
@@ -40,7 +40,7 @@ def accuracy_summary(correct: np.ndarray, counts: np.ndarray) -> dict[str, float
     }
 
 
-def density_summary(layer_density: np.ndarray, kept_weights: np.ndarray, masked_weights: int,
+def density_summary(layer_density: np.ndarray, kept_weights: np.ndarray, *, masked_weights: int,
                     layer_names: list[str]) -> dict[str, float]:
     """Official density (mean over layers of kept rows) and parameter-weighted density, client means.
 

@@ -395,7 +395,7 @@ def specialize(model: nn.Module, backend: str | None = None) -> nn.Module:
     return model.clone(**CPU_SETTINGS.get(type(model), {}))
 
 
-def create_model(name: str, num_classes: int, estimator: str = 'long_tailed',
+def create_model(name: str, num_classes: int, *, estimator: str = 'long_tailed',
                  conv_impl: str = 'auto', compute_dtype: Any = None,
                  backend: str | None = None) -> nn.Module:
     """Model `name` of `MODELS`, specialized for `backend` (`specialize`); `conv_impl` other than
@@ -409,7 +409,16 @@ def create_model(name: str, num_classes: int, estimator: str = 'long_tailed',
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:
-    """Fresh `params`, `thresholds` (all 0) and `batch_stats` (possibly empty) for one client."""
+    """Fresh `params`, `thresholds` (all 0) and `batch_stats` (possibly empty) for one client.
+
+    Compiled once per (model, image shape) and cached: Flax's `init` runs the forward pass, which
+    op by op costs seconds even for the digits CNN.
+    """
+    return _init_variables(model, rng, tuple(int(d) for d in image_shape))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     variables = dict(variables)
     variables.pop('macs', None)

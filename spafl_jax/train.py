@@ -96,7 +96,7 @@ def min_train_examples(config) -> int:
 def split_data(config, dataset: data_lib.Dataset):
     minimum = min_train_examples(config)
     try:
-        return federated.split_clients(dataset, config.num_clients, config.alpha,
+        return federated.split_clients(dataset, config.num_clients, alpha=config.alpha,
                                        min_train_examples=minimum, seed=config.seed)
     except ValueError as e:
         raise configuration.ConfigError(
@@ -232,7 +232,7 @@ class WorkdirLock:
         self.release()
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool,
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, overwrite: bool,
                     lock: WorkdirLock | None = None) -> None:
     """Creates the workdir and takes its `lock`; a workdir holding a run with another config is
     refused or cleared."""
@@ -293,8 +293,9 @@ class Run:
     def initial_state(self):
         return self.method.init_state(self.model, self.local_cfg,
                                       jax.random.fold_in(self.seed_key, 2**31 - 1),
-                                      self.config.num_clients, self.dataset.image_shape,
-                                      self.dataset.num_classes)
+                                      num_clients=self.config.num_clients,
+                                      image_shape=self.dataset.image_shape,
+                                      num_classes=self.dataset.num_classes)
 
 
 @jax.jit
@@ -353,7 +354,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
     lead = jax.process_index() == 0
     run = Run(config)   # loads and splits the data; fails before anything is written or compiled
     if lead:
-        prepare_workdir(workdir, config, overwrite, lock)
+        prepare_workdir(workdir, config, overwrite=overwrite, lock=lock)
         try:
             reporting.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME), config.to_dict())
         except OSError as e:
@@ -415,8 +416,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
                          workdir, config.rounds)
 
     round_fn, eval_fn = execution.make_round_functions(
-        config, run.method, run.model, run.local_cfg, run.round_cfg, run.spec, run.train_data,
-        run.test_data, macs)
+        config, run.method, run.model, local_cfg=run.local_cfg, round_cfg=run.round_cfg,
+        spec=run.spec, train_data=run.train_data, test_data=run.test_data, macs=macs)
     # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
     writer = reporting.MetricsWriter(workdir, resume_from_round=start_round + 1) if lead else None
     execution.barrier('spafl_jax: metrics file repaired')   # then every process reads the same lines
@@ -477,8 +478,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
                         'round': r + 1,
                         **metrics_lib.accuracy_summary(evaluation['correct'], evaluation['counts']),
                         **metrics_lib.density_summary(evaluation['layer_density'],
-                                                      evaluation['kept_weights'], masked_weights,
-                                                      names),
+                                                      evaluation['kept_weights'],
+                                                      masked_weights=masked_weights,
+                                                      layer_names=names),
                         'bits_up': totals['bits_up'], 'bits_down': totals['bits_down'],
                         'bits_dense_equivalent': dense_bits_round * (r + 1),
                         'flops': totals['flops'] / config.num_clients,

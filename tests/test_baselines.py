@@ -68,12 +68,12 @@ def test_baseline_learns_on_digits(name, digits, digits_model):
     train, test, spec = digits
     model, _, macs = digits_model
     method, method_cfg = baselines.get(name), baselines.make_config(name)
-    state = method.init_state('digits_cnn', LOCAL_CFG, jax.random.key(1), NUM_CLIENTS, IMAGE_SHAPE,
-                              method_cfg=method_cfg)
+    state = method.init_state('digits_cnn', LOCAL_CFG, jax.random.key(1), num_clients=NUM_CLIENTS,
+                              image_shape=IMAGE_SHAPE, method_cfg=method_cfg)
     alg = method.algorithm(model, LOCAL_CFG, ROUND_CFG, macs, method_cfg=method_cfg)
     round_fn = algorithm_lib.make_round_fn(alg, LOCAL_CFG, spec, aggregation=ROUND_CFG.aggregation,
                                            client_execution=ROUND_CFG.client_execution)
-    eval_fn = algorithm_lib.make_eval_fn(alg, spec, 64)
+    eval_fn = algorithm_lib.make_eval_fn(alg, spec, batch_size=64)
     before = _mean_accuracy(eval_fn(state, test))
     seed_key = jax.random.key(2)
     for r in range(ROUNDS):
@@ -141,7 +141,7 @@ def test_communication_counts(digits_model):
 def test_heterofl_width_masks_follow_channels(digits_model):
     _, variables, _ = digits_model
     layout = heterofl.width_layout(variables['params'], variables['thresholds'])['params']
-    masks = heterofl.width_masks(variables['params'], layout, 0.5, np)
+    masks = heterofl.width_masks(variables['params'], layout, rate=0.5, xp=np)
     conv0 = masks['conv1']['kernel']      # image channel kept, outputs 0..7
     np.testing.assert_array_equal(conv0[0, 0, 0], np.arange(16) < 8)
     dense0 = masks['fc1']['kernel']    # input f = position * 32 + channel (NHWC flatten)
@@ -157,7 +157,8 @@ def test_fedspa_prune_regrow_by_hand():
     mask = jnp.array([True, True, True, False, False, False])
     grad = jnp.array([0.0, 0.0, 0.0, 0.2, 0.9, 0.1])
     # rate 0.34 of 3 kept -> 1 swap: drop |0.1| (the smallest), grow at |0.9| (the largest gradient).
-    new = fedspa.prune_regrow({'l': w}, {'l': mask}, {'l': jnp.abs(grad)}, {'l': 3}, 0.34)['l']
+    new = fedspa.prune_regrow({'l': w}, {'l': mask}, {'l': jnp.abs(grad)}, counts={'l': 3},
+                              rate=0.34)['l']
     np.testing.assert_array_equal(new, [False, True, True, False, True, False])
     assert float(fedspa.cosine_rate(fedspa.FedSpaConfig(prune_rate=0.5, anneal_rounds=10), 0)) == 0.5
     assert float(fedspa.cosine_rate(fedspa.FedSpaConfig(prune_rate=0.5, anneal_rounds=10), 12)) == 0.0
@@ -178,7 +179,8 @@ def test_fedspa_server_mean_is_over_the_holders(digits_model):
     # the weighted mean over the clients that hold it, and an entry nobody holds keeps its value.
     model, _, _ = digits_model
     alg = fedspa.algorithm(model, LOCAL_CFG)
-    state = fedspa.init_state('digits_cnn', LOCAL_CFG, jax.random.key(0), 2, IMAGE_SHAPE)
+    state = fedspa.init_state('digits_cnn', LOCAL_CFG, jax.random.key(0), num_clients=2,
+                              image_shape=IMAGE_SHAPE)
     # Each client's random mask, with the first slice of every kernel held by nobody.
     masks = [jax.tree.map(lambda m: m[k].at[0].set(False), state.clients.masks) for k in range(2)]
     works = [fedspa.FedSpaWork(

@@ -45,7 +45,8 @@ def test_plan_runs_every_real_step_once_in_schedule_order(devices, lanes):
     counts = np.array([37, 300, 64, 129, 90, 200, 16, 75])       # examples per client
     steps_per_epoch, epochs, stride = counts // 16, 3, 300 // 16
     sampled = np.array([0, 1, 3, 4, 6])
-    plan = execution.plan_round(sampled, steps_per_epoch, epochs, stride, devices, lanes, 500)
+    plan = execution.plan_round(sampled, steps_per_epoch, epochs=epochs, stride=stride,
+                                 devices=devices, lanes=lanes, max_slots=500)
     runs = _steps_in_plan(plan)
     assert sorted(runs) == sorted(sampled.tolist())
     for c in sampled:
@@ -72,8 +73,9 @@ def test_plan_packing_keeps_the_useful_step_fraction_high_on_a_skewed_split():
         executed = real = 0
         for r in range(20):
             sampled = np.random.default_rng([1, r]).choice(100, 10, replace=False)
-            plan = execution.plan_round(sampled, steps_per_epoch, 5, stride, devices, lanes,
-                                        execution.max_lane_steps(steps_per_epoch, 5, 10))
+            plan = execution.plan_round(
+                sampled, steps_per_epoch, epochs=5, stride=stride, devices=devices, lanes=lanes,
+                max_slots=execution.max_lane_steps(steps_per_epoch, 5, 10))
             executed += plan.executed_steps(lockstep)
             real += plan.real_steps
         useful[name] = real / executed
@@ -161,7 +163,8 @@ def test_every_strategy_is_the_spafl_round(digits):
     cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=2, lr=0.05, th_coeff=0.01,
                                  persistent_optimizer=True)
     round_cfg = federated.RoundConfig(clients_per_round=SAMPLED, importance_update='sampled_before')
-    initial = federated.init_state(model, cfg, jax.random.key(3), NUM_CLIENTS, (8, 8, 1))
+    initial = federated.init_state(model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS,
+                                   image_shape=(8, 8, 1))
     # Non-zero thresholds and delta, so the broadcast and the importance update matter.
     initial = initial.replace(
         server_thresholds=jax.tree.map(lambda t: jnp.full_like(t, 0.01), initial.server_thresholds),
@@ -172,7 +175,7 @@ def test_every_strategy_is_the_spafl_round(digits):
     reference_fn = federated.make_round_fn(model, cfg, round_cfg, spec)
     ref_state, ref_metrics = _rounds(
         lambda s, d, sampled: reference_fn(s, d, jnp.asarray(sampled), seed_key), fresh(), train)
-    ref_eval = federated.make_eval_fn(model, spec, 64)(ref_state.clients, test)
+    ref_eval = federated.make_eval_fn(model, spec, batch_size=64)(ref_state.clients, test)
 
     for strategy, lanes in (('loop', 1), ('map', 1), ('vmap', 2)):
         runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test,
@@ -215,7 +218,8 @@ def test_every_strategy_tests_as_the_reference_under_the_official_collapse_check
     model = models.create_model('digits_cnn', 10)
     cfg = client_lib.LocalConfig(batch_size=BATCH, collapse_check='previous')
     round_cfg = federated.RoundConfig(clients_per_round=SAMPLED)
-    state = federated.init_state(model, cfg, jax.random.key(3), NUM_CLIENTS, (8, 8, 1))
+    state = federated.init_state(model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS,
+                                   image_shape=(8, 8, 1))
     # Clients 0-1: the first masked layer collapsed (thresholds above every row), flagged for
     # client 0 only; clients 2-3: flagged without being collapsed (a reset by a stale flag).
     first = lambda tree: jax.tree.leaves(tree)[0]
@@ -232,7 +236,7 @@ def test_every_strategy_tests_as_the_reference_under_the_official_collapse_check
         thresholds=jax.tree.unflatten(jax.tree.structure(thresholds), leaves),
         collapsed=jax.tree.unflatten(jax.tree.structure(flags), flag_leaves))
     state = state.replace(clients=clients)
-    ref_eval = federated.make_eval_fn(model, spec, 64, cfg)(clients, test)
+    ref_eval = federated.make_eval_fn(model, spec, batch_size=64, cfg=cfg)(clients, test)
     ref_tested = federated.tested_clients(cfg, clients, test.counts)
     # The reference itself: client 0 and the stale-flag clients reset; client 1 only if its test
     # has a second batch; the others keep their thresholds.

@@ -29,7 +29,8 @@ def setup():
 
 
 def _state(model, cfg, image_shape=(8, 8, 1)):
-    state = federated.init_state(model, cfg, jax.random.key(3), NUM_CLIENTS, image_shape)
+    state = federated.init_state(model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS,
+                                 image_shape=image_shape)
     # Non-zero server thresholds and per-client stale thresholds make the checks meaningful.
     server_thresholds = jax.tree.map(lambda t: jnp.full_like(t, 0.01), state.server_thresholds)
     clients = state.clients.replace(thresholds=jax.tree.map(
@@ -55,7 +56,7 @@ def test_penalty_alone_moves_thresholds_by_lr_times_th_coeff():
         opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
         new, _, _ = client_lib.local_step(
             lambda_model(model), cfg, state, opt, jnp.zeros((2, 3)), jnp.array([0, 1]),
-            jnp.array(True), client_lib.learning_rate(cfg, 0), coeff)
+            jnp.array(True), lr=client_lib.learning_rate(cfg, 0), penalty_coeff=coeff)
         np.testing.assert_allclose(new.thresholds['threshold'], np.full(4, 0.1 * 0.5 * scale),
                                    rtol=1e-5)
         np.testing.assert_array_equal(new.params['kernel'], state.params['kernel'])
@@ -112,7 +113,8 @@ def test_padded_step_changes_nothing(setup):
     opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
     x = client_lib.preprocess(spec, train.images[:BATCH])
     step = jax.jit(functools.partial(client_lib.local_step, model, cfg))
-    new, new_opt, metrics = step(state, opt, x, train.labels[:BATCH], jnp.array(False), 0.05, 0.01)
+    new, new_opt, metrics = step(state, opt, x, train.labels[:BATCH], jnp.array(False),
+                                    lr=0.05, penalty_coeff=0.01)
     jax.tree.map(np.testing.assert_array_equal, (new, new_opt), (state, opt))
     assert float(metrics['steps']) == 0.0 and float(metrics['loss']) == 0.0
 
@@ -154,7 +156,7 @@ def test_one_round_changes_exactly_what_it_should(setup, mode):
         if mode == 'sampled_before':
             c = c.replace(params=server.importance_update(c.params, state.last_delta))
         c, _ = local_update(c, train.images, train.labels, train.example_ids[k], train.counts[k],
-                            keys[i], 0)
+                            rng=keys[i], round_index=0)
         trained.append(c)
     mean = jax.tree.map(lambda *t: sum(t) / SAMPLED, *[c.thresholds for c in trained])
     delta = jax.tree.map(jnp.subtract, mean, state.server_thresholds)
@@ -222,7 +224,7 @@ def test_partial_last_batch_is_trained_on_with_its_real_examples_only():
         assert mask[:4].all() and mask[4].sum() == 5
         assert sorted(steps[mask].tolist()) == list(range(37))
     # With drop_last (the default) the draws are the ones the schedule always made.
-    kept, _ = client_lib.batch_schedule(jax.random.key(0), 37, 70, 8, 2)
+    kept, _ = client_lib.batch_schedule(jax.random.key(0), 37, 70, batch_size=8, epochs=2)
     assert client_lib.example_mask(client_lib.LocalConfig(), kept, 37) is None
 
 
@@ -252,7 +254,8 @@ def test_reported_density_is_the_evaluated_models():
     # A layer whose thresholds exceed every row is collapsed: the forward pass resets its thresholds
     # to 0, and the density reported is that of the model evaluated (all rows kept), not 0.
     model = models.create_model('digits_cnn', 10)
-    state = federated.init_state(model, client_lib.LocalConfig(), jax.random.key(0), 2, (8, 8, 1))
+    state = federated.init_state(model, client_lib.LocalConfig(), jax.random.key(0), num_clients=2,
+                                 image_shape=(8, 8, 1))
     names = list(state.clients.thresholds)
     collapsed = dict(state.clients.thresholds)
     collapsed[names[0]] = {'threshold': jnp.full_like(collapsed[names[0]]['threshold'], 10.0)}
@@ -283,7 +286,7 @@ def test_previous_collapse_check_resets_one_training_step_late():
         run, opt = [], client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
         for _ in range(2):
             state, opt, _ = client_lib.local_step(model, cfg, state, opt, x, y, jnp.array(True),
-                                                  cfg.lr, 0.0)
+                                                  lr=cfg.lr, penalty_coeff=0.0)
             run.append(state)
         steps[check] = run
     # 'current' resets before the first step; 'previous' trains one step on the collapsed mask

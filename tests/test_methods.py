@@ -58,8 +58,9 @@ def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
     method = methods.get(name, config)
     assert method.name == name and method.communicates_thresholds == (name == 'spafl')
 
-    state = method.init_state(run.model, run.local_cfg, jax.random.key(0), NUM_CLIENTS,
-                              run.dataset.image_shape, run.dataset.num_classes)
+    state = method.init_state(run.model, run.local_cfg, jax.random.key(0), num_clients=NUM_CLIENTS,
+                              image_shape=run.dataset.image_shape,
+                              num_classes=run.dataset.num_classes)
     params, thresholds, batch_stats = method.client_variables(state)
     one = jax.tree.map(lambda x: x[0], {'params': params, 'thresholds': thresholds,
                                         'batch_stats': batch_stats})
@@ -67,7 +68,7 @@ def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
     alg = method.algorithm(run.model, run.local_cfg, run.round_cfg, macs)
     round_fn = algorithm_lib.make_round_fn(alg, run.local_cfg, run.spec,
                                            aggregation=run.round_cfg.aggregation)
-    eval_fn = algorithm_lib.make_eval_fn(alg, run.spec, config.eval_batch_size)
+    eval_fn = algorithm_lib.make_eval_fn(alg, run.spec, batch_size=config.eval_batch_size)
     before = eval_fn(state, run.test_data)
     for r in range(ROUNDS):
         sampled = jnp.asarray(train.sample_clients(config.seed, r, NUM_CLIENTS, SAMPLED))
@@ -104,7 +105,8 @@ def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
     clients = ClientState(params=params, thresholds=thresholds, batch_stats=batch_stats,
                           opt_state=())
     model = run.model if name == 'spafl' else run.model.clone(estimator='long_tailed')
-    again = federated.evaluate(model, run.spec, clients, run.test_data, config.eval_batch_size)
+    again = federated.evaluate(model, run.spec, clients, run.test_data,
+                               batch_size=config.eval_batch_size)
     np.testing.assert_array_equal(again['correct'], result['correct'])
     # And they are what the runner may check for finiteness and save.
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, batch_stats)))
@@ -119,7 +121,8 @@ def test_bits_per_round_match_hand_counts(digits_run):
             for name in methods.METHODS}
     # SpaFL: thresholds up from the sampled clients; down to them, plus the delta to all N clients.
     assert bits['spafl'] == (s * 122 * 32, (s + n) * 122 * 32)
-    assert bits['spafl'] == metrics_lib.spafl_bits_per_round(NUM_THRESHOLDS, n, s, 'all_after')
+    assert bits['spafl'] == metrics_lib.spafl_bits_per_round(NUM_THRESHOLDS, n, s,
+                                                               importance_update='all_after')
     assert methods.get('spafl').bits_per_round(n, s, variables, 'none') == (s * 122 * 32,
                                                                             s * 122 * 32)
     # FedAvg: every parameter, 32 bits, each way, per sampled client.
@@ -184,8 +187,8 @@ def test_unknown_or_missing_method_fields():
     with pytest.raises(ValueError, match='allowed values: spafl, fedavg'):
         methods.get('fedprox')
     # FedAvg has one global model: without the config it cannot know how many clients to give it.
-    state = methods.get('fedavg').init_state('digits_cnn', None, jax.random.key(0), NUM_CLIENTS,
-                                             (8, 8, 1), 10)
+    state = methods.get('fedavg').init_state('digits_cnn', None, jax.random.key(0),
+                                             num_clients=NUM_CLIENTS, image_shape=(8, 8, 1))
     with pytest.raises(ValueError, match='config.num_clients'):
         methods.get('fedavg').client_variables(state)
 
@@ -210,7 +213,7 @@ def test_clients_start_from_one_model_unless_asked_otherwise(name):
         config.client_init = client_init
         state = methods.get(name, config).init_state(
             models.create_model('digits_cnn', 10), client_lib.LocalConfig(), jax.random.key(0),
-            NUM_CLIENTS, (8, 8, 1), 10)
+            num_clients=NUM_CLIENTS, image_shape=(8, 8, 1))
         kernel = jax.tree.leaves(state.clients.params)[0]
         assert np.array_equal(kernel[0], kernel[-1]) == same, (name, client_init)
         assert np.abs(np.asarray(kernel[0])).max() > 0

@@ -10,11 +10,11 @@ from spafl_jax import metrics
 
 def test_bits_of_a_lenet_round_by_hand():
     # 580 thresholds of 32 bits; 10 of 100 clients sampled.
-    up, down = metrics.spafl_bits_per_round(580, 100, 10, 'all_after')
+    up, down = metrics.spafl_bits_per_round(580, 100, 10, importance_update='all_after')
     assert up == 10 * 580 * 32 == 185_600
     assert down == 10 * 580 * 32 + 100 * 580 * 32 == 2_041_600   # broadcast + delta to everyone
-    assert metrics.spafl_bits_per_round(580, 100, 10, 'sampled_before') == (185_600, 371_200)
-    assert metrics.spafl_bits_per_round(580, 100, 10, 'none') == (185_600, 185_600)
+    assert metrics.spafl_bits_per_round(580, 100, 10, importance_update='sampled_before') == (185_600, 371_200)
+    assert metrics.spafl_bits_per_round(580, 100, 10, importance_update='none') == (185_600, 185_600)
     assert metrics.dense_bits_per_round(430_500, 10) == 10 * 430_500 * 32
 
 

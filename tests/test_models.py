@@ -153,7 +153,7 @@ def test_im2col_and_xla_convs_agree(name):
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _conv(conv_impl, x, kernel, strides, padding):
-    return layers.CONV_IMPLS[conv_impl](x, kernel, strides, padding)
+    return layers.CONV_IMPLS[conv_impl](x, kernel, strides=strides, padding=padding)
 
 
 @pytest.mark.parametrize('kernel_size,strides,padding', [
@@ -171,8 +171,8 @@ def test_conv_impls_agree_on_padding(kernel_size, strides, padding):
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _conv_cnhw(conv_impl, x, kernel, strides, padding):
     # NHWC in and out, computed in the CNHW layout.
-    y = layers.CONV_IMPLS[conv_impl](x.transpose(3, 0, 1, 2), kernel, strides, padding,
-                                     layout='CNHW')
+    y = layers.CONV_IMPLS[conv_impl](x.transpose(3, 0, 1, 2), kernel, strides=strides,
+                                     padding=padding, layout='CNHW')
     return y.transpose(1, 2, 3, 0)
 
 

@@ -43,8 +43,8 @@ WORKER = textwrap.dedent('''
     out, devices, strategies = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(',')
     from spafl_jax import execution
     if len(sys.argv) > 4:
-        execution.initialize_runtime(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]),
-                                     num_cpu_devices=devices)
+        execution.initialize_runtime(coordinator_address=sys.argv[4], num_processes=int(sys.argv[5]),
+                                     process_id=int(sys.argv[6]), num_cpu_devices=devices)
     else:
         execution.initialize_runtime(num_cpu_devices=devices)
     import test_multidevice as t
@@ -100,10 +100,11 @@ def initial_state(method: str = 'spafl'):
     if method not in _INITIAL:
         _, _, model, cfg, *_ = setup()
         if method == 'spafl':
-            state = federated.init_state(model, cfg, jax.random.key(3), NUM_CLIENTS, (8, 8, 1))
+            state = federated.init_state(model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS,
+                                         image_shape=(8, 8, 1))
         else:
-            state = baselines.get(method).init_state(model, cfg, jax.random.key(3), NUM_CLIENTS,
-                                                     (8, 8, 1))
+            state = baselines.get(method).init_state(model, cfg, jax.random.key(3),
+                                                     num_clients=NUM_CLIENTS, image_shape=(8, 8, 1))
         _INITIAL[method] = state
     return jax.tree.map(jnp.copy, _INITIAL[method])
 
@@ -129,12 +130,13 @@ def reference(method: str = 'spafl'):
     train, test, model, cfg, spec, round_cfg = setup()
     if method == 'spafl':
         round_fn = federated.make_round_fn(model, cfg, round_cfg, spec)
-        evaluate = lambda state: federated.make_eval_fn(model, spec, 64, cfg)(state.clients, test)
+        evaluate = lambda state: federated.make_eval_fn(model, spec, batch_size=64, cfg=cfg)(
+            state.clients, test)
     else:
         alg = baselines.get(method).algorithm(model, cfg, round_cfg)
         round_fn = algorithm_lib.make_round_fn(alg, cfg, spec, aggregation=round_cfg.aggregation,
                                                client_execution=round_cfg.client_execution)
-        evaluate = lambda state: algorithm_lib.make_eval_fn(alg, spec, 64)(state, test)
+        evaluate = lambda state: algorithm_lib.make_eval_fn(alg, spec, batch_size=64)(state, test)
     state = initial_state(method)
     for r in range(ROUNDS):
         state, _ = round_fn(state, train, jnp.asarray(sampled_clients(r)), jax.random.key(1))

@@ -195,7 +195,8 @@ class Replay:
             ids = batches[i]
             resets = resets + self._resetting(state)
             state, opt, _ = client_lib.local_step(self.model, self.cfg, state, opt, images[ids],
-                                                  labels[ids], jnp.bool_(True), lr, penalty,
+                                                  labels[ids], jnp.bool_(True), lr=lr,
+                                                  penalty_coeff=penalty,
                                                   example_mask=masks[i])
             return state, opt, resets
         resets = jnp.zeros(len(self.names), jnp.int32)

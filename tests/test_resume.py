@@ -83,7 +83,7 @@ def test_a_finished_run_is_not_recomputed_and_a_different_config_is_refused(refe
 def _tiny_state(seed):
     model = models.create_model('digits_cnn', 10)
     return federated.init_state(model, client_lib.LocalConfig(persistent_optimizer=True),
-                                jax.random.key(seed), 3, (8, 8, 1))
+                                jax.random.key(seed), num_clients=3, image_shape=(8, 8, 1))
 
 
 # Orbax's failed read of the corrupt checkpoint leaves a callback for its closed asyncio loop, which

@@ -46,7 +46,8 @@ def make_loop(model, cfg, steps):
     def run(state, opt, x, y):
         def body(_, carry):
             s, o = carry
-            s, o, _ = client_lib.local_step(model, cfg, s, o, x, y, jnp.bool_(True), cfg.lr, 1e-4)
+            s, o, _ = client_lib.local_step(model, cfg, s, o, x, y, jnp.bool_(True), lr=cfg.lr,
+                                            penalty_coeff=1e-4)
             return s, o
         return jax.lax.fori_loop(0, steps, body, (state, opt))
     return xla.jit(run, model=model)

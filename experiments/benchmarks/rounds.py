@@ -136,7 +136,8 @@ def main(argv=None):
         round_cfg = federated.RoundConfig(clients_per_round=args.clients_per_round)
         spec = client_lib.DataSpec(pixel_max=255.0, mean=(0.5,) * shape[-1],
                                    std=(0.25,) * shape[-1])
-        initial = federated.init_state(model, cfg, jax.random.key(1), args.num_clients, shape)
+        initial = federated.init_state(model, cfg, jax.random.key(1), num_clients=args.num_clients,
+                                       image_shape=shape)
         variables = {'params': jax.tree.map(lambda x: x[0], initial.clients.params),
                      'thresholds': jax.tree.map(lambda x: x[0], initial.clients.thresholds),
                      'batch_stats': jax.tree.map(lambda x: x[0], initial.clients.batch_stats)}
@@ -154,8 +155,8 @@ def main(argv=None):
             cfg, key, count, train.example_ids.shape[1])[0])
         # The model's compiler options (`xla.jit`), so that `x loop` measures the execution only.
         python_loop_round.step = xla.jit(lambda c, o, x, y: client_lib.local_step(
-            model, cfg, c, o, client_lib.preprocess(spec, x), y, jnp.bool_(True), cfg.lr,
-            cfg.th_coeff)[:2], model=model)
+            model, cfg, c, o, client_lib.preprocess(spec, x), y, jnp.bool_(True), lr=cfg.lr,
+            penalty_coeff=cfg.th_coeff)[:2], model=model)
         state = jax.tree.map(jnp.copy, initial)
         first, base = measure(lambda r: python_loop_round(model, cfg, spec, state, train,
                                                            samples[r], seed_key, r), args.rounds)
@@ -184,7 +185,7 @@ def main(argv=None):
             print(f'{name:<11} {"  evaluate":<12} {eval_s:8.3f}  ({args.num_clients} clients, '
                   f'{int(np.asarray(test.counts).sum())} examples; compile {eval_first - eval_s:.1f} s)')
         if name in args.padded_scan.split(','):
-            round_fn = federated.make_round_fn(model, cfg, round_cfg, spec, macs)
+            round_fn = federated.make_round_fn(model, cfg, round_cfg, spec, macs=macs)
             holder = {'state': jax.tree.map(jnp.copy, initial), 'metrics': []}
 
             def padded(r):
@@ -199,7 +200,7 @@ def main(argv=None):
                           for r in range(len(holder['metrics']))]
             useful = np.mean([s.sum() / max(s.max() * len(s), 1) for s in lane_steps])
             row('run_round', seconds, first - seconds, useful)
-            eval_fn = federated.make_eval_fn(model, spec, 256)
+            eval_fn = federated.make_eval_fn(model, spec, batch_size=256)
             eval_first, eval_s = measure(lambda r: eval_fn(holder['state'].clients, test), 3)
             print(f'{name:<11} {"  evaluate":<12} {eval_s:8.3f}  (federated.evaluate, batch 256; '
                   f'compile {eval_first - eval_s:.1f} s)')

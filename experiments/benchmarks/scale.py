@@ -33,7 +33,6 @@ def rss_mib() -> float:
 
 def one(model_name: str, num_clients: int, examples: int, rounds: int, strategy: str) -> None:
     import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp
     import numpy as np
     from spafl_jax import client as client_lib, execution, federated, models
 
@@ -53,7 +52,8 @@ def one(model_name: str, num_clients: int, examples: int, rounds: int, strategy:
     cfg = client_lib.LocalConfig(batch_size=batch, local_epochs=1, lr=0.01)
     round_cfg = federated.RoundConfig(clients_per_round=10)
     spec = client_lib.DataSpec(pixel_max=255.0, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1])
-    state = federated.init_state(model, cfg, jax.random.key(0), num_clients, shape)
+    state = federated.init_state(model, cfg, jax.random.key(0), num_clients=num_clients,
+                                 image_shape=shape)
     state_mib = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
     runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test, strategy=strategy)
     times = []

@@ -87,8 +87,8 @@ def time_model(name: str, steps: int, repeats: int) -> dict[str, float]:
     fns = {}
     for label, (model, ynnpack) in variants(name).items():
         def one(s, o, x, y, model=model):
-            return client_lib.local_step(model, cfg, s, o, x, y, jnp.bool_(True), cfg.lr,
-                                         cfg.th_coeff)[:2]
+            return client_lib.local_step(model, cfg, s, o, x, y, jnp.bool_(True), lr=cfg.lr,
+                                         penalty_coeff=cfg.th_coeff)[:2]
 
         looped = jax.jit(lambda s, o, xs, ys, one=one: jax.lax.fori_loop(
             0, steps, lambda i, c: one(*c, xs[i], ys[i]), (s, o))[0],

@@ -85,7 +85,7 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
 
 
 def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               num_clients: int, image_shape, *, num_classes: int = 10,
+               *, num_clients: int, image_shape, num_classes: int = 10,
                method_cfg: FedAvgConfig = FedAvgConfig()) -> FedAvgState:
     """A fresh global model from `rng` (num_clients is unused: clients keep nothing between rounds)."""
     del local_cfg, num_clients, method_cfg

@@ -103,7 +103,7 @@ def _signed_constant(kernel: jax.Array) -> jax.Array:
 
 
 def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               num_clients: int, image_shape, *, num_classes: int = 10,
+               *, num_clients: int, image_shape, num_classes: int = 10,
                method_cfg: FedPMConfig = FedPMConfig()) -> FedPMState:
     """Frozen weights from `rng` (one seed for everyone), theta = 0.5, the Beta prior."""
     del local_cfg

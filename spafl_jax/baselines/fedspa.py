@@ -143,7 +143,7 @@ def random_masks(rng: jax.Array, kernels, counts):
         for k, x, c in zip(keys, leaves, jax.tree.leaves(counts))])
 
 
-def prune_regrow(kernels, masks, scores, counts, rate):
+def prune_regrow(kernels, masks, scores, *, counts, rate):
     """Drops floor(rate x count) kept weights of smallest |w| per layer, regrows as many with the
     largest `scores` among the entries not kept; every layer keeps exactly `count` entries."""
     def one(w, m, s, count):
@@ -173,7 +173,7 @@ def _on_mask(params, thresholds, masks):
 # ----------------------------------------------------------------------------------------------------
 
 def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               num_clients: int, image_shape, *, num_classes: int = 10,
+               *, num_clients: int, image_shape, num_classes: int = 10,
                method_cfg: FedSpaConfig = FedSpaConfig()) -> FedSpaState:
     """Shared initial global weights, a random mask per client, client k's weights on its mask."""
     del local_cfg
@@ -253,8 +253,8 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
             keys = jax.random.split(key, len(leaves))
             scores = jax.tree.unflatten(treedef, [jax.random.uniform(k, w.shape)
                                                   for k, w in zip(keys, leaves)])
-        next_masks = prune_regrow(trained, work.masks, scores, counts_of(work.params, thresholds),
-                                  rate)
+        next_masks = prune_regrow(trained, work.masks, scores,
+                                  counts=counts_of(work.params, thresholds), rate=rate)
         metrics = {'loss': jnp.float32(0.0), 'correct': jnp.float32(0.0), 'steps': jnp.float32(0.0),
                    'flops': flops, 'examples': jnp.float32(0.0)}
         return work.replace(next_masks=next_masks), metrics

@@ -132,7 +132,7 @@ def _leaf_mask(shape, spec, rate, xp=jnp):
     return mask
 
 
-def width_masks(tree, layout: dict, rate, xp=jnp):
+def width_masks(tree, layout: dict, *, rate, xp=jnp):
     """Boolean masks shaped like `tree`: the entries a client of width `rate` holds."""
     flat = traverse_util.flatten_dict(tree)
     return traverse_util.unflatten_dict(
@@ -147,7 +147,7 @@ def client_rates(num_clients: int, method_cfg: HeteroFLConfig) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               num_clients: int, image_shape, *, num_classes: int = 10,
+               *, num_clients: int, image_shape, num_classes: int = 10,
                method_cfg: HeteroFLConfig = HeteroFLConfig()) -> HeteroFLState:
     """A fresh full-width global model from `rng`, and the fixed width of every client."""
     del local_cfg
@@ -178,9 +178,9 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
 
     def slice_of(state, rate) -> SliceWork:
         layout = width_layout(state.params, state.thresholds)['params']
-        param_masks = as_float(width_masks(state.params, layout, rate))
+        param_masks = as_float(width_masks(state.params, layout, rate=rate))
         stat_masks = as_float(width_masks(state.batch_stats, _stats_layout(state.batch_stats),
-                                          rate))
+                                          rate=rate))
         return SliceWork(rate=rate, params=jax.tree.map(jnp.multiply, state.params, param_masks),
                          batch_stats=state.batch_stats, param_masks=param_masks,
                          stat_masks=stat_masks)
@@ -240,7 +240,7 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         layout = width_layout(state.params, state.thresholds)['params']
 
         def one(rate):
-            kernels = masking.kernels_of(width_masks(state.params, layout, rate),
+            kernels = masking.kernels_of(width_masks(state.params, layout, rate=rate),
                                          state.thresholds)
             rows = jnp.stack([
                 jnp.mean(jnp.any(m, axis=tuple(range(m.ndim - 1))).astype(jnp.float32))
@@ -262,8 +262,8 @@ def submodel_size(model_variables: dict, rate: float) -> int:
     """Weights and BatchNorm statistics a client of width `rate` holds (what it sends and receives)."""
     layout = width_layout(model_variables['params'], model_variables['thresholds'])['params']
     stats = model_variables.get('batch_stats', {})
-    held = [width_masks(model_variables['params'], layout, rate, np),
-            width_masks(stats, _stats_layout(stats), rate, np)]
+    held = [width_masks(model_variables['params'], layout, rate=rate, xp=np),
+            width_masks(stats, _stats_layout(stats), rate=rate, xp=np)]
     return int(sum(np.sum(m) for m in jax.tree.leaves(held)))
 
 

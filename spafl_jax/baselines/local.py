@@ -76,7 +76,7 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
 
 
 def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               num_clients: int, image_shape, *, num_classes: int = 10,
+               *, num_clients: int, image_shape, num_classes: int = 10,
                method_cfg: LocalOnlyConfig = LocalOnlyConfig(),
                client_init: str = 'shared') -> LocalState:
     """Dense clients, stacked: one shared initial model, or client k's own from fold_in(rng, k)
