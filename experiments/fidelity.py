@@ -138,6 +138,10 @@ DIAGNOSIS = 'fidelity_diagnosis_seed1'
 # first's, so its runs are not continuations of DIAGNOSIS's).
 LONG_ENSEMBLE = 'fidelity_ensemble_seed1'
 ENSEMBLE = ('ours', 'rounding') + tuple(f'perturb{k}' for k in range(1, 10))   # those present are used
+# Both codes in float64 on the same draws (record_official.py curve --float64, replay_curve.py
+# --float64, rescored against the float64 official run): 'ours' and 'perturb<k>' as above, the
+# perturbation one float64 ulp.
+FLOAT64 = 'fidelity_float64_seed1'
 
 
 def load_diagnosis(results: str, folder: str = DIAGNOSIS) -> dict[str, dict[int, dict]]:
@@ -263,6 +267,95 @@ def ensemble_table(variants: dict[str, dict[int, dict]], every: int = 10) -> str
     return '\n'.join(lines) if len(lines) > 2 else ''
 
 
+def _gaps(variants: dict[str, dict[int, dict]]) -> dict[str, dict[int, float]]:
+    """Accuracy gaps in points, per round: 'official' (the official run against ours on its
+    draws) and 'perturb<k>' (ours, one ulp moved, against ours as recorded)."""
+    ours = variants['ours']
+    gaps = {'official': {r: 100 * abs(c['accuracy'] - c['official_accuracy'])
+                         for r, c in ours.items()}}
+    for name in sorted(variants):
+        if name.startswith('perturb'):
+            gaps[name] = {r: 100 * abs(c['accuracy'] - ours[r]['accuracy'])
+                          for r, c in variants[name].items() if r in ours}
+    return gaps
+
+
+def _first_above(gap: dict[int, float], level: float) -> str:
+    return next((str(r) for r in sorted(gap) if gap[r] > level), f'> {max(gap)}')
+
+
+def precision(by_precision: dict[str, dict[str, dict[int, dict]]],
+              rounds=(1, 2, 5, 8, 10, 15, 20, 22, 25, 30, 40, 50, 60)) -> str:
+    """The two codes on the same draws in float32 and in float64: per round, how far the official
+    curve is from ours, against how far ours moves when its initial weights move by one ulp of
+    that precision; then the rounds at which each gap first passes 0.1 and 1 point."""
+    gaps = {p: _gaps(v) for p, v in by_precision.items() if 'ours' in v}
+    columns = [(p, name) for p, g in gaps.items() for name in g]
+    label = lambda p, name: (f'{p}: official - ours' if name == 'official'
+                             else f'{p}: ours - ours one ulp ({name[len("perturb"):]})')
+    lines = ['| round | ' + ' | '.join(label(*c) for c in columns) + ' |',
+             '|---|' + '---|' * len(columns)]
+    for r in rounds:
+        cells = [gaps[p][name].get(r) for p, name in columns]
+        if all(c is None for c in cells):
+            continue
+        lines.append(f'| {r} | ' + ' | '.join('-' if c is None else f'{c:.2f}' for c in cells)
+                     + ' |')
+    lines.append('')
+    common = min(max(gaps[p][name]) for p, name in columns)   # the rounds every run reached
+    for p, name in columns:
+        gap = gaps[p][name]
+        lines.append(f'- {label(p, name)}: first above 0.1 point at round '
+                     f'{_first_above(gap, 0.1)}, above 1 point at round {_first_above(gap, 1.0)}; '
+                     f'mean over rounds 1-{common} '
+                     f'{np.mean([gap[r] for r in range(1, common + 1)]):.2f}')
+    ours32, ours64 = (by_precision.get(p, {}).get('ours') for p in ('float32', 'float64'))
+    if ours32 and ours64:   # each code against itself, float64 against float32
+        for code, key in (('the official code', 'official_accuracy'), ('ours', 'accuracy')):
+            gap = {r: 100 * abs(ours64[r][key] - ours32[r][key]) for r in ours64 if r in ours32}
+            worst = max(gap, key=gap.get)
+            lines.append(f'- {code}, float64 against float32 (same draws, same CPU): first above '
+                         f'1 point at round {_first_above(gap, 1.0)}, largest {gap[worst]:.1f} '
+                         f'points (round {worst})')
+    if ours64 and 'clients_equal_accuracy' in ours64[min(ours64)]:
+        equal = [ours64[r]['clients_equal_accuracy'] for r in sorted(ours64)]
+        lines.append('- float64: clients whose accuracy equals the official one (of 100), rounds '
+                     '1, 5, 10, 15, 20, 25, 30: '
+                     + ', '.join(str(equal[r - 1]) for r in (1, 5, 10, 15, 20, 25, 30)
+                                 if r <= len(equal)))
+    return '\n'.join(lines)
+
+
+def plot_precision(by_precision: dict[str, dict[str, dict[int, dict]]], path: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    colours = {'float32': 'tab:orange', 'float64': 'tab:blue'}
+    last = max(max(v['ours']) for v in by_precision.values() if 'ours' in v)
+    for p, variants in by_precision.items():
+        if 'ours' not in variants:
+            continue
+        for name, gap in _gaps(variants).items():
+            rounds = [r for r in sorted(gap) if r <= last]
+            official = name == 'official'
+            label = (f'{p}: official code against ours' if official else
+                     f'{p}: ours against ours moved one ulp' if name == min(
+                         n for n in variants if n.startswith('perturb')) else None)
+            ax.plot(rounds, [max(gap[r], 1e-3) for r in rounds], color=colours.get(p, 'gray'),
+                    linewidth=1.8 if official else 0.9, linestyle='-' if official else '--',
+                    label=label)
+    ax.set_yscale('log')
+    ax.set(xlabel='round', ylabel='accuracy gap (points, mean over 100 clients; floor 0.001)',
+           title='Seed 1, the same draws: the two codes part when, and only when, rounding-sized\n'
+                 'differences part a code from itself (float32, float64)')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=9, loc='lower right')
+    reporting.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def plot_diagnosis(variants: dict[str, dict[int, dict]], path: str,
                    title: str = 'The official run against ours on the same draws: as recorded, '
                    'rounded differently, perturbed by one ulp, and resetting wherever the official '
@@ -381,6 +474,15 @@ def main(argv):
         plot_two_cpus(runs[('official', '1')], runs[('paired', '1')], variants['ours'], figure)
         print(f'figure: {figure}')
     long_variants = load_diagnosis(_RESULTS.value, LONG_ENSEMBLE)
+    float64 = load_diagnosis(_RESULTS.value, FLOAT64)
+    if float64 and long_variants:
+        by_precision = {'float32': long_variants, 'float64': float64}
+        print('\nseed 1, both codes in float32 and in float64 on the same draws (accuracy gaps, '
+              'points):')
+        print(precision(by_precision))
+        figure = os.path.join(os.path.dirname(out), 'fidelity_fmnist_precision.png')
+        plot_precision(by_precision, figure)
+        print(f'figure: {figure}')
     if long_variants:
         print('\nseed 1, the ensemble to round 100 (ours on the official draws, every 10 rounds):')
         print(ensemble_table(long_variants))

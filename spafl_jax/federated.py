@@ -284,13 +284,6 @@ def clients_in_sequence(backend: str | None = None) -> bool:
     return (backend or jax.default_backend()) == 'cpu'
 
 
-def over_clients(fn, *args):
-    """`fn` over the leading client axis of `args`: `lax.map` or `vmap`, by `clients_in_sequence`."""
-    if clients_in_sequence():
-        return jax.lax.map(lambda a: fn(*a), args)
-    return jax.vmap(fn)(*args)
-
-
 def preprocess_eval(spec: DataSpec, images):
     return client_lib.preprocess(spec, images, None)
 
@@ -303,12 +296,14 @@ def evaluate(model, spec, clients: ClientState, data: ClientData, *, batch_size:
     kept_weights [N] (masked weights in kept rows). Under `collapse_check='previous'` the test
     changes the clients (`test_thresholds`): `tested_clients` gives them.
     """
-    correct = over_clients(lambda c, ids, n: evaluate_client(model, spec, c, data.images,
-                                                             data.labels, ids, n,
-                                                             batch_size=batch_size, cfg=cfg),
-                           clients, data.example_ids, data.counts)
-    return {'correct': correct, 'counts': data.counts,
-            **tested_density_stats(cfg, clients, data.counts)}
+    # SpaFL's evaluation reads nothing of the state but its clients.
+    return algorithm_lib.evaluate(algorithm(model, cfg, RoundConfig()), spec,
+                                  _Clients(clients), data, batch_size=batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Clients:
+    clients: ClientState
 
 
 def tested_clients(cfg: LocalConfig, clients: ClientState, counts) -> ClientState:

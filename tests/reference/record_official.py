@@ -212,7 +212,8 @@ def run_curve(args) -> None:
     import_folder(folder)
     argv = ['train.py', '--learning_rate', '0.001', '--th_coeff', '0.002', '--local_epoch', '5',
             '--seed', str(args.seed), '--comm_rounds', str(args.rounds), '--affix', 'curve']
-    config = {'code': 'official FMNIST folder (news-vt/SpaFL_NeruIPS_2024), unchanged',
+    config = {'code': 'official FMNIST folder (news-vt/SpaFL_NeruIPS_2024), unchanged'
+                      + (', its model cast to float64' if args.float64 else ''),
               'command': ' '.join(argv), 'data': args.data,
               'dtype': 'float64' if args.float64 else 'float32'}
     sys.argv = argv

@@ -203,6 +203,61 @@ def _replay(meta, arrays, out, rounds, conv_impl, per_client, follow_official_re
               f'{time.time() - start:.1f} s', flush=True)
 
 
+DRAWN = ('split/', '/sampled', '/order/', 'initial/')   # what a run drew, as opposed to computed
+
+
+def rescore(draws: str, against: str, out: str) -> None:
+    """Compares the replay in `out` (its metrics.jsonl and --per_client file `out/per_client.npz`)
+    with the official run that recorded `against` instead of `draws`, after checking that the two
+    official runs drew exactly the same (as a float32 and a float64 run of one seed do): rewrites
+    the official_* fields and the per-client comparison, and keeps the official per-client
+    accuracy, layer density and resets of `against` in per_client.npz."""
+    with np.load(draws) as a, np.load(against) as b:
+        meta = json.loads(str(b['meta']))
+        recorded = lambda k: not k.startswith('r') or int(k[1:k.index('/')]) < meta['rounds_recorded']
+        drawn = [k for k in a.files if any(d in k for d in DRAWN) and recorded(k)]
+        missing = [k for k in drawn if k not in b.files]
+        differ = [k for k in drawn if k in b.files and not np.array_equal(a[k], b[k])]
+        if missing or differ:
+            raise SystemExit(f'error: {against} did not draw what {draws} drew: '
+                             f'{len(missing)} draws missing, {len(differ)} different '
+                             f'(first: {(missing + differ)[0]}).')
+        theirs = {k: b[k] for k in b.files if '/tested/' in k}
+    path = os.path.join(out, 'per_client.npz')
+    with np.load(path) as f:
+        ours = {k: f[k] for k in f.files}
+    records = [json.loads(line) for line in open(os.path.join(out, 'metrics.jsonl'))]
+    rounds = min(len(records), meta['rounds_recorded'])
+    clients = ours['accuracy'].shape[1]
+    official = {what: np.stack([np.stack([theirs[f'r{r}/tested/{k}/{what}']
+                                          for k in range(clients)]) for r in range(rounds)])
+                for what in ('accuracy', 'density', 'layer_density', 'resets')}
+    for r, record in enumerate(records[:rounds]):
+        differences = np.abs(ours['accuracy'][r] - official['accuracy'][r])
+        record.update({
+            'official_accuracy': round(float(official['accuracy'][r].mean()) / 100.0, 6),
+            'official_density': round(float(official['density'][r].mean()), 6),
+            'clients_equal_accuracy': int(np.sum(differences < 1e-3)),
+            'max_client_accuracy_difference': round(float(differences.max()) / 100.0, 6),
+            'official_layer_density': [round(float(x), 6)
+                                       for x in official['layer_density'][r].mean(axis=0)],
+            'official_resets': official['resets'][r].sum(axis=0).tolist(),
+            'clients_equal_resets': int(np.sum(np.all(official['resets'][r] == ours['resets'][r],
+                                                      axis=1)))})
+    files.write_atomic(os.path.join(out, 'metrics.jsonl'),
+                       ''.join(json.dumps(x) + '\n' for x in records[:rounds]).encode())
+    ours.update({f'official_{w}': official[w] for w in ('accuracy', 'layer_density', 'resets')})
+    ours = {k: (v[:rounds] if v.ndim and k != 'layers' else v) for k, v in ours.items()}
+    np.savez_compressed(path, **ours)
+    config_path = os.path.join(out, 'config.json')
+    config = json.load(open(config_path))
+    config.update({'official_dtype': meta.get('dtype', 'float32'),
+                   'rescored_against': 'the draws of an official run that drew the same '
+                                       f'(dtype {meta.get("dtype", "float32")})'})
+    files.write_atomic(config_path, json.dumps(config, indent=1).encode())
+    print(f'rescored {rounds} rounds of {out} against {against}')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--draws', required=True, help='.npz written by record_official.py curve')
@@ -228,7 +283,14 @@ def main() -> None:
                              '--float64 (the same draws as float32 for the same seed): rounding '
                              '2^29 times finer, so that only a difference in what is computed '
                              'can part the curves early')
+    parser.add_argument('--rescore_against', default=None,
+                        help='do not replay: compare the replay already in --out (run with '
+                             '--per_client=OUT/per_client.npz) with the official run that wrote '
+                             'these draws, after checking it drew exactly what --draws holds')
     args = parser.parse_args()
+    if args.rescore_against:
+        rescore(args.draws, args.rescore_against, args.out)
+        return
     meta, arrays = load_draws(args.draws, args.data)
     replay(meta, arrays, args.out, args.rounds, args.conv_impl, args.per_client,
            args.follow_official_resets, args.perturb_seed, args.float64)
