@@ -233,13 +233,26 @@ def run_curve(args) -> None:
 
 def _in_float64(model) -> None:
     """`model` cast to float64, and its inputs with it: the official computation unchanged, only
-    rounded 2^29 times more finely (as the golden traces run)."""
+    rounded 2^29 times more finely (as the golden traces run).
+
+    One official detail would keep float32 inside: the step function returns its mask as
+    `.float()`, and autograd then rounds the gradient that reaches every threshold (and, through
+    the row magnitude, every weight) to float32. Its mask is made in its input's dtype instead:
+    0 and 1 either way, the same forward pass, and gradients in float64.
+    """
     model.double()
     model_cls = type(model)
     if not getattr(model_cls, '_float64', False):
         forward = model_cls.forward
         model_cls.forward = lambda self, x: forward(self, x.double())
         model_cls._float64 = True   # pylint: disable=protected-access
+    step = importlib.import_module('model.binarization').BinaryStep
+    if not getattr(step, '_float64', False):
+        def mask_in_input_dtype(ctx, x):
+            ctx.save_for_backward(x)
+            return (x > 0.).to(x.dtype)
+        step.forward = staticmethod(mask_in_input_dtype)
+        step._float64 = True   # pylint: disable=protected-access
 
 
 def _run_in_float64() -> None:
