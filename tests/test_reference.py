@@ -7,10 +7,13 @@ client's thresholds, a fingerprint of its weights (row sums, row mean magnitudes
 after training, after the importance update and after testing, the global thresholds and their
 change, and every client's test accuracy and density.
 
-Both codes run in float64 (the recorder casts the official model; the replay runs under
-`jax.enable_x64`): in float32, an activation within rounding of a ReLU kink sends the two codes
-apart within a few steps of raw-pixel training, while in float64 they agree to about 1e-12 for the
-whole trace, so the tolerances below leave no room for a semantic difference.
+Both codes run in float64 (the recorder casts the official model, and makes its step function's
+mask in float64 rather than `.float()`, which would round every threshold gradient to float32; the
+replay runs under `jax.enable_x64`): in float32, an activation within rounding of a ReLU kink sends
+the two codes apart within a few steps of raw-pixel training. In float64 the FMNIST traces agree to
+float64 rounding (thresholds within 4e-15, weights within 4e-13 of their scale, asserted below), and
+the CIFAR-10 trace, ten times the learning rate with BatchNorm, within 7e-11 and 4e-8: the
+tolerances leave no room for a semantic difference.
 
 The replay feeds the same initial weights, batches and sampled clients through `client.local_step`,
 `server.aggregate`, `server.importance_update` and our evaluation, and asserts that every recorded
@@ -362,6 +365,14 @@ def test_fmnist_trace_matches_the_official_code():
     assert min(float(arrays[f'r2/tested/{k}/density']) for k in range(6)) < 0.95
     assert any(len(arrays[f'split/train/{k}']) % 64 for k in range(6))
     print('largest deviations', check.worst)
+    _assert_float64_rounding(check)
+
+
+def _assert_float64_rounding(check):
+    """Two float64 programs computing the same thing, apart only by how each rounds (measured:
+    thresholds 3e-15, weights 3e-13 of their scale; float32 would be about 1e-8)."""
+    assert check.worst['threshold'] < 1e-13, check.worst
+    assert max(check.worst[k] for k in ('row_sum', 'row_abs_mean', 'entries')) < 1e-11, check.worst
 
 
 def test_cifar10_trace_matches_the_official_code():
@@ -377,6 +388,7 @@ def test_collapse_trace_matches_the_official_code():
     # Every client's layers collapsed and were reset as often as the official ones.
     np.testing.assert_array_equal(check.replay.resets.reshape(-1), meta['collapse_resets'])
     print('largest deviations', check.worst)
+    _assert_float64_rounding(check)
 
 
 def test_collapse_trace_tells_the_reset_timings_apart():
