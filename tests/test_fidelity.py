@@ -136,3 +136,34 @@ def test_two_cpus_sets_each_code_against_itself(tmp_path):
     assert lines[7] == ('- ours, CPU A against ours, CPU B, rounds 1-10: accuracy mean 1.00 / '
                         'largest 1.0 points')
     assert os.path.getsize(path) > 10_000
+
+
+def test_precision_sets_the_codes_gap_against_a_code_moved_one_ulp(tmp_path):
+    def curve(accuracy, official):
+        return {r: {'accuracy': a, 'official_accuracy': o, 'density': 0.5,
+                    'layer_density': [0.5], 'official_layer_density': [0.5],
+                    'clients_equal_accuracy': 100 if a == o else 90}
+                for r, (a, o) in enumerate(zip(accuracy, official), start=1)}
+    float32 = {'ours': curve([0.30, 0.40, 0.50], [0.30, 0.405, 0.53]),
+               'perturb1': curve([0.30, 0.41, 0.45], [0.30, 0.405, 0.53])}
+    float64 = {'ours': curve([0.30, 0.40, 0.50], [0.30, 0.40, 0.50])}
+    path = str(tmp_path / 'precision.png')
+    script = ('import json, sys\n'
+              f'sys.path.insert(0, {REPO!r})\n'
+              'from experiments import fidelity\n'
+              'p = {k: {n: {int(r): c for r, c in v.items()} for n, v in d.items()}\n'
+              '     for k, d in json.loads(sys.argv[1]).items()}\n'
+              'fidelity.plot_precision(p, sys.argv[2])\n'
+              'print(json.dumps(fidelity.precision(p, rounds=(1, 2, 3))))\n')
+    out = subprocess.run([sys.executable, '-c', script,
+                          json.dumps({'float32': float32, 'float64': float64}), path],
+                         capture_output=True, text=True, timeout=300, check=True)
+    lines = json.loads(out.stdout.splitlines()[-1]).splitlines()
+    assert lines[0] == ('| round | float32: official - ours | float32: ours - ours one ulp (1) | '
+                        'float64: official - ours |')
+    assert lines[3:5] == ['| 2 | 0.50 | 1.00 | 0.00 |', '| 3 | 3.00 | 5.00 | 0.00 |']
+    assert lines[7] == ('- float32: ours - ours one ulp (1): first above 0.1 point at round 2, above '
+                        '1 point at round 3; mean over rounds 1-3 2.00')
+    assert lines[8].startswith('- float64: official - ours: first above 0.1 point at round > 3')
+    assert 'at least 100 of 100 in every round 1-3' in lines[-1]
+    assert os.path.getsize(path) > 10_000

@@ -218,7 +218,8 @@ def rescore(draws: str, against: str, out: str) -> None:
     """Compares the replay in `out` (its metrics.jsonl and --per_client file `out/per_client.npz`)
     with the official run that recorded `against` instead of `draws`, after checking that the two
     official runs drew exactly the same (as a float32 and a float64 run of one seed do): rewrites
-    the official_* fields and the per-client comparison, and keeps the official per-client
+    the official_* fields and the per-client comparison (dropping the server-threshold gap, which
+    was measured against the replayed run), and keeps the official per-client
     accuracy, layer density and resets of `against` in per_client.npz."""
     with np.load(draws) as a, np.load(against) as b:
         meta = json.loads(str(b['meta']))
@@ -241,6 +242,7 @@ def rescore(draws: str, against: str, out: str) -> None:
                                           for k in range(clients)]) for r in range(rounds)])
                 for what in ('accuracy', 'density', 'layer_density', 'resets')}
     for r, record in enumerate(records[:rounds]):
+        record.pop('server_threshold_difference', None)   # measured against the other run
         differences = np.abs(ours['accuracy'][r] - official['accuracy'][r])
         record.update({
             'official_accuracy': round(float(official['accuracy'][r].mean()) / 100.0, 6),
