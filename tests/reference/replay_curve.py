@@ -75,37 +75,31 @@ def _force_resets(rp, k: int, missing: np.ndarray) -> None:
     rp.clients[k] = rp.clients[k].replace(thresholds=jax.tree.unflatten(treedef, leaves))
 
 
-def _one_ulp(params, rng: np.random.Generator):
-    """Every weight of `params` moved by one unit in the last place, up or down at random."""
+def _perturb(rp, seed: int) -> None:
+    """Every initial weight moved by one unit in the last place, up or down at random (seeded):
+    a perturbation as small as float32 rounding, to see how far it alone moves a curve."""
+    rng = np.random.default_rng(seed)
+
     def one(x):
         x = np.asarray(x)
         away = np.where(rng.random(x.shape) < 0.5, np.inf, -np.inf).astype(x.dtype)
         return jnp.asarray(np.nextafter(x, away))
-    return jax.tree.map(one, params)
 
-
-def _perturb(rp, seed: int) -> None:
-    """Every initial weight moved by one unit in the last place, up or down at random (seeded):
-    a perturbation as small as float32 rounding, to see how far it alone moves a curve. (Later
-    roundings often erase a single such move, in float64 most of all: `--jitter_seed` repeats it.)"""
-    params = _one_ulp(rp.clients[0].params, np.random.default_rng(seed))
+    params = jax.tree.map(one, rp.clients[0].params)
     rp.clients = [c.replace(params=params) for c in rp.clients]
 
 
 def replay(meta: dict, arrays: dict, out: str, rounds: int | None,
            conv_impl: str = 'im2col', per_client: str | None = None,
            follow_official_resets: bool = False, perturb_seed: int | None = None,
-           float64: bool = False, jitter_seed: int | None = None) -> None:
-    if float64:
-        with jax.enable_x64(True):
-            return _replay(meta, arrays, out, rounds, conv_impl, per_client,
-                           follow_official_resets, perturb_seed, jnp.float64, jitter_seed)
-    return _replay(meta, arrays, out, rounds, conv_impl, per_client, follow_official_resets,
-                   perturb_seed, jnp.float32, jitter_seed)
+           float64: bool = False) -> None:
+    with jax.enable_x64(float64):
+        _replay(meta, arrays, out, rounds, conv_impl, per_client, follow_official_resets,
+                perturb_seed, jnp.float64 if float64 else jnp.float32)
 
 
 def _replay(meta, arrays, out, rounds, conv_impl, per_client, follow_official_resets,
-            perturb_seed, dtype, jitter_seed=None) -> None:
+            perturb_seed, dtype) -> None:
     rp = test_reference.Replay((meta, arrays), dtype=dtype, conv_impl=conv_impl)
     if perturb_seed is not None:
         _perturb(rp, perturb_seed)
@@ -116,13 +110,11 @@ def _replay(meta, arrays, out, rounds, conv_impl, per_client, follow_official_re
         'official_settings': meta['settings'], 'rounds': rounds,
         'dtype': np.dtype(dtype).name, 'official_dtype': meta.get('dtype', 'float32'),
         'conv_impl': conv_impl, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-        'follow_official_resets': follow_official_resets, 'perturb_seed': perturb_seed,
-        'jitter_seed': jitter_seed},
+        'follow_official_resets': follow_official_resets, 'perturb_seed': perturb_seed},
         indent=1).encode())
     records, history = [], {}
     layers = len(rp.names)
     forced = np.zeros((rp.num_clients, layers), np.int64)
-    jitter = None if jitter_seed is None else np.random.default_rng(jitter_seed)
 
     def follow(k: int, r: int, ours_before: np.ndarray) -> None:
         # A collapse reset the official run had in round r and ours did not: made ours.
@@ -146,9 +138,6 @@ def _replay(meta, arrays, out, rounds, conv_impl, per_client, follow_official_re
         forced_this_round = np.zeros_like(forced)
         for k in sampled:
             rp.train(k, arrays[f'r{r}/order/{k}'], r)
-            if jitter is not None:   # a rounding-sized difference, made again every round
-                rp.clients[k] = rp.clients[k].replace(params=_one_ulp(rp.clients[k].params,
-                                                                      jitter))
             if follow_official_resets:   # before aggregation: the server receives the reset
                 follow(k, r, before_round[k])
         new_global = server.aggregate(jax.tree.map(lambda *t: jnp.stack(t),
@@ -297,18 +286,13 @@ def main() -> None:
                         help='do not replay: compare the replay already in --out (run with '
                              '--per_client=OUT/per_client.npz) with the official run that wrote '
                              'these draws, after checking it drew exactly what --draws holds')
-    parser.add_argument('--jitter_seed', type=int, default=None,
-                        help='after every client\'s local training, move each of its weights by '
-                             'one unit in the last place (up or down, drawn from this seed): '
-                             'a rounding-sized difference made again every round, as two codes '
-                             'that round differently make one at every step')
     args = parser.parse_args()
     if args.rescore_against:
         rescore(args.draws, args.rescore_against, args.out)
         return
     meta, arrays = load_draws(args.draws, args.data)
     replay(meta, arrays, args.out, args.rounds, args.conv_impl, args.per_client,
-           args.follow_official_resets, args.perturb_seed, args.float64, args.jitter_seed)
+           args.follow_official_resets, args.perturb_seed, args.float64)
 
 
 if __name__ == '__main__':
