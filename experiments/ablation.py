@@ -9,7 +9,10 @@ sub-workdir `<workdir>/<estimator>__<importance_update>/seed<seed>`. A finished 
 config (summary.json written) is skipped and an unfinished one resumes from its checkpoint, so a
 killed ablation goes on where it stopped when the same command is run again. The table of mean ±
 sample standard deviation over seeds of the final accuracy and densities is written to
-`<workdir>/ablation.md` and `<workdir>/ablation.csv`.
+`<workdir>/ablation.md` and `<workdir>/ablation.csv`, every setting's accuracy by round to
+`<workdir>/ablation_curves.png`. With --records_only nothing runs: the tables and the figure are
+rebuilt from the runs' compact records (config.json, metrics.jsonl, summary.json), as committed
+under results/.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ _SEEDS = flags.DEFINE_list('seeds', ['1', '2', '3'], 'Seeds of every setting.')
 _ESTIMATORS = flags.DEFINE_list('estimators', list(ESTIMATORS), 'Step estimators to compare.')
 _IMPORTANCE_UPDATES = flags.DEFINE_list('importance_updates', list(IMPORTANCE_UPDATES),
                                         'importance_update values to compare.')
+_RECORDS_ONLY = flags.DEFINE_bool('records_only', False, 'Run nothing: rebuild the tables and the '
+                                  'figure from the runs\' records in --workdir (--config unused).')
 
 
 def setting_name(estimator: str, importance_update: str) -> str:
@@ -62,19 +67,15 @@ def run_dir(workdir: str, estimator: str, importance_update: str, seed: int) -> 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
                  estimators: Sequence[str] = ESTIMATORS,
                  importance_updates: Sequence[str] = IMPORTANCE_UPDATES,
-                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Runs every (estimator, importance_update, seed) not done yet; returns a row per setting.
-
-    Each row holds `estimator`, `importance_update`, `seeds`, the per-seed values `<field>_runs`
-    and their `<field>_mean` / `<field>_std` (sample std, ddof=1; 0 for one seed) for `REPORTED`.
-    """
+                 log: Callable[[str], None] = print) -> None:
+    """Runs every (estimator, importance_update, seed) not done yet; a diverged run is logged and
+    left without a summary (a NaN in the table)."""
     jobs = [(e, u, s) for e in estimators for u in importance_updates for s in seeds]
     # Every setting is validated before the first (long) run starts.
     for estimator, importance_update, _ in jobs[::len(seeds)]:
         probe = copy.deepcopy(config)
         probe.estimator, probe.importance_update = estimator, importance_update
         configuration.validate(probe)
-    summaries: dict[tuple[str, str], list[dict[str, Any]]] = {}
     start = time.time()
     for i, (estimator, importance_update, seed) in enumerate(jobs, 1):
         directory = run_dir(workdir, estimator, importance_update, seed)
@@ -84,40 +85,48 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
         run_config.estimator = estimator
         run_config.importance_update = importance_update
         run_config.seed = seed
-        summary = common.finished_summary(directory, run_config)
-        if summary is not None:
+        if common.finished_summary(directory, run_config) is not None:
             log(f'{prefix}: done before, skipped')
-        else:
-            # An unfinished run in `directory` resumes from its newest checkpoint.
-            log(f'{prefix}: running in {directory}')
-            run_start = time.time()
-            try:
-                summary = train.train_and_evaluate(run_config, directory)
-            except train.NonFiniteError as e:
-                # Divergence is a result too: reported as NaN, not the end of the ablation.
-                log(f'{prefix}: diverged ({e})')
-                summary = {field: float('nan') for field in REPORTED}
-            else:
-                log(f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
-                    f'{100 * summary["density"]:.2f}% (weights '
-                    f'{100 * summary["density_weighted"]:.2f}%) in {time.time() - run_start:.0f}s; '
-                    f'{time.time() - start:.0f}s so far')
-        summaries.setdefault((estimator, importance_update), []).append(summary)
+            continue
+        # An unfinished run in `directory` resumes from its newest checkpoint.
+        log(f'{prefix}: running in {directory}')
+        run_start = time.time()
+        try:
+            summary = train.train_and_evaluate(run_config, directory)
+        except train.NonFiniteError as e:
+            log(f'{prefix}: diverged ({e})')   # a result too: NaN, not the end of the ablation
+            continue
+        log(f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
+            f'{100 * summary["density"]:.2f}% (weights {100 * summary["density_weighted"]:.2f}%) '
+            f'in {time.time() - run_start:.0f}s; {time.time() - start:.0f}s so far')
 
+
+def collect(workdir: str, seeds: Sequence[int], estimators: Sequence[str] = ESTIMATORS,
+            importance_updates: Sequence[str] = IMPORTANCE_UPDATES) -> list[dict[str, Any]]:
+    """A row per setting from the runs' summary.json records (a missing one counts as NaN).
+
+    Each row holds `estimator`, `importance_update`, `seeds`, `finished`, the per-seed values
+    `<field>_runs` and their `<field>_mean` / `<field>_std` (sample std, ddof=1; 0 for one seed)
+    for `REPORTED`.
+    """
     rows = []
-    for (estimator, importance_update), runs in summaries.items():
-        row: dict[str, Any] = {'estimator': estimator, 'importance_update': importance_update,
-                               'seeds': ' '.join(str(s) for s in seeds)}
-        for field in REPORTED:
-            values = [float(run[field]) for run in runs]
-            row[f'{field}_runs'] = values
-            row[f'{field}_mean'], row[f'{field}_std'] = common.mean_std(values)
-        rows.append(row)
+    for estimator in estimators:
+        for importance_update in importance_updates:
+            runs = [common.read_record(run_dir(workdir, estimator, importance_update, seed),
+                                       common.SUMMARY_FILENAME) for seed in seeds]
+            row: dict[str, Any] = {'estimator': estimator, 'importance_update': importance_update,
+                                   'seeds': ' '.join(str(s) for s in seeds),
+                                   'finished': sum(run is not None for run in runs)}
+            for field in REPORTED:
+                values = [float(run[field]) if run is not None else float('nan') for run in runs]
+                row[f'{field}_runs'] = values
+                row[f'{field}_mean'], row[f'{field}_std'] = common.mean_std(values)
+            rows.append(row)
     return rows
 
 
 def csv_columns() -> list[str]:
-    return (['estimator', 'importance_update', 'seeds']
+    return (['estimator', 'importance_update', 'seeds', 'finished']
             + [f'{field}_{stat}' for field in REPORTED for stat in ('mean', 'std')])
 
 
@@ -144,7 +153,9 @@ def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
     ]
     for row in rows:
         cells = [common.percent_cell(row, field) for field in REPORTED]
-        lines.append(f'| `{row["estimator"]}` | `{row["importance_update"]}` | '
+        missing = len(row['seeds'].split()) - row['finished']
+        note = f' ({missing} run(s) missing or diverged)' if missing else ''
+        lines.append(f'| `{row["estimator"]}` | `{row["importance_update"]}`{note} | '
                      + ' | '.join(cells) + ' |')
     files.write_atomic(os.path.join(workdir, 'ablation.md'), '\n'.join(lines) + '\n')
 
@@ -156,15 +167,29 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     command = 'python experiments/ablation.py ' + ' '.join(
         shlex.quote(a.replace(_CONFIG_DIR + os.sep, '')) for a in sys.argv[1:])
-    try:
-        rows = run_ablation(config, workdir, seeds, _ESTIMATORS.value, _IMPORTANCE_UPDATES.value)
-    except (configuration.ConfigError, data_lib.DatasetUnavailableError, train.WorkdirError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    write_tables(rows, workdir, command, config)
+    estimators, updates = _ESTIMATORS.value, _IMPORTANCE_UPDATES.value
+    if _RECORDS_ONLY.value:
+        try:
+            config = common.config_of_records(
+                [run_dir(workdir, e, u, s) for e in estimators for u in updates for s in seeds])
+        except ValueError as e:
+            common.exit_with_error(f'--records_only: {e}')
+    else:
+        try:
+            run_ablation(config, workdir, seeds, estimators, updates)
+        except (configuration.ConfigError, data_lib.DatasetUnavailableError,
+                train.WorkdirError) as e:
+            common.exit_with_error(str(e))
+    write_tables(collect(workdir, seeds, estimators, updates), workdir, command, config)
+    names = [setting_name(e, u) for e in estimators for u in updates]
+    common.plot_learning_curves(common.learning_curves(workdir, names, seeds),
+                                os.path.join(workdir, 'ablation_curves.png'),
+                                title=f'{config.dataset} / {config.model}: estimator x '
+                                'importance update')
     with open(os.path.join(workdir, 'ablation.md')) as f:
         print(f.read(), end='')
-    print(f'tables in {os.path.join(workdir, "ablation.md")} and ablation.csv')
+    print(f'tables in {os.path.join(workdir, "ablation.md")} and ablation.csv; curves in '
+          f'{os.path.join(workdir, "ablation_curves.png")}')
 
 
 if __name__ == '__main__':

@@ -10,10 +10,13 @@ import os
 import sys
 from typing import Any, Sequence
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
 from spafl_jax import files
+from spafl_jax import reporting
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 SUMMARY_FILENAME = 'summary.json'
@@ -133,6 +136,45 @@ def finished_summary(directory: str, config: ml_collections.ConfigDict) -> dict[
         return json.load(f)
 
 
+def read_record(directory: str, filename: str) -> Any:
+    """A run's JSON record (`config.json`, `summary.json`) in `directory`, or None if absent."""
+    path = os.path.join(directory, filename)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def config_of_records(directories: Sequence[str]) -> ml_collections.ConfigDict:
+    """The config of the first run among `directories` that wrote its config.json (the table's
+    setting when it is rebuilt from records alone); ValueError naming the places if none did."""
+    for directory in directories:
+        config = read_record(directory, 'config.json')
+        if config is not None:
+            return ml_collections.ConfigDict(config)
+    raise ValueError(f'no config.json in any of {", ".join(directories)}: the records are not '
+                     'there (check --workdir).')
+
+
+def differing_settings(configs: dict[str, dict[str, Any]],
+                       ignore: Sequence[str] = ('seed', 'method', 'estimator',
+                                                'importance_update')) -> dict[str, str]:
+    """{label: 'field value, ...'} for every config field whose value is not the same in all
+    `configs` (flattened one level: `baseline.fedpm_prior`), `ignore`d fields left out."""
+    flat = {}
+    for label, config in configs.items():
+        items = {}
+        for key, value in config.items():
+            if isinstance(value, dict):
+                items.update({f'{key}.{k}': v for k, v in value.items()})
+            elif key not in ignore:
+                items[key] = value
+        flat[label] = items
+    keys = sorted({k for items in flat.values() for k in items})
+    varying = [k for k in keys if len({json.dumps(items.get(k)) for items in flat.values()}) > 1]
+    return {label: ', '.join(f'{k} {items.get(k)}' for k in varying) for label, items in flat.items()}
+
+
 def parse_seeds(values: Sequence[str]) -> list[int]:
     """`--seeds` as integers; a usage error naming the flag otherwise."""
     from absl import app  # pylint: disable=g-import-not-at-top
@@ -168,3 +210,40 @@ def setting_sentence(config: ml_collections.ConfigDict) -> str:
     return (f'{config.num_clients} clients, {config.clients_per_round} per round, '
             f'alpha {config.alpha}, batch {config.batch_size}, {config.local_epochs} local '
             f'epoch(s), lr {config.lr}')
+
+
+def learning_curves(workdir: str, method_names: Sequence[str],
+                    seeds: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{name: (rounds, mean accuracy, std accuracy)} from `<workdir>/<name>/seed<seed>/metrics.jsonl`
+    over the seeds whose record holds that round (sample std, 0 where one seed)."""
+    curves = {}
+    for name in method_names:
+        by_round: dict[int, list[float]] = {}
+        for seed in seeds:
+            path = os.path.join(workdir, name, f'seed{seed}', reporting.METRICS_FILENAME)
+            if os.path.isfile(path):
+                for record in reporting.read_metrics(path):
+                    by_round.setdefault(int(record['round']), []).append(float(record['accuracy']))
+        rounds = np.array(sorted(by_round), np.int64)
+        stats = np.array([mean_std(by_round[r]) for r in rounds], np.float64).reshape(-1, 2)
+        curves[name] = (rounds, stats[:, 0], stats[:, 1])
+    return curves
+
+
+def plot_learning_curves(curves: dict, path: str, title: str = '') -> str:
+    """Mean accuracy (%) against the round, one line per method or setting, ± std shaded."""
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)   # no pyplot: no global state, no display needed
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (rounds, mean, std) in curves.items():
+        if len(rounds) == 0:
+            continue
+        line, = ax.plot(rounds, 100 * mean, marker='.' if len(rounds) < 30 else None, label=name)
+        ax.fill_between(rounds, 100 * (mean - std), 100 * (mean + std), color=line.get_color(),
+                        alpha=0.2, linewidth=0)
+    ax.set_title(title)
+    ax.set_xlabel('round')
+    ax.set_ylabel('accuracy (%), mean over clients')
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return reporting.save_figure(fig, path, dpi=fig.dpi)

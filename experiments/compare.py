@@ -11,12 +11,20 @@ skipped and an unfinished one resumes from its checkpoint, so a killed compariso
 stopped when the same command is run again. Written to <workdir>: `comparison.md` and
 `comparison.csv` (accuracy mean ± std over seeds, communication over the whole run in Gbit,
 training FLOPs per client, density) and `learning_curves.png` (every method's accuracy by round).
+
+With --records_only nothing runs: the tables and the figure are rebuilt from each run's compact
+record (config.json, metrics.jsonl, summary.json), as committed under results/:
+
+    python experiments/compare.py --records_only --workdir=results/compare_fmnist500 \
+        --methods=spafl,fedavg,local,fedpm,heterofl,fedspa --seeds=1,2
+
+Methods may have run with different settings (each at its own learning rate, say): the settings
+that differ between the records are listed under the table.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shlex
@@ -29,8 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
@@ -39,7 +45,6 @@ from spafl_jax import configuration
 from spafl_jax import data as data_lib
 from spafl_jax import files
 from spafl_jax import methods
-from spafl_jax import reporting
 from spafl_jax import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -58,6 +63,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the comparison: on
                                required=True)
 _METHODS = flags.DEFINE_list('methods', list(methods.METHODS), 'Methods to compare.')
 _SEEDS = flags.DEFINE_list('seeds', ['1', '2'], 'Seeds of every method.')
+_RECORDS_ONLY = flags.DEFINE_bool('records_only', False, 'Run nothing: rebuild the tables and the '
+                                  'figure from the runs\' records in --workdir (--config unused).')
 
 
 def run_dir(workdir: str, method: str, seed: int) -> str:
@@ -98,14 +105,6 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str, method_names
             f'{time.time() - start:.0f}s so far')
 
 
-def _read_summary(directory: str) -> dict[str, Any] | None:
-    path = os.path.join(directory, common.SUMMARY_FILENAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> list[dict]:
     """One row per method from the runs' summary.json files (a missing one counts as NaN).
 
@@ -115,7 +114,8 @@ def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> 
     rows = []
     nan = float('nan')
     for name in method_names:
-        summaries = [_read_summary(run_dir(workdir, name, seed)) for seed in seeds]
+        summaries = [common.read_record(run_dir(workdir, name, seed), common.SUMMARY_FILENAME)
+                     for seed in seeds]
         done = [s for s in summaries if s is not None]
         get = lambda field: [s[field] if s is not None else nan for s in summaries]
         row: dict[str, Any] = {'method': name, 'seeds': ' '.join(map(str, seeds)),
@@ -174,44 +174,27 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
             f'{row["gbit_up"]:.4g} | {row["gbit_down"]:.4g} | '
             f'{row["flops_per_client"] / scale:.4g} | {percent(row, "density")} | '
             f'{percent(row, "density_weighted")} |')
+    differences = {name: setting for name, setting in
+                   method_settings(workdir, [r['method'] for r in rows], seeds.split()).items()
+                   if setting}
+    if differences:
+        lines += ['', 'Settings that differ between the methods\' runs (the header gives the first '
+                  'run\'s):', '']
+        lines += [f'- {name}: {setting}' for name, setting in differences.items()]
     files.write_atomic(os.path.join(workdir, 'comparison.md'), '\n'.join(lines) + '\n')
 
 
-def learning_curves(workdir: str, method_names: Sequence[str],
-                    seeds: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{method: (rounds, mean accuracy, std accuracy)} over the seeds whose metrics.jsonl holds
-    that round (sample std, 0 where one seed)."""
-    curves = {}
+def method_settings(workdir: str, method_names: Sequence[str],
+                    seeds: Sequence[Any]) -> dict[str, str]:
+    """{method: the config fields where its runs' config.json differs from other methods'}."""
+    configs = {}
     for name in method_names:
-        by_round: dict[int, list[float]] = {}
         for seed in seeds:
-            path = os.path.join(run_dir(workdir, name, seed), reporting.METRICS_FILENAME)
-            if os.path.isfile(path):
-                for record in reporting.read_metrics(path):
-                    by_round.setdefault(int(record['round']), []).append(float(record['accuracy']))
-        rounds = np.array(sorted(by_round), np.int64)
-        stats = np.array([common.mean_std(by_round[r]) for r in rounds], np.float64).reshape(-1, 2)
-        curves[name] = (rounds, stats[:, 0], stats[:, 1])
-    return curves
-
-
-def plot_learning_curves(curves: dict, path: str, title: str = '') -> str:
-    """Mean accuracy (%) against the round, one line per method, ± std shaded."""
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)   # no pyplot: no global state, no display needed
-    ax = fig.add_subplot(1, 1, 1)
-    for name, (rounds, mean, std) in curves.items():
-        if len(rounds) == 0:
-            continue
-        line, = ax.plot(rounds, 100 * mean, marker='.' if len(rounds) < 30 else None, label=name)
-        ax.fill_between(rounds, 100 * (mean - std), 100 * (mean + std), color=line.get_color(),
-                        alpha=0.2, linewidth=0)
-    ax.set_title(title)
-    ax.set_xlabel('round')
-    ax.set_ylabel('accuracy (%), mean over clients')
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    return reporting.save_figure(fig, path, dpi=fig.dpi)
+            config = common.read_record(run_dir(workdir, name, int(seed)), 'config.json')
+            if config is not None:
+                configs[name] = config
+                break
+    return common.differing_settings(configs)
 
 
 def write_report(workdir: str, method_names: Sequence[str], seeds: Sequence[int], command: str,
@@ -219,7 +202,7 @@ def write_report(workdir: str, method_names: Sequence[str], seeds: Sequence[int]
     """The table (md, csv) and learning_curves.png from the runs in `workdir`; returns the rows."""
     rows = collect(workdir, method_names, seeds)
     write_tables(rows, workdir, command, config)
-    plot_learning_curves(learning_curves(workdir, method_names, seeds),
+    common.plot_learning_curves(common.learning_curves(workdir, method_names, seeds),
                          os.path.join(workdir, 'learning_curves.png'),
                          title=f'{config.dataset} / {config.model}')
     return rows
@@ -236,11 +219,18 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     command = 'python experiments/compare.py ' + ' '.join(
         shlex.quote(a.replace(common.CONFIG_DIR + os.sep, '')) for a in sys.argv[1:])
-    try:
-        run_comparison(config, workdir, _METHODS.value, seeds)
-    except (configuration.ConfigError, data_lib.DatasetUnavailableError, train.WorkdirError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    if _RECORDS_ONLY.value:
+        try:
+            config = common.config_of_records(
+                [run_dir(workdir, name, seed) for name in _METHODS.value for seed in seeds])
+        except ValueError as e:
+            common.exit_with_error(f'--records_only: {e}')
+    else:
+        try:
+            run_comparison(config, workdir, _METHODS.value, seeds)
+        except (configuration.ConfigError, data_lib.DatasetUnavailableError,
+                train.WorkdirError) as e:
+            common.exit_with_error(str(e))
     write_report(workdir, _METHODS.value, seeds, command, config)
     with open(os.path.join(workdir, 'comparison.md')) as f:
         print(f.read(), end='')

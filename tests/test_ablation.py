@@ -78,3 +78,34 @@ def test_ablation_table_matches_its_runs_and_resumes(tmp_path):
     assert result.stdout.count(': running in ') == 1
     assert 'estimator=long_tailed importance_update=none seed=2: running' in result.stdout
     assert _summary(workdir, 'long_tailed', 'all_after', 1) == finished_before
+
+
+def test_records_only_table_from_compact_records_with_a_missing_run(tmp_path):
+    """The table from hand-written records alone (nothing runs); a seed without a summary (killed
+    or diverged) is NaN and named in the row."""
+    accuracies = {('identity', 'all_after', 1): 0.8, ('identity', 'all_after', 2): 0.9,
+                  ('identity', 'none', 1): 0.7}
+    for (estimator, update, seed), accuracy in accuracies.items():
+        directory = tmp_path / f'{estimator}__{update}' / f'seed{seed}'
+        os.makedirs(directory)
+        with open(directory / 'config.json', 'w') as f:
+            json.dump({'dataset': 'fashion_mnist', 'model': 'lenet5', 'rounds': 500,
+                       'num_clients': 100, 'clients_per_round': 10, 'alpha': 0.2,
+                       'batch_size': 64, 'local_epochs': 5, 'lr': 0.001, 'th_coeff': 0.002,
+                       'estimator': estimator, 'importance_update': update, 'seed': seed}, f)
+        with open(directory / 'summary.json', 'w') as f:
+            json.dump({'accuracy': accuracy, 'density': 0.5, 'density_weighted': 0.25}, f)
+        with open(directory / 'metrics.jsonl', 'w') as f:
+            f.write(json.dumps({'round': 500, 'accuracy': accuracy}) + '\n')
+    result = subprocess.run([sys.executable, ABLATION, '--records_only', f'--workdir={tmp_path}',
+                             '--seeds=1,2', '--estimators=identity',
+                             '--importance_updates=all_after,none'],
+                            capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / 'ablation.md') as f:
+        table = f.read()
+    assert table.startswith('# Ablation: fashion_mnist / lenet5, 500 rounds\n')
+    std = 100 * np.std([0.8, 0.9], ddof=1)
+    assert f'| `identity` | `all_after` | 85.00 ± {std:.2f} | 50.00 ± 0.00 |' in table
+    assert '| `identity` | `none` (1 run(s) missing or diverged) | nan ± nan |' in table
+    assert os.path.getsize(tmp_path / 'ablation_curves.png') > 0

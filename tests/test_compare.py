@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import common
 from experiments import compare
 from experiments.configs import default
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -82,7 +83,7 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
     assert float(written[1]['gbit_total']) == 100.0
     assert float(written[0]['flops_per_client']) == 3e12
 
-    curves = compare.learning_curves(str(tmp_path), names, seeds)
+    curves = common.learning_curves(str(tmp_path), names, seeds)
     rounds, mean, std = curves['spafl']
     np.testing.assert_array_equal(rounds, [1, 2, 3])
     np.testing.assert_array_equal(mean, [np.mean([0.5, 0.6]), np.mean([0.7, 0.8]),
@@ -160,3 +161,39 @@ def test_compare_command_end_to_end_on_digits(tmp_path):
     assert result.stdout.count('done before, skipped') == 2
     with open(workdir / 'comparison.md') as f:
         assert f.read() == table
+
+
+def _write_config(workdir, method, seed, **fields):
+    config = default.get_config().to_dict()
+    config.update(method=method, seed=seed, rounds=3, **fields)
+    with open(os.path.join(compare.run_dir(str(workdir), method, seed), 'config.json'), 'w') as f:
+        json.dump(config, f)
+
+
+def test_records_only_rebuilds_the_report_from_compact_records(tmp_path):
+    """What results/ holds of a run (config.json, metrics.jsonl, summary.json), and nothing runs:
+    the methods' differing settings are listed under the table."""
+    _write_run(tmp_path, 'spafl', 1, _summary(0.8, 0.5, 0.25, 1e9, 3e9, 2e12), [0.5, 0.7, 0.8])
+    _write_config(tmp_path, 'spafl', 1, lr=0.01, th_coeff=0.005, dataset='fashion_mnist')
+    _write_run(tmp_path, 'fedavg', 1, _summary(0.6, 1.0, 1.0, 5e10, 5e10, 6e12), [0.2, 0.4, 0.6])
+    _write_config(tmp_path, 'fedavg', 1, lr=0.001, dataset='fashion_mnist')
+    result = subprocess.run([sys.executable, COMPARE, '--records_only', f'--workdir={tmp_path}',
+                             '--methods=spafl,fedavg', '--seeds=1'], capture_output=True,
+                            text=True, cwd=REPO, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / 'comparison.md') as f:
+        table = f.read()
+    assert table.startswith('# Comparison: fashion_mnist / digits_cnn, 3 rounds\n')
+    assert '| spafl | 80.00 ± 0.00 | 4 | 1 | 3 | 2 | 50.00 ± 0.00 | 25.00 ± 0.00 |' in table
+    assert '| fedavg | 60.00 ± 0.00 | 100 | 50 | 50 | 6 | 100.00 ± 0.00 | 100.00 ± 0.00 |' in table
+    assert '- spafl: lr 0.01, th_coeff 0.005\n- fedavg: lr 0.001, th_coeff 0.002\n' in table
+    assert 'Command: `python experiments/compare.py --records_only' in table
+    assert not os.path.exists(tmp_path / 'spafl' / 'seed1' / 'checkpoints')
+    assert os.path.getsize(tmp_path / 'learning_curves.png') > 0
+
+    result = subprocess.run([sys.executable, COMPARE, '--records_only',
+                             f'--workdir={tmp_path / "empty"}', '--methods=spafl', '--seeds=1'],
+                            capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        'error: --records_only: no config.json in any of ')

@@ -1,0 +1,166 @@
+r"""The record of a tuning sweep: every run in a folder against a reference config, in one table.
+
+    python experiments/tuning.py --runs=results/tune_fmnist --config=fmnist.py \
+        --rounds=50,100 --goal_round=100
+
+Each sub-folder of --runs is one run (`experiments/main.py --config=... --config.FIELD=VALUE
+--workdir=<runs>/<name>`), read from its compact record: config.json, metrics.jsonl and, once it
+finished, summary.json. Nothing runs. A row gives the settings where the run differs from --config
+(the default being tuned), accuracy and density at the --rounds asked for, the best accuracy and its
+round, and the last round's: `<runs>/tuning.md`, `<runs>/tuning.csv` and `<runs>/tuning_curves.png`
+(every run's accuracy and density by round).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+from typing import Any, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import ml_collections
+
+from experiments import common
+from spafl_jax import files
+from spafl_jax import reporting
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+# Fields that say how a run was executed or recorded, not what it computes.
+NOT_SETTINGS = ('rounds', 'eval_every', 'checkpoint_every', 'client_execution', 'vmap_lanes',
+                'num_cpu_devices', 'eval_chunk', 'data_dir', 'sparsity_rounds')
+
+_CONFIG = common.define_config_flag(
+    os.path.join(common.CONFIG_DIR, 'default.py'), 'The config being tuned: each run\'s settings '
+    'are shown where they differ from it.')
+_RUNS = flags.DEFINE_string('runs', None, 'Folder of the sweep: one sub-folder per run.',
+                            required=True)
+_ROUNDS = flags.DEFINE_list('rounds', ['50', '100'], 'Rounds whose accuracy and density the table '
+                            'shows (the nearest evaluated round at or before each).')
+
+
+def settings(config: dict[str, Any], reference: dict[str, Any]) -> str:
+    """`field value, ...` for every setting where `config` differs from `reference`."""
+    changed = common.differing_settings({'run': config, 'reference': reference},
+                                        ignore=NOT_SETTINGS)['run']
+    return changed or '(the reference)'
+
+
+def at_round(records: Sequence[dict[str, Any]], round_index: int) -> dict[str, Any] | None:
+    """The last evaluated record at or before `round_index`, if the run reached that round."""
+    before = [r for r in records if r['round'] <= round_index]
+    if not before or records[-1]['round'] < round_index:
+        return None
+    return before[-1]
+
+
+def evaluated(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if 'accuracy' in r and math.isfinite(r['accuracy'])]
+
+
+def collect(runs_dir: str, reference: ml_collections.ConfigDict,
+            rounds: Sequence[int]) -> list[dict[str, Any]]:
+    """A row per run folder (sorted by name) from its records."""
+    reference_dict = json.loads(json.dumps(reference.to_dict()))
+    rows = []
+    for name in sorted(os.listdir(runs_dir)):
+        directory = os.path.join(runs_dir, name)
+        config = common.read_record(directory, 'config.json')
+        metrics_path = os.path.join(directory, reporting.METRICS_FILENAME)
+        if config is None or not os.path.isfile(metrics_path):
+            continue
+        records = evaluated(reporting.read_metrics(metrics_path))
+        if not records:
+            continue
+        best = max(records, key=lambda r: r['accuracy'])
+        last = records[-1]
+        row = {'run': name, 'settings': settings(config, reference_dict),
+               'rounds': config['rounds'], 'finished': common.read_record(
+                   directory, common.SUMMARY_FILENAME) is not None,
+               'last_round': last['round'], 'accuracy_last': last['accuracy'],
+               'density_last': last['density'], 'accuracy_best': best['accuracy'],
+               'best_round': best['round']}
+        for r in rounds:
+            record = at_round(records, r)
+            row[f'accuracy_{r}'] = record['accuracy'] if record else float('nan')
+            row[f'density_{r}'] = record['density'] if record else float('nan')
+        row['curve'] = [(rec['round'], rec['accuracy'], rec['density']) for rec in records]
+        rows.append(row)
+    return rows
+
+
+def write_table(rows: Sequence[dict[str, Any]], runs_dir: str, rounds: Sequence[int],
+                command: str) -> None:
+    columns = (['run', 'settings', 'rounds', 'finished', 'last_round']
+               + [f'{field}_{r}' for r in rounds for field in ('accuracy', 'density')]
+               + ['accuracy_best', 'best_round', 'accuracy_last', 'density_last'])
+    common.write_csv(os.path.join(runs_dir, 'tuning.csv'), rows, columns)
+    cell = lambda v, scale=100, digits=1: '–' if math.isnan(v) else f'{scale * v:.{digits}f}'
+    header = ['run', 'settings (where they differ from the reference)']
+    header += [f'r{r}: accuracy (%) / density' for r in rounds]
+    header += ['best accuracy (%) (round)', 'last round: accuracy (%) / density']
+    lines = [f'Command: `{command}`', '', '| ' + ' | '.join(header) + ' |',
+             '|' + '---|' * len(header)]
+    for row in rows:
+        cells = [row['run'], row['settings']]
+        cells += [f'{cell(row[f"accuracy_{r}"])} / {cell(row[f"density_{r}"], 1, 3)}'
+                  for r in rounds]
+        cells.append(f'{cell(row["accuracy_best"])} ({row["best_round"]})')
+        unfinished = '' if row['finished'] else f' (round {row["last_round"]} of {row["rounds"]})'
+        cells.append(f'{cell(row["accuracy_last"])} / {cell(row["density_last"], 1, 3)}'
+                     f'{unfinished}')
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    files.write_atomic(os.path.join(runs_dir, 'tuning.md'), '\n'.join(lines) + '\n')
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str) -> str:
+    """Accuracy and density against the round, one line per run."""
+    fig = Figure(figsize=(11, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    accuracy_ax, density_ax = fig.subplots(1, 2)
+    for row in rows:
+        rounds, accuracy, density = zip(*row['curve'])
+        line, = accuracy_ax.plot(rounds, [100 * a for a in accuracy], label=row['run'])
+        density_ax.plot(rounds, density, color=line.get_color())
+    accuracy_ax.set_ylabel('accuracy (%), mean over clients')
+    density_ax.set_ylabel('density (mean over layers of kept rows)')
+    for ax in (accuracy_ax, density_ax):
+        ax.set_xlabel('round')
+        ax.grid(True, alpha=0.3)
+    accuracy_ax.legend(fontsize=7)
+    return reporting.save_figure(fig, path, dpi=fig.dpi)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    try:
+        rounds = [int(r) for r in _ROUNDS.value]
+    except ValueError:
+        common.exit_with_error(f'--rounds must be integers, got {",".join(_ROUNDS.value)}.')
+    runs_dir = _RUNS.value
+    if not os.path.isdir(runs_dir):
+        common.exit_with_error(f'--runs={runs_dir}: no such folder (give the sweep\'s folder).')
+    rows = collect(runs_dir, _CONFIG.value, rounds)
+    if not rows:
+        common.exit_with_error(f'--runs={runs_dir}: no run records (config.json and '
+                               'metrics.jsonl) in its sub-folders.')
+    command = 'python experiments/tuning.py ' + ' '.join(
+        shlex.quote(a.replace(common.CONFIG_DIR + os.sep, '')) for a in sys.argv[1:])
+    write_table(rows, runs_dir, rounds, command)
+    plot_curves(rows, os.path.join(runs_dir, 'tuning_curves.png'))
+    with open(os.path.join(runs_dir, 'tuning.md')) as f:
+        print(f.read(), end='')
+
+
+if __name__ == '__main__':
+    sys.argv = common.resolve_config_argument(sys.argv)
+    app.run(main, flags_parser=common.parse_flags)

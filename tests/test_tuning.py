@@ -1,0 +1,69 @@
+"""experiments/tuning.py: the sweep's table from hand-written records (exact numbers)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.configs import fmnist
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+pytestmark = pytest.mark.slow   # a subprocess importing JAX: deselect with -m 'not slow'
+
+TUNING = os.path.join(REPO, 'experiments', 'tuning.py')
+
+
+def _write_run(runs, name, overrides, curve, finished):
+    directory = runs / name
+    os.makedirs(directory)
+    config = fmnist.get_config().to_dict()
+    config.update(overrides)
+    with open(directory / 'config.json', 'w') as f:
+        json.dump(config, f)
+    with open(directory / 'metrics.jsonl', 'w') as f:
+        for round_index, accuracy, density in curve:
+            f.write(json.dumps({'round': round_index, 'accuracy': accuracy,
+                                'density': density}) + '\n')
+    if finished:
+        with open(directory / 'summary.json', 'w') as f:
+            json.dump({'accuracy': curve[-1][1]}, f)
+
+
+def test_table_from_records(tmp_path):
+    runs = tmp_path / 'sweep'
+    # Evaluated every 5 rounds; round 50 is read from round 50, round 100 from round 100.
+    _write_run(runs, 'a_fast', {'lr': 0.01, 'rounds': 100, 'eval_every': 5},
+               [(5, 0.5, 0.9), (50, 0.85, 0.5), (95, 0.93, 0.4), (100, 0.92, 0.35)], True)
+    # Unfinished at round 60: round 100 is not reached yet; evaluated every 10 rounds, so round 55
+    # would be read from round 50.
+    _write_run(runs, 'b_sparse', {'th_coeff': 0.01, 'estimator': 'identity'},
+               [(10, 0.4, 0.8), (50, 0.7, 0.3), (60, 0.72, 0.28)], False)
+    _write_run(runs, 'c_default', {}, [(100, 0.8, 0.8)], True)
+    os.makedirs(runs / 'not_a_run')
+    result = subprocess.run([sys.executable, TUNING, f'--runs={runs}', '--config=fmnist.py',
+                             '--rounds=50,100'], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(runs / 'tuning.md') as f:
+        table = f.read()
+    assert '| a_fast | lr 0.01 | 85.0 / 0.500 | 92.0 / 0.350 | 93.0 (95) | 92.0 / 0.350 |' in table
+    assert ('| b_sparse | estimator identity, th_coeff 0.01 | 70.0 / 0.300 | – / – | 72.0 (60) | '
+            '72.0 / 0.280 (round 60 of 500) |') in table
+    assert '| c_default | (the reference) | – / – | 80.0 / 0.800 |' in table
+    with open(runs / 'tuning.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['run'] for r in rows] == ['a_fast', 'b_sparse', 'c_default']
+    assert float(rows[0]['accuracy_best']) == 0.93 and rows[0]['best_round'] == '95'
+    assert os.path.getsize(runs / 'tuning_curves.png') > 0
+
+    result = subprocess.run([sys.executable, TUNING, f'--runs={tmp_path / "none"}'],
+                            capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith('error: --runs=')
