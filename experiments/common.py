@@ -8,7 +8,7 @@ import io
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -156,9 +156,17 @@ def config_of_records(directories: Sequence[str]) -> ml_collections.ConfigDict:
                      'there (check --workdir).')
 
 
+# Config fields that say how a run was executed or recorded, not what it computes (beyond float
+# rounding): left out where tables list the settings in which runs differ.
+EXECUTION_FIELDS = ('eval_every', 'checkpoint_every', 'client_execution', 'vmap_lanes',
+                    'num_cpu_devices', 'eval_chunk', 'eval_batch_size', 'data_dir',
+                    'sparsity_rounds', 'coordinator_address', 'num_processes', 'process_id',
+                    'conv_impl', 'scan_unroll')
+
+
 def differing_settings(configs: dict[str, dict[str, Any]],
-                       ignore: Sequence[str] = ('seed', 'method', 'estimator',
-                                                'importance_update')) -> dict[str, str]:
+                       ignore: Sequence[str] = ('seed', 'method', *EXECUTION_FIELDS),
+                       ) -> dict[str, str]:
     """{label: 'field value, ...'} for every config field whose value is not the same in all
     `configs` (flattened one level: `baseline.fedpm_prior`), `ignore`d fields left out."""
     flat = {}
@@ -212,10 +220,12 @@ def setting_sentence(config: ml_collections.ConfigDict) -> str:
             f'epoch(s), lr {config.lr}')
 
 
-def learning_curves(workdir: str, method_names: Sequence[str],
-                    seeds: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{name: (rounds, mean accuracy, std accuracy)} from `<workdir>/<name>/seed<seed>/metrics.jsonl`
-    over the seeds whose record holds that round (sample std, 0 where one seed)."""
+def learning_curves(workdir: str, method_names: Sequence[str], seeds: Sequence[int],
+                    value: Callable[[dict], float] = lambda record: record['accuracy'],
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{name: (rounds, mean, std)} of `value(record)` (accuracy by default) from
+    `<workdir>/<name>/seed<seed>/metrics.jsonl`, over the seeds whose record holds that round
+    (sample std, 0 where one seed)."""
     curves = {}
     for name in method_names:
         by_round: dict[int, list[float]] = {}
@@ -223,27 +233,44 @@ def learning_curves(workdir: str, method_names: Sequence[str],
             path = os.path.join(workdir, name, f'seed{seed}', reporting.METRICS_FILENAME)
             if os.path.isfile(path):
                 for record in reporting.read_metrics(path):
-                    by_round.setdefault(int(record['round']), []).append(float(record['accuracy']))
+                    if 'accuracy' in record:   # evaluated rounds
+                        by_round.setdefault(int(record['round']), []).append(float(value(record)))
         rounds = np.array(sorted(by_round), np.int64)
         stats = np.array([mean_std(by_round[r]) for r in rounds], np.float64).reshape(-1, 2)
         curves[name] = (rounds, stats[:, 0], stats[:, 1])
     return curves
 
 
-def plot_learning_curves(curves: dict, path: str, title: str = '') -> str:
-    """Mean accuracy (%) against the round, one line per method or setting, ± std shaded."""
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+def plot_learning_curves(curves: dict, path: str, title: str = '',
+                         gbit: dict | None = None) -> str:
+    """Mean accuracy (%) against the round, one line per method or setting, ± std shaded; with
+    `gbit` ({name: (rounds, mean Gbit sent so far, std)}), a second panel against the bits sent."""
+    fig = Figure(figsize=(11.5 if gbit else 6.4, 4.2), dpi=120)
     FigureCanvasAgg(fig)   # no pyplot: no global state, no display needed
-    ax = fig.add_subplot(1, 1, 1)
+    axes = fig.subplots(1, 2 if gbit else 1, squeeze=False)[0]
     for name, (rounds, mean, std) in curves.items():
         if len(rounds) == 0:
             continue
-        line, = ax.plot(rounds, 100 * mean, marker='.' if len(rounds) < 30 else None, label=name)
-        ax.fill_between(rounds, 100 * (mean - std), 100 * (mean + std), color=line.get_color(),
-                        alpha=0.2, linewidth=0)
-    ax.set_title(title)
-    ax.set_xlabel('round')
-    ax.set_ylabel('accuracy (%), mean over clients')
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+        line, = axes[0].plot(rounds, 100 * mean, marker='.' if len(rounds) < 30 else None,
+                             label=name)
+        axes[0].fill_between(rounds, 100 * (mean - std), 100 * (mean + std),
+                             color=line.get_color(), alpha=0.2, linewidth=0)
+        if gbit:
+            sent = dict(zip(gbit[name][0].tolist(), gbit[name][1].tolist()))
+            points = [(sent[r], 100 * m) for r, m in zip(rounds.tolist(), mean.tolist())
+                      if sent.get(r, 0.0) > 0]
+            if points:
+                axes[1].plot(*zip(*points), color=line.get_color(), label=name)
+            else:   # nothing to place on a log axis
+                axes[1].plot([], [], color=line.get_color(), label=f'{name} (sends nothing)')
+    axes[0].set_title(title)
+    axes[0].set_xlabel('round')
+    if gbit:
+        axes[1].set_xscale('log')
+        axes[1].set_xlabel('Gbit sent so far, up + down (log scale)')
+        axes[1].set_title('accuracy against communication')
+    for ax in axes:
+        ax.set_ylabel('accuracy (%), mean over clients')
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     return reporting.save_figure(fig, path, dpi=fig.dpi)

@@ -10,7 +10,8 @@ set, in `<workdir>/<method>/seed<seed>`. A finished run of the same config (summ
 skipped and an unfinished one resumes from its checkpoint, so a killed comparison goes on where it
 stopped when the same command is run again. Written to <workdir>: `comparison.md` and
 `comparison.csv` (accuracy mean ± std over seeds, communication over the whole run in Gbit,
-training FLOPs per client, density) and `learning_curves.png` (every method's accuracy by round).
+training FLOPs per client, density) and `learning_curves.png` (every method's accuracy by round,
+and against the bits it has sent).
 
 With --records_only nothing runs: the tables and the figure are rebuilt from each run's compact
 record (config.json, metrics.jsonl, summary.json), as committed under results/:
@@ -202,9 +203,11 @@ def write_report(workdir: str, method_names: Sequence[str], seeds: Sequence[int]
     """The table (md, csv) and learning_curves.png from the runs in `workdir`; returns the rows."""
     rows = collect(workdir, method_names, seeds)
     write_tables(rows, workdir, command, config)
+    sent = common.learning_curves(workdir, method_names, seeds,
+                                  value=lambda r: (r.get('bits_up', 0) + r.get('bits_down', 0)) / 1e9)
     common.plot_learning_curves(common.learning_curves(workdir, method_names, seeds),
-                         os.path.join(workdir, 'learning_curves.png'),
-                         title=f'{config.dataset} / {config.model}')
+                                os.path.join(workdir, 'learning_curves.png'),
+                                title=f'{config.dataset} / {config.model}', gbit=sent)
     return rows
 
 

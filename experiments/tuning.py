@@ -34,10 +34,6 @@ from spafl_jax import files
 from spafl_jax import reporting
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# Fields that say how a run was executed or recorded, not what it computes.
-NOT_SETTINGS = ('rounds', 'eval_every', 'checkpoint_every', 'client_execution', 'vmap_lanes',
-                'num_cpu_devices', 'eval_chunk', 'data_dir', 'sparsity_rounds')
-
 _CONFIG = common.define_config_flag(
     os.path.join(common.CONFIG_DIR, 'default.py'), 'The config being tuned: each run\'s settings '
     'are shown where they differ from it.')
@@ -50,7 +46,7 @@ _ROUNDS = flags.DEFINE_list('rounds', ['50', '100'], 'Rounds whose accuracy and 
 def settings(config: dict[str, Any], reference: dict[str, Any]) -> str:
     """`field value, ...` for every setting where `config` differs from `reference`."""
     changed = common.differing_settings({'run': config, 'reference': reference},
-                                        ignore=NOT_SETTINGS)['run']
+                                        ignore=('rounds', *common.EXECUTION_FIELDS))['run']
     return changed or '(the reference)'
 
 
