@@ -67,3 +67,23 @@ def test_table_from_records(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith('error: --runs=')
+
+
+def test_results_command_rebuilds_the_parts_whose_records_exist(tmp_path):
+    """experiments/results.py: the tuning part from its records; parts without records skipped."""
+    results = tmp_path / 'results'
+    _write_run(results / 'tune_fmnist', 'a_fast', {'lr': 0.01, 'rounds': 100},
+               [(50, 0.85, 0.5), (100, 0.92, 0.35)], True)
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'results.py'),
+                             f'--results={results}'], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'== compare: no records in {os.path.relpath(results, REPO)}/compare_fmnist500 yet, ' \
+        'skipped' in result.stdout
+    with open(results / 'tune_fmnist' / 'tuning.md') as f:
+        assert '| a_fast | lr 0.01 | 85.0 / 0.500 | 92.0 / 0.350 | – / – | 92.0 (100) |' in f.read()
+
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'results.py'),
+                             '--only=tables'], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, check=False)
+    assert result.returncode == 1 and '--only: unknown part(s) tables' in result.stderr
