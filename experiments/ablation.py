@@ -153,8 +153,9 @@ def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
     ]
     for row in rows:
         cells = [common.percent_cell(row, field) for field in REPORTED]
-        missing = len(row['seeds'].split()) - row['finished']
-        note = f' ({missing} run(s) missing or diverged)' if missing else ''
+        note = common.unfinished_note(
+            {seed: run_dir(workdir, row['estimator'], row['importance_update'], int(seed))
+             for seed in row['seeds'].split()})
         lines.append(f'| `{row["estimator"]}` | `{row["importance_update"]}`{note} | '
                      + ' | '.join(cells) + ' |')
     files.write_atomic(os.path.join(workdir, 'ablation.md'), '\n'.join(lines) + '\n')

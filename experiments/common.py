@@ -145,6 +145,25 @@ def read_record(directory: str, filename: str) -> Any:
         return json.load(f)
 
 
+def run_status(directory: str) -> str:
+    """'finished', 'diverged at round N', 'stopped at round N' or 'missing', from a run's records."""
+    if read_record(directory, SUMMARY_FILENAME) is not None:
+        return 'finished'
+    diverged = read_record(directory, 'diverged.json')
+    if diverged is not None:
+        return f'diverged at round {diverged["round"]}'
+    path = os.path.join(directory, reporting.METRICS_FILENAME)
+    records = reporting.read_metrics(path) if os.path.isfile(path) else []
+    return f'stopped at round {records[-1]["round"]}' if records else 'missing'
+
+
+def unfinished_note(directories: dict[Any, str]) -> str:
+    """' (seed 2: diverged at round 35)' for the seeds ({seed: directory}) that did not finish."""
+    notes = [f'seed {seed}: {status}' for seed, status in
+             ((seed, run_status(d)) for seed, d in directories.items()) if status != 'finished']
+    return f' ({"; ".join(notes)})' if notes else ''
+
+
 def config_of_records(directories: Sequence[str]) -> ml_collections.ConfigDict:
     """The config of the first run among `directories` that wrote its config.json (the table's
     setting when it is rebuilt from records alone); ValueError naming the places if none did."""

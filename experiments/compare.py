@@ -168,8 +168,8 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
         '|---|---|---|---|---|---|---|---|',
     ]
     for row in rows:
-        missing = len(seeds.split()) - row['finished']
-        name = row['method'] + (f' ({missing} run(s) missing or diverged)' if missing else '')
+        name = row['method'] + common.unfinished_note(
+            {seed: run_dir(workdir, row['method'], int(seed)) for seed in seeds.split()})
         lines.append(
             f'| {name} | {percent(row, "accuracy")} | {row["gbit_total"]:.4g} | '
             f'{row["gbit_up"]:.4g} | {row["gbit_down"]:.4g} | '

@@ -79,8 +79,7 @@ def collect(runs_dir: str, reference: ml_collections.ConfigDict,
         best = max(records, key=lambda r: r['accuracy'])
         last = records[-1]
         row = {'run': name, 'settings': settings(config, reference_dict),
-               'rounds': config['rounds'], 'finished': common.read_record(
-                   directory, common.SUMMARY_FILENAME) is not None,
+               'rounds': config['rounds'], 'status': common.run_status(directory),
                'last_round': last['round'], 'accuracy_last': last['accuracy'],
                'density_last': last['density'], 'accuracy_best': best['accuracy'],
                'best_round': best['round']}
@@ -95,7 +94,7 @@ def collect(runs_dir: str, reference: ml_collections.ConfigDict,
 
 def write_table(rows: Sequence[dict[str, Any]], runs_dir: str, rounds: Sequence[int],
                 command: str) -> None:
-    columns = (['run', 'settings', 'rounds', 'finished', 'last_round']
+    columns = (['run', 'settings', 'rounds', 'status', 'last_round']
                + [f'{field}_{r}' for r in rounds for field in ('accuracy', 'density')]
                + ['accuracy_best', 'best_round', 'accuracy_last', 'density_last'])
     common.write_csv(os.path.join(runs_dir, 'tuning.csv'), rows, columns)
@@ -110,7 +109,7 @@ def write_table(rows: Sequence[dict[str, Any]], runs_dir: str, rounds: Sequence[
         cells += [f'{cell(row[f"accuracy_{r}"])} / {cell(row[f"density_{r}"], 1, 3)}'
                   for r in rounds]
         cells.append(f'{cell(row["accuracy_best"])} ({row["best_round"]})')
-        unfinished = '' if row['finished'] else f' (round {row["last_round"]} of {row["rounds"]})'
+        unfinished = '' if row['status'] == 'finished' else f' ({row["status"]} of {row["rounds"]})'
         cells.append(f'{cell(row["accuracy_last"])} / {cell(row["density_last"], 1, 3)}'
                      f'{unfinished}')
         lines.append('| ' + ' | '.join(cells) + ' |')

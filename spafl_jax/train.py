@@ -182,6 +182,9 @@ ADDED_FIELDS = {'collapse_check': 'current', 'max_loss': 1e6}
 LOCK_FILENAME = '.lock'
 
 CONFIG_FILENAME = 'config.json'
+# Written when a run stops on a non-finite or exploding loss: {"round": r, "error": message}, so
+# that the run's compact record says it diverged (tables show it) rather than that it stopped.
+DIVERGED_FILENAME = 'diverged.json'
 CHECKPOINT_DIRNAME = 'checkpoints'
 
 
@@ -268,7 +271,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, overwrit
                                'pass another --workdir, or --overwrite to replace that run.')
     if overwrite:
         for name in (CONFIG_FILENAME, reporting.METRICS_FILENAME, 'summary.json',
-                     'final_state.msgpack'):
+                     DIVERGED_FILENAME, 'final_state.msgpack'):
             if os.path.exists(os.path.join(workdir, name)):
                 os.remove(os.path.join(workdir, name))
         for name in (CHECKPOINT_DIRNAME, reporting.TENSORBOARD_DIRNAME):
@@ -449,18 +452,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
                     (round_metrics, evaluation, finite))
                 bad = [part for part, ok in (('loss', np.isfinite(round_metrics['train_loss'])),
                                              *finite.items()) if not ok]
+                failure = None
                 if bad:
-                    raise NonFiniteError(
-                        f'round {r + 1}: non-finite {", ".join(bad)} (sampled clients '
-                        f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
-                        f'{checkpointer.directory} is intact. Lower config.lr or set config.clip.')
-                if float(round_metrics['train_loss']) > max_loss:
-                    raise NonFiniteError(
-                        f'round {r + 1}: training loss {float(round_metrics["train_loss"]):.3g} is '
-                        f'above config.max_loss={max_loss:g}: the run diverged (sampled clients '
-                        f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
-                        f'{checkpointer.directory} is intact. Lower config.lr or config.th_coeff, '
-                        'or set config.clip.')
+                    failure = (f'round {r + 1}: non-finite {", ".join(bad)} (sampled clients '
+                               f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
+                               f'{checkpointer.directory} is intact. Lower config.lr or set '
+                               'config.clip.')
+                elif float(round_metrics['train_loss']) > max_loss:
+                    failure = (f'round {r + 1}: training loss '
+                               f'{float(round_metrics["train_loss"]):.3g} is above '
+                               f'config.max_loss={max_loss:g}: the run diverged (sampled clients '
+                               f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
+                               f'{checkpointer.directory} is intact. Lower config.lr or '
+                               'config.th_coeff, or set config.clip.')
+                if failure:
+                    if lead:
+                        reporting.write_json_atomic(os.path.join(workdir, DIVERGED_FILENAME),
+                                                    {'round': r + 1, 'error': failure})
+                    raise NonFiniteError(failure)
                 totals['bits_up'] += bits_up_round
                 totals['bits_down'] += bits_down_round
                 totals['flops'] += float(round_metrics['flops'])

@@ -72,7 +72,7 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
             'FLOPs per client (TFLOP) | density (%) | density, weights (%) |') in table
     assert '| spafl | 85.00 ± 7.07 | 4 | 1 | 3 | 3 | 60.00 ± 14.14 | 30.00 ± 7.07 |' in table
     assert '| fedavg | 65.00 ± 7.07 | 100 | 50 | 50 | 6 | 100.00 ± 0.00 | 100.00 ± 0.00 |' in table
-    assert '| local (1 run(s) missing or diverged) | nan ± nan |' in table
+    assert '| local (seed 2: stopped at round 2) | nan ± nan |' in table
     assert 'Command: `python experiments/compare.py ...`' in table
 
     with open(tmp_path / 'comparison.csv') as f:

@@ -113,6 +113,11 @@ def test_a_loss_above_max_loss_stops_the_run_as_diverged(tmp_path):
                                          local_epochs=1, max_loss=1.0), str(tmp_path))
     assert not os.path.exists(tmp_path / 'metrics.jsonl') or not (
         tmp_path / 'metrics.jsonl').read_text().strip()
+    # The compact record says so (tables of sweeps and comparisons read it).
+    with open(tmp_path / train.DIVERGED_FILENAME) as f:
+        diverged = json.load(f)
+    assert diverged['round'] == 1 and 'above config.max_loss=1: the run diverged' in diverged['error']
+    assert not os.path.exists(tmp_path / 'summary.json')
 
 
 def test_a_busy_workdir_is_refused_and_a_dead_runs_lock_is_not_stuck(tmp_path):

@@ -46,6 +46,9 @@ def test_table_from_records(tmp_path):
     _write_run(runs, 'b_sparse', {'th_coeff': 0.01, 'estimator': 'identity'},
                [(10, 0.4, 0.8), (50, 0.7, 0.3), (60, 0.72, 0.28)], False)
     _write_run(runs, 'c_default', {}, [(100, 0.8, 0.8)], True)
+    _write_run(runs, 'd_diverged', {'lr': 0.1}, [(10, 0.3, 0.9)], False)
+    with open(runs / 'd_diverged' / 'diverged.json', 'w') as f:
+        json.dump({'round': 12, 'error': 'round 12: non-finite loss'}, f)
     os.makedirs(runs / 'not_a_run')
     result = subprocess.run([sys.executable, TUNING, f'--runs={runs}', '--config=fmnist.py',
                              '--rounds=50,100'], capture_output=True, text=True, cwd=REPO,
@@ -55,11 +58,14 @@ def test_table_from_records(tmp_path):
         table = f.read()
     assert '| a_fast | lr 0.01 | 85.0 / 0.500 | 92.0 / 0.350 | 93.0 (95) | 92.0 / 0.350 |' in table
     assert ('| b_sparse | estimator identity, th_coeff 0.01 | 70.0 / 0.300 | – / – | 72.0 (60) | '
-            '72.0 / 0.280 (round 60 of 500) |') in table
+            '72.0 / 0.280 (stopped at round 60 of 500) |') in table
+    assert '| d_diverged | lr 0.1 | – / – | – / – | 30.0 (10) | 30.0 / 0.900 (diverged at round 12 ' \
+        'of 500) |' in table
     assert '| c_default | (the reference) | – / – | 80.0 / 0.800 |' in table
     with open(runs / 'tuning.csv') as f:
         rows = list(csv.DictReader(f))
-    assert [r['run'] for r in rows] == ['a_fast', 'b_sparse', 'c_default']
+    assert [r['run'] for r in rows] == ['a_fast', 'b_sparse', 'c_default', 'd_diverged']
+    assert rows[3]['status'] == 'diverged at round 12'
     assert float(rows[0]['accuracy_best']) == 0.93 and rows[0]['best_round'] == '95'
     assert os.path.getsize(runs / 'tuning_curves.png') > 0
 
