@@ -29,11 +29,12 @@ pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
 CONFIGS = {'fmnist.py': fmnist, 'cifar10.py': cifar10, 'cifar10_vit.py': cifar10_vit,
            'cifar100.py': cifar100}
 
-# docs/algorithm.md, section 6, column by column.
+# docs/algorithm.md, section 6, column by column (where a default was tuned, the :official preset
+# keeps the paper's value: OFFICIAL below).
 PAPER = {
     'fmnist.py': dict(dataset='fashion_mnist', model='lenet5', rounds=500, alpha=0.2,
-                      batch_size=64, local_epochs=5, lr=0.001, lr_decay=1.0, clip=0.0,
-                      th_coeff=0.002, penalty_warmup=True),
+                      batch_size=64, local_epochs=5, lr=0.01, lr_decay=1.0, clip=0.0,
+                      th_coeff=0.005, penalty_warmup=True),   # lr, th_coeff tuned (RESULTS.md)
     'cifar10.py': dict(dataset='cifar10', model='conv4', rounds=500, alpha=0.1, batch_size=16,
                        local_epochs=5, lr=0.01, lr_decay=1.0, clip=3.0, th_coeff=1.5e-4,
                        penalty_warmup=False),
@@ -54,7 +55,7 @@ _OFFICIAL_CIFAR = dict(estimator='outside_unit', importance_update='all_after',
 OFFICIAL = {
     'fmnist.py': dict(estimator='identity', importance_update='sampled_before',
                       persistent_optimizer=True, raw_pixels=True, augment='none', drop_last=False,
-                      collapse_check='previous'),
+                      collapse_check='previous', lr=0.001, th_coeff=0.002),   # the paper's
     'cifar10.py': _OFFICIAL_CIFAR,
     'cifar10_vit.py': _OFFICIAL_CIFAR,
     'cifar100.py': _OFFICIAL_CIFAR,   # assumed like the CIFAR-10 folder (docstring of cifar100.py)
@@ -86,7 +87,8 @@ def test_official_preset_differs_only_in_the_documented_fields(name):
     official = CONFIGS[name].get_config('official').to_dict()
     assert set(ours) == set(official)
     changed = {k for k in ours if ours[k] != official[k]}
-    assert changed <= set(OFFICIAL_FIELDS), (name, changed - set(OFFICIAL_FIELDS))
+    allowed = set(OFFICIAL_FIELDS) | set(OFFICIAL[name])
+    assert changed <= allowed, (name, changed - allowed)
     for field, value in OFFICIAL[name].items():
         assert official[field] == value, (name, field)
     with pytest.raises(ValueError, match='official'):

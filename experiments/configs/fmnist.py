@@ -23,10 +23,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.rounds = 500
     config.batch_size = 64
     config.local_epochs = 5
-    config.lr = 0.001
+    # Tuned on real Fashion-MNIST (RESULTS.md, "Tuning the defaults"; the paper: lr 0.001,
+    # th_coeff 0.002, which `:official` keeps): ten times the paper's learning rate learns in 100
+    # rounds what it takes 200 for, and 2.5 times its penalty prunes as far as the official code does.
+    config.lr = 0.01
     config.lr_decay = 1.0
     config.clip = 0.0                    # the FMNIST folder does not clip
-    config.th_coeff = 0.002
+    config.th_coeff = 0.005
     config.penalty_warmup = True
     config.eval_batch_size = 500
     if arg == 'official':
@@ -38,6 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def apply_official_fmnist(config: ml_collections.ConfigDict) -> None:
     """The behaviour of the official FMNIST folder, where it differs from our defaults."""
+    config.lr = 0.001            # the paper's hyperparameters (docs/algorithm.md, section 6)
+    config.th_coeff = 0.002
     config.estimator = 'identity'
     config.importance_update = 'sampled_before'
     config.persistent_optimizer = True
