@@ -187,7 +187,8 @@ def differing_settings(configs: dict[str, dict[str, Any]],
                        ignore: Sequence[str] = ('seed', 'method', *EXECUTION_FIELDS),
                        ) -> dict[str, str]:
     """{label: 'field value, ...'} for every config field whose value is not the same in all
-    `configs` (flattened one level: `baseline.fedpm_prior`), `ignore`d fields left out."""
+    `configs` (flattened one level: `baseline.fedpm_prior`), `ignore`d fields and fields that some
+    records lack (added to the config since) left out."""
     flat = {}
     for label, config in configs.items():
         items = {}
@@ -197,7 +198,8 @@ def differing_settings(configs: dict[str, dict[str, Any]],
             elif key not in ignore:
                 items[key] = value
         flat[label] = items
-    keys = sorted({k for items in flat.values() for k in items})
+    # A field missing from a record was added after that run, which had its default then.
+    keys = sorted(set.intersection(*(set(items) for items in flat.values()))) if flat else []
     varying = [k for k in keys if len({json.dumps(items.get(k)) for items in flat.values()}) > 1]
     return {label: ', '.join(f'{k} {items.get(k)}' for k in varying) for label, items in flat.items()}
 

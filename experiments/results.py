@@ -25,7 +25,7 @@ PARTS = (
     ('fidelity', 'official_fmnist_seed1', ['fidelity.py', '--results={results}',
                                            '--rounds=10,25,50,75,100,125,150,175,200']),
     ('tuning', 'tune_fmnist', ['tuning.py', '--runs={results}/tune_fmnist', '--config=fmnist.py',
-                               '--rounds=50,100,500']),
+                               '--rounds=50,100,200']),
     ('tuning', 'tune_digits', ['tuning.py', '--runs={results}/tune_digits', '--config=default.py',
                                '--rounds=25,50']),
     ('compare', 'compare_fmnist500', ['compare.py', '--records_only',
