@@ -50,7 +50,9 @@ def main(argv):
         raise app.UsageError(f'--only: unknown part(s) {", ".join(unknown)}; the parts are '
                              f'{", ".join(sorted(known))}.')
     # Relative to the repository where it lies inside it, so the tables' commands read portably.
-    results = os.path.relpath(os.path.abspath(_RESULTS.value), REPO)
+    results = os.path.abspath(_RESULTS.value)
+    if results.startswith(REPO + os.sep):
+        results = os.path.relpath(results, REPO)
     failed = []
     for part, folder, arguments in PARTS:
         if _ONLY.value and part not in _ONLY.value:

@@ -39,7 +39,7 @@ def _write_run(runs, name, overrides, curve, finished):
 def test_table_from_records(tmp_path):
     runs = tmp_path / 'sweep'
     # Evaluated every 5 rounds; round 50 is read from round 50, round 100 from round 100.
-    _write_run(runs, 'a_fast', {'lr': 0.01, 'rounds': 100, 'eval_every': 5},
+    _write_run(runs, 'a_fast', {'lr': 0.02, 'rounds': 100, 'eval_every': 5},
                [(5, 0.5, 0.9), (50, 0.85, 0.5), (95, 0.93, 0.4), (100, 0.92, 0.35)], True)
     # Unfinished at round 60: round 100 is not reached yet; evaluated every 10 rounds, so round 55
     # would be read from round 50.
@@ -56,7 +56,7 @@ def test_table_from_records(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(runs / 'tuning.md') as f:
         table = f.read()
-    assert '| a_fast | lr 0.01 | 85.0 / 0.500 | 92.0 / 0.350 | 93.0 (95) | 92.0 / 0.350 |' in table
+    assert '| a_fast | lr 0.02 | 85.0 / 0.500 | 92.0 / 0.350 | 93.0 (95) | 92.0 / 0.350 |' in table
     assert ('| b_sparse | estimator identity, th_coeff 0.01 | 70.0 / 0.300 | – / – | 72.0 (60) | '
             '72.0 / 0.280 (stopped at round 60 of 500) |') in table
     assert '| d_diverged | lr 0.1 | – / – | – / – | 30.0 (10) | 30.0 / 0.900 (diverged at round 12 ' \
@@ -78,16 +78,16 @@ def test_table_from_records(tmp_path):
 def test_results_command_rebuilds_the_parts_whose_records_exist(tmp_path):
     """experiments/results.py: the tuning part from its records; parts without records skipped."""
     results = tmp_path / 'results'
-    _write_run(results / 'tune_fmnist', 'a_fast', {'lr': 0.01, 'rounds': 100},
+    _write_run(results / 'tune_fmnist', 'a_fast', {'lr': 0.02, 'rounds': 100},
                [(50, 0.85, 0.5), (100, 0.92, 0.35)], True)
     result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'results.py'),
                              f'--results={results}'], capture_output=True, text=True, cwd=REPO,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f'== compare: no records in {os.path.relpath(results, REPO)}/compare_fmnist500 yet, ' \
+    assert f'== compare: no records in {results}/compare_fmnist500 yet, ' \
         'skipped' in result.stdout
     with open(results / 'tune_fmnist' / 'tuning.md') as f:
-        assert '| a_fast | lr 0.01 | 85.0 / 0.500 | 92.0 / 0.350 | – / – | 92.0 (100) |' in f.read()
+        assert '| a_fast | lr 0.02 | 85.0 / 0.500 | 92.0 / 0.350 | – / – | 92.0 (100) |' in f.read()
 
     result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'results.py'),
                              '--only=tables'], capture_output=True, text=True, cwd=REPO,
