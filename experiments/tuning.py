@@ -13,6 +13,7 @@ round, and the last round's: `<runs>/tuning.md`, `<runs>/tuning.csv` and `<runs>
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -43,11 +44,12 @@ _ROUNDS = flags.DEFINE_list('rounds', ['50', '100'], 'Rounds whose accuracy and 
                             'shows (the nearest evaluated round at or before each).')
 
 
-def settings(config: dict[str, Any], reference: dict[str, Any]) -> str:
+def settings(config: dict[str, Any], reference: dict[str, Any],
+             ignore: Sequence[str] = ()) -> str:
     """`field value, ...` for every setting where `config` differs from `reference`."""
     changed = common.differing_settings({'run': config, 'reference': reference},
-                                        ignore=('rounds', *common.EXECUTION_FIELDS))['run']
-    return changed or '(the reference)'
+                                        ignore=('rounds', *common.EXECUTION_FIELDS, *ignore))
+    return changed['run'] or '(the reference)'
 
 
 def at_round(records: Sequence[dict[str, Any]], round_index: int) -> dict[str, Any] | None:
@@ -79,6 +81,8 @@ def collect(runs_dir: str, reference: ml_collections.ConfigDict,
         best = max(records, key=lambda r: r['accuracy'])
         last = records[-1]
         row = {'run': name, 'settings': settings(config, reference_dict),
+               'setting': settings(config, reference_dict, ignore=('seed',)),
+               'seed': config['seed'],
                'rounds': config['rounds'], 'status': common.run_status(directory),
                'last_round': last['round'], 'accuracy_last': last['accuracy'],
                'density_last': last['density'], 'accuracy_best': best['accuracy'],
@@ -113,25 +117,63 @@ def write_table(rows: Sequence[dict[str, Any]], runs_dir: str, rounds: Sequence[
         cells.append(f'{cell(row["accuracy_last"])} / {cell(row["density_last"], 1, 3)}'
                      f'{unfinished}')
         lines.append('| ' + ' | '.join(cells) + ' |')
+    groups = seed_groups(rows)
+    if groups:
+        lines += ['', 'Settings run with several seeds, finished runs only: mean ± sample std over '
+                  'seeds.', '', '| settings | seeds | last round: accuracy (%) | density |',
+                  '|---|---|---|---|']
+        for setting, members in groups.items():
+            accuracy = common.mean_std([m['accuracy_last'] for m in members])
+            density = common.mean_std([m['density_last'] for m in members])
+            lines.append(f'| {setting} | {" ".join(str(m["seed"]) for m in members)} | '
+                         f'{100 * accuracy[0]:.1f} ± {100 * accuracy[1]:.1f} | '
+                         f'{density[0]:.3f} ± {density[1]:.3f} |')
     files.write_atomic(os.path.join(runs_dir, 'tuning.md'), '\n'.join(lines) + '\n')
 
 
-def plot_curves(rows: Sequence[dict[str, Any]], path: str) -> str:
-    """Accuracy and density against the round, one line per run."""
-    fig = Figure(figsize=(11, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    accuracy_ax, density_ax = fig.subplots(1, 2)
+def seed_groups(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """{settings without the seed: its finished runs} for settings finished with several seeds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
+        if row['status'] == 'finished':
+            groups.setdefault(row['setting'], []).append(row)
+    return {k: sorted(v, key=lambda m: m['seed']) for k, v in groups.items() if len(v) > 1}
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str) -> str:
+    """Accuracy and density against the round, one line per run, and each run's last accuracy
+    against its last density (the trade-off being tuned); the legend below, in columns."""
+    legend_rows = math.ceil(len(rows) / 4)
+    fig = Figure(figsize=(15, 4.4 + 0.22 * legend_rows), dpi=110)
+    FigureCanvasAgg(fig)
+    accuracy_ax, density_ax, trade_ax = fig.subplots(1, 3)
+    handles = []
+    for i, row in enumerate(rows):
+        # Ten colours, then the next line style and marker: every run stays tellable apart.
+        style, marker = ('-', '--', ':', '-.')[i // 10 % 4], 'os^D'[i // 10 % 4]
         rounds, accuracy, density = zip(*row['curve'])
-        line, = accuracy_ax.plot(rounds, [100 * a for a in accuracy], label=row['run'])
-        density_ax.plot(rounds, density, color=line.get_color())
+        line, = accuracy_ax.plot(rounds, [100 * a for a in accuracy], style, linewidth=1.2)
+        density_ax.plot(rounds, density, style, color=line.get_color(), linewidth=1.2)
+        trade_ax.plot(row['density_last'], 100 * row['accuracy_last'], marker,
+                      color=line.get_color(), markersize=6,
+                      markeredgecolor='black' if row['settings'] == '(the reference)' else 'none')
+        handles.append((line, row['run']))
     accuracy_ax.set_ylabel('accuracy (%), mean over clients')
     density_ax.set_ylabel('density (mean over layers of kept rows)')
     for ax in (accuracy_ax, density_ax):
         ax.set_xlabel('round')
+    trade_ax.set_xlabel('last round: density')
+    trade_ax.set_ylabel('last round: accuracy (%)')
+    trade_ax.set_title('trade-off (black edge: the reference config)', fontsize=9)
+    for ax in (accuracy_ax, density_ax, trade_ax):
         ax.grid(True, alpha=0.3)
-    accuracy_ax.legend(fontsize=7)
-    return reporting.save_figure(fig, path, dpi=fig.dpi)
+    fig.legend([h for h, _ in handles], [n for _, n in handles], loc='lower center', ncol=4,
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.22 * legend_rows / (4.4 + 0.22 * legend_rows) + 0.02, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=fig.dpi, format='png')
+    files.write_atomic(path, buffer.getvalue())
+    return path
 
 
 def main(argv):

@@ -46,6 +46,8 @@ def test_table_from_records(tmp_path):
     _write_run(runs, 'b_sparse', {'th_coeff': 0.01, 'estimator': 'identity'},
                [(10, 0.4, 0.8), (50, 0.7, 0.3), (60, 0.72, 0.28)], False)
     _write_run(runs, 'c_default', {}, [(100, 0.8, 0.8)], True)
+    _write_run(runs, 'a_fast_seed2', {'lr': 0.02, 'rounds': 100, 'eval_every': 5, 'seed': 2},
+               [(50, 0.8, 0.5), (100, 0.9, 0.4)], True)
     _write_run(runs, 'd_diverged', {'lr': 0.1}, [(10, 0.3, 0.9)], False)
     with open(runs / 'd_diverged' / 'diverged.json', 'w') as f:
         json.dump({'round': 12, 'error': 'round 12: non-finite loss'}, f)
@@ -62,10 +64,13 @@ def test_table_from_records(tmp_path):
     assert '| d_diverged | lr 0.1 | – / – | – / – | 30.0 (10) | 30.0 / 0.900 (diverged at round 12 ' \
         'of 500) |' in table
     assert '| c_default | (the reference) | – / – | 80.0 / 0.800 |' in table
+    # a_fast again with seed 2: both seeds averaged in the table of seeds.
+    assert '| lr 0.02 | 1 2 | 91.0 ± 1.4 | 0.375 ± 0.035 |' in table
     with open(runs / 'tuning.csv') as f:
         rows = list(csv.DictReader(f))
-    assert [r['run'] for r in rows] == ['a_fast', 'b_sparse', 'c_default', 'd_diverged']
-    assert rows[3]['status'] == 'diverged at round 12'
+    assert [r['run'] for r in rows] == ['a_fast', 'a_fast_seed2', 'b_sparse', 'c_default',
+                                        'd_diverged']
+    assert rows[4]['status'] == 'diverged at round 12'
     assert float(rows[0]['accuracy_best']) == 0.93 and rows[0]['best_round'] == '95'
     assert os.path.getsize(runs / 'tuning_curves.png') > 0
 
