@@ -46,6 +46,7 @@ from spafl_jax import configuration
 from spafl_jax import data as data_lib
 from spafl_jax import files
 from spafl_jax import methods
+from spafl_jax import reporting
 from spafl_jax import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -175,6 +176,7 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
             f'{row["gbit_up"]:.4g} | {row["gbit_down"]:.4g} | '
             f'{row["flops_per_client"] / scale:.4g} | {percent(row, "density")} | '
             f'{percent(row, "density_weighted")} |')
+    lines += by_round_table(workdir, [r['method'] for r in rows], seeds.split(), config.rounds)
     differences = {name: setting for name, setting in
                    method_settings(workdir, [r['method'] for r in rows], seeds.split()).items()
                    if setting}
@@ -183,6 +185,39 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
                   'run\'s):', '']
         lines += [f'- {name}: {setting}' for name, setting in differences.items()]
     files.write_atomic(os.path.join(workdir, 'comparison.md'), '\n'.join(lines) + '\n')
+
+
+def by_round_table(workdir: str, method_names: Sequence[str], seeds: Sequence[Any],
+                   rounds: int) -> list[str]:
+    """Markdown lines: each method's accuracy and density at a few rounds along the run, mean over
+    the seeds whose record reached that round (unfinished runs count up to where they are)."""
+    marks = [r for r in (10, 25, 50, 100, 200, 300, 400, 500, 1000, 1500) if r < rounds] + [rounds]
+    accuracy = common.learning_curves(workdir, method_names, seeds)
+    density = common.learning_curves(workdir, method_names, seeds,
+                                     value=lambda record: record.get('density', float('nan')))
+    lines = ['', 'Along the run: accuracy (%) / density, mean over the seeds whose record reached '
+             'the round (the number of seeds in brackets where fewer than all).', '',
+             '| method | ' + ' | '.join(f'round {r}' for r in marks) + ' |',
+             '|---|' + '---|' * len(marks)]
+    for name in method_names:
+        cells = []
+        for r in marks:
+            at = np.flatnonzero(accuracy[name][0] == r)
+            if not len(at):
+                cells.append('–')
+                continue
+            i = int(at[0])
+            seen = len([s for s in seeds if _reached(workdir, name, s, r)])
+            note = f' ({seen})' if seen < len(seeds) else ''
+            cells.append(f'{100 * accuracy[name][1][i]:.1f} / {density[name][1][i]:.3f}{note}')
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def _reached(workdir: str, name: str, seed: Any, round_index: int) -> bool:
+    path = os.path.join(run_dir(workdir, name, int(seed)), reporting.METRICS_FILENAME)
+    return os.path.isfile(path) and any(
+        int(r['round']) == round_index and 'accuracy' in r for r in reporting.read_metrics(path))
 
 
 def method_settings(workdir: str, method_names: Sequence[str],

@@ -32,7 +32,7 @@ def _write_run(workdir, method, seed, summary, accuracies):
             json.dump({'rounds': 3, 'round': 3, **summary}, f)
     with open(os.path.join(directory, 'metrics.jsonl'), 'w') as f:
         for r, accuracy in enumerate(accuracies, 1):
-            f.write(json.dumps({'round': r, 'accuracy': accuracy}) + '\n')
+            f.write(json.dumps({'round': r, 'accuracy': accuracy, 'density': 1 - accuracy}) + '\n')
 
 
 def _summary(accuracy, density, density_weighted, bits_up, bits_down, flops):
@@ -50,6 +50,7 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
     _write_run(tmp_path, 'local', 2, None, [0.1, 0.2])
     names, seeds = ('spafl', 'fedavg', 'local'), (1, 2)
     config = default.get_config()
+    config.rounds = 3
     rows = compare.write_report(str(tmp_path), names, seeds, 'python experiments/compare.py ...',
                                 config)
 
@@ -74,6 +75,8 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
     assert '| fedavg | 65.00 ± 7.07 | 100 | 50 | 50 | 6 | 100.00 ± 0.00 | 100.00 ± 0.00 |' in table
     assert '| local (seed 2: stopped at round 2) | nan ± nan |' in table
     assert 'Command: `python experiments/compare.py ...`' in table
+    # Along the run: round 3, where local's seed 2 (stopped at round 2) does not count.
+    assert '| spafl | 85.0 / 0.150 |\n| fedavg | 65.0 / 0.350 |\n| local | 50.0 / 0.500 (1) |' in table
 
     with open(tmp_path / 'comparison.csv') as f:
         written = list(csv.DictReader(f))
@@ -188,6 +191,9 @@ def test_records_only_rebuilds_the_report_from_compact_records(tmp_path):
     assert '| fedavg | 60.00 ± 0.00 | 100 | 50 | 50 | 6 | 100.00 ± 0.00 | 100.00 ± 0.00 |' in table
     assert '- spafl: lr 0.01, th_coeff 0.005\n- fedavg: lr 0.001, th_coeff 0.002\n' in table
     assert 'Command: `python experiments/compare.py --records_only' in table
+    # Along the run: a 3-round config marks round 3 only.
+    assert '| method | round 3 |\n|---|---|\n| spafl | 80.0 / 0.200 |\n| fedavg | 60.0 / 0.400 |' \
+        in table
     assert not os.path.exists(tmp_path / 'spafl' / 'seed1' / 'checkpoints')
     assert os.path.getsize(tmp_path / 'learning_curves.png') > 0
 
