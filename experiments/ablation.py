@@ -112,8 +112,8 @@ def collect(workdir: str, seeds: Sequence[int], estimators: Sequence[str] = ESTI
     rows = []
     for estimator in estimators:
         for importance_update in importance_updates:
-            runs = [common.read_record(run_dir(workdir, estimator, importance_update, seed),
-                                       common.SUMMARY_FILENAME) for seed in seeds]
+            runs = [common.finished_record(run_dir(workdir, estimator, importance_update, seed))
+                    for seed in seeds]
             row: dict[str, Any] = {'estimator': estimator, 'importance_update': importance_update,
                                    'seeds': ' '.join(str(s) for s in seeds),
                                    'finished': sum(run is not None for run in runs)}

@@ -146,8 +146,9 @@ def read_record(directory: str, filename: str) -> Any:
 
 
 def run_status(directory: str) -> str:
-    """'finished', 'diverged at round N', 'stopped at round N' or 'missing', from a run's records."""
-    if read_record(directory, SUMMARY_FILENAME) is not None:
+    """'finished', 'diverged at round N', 'stopped at round N' or 'missing', from a run's records
+    (a summary of fewer rounds than config.json asks for is that of a run since extended)."""
+    if finished_record(directory) is not None:
         return 'finished'
     diverged = read_record(directory, 'diverged.json')
     if diverged is not None:
@@ -155,6 +156,16 @@ def run_status(directory: str) -> str:
     path = os.path.join(directory, reporting.METRICS_FILENAME)
     records = reporting.read_metrics(path) if os.path.isfile(path) else []
     return f'stopped at round {records[-1]["round"]}' if records else 'missing'
+
+
+def finished_record(directory: str) -> dict[str, Any] | None:
+    """The summary of a run whose summary covers all the rounds its config.json asks for."""
+    summary = read_record(directory, SUMMARY_FILENAME)
+    config = read_record(directory, 'config.json')
+    if summary is None or (config is not None and summary.get('round', config['rounds'])
+                           != config['rounds']):
+        return None
+    return summary
 
 
 def unfinished_note(directories: dict[Any, str]) -> str:

@@ -116,8 +116,7 @@ def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> 
     rows = []
     nan = float('nan')
     for name in method_names:
-        summaries = [common.read_record(run_dir(workdir, name, seed), common.SUMMARY_FILENAME)
-                     for seed in seeds]
+        summaries = [common.finished_record(run_dir(workdir, name, seed)) for seed in seeds]
         done = [s for s in summaries if s is not None]
         get = lambda field: [s[field] if s is not None else nan for s in summaries]
         row: dict[str, Any] = {'method': name, 'seeds': ' '.join(map(str, seeds)),

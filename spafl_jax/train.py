@@ -404,6 +404,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
                            f'config.rounds={config.rounds}; ask for at least {start_round} rounds '
                            'or pass another --workdir.')
     previous_summary = None   # of a complete run: its timings are kept if the rest still holds
+    if start_round < config.rounds and lead and os.path.exists(summary_path):
+        os.remove(summary_path)   # a run extended to more rounds: that summary is of fewer
     if start_round == config.rounds and os.path.exists(summary_path):
         try:
             with open(summary_path) as f:

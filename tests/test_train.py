@@ -169,3 +169,22 @@ def test_a_garbage_summary_of_a_finished_run_is_rebuilt(digits_run, tmp_path):
     with open(os.path.join(copy, 'summary.json')) as f:
         assert json.load(f)['accuracy'] == summary['accuracy']
     assert open(os.path.join(copy, 'metrics.jsonl')).read() == metrics
+
+
+def test_extending_a_finished_run_drops_its_summary_until_the_longer_run_finishes(tmp_path,
+                                                                                  monkeypatch):
+    workdir = str(tmp_path)
+    small = dict(num_clients=4, clients_per_round=2, local_epochs=1, checkpoint_every=1)
+    train.train_and_evaluate(_config(rounds=2, **small), workdir)
+    assert os.path.exists(tmp_path / 'summary.json')
+    # Extended to 4 rounds and stopped after round 3 (as a signal would stop it): the 2-round
+    # summary must not stand for a run that now asks for 4.
+    monkeypatch.setattr(train.execution, 'any_process', lambda flag: True)
+    with pytest.raises(train.Preempted, match='after round 3'):
+        train.train_and_evaluate(_config(rounds=4, **small), workdir)
+    assert not os.path.exists(tmp_path / 'summary.json')
+    monkeypatch.undo()
+    summary = train.train_and_evaluate(_config(rounds=4, **small), workdir)
+    assert summary['round'] == summary['rounds'] == 4
+    with open(tmp_path / 'summary.json') as f:
+        assert json.load(f)['round'] == 4

@@ -49,6 +49,11 @@ def test_table_from_records(tmp_path):
     _write_run(runs, 'a_fast_seed2', {'lr': 0.02, 'rounds': 100, 'eval_every': 5, 'seed': 2},
                [(50, 0.8, 0.5), (100, 0.9, 0.4)], True)
     _write_run(runs, 'd_diverged', {'lr': 0.1}, [(10, 0.3, 0.9)], False)
+    # Finished at 100 rounds, then extended to 500 and stopped at round 120: its old summary is
+    # of fewer rounds than its config asks for, so the run is not finished.
+    _write_run(runs, 'e_extended', {'lr': 0.03}, [(100, 0.8, 0.5), (120, 0.82, 0.45)], False)
+    with open(runs / 'e_extended' / 'summary.json', 'w') as f:
+        json.dump({'round': 100, 'rounds': 100, 'accuracy': 0.8}, f)
     with open(runs / 'd_diverged' / 'diverged.json', 'w') as f:
         json.dump({'round': 12, 'error': 'round 12: non-finite loss'}, f)
     os.makedirs(runs / 'not_a_run')
@@ -69,8 +74,10 @@ def test_table_from_records(tmp_path):
     with open(runs / 'tuning.csv') as f:
         rows = list(csv.DictReader(f))
     assert [r['run'] for r in rows] == ['a_fast', 'a_fast_seed2', 'b_sparse', 'c_default',
-                                        'd_diverged']
+                                        'd_diverged', 'e_extended']
     assert rows[4]['status'] == 'diverged at round 12'
+    assert rows[5]['status'] == 'stopped at round 120'
+    assert '82.0 / 0.450 (stopped at round 120 of 500) |' in table
     assert float(rows[0]['accuracy_best']) == 0.93 and rows[0]['best_round'] == '95'
     assert os.path.getsize(runs / 'tuning_curves.png') > 0
 
