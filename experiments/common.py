@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -231,8 +232,17 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def percent_cell(row: dict[str, Any], field: str) -> str:
-    """`row[field_mean] ± row[field_std]` as percentages with two decimals."""
-    return f'{100 * row[f"{field}_mean"]:.2f} ± {100 * row[f"{field}_std"]:.2f}'
+    """`row[field_mean] ± row[field_std]` as percentages with two decimals; '–' where a seed's
+    value is missing (a run that has not finished, or diverged: the row's name says which)."""
+    mean, std = row[f'{field}_mean'], row[f'{field}_std']
+    if not math.isfinite(mean):
+        return '–'
+    return f'{100 * mean:.2f} ± {100 * std:.2f}'
+
+
+def number_cell(value: float, spec: str = '.4g') -> str:
+    """`value` formatted by `spec`, or '–' where it is missing (NaN)."""
+    return format(value, spec) if math.isfinite(value) else '–'
 
 
 def write_csv(path: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

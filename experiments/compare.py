@@ -150,7 +150,7 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
 
     unit, scale = flop_unit(rows)
     seeds = rows[0]['seeds'] if rows else ''
-    percent = common.percent_cell
+    percent, number = common.percent_cell, common.number_cell
     lines = [
         f'# Comparison: {config.dataset} / {config.model}, {config.rounds} rounds',
         '',
@@ -171,9 +171,9 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
         name = row['method'] + common.unfinished_note(
             {seed: run_dir(workdir, row['method'], int(seed)) for seed in seeds.split()})
         lines.append(
-            f'| {name} | {percent(row, "accuracy")} | {row["gbit_total"]:.4g} | '
-            f'{row["gbit_up"]:.4g} | {row["gbit_down"]:.4g} | '
-            f'{row["flops_per_client"] / scale:.4g} | {percent(row, "density")} | '
+            f'| {name} | {percent(row, "accuracy")} | {number(row["gbit_total"])} | '
+            f'{number(row["gbit_up"])} | {number(row["gbit_down"])} | '
+            f'{number(row["flops_per_client"] / scale)} | {percent(row, "density")} | '
             f'{percent(row, "density_weighted")} |')
     lines += by_round_table(workdir, [r['method'] for r in rows], seeds.split(), config.rounds)
     differences = {name: setting for name, setting in

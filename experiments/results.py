@@ -6,11 +6,21 @@ r"""Every table and figure of RESULTS.md, rebuilt from the compact run records i
 Nothing trains: each part is one of the experiment commands reading records (config.json,
 metrics.jsonl, summary.json), run as RESULTS.md gives it. A part whose records are not in
 --results yet is named and skipped.
+
+Then the tables are copied into the document (--document, RESULTS.md), between markers that name
+the file they come from, relative to the document's folder, and optionally the line to start at:
+
+    <!-- include results/compare_fmnist500/comparison.md -->
+    ...replaced by the file without its title line...
+    <!-- end include -->
+
+    <!-- include results/tune_digits/tuning.md from "Settings run with several seeds" -->
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -37,8 +47,56 @@ PARTS = (
 
 _RESULTS = flags.DEFINE_string('results', os.path.join(REPO, 'results'),
                                'Folder of the compact run records (default: the repository\'s).')
+_DOCUMENT = flags.DEFINE_string('document', os.path.join(REPO, 'RESULTS.md'),
+                                'The document whose include markers receive the tables (empty: '
+                                'none).')
 _ONLY = flags.DEFINE_list('only', [], 'Parts to rebuild (default: all): '
                           + ', '.join(dict.fromkeys(part for part, _, _ in PARTS)) + '.')
+
+
+_INCLUDE = re.compile(r'(<!-- include (?P<path>\S+)(?: from "(?P<start>[^"]+)")? -->\n)'
+                      r'.*?(?=<!-- end include -->)', re.DOTALL)
+
+
+def included_text(path: str, start: str | None) -> str:
+    """The file's text from the line beginning with `start` (from its first line that is not a
+    `# ` title where None), ending with one newline; ValueError naming the file and the fix."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if start is None:
+        while lines and (lines[0].startswith('# ') or not lines[0].strip()):
+            lines.pop(0)
+    else:
+        begins = [i for i, line in enumerate(lines) if line.startswith(start)]
+        if not begins:
+            raise ValueError(f'{path} has no line beginning with "{start}": correct the include '
+                             'marker.')
+        lines = lines[begins[0]:]
+    return '\n'.join(lines).rstrip('\n') + '\n'
+
+
+def include_tables(document: str) -> list[str]:
+    """Replaces every include block of `document` with its file's current text (written only if it
+    changed); returns the included paths, and names those missing as not yet built."""
+    with open(document) as f:
+        text = f.read()
+    folder = os.path.dirname(os.path.abspath(document))
+    included = []
+
+    def replace(match: re.Match) -> str:
+        path = os.path.join(folder, match['path'])
+        if not os.path.exists(path):
+            print(f'== include: {match["path"]} not built yet; its block in {document} is kept')
+            return match[0]
+        included.append(match['path'])
+        return match[1] + included_text(path, match['start'])
+
+    new = _INCLUDE.sub(replace, text)
+    if new != text:
+        with open(document + '.tmp', 'w') as f:
+            f.write(new)
+        os.replace(document + '.tmp', document)
+    return included
 
 
 def main(argv):
@@ -68,6 +126,13 @@ def main(argv):
     if failed:
         print(f'error: {", ".join(failed)} failed (above).', file=sys.stderr)
         sys.exit(1)
+    if _DOCUMENT.value:
+        try:
+            included = include_tables(_DOCUMENT.value)
+        except (OSError, ValueError) as e:
+            print(f'error: --document={_DOCUMENT.value}: {e}', file=sys.stderr)
+            sys.exit(1)
+        print(f'== {_DOCUMENT.value}: {len(included)} table(s) included')
 
 
 if __name__ == '__main__':

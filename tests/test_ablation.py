@@ -107,5 +107,5 @@ def test_records_only_table_from_compact_records_with_a_missing_run(tmp_path):
     assert table.startswith('# Ablation: fashion_mnist / lenet5, 500 rounds\n')
     std = 100 * np.std([0.8, 0.9], ddof=1)
     assert f'| `identity` | `all_after` | 85.00 ± {std:.2f} | 50.00 ± 0.00 |' in table
-    assert '| `identity` | `none` (seed 2: missing) | nan ± nan |' in table
+    assert '| `identity` | `none` (seed 2: missing) | – | – | – |' in table
     assert os.path.getsize(tmp_path / 'ablation_curves.png') > 0

@@ -73,7 +73,7 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
             'FLOPs per client (TFLOP) | density (%) | density, weights (%) |') in table
     assert '| spafl | 85.00 ± 7.07 | 4 | 1 | 3 | 3 | 60.00 ± 14.14 | 30.00 ± 7.07 |' in table
     assert '| fedavg | 65.00 ± 7.07 | 100 | 50 | 50 | 6 | 100.00 ± 0.00 | 100.00 ± 0.00 |' in table
-    assert '| local (seed 2: stopped at round 2) | nan ± nan |' in table
+    assert '| local (seed 2: stopped at round 2) | – | – | – | – | – | – | – |' in table
     assert 'Command: `python experiments/compare.py ...`' in table
     # Along the run: round 3, where local's seed 2 (stopped at round 2) does not count.
     assert '| spafl | 85.0 / 0.150 |\n| fedavg | 65.0 / 0.350 |\n| local | 50.0 / 0.500 (1) |' in table

@@ -92,14 +92,42 @@ def test_results_command_rebuilds_the_parts_whose_records_exist(tmp_path):
     results = tmp_path / 'results'
     _write_run(results / 'tune_fmnist', 'a_fast', {'lr': 0.02, 'rounds': 100},
                [(50, 0.85, 0.5), (100, 0.92, 0.35)], True)
+    # The document receives the tables between its include markers; the rest of it is kept.
+    document = tmp_path / 'RESULTS.md'
+    document.write_text('# Results\n\nBefore.\n\n<!-- include results/tune_fmnist/tuning.md -->\n'
+                        'an old table\n<!-- end include -->\n\nBetween.\n\n'
+                        '<!-- include results/tune_fmnist/tuning.md from "| run |" -->\n'
+                        '<!-- end include -->\n<!-- include results/ablation_fmnist500/ablation.md'
+                        ' -->\nkept until built\n<!-- end include -->\nAfter.\n')
     result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'results.py'),
-                             f'--results={results}'], capture_output=True, text=True, cwd=REPO,
-                            timeout=300, check=False)
+                             f'--results={results}', f'--document={document}'],
+                            capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'== compare: no records in {results}/compare_fmnist500 yet, ' \
         'skipped' in result.stdout
+    row = '| a_fast | lr 0.02 | 85.0 / 0.500 | 92.0 / 0.350 | – / – | 92.0 (100) |'
     with open(results / 'tune_fmnist' / 'tuning.md') as f:
-        assert '| a_fast | lr 0.02 | 85.0 / 0.500 | 92.0 / 0.350 | – / – | 92.0 (100) |' in f.read()
+        tuning = f.read()
+    assert row in tuning and tuning.startswith('Command: `python experiments/tuning.py')
+    text = document.read_text()
+    whole, from_header = text.split('Between.')
+    assert whole.startswith('# Results\n\nBefore.\n\n<!-- include results/tune_fmnist/tuning.md'
+                            ' -->\nCommand: `python experiments/tuning.py')
+    assert row in whole and 'an old table' not in whole
+    assert whole.endswith(f'{tuning.rstrip()}\n<!-- end include -->\n\n')
+    table_start = tuning.index('| run |')
+    assert f'from "| run |" -->\n{tuning[table_start:].rstrip()}\n<!-- end include -->' in from_header
+    assert 'ablation.md -->\nkept until built\n<!-- end include -->\nAfter.\n' in from_header
+    assert 'results/ablation_fmnist500/ablation.md not built yet' in result.stdout
+
+    # A marker whose start line is not in the file is named with the fix.
+    document.write_text('<!-- include results/tune_fmnist/tuning.md from "Nowhere" -->\n'
+                        '<!-- end include -->\n')
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'results.py'),
+                             f'--results={results}', f'--document={document}', '--only=tuning'],
+                            capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert result.returncode == 1
+    assert 'has no line beginning with "Nowhere": correct the include marker.' in result.stderr
 
     result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'results.py'),
                              '--only=tables'], capture_output=True, text=True, cwd=REPO,
