@@ -190,7 +190,7 @@ def config_of_records(directories: Sequence[str]) -> ml_collections.ConfigDict:
 # Config fields that say how a run was executed or recorded, not what it computes (beyond float
 # rounding): left out where tables list the settings in which runs differ.
 EXECUTION_FIELDS = ('eval_every', 'checkpoint_every', 'client_execution', 'vmap_lanes',
-                    'num_cpu_devices', 'eval_chunk', 'eval_batch_size', 'data_dir',
+                    'num_cpu_devices', 'eval_chunk', 'eval_batch_size', 'data_dir', 'download',
                     'sparsity_rounds', 'coordinator_address', 'num_processes', 'process_id',
                     'conv_impl', 'scan_unroll')
 

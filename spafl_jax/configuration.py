@@ -69,6 +69,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _number(config, 'th_coeff', non_negative=True)
     if 'max_loss' in config:
         _number(config, 'max_loss', positive=True)
+    if 'download' in config:
+        checks.boolean('config', 'download', config.download)
     for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels', 'drop_last'):
         checks.boolean('config', field, config[field])
     rounds = config.sparsity_rounds

@@ -2,8 +2,10 @@
 
 Everything here is plain numpy (docs/algorithm.md, section 4): the loaders return uint8 NHWC images and int32
 labels; scaling, normalization and augmentation happen later, on device. TensorFlow is never
-required: tensorflow-datasets data is read from prepared ArrayRecord files through
-`builder.as_data_source`, which decodes examples with numpy and Pillow.
+required: the canonical archives (`spafl_jax.downloads`: Fashion-MNIST's IDX files, CIFAR's binary
+archives) are parsed here with numpy, and tensorflow-datasets data, where a user has it prepared,
+is read from ArrayRecord files through `builder.as_data_source`, which decodes examples with numpy
+and Pillow.
 """
 
 from __future__ import annotations
@@ -12,14 +14,18 @@ import dataclasses
 import glob
 import gzip
 import os
+import tarfile
 from typing import Sequence
 
 import numpy as np
 
+from spafl_jax import downloads
+
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100")
 
 # Debian's `dataset-fashion-mnist` package installs the four IDX files here.
-FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIRS = (DEBIAN_FASHION_MNIST,)
 
 _TFDS_DATASETS = ("fashion_mnist", "cifar10", "cifar100")
 _NUM_CLASSES = {"digits": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
@@ -244,6 +250,58 @@ def load_fashion_mnist_idx(directory: str | os.PathLike) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------
+# CIFAR from its binary archives: fixed-size records of label byte(s) then 3x32x32 pixels (CHW).
+
+# Per dataset: (members of the training split, member of the test split, label bytes per record
+# with the one SpaFL uses last: CIFAR-100's records are coarse label, fine label, pixels).
+_CIFAR_MEMBERS = {
+    "cifar10": (tuple(f"cifar-10-batches-bin/data_batch_{i}.bin" for i in range(1, 6)),
+                "cifar-10-batches-bin/test_batch.bin", 1),
+    "cifar100": (("cifar-100-binary/train.bin",), "cifar-100-binary/test.bin", 2),
+}
+_CIFAR_PIXELS = 3 * 32 * 32
+
+
+def _cifar_records(raw: bytes, label_bytes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    record = label_bytes + _CIFAR_PIXELS
+    if not raw or len(raw) % record:
+        raise ValueError(f"{where}: {len(raw)} bytes is not a whole number of {record}-byte "
+                         "records")
+    table = np.frombuffer(raw, np.uint8).reshape(-1, record)
+    images = table[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, table[:, label_bytes - 1].astype(np.int32)
+
+
+def load_cifar_archive(name: str, path: str | os.PathLike) -> Dataset:
+    """cifar10 / cifar100 from the published binary archive (`cifar-10-binary.tar.gz`, ...)."""
+    if name not in _CIFAR_MEMBERS:
+        raise ValueError(f"load_cifar_archive: unknown dataset {name!r}; allowed: cifar10, cifar100.")
+    train_members, test_member, label_bytes = _CIFAR_MEMBERS[name]
+    wanted = set(train_members) | {test_member}
+    raw = {}
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for member in archive:
+                if member.name in wanted and member.isfile():
+                    raw[member.name] = archive.extractfile(member).read()
+        missing = sorted(wanted - set(raw))
+        if missing:
+            raise ValueError(f"the archive has no {', '.join(missing)}")
+        parts = [_cifar_records(raw[m], label_bytes, m) for m in train_members]
+        test_images, test_labels = _cifar_records(raw[test_member], label_bytes, test_member)
+        num_classes = _NUM_CLASSES[name]
+        for labels in [p[1] for p in parts] + [test_labels]:
+            if labels.max() >= num_classes:
+                raise ValueError(f"labels up to {labels.max()}, not 0..{num_classes - 1}")
+    except (OSError, EOFError, tarfile.TarError, ValueError) as e:
+        raise DatasetUnavailableError(
+            f"{name}: {path} cannot be read as the binary CIFAR archive ({e}); replace it with "
+            f"the published {os.path.basename(str(path))}.") from None
+    return _make_dataset(name, np.concatenate([p[0] for p in parts]),
+                         np.concatenate([p[1] for p in parts]), test_images, test_labels)
+
+
+# ---------------------------------------------------------------------------------------------
 # tensorflow-datasets, read without TensorFlow.
 
 
@@ -325,41 +383,71 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
 # Dispatch.
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    """Loads one of `DATASETS` from wherever it is on this machine; never downloads.
+def load_dataset(name: str, data_dir: str | None = None, *, download: bool = False,
+                 mirror: str | None = None) -> Dataset:
+    """Loads one of `DATASETS` from wherever it is on this machine, or downloads it.
 
     fashion_mnist is looked for as IDX files (in `data_dir`, `data_dir/fashion_mnist`,
-    `data_dir/fashion-mnist`, then `FASHION_MNIST_DIRS`) and then as prepared tfds data in
-    `data_dir`. cifar10 and cifar100 come only from prepared tfds data.
+    `data_dir/fashion-mnist`, `FASHION_MNIST_DIRS`, and the download folder), cifar10 and cifar100
+    as their binary archive in `<root>/<name>/`, and both then as prepared tfds data in `data_dir`.
+    `<root>` is `data_dir`, or `downloads.default_root()` without one. With `download`, what is
+    still missing is fetched from the published archives (or `mirror`) into `<root>/<name>/`,
+    checked against their digests; otherwise, or offline, DatasetUnavailableError lists the places
+    looked in and how to provide the files.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; allowed values: {', '.join(DATASETS)}.")
     if name == "digits":
         return load_digits()
-    if name != "fashion_mnist":
-        return load_tfds(name, data_dir)
-
+    root = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else downloads.default_root()
+    target = os.path.join(root, name)
     looked_in = []
-    idx_dirs = []
-    if data_dir:
-        subdirs = ("fashion_mnist", "fashion-mnist")
-        idx_dirs += [data_dir] + [os.path.join(data_dir, d) for d in subdirs]
-    idx_dirs += list(FASHION_MNIST_DIRS)
-    for directory in idx_dirs:
-        looked_in.append(f"IDX files in {directory}")
-        if _find_idx_files(directory) is not None:
-            return load_fashion_mnist_idx(directory)
+    if name == "fashion_mnist":
+        idx_dirs = []
+        if data_dir:
+            idx_dirs += [data_dir] + [os.path.join(data_dir, d) for d in ("fashion_mnist",
+                                                                          "fashion-mnist")]
+        else:
+            idx_dirs.append(target)
+        idx_dirs += list(FASHION_MNIST_DIRS)
+        for directory in idx_dirs:
+            looked_in.append(f"IDX files in {directory}")
+            if _find_idx_files(directory) is not None:
+                return load_fashion_mnist_idx(directory)
+    else:
+        archive = os.path.join(target, downloads.SOURCES[name][0].filename)
+        looked_in.append(f"the archive {archive}")
+        if os.path.exists(archive):
+            try:
+                downloads.fetch(downloads.SOURCES[name][0], target)   # verifies; never downloads
+            except downloads.DownloadError as e:
+                raise DatasetUnavailableError(f"{name}: {e}") from None
+            return load_cifar_archive(name, archive)
     tfds_dir = _tfds_data_dir(data_dir)
     looked_in.append(f"tensorflow-datasets data in {os.path.join(tfds_dir, name)}")
     try:
         return load_tfds(name, data_dir)
     except DatasetUnavailableError as e:
-        raise DatasetUnavailableError(
-            "fashion_mnist is not available (looked for " + "; ".join(looked_in) + "); "
-            "install it with `sudo apt-get install dataset-fashion-mnist` (IDX files in "
-            f"{FASHION_MNIST_DIRS[0]}), copy the four IDX files into config.data_dir, or "
-            f"prepare tensorflow-datasets data: {_tfds_prepare_hint(name, tfds_dir)}"
-        ) from e
+        tfds_problem = e
+    urls = ", ".join(downloads.url_of(a, mirror) for a in downloads.SOURCES[name])
+    provide = (f"download {urls} into {target}, or prepare tensorflow-datasets data "
+               f"({_tfds_prepare_hint(name, tfds_dir)})")
+    if name == "fashion_mnist":
+        provide = ("install it with `sudo apt-get install dataset-fashion-mnist` (IDX files in "
+                   f"{DEBIAN_FASHION_MNIST}), " + provide)
+    if download:
+        try:
+            downloads.download(name, target, mirror=mirror)
+        except downloads.DownloadError as e:
+            raise DatasetUnavailableError(
+                f"{name} is not on this machine (looked for " + "; ".join(looked_in)
+                + f") and the download failed: {e} To provide it offline, " + provide) from e
+        if name == "fashion_mnist":
+            return load_fashion_mnist_idx(target)
+        return load_cifar_archive(name, os.path.join(target, downloads.SOURCES[name][0].filename))
+    raise DatasetUnavailableError(
+        f"{name} is not available (looked for " + "; ".join(looked_in) + ") and downloads are "
+        "off; turn them on (config.download=True), " + provide) from tfds_problem
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,7 +284,8 @@ class Run:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.dataset = data_lib.load_dataset(
-            config.dataset, os.path.expanduser(config.data_dir or '') or None)
+            config.dataset, os.path.expanduser(config.data_dir or '') or None,
+            download=config.get('download', True))
         self.model = build_model(config, self.dataset.num_classes)
         check_model_fits(self.model, config, self.dataset.image_shape)
         self.train_data, self.test_data = split_data(config, self.dataset)

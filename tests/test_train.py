@@ -88,7 +88,7 @@ def test_missing_dataset_fails_fast_with_the_places_looked_in(tmp_path):
     start = time.time()
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, 'experiments', 'main.py'), '--config=cifar10.py',
-         f'--config.data_dir={tmp_path}', f'--workdir={tmp_path}/w'],
+         f'--config.data_dir={tmp_path}', '--config.download=False', f'--workdir={tmp_path}/w'],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert 'cifar10' in proc.stderr and str(tmp_path) in proc.stderr

@@ -1,9 +1,10 @@
 r"""SpaFL on CIFAR-10 with Conv4 (docs/algorithm.md, sections 5-6).
 
-    python experiments/main.py --config=cifar10.py --config.data_dir=~/tensorflow_datasets
-    python experiments/main.py --config=cifar10.py:official --config.data_dir=...   # official folder
+    python experiments/main.py --config=cifar10.py
+    python experiments/main.py --config=cifar10.py:official   # what the official folder does
 
-CIFAR-10 comes from tensorflow-datasets data prepared in data_dir (array_record format; see README).
+CIFAR-10 is downloaded on first use (cifar-10-binary.tar.gz, 170 MB, checked) into data_dir (default
+~/.cache/spafl_jax); tensorflow-datasets data prepared in data_dir is read too (see README).
 """
 
 import ml_collections

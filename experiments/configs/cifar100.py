@@ -1,10 +1,11 @@
 r"""SpaFL on CIFAR-100 with the half-width pre-activation ResNet-18 (docs/algorithm.md, sections 5-6).
 
-    python experiments/main.py --config=cifar100.py --config.data_dir=~/tensorflow_datasets
-    python experiments/main.py --config=cifar100.py:official --config.data_dir=...  # official
+    python experiments/main.py --config=cifar100.py
+    python experiments/main.py --config=cifar100.py:official   # the official folder's behaviour
 
-CIFAR-100 comes from tensorflow-datasets data prepared in data_dir (array_record format; see
-README); the 100 fine labels are used.
+CIFAR-100 is downloaded on first use (cifar-100-binary.tar.gz, 169 MB, checked) into data_dir
+(default ~/.cache/spafl_jax); tensorflow-datasets data prepared in data_dir is read too (see README).
+The 100 fine labels are used.
 
 `:official` assumes the official CIFAR-100 folder behaves like the CIFAR-10 folder (docs/algorithm.md, sections 3
 and 6 name only the penalty warm-up as a difference, and the warm-up is already on here): the

@@ -1,9 +1,9 @@
 r"""SpaFL on CIFAR-10 with the ViT (docs/algorithm.md, sections 5-6; the paper's ViT row).
 
-    python experiments/main.py --config=cifar10_vit.py --config.data_dir=~/tensorflow_datasets
-    python experiments/main.py --config=cifar10_vit.py:official --config.data_dir=...  # official
+    python experiments/main.py --config=cifar10_vit.py
+    python experiments/main.py --config=cifar10_vit.py:official   # the official folder's behaviour
 
-CIFAR-10 comes from tensorflow-datasets data prepared in data_dir (array_record format; see README).
+CIFAR-10 is downloaded on first use into data_dir (default ~/.cache/spafl_jax), as for cifar10.py.
 `:official` applies the official CIFAR-10 folder's behaviours (the ViT runs on that folder's code):
 the `outside_unit` estimator, importance update to all clients after aggregation, a fresh optimizer
 each round, raw 0-255 pixels without augmentation.

@@ -11,7 +11,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Data.
     config.dataset = 'digits'            # digits | fashion_mnist | cifar10 | cifar100
-    config.data_dir = ''                 # prepared datasets (IDX files or tfds data); '' = defaults
+    config.data_dir = ''                 # where datasets are (and are downloaded to); '' = defaults
+    config.download = True               # fetch a missing dataset's published archives (checked)
     config.raw_pixels = False            # True: feed raw 0..255 pixels like the official loaders
     config.augment = 'none'              # none | crop_flip (CIFAR: random crop pad 4 + flip)
     config.num_clients = 20              # N, every client persistent

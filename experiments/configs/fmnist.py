@@ -4,8 +4,9 @@ r"""SpaFL on Fashion-MNIST with LeNet-5: the paper's first setting (docs/algorit
     python experiments/main.py --config=fmnist.py --config.rounds=20 --workdir=/tmp/fmnist
     python experiments/main.py --config=fmnist.py:official   # what the official FMNIST folder does
 
-Data: the Debian package `dataset-fashion-mnist` (IDX files in /usr/share/datasets/fashion-mnist),
-IDX files in --config.data_dir, or tfds data prepared there.
+Data: IDX files in --config.data_dir, the Debian package `dataset-fashion-mnist` (IDX files in
+/usr/share/datasets/fashion-mnist) or tfds data prepared in data_dir; otherwise the four published
+IDX files are downloaded on first use (30 MB, checked) into data_dir (default ~/.cache/spafl_jax).
 """
 
 import ml_collections
