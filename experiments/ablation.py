@@ -45,7 +45,7 @@ REPORTED = ('accuracy', 'density', 'density_weighted')
 
 _CONFIG = common.define_config_flag(
     os.path.join(_CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
-    'experiments/configs/); override fields with --config.FIELD=VALUE.')
+    'spafl_jax/configs/); override fields with --config.FIELD=VALUE.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the ablation: one sub-directory per '
                                'run, and ablation.md / ablation.csv.', required=True)
 _SEEDS = flags.DEFINE_list('seeds', ['1', '2', '3'], 'Seeds of every setting.')

@@ -18,108 +18,14 @@ import numpy as np
 
 from spafl_jax import files
 from spafl_jax import reporting
+# The command-line pieces every command shares live with the runner's command.
+from spafl_jax.cli import CONFIG_DIR  # noqa: F401  (re-exported)
+from spafl_jax.cli import define_config_flag  # noqa: F401
+from spafl_jax.cli import exit_with_error  # noqa: F401
+from spafl_jax.cli import parse_flags  # noqa: F401
+from spafl_jax.cli import resolve_config_argument  # noqa: F401
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 SUMMARY_FILENAME = 'summary.json'
-
-
-def resolve_config_argument(argv: list[str]) -> list[str]:
-    """`--config=cifar10.py[:arg]` -> experiments/configs/cifar10.py when not a path that exists.
-
-    The config file is moved before its `--config.FIELD=VALUE` overrides (ml_collections refuses
-    an override that comes first; the overrides apply to the file wherever they are written).
-    """
-    files_, others = [], []
-    for arg in argv[1:]:
-        if arg.startswith('--config=') and not arg.startswith('--config.'):
-            value = arg[len('--config='):]
-            path, sep, rest = value.partition(':')
-            if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path)):
-                arg = '--config=' + os.path.join(CONFIG_DIR, path) + sep + rest
-            files_.append(arg)
-        else:
-            others.append(arg)
-    return argv[:1] + files_ + others
-
-
-def exit_with_error(message: str) -> None:
-    """The one-line `error: ...` every command prints for a mistake the user can fix; status 2."""
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
-def define_config_flag(default_path: str, help_text: str):
-    """`--config` (a config file with `--config.FIELD=VALUE` overrides), as every command has it.
-
-    ml_collections applies overrides while the flag is defined as well as when it is parsed: an
-    override of a field the config lacks exits with one line in both places (`parse_flags`).
-    """
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-    try:
-        return config_flags.DEFINE_config_file('config', default_path, help_text, lock_config=True)
-    except (AttributeError, KeyError) as e:
-        exit_with_error(_unknown_field(e, sys.argv))
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing with every failure as one line and status 2 (`app.run(main,
-    flags_parser=parse_flags)`): a config file that is missing or does not parse, its argument,
-    unknown fields, values of the wrong type, unknown flags."""
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    config_arg = next((a for a in argv if a.startswith('--config=')), '--config')
-    try:
-        rest = flags.FLAGS(argv)
-        if 'config' in flags.FLAGS:
-            _ = flags.FLAGS['config'].value.get   # a file that failed to load raises here
-        return rest
-    except (AttributeError, KeyError) as e:
-        if "attribute 'get_config'" in str(e):
-            exit_with_error(f'{config_arg}: the file defines no get_config(); a config file '
-                            'returns its ml_collections.ConfigDict from get_config().')
-        exit_with_error(_unknown_field(e, argv))
-    except SyntaxError as e:
-        exit_with_error(f'{config_arg}: {e.msg} at line {e.lineno} of {e.filename}; fix the file.')
-    except OSError as e:
-        detail = str(e).strip().splitlines()[-1].strip()
-        exit_with_error(f'{config_arg}: the config file cannot be read ({detail}); give a path, or '
-                        f'a name in {CONFIG_DIR}.')
-    except flags.Error as e:
-        exit_with_error(_flag_error_line(str(e)))
-    except Exception as e:  # pylint: disable=broad-except  (raised by the config file's own code)
-        detail = (str(e).strip().splitlines() or [''])[0]
-        exit_with_error(f'{config_arg}: get_config() raised {type(e).__name__}: {detail}; fix '
-                        'the file.')
-    return []
-
-
-def _unknown_field(error: Exception, argv: list[str]) -> str:
-    field = str(error).strip('"\'')
-    override = next((a for a in argv if a.startswith('--config.') and
-                     a[len('--config.'):].split('=')[0].split('.')[-1] == field),
-                    f'--config.{field}')
-    return (f'{override}: the config has no field {field!r}; the fields are those of '
-            'experiments/configs/default.py (check the spelling).')
-
-
-def _flag_error_line(message: str) -> str:
-    """absl's message in one line: for a config file whose get_config raised, that exception."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    if 'Error whilst parsing config file' in message and len(lines) > 1:
-        flag = lines[0].split(':')[0].replace('flag ', '')
-        cause = lines[-1].split(': ', 1)[-1]
-        return f'{flag}: {cause}'
-    if not lines:
-        return 'the flags could not be parsed.'
-    line = lines[0][len('flag '):] if lines[0].startswith('flag ') else lines[0]
-    for cause, fix in (('invalid literal for int()', 'must be an integer'),
-                       ('could not convert string to float', 'must be a number')):
-        if cause in line:
-            return f'{line.split(": ")[0]}: {fix}.'
-    if line.startswith('Unknown command line flag'):
-        name = line.split("'")[1] if line.count("'") >= 2 else ''
-        return (f'{line}; config fields take the --config. prefix (--config.{name}=VALUE), and '
-                '--help lists the flags.')
-    return line
 
 
 def finished_summary(directory: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:

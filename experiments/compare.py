@@ -59,7 +59,7 @@ FLOP_UNITS = (('PFLOP', 1e15), ('TFLOP', 1e12), ('GFLOP', 1e9), ('MFLOP', 1e6))
 
 _CONFIG = common.define_config_flag(
     os.path.join(common.CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked '
-    'up in experiments/configs/); override fields with --config.FIELD=VALUE.')
+    'up in spafl_jax/configs/); override fields with --config.FIELD=VALUE.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the comparison: one sub-directory '
                                'per run, comparison.md / .csv and learning_curves.png.',
                                required=True)

@@ -41,7 +41,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that is wrong."""
     for field in REQUIRED:
         if field not in config:
-            raise ConfigError(f'config.{field} is missing; start from experiments/configs/default.py.')
+            raise ConfigError(f'config.{field} is missing; start from spafl_jax/configs/default.py.')
     _choice(config, 'dataset', data_lib.DATASETS)
     _choice(config, 'model', tuple(sorted(models.MODELS)))
     _choice(config, 'estimator', tuple(sorted(masking.ESTIMATORS)))
@@ -94,7 +94,7 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
     for field in ('method', 'baseline'):
         if field not in config:
             raise ConfigError(f'config.{field} is missing; start from '
-                              'experiments/configs/default.py.')
+                              'spafl_jax/configs/default.py.')
     _choice(config, 'method', methods.METHODS)
     if not config.get('drop_last', True) and config.method != 'spafl':
         raise ConfigError(f'config.drop_last=False applies to spafl only: config.method='

@@ -114,7 +114,7 @@ def _fashion_files(directory: str, damage: str) -> None:
 def _digits_config(**changes) -> dict:
     """config.json of a run of FLAGS, with `changes`."""
     sys.path.insert(0, REPO)
-    from experiments.configs import default  # pylint: disable=import-outside-toplevel
+    from spafl_jax.configs import default  # pylint: disable=import-outside-toplevel
     config = default.get_config()
     config.update(num_clients=6, clients_per_round=3, rounds=ROUNDS, local_epochs=1,
                   checkpoint_every=2, sparsity_rounds=(1,), **changes)

@@ -16,7 +16,7 @@ sys.path.insert(0, REPO)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import common
 from experiments import compare
-from experiments.configs import default
+from spafl_jax.configs import default
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'

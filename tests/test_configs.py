@@ -17,11 +17,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments.configs import cifar10
-from experiments.configs import cifar10_vit
-from experiments.configs import cifar100
-from experiments.configs import default
-from experiments.configs import fmnist
+from spafl_jax.configs import cifar10
+from spafl_jax.configs import cifar10_vit
+from spafl_jax.configs import cifar100
+from spafl_jax.configs import default
+from spafl_jax.configs import fmnist
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'

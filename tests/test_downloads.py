@@ -290,7 +290,7 @@ def test_a_redirect_is_followed(server, monkeypatch, tmp_path):
 def test_the_runner_downloads_fashion_mnist_and_trains(fashion_mnist_server, tmp_path):
     """End to end: config.download fetches the archives from the server, a round trains on them."""
     sys.path.insert(0, REPO)
-    from experiments.configs import fmnist  # pylint: disable=import-outside-toplevel
+    from spafl_jax.configs import fmnist  # pylint: disable=import-outside-toplevel
     from spafl_jax import train  # pylint: disable=import-outside-toplevel
     server, _ = fashion_mnist_server
     config = fmnist.get_config()

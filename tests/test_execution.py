@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import default
+from spafl_jax.configs import default
 from spafl_jax import client as client_lib
 from spafl_jax import configuration
 from spafl_jax import data as data_lib

@@ -23,7 +23,7 @@ from spafl_jax.client import ClientState
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from experiments.configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from spafl_jax.configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_CLIENTS = 6
 SAMPLED = 3

@@ -23,7 +23,7 @@ from spafl_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from experiments.configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from spafl_jax.configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import faults  # conftest puts tests/ on the path  # pylint: disable=g-import-not-at-top,wrong-import-position
 from faults import ROUNDS  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -15,8 +15,8 @@ round, raw 0-255 pixels without augmentation.
 
 import ml_collections
 
-from experiments.configs import cifar10
-from experiments.configs import default
+from spafl_jax.configs import cifar10
+from spafl_jax.configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ each round, raw 0-255 pixels without augmentation.
 
 import ml_collections
 
-from experiments.configs import cifar10
+from spafl_jax.configs import cifar10
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

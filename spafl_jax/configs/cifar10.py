@@ -9,7 +9,7 @@ CIFAR-10 is downloaded on first use (cifar-10-binary.tar.gz, 170 MB, checked) in
 
 import ml_collections
 
-from experiments.configs import default
+from spafl_jax.configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

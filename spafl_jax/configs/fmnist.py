@@ -11,7 +11,7 @@ IDX files are downloaded on first use (30 MB, checked) into data_dir (default ~/
 
 import ml_collections
 
-from experiments.configs import default
+from spafl_jax.configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
