@@ -22,7 +22,8 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 sys.path.insert(0, os.path.dirname(os.path.dirname(_CONFIG_DIR)))  # works without installing too
@@ -44,16 +45,27 @@ IMPORTANCE_UPDATES = ('all_after', 'none')
 REPORTED = ('accuracy', 'density', 'density_weighted')
 
 _CONFIG = common.define_config_flag(
-    os.path.join(_CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
-    'spafl_jax/configs/); override fields with --config.FIELD=VALUE.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the ablation: one sub-directory per '
-                               'run, and ablation.md / ablation.csv.', required=True)
+    os.path.join(_CONFIG_DIR, 'default.py'),
+    'Config file (a bare name is looked up in '
+    'spafl_jax/configs/); override fields with --config.FIELD=VALUE.',
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir',
+    None,
+    'Directory of the ablation: one sub-directory per run, and ablation.md / ablation.csv.',
+    required=True,
+)
 _SEEDS = flags.DEFINE_list('seeds', ['1', '2', '3'], 'Seeds of every setting.')
 _ESTIMATORS = flags.DEFINE_list('estimators', list(ESTIMATORS), 'Step estimators to compare.')
-_IMPORTANCE_UPDATES = flags.DEFINE_list('importance_updates', list(IMPORTANCE_UPDATES),
-                                        'importance_update values to compare.')
-_RECORDS_ONLY = flags.DEFINE_bool('records_only', False, 'Run nothing: rebuild the tables and the '
-                                  'figure from the runs\' records in --workdir (--config unused).')
+_IMPORTANCE_UPDATES = flags.DEFINE_list(
+    'importance_updates', list(IMPORTANCE_UPDATES), 'importance_update values to compare.'
+)
+_RECORDS_ONLY = flags.DEFINE_bool(
+    'records_only',
+    False,
+    'Run nothing: rebuild the tables and the '
+    "figure from the runs' records in --workdir (--config unused).",
+)
 
 
 def setting_name(estimator: str, importance_update: str) -> str:
@@ -64,23 +76,29 @@ def run_dir(workdir: str, estimator: str, importance_update: str, seed: int) -> 
     return os.path.join(workdir, setting_name(estimator, importance_update), f'seed{seed}')
 
 
-def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
-                 estimators: Sequence[str] = ESTIMATORS,
-                 importance_updates: Sequence[str] = IMPORTANCE_UPDATES,
-                 log: Callable[[str], None] = print) -> None:
+def run_ablation(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    seeds: Sequence[int],
+    estimators: Sequence[str] = ESTIMATORS,
+    importance_updates: Sequence[str] = IMPORTANCE_UPDATES,
+    log: Callable[[str], None] = print,
+) -> None:
     """Runs every (estimator, importance_update, seed) not done yet; a diverged run is logged and
     left without a summary (a NaN in the table)."""
     jobs = [(e, u, s) for e in estimators for u in importance_updates for s in seeds]
     # Every setting is validated before the first (long) run starts.
-    for estimator, importance_update, _ in jobs[::len(seeds)]:
+    for estimator, importance_update, _ in jobs[:: len(seeds)]:
         probe = copy.deepcopy(config)
         probe.estimator, probe.importance_update = estimator, importance_update
         configuration.validate(probe)
     start = time.time()
     for i, (estimator, importance_update, seed) in enumerate(jobs, 1):
         directory = run_dir(workdir, estimator, importance_update, seed)
-        prefix = (f'[{i}/{len(jobs)}] estimator={estimator} importance_update={importance_update} '
-                  f'seed={seed}')
+        prefix = (
+            f'[{i}/{len(jobs)}] estimator={estimator} importance_update={importance_update} '
+            f'seed={seed}'
+        )
         run_config = copy.deepcopy(config)
         run_config.estimator = estimator
         run_config.importance_update = importance_update
@@ -94,15 +112,21 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
         try:
             summary = train.train_and_evaluate(run_config, directory)
         except train.NonFiniteError as e:
-            log(f'{prefix}: diverged ({e})')   # a result too: NaN, not the end of the ablation
+            log(f'{prefix}: diverged ({e})')  # a result too: NaN, not the end of the ablation
             continue
-        log(f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
+        log(
+            f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
             f'{100 * summary["density"]:.2f}% (weights {100 * summary["density_weighted"]:.2f}%) '
-            f'in {time.time() - run_start:.0f}s; {time.time() - start:.0f}s so far')
+            f'in {time.time() - run_start:.0f}s; {time.time() - start:.0f}s so far'
+        )
 
 
-def collect(workdir: str, seeds: Sequence[int], estimators: Sequence[str] = ESTIMATORS,
-            importance_updates: Sequence[str] = IMPORTANCE_UPDATES) -> list[dict[str, Any]]:
+def collect(
+    workdir: str,
+    seeds: Sequence[int],
+    estimators: Sequence[str] = ESTIMATORS,
+    importance_updates: Sequence[str] = IMPORTANCE_UPDATES,
+) -> list[dict[str, Any]]:
     """A row per setting from the runs' summary.json records (a missing one counts as NaN).
 
     Each row holds `estimator`, `importance_update`, `seeds`, `finished`, the per-seed values
@@ -112,11 +136,16 @@ def collect(workdir: str, seeds: Sequence[int], estimators: Sequence[str] = ESTI
     rows = []
     for estimator in estimators:
         for importance_update in importance_updates:
-            runs = [common.finished_record(run_dir(workdir, estimator, importance_update, seed))
-                    for seed in seeds]
-            row: dict[str, Any] = {'estimator': estimator, 'importance_update': importance_update,
-                                   'seeds': ' '.join(str(s) for s in seeds),
-                                   'finished': sum(run is not None for run in runs)}
+            runs = [
+                common.finished_record(run_dir(workdir, estimator, importance_update, seed))
+                for seed in seeds
+            ]
+            row: dict[str, Any] = {
+                'estimator': estimator,
+                'importance_update': importance_update,
+                'seeds': ' '.join(str(s) for s in seeds),
+                'finished': sum(run is not None for run in runs),
+            }
             for field in REPORTED:
                 values = [float(run[field]) if run is not None else float('nan') for run in runs]
                 row[f'{field}_runs'] = values
@@ -126,12 +155,14 @@ def collect(workdir: str, seeds: Sequence[int], estimators: Sequence[str] = ESTI
 
 
 def csv_columns() -> list[str]:
-    return (['estimator', 'importance_update', 'seeds', 'finished']
-            + [f'{field}_{stat}' for field in REPORTED for stat in ('mean', 'std')])
+    return ['estimator', 'importance_update', 'seeds', 'finished'] + [
+        f'{field}_{stat}' for field in REPORTED for stat in ('mean', 'std')
+    ]
 
 
-def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
-                 config: ml_collections.ConfigDict) -> None:
+def write_tables(
+    rows: Sequence[dict[str, Any]], workdir: str, command: str, config: ml_collections.ConfigDict
+) -> None:
     """`ablation.csv` (full-precision fractions) and `ablation.md` (percent, mean ± std)."""
     os.makedirs(workdir, exist_ok=True)
     common.write_csv(os.path.join(workdir, 'ablation.csv'), rows, csv_columns())
@@ -154,10 +185,16 @@ def write_tables(rows: Sequence[dict[str, Any]], workdir: str, command: str,
     for row in rows:
         cells = [common.percent_cell(row, field) for field in REPORTED]
         note = common.unfinished_note(
-            {seed: run_dir(workdir, row['estimator'], row['importance_update'], int(seed))
-             for seed in row['seeds'].split()})
-        lines.append(f'| `{row["estimator"]}` | `{row["importance_update"]}`{note} | '
-                     + ' | '.join(cells) + ' |')
+            {
+                seed: run_dir(workdir, row['estimator'], row['importance_update'], int(seed))
+                for seed in row['seeds'].split()
+            }
+        )
+        lines.append(
+            f'| `{row["estimator"]}` | `{row["importance_update"]}`{note} | '
+            + ' | '.join(cells)
+            + ' |'
+        )
     files.write_atomic(os.path.join(workdir, 'ablation.md'), '\n'.join(lines) + '\n')
 
 
@@ -167,30 +204,38 @@ def main(argv):
     seeds = common.parse_seeds(_SEEDS.value)
     config, workdir = _CONFIG.value, _WORKDIR.value
     command = 'python experiments/ablation.py ' + ' '.join(
-        shlex.quote(a.replace(_CONFIG_DIR + os.sep, '')) for a in sys.argv[1:])
+        shlex.quote(a.replace(_CONFIG_DIR + os.sep, '')) for a in sys.argv[1:]
+    )
     estimators, updates = _ESTIMATORS.value, _IMPORTANCE_UPDATES.value
     if _RECORDS_ONLY.value:
         try:
             config = common.config_of_records(
-                [run_dir(workdir, e, u, s) for e in estimators for u in updates for s in seeds])
+                [run_dir(workdir, e, u, s) for e in estimators for u in updates for s in seeds]
+            )
         except ValueError as e:
             common.exit_with_error(f'--records_only: {e}')
     else:
         try:
             run_ablation(config, workdir, seeds, estimators, updates)
-        except (configuration.ConfigError, data_lib.DatasetUnavailableError,
-                train.WorkdirError) as e:
+        except (
+            configuration.ConfigError,
+            data_lib.DatasetUnavailableError,
+            train.WorkdirError,
+        ) as e:
             common.exit_with_error(str(e))
     write_tables(collect(workdir, seeds, estimators, updates), workdir, command, config)
     names = [setting_name(e, u) for e in estimators for u in updates]
-    common.plot_learning_curves(common.learning_curves(workdir, names, seeds),
-                                os.path.join(workdir, 'ablation_curves.png'),
-                                title=f'{config.dataset} / {config.model}: estimator x '
-                                'importance update')
+    common.plot_learning_curves(
+        common.learning_curves(workdir, names, seeds),
+        os.path.join(workdir, 'ablation_curves.png'),
+        title=f'{config.dataset} / {config.model}: estimator x importance update',
+    )
     with open(os.path.join(workdir, 'ablation.md')) as f:
         print(f.read(), end='')
-    print(f'tables in {os.path.join(workdir, "ablation.md")} and ablation.csv; curves in '
-          f'{os.path.join(workdir, "ablation_curves.png")}')
+    print(
+        f'tables in {os.path.join(workdir, "ablation.md")} and ablation.csv; curves in '
+        f'{os.path.join(workdir, "ablation_curves.png")}'
+    )
 
 
 if __name__ == '__main__':

@@ -8,8 +8,8 @@ import io
 import json
 import math
 import os
-import sys
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -18,6 +18,7 @@ import numpy as np
 
 from spafl_jax import files
 from spafl_jax import reporting
+
 # The command-line pieces every command shares live with the runner's command.
 from spafl_jax.cli import CONFIG_DIR  # noqa: F401  (re-exported)
 from spafl_jax.cli import define_config_flag  # noqa: F401
@@ -38,7 +39,7 @@ def finished_summary(directory: str, config: ml_collections.ConfigDict) -> dict[
         previous = json.load(f)
     # Through JSON, so that tuples and lists compare equal as they do on disk.
     if previous != json.loads(json.dumps(config.to_dict())):
-        return None   # e.g. more rounds asked for: train_and_evaluate extends or refuses the run
+        return None  # e.g. more rounds asked for: train_and_evaluate extends or refuses the run
     with open(summary_path) as f:
         return json.load(f)
 
@@ -69,16 +70,20 @@ def finished_record(directory: str) -> dict[str, Any] | None:
     """The summary of a run whose summary covers all the rounds its config.json asks for."""
     summary = read_record(directory, SUMMARY_FILENAME)
     config = read_record(directory, 'config.json')
-    if summary is None or (config is not None and summary.get('round', config['rounds'])
-                           != config['rounds']):
+    if summary is None or (
+        config is not None and summary.get('round', config['rounds']) != config['rounds']
+    ):
         return None
     return summary
 
 
 def unfinished_note(directories: dict[Any, str]) -> str:
     """' (seed 2: diverged at round 35)' for the seeds ({seed: directory}) that did not finish."""
-    notes = [f'seed {seed}: {status}' for seed, status in
-             ((seed, run_status(d)) for seed, d in directories.items()) if status != 'finished']
+    notes = [
+        f'seed {seed}: {status}'
+        for seed, status in ((seed, run_status(d)) for seed, d in directories.items())
+        if status != 'finished'
+    ]
     return f' ({"; ".join(notes)})' if notes else ''
 
 
@@ -89,21 +94,37 @@ def config_of_records(directories: Sequence[str]) -> ml_collections.ConfigDict:
         config = read_record(directory, 'config.json')
         if config is not None:
             return ml_collections.ConfigDict(config)
-    raise ValueError(f'no config.json in any of {", ".join(directories)}: the records are not '
-                     'there (check --workdir).')
+    raise ValueError(
+        f'no config.json in any of {", ".join(directories)}: the records are not '
+        'there (check --workdir).'
+    )
 
 
 # Config fields that say how a run was executed or recorded, not what it computes (beyond float
 # rounding): left out where tables list the settings in which runs differ.
-EXECUTION_FIELDS = ('eval_every', 'checkpoint_every', 'client_execution', 'vmap_lanes',
-                    'num_cpu_devices', 'eval_chunk', 'eval_batch_size', 'data_dir', 'download',
-                    'sparsity_rounds', 'coordinator_address', 'num_processes', 'process_id',
-                    'conv_impl', 'scan_unroll')
+EXECUTION_FIELDS = (
+    'eval_every',
+    'checkpoint_every',
+    'client_execution',
+    'vmap_lanes',
+    'num_cpu_devices',
+    'eval_chunk',
+    'eval_batch_size',
+    'data_dir',
+    'download',
+    'sparsity_rounds',
+    'coordinator_address',
+    'num_processes',
+    'process_id',
+    'conv_impl',
+    'scan_unroll',
+)
 
 
-def differing_settings(configs: dict[str, dict[str, Any]],
-                       ignore: Sequence[str] = ('seed', 'method', *EXECUTION_FIELDS),
-                       ) -> dict[str, str]:
+def differing_settings(
+    configs: dict[str, dict[str, Any]],
+    ignore: Sequence[str] = ('seed', 'method', *EXECUTION_FIELDS),
+) -> dict[str, str]:
     """{label: 'field value, ...'} for every config field whose value is not the same in all
     `configs` (flattened one level: `baseline.fedpm_prior`), `ignore`d fields and fields that some
     records lack (added to the config since) left out."""
@@ -119,12 +140,15 @@ def differing_settings(configs: dict[str, dict[str, Any]],
     # A field missing from a record was added after that run, which had its default then.
     keys = sorted(set.intersection(*(set(items) for items in flat.values()))) if flat else []
     varying = [k for k in keys if len({json.dumps(items.get(k)) for items in flat.values()}) > 1]
-    return {label: ', '.join(f'{k} {items.get(k)}' for k in varying) for label, items in flat.items()}
+    return {
+        label: ', '.join(f'{k} {items.get(k)}' for k in varying) for label, items in flat.items()
+    }
 
 
 def parse_seeds(values: Sequence[str]) -> list[int]:
     """`--seeds` as integers; a usage error naming the flag otherwise."""
     from absl import app  # pylint: disable=g-import-not-at-top
+
     try:
         return [int(s) for s in values]
     except ValueError:
@@ -163,14 +187,19 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]], columns: Sequence[str])
 
 def setting_sentence(config: ml_collections.ConfigDict) -> str:
     """The federated setting of a table, in one sentence's first half."""
-    return (f'{config.num_clients} clients, {config.clients_per_round} per round, '
-            f'alpha {config.alpha}, batch {config.batch_size}, {config.local_epochs} local '
-            f'epoch(s), lr {config.lr}')
+    return (
+        f'{config.num_clients} clients, {config.clients_per_round} per round, '
+        f'alpha {config.alpha}, batch {config.batch_size}, {config.local_epochs} local '
+        f'epoch(s), lr {config.lr}'
+    )
 
 
-def learning_curves(workdir: str, method_names: Sequence[str], seeds: Sequence[int],
-                    value: Callable[[dict], float] = lambda record: record['accuracy'],
-                    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def learning_curves(
+    workdir: str,
+    method_names: Sequence[str],
+    seeds: Sequence[int],
+    value: Callable[[dict], float] = lambda record: record['accuracy'],
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """{name: (rounds, mean, std)} of `value(record)` (accuracy by default) from
     `<workdir>/<name>/seed<seed>/metrics.jsonl`, over the seeds whose record holds that round
     (sample std, 0 where one seed)."""
@@ -181,7 +210,7 @@ def learning_curves(workdir: str, method_names: Sequence[str], seeds: Sequence[i
             path = os.path.join(workdir, name, f'seed{seed}', reporting.METRICS_FILENAME)
             if os.path.isfile(path):
                 for record in reporting.read_metrics(path):
-                    if 'accuracy' in record:   # evaluated rounds
+                    if 'accuracy' in record:  # evaluated rounds
                         by_round.setdefault(int(record['round']), []).append(float(value(record)))
         rounds = np.array(sorted(by_round), np.int64)
         stats = np.array([mean_std(by_round[r]) for r in rounds], np.float64).reshape(-1, 2)
@@ -189,27 +218,36 @@ def learning_curves(workdir: str, method_names: Sequence[str], seeds: Sequence[i
     return curves
 
 
-def plot_learning_curves(curves: dict, path: str, title: str = '',
-                         gbit: dict | None = None) -> str:
+def plot_learning_curves(curves: dict, path: str, title: str = '', gbit: dict | None = None) -> str:
     """Mean accuracy (%) against the round, one line per method or setting, ± std shaded; with
     `gbit` ({name: (rounds, mean Gbit sent so far, std)}), a second panel against the bits sent."""
     fig = Figure(figsize=(11.5 if gbit else 6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)   # no pyplot: no global state, no display needed
+    FigureCanvasAgg(fig)  # no pyplot: no global state, no display needed
     axes = fig.subplots(1, 2 if gbit else 1, squeeze=False)[0]
     for name, (rounds, mean, std) in curves.items():
         if len(rounds) == 0:
             continue
-        line, = axes[0].plot(rounds, 100 * mean, marker='.' if len(rounds) < 30 else None,
-                             label=name)
-        axes[0].fill_between(rounds, 100 * (mean - std), 100 * (mean + std),
-                             color=line.get_color(), alpha=0.2, linewidth=0)
+        (line,) = axes[0].plot(
+            rounds, 100 * mean, marker='.' if len(rounds) < 30 else None, label=name
+        )
+        axes[0].fill_between(
+            rounds,
+            100 * (mean - std),
+            100 * (mean + std),
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
         if gbit:
             sent = dict(zip(gbit[name][0].tolist(), gbit[name][1].tolist()))
-            points = [(sent[r], 100 * m) for r, m in zip(rounds.tolist(), mean.tolist())
-                      if sent.get(r, 0.0) > 0]
+            points = [
+                (sent[r], 100 * m)
+                for r, m in zip(rounds.tolist(), mean.tolist())
+                if sent.get(r, 0.0) > 0
+            ]
             if points:
                 axes[1].plot(*zip(*points), color=line.get_color(), label=name)
-            else:   # nothing to place on a log axis
+            else:  # nothing to place on a log axis
                 axes[1].plot([], [], color=line.get_color(), label=f'{name} (sends nothing)')
     axes[0].set_title(title)
     axes[0].set_xlabel('round')

@@ -31,7 +31,8 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
 
@@ -52,38 +53,67 @@ from spafl_jax import train
 
 # Final-round summary fields reported as mean ± std over seeds.
 SPREAD = ('accuracy', 'density', 'density_weighted')
-CSV_COLUMNS = ('method', 'seeds', 'finished', 'rounds', 'accuracy_mean', 'accuracy_std',
-               'gbit_total', 'gbit_up', 'gbit_down', 'flops_per_client', 'density_mean',
-               'density_std', 'density_weighted_mean', 'density_weighted_std')
+CSV_COLUMNS = (
+    'method',
+    'seeds',
+    'finished',
+    'rounds',
+    'accuracy_mean',
+    'accuracy_std',
+    'gbit_total',
+    'gbit_up',
+    'gbit_down',
+    'flops_per_client',
+    'density_mean',
+    'density_std',
+    'density_weighted_mean',
+    'density_weighted_std',
+)
 FLOP_UNITS = (('PFLOP', 1e15), ('TFLOP', 1e12), ('GFLOP', 1e9), ('MFLOP', 1e6))
 
 _CONFIG = common.define_config_flag(
-    os.path.join(common.CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked '
-    'up in spafl_jax/configs/); override fields with --config.FIELD=VALUE.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the comparison: one sub-directory '
-                               'per run, comparison.md / .csv and learning_curves.png.',
-                               required=True)
+    os.path.join(common.CONFIG_DIR, 'default.py'),
+    'Config file (a bare name is looked '
+    'up in spafl_jax/configs/); override fields with --config.FIELD=VALUE.',
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir',
+    None,
+    'Directory of the comparison: one sub-directory '
+    'per run, comparison.md / .csv and learning_curves.png.',
+    required=True,
+)
 _METHODS = flags.DEFINE_list('methods', list(methods.METHODS), 'Methods to compare.')
 _SEEDS = flags.DEFINE_list('seeds', ['1', '2'], 'Seeds of every method.')
-_RECORDS_ONLY = flags.DEFINE_bool('records_only', False, 'Run nothing: rebuild the tables and the '
-                                  'figure from the runs\' records in --workdir (--config unused).')
+_RECORDS_ONLY = flags.DEFINE_bool(
+    'records_only',
+    False,
+    'Run nothing: rebuild the tables and the '
+    "figure from the runs' records in --workdir (--config unused).",
+)
 
 
 def run_dir(workdir: str, method: str, seed: int) -> str:
     return os.path.join(workdir, method, f'seed{seed}')
 
 
-def run_config(config: ml_collections.ConfigDict, method: str,
-               seed: int) -> ml_collections.ConfigDict:
+def run_config(
+    config: ml_collections.ConfigDict, method: str, seed: int
+) -> ml_collections.ConfigDict:
     out = copy.deepcopy(config)
     out.method, out.seed = method, seed
     return out
 
 
-def run_comparison(config: ml_collections.ConfigDict, workdir: str, method_names: Sequence[str],
-                   seeds: Sequence[int], log: Callable[[str], None] = print) -> None:
+def run_comparison(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    method_names: Sequence[str],
+    seeds: Sequence[int],
+    log: Callable[[str], None] = print,
+) -> None:
     """Runs every (method, seed) that is not finished yet; a diverged run is logged and left out."""
-    for name in method_names:   # every setting is checked before the first (long) run starts
+    for name in method_names:  # every setting is checked before the first (long) run starts
         configuration.validate(run_config(config, name, seeds[0]))
     jobs = [(name, seed) for name in method_names for seed in seeds]
     start = time.time()
@@ -94,7 +124,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str, method_names
         if common.finished_summary(directory, this_config) is not None:
             log(f'{prefix}: done before, skipped')
             continue
-        log(f'{prefix}: running in {directory}')   # an unfinished run resumes from its checkpoint
+        log(f'{prefix}: running in {directory}')  # an unfinished run resumes from its checkpoint
         run_start = time.time()
         try:
             summary = train.train_and_evaluate(this_config, directory)
@@ -102,9 +132,11 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str, method_names
             # Divergence is a result too: that seed counts as NaN, the comparison goes on.
             log(f'{prefix}: diverged ({e})')
             continue
-        log(f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
+        log(
+            f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
             f'{100 * summary["density"]:.2f}% in {time.time() - run_start:.0f}s; '
-            f'{time.time() - start:.0f}s so far')
+            f'{time.time() - start:.0f}s so far'
+        )
 
 
 def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> list[dict]:
@@ -119,14 +151,21 @@ def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> 
         summaries = [common.finished_record(run_dir(workdir, name, seed)) for seed in seeds]
         done = [s for s in summaries if s is not None]
         get = lambda field: [s[field] if s is not None else nan for s in summaries]
-        row: dict[str, Any] = {'method': name, 'seeds': ' '.join(map(str, seeds)),
-                               'finished': len(done),
-                               'rounds': done[0]['rounds'] if done else nan}
+        row: dict[str, Any] = {
+            'method': name,
+            'seeds': ' '.join(map(str, seeds)),
+            'finished': len(done),
+            'rounds': done[0]['rounds'] if done else nan,
+        }
         for field in SPREAD:
             row[f'{field}_mean'], row[f'{field}_std'] = common.mean_std(get(field))
         up, down = (float(np.mean(get(field))) for field in ('bits_up', 'bits_down'))
-        row.update(gbit_up=up / 1e9, gbit_down=down / 1e9, gbit_total=(up + down) / 1e9,
-                   flops_per_client=float(np.mean(get('flops'))))
+        row.update(
+            gbit_up=up / 1e9,
+            gbit_down=down / 1e9,
+            gbit_total=(up + down) / 1e9,
+            flops_per_client=float(np.mean(get('flops'))),
+        )
         rows.append(row)
     return rows
 
@@ -134,16 +173,18 @@ def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> 
 def flop_unit(rows: Sequence[dict]) -> tuple[str, float]:
     """The unit that shows the largest per-client FLOPs of the table with at most 4 digits before
     the point."""
-    largest = max((r['flops_per_client'] for r in rows if math.isfinite(r['flops_per_client'])),
-                  default=0.0)
+    largest = max(
+        (r['flops_per_client'] for r in rows if math.isfinite(r['flops_per_client'])), default=0.0
+    )
     for unit, scale in FLOP_UNITS:
         if largest >= scale:
             return unit, scale
     return FLOP_UNITS[-1]
 
 
-def write_tables(rows: Sequence[dict], workdir: str, command: str,
-                 config: ml_collections.ConfigDict) -> None:
+def write_tables(
+    rows: Sequence[dict], workdir: str, command: str, config: ml_collections.ConfigDict
+) -> None:
     """`comparison.csv` (fractions, Gbit and FLOPs at full precision) and `comparison.md`."""
     os.makedirs(workdir, exist_ok=True)
     common.write_csv(os.path.join(workdir, 'comparison.csv'), rows, CSV_COLUMNS)
@@ -156,8 +197,8 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
         '',
         f'Command: `{command}`',
         '',
-        f'{common.setting_sentence(config)}; seeds {seeds}. Accuracy: final round, unweighted mean over clients of '
-        'each client\'s accuracy on its own test split, mean ± sample std over seeds. '
+        f'{common.setting_sentence(config)}; seeds {seeds}. Accuracy: final round, unweighted '
+        "mean over clients of each client's accuracy on its own test split, mean ± sample std over seeds. "
         'Communication: bits sent over the whole run (up + down), 32-bit floats. FLOPs: '
         'training FLOPs per client over the whole run (3 x MACs x kept fraction per example and '
         'step). Density: mean over masked layers of the kept fraction (rows for SpaFL and '
@@ -169,35 +210,50 @@ def write_tables(rows: Sequence[dict], workdir: str, command: str,
     ]
     for row in rows:
         name = row['method'] + common.unfinished_note(
-            {seed: run_dir(workdir, row['method'], int(seed)) for seed in seeds.split()})
+            {seed: run_dir(workdir, row['method'], int(seed)) for seed in seeds.split()}
+        )
         lines.append(
             f'| {name} | {percent(row, "accuracy")} | {number(row["gbit_total"])} | '
             f'{number(row["gbit_up"])} | {number(row["gbit_down"])} | '
             f'{number(row["flops_per_client"] / scale)} | {percent(row, "density")} | '
-            f'{percent(row, "density_weighted")} |')
+            f'{percent(row, "density_weighted")} |'
+        )
     lines += by_round_table(workdir, [r['method'] for r in rows], seeds.split(), config.rounds)
-    differences = {name: setting for name, setting in
-                   method_settings(workdir, [r['method'] for r in rows], seeds.split()).items()
-                   if setting}
+    differences = {
+        name: setting
+        for name, setting in method_settings(
+            workdir, [r['method'] for r in rows], seeds.split()
+        ).items()
+        if setting
+    }
     if differences:
-        lines += ['', 'Settings that differ between the methods\' runs (the header gives the first '
-                  'run\'s):', '']
+        lines += [
+            '',
+            "Settings that differ between the methods' runs (the header gives the first run's):",
+            '',
+        ]
         lines += [f'- {name}: {setting}' for name, setting in differences.items()]
     files.write_atomic(os.path.join(workdir, 'comparison.md'), '\n'.join(lines) + '\n')
 
 
-def by_round_table(workdir: str, method_names: Sequence[str], seeds: Sequence[Any],
-                   rounds: int) -> list[str]:
+def by_round_table(
+    workdir: str, method_names: Sequence[str], seeds: Sequence[Any], rounds: int
+) -> list[str]:
     """Markdown lines: each method's accuracy and density at a few rounds along the run, mean over
     the seeds whose record reached that round (unfinished runs count up to where they are)."""
     marks = [r for r in (10, 25, 50, 100, 200, 300, 400, 500, 1000, 1500) if r < rounds] + [rounds]
     accuracy = common.learning_curves(workdir, method_names, seeds)
-    density = common.learning_curves(workdir, method_names, seeds,
-                                     value=lambda record: record.get('density', float('nan')))
-    lines = ['', 'Along the run: accuracy (%) / density, mean over the seeds whose record reached '
-             'the round (the number of seeds in brackets where fewer than all).', '',
-             '| method | ' + ' | '.join(f'round {r}' for r in marks) + ' |',
-             '|---|' + '---|' * len(marks)]
+    density = common.learning_curves(
+        workdir, method_names, seeds, value=lambda record: record.get('density', float('nan'))
+    )
+    lines = [
+        '',
+        'Along the run: accuracy (%) / density, mean over the seeds whose record reached '
+        'the round (the number of seeds in brackets where fewer than all).',
+        '',
+        '| method | ' + ' | '.join(f'round {r}' for r in marks) + ' |',
+        '|---|' + '---|' * len(marks),
+    ]
     for name in method_names:
         cells = []
         for r in marks:
@@ -216,11 +272,13 @@ def by_round_table(workdir: str, method_names: Sequence[str], seeds: Sequence[An
 def _reached(workdir: str, name: str, seed: Any, round_index: int) -> bool:
     path = os.path.join(run_dir(workdir, name, int(seed)), reporting.METRICS_FILENAME)
     return os.path.isfile(path) and any(
-        int(r['round']) == round_index and 'accuracy' in r for r in reporting.read_metrics(path))
+        int(r['round']) == round_index and 'accuracy' in r for r in reporting.read_metrics(path)
+    )
 
 
-def method_settings(workdir: str, method_names: Sequence[str],
-                    seeds: Sequence[Any]) -> dict[str, str]:
+def method_settings(
+    workdir: str, method_names: Sequence[str], seeds: Sequence[Any]
+) -> dict[str, str]:
     """{method: the config fields where its runs' config.json differs from other methods'}."""
     configs = {}
     for name in method_names:
@@ -232,16 +290,28 @@ def method_settings(workdir: str, method_names: Sequence[str],
     return common.differing_settings(configs)
 
 
-def write_report(workdir: str, method_names: Sequence[str], seeds: Sequence[int], command: str,
-                 config: ml_collections.ConfigDict) -> list[dict]:
+def write_report(
+    workdir: str,
+    method_names: Sequence[str],
+    seeds: Sequence[int],
+    command: str,
+    config: ml_collections.ConfigDict,
+) -> list[dict]:
     """The table (md, csv) and learning_curves.png from the runs in `workdir`; returns the rows."""
     rows = collect(workdir, method_names, seeds)
     write_tables(rows, workdir, command, config)
-    sent = common.learning_curves(workdir, method_names, seeds,
-                                  value=lambda r: (r.get('bits_up', 0) + r.get('bits_down', 0)) / 1e9)
-    common.plot_learning_curves(common.learning_curves(workdir, method_names, seeds),
-                                os.path.join(workdir, 'learning_curves.png'),
-                                title=f'{config.dataset} / {config.model}', gbit=sent)
+    sent = common.learning_curves(
+        workdir,
+        method_names,
+        seeds,
+        value=lambda r: (r.get('bits_up', 0) + r.get('bits_down', 0)) / 1e9,
+    )
+    common.plot_learning_curves(
+        common.learning_curves(workdir, method_names, seeds),
+        os.path.join(workdir, 'learning_curves.png'),
+        title=f'{config.dataset} / {config.model}',
+        gbit=sent,
+    )
     return rows
 
 
@@ -251,28 +321,37 @@ def main(argv):
     seeds = common.parse_seeds(_SEEDS.value)
     unknown = [m for m in _METHODS.value if m not in methods.METHODS]
     if unknown or not _METHODS.value or not seeds:
-        raise app.UsageError(f'--methods must be a non-empty list of {",".join(methods.METHODS)} '
-                             f'(got {",".join(_METHODS.value)}), --seeds a non-empty list.')
+        raise app.UsageError(
+            f'--methods must be a non-empty list of {",".join(methods.METHODS)} '
+            f'(got {",".join(_METHODS.value)}), --seeds a non-empty list.'
+        )
     config, workdir = _CONFIG.value, _WORKDIR.value
     command = 'python experiments/compare.py ' + ' '.join(
-        shlex.quote(a.replace(common.CONFIG_DIR + os.sep, '')) for a in sys.argv[1:])
+        shlex.quote(a.replace(common.CONFIG_DIR + os.sep, '')) for a in sys.argv[1:]
+    )
     if _RECORDS_ONLY.value:
         try:
             config = common.config_of_records(
-                [run_dir(workdir, name, seed) for name in _METHODS.value for seed in seeds])
+                [run_dir(workdir, name, seed) for name in _METHODS.value for seed in seeds]
+            )
         except ValueError as e:
             common.exit_with_error(f'--records_only: {e}')
     else:
         try:
             run_comparison(config, workdir, _METHODS.value, seeds)
-        except (configuration.ConfigError, data_lib.DatasetUnavailableError,
-                train.WorkdirError) as e:
+        except (
+            configuration.ConfigError,
+            data_lib.DatasetUnavailableError,
+            train.WorkdirError,
+        ) as e:
             common.exit_with_error(str(e))
     write_report(workdir, _METHODS.value, seeds, command, config)
     with open(os.path.join(workdir, 'comparison.md')) as f:
         print(f.read(), end='')
-    print(f'tables in {os.path.join(workdir, "comparison.md")} and comparison.csv; curves in '
-          f'{os.path.join(workdir, "learning_curves.png")}')
+    print(
+        f'tables in {os.path.join(workdir, "comparison.md")} and comparison.csv; curves in '
+        f'{os.path.join(workdir, "learning_curves.png")}'
+    )
 
 
 if __name__ == '__main__':

@@ -43,13 +43,21 @@ _SEEDS = flags.DEFINE_list('seeds', ['1', '2'], 'Seeds to compare.')
 _ROUNDS = flags.DEFINE_list('rounds', ['50', '100', '200'], 'Rounds of the table.')
 _OUT = flags.DEFINE_string('out', '', 'Figure path; default <results>/fidelity_fmnist.png.')
 
-CODES = (('official', 'official_fmnist_seed{}', 'official PyTorch code'),
-         ('ours', 'fmnist_official_seed{}', 'spafl_jax fmnist.py:official'),
-         ('current', 'fmnist_official_current_seed{}',
-          'spafl_jax fmnist.py:official, collapse_check=current'),
-         ('paired', 'fmnist_official_paired_seed{}', 'spafl_jax on the official draws'),
-         ('rounding', 'fmnist_official_paired_rounding_seed{}',
-          'the same, rounded differently (YNNPACK off)'))
+CODES = (
+    ('official', 'official_fmnist_seed{}', 'official PyTorch code'),
+    ('ours', 'fmnist_official_seed{}', 'spafl_jax fmnist.py:official'),
+    (
+        'current',
+        'fmnist_official_current_seed{}',
+        'spafl_jax fmnist.py:official, collapse_check=current',
+    ),
+    ('paired', 'fmnist_official_paired_seed{}', 'spafl_jax on the official draws'),
+    (
+        'rounding',
+        'fmnist_official_paired_rounding_seed{}',
+        'the same, rounded differently (YNNPACK off)',
+    ),
+)
 
 
 def read_curve(path: str) -> dict[int, dict]:
@@ -78,8 +86,11 @@ def load(results: str, seeds: list[str]) -> dict[tuple[str, str], dict[int, dict
 def table(runs, seeds: list[str], rounds: list[int], ours: str = 'ours') -> str:
     """Markdown: accuracy (%) and density of the official code and `ours` at `rounds`, per seed
     and mean."""
-    lines = ['| round | seed | official accuracy | ours accuracy | difference | official density |'
-             ' ours density | difference |', '|---|---|---|---|---|---|---|---|']
+    lines = [
+        '| round | seed | official accuracy | ours accuracy | difference | official density |'
+        ' ours density | difference |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
     for r in rounds:
         pairs = []
         for seed in seeds + ['mean']:
@@ -92,44 +103,60 @@ def table(runs, seeds: list[str], rounds: list[int], ours: str = 'ours') -> str:
             else:
                 a, b = runs.get(('official', seed), {}).get(r), runs.get((ours, seed), {}).get(r)
                 if a is None or b is None:
-                    lines.append(f'| {r} | {seed} | {_fmt(a, "accuracy", 100)} | '
-                                 f'{_fmt(b, "accuracy", 100)} | – | {_fmt(a, "density", 1)} | '
-                                 f'{_fmt(b, "density", 1)} | – |')
+                    lines.append(
+                        f'| {r} | {seed} | {_fmt(a, "accuracy", 100)} | '
+                        f'{_fmt(b, "accuracy", 100)} | – | {_fmt(a, "density", 1)} | '
+                        f'{_fmt(b, "density", 1)} | – |'
+                    )
                     continue
                 off, our = (a['accuracy'], a['density']), (b['accuracy'], b['density'])
                 pairs.append((off, our))
                 label = seed
-            lines.append(f'| {r} | {label} | {100 * off[0]:.1f} | {100 * our[0]:.1f} | '
-                         f'{100 * (our[0] - off[0]):+.1f} | {off[1]:.3f} | {our[1]:.3f} | '
-                         f'{our[1] - off[1]:+.3f} |')
+            lines.append(
+                f'| {r} | {label} | {100 * off[0]:.1f} | {100 * our[0]:.1f} | '
+                f'{100 * (our[0] - off[0]):+.1f} | {off[1]:.3f} | {our[1]:.3f} | '
+                f'{our[1] - off[1]:+.3f} |'
+            )
     return '\n'.join(lines)
 
 
 def _fmt(record, key, scale):
-    return 'not reached' if record is None else f'{scale * record[key]:.{1 if scale == 100 else 3}f}'
+    return (
+        'not reached' if record is None else f'{scale * record[key]:.{1 if scale == 100 else 3}f}'
+    )
 
 
 def paired_summary(runs, seeds: list[str]) -> str:
     """Per seed: the mean and largest |ours - official| over the rounds both reached, on shared
     draws, beside the same for the official code's seeds against each other."""
+
     def gaps(a, b):
         rounds = sorted(set(a) & set(b))
         acc = np.array([100 * abs(a[r]['accuracy'] - b[r]['accuracy']) for r in rounds])
         den = np.array([abs(a[r]['density'] - b[r]['density']) for r in rounds])
-        return (f'rounds 1-{rounds[-1]}: accuracy mean {acc.mean():.2f} / largest {acc.max():.1f} '
-                f'points, density mean {den.mean():.3f} / largest {den.max():.3f}')
+        return (
+            f'rounds 1-{rounds[-1]}: accuracy mean {acc.mean():.2f} / largest {acc.max():.1f} '
+            f'points, density mean {den.mean():.3f} / largest {den.max():.3f}'
+        )
+
     lines = []
     for seed in seeds:
         if ('paired', seed) in runs and ('official', seed) in runs:
-            lines.append(f'seed {seed}, ours on the official draws against the official code, '
-                         f'{gaps(runs[("paired", seed)], runs[("official", seed)])}')
+            lines.append(
+                f'seed {seed}, ours on the official draws against the official code, '
+                f'{gaps(runs[("paired", seed)], runs[("official", seed)])}'
+            )
         if ('paired', seed) in runs and ('rounding', seed) in runs:
-            lines.append(f'seed {seed}, ours against ours rounded differently, same draws, '
-                         f'{gaps(runs[("rounding", seed)], runs[("paired", seed)])}')
+            lines.append(
+                f'seed {seed}, ours against ours rounded differently, same draws, '
+                f'{gaps(runs[("rounding", seed)], runs[("paired", seed)])}'
+            )
     official = [runs[('official', s)] for s in seeds if ('official', s) in runs]
     if lines and len(official) >= 2:
-        lines.append(f'the official code, seed {seeds[0]} against seed {seeds[1]}, '
-                     f'{gaps(official[0], official[1])}')
+        lines.append(
+            f'the official code, seed {seeds[0]} against seed {seeds[1]}, '
+            f'{gaps(official[0], official[1])}'
+        )
     return '\n'.join(lines)
 
 
@@ -137,7 +164,9 @@ DIAGNOSIS = 'fidelity_diagnosis_seed1'
 # A second ensemble, to round 100, recorded on another CPU (whose float rounding differs from the
 # first's, so its runs are not continuations of DIAGNOSIS's).
 LONG_ENSEMBLE = 'fidelity_ensemble_seed1'
-ENSEMBLE = ('ours', 'rounding') + tuple(f'perturb{k}' for k in range(1, 10))   # those present are used
+ENSEMBLE = ('ours', 'rounding') + tuple(
+    f'perturb{k}' for k in range(1, 10)
+)  # those present are used
 # Both codes in float64 on the same draws (record_official.py curve --float64, replay_curve.py
 # --float64, rescored against the float64 official run): 'ours' and 'perturb<k>' as above, the
 # perturbation one float64 ulp; 'official_mask32' is the same replay of ours rescored against an
@@ -152,9 +181,11 @@ def load_diagnosis(results: str, folder: str = DIAGNOSIS) -> dict[str, dict[int,
     folder = os.path.join(results, folder)
     if not os.path.isdir(folder):
         return {}
-    return {name: read_curve(os.path.join(folder, name, 'metrics.jsonl'))
-            for name in sorted(os.listdir(folder))
-            if os.path.exists(os.path.join(folder, name, 'metrics.jsonl'))}
+    return {
+        name: read_curve(os.path.join(folder, name, 'metrics.jsonl'))
+        for name in sorted(os.listdir(folder))
+        if os.path.exists(os.path.join(folder, name, 'metrics.jsonl'))
+    }
 
 
 def diagnosis(variants: dict[str, dict[int, dict]], every: int = 5) -> str:
@@ -164,8 +195,10 @@ def diagnosis(variants: dict[str, dict[int, dict]], every: int = 5) -> str:
     ensemble = [v for v in ENSEMBLE if v in variants]
     names = ensemble + [v for v in sorted(variants) if v not in ensemble]
     rounds = sorted(set.intersection(*(set(variants[v]) for v in names)))
-    head = ('| round | official | ' + ' | '.join(names) + ' | official inside the ensemble | '
-            'fc4 density: official / ensemble | resets: official / ensemble |')
+    head = (
+        '| round | official | ' + ' | '.join(names) + ' | official inside the ensemble | '
+        'fc4 density: official / ensemble | resets: official / ensemble |'
+    )
     lines = [head, '|' + '---|' * (head.count('|') - 1)]
     span = lambda values, f: f'{f(min(values))}-{f(max(values))}'
     for r in rounds:
@@ -182,21 +215,34 @@ def diagnosis(variants: dict[str, dict[int, dict]], every: int = 5) -> str:
             + ' | '.join(f'{100 * variants[v][r]["accuracy"]:.1f}' for v in names)
             + f' | {"yes" if inside else "no"} | '
             f'{official["official_layer_density"][-1]:.3f} / {span(fc4, lambda x: f"{x:.3f}")} | '
-            f'{sum(official["official_resets"])} / {span(resets, str)} |')
+            f'{sum(official["official_resets"])} / {span(resets, str)} |'
+        )
     gaps = []
     for v in names:
-        d = np.array([100 * abs(variants[v][r]['accuracy'] - variants[v][r]['official_accuracy'])
-                      for r in rounds])
-        gaps.append(f'{v} against the official code, rounds 1-{rounds[-1]}: accuracy mean '
-                    f'{d.mean():.2f} / largest {d.max():.1f} points')
-    spread = np.array([np.ptp([100 * variants[v][r]['accuracy'] for v in ensemble])
-                       for r in rounds])
-    inside = sum(min(100 * variants[v][r]['accuracy'] for v in ensemble)
-                 <= 100 * variants[names[0]][r]['official_accuracy']
-                 <= max(100 * variants[v][r]['accuracy'] for v in ensemble) for r in rounds)
-    gaps.append(f'the ensemble ({", ".join(ensemble)}): spread mean {spread.mean():.2f} / largest '
-                f'{spread.max():.1f} points; the official curve inside its range in {inside} of '
-                f'{len(rounds)} rounds')
+        d = np.array(
+            [
+                100 * abs(variants[v][r]['accuracy'] - variants[v][r]['official_accuracy'])
+                for r in rounds
+            ]
+        )
+        gaps.append(
+            f'{v} against the official code, rounds 1-{rounds[-1]}: accuracy mean '
+            f'{d.mean():.2f} / largest {d.max():.1f} points'
+        )
+    spread = np.array(
+        [np.ptp([100 * variants[v][r]['accuracy'] for v in ensemble]) for r in rounds]
+    )
+    inside = sum(
+        min(100 * variants[v][r]['accuracy'] for v in ensemble)
+        <= 100 * variants[names[0]][r]['official_accuracy']
+        <= max(100 * variants[v][r]['accuracy'] for v in ensemble)
+        for r in rounds
+    )
+    gaps.append(
+        f'the ensemble ({", ".join(ensemble)}): spread mean {spread.mean():.2f} / largest '
+        f'{spread.max():.1f} points; the official curve inside its range in {inside} of '
+        f'{len(rounds)} rounds'
+    )
     return '\n'.join(lines) + '\n' + '\n'.join(gaps)
 
 
@@ -204,46 +250,71 @@ def two_cpus(official_a, ours_a, diagnosed_b, every: int = 5) -> str:
     """The official code and ours, each run on two CPU kinds (A: the records `official_fmnist_seed1`
     and `fmnist_official_paired_seed1`; B: the official run that recorded the diagnosis draws and
     `ours` replayed on them), over the rounds all four reached: the table, then each pair's gap."""
-    official_b = {r: {'accuracy': c['official_accuracy'], 'density': c['official_density']}
-                  for r, c in diagnosed_b.items()}
-    curves = {'official, CPU A': official_a, 'official, CPU B': official_b,
-              'ours, CPU A': ours_a, 'ours, CPU B': diagnosed_b}
+    official_b = {
+        r: {'accuracy': c['official_accuracy'], 'density': c['official_density']}
+        for r, c in diagnosed_b.items()
+    }
+    curves = {
+        'official, CPU A': official_a,
+        'official, CPU B': official_b,
+        'ours, CPU A': ours_a,
+        'ours, CPU B': diagnosed_b,
+    }
     rounds = sorted(set.intersection(*(set(c) for c in curves.values())))
-    lines = ['| round | ' + ' | '.join(curves) + ' | official A - B |',
-             '|---|' + '---|' * (len(curves) + 1)]
+    lines = [
+        '| round | ' + ' | '.join(curves) + ' | official A - B |',
+        '|---|' + '---|' * (len(curves) + 1),
+    ]
     acc = lambda c, r: 100 * c[r]['accuracy']
     for r in rounds:
         if r % every and r != rounds[-1]:
             continue
-        lines.append(f'| {r} | ' + ' | '.join(f'{acc(c, r):.1f}' for c in curves.values())
-                     + f' | {acc(official_a, r) - acc(official_b, r):+.1f} |')
-    for (x, a), (y, b) in ((('official, CPU A', official_a), ('official, CPU B', official_b)),
-                           (('ours, CPU A', ours_a), ('official, CPU A', official_a)),
-                           (('ours, CPU B', diagnosed_b), ('official, CPU B', official_b)),
-                           (('ours, CPU A', ours_a), ('ours, CPU B', diagnosed_b))):
+        lines.append(
+            f'| {r} | '
+            + ' | '.join(f'{acc(c, r):.1f}' for c in curves.values())
+            + f' | {acc(official_a, r) - acc(official_b, r):+.1f} |'
+        )
+    for (x, a), (y, b) in (
+        (('official, CPU A', official_a), ('official, CPU B', official_b)),
+        (('ours, CPU A', ours_a), ('official, CPU A', official_a)),
+        (('ours, CPU B', diagnosed_b), ('official, CPU B', official_b)),
+        (('ours, CPU A', ours_a), ('ours, CPU B', diagnosed_b)),
+    ):
         d = np.array([abs(acc(a, r) - acc(b, r)) for r in rounds])
-        lines.append(f'- {x} against {y}, rounds 1-{rounds[-1]}: accuracy mean {d.mean():.2f} / '
-                     f'largest {d.max():.1f} points')
+        lines.append(
+            f'- {x} against {y}, rounds 1-{rounds[-1]}: accuracy mean {d.mean():.2f} / '
+            f'largest {d.max():.1f} points'
+        )
     return '\n'.join(lines)
 
 
 def plot_two_cpus(official_a, ours_a, diagnosed_b, path: str) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
+
     last = max(diagnosed_b)
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for curve, key, label, style in (
-            (official_a, 'accuracy', 'official code, CPU A', dict(color='tab:red')),
-            (diagnosed_b, 'official_accuracy', 'official code, CPU B',
-             dict(color='tab:red', linestyle='--')),
-            (ours_a, 'accuracy', 'spafl_jax, CPU A', dict(color='tab:blue')),
-            (diagnosed_b, 'accuracy', 'spafl_jax, CPU B', dict(color='tab:blue', linestyle='--'))):
+        (official_a, 'accuracy', 'official code, CPU A', dict(color='tab:red')),
+        (
+            diagnosed_b,
+            'official_accuracy',
+            'official code, CPU B',
+            dict(color='tab:red', linestyle='--'),
+        ),
+        (ours_a, 'accuracy', 'spafl_jax, CPU A', dict(color='tab:blue')),
+        (diagnosed_b, 'accuracy', 'spafl_jax, CPU B', dict(color='tab:blue', linestyle='--')),
+    ):
         rounds = [r for r in sorted(curve) if r <= last]
         ax.plot(rounds, [100 * curve[r][key] for r in rounds], linewidth=1.3, label=label, **style)
-    ax.set(xlabel='round', ylabel='accuracy (%), mean over the 100 clients',
-           title='Seed 1, the same draws: each code on two CPU kinds')
+    ax.set(
+        xlabel='round',
+        ylabel='accuracy (%), mean over the 100 clients',
+        title='Seed 1, the same draws: each code on two CPU kinds',
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc='lower right')
     reporting.save_figure(fig, path, dpi=110)
@@ -255,18 +326,24 @@ def ensemble_table(variants: dict[str, dict[int, dict]], every: int = 10) -> str
     against the members' (their mean and range), and whether it lies inside the range."""
     ensemble = [v for v in ENSEMBLE if v in variants]
     last = max((max(variants[v]) for v in ensemble), default=0)
-    lines = ['| round | official | runs | ours | ensemble mean | ensemble range | official inside |',
-             '|---|---|---|---|---|---|---|']
+    lines = [
+        '| round | official | runs | ours | ensemble mean | ensemble range | official inside |',
+        '|---|---|---|---|---|---|---|',
+    ]
     for r in range(every, last + 1, every):
         members = [v for v in ensemble if r in variants[v]]
         if len(members) < 2:
             continue
         acc = [100 * variants[v][r]['accuracy'] for v in members]
         theirs = 100 * variants[members[0]][r]['official_accuracy']
-        ours = f'{100 * variants["ours"][r]["accuracy"]:.1f}' if r in variants.get('ours', {}) else '-'
-        lines.append(f'| {r} | {theirs:.1f} | {len(members)} ({", ".join(members)}) | {ours} | '
-                     f'{np.mean(acc):.1f} | {min(acc):.1f}-{max(acc):.1f} | '
-                     f'{"yes" if min(acc) <= theirs <= max(acc) else "no"} |')
+        ours = (
+            f'{100 * variants["ours"][r]["accuracy"]:.1f}' if r in variants.get('ours', {}) else '-'
+        )
+        lines.append(
+            f'| {r} | {theirs:.1f} | {len(members)} ({", ".join(members)}) | {ours} | '
+            f'{np.mean(acc):.1f} | {min(acc):.1f}-{max(acc):.1f} | '
+            f'{"yes" if min(acc) <= theirs <= max(acc) else "no"} |'
+        )
     return '\n'.join(lines) if len(lines) > 2 else ''
 
 
@@ -274,12 +351,16 @@ def _gaps(variants: dict[str, dict[int, dict]]) -> dict[str, dict[int, float]]:
     """Accuracy gaps in points, per round: 'official' (the official run against ours on its
     draws) and 'perturb<k>' (ours, one ulp moved, against ours as recorded)."""
     ours = variants['ours']
-    gaps = {'official': {r: 100 * abs(c['accuracy'] - c['official_accuracy'])
-                         for r, c in ours.items()}}
+    gaps = {
+        'official': {r: 100 * abs(c['accuracy'] - c['official_accuracy']) for r, c in ours.items()}
+    }
     for name in sorted(variants):
         if name.startswith('perturb'):
-            gaps[name] = {r: 100 * abs(c['accuracy'] - ours[r]['accuracy'])
-                          for r, c in variants[name].items() if r in ours}
+            gaps[name] = {
+                r: 100 * abs(c['accuracy'] - ours[r]['accuracy'])
+                for r, c in variants[name].items()
+                if r in ours
+            }
     return gaps
 
 
@@ -287,54 +368,72 @@ def _first_above(gap: dict[int, float], level: float) -> str:
     return next((str(r) for r in sorted(gap) if gap[r] > level), f'> {max(gap)}')
 
 
-def precision(by_precision: dict[str, dict[str, dict[int, dict]]],
-              rounds=(1, 2, 5, 8, 10, 15, 20, 22, 25, 30, 40, 50, 60)) -> str:
+def precision(
+    by_precision: dict[str, dict[str, dict[int, dict]]],
+    rounds=(1, 2, 5, 8, 10, 15, 20, 22, 25, 30, 40, 50, 60),
+) -> str:
     """The two codes on the same draws in float32 and in float64: per round, how far the official
     curve is from ours, against how far ours moves when its initial weights move by one ulp of
     that precision; then the rounds at which each gap first passes 0.1 and 1 point."""
     gaps = {p: _gaps(v) for p, v in by_precision.items() if 'ours' in v}
     columns = [(p, name) for p, g in gaps.items() for name in g]
-    label = lambda p, name: (f'{p}: official - ours' if name == 'official'
-                             else f'{p}: ours - ours one ulp ({name[len("perturb"):]})')
-    lines = ['| round | ' + ' | '.join(label(*c) for c in columns) + ' |',
-             '|---|' + '---|' * len(columns)]
+    label = lambda p, name: (
+        f'{p}: official - ours'
+        if name == 'official'
+        else f'{p}: ours - ours one ulp ({name[len("perturb") :]})'
+    )
+    lines = [
+        '| round | ' + ' | '.join(label(*c) for c in columns) + ' |',
+        '|---|' + '---|' * len(columns),
+    ]
     for r in rounds:
         cells = [gaps[p][name].get(r) for p, name in columns]
         if all(c is None for c in cells):
             continue
-        lines.append(f'| {r} | ' + ' | '.join('-' if c is None else f'{c:.2f}' for c in cells)
-                     + ' |')
+        lines.append(
+            f'| {r} | ' + ' | '.join('-' if c is None else f'{c:.2f}' for c in cells) + ' |'
+        )
     lines.append('')
-    common = min(max(gaps[p][name]) for p, name in columns)   # the rounds every run reached
+    common = min(max(gaps[p][name]) for p, name in columns)  # the rounds every run reached
     for p, name in columns:
         gap = gaps[p][name]
-        lines.append(f'- {label(p, name)}: first above 0.1 point at round '
-                     f'{_first_above(gap, 0.1)}, above 1 point at round {_first_above(gap, 1.0)}; '
-                     f'mean over rounds 1-{common} '
-                     f'{np.mean([gap[r] for r in range(1, common + 1)]):.2f}')
+        lines.append(
+            f'- {label(p, name)}: first above 0.1 point at round '
+            f'{_first_above(gap, 0.1)}, above 1 point at round {_first_above(gap, 1.0)}; '
+            f'mean over rounds 1-{common} '
+            f'{np.mean([gap[r] for r in range(1, common + 1)]):.2f}'
+        )
     ours32, ours64 = (by_precision.get(p, {}).get('ours') for p in PRECISIONS[:2])
-    if ours32 and ours64:   # each code against itself, float64 against float32
+    if ours32 and ours64:  # each code against itself, float64 against float32
         for code, key in (('the official code', 'official_accuracy'), ('ours', 'accuracy')):
             gap = {r: 100 * abs(ours64[r][key] - ours32[r][key]) for r in ours64 if r in ours32}
             worst = max(gap, key=gap.get)
-            lines.append(f'- {code}, float64 against float32 (same draws, same CPU): first above '
-                         f'1 point at round {_first_above(gap, 1.0)}, largest {gap[worst]:.1f} '
-                         f'points (round {worst})')
+            lines.append(
+                f'- {code}, float64 against float32 (same draws, same CPU): first above '
+                f'1 point at round {_first_above(gap, 1.0)}, largest {gap[worst]:.1f} '
+                f'points (round {worst})'
+            )
     if ours64 and 'clients_equal_accuracy' in ours64[min(ours64)]:
         fewest = min(ours64[r]['clients_equal_accuracy'] for r in ours64)
-        layers = max(max(abs(a - b) for a, b in zip(c['layer_density'], c['official_layer_density']))
-                     for c in ours64.values())
-        lines.append(f'- float64: clients whose accuracy equals the official one: at least {fewest} '
-                     f'of 100 in every round 1-{max(ours64)}; the largest gap in a layer\'s mean '
-                     f'kept fraction {layers:.1g}')
+        layers = max(
+            max(abs(a - b) for a, b in zip(c['layer_density'], c['official_layer_density']))
+            for c in ours64.values()
+        )
+        lines.append(
+            f'- float64: clients whose accuracy equals the official one: at least {fewest} '
+            f"of 100 in every round 1-{max(ours64)}; the largest gap in a layer's mean "
+            f'kept fraction {layers:.1g}'
+        )
     return '\n'.join(lines)
 
 
 def plot_precision(by_precision: dict[str, dict[str, dict[int, dict]]], path: str) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
+
     fig, ax = plt.subplots(figsize=(8.5, 5))
     colours = dict(zip(PRECISIONS, ('tab:orange', 'tab:blue', 'tab:purple')))
     last = max(max(v['ours']) for v in by_precision.values() if 'ours' in v)
@@ -344,45 +443,68 @@ def plot_precision(by_precision: dict[str, dict[str, dict[int, dict]]], path: st
         for name, gap in _gaps(variants).items():
             rounds = [r for r in sorted(gap) if r <= last]
             official = name == 'official'
-            label = (f'{p}: official code against ours' if official else
-                     f'{p}: ours against ours moved one ulp' if name == min(
-                         n for n in variants if n.startswith('perturb')) else None)
-            ax.plot(rounds, [max(gap[r], 1e-3) for r in rounds], color=colours.get(p, 'gray'),
-                    linewidth=1.8 if official else 0.9, linestyle='-' if official else '--',
-                    label=label)
+            label = (
+                f'{p}: official code against ours'
+                if official
+                else f'{p}: ours against ours moved one ulp'
+                if name == min(n for n in variants if n.startswith('perturb'))
+                else None
+            )
+            ax.plot(
+                rounds,
+                [max(gap[r], 1e-3) for r in rounds],
+                color=colours.get(p, 'gray'),
+                linewidth=1.8 if official else 0.9,
+                linestyle='-' if official else '--',
+                label=label,
+            )
     ax.set_yscale('log')
-    ax.set(xlabel='round', ylabel='accuracy gap (points, mean over 100 clients; floor 0.001)',
-           title='Seed 1, the same draws: in float32 the two codes part as a code parts from itself\n'
-                 'moved one ulp; in float64 they stay equal (gaps at the 0.001 floor)')
+    ax.set(
+        xlabel='round',
+        ylabel='accuracy gap (points, mean over 100 clients; floor 0.001)',
+        title='Seed 1, the same draws: in float32 the two codes part as a code parts from itself\n'
+        'moved one ulp; in float64 they stay equal (gaps at the 0.001 floor)',
+    )
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=9, loc='lower right')
     reporting.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
-def plot_diagnosis(variants: dict[str, dict[int, dict]], path: str,
-                   title: str = 'The official run against ours on the same draws: as recorded, '
-                   'rounded differently, perturbed by one ulp, and resetting wherever the official '
-                   'run reset') -> None:
+def plot_diagnosis(
+    variants: dict[str, dict[int, dict]],
+    path: str,
+    title: str = 'The official run against ours on the same draws: as recorded, '
+    'rounded differently, perturbed by one ulp, and resetting wherever the official '
+    'run reset',
+) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
+
     fig, (ax_acc, ax_fc4) = plt.subplots(1, 2, figsize=(12, 4.5))
     # The official curve from the longest record that carries the per-layer fields.
     first = max((c for c in variants.values() if 'official_layer_density' in c[min(c)]), key=len)
     rounds = sorted(first)
     for ax, key, scale in ((ax_acc, 'official_accuracy', 100), (ax_fc4, None, 1)):
-        values = ([scale * first[r][key] for r in rounds] if key else
-                  [first[r]['official_layer_density'][-1] for r in rounds])
+        values = (
+            [scale * first[r][key] for r in rounds]
+            if key
+            else [first[r]['official_layer_density'][-1] for r in rounds]
+        )
         ax.plot(rounds, values, color='tab:red', linewidth=1.6, label='official code')
     perturbed = [n for n in sorted(variants) if n in ENSEMBLE and n.startswith('perturb')]
     exact = [n for n in sorted(variants) if n in ENSEMBLE and n not in perturbed]
     for name, curve in sorted(variants.items()):
         rs = sorted(curve)
         if name in perturbed:
-            label = (f'ours, initial weights moved one ulp ({len(perturbed)} runs)'
-                     if name == perturbed[0] else None)
+            label = (
+                f'ours, initial weights moved one ulp ({len(perturbed)} runs)'
+                if name == perturbed[0]
+                else None
+            )
             kwargs = dict(color='tab:cyan', linewidth=0.8, alpha=0.8, label=label)
         elif name in exact:
             label = f'ours, recorded weights ({", ".join(exact)})' if name == exact[0] else None
@@ -390,12 +512,18 @@ def plot_diagnosis(variants: dict[str, dict[int, dict]], path: str,
         else:
             kwargs = dict(color='tab:green', linewidth=1.4, label=f'ours: {name}')
         ax_acc.plot(rs, [100 * curve[r]['accuracy'] for r in rs], **kwargs)
-        if 'layer_density' in curve[rs[0]]:   # records from before the per-layer fields lack it
+        if 'layer_density' in curve[rs[0]]:  # records from before the per-layer fields lack it
             ax_fc4.plot(rs, [curve[r]['layer_density'][-1] for r in rs], **kwargs)
-    ax_acc.set(xlabel='round', ylabel='accuracy (%), mean over the 100 clients',
-               title='Test accuracy on the official seed-1 draws')
-    ax_fc4.set(xlabel='round', ylabel='kept rows of the last layer (fc4), mean over clients',
-               title='Last-layer density')
+    ax_acc.set(
+        xlabel='round',
+        ylabel='accuracy (%), mean over the 100 clients',
+        title='Test accuracy on the official seed-1 draws',
+    )
+    ax_fc4.set(
+        xlabel='round',
+        ylabel='kept rows of the last layer (fc4), mean over clients',
+        title='Last-layer density',
+    )
     for ax in (ax_acc, ax_fc4):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc='lower right' if ax is ax_acc else 'upper right')
@@ -404,15 +532,27 @@ def plot_diagnosis(variants: dict[str, dict[int, dict]], path: str,
     plt.close(fig)
 
 
-def plot(runs, seeds: list[str], path: str, codes=('official', 'ours', 'current'),
-         title='official code vs fmnist.py:official') -> None:
+def plot(
+    runs,
+    seeds: list[str],
+    path: str,
+    codes=('official', 'ours', 'current'),
+    title='official code vs fmnist.py:official',
+) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
+
     fig, (ax_acc, ax_den) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {'official': 'tab:red', 'ours': 'tab:blue', 'current': 'tab:gray',
-               'paired': 'tab:green', 'rounding': 'tab:olive'}
+    colours = {
+        'official': 'tab:red',
+        'ours': 'tab:blue',
+        'current': 'tab:gray',
+        'paired': 'tab:green',
+        'rounding': 'tab:olive',
+    }
     styles = {seed: style for seed, style in zip(seeds, ('-', '--', ':', '-.'))}
     last = max((max(c) for (code, _), c in runs.items() if code == 'paired' and c), default=None)
     for (code, seed), curve in sorted(runs.items()):
@@ -421,18 +561,29 @@ def plot(runs, seeds: list[str], path: str, codes=('official', 'ours', 'current'
         if code == 'official' and 'paired' in codes and ('paired', seed) not in runs:
             continue
         rounds = sorted(curve)
-        if 'paired' in codes and last is not None:   # the official curve over the paired rounds
+        if 'paired' in codes and last is not None:  # the official curve over the paired rounds
             rounds = [r for r in rounds if r <= last]
         label = f'{dict((c, t) for c, _, t in CODES)[code]}, seed {seed}'
-        kwargs = dict(color=colours[code], linestyle=styles.get(seed, '-'),
-                      linewidth=0.8 if code in ('current', 'rounding') else 1.2,
-                      alpha=0.6 if code in ('current', 'rounding') else 1.0, label=label)
+        kwargs = dict(
+            color=colours[code],
+            linestyle=styles.get(seed, '-'),
+            linewidth=0.8 if code in ('current', 'rounding') else 1.2,
+            alpha=0.6 if code in ('current', 'rounding') else 1.0,
+            label=label,
+        )
         ax_acc.plot(rounds, [100 * curve[r]['accuracy'] for r in rounds], **kwargs)
         ax_den.plot(rounds, [curve[r]['density'] for r in rounds], **kwargs)
-    ax_acc.set(xlabel='round', ylabel='accuracy (%), mean over the 100 clients',
-               title='Test accuracy, each client on its own split')
-    ax_den.set(xlabel='round', ylabel='density (mean over layers of kept rows)',
-               title='Density', ylim=(0, 1.02))
+    ax_acc.set(
+        xlabel='round',
+        ylabel='accuracy (%), mean over the 100 clients',
+        title='Test accuracy, each client on its own split',
+    )
+    ax_den.set(
+        xlabel='round',
+        ylabel='density (mean over layers of kept rows)',
+        title='Density',
+        ylim=(0, 1.02),
+    )
     for ax in (ax_acc, ax_den):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8, loc='lower right')
@@ -446,8 +597,10 @@ def main(argv):
     seeds = _SEEDS.value
     runs = load(_RESULTS.value, seeds)
     if not runs:
-        raise SystemExit(f'error: no run records in --results={_RESULTS.value}; see the module '
-                         'docstring for the runs it expects.')
+        raise SystemExit(
+            f'error: no run records in --results={_RESULTS.value}; see the module '
+            'docstring for the runs it expects.'
+        )
     rounds = [int(r) for r in _ROUNDS.value]
     print(table(runs, seeds, rounds))
     variants = load_diagnosis(_RESULTS.value)
@@ -462,8 +615,13 @@ def main(argv):
         print(table(runs, seeds, rounds, ours='paired'))
         print(paired_summary(runs, seeds))
         paired = os.path.join(os.path.dirname(out), 'fidelity_fmnist_paired.png')
-        plot(runs, seeds, paired, codes=('official', 'paired', 'rounding'),
-             title='official code vs spafl_jax on the same draws')
+        plot(
+            runs,
+            seeds,
+            paired,
+            codes=('official', 'paired', 'rounding'),
+            title='official code vs spafl_jax on the same draws',
+        )
         print(f'figure: {paired}')
     if variants:
         print('\nseed 1, the gap diagnosed (ours on the official draws, every 5 rounds):')
@@ -480,11 +638,20 @@ def main(argv):
     long_variants = load_diagnosis(_RESULTS.value, LONG_ENSEMBLE)
     float64 = load_diagnosis(_RESULTS.value, FLOAT64)
     if float64 and long_variants:
-        by_precision = dict(zip(PRECISIONS, (
-            long_variants, {k: v for k, v in float64.items() if k != MASK32},
-            {'ours': float64[MASK32]} if MASK32 in float64 else {})))
-        print('\nseed 1, both codes in float32 and in float64 on the same draws (accuracy gaps, '
-              'points):')
+        by_precision = dict(
+            zip(
+                PRECISIONS,
+                (
+                    long_variants,
+                    {k: v for k, v in float64.items() if k != MASK32},
+                    {'ours': float64[MASK32]} if MASK32 in float64 else {},
+                ),
+            )
+        )
+        print(
+            '\nseed 1, both codes in float32 and in float64 on the same draws (accuracy gaps, '
+            'points):'
+        )
         print(precision(by_precision))
         figure = os.path.join(os.path.dirname(out), 'fidelity_fmnist_precision.png')
         plot_precision(by_precision, figure)
@@ -493,8 +660,12 @@ def main(argv):
         print('\nseed 1, the ensemble to round 100 (ours on the official draws, every 10 rounds):')
         print(ensemble_table(long_variants))
         figure = os.path.join(os.path.dirname(out), 'fidelity_fmnist_ensemble.png')
-        plot_diagnosis(long_variants, figure, title='The official seed-1 run against ours to '
-                       'round 100: as recorded and perturbed by one ulp (same draws)')
+        plot_diagnosis(
+            long_variants,
+            figure,
+            title='The official seed-1 run against ours to '
+            'round 100: as recorded and perturbed by one ulp (same draws)',
+        )
         print(f'figure: {figure}')
 
 

@@ -32,30 +32,63 @@ METHODS = 'spafl,fedavg,local,fedpm,heterofl,fedspa'
 
 # (part, the folder under --results it reads, the command's arguments after the script).
 PARTS = (
-    ('fidelity', 'official_fmnist_seed1', ['fidelity.py', '--results={results}',
-                                           '--rounds=10,25,50,75,100,125,150,175,200']),
-    ('tuning', 'tune_fmnist', ['tuning.py', '--runs={results}/tune_fmnist', '--config=fmnist.py',
-                               '--rounds=50,100,200']),
-    ('tuning', 'tune_digits', ['tuning.py', '--runs={results}/tune_digits', '--config=default.py',
-                               '--rounds=25,50']),
-    ('compare', 'compare_fmnist500', ['compare.py', '--records_only',
-                                      '--workdir={results}/compare_fmnist500',
-                                      f'--methods={METHODS}', '--seeds=1,2']),
-    ('ablation', 'ablation_fmnist500', ['ablation.py', '--records_only',
-                                        '--workdir={results}/ablation_fmnist500', '--seeds=1']),
+    (
+        'fidelity',
+        'official_fmnist_seed1',
+        ['fidelity.py', '--results={results}', '--rounds=10,25,50,75,100,125,150,175,200'],
+    ),
+    (
+        'tuning',
+        'tune_fmnist',
+        ['tuning.py', '--runs={results}/tune_fmnist', '--config=fmnist.py', '--rounds=50,100,200'],
+    ),
+    (
+        'tuning',
+        'tune_digits',
+        ['tuning.py', '--runs={results}/tune_digits', '--config=default.py', '--rounds=25,50'],
+    ),
+    (
+        'compare',
+        'compare_fmnist500',
+        [
+            'compare.py',
+            '--records_only',
+            '--workdir={results}/compare_fmnist500',
+            f'--methods={METHODS}',
+            '--seeds=1,2',
+        ],
+    ),
+    (
+        'ablation',
+        'ablation_fmnist500',
+        ['ablation.py', '--records_only', '--workdir={results}/ablation_fmnist500', '--seeds=1'],
+    ),
 )
 
-_RESULTS = flags.DEFINE_string('results', os.path.join(REPO, 'results'),
-                               'Folder of the compact run records (default: the repository\'s).')
-_DOCUMENT = flags.DEFINE_string('document', os.path.join(REPO, 'RESULTS.md'),
-                                'The document whose include markers receive the tables (empty: '
-                                'none).')
-_ONLY = flags.DEFINE_list('only', [], 'Parts to rebuild (default: all): '
-                          + ', '.join(dict.fromkeys(part for part, _, _ in PARTS)) + '.')
+_RESULTS = flags.DEFINE_string(
+    'results',
+    os.path.join(REPO, 'results'),
+    "Folder of the compact run records (default: the repository's).",
+)
+_DOCUMENT = flags.DEFINE_string(
+    'document',
+    os.path.join(REPO, 'RESULTS.md'),
+    'The document whose include markers receive the tables (empty: none).',
+)
+_ONLY = flags.DEFINE_list(
+    'only',
+    [],
+    'Parts to rebuild (default: all): '
+    + ', '.join(dict.fromkeys(part for part, _, _ in PARTS))
+    + '.',
+)
 
 
-_INCLUDE = re.compile(r'(<!-- include (?P<path>\S+)(?: from "(?P<start>[^"]+)")? -->\n)'
-                      r'.*?(?=<!-- end include -->)', re.DOTALL)
+_INCLUDE = re.compile(
+    r'(<!-- include (?P<path>\S+)(?: from "(?P<start>[^"]+)")? -->\n)'
+    r'.*?(?=<!-- end include -->)',
+    re.DOTALL,
+)
 
 
 def included_text(path: str, start: str | None) -> str:
@@ -69,9 +102,10 @@ def included_text(path: str, start: str | None) -> str:
     else:
         begins = [i for i, line in enumerate(lines) if line.startswith(start)]
         if not begins:
-            raise ValueError(f'{path} has no line beginning with "{start}": correct the include '
-                             'marker.')
-        lines = lines[begins[0]:]
+            raise ValueError(
+                f'{path} has no line beginning with "{start}": correct the include marker.'
+            )
+        lines = lines[begins[0] :]
     return '\n'.join(lines).rstrip('\n') + '\n'
 
 
@@ -105,8 +139,10 @@ def main(argv):
     known = {part for part, _, _ in PARTS}
     unknown = sorted(set(_ONLY.value) - known)
     if unknown:
-        raise app.UsageError(f'--only: unknown part(s) {", ".join(unknown)}; the parts are '
-                             f'{", ".join(sorted(known))}.')
+        raise app.UsageError(
+            f'--only: unknown part(s) {", ".join(unknown)}; the parts are '
+            f'{", ".join(sorted(known))}.'
+        )
     # Relative to the repository where it lies inside it, so the tables' commands read portably.
     results = os.path.abspath(_RESULTS.value)
     if results.startswith(REPO + os.sep):

@@ -30,5 +30,16 @@ from spafl_jax import server
 
 __version__ = '0.1.0'
 
-__all__ = ['algorithm', 'baselines', 'client', 'data', 'federated', 'layers', 'masking', 'metrics',
-           'models', 'server', '__version__']
+__all__ = [
+    'algorithm',
+    'baselines',
+    'client',
+    'data',
+    'federated',
+    'layers',
+    'masking',
+    'metrics',
+    'models',
+    'server',
+    '__version__',
+]

@@ -35,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -48,7 +49,7 @@ from spafl_jax.client import DataSpec, LocalConfig
 
 CLIENT_EXECUTIONS = ('vmap', 'map')
 AGGREGATIONS = ('uniform', 'data_size')
-METRICS = ('loss', 'correct', 'steps', 'flops', 'examples')   # what `client_step` returns
+METRICS = ('loss', 'correct', 'steps', 'flops', 'examples')  # what `client_step` returns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Algorithm:
       eval_density(state, clients, counts) -> {'layer_density': [n, L], 'kept_weights': [n]}.
       tested(state, clients, counts) -> the clients as their test leaves them.
     """
+
     name: str
     model: nn.Module
     state_type: type
@@ -88,10 +90,10 @@ class Algorithm:
     server_update: Callable[..., Any]
     eval_variables: Callable[..., Any]
     eval_density: Callable[..., Any]
-    tested: Callable[..., Any] = None   # default: `unchanged`
+    tested: Callable[..., Any] = None  # default: `unchanged`
     client_final: Callable[..., Any] | None = None
     first_test_batch: int = 0
-    aggregation: str | None = None   # the mean's weights if the method fixes them (AGGREGATIONS)
+    aggregation: str | None = None  # the mean's weights if the method fixes them (AGGREGATIONS)
 
     def __post_init__(self):
         if self.tested is None:
@@ -111,8 +113,12 @@ def keeps_clients(state) -> bool:
 
 def state_specs(alg: Algorithm, sharded, replicated):
     """A prefix of the algorithm's state: `sharded` for the clients, `replicated` for the rest."""
-    return alg.state_type(**{f.name: sharded if f.name == 'clients' else replicated
-                             for f in dataclasses.fields(alg.state_type)})
+    return alg.state_type(
+        **{
+            f.name: sharded if f.name == 'clients' else replicated
+            for f in dataclasses.fields(alg.state_type)
+        }
+    )
 
 
 def aggregation_weights(aggregation: str, counts: jax.Array, real: jax.Array) -> jax.Array:
@@ -131,15 +137,20 @@ def start_clients(alg: Algorithm, state, stored, keys):
 
 def masked_step(alg: Algorithm, client, opt_state, x, y, example_mask, constants, key, valid):
     """`client_step`, or nothing where `valid` is False (a padded step of a short client)."""
-    new_client, new_opt, metrics = alg.client_step(client, opt_state, x, y, example_mask, constants,
-                                                   key)
+    new_client, new_opt, metrics = alg.client_step(
+        client, opt_state, x, y, example_mask, constants, key
+    )
     keep = lambda new, old: jnp.where(valid, new, old)
-    return (jax.tree.map(keep, new_client, client), jax.tree.map(keep, new_opt, opt_state),
-            jax.tree.map(lambda m: m * valid.astype(m.dtype), metrics))
+    return (
+        jax.tree.map(keep, new_client, client),
+        jax.tree.map(keep, new_opt, opt_state),
+        jax.tree.map(lambda m: m * valid.astype(m.dtype), metrics),
+    )
 
 
-def end_round(alg: Algorithm, state, trained, opt_state, weights, write_back,
-              axis_name: str | None = None):
+def end_round(
+    alg: Algorithm, state, trained, opt_state, weights, write_back, axis_name: str | None = None
+):
     """Steps 3-4: the trained clients end, the server averages their messages and updates.
 
     `trained`, `opt_state`, `weights` are the `[n, ...]` trained clients (weight 0: an empty
@@ -157,8 +168,19 @@ def client_keys(seed_key: jax.Array, round_index, client_ids: jax.Array) -> jax.
     return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
 
 
-def local_work(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, client, opt_state, constants,
-               images, labels, example_ids, count, key):
+def local_work(
+    alg: Algorithm,
+    cfg: LocalConfig,
+    spec: DataSpec,
+    client,
+    opt_state,
+    constants,
+    images,
+    labels,
+    example_ids,
+    count,
+    key,
+):
     """Step 2 for one client: its real local steps, each on the batch `local_schedule` drew.
 
     `images`, `labels` are the whole training set; `example_ids` [max_count] the client's indices
@@ -174,34 +196,54 @@ def local_work(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, client, opt_sta
         ids = client_lib.example_ids_of(example_ids, positions)
         x = client_lib.preprocess(spec, images[ids], keys[index])
         client, opt_state, metrics = alg.client_step(
-            client, opt_state, x, labels[ids], client_lib.example_mask(cfg, positions, count),
-            constants, keys[index])
+            client,
+            opt_state,
+            x,
+            labels[ids],
+            client_lib.example_mask(cfg, positions, count),
+            constants,
+            keys[index],
+        )
         return (client, opt_state), metrics
 
-    (client, opt_state), metrics = client_lib.over_real_steps(cfg, body, (client, opt_state),
-                                                              count, max_count)
+    (client, opt_state), metrics = client_lib.over_real_steps(
+        cfg, body, (client, opt_state), count, max_count
+    )
     return client, opt_state, metrics
 
 
 # The stream of a client's round key that `client_final` draws from (`local_schedule` splits the
 # key itself, so a fold-in cannot collide with its draws).
-FINAL_STREAM = 0x46494e
+FINAL_STREAM = 0x46494E
+
 
 def final_batch(cfg: LocalConfig, key: jax.Array, count, example_ids: jax.Array):
     """The batch `client_final` sees and its key: ([batch_size] dataset ids, key), drawn from the
     client's round key alone."""
     batch_key, final_key = jax.random.split(jax.random.fold_in(key, FINAL_STREAM))
-    positions, _ = client_lib.batch_schedule(batch_key, count, example_ids.shape[0],
-                                             batch_size=cfg.batch_size, epochs=1)
+    positions, _ = client_lib.batch_schedule(
+        batch_key, count, example_ids.shape[0], batch_size=cfg.batch_size, epochs=1
+    )
     return client_lib.example_ids_of(example_ids, positions[0]), final_key
 
 
-def finish_clients(alg: Algorithm, spec: DataSpec, clients, opt_state, constants, images, labels,
-                   final_ids, final_keys):
+def finish_clients(
+    alg: Algorithm,
+    spec: DataSpec,
+    clients,
+    opt_state,
+    constants,
+    images,
+    labels,
+    final_ids,
+    final_keys,
+):
     """`client_final` for `[n, ...]` trained clients on their `final_batch`es: (clients, metrics)."""
+
     def one(client, opt, ids, key):
         x = client_lib.preprocess(spec, images[ids], None)
         return alg.client_final(client, opt, x, labels[ids], constants, key)
+
     return jax.vmap(one)(clients, opt_state, final_ids, final_keys)
 
 
@@ -213,23 +255,44 @@ def put(tree, idx, values):
     return jax.tree.map(lambda x, v: x.at[idx].set(v), tree, values)
 
 
-def run_round(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, state, data, sampled: jax.Array,
-              seed_key: jax.Array, *, aggregation: str = 'uniform',
-              client_execution: str = 'vmap'):
+def run_round(
+    alg: Algorithm,
+    cfg: LocalConfig,
+    spec: DataSpec,
+    state,
+    data,
+    sampled: jax.Array,
+    seed_key: jax.Array,
+    *,
+    aggregation: str = 'uniform',
+    client_execution: str = 'vmap',
+):
     """One round of `alg` for the `[clients_per_round]` ids `sampled` on one device: the readable
     reference of `execution.RoundRunner`. `data` is a `federated.ClientData`; returns
     (next state, `round_metrics`)."""
     if client_execution not in CLIENT_EXECUTIONS:
-        raise ValueError(f'client_execution={client_execution!r}; use one of '
-                         f'{", ".join(CLIENT_EXECUTIONS)}.')
+        raise ValueError(
+            f'client_execution={client_execution!r}; use one of {", ".join(CLIENT_EXECUTIONS)}.'
+        )
     keys = client_keys(seed_key, state.round, sampled)
     clients, opt_state = start_clients(alg, state, take(state.clients, sampled), keys)
     constants = alg.round_constants(state)
     counts = data.counts[sampled]
 
     def one(client, opt, example_ids, count, key):
-        return local_work(alg, cfg, spec, client, opt, constants, data.images, data.labels,
-                          example_ids, count, key)
+        return local_work(
+            alg,
+            cfg,
+            spec,
+            client,
+            opt,
+            constants,
+            data.images,
+            data.labels,
+            example_ids,
+            count,
+            key,
+        )
 
     args = (clients, opt_state, data.example_ids[sampled], counts, keys)
     if client_execution == 'vmap':
@@ -238,24 +301,51 @@ def run_round(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, state, data, sam
         clients, opt_state, metrics = jax.lax.map(lambda a: one(*a), args)
     if alg.client_final is not None:
         final_ids, final_keys = jax.vmap(lambda k, c, e: final_batch(cfg, k, c, e))(
-            keys, counts, data.example_ids[sampled])
-        clients, final_metrics = finish_clients(alg, spec, clients, opt_state, constants,
-                                                data.images, data.labels, final_ids, final_keys)
+            keys, counts, data.example_ids[sampled]
+        )
+        clients, final_metrics = finish_clients(
+            alg,
+            spec,
+            clients,
+            opt_state,
+            constants,
+            data.images,
+            data.labels,
+            final_ids,
+            final_keys,
+        )
         metrics = jax.tree.map(jnp.add, metrics, final_metrics)
-    weights = aggregation_weights(alg.aggregation or aggregation, counts,
-                                  jnp.ones(counts.shape, bool))
-    new_state = end_round(alg, state, clients, opt_state, weights,
-                          lambda everyone, stored: put(everyone, sampled, stored))
+    weights = aggregation_weights(
+        alg.aggregation or aggregation, counts, jnp.ones(counts.shape, bool)
+    )
+    new_state = end_round(
+        alg,
+        state,
+        clients,
+        opt_state,
+        weights,
+        lambda everyone, stored: put(everyone, sampled, stored),
+    )
     return new_state, round_metrics(metrics, client_execution)
 
 
-def make_round_fn(alg: Algorithm, cfg: LocalConfig, spec: DataSpec, *,
-                  aggregation: str = 'uniform', client_execution: str = 'vmap'):
+def make_round_fn(
+    alg: Algorithm,
+    cfg: LocalConfig,
+    spec: DataSpec,
+    *,
+    aggregation: str = 'uniform',
+    client_execution: str = 'vmap',
+):
     """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics). The state
     passed in is donated: its buffers are reused for the next one, so do not read it afterwards."""
-    return xla.jit(functools.partial(run_round, alg, cfg, spec, aggregation=aggregation,
-                                     client_execution=client_execution),
-                   donate_argnums=(0,), model=alg.model)
+    return xla.jit(
+        functools.partial(
+            run_round, alg, cfg, spec, aggregation=aggregation, client_execution=client_execution
+        ),
+        donate_argnums=(0,),
+        model=alg.model,
+    )
 
 
 def round_metrics(metrics, client_execution: str) -> dict:
@@ -267,25 +357,36 @@ def round_metrics(metrics, client_execution: str) -> dict:
     longest client's; under 'map' each client runs its own steps only.
     """
     steps = jnp.maximum(metrics['steps'], 1.0)
-    executed = (metrics['steps'].shape[0] * jnp.max(metrics['steps'])
-                if client_execution == 'vmap' else jnp.sum(metrics['steps']))
+    executed = (
+        metrics['steps'].shape[0] * jnp.max(metrics['steps'])
+        if client_execution == 'vmap'
+        else jnp.sum(metrics['steps'])
+    )
     return {
         'train_loss': jnp.mean(metrics['loss'] / steps),
-        'train_accuracy': jnp.sum(metrics['correct']) / jnp.maximum(jnp.sum(metrics['examples']),
-                                                                     1.0),
+        'train_accuracy': jnp.sum(metrics['correct'])
+        / jnp.maximum(jnp.sum(metrics['examples']), 1.0),
         'local_steps': jnp.sum(metrics['steps']),
         'flops': jnp.sum(metrics['flops']),
         'max_steps': jnp.asarray(executed, jnp.float32),
     }
 
 
-
-def evaluate_client(alg: Algorithm, spec: DataSpec, state, stored, images, labels, example_ids,
-                    count, batch_size: int):
+def evaluate_client(
+    alg: Algorithm,
+    spec: DataSpec,
+    state,
+    stored,
+    images,
+    labels,
+    example_ids,
+    count,
+    batch_size: int,
+):
     """Correct predictions of one client's model on its own (padded) test examples; only the
     batches that hold real examples run."""
     first, rest = alg.eval_variables(state, stored, count)
-    if alg.first_test_batch:   # no batch may straddle the first test batch's end
+    if alg.first_test_batch:  # no batch may straddle the first test batch's end
         batch_size = math.gcd(batch_size, alg.first_test_batch)
     num_batches = -(-example_ids.shape[0] // batch_size)
     padded = jnp.pad(example_ids, (0, num_batches * batch_size - example_ids.shape[0]))
@@ -293,29 +394,45 @@ def evaluate_client(alg: Algorithm, spec: DataSpec, state, stored, images, label
     def body(b, correct):
         start = b * batch_size
         ids = jax.lax.dynamic_slice(padded, (start,), (batch_size,))
-        variables = jax.tree.map(lambda x, y: jnp.where(start < alg.first_test_batch, x, y),
-                                 first, rest)
-        logits = alg.model.apply(variables, client_lib.preprocess(spec, images[ids], None),
-                                 train=False)
+        variables = jax.tree.map(
+            lambda x, y: jnp.where(start < alg.first_test_batch, x, y), first, rest
+        )
+        logits = alg.model.apply(
+            variables, client_lib.preprocess(spec, images[ids], None), train=False
+        )
         hit = (jnp.argmax(logits, -1) == labels[ids]) & (start + jnp.arange(batch_size) < count)
         return correct + jnp.sum(hit, dtype=jnp.int32)
 
-    return jax.lax.fori_loop(0, (count + batch_size - 1) // batch_size, body,
-                             jnp.zeros((), jnp.int32))
+    return jax.lax.fori_loop(
+        0, (count + batch_size - 1) // batch_size, body, jnp.zeros((), jnp.int32)
+    )
 
 
 def evaluate(alg: Algorithm, spec: DataSpec, state, data, *, batch_size: int) -> dict:
     """Every client on its own test split (`data`, a `federated.ClientData`), one after another:
     the reference of `execution.RoundRunner.evaluate`. Returns correct [N], counts [N],
     layer_density [N, L] and kept_weights [N]."""
+
     def one(args):
         stored, example_ids, count = args
-        return evaluate_client(alg, spec, state, stored, data.images, data.labels, example_ids,
-                               count, batch_size=batch_size)
+        return evaluate_client(
+            alg,
+            spec,
+            state,
+            stored,
+            data.images,
+            data.labels,
+            example_ids,
+            count,
+            batch_size=batch_size,
+        )
 
     correct = jax.lax.map(one, (state.clients, data.example_ids, data.counts))
-    return {'correct': correct, 'counts': data.counts,
-            **alg.eval_density(state, state.clients, data.counts)}
+    return {
+        'correct': correct,
+        'counts': data.counts,
+        **alg.eval_density(state, state.clients, data.counts),
+    }
 
 
 def make_eval_fn(alg: Algorithm, spec: DataSpec, *, batch_size: int):

@@ -37,7 +37,7 @@ def state_digest(tree, progress: dict[str, Any] | None = None) -> str:
     return h.hexdigest()
 
 
-class _quiet_orbax:  # pylint: disable=invalid-name
+class _quiet_orbax:  # noqa: N801  (used as a statement: `with _quiet_orbax():`)
     """Orbax logs every save at INFO through absl; keep the run's own progress lines readable."""
 
     def __enter__(self):
@@ -57,10 +57,14 @@ class Checkpointer:
         with _quiet_orbax():
             self._manager = ocp.CheckpointManager(
                 self.directory,
-                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                     enable_async_checkpointing=False,
-                                                     cleanup_tmp_directories=True),
-                item_names=('state', 'progress'))
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=max_to_keep,
+                    create=True,
+                    enable_async_checkpointing=False,
+                    cleanup_tmp_directories=True,
+                ),
+                item_names=('state', 'progress'),
+            )
 
     def save(self, step: int, state, progress: dict[str, Any]) -> None:
         host_state = jax.tree.map(np.asarray, flax.serialization.to_state_dict(state))
@@ -68,9 +72,13 @@ class Checkpointer:
         progress = json.loads(json.dumps(progress))
         progress = {**progress, 'digest': state_digest(host_state, progress)}
         with _quiet_orbax():
-            self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(host_state), progress=ocp.args.JsonSave(progress)),
-                force=True)
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(host_state), progress=ocp.args.JsonSave(progress)
+                ),
+                force=True,
+            )
             self._manager.wait_until_finished()
 
     def steps(self) -> list[int]:
@@ -88,9 +96,13 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 with _quiet_orbax():
-                    restored = self._manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract),
-                        progress=ocp.args.JsonRestore()))
+                    restored = self._manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract),
+                            progress=ocp.args.JsonRestore(),
+                        ),
+                    )
                 host_state = jax.tree.map(np.asarray, restored['state'])
                 progress = dict(restored['progress'])
                 if progress.get('digest') != state_digest(host_state, progress):
@@ -98,9 +110,15 @@ class Checkpointer:
                 if progress.get('round') != step:
                     raise ValueError(f'it says round {progress.get("round")!r}')
             except Exception as e:  # pylint: disable=broad-except
-                logging.warning('checkpoint %d in %s is unusable (%s: %s); it is set aside in '
-                                '%s and an older one used.', step, self.directory,
-                                type(e).__name__, str(e)[:200], self.unusable_directory)
+                logging.warning(
+                    'checkpoint %d in %s is unusable (%s: %s); it is set aside in '
+                    '%s and an older one used.',
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    str(e)[:200],
+                    self.unusable_directory,
+                )
                 self._set_aside(step)
                 continue
             return flax.serialization.from_state_dict(target, host_state), progress
@@ -157,12 +175,17 @@ class PreemptionWatcher:
             # Every file is safe to leave as it is: metrics lines are single appends, a
             # checkpoint being written is a temporary directory the next run removes, and the
             # kernel releases the workdir lock.
-            os.write(2, b'interrupted again: stopped at once, without a checkpoint of this round; '
-                        b'the same command resumes from the last one.\n')
-            os._exit(128 + signal.SIGINT)   # pylint: disable=protected-access
+            os.write(
+                2,
+                b'interrupted again: stopped at once, without a checkpoint of this round; '
+                b'the same command resumes from the last one.\n',
+            )
+            os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
         self.received = signum
-        logging.warning('%s received: saving a checkpoint at the end of this round, then stopping.',
-                        signal.Signals(signum).name)
+        logging.warning(
+            '%s received: saving a checkpoint at the end of this round, then stopping.',
+            signal.Signals(signum).name,
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

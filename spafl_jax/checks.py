@@ -20,12 +20,21 @@ class ConfigError(ValueError):
 
 def choice(owner: str, field: str, value, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f'{owner}.{field}={value!r} is not allowed; use one of: '
-                          f'{", ".join(map(str, allowed))}.')
+        raise ConfigError(
+            f'{owner}.{field}={value!r} is not allowed; use one of: {", ".join(map(str, allowed))}.'
+        )
 
 
-def number(owner: str, field: str, value, *, positive: bool = False, non_negative: bool = False,
-           integer: bool = False, at_most=None) -> None:
+def number(
+    owner: str,
+    field: str,
+    value,
+    *,
+    positive: bool = False,
+    non_negative: bool = False,
+    integer: bool = False,
+    at_most=None,
+) -> None:
     kind = 'an integer' if integer else 'a number'
     ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
     if isinstance(value, (bool, np.bool_)) or not ok_type:

@@ -29,7 +29,7 @@ def resolve_config_argument(argv: list[str]) -> list[str]:
     files_, others = [], []
     for arg in argv[1:]:
         if arg.startswith('--config=') and not arg.startswith('--config.'):
-            value = arg[len('--config='):]
+            value = arg[len('--config=') :]
             path, sep, rest = value.partition(':')
             if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path)):
                 arg = '--config=' + os.path.join(CONFIG_DIR, path) + sep + rest
@@ -52,6 +52,7 @@ def define_config_flag(default_path: str, help_text: str):
     override of a field the config lacks exits with one line in both places (`parse_flags`).
     """
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
     try:
         return config_flags.DEFINE_config_file('config', default_path, help_text, lock_config=True)
     except (AttributeError, KeyError) as e:
@@ -63,39 +64,53 @@ def parse_flags(argv: list[str]) -> list[str]:
     flags_parser=parse_flags)`): a config file that is missing or does not parse, its argument,
     unknown fields, values of the wrong type, unknown flags."""
     from absl import flags  # pylint: disable=g-import-not-at-top
+
     config_arg = next((a for a in argv if a.startswith('--config=')), '--config')
     try:
         rest = flags.FLAGS(argv)
         if 'config' in flags.FLAGS:
-            _ = flags.FLAGS['config'].value.get   # a file that failed to load raises here
+            _ = flags.FLAGS['config'].value.get  # a file that failed to load raises here
         return rest
     except (AttributeError, KeyError) as e:
         if "attribute 'get_config'" in str(e):
-            exit_with_error(f'{config_arg}: the file defines no get_config(); a config file '
-                            'returns its ml_collections.ConfigDict from get_config().')
+            exit_with_error(
+                f'{config_arg}: the file defines no get_config(); a config file '
+                'returns its ml_collections.ConfigDict from get_config().'
+            )
         exit_with_error(_unknown_field(e, argv))
     except SyntaxError as e:
         exit_with_error(f'{config_arg}: {e.msg} at line {e.lineno} of {e.filename}; fix the file.')
     except OSError as e:
         detail = str(e).strip().splitlines()[-1].strip()
-        exit_with_error(f'{config_arg}: the config file cannot be read ({detail}); give a path, or '
-                        f'a name in {CONFIG_DIR}.')
+        exit_with_error(
+            f'{config_arg}: the config file cannot be read ({detail}); give a path, or '
+            f'a name in {CONFIG_DIR}.'
+        )
     except flags.Error as e:
         exit_with_error(_flag_error_line(str(e)))
     except Exception as e:  # pylint: disable=broad-except  (raised by the config file's own code)
         detail = (str(e).strip().splitlines() or [''])[0]
-        exit_with_error(f'{config_arg}: get_config() raised {type(e).__name__}: {detail}; fix '
-                        'the file.')
+        exit_with_error(
+            f'{config_arg}: get_config() raised {type(e).__name__}: {detail}; fix the file.'
+        )
     return []
 
 
 def _unknown_field(error: Exception, argv: list[str]) -> str:
     field = str(error).strip('"\'')
-    override = next((a for a in argv if a.startswith('--config.') and
-                     a[len('--config.'):].split('=')[0].split('.')[-1] == field),
-                    f'--config.{field}')
-    return (f'{override}: the config has no field {field!r}; the fields are those of '
-            'spafl_jax/configs/default.py (check the spelling).')
+    override = next(
+        (
+            a
+            for a in argv
+            if a.startswith('--config.')
+            and a[len('--config.') :].split('=')[0].split('.')[-1] == field
+        ),
+        f'--config.{field}',
+    )
+    return (
+        f'{override}: the config has no field {field!r}; the fields are those of '
+        'spafl_jax/configs/default.py (check the spelling).'
+    )
 
 
 def _flag_error_line(message: str) -> str:
@@ -107,29 +122,40 @@ def _flag_error_line(message: str) -> str:
         return f'{flag}: {cause}'
     if not lines:
         return 'the flags could not be parsed.'
-    line = lines[0][len('flag '):] if lines[0].startswith('flag ') else lines[0]
-    for cause, fix in (('invalid literal for int()', 'must be an integer'),
-                       ('could not convert string to float', 'must be a number')):
+    line = lines[0][len('flag ') :] if lines[0].startswith('flag ') else lines[0]
+    for cause, fix in (
+        ('invalid literal for int()', 'must be an integer'),
+        ('could not convert string to float', 'must be a number'),
+    ):
         if cause in line:
             return f'{line.split(": ")[0]}: {fix}.'
     if line.startswith('Unknown command line flag'):
         name = line.split("'")[1] if line.count("'") >= 2 else ''
-        return (f'{line}; config fields take the --config. prefix (--config.{name}=VALUE), and '
-                '--help lists the flags.')
+        return (
+            f'{line}; config fields take the --config. prefix (--config.{name}=VALUE), and '
+            '--help lists the flags.'
+        )
     return line
 
 
 def _define_runner_flags():
     from absl import flags  # pylint: disable=g-import-not-at-top
+
     config = define_config_flag(
-        os.path.join(CONFIG_DIR, 'default.py'), 'Config file (a bare name is looked up in '
-        'spafl_jax/configs/); override fields with --config.FIELD=VALUE.')
+        os.path.join(CONFIG_DIR, 'default.py'),
+        'Config file (a bare name is looked up in '
+        'spafl_jax/configs/); override fields with --config.FIELD=VALUE.',
+    )
     workdir = flags.DEFINE_string(
-        'workdir', None, 'Directory for metrics, figures and checkpoints (default: '
+        'workdir',
+        None,
+        'Directory for metrics, figures and checkpoints (default: '
         'runs/<dataset>_<model>_<time>); the same command on the same workdir resumes from its '
-        'newest good checkpoint.')
-    overwrite = flags.DEFINE_bool('overwrite', False, 'Replace a run with a different config '
-                                  'that already lives in --workdir.')
+        'newest good checkpoint.',
+    )
+    overwrite = flags.DEFINE_bool(
+        'overwrite', False, 'Replace a run with a different config that already lives in --workdir.'
+    )
     return config, workdir, overwrite
 
 
@@ -145,12 +171,13 @@ def _main(argv, config_flag, workdir_flag, overwrite_flag) -> None:
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
     config = config_flag.value
     workdir = workdir_flag.value or os.path.join(
-        'runs', f'{config.get("dataset", "run")}_{config.get("model", "")}_'
-        f'{time.strftime("%Y%m%d-%H%M%S")}')
+        'runs',
+        f'{config.get("dataset", "run")}_{config.get("model", "")}_'
+        f'{time.strftime("%Y%m%d-%H%M%S")}',
+    )
     try:
         summary = train.train_and_evaluate(config, workdir, overwrite=overwrite_flag.value)
-    except (configuration.ConfigError, data_lib.DatasetUnavailableError,
-            train.WorkdirError) as e:
+    except (configuration.ConfigError, data_lib.DatasetUnavailableError, train.WorkdirError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except train.NonFiniteError as e:
@@ -159,15 +186,20 @@ def _main(argv, config_flag, workdir_flag, overwrite_flag) -> None:
     except train.Preempted as e:
         print(str(e), file=sys.stderr)
         sys.exit(128 + e.signum)
-    logging.info('done: accuracy %.2f%%, density %.2f%%, %.2f s per round; results in %s',
-                 100 * summary['accuracy'], 100 * summary['density'],
-                 summary['seconds_per_round'], workdir)
+    logging.info(
+        'done: accuracy %.2f%%, density %.2f%%, %.2f s per round; results in %s',
+        100 * summary['accuracy'],
+        100 * summary['density'],
+        summary['seconds_per_round'],
+        workdir,
+    )
 
 
 def run() -> None:
     """The console entry point: resolves the config name, defines the flags, runs."""
     sys.argv = resolve_config_argument(sys.argv)
     from absl import app  # pylint: disable=g-import-not-at-top
+
     flags_ = _define_runner_flags()
     app.run(lambda argv: _main(argv, *flags_), flags_parser=parse_flags)
 

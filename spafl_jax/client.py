@@ -21,10 +21,11 @@ from spafl_jax import masking
 @flax.struct.dataclass
 class ClientState:
     """Everything one client keeps between rounds. Stacked over clients, every leaf has a leading axis."""
-    params: Any        # weights, BatchNorm scale/bias
-    thresholds: Any    # one vector per masked layer: what is communicated
-    batch_stats: Any   # BatchNorm running statistics ({} for models without BatchNorm)
-    opt_state: Any     # momentum buffers when the optimizer persists across rounds, else ()
+
+    params: Any  # weights, BatchNorm scale/bias
+    thresholds: Any  # one vector per masked layer: what is communicated
+    batch_stats: Any  # BatchNorm running statistics ({} for models without BatchNorm)
+    opt_state: Any  # momentum buffers when the optimizer persists across rounds, else ()
     # Under `collapse_check='previous'`: per masked layer, whether the mask of the client's last
     # forward pass (training step or test batch) kept at most 1 % of its rows. Else ().
     collapsed: Any = ()
@@ -33,17 +34,18 @@ class ClientState:
 @dataclasses.dataclass(frozen=True)
 class LocalConfig:
     """Static hyperparameters of local training (hashable: a change means a new compilation)."""
+
     batch_size: int = 32
     local_epochs: int = 1
     lr: float = 0.01
     lr_decay: float = 1.0
     min_lr: float = 0.0
     momentum: float = 0.9
-    clip: float = 0.0             # global-norm clip over all trainable variables; 0 = none
-    th_coeff: float = 1e-4        # weight of sum(exp(-tau)) in the loss
+    clip: float = 0.0  # global-norm clip over all trainable variables; 0 = none
+    th_coeff: float = 1e-4  # weight of sum(exp(-tau)) in the loss
     penalty_warmup: bool = False  # scale the penalty by sigmoid(10 r - 5)
     persistent_optimizer: bool = False
-    drop_last: bool = True        # drop each epoch's last partial batch; False: train on it too
+    drop_last: bool = True  # drop each epoch's last partial batch; False: train on it too
     # When a collapsed layer (at most 1 % of rows kept) has its thresholds reset to 0: 'current'
     # checks the mask about to be used; 'previous' checks the mask of the client's previous forward
     # pass, training or test, as the official code does (`ClientState.collapsed`).
@@ -78,18 +80,21 @@ def steps_per_epoch(cfg: LocalConfig, count):
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """How raw stored pixels become model inputs, inside the compiled step."""
+
     pixel_max: float = 255.0
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
-    normalize: bool = True        # False: feed raw 0..pixel_max values (official loaders)
-    augment: str = 'none'         # 'none' or 'crop_flip' (random crop with 4 padding, horizontal flip)
+    normalize: bool = True  # False: feed raw 0..pixel_max values (official loaders)
+    augment: str = 'none'  # 'none' or 'crop_flip' (random crop with 4 padding, horizontal flip)
 
     def __post_init__(self):
         name = type(self).__name__
         checks.number(name, 'pixel_max', self.pixel_max, positive=True)
         if len(self.mean) != len(self.std):
-            raise checks.ConfigError(f'{name}.mean={self.mean!r} and {name}.std={self.std!r} need '
-                                     'one value per channel each.')
+            raise checks.ConfigError(
+                f'{name}.mean={self.mean!r} and {name}.std={self.std!r} need '
+                'one value per channel each.'
+            )
         for i, value in enumerate(self.std):
             checks.number(name, f'std[{i}]', value, positive=True)
         checks.boolean(name, 'normalize', self.normalize)
@@ -97,7 +102,7 @@ class DataSpec:
 
 
 def preprocess(spec: DataSpec, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    x = images.astype(jnp.promote_types(images.dtype, jnp.float32))   # float64 stays float64
+    x = images.astype(jnp.promote_types(images.dtype, jnp.float32))  # float64 stays float64
     if spec.normalize:
         x = (x / spec.pixel_max - jnp.asarray(spec.mean)) / jnp.asarray(spec.std)
     if spec.augment == 'crop_flip' and rng is not None:
@@ -110,7 +115,9 @@ def _crop_flip(x: jax.Array, rng: jax.Array, pad: int = 4) -> jax.Array:
     crop_rng, flip_rng = jax.random.split(rng)
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * pad + 1)
-    crop = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))
+    crop = jax.vmap(
+        lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
+    )
     x = crop(padded, offsets)
     flip = jax.random.bernoulli(flip_rng, 0.5, (n, 1, 1, 1))
     return jnp.where(flip, x[:, :, ::-1, :], x)
@@ -118,6 +125,7 @@ def _crop_flip(x: jax.Array, rng: jax.Array, pad: int = 4) -> jax.Array:
 
 # The schedules below compute in JAX's default float type: float32, or float64 under
 # `jax.enable_x64` (where tests/test_reference.py replays the official code's float64 traces).
+
 
 def learning_rate(cfg: LocalConfig, round_index) -> jax.Array:
     return jnp.maximum(cfg.lr * cfg.lr_decay ** jnp.asarray(round_index, float), cfg.min_lr)
@@ -167,8 +175,9 @@ def after_forward(cfg: LocalConfig, params, thresholds):
     return masking.collapsed_layers(params, thresholds)
 
 
-def loss_fn(model: nn.Module, params, thresholds, batch_stats, x, y, penalty_coeff,
-            example_mask=None):
+def loss_fn(
+    model: nn.Module, params, thresholds, batch_stats, x, y, penalty_coeff, example_mask=None
+):
     """Cross-entropy + penalty_coeff * sum(exp(-tau)); returns (loss, (batch_stats, ce, correct)).
 
     `example_mask` [batch] marks the real examples of a partial batch: the cross-entropy is their
@@ -196,35 +205,61 @@ def training_flops(params, thresholds, macs, batch_size) -> jax.Array:
     return 3.0 * batch_size * per_example
 
 
-def local_step(model: nn.Module, cfg: LocalConfig, state: ClientState, opt_state, x, y, valid, *,
-               lr, penalty_coeff, macs=None, example_mask=None):
+def local_step(
+    model: nn.Module,
+    cfg: LocalConfig,
+    state: ClientState,
+    opt_state,
+    x,
+    y,
+    valid,
+    *,
+    lr,
+    penalty_coeff,
+    macs=None,
+    example_mask=None,
+):
     """One SGD step. A step with `valid` False returns its inputs unchanged (padding of short clients);
     `example_mask` [batch] marks the real examples of a partial last batch (`loss_fn`)."""
     used = step_thresholds(cfg, state)
     grad_fn = jax.value_and_grad(loss_fn, argnums=(1, 2), has_aux=True)
     (loss, (batch_stats, ce, correct)), grads = grad_fn(
-        model, state.params, used, state.batch_stats, x, y, penalty_coeff, example_mask)
+        model, state.params, used, state.batch_stats, x, y, penalty_coeff, example_mask
+    )
     tx = make_optimizer(cfg)
     updates, new_opt_state = tx.update(grads, opt_state)
     params, thresholds = jax.tree.map(lambda p, u: p - lr * u, (state.params, used), updates)
-    new_state = state.replace(params=params, thresholds=thresholds, batch_stats=batch_stats,
-                              collapsed=after_forward(cfg, state.params, used))
+    new_state = state.replace(
+        params=params,
+        thresholds=thresholds,
+        batch_stats=batch_stats,
+        collapsed=after_forward(cfg, state.params, used),
+    )
     keep = lambda new, old: jnp.where(valid, new, old)
     new_state = jax.tree.map(keep, new_state, state)
     new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-    examples = (jnp.float32(x.shape[0]) if example_mask is None
-                else jnp.sum(example_mask.astype(jnp.float32)))
+    examples = (
+        jnp.float32(x.shape[0])
+        if example_mask is None
+        else jnp.sum(example_mask.astype(jnp.float32))
+    )
     flops = jnp.float32(0.0)
     if macs is not None:  # the masks this step's forward pass used
         flops = training_flops(state.params, used, macs, examples)
     v = valid.astype(jnp.float32)
-    metrics = {'loss': ce * v, 'correct': correct * v, 'steps': v, 'flops': flops * v,
-               'examples': examples * v}
+    metrics = {
+        'loss': ce * v,
+        'correct': correct * v,
+        'steps': v,
+        'flops': flops * v,
+        'examples': examples * v,
+    }
     return new_state, new_opt_state, metrics
 
 
-def batch_schedule(rng, count, max_count: int, *, batch_size: int, epochs: int,
-                   drop_last: bool = True):
+def batch_schedule(
+    rng, count, max_count: int, *, batch_size: int, epochs: int, drop_last: bool = True
+):
     """Shuffled batches of a client's own examples, padded to a shape every client shares.
 
     Returns positions [epochs * stride, batch_size] into the client's example list and a validity
@@ -235,14 +270,15 @@ def batch_schedule(rng, count, max_count: int, *, batch_size: int, epochs: int,
     """
     cfg = LocalConfig(batch_size=batch_size, drop_last=drop_last)
     steps = steps_per_epoch(cfg, max_count)
-    width = max(max_count, steps * batch_size)   # > max_count only for a partial last batch
+    width = max(max_count, steps * batch_size)  # > max_count only for a partial last batch
     position = jnp.arange(width)
 
     def one_epoch(key):
-        keys = jnp.pad(jax.random.uniform(key, (max_count,)), (0, width - max_count),
-                       constant_values=2.0)
+        keys = jnp.pad(
+            jax.random.uniform(key, (max_count,)), (0, width - max_count), constant_values=2.0
+        )
         order = jnp.argsort(jnp.where(position < count, keys, 2.0))
-        return order[:steps * batch_size].reshape(steps, batch_size)
+        return order[: steps * batch_size].reshape(steps, batch_size)
 
     batches = jax.vmap(one_epoch)(jax.random.split(rng, epochs)).reshape(epochs * steps, batch_size)
     valid = jnp.tile(jnp.arange(steps) < steps_per_epoch(cfg, count), epochs)
@@ -259,8 +295,14 @@ def local_schedule(cfg: LocalConfig, rng, count, max_count: int):
     is the s-th batch of epoch e. A position >= count marks a padded example (`example_mask`).
     """
     schedule_rng, augment_rng = jax.random.split(rng)
-    batches, valid = batch_schedule(schedule_rng, count, max_count, batch_size=cfg.batch_size,
-                                    epochs=cfg.local_epochs, drop_last=cfg.drop_last)
+    batches, valid = batch_schedule(
+        schedule_rng,
+        count,
+        max_count,
+        batch_size=cfg.batch_size,
+        epochs=cfg.local_epochs,
+        drop_last=cfg.drop_last,
+    )
     return batches, valid, jax.random.split(augment_rng, valid.shape[0])
 
 
@@ -306,8 +348,20 @@ def over_real_steps(cfg: LocalConfig, body, carry, count, max_count: int):
     return jax.lax.fori_loop(0, per_epoch * cfg.local_epochs, step, (carry, zeros))
 
 
-def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: ClientState, images,
-                 labels, example_ids, count, *, rng, round_index, macs=None):
+def local_update(
+    model: nn.Module,
+    cfg: LocalConfig,
+    spec: DataSpec,
+    state: ClientState,
+    images,
+    labels,
+    example_ids,
+    count,
+    *,
+    rng,
+    round_index,
+    macs=None,
+):
     """`local_epochs` of SGD on one client's data.
 
     Args:
@@ -328,13 +382,24 @@ def local_update(model: nn.Module, cfg: LocalConfig, spec: DataSpec, state: Clie
         client, opt = carry
         ids = example_ids_of(example_ids, batches[index])
         x = preprocess(spec, images[ids], keys[index])
-        client, opt, metrics = local_step(model, cfg, client, opt, x, labels[ids], jnp.bool_(True),
-                                          lr=lr, penalty_coeff=penalty_coeff, macs=macs,
-                                          example_mask=example_mask(cfg, batches[index], count))
+        client, opt, metrics = local_step(
+            model,
+            cfg,
+            client,
+            opt,
+            x,
+            labels[ids],
+            jnp.bool_(True),
+            lr=lr,
+            penalty_coeff=penalty_coeff,
+            macs=macs,
+            example_mask=example_mask(cfg, batches[index], count),
+        )
         return (client, opt), metrics
 
     (state, opt_state), metrics = over_real_steps(
-        cfg, body, (state, round_opt_state(cfg, state)), count, example_ids.shape[0])
+        cfg, body, (state, round_opt_state(cfg, state)), count, example_ids.shape[0]
+    )
     if cfg.persistent_optimizer:
         state = state.replace(opt_state=opt_state)
     return state, metrics

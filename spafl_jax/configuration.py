@@ -29,19 +29,50 @@ def _number(config, field, **kwargs):
     checks.number('config', field, config[field], **kwargs)
 
 
-REQUIRED = ('dataset', 'model', 'num_clients', 'clients_per_round', 'alpha', 'rounds', 'batch_size',
-            'local_epochs', 'lr', 'lr_decay', 'min_lr', 'clip', 'th_coeff', 'penalty_warmup',
-            'persistent_optimizer', 'estimator', 'importance_update', 'aggregation', 'raw_pixels',
-            'augment', 'eval_every', 'eval_batch_size', 'seed', 'compute_dtype', 'conv_impl',
-            'client_execution', 'scan_unroll', 'data_dir', 'checkpoint_every', 'sparsity_rounds',
-            'drop_last', 'client_init', 'collapse_check')
+REQUIRED = (
+    'dataset',
+    'model',
+    'num_clients',
+    'clients_per_round',
+    'alpha',
+    'rounds',
+    'batch_size',
+    'local_epochs',
+    'lr',
+    'lr_decay',
+    'min_lr',
+    'clip',
+    'th_coeff',
+    'penalty_warmup',
+    'persistent_optimizer',
+    'estimator',
+    'importance_update',
+    'aggregation',
+    'raw_pixels',
+    'augment',
+    'eval_every',
+    'eval_batch_size',
+    'seed',
+    'compute_dtype',
+    'conv_impl',
+    'client_execution',
+    'scan_unroll',
+    'data_dir',
+    'checkpoint_every',
+    'sparsity_rounds',
+    'drop_last',
+    'client_init',
+    'collapse_check',
+)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that is wrong."""
     for field in REQUIRED:
         if field not in config:
-            raise ConfigError(f'config.{field} is missing; start from spafl_jax/configs/default.py.')
+            raise ConfigError(
+                f'config.{field} is missing; start from spafl_jax/configs/default.py.'
+            )
     _choice(config, 'dataset', data_lib.DATASETS)
     _choice(config, 'model', tuple(sorted(models.MODELS)))
     _choice(config, 'estimator', tuple(sorted(masking.ESTIMATORS)))
@@ -52,15 +83,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, 'conv_impl', CONV_IMPLS)
     _choice(config, 'client_execution', CLIENT_EXECUTIONS)
     _validate_execution(config)
-    for field in ('num_clients', 'clients_per_round', 'rounds', 'batch_size', 'local_epochs',
-                  'eval_every', 'eval_batch_size', 'scan_unroll', 'checkpoint_every'):
+    for field in (
+        'num_clients',
+        'clients_per_round',
+        'rounds',
+        'batch_size',
+        'local_epochs',
+        'eval_every',
+        'eval_batch_size',
+        'scan_unroll',
+        'checkpoint_every',
+    ):
         _number(config, field, positive=True, integer=True)
     # Seeds feed NumPy's and JAX's generators, which take unsigned 32-bit values.
     _number(config, 'seed', non_negative=True, integer=True, at_most=2**32 - 1)
     if config.clients_per_round > config.num_clients:
-        raise ConfigError(f'config.clients_per_round={config.clients_per_round} must be <= '
-                          f'config.num_clients={config.num_clients}: sampling is without '
-                          'replacement.')
+        raise ConfigError(
+            f'config.clients_per_round={config.clients_per_round} must be <= '
+            f'config.num_clients={config.num_clients}: sampling is without '
+            'replacement.'
+        )
     _number(config, 'alpha', positive=True)
     _number(config, 'lr', positive=True)
     _number(config, 'lr_decay', positive=True, at_most=1.0)
@@ -74,17 +116,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels', 'drop_last'):
         checks.boolean('config', field, config[field])
     rounds = config.sparsity_rounds
-    if (not isinstance(rounds, (tuple, list)) or
-            not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in rounds)):
-        raise ConfigError(f'config.sparsity_rounds={rounds!r} must be a tuple of positive round '
-                          'numbers, e.g. (1, 10, 25).')
+    if not isinstance(rounds, (tuple, list)) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in rounds
+    ):
+        raise ConfigError(
+            f'config.sparsity_rounds={rounds!r} must be a tuple of positive round '
+            'numbers, e.g. (1, 10, 25).'
+        )
     if config.data_dir is not None and not isinstance(config.data_dir, str):
-        raise ConfigError(f'config.data_dir={config.data_dir!r} must be a path, or empty for the '
-                          'default places.')
-    if config.data_dir and os.path.exists(os.path.expanduser(config.data_dir)) and not (
-            os.path.isdir(os.path.expanduser(config.data_dir))):
-        raise ConfigError(f'config.data_dir={config.data_dir!r} is a file, not a directory; give '
-                          'the directory that holds the data files, or leave it empty.')
+        raise ConfigError(
+            f'config.data_dir={config.data_dir!r} must be a path, or empty for the default places.'
+        )
+    if (
+        config.data_dir
+        and os.path.exists(os.path.expanduser(config.data_dir))
+        and not (os.path.isdir(os.path.expanduser(config.data_dir)))
+    ):
+        raise ConfigError(
+            f'config.data_dir={config.data_dir!r} is a file, not a directory; give '
+            'the directory that holds the data files, or leave it empty.'
+        )
     validate_method(config)
 
 
@@ -93,28 +144,37 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
     a comparison of several methods fails before its first run, not in its fourth)."""
     for field in ('method', 'baseline'):
         if field not in config:
-            raise ConfigError(f'config.{field} is missing; start from '
-                              'spafl_jax/configs/default.py.')
+            raise ConfigError(
+                f'config.{field} is missing; start from spafl_jax/configs/default.py.'
+            )
     _choice(config, 'method', methods.METHODS)
     if not config.get('drop_last', True) and config.method != 'spafl':
-        raise ConfigError(f'config.drop_last=False applies to spafl only: config.method='
-                          f'{config.method!r} trains on full batches; drop the override.')
+        raise ConfigError(
+            f'config.drop_last=False applies to spafl only: config.method='
+            f'{config.method!r} trains on full batches; drop the override.'
+        )
     if 'collapse_check' in config:
         _choice(config, 'collapse_check', COLLAPSE_CHECKS)
         if config.collapse_check != 'current' and config.method != 'spafl':
-            raise ConfigError(f'config.collapse_check={config.collapse_check!r} applies to spafl '
-                              f'only: config.method={config.method!r} has no collapse reset; drop '
-                              'the override.')
+            raise ConfigError(
+                f'config.collapse_check={config.collapse_check!r} applies to spafl '
+                f'only: config.method={config.method!r} has no collapse reset; drop '
+                'the override.'
+            )
     if 'client_init' in config:
         _choice(config, 'client_init', CLIENT_INITS)
         if config.client_init != 'shared' and config.method not in methods.OWN_INITIAL_MODELS:
-            raise ConfigError(f'config.client_init={config.client_init!r} applies to '
-                              f'{" and ".join(methods.OWN_INITIAL_MODELS)} only: '
-                              f'config.method={config.method!r} starts every client from one '
-                              'global model; drop the override.')
+            raise ConfigError(
+                f'config.client_init={config.client_init!r} applies to '
+                f'{" and ".join(methods.OWN_INITIAL_MODELS)} only: '
+                f'config.method={config.method!r} starts every client from one '
+                'global model; drop the override.'
+            )
     if not isinstance(config.baseline, (ml_collections.ConfigDict, dict)):
-        raise ConfigError(f'config.baseline={config.baseline!r} must be a ConfigDict of baseline '
-                          'settings, e.g. config.baseline.fedspa_density = 0.5.')
+        raise ConfigError(
+            f'config.baseline={config.baseline!r} must be a ConfigDict of baseline '
+            'settings, e.g. config.baseline.fedspa_density = 0.5.'
+        )
     try:
         methods.check_settings(config.baseline)
     except ValueError as e:
@@ -128,18 +188,29 @@ def _validate_execution(config: ml_collections.ConfigDict) -> None:
     if 'num_cpu_devices' in config:
         _number(config, 'num_cpu_devices', integer=True)
         if config.num_cpu_devices < -1:
-            raise ConfigError(f'config.num_cpu_devices={config.num_cpu_devices!r} must be -1 (one '
-                              'device per CPU core), 0 (JAX\'s single CPU device) or a count > 0.')
+            raise ConfigError(
+                f'config.num_cpu_devices={config.num_cpu_devices!r} must be -1 (one '
+                "device per CPU core), 0 (JAX's single CPU device) or a count > 0."
+            )
     for field in ('eval_chunk', 'num_processes'):
         if field in config:
             _number(config, field, positive=True, integer=True)
     if 'process_id' in config:
-        _number(config, 'process_id', non_negative=True, integer=True,
-                at_most=config.get('num_processes', 1) - 1)
+        _number(
+            config,
+            'process_id',
+            non_negative=True,
+            integer=True,
+            at_most=config.get('num_processes', 1) - 1,
+        )
     address = config.get('coordinator_address') or ''
     if not isinstance(address, str) or (address and ':' not in address):
-        raise ConfigError(f'config.coordinator_address={address!r} must be "" (one process) or '
-                          '"host:port" of process 0.')
+        raise ConfigError(
+            f'config.coordinator_address={address!r} must be "" (one process) or '
+            '"host:port" of process 0.'
+        )
     if config.get('num_processes', 1) > 1 and not address:
-        raise ConfigError(f'config.num_processes={config.num_processes} needs '
-                          'config.coordinator_address="host:port" of process 0.')
+        raise ConfigError(
+            f'config.num_processes={config.num_processes} needs '
+            'config.coordinator_address="host:port" of process 0.'
+        )

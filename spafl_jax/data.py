@@ -15,37 +15,37 @@ import glob
 import gzip
 import os
 import tarfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from spafl_jax import downloads
 
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100")
+DATASETS = ('digits', 'fashion_mnist', 'cifar10', 'cifar100')
 
 # Debian's `dataset-fashion-mnist` package installs the four IDX files here.
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_DIRS = (DEBIAN_FASHION_MNIST,)
 
-_TFDS_DATASETS = ("fashion_mnist", "cifar10", "cifar100")
-_NUM_CLASSES = {"digits": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+_TFDS_DATASETS = ('fashion_mnist', 'cifar10', 'cifar100')
+_NUM_CLASSES = {'digits': 10, 'fashion_mnist': 10, 'cifar10': 10, 'cifar100': 100}
 
 # The standard Fashion-MNIST / MNIST file names, without the optional `.gz` suffix.
 _IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
+    'train_images': 'train-images-idx3-ubyte',
+    'train_labels': 'train-labels-idx1-ubyte',
+    'test_images': 't10k-images-idx3-ubyte',
+    'test_labels': 't10k-labels-idx1-ubyte',
 }
 
 # IDX type byte -> element type; IDX stores everything big-endian.
 _IDX_DTYPES = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
+    0x0B: np.dtype('>i2'),
+    0x0C: np.dtype('>i4'),
+    0x0D: np.dtype('>f4'),
+    0x0E: np.dtype('>f8'),
 }
 
 
@@ -120,11 +120,11 @@ def _make_dataset(
     test_labels = np.asarray(test_labels, dtype=np.int32)
     if train_images.ndim != 4 or test_images.shape[1:] != train_images.shape[1:]:
         raise ValueError(
-            f"{name}: expected [n, h, w, c] images with equal test/train shapes, got "
-            f"{train_images.shape} and {test_images.shape}."
+            f'{name}: expected [n, h, w, c] images with equal test/train shapes, got '
+            f'{train_images.shape} and {test_images.shape}.'
         )
     if len(train_images) != len(train_labels) or len(test_images) != len(test_labels):
-        raise ValueError(f"{name}: images and labels have different lengths.")
+        raise ValueError(f'{name}: images and labels have different lengths.')
     mean, std = _channel_stats(train_images, pixel_max)
     return Dataset(
         name=name,
@@ -157,7 +157,7 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     )
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     return _make_dataset(
-        "digits",
+        'digits',
         images[train_idx],
         labels[train_idx],
         images[test_idx],
@@ -176,30 +176,30 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     No checksum is verified: Debian recompresses the files, so their .gz bytes differ from
     upstream while the decompressed arrays are identical.
     """
-    with open(path, "rb") as f:
+    with open(path, 'rb') as f:
         raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
+    if raw[:2] == b'\x1f\x8b':
         raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (magic bytes {raw[:4]!r}).")
+        raise ValueError(f'{path} is not an IDX file (magic bytes {raw[:4]!r}).')
     dtype = _IDX_DTYPES[raw[2]]
     ndim = raw[3]
     header = 4 + 4 * ndim
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype='>u4', count=ndim, offset=4))
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
         raise ValueError(
-            f"{path}: header says shape {shape} ({expected} bytes), file has {len(raw)}."
+            f'{path}: header says shape {shape} ({expected} bytes), file has {len(raw)}.'
         )
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    return data.astype(dtype.newbyteorder("="))
+    return data.astype(dtype.newbyteorder('='))
 
 
 def _find_idx_files(directory: str | os.PathLike) -> dict[str, str] | None:
     """The four Fashion-MNIST files in `directory` (each with or without .gz), or None."""
     found = {}
     for key, base in _IDX_FILES.items():
-        for candidate in (base, base + ".gz"):
+        for candidate in (base, base + '.gz'):
             path = os.path.join(directory, candidate)
             if os.path.isfile(path):
                 found[key] = path
@@ -214,38 +214,40 @@ def load_fashion_mnist_idx(directory: str | os.PathLike) -> Dataset:
     files = _find_idx_files(directory)
     if files is None:
         raise DatasetUnavailableError(
-            f"fashion_mnist: {directory} does not hold all of "
-            f"{', '.join(f'{b}[.gz]' for b in _IDX_FILES.values())}."
+            f'fashion_mnist: {directory} does not hold all of '
+            f'{", ".join(f"{b}[.gz]" for b in _IDX_FILES.values())}.'
         )
     arrays = {}
     for key, path in files.items():
         try:
             arrays[key] = read_idx(path)
-        except (OSError, EOFError, ValueError) as e:   # gzip.BadGzipFile is an OSError
+        except (OSError, EOFError, ValueError) as e:  # gzip.BadGzipFile is an OSError
             raise DatasetUnavailableError(
-                f"fashion_mnist: {path} cannot be read ({e}); replace it with the standard "
-                f"Fashion-MNIST file."
+                f'fashion_mnist: {path} cannot be read ({e}); replace it with the standard '
+                f'Fashion-MNIST file.'
             ) from None
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    for split in ('train', 'test'):
+        images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
         problem = None
         if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-            problem = f"images of shape {images.shape} and type {images.dtype}, not [n, 28, 28] uint8"
+            problem = (
+                f'images of shape {images.shape} and type {images.dtype}, not [n, 28, 28] uint8'
+            )
         elif labels.ndim != 1 or len(labels) != len(images):
-            problem = f"{len(images)} images but labels of shape {labels.shape}"
+            problem = f'{len(images)} images but labels of shape {labels.shape}'
         elif len(labels) and (labels.min() < 0 or labels.max() > 9):
-            problem = f"labels from {labels.min()} to {labels.max()}, not 0..9"
+            problem = f'labels from {labels.min()} to {labels.max()}, not 0..9'
         if problem:
             raise DatasetUnavailableError(
-                f"fashion_mnist: the {split} files in {directory} hold {problem}; replace them "
-                f"with the standard Fashion-MNIST files."
+                f'fashion_mnist: the {split} files in {directory} hold {problem}; replace them '
+                f'with the standard Fashion-MNIST files.'
             )
     return _make_dataset(
-        "fashion_mnist",
-        arrays["train_images"][..., None],
-        arrays["train_labels"],
-        arrays["test_images"][..., None],
-        arrays["test_labels"],
+        'fashion_mnist',
+        arrays['train_images'][..., None],
+        arrays['train_labels'],
+        arrays['test_images'][..., None],
+        arrays['test_labels'],
     )
 
 
@@ -255,9 +257,12 @@ def load_fashion_mnist_idx(directory: str | os.PathLike) -> Dataset:
 # Per dataset: (members of the training split, member of the test split, label bytes per record
 # with the one SpaFL uses last: CIFAR-100's records are coarse label, fine label, pixels).
 _CIFAR_MEMBERS = {
-    "cifar10": (tuple(f"cifar-10-batches-bin/data_batch_{i}.bin" for i in range(1, 6)),
-                "cifar-10-batches-bin/test_batch.bin", 1),
-    "cifar100": (("cifar-100-binary/train.bin",), "cifar-100-binary/test.bin", 2),
+    'cifar10': (
+        tuple(f'cifar-10-batches-bin/data_batch_{i}.bin' for i in range(1, 6)),
+        'cifar-10-batches-bin/test_batch.bin',
+        1,
+    ),
+    'cifar100': (('cifar-100-binary/train.bin',), 'cifar-100-binary/test.bin', 2),
 }
 _CIFAR_PIXELS = 3 * 32 * 32
 
@@ -265,8 +270,9 @@ _CIFAR_PIXELS = 3 * 32 * 32
 def _cifar_records(raw: bytes, label_bytes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     record = label_bytes + _CIFAR_PIXELS
     if not raw or len(raw) % record:
-        raise ValueError(f"{where}: {len(raw)} bytes is not a whole number of {record}-byte "
-                         "records")
+        raise ValueError(
+            f'{where}: {len(raw)} bytes is not a whole number of {record}-byte records'
+        )
     table = np.frombuffer(raw, np.uint8).reshape(-1, record)
     images = table[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, table[:, label_bytes - 1].astype(np.int32)
@@ -275,30 +281,38 @@ def _cifar_records(raw: bytes, label_bytes: int, where: str) -> tuple[np.ndarray
 def load_cifar_archive(name: str, path: str | os.PathLike) -> Dataset:
     """cifar10 / cifar100 from the published binary archive (`cifar-10-binary.tar.gz`, ...)."""
     if name not in _CIFAR_MEMBERS:
-        raise ValueError(f"load_cifar_archive: unknown dataset {name!r}; allowed: cifar10, cifar100.")
+        raise ValueError(
+            f'load_cifar_archive: unknown dataset {name!r}; allowed: cifar10, cifar100.'
+        )
     train_members, test_member, label_bytes = _CIFAR_MEMBERS[name]
     wanted = set(train_members) | {test_member}
     raw = {}
     try:
-        with tarfile.open(path, "r:gz") as archive:
+        with tarfile.open(path, 'r:gz') as archive:
             for member in archive:
                 if member.name in wanted and member.isfile():
                     raw[member.name] = archive.extractfile(member).read()
         missing = sorted(wanted - set(raw))
         if missing:
-            raise ValueError(f"the archive has no {', '.join(missing)}")
+            raise ValueError(f'the archive has no {", ".join(missing)}')
         parts = [_cifar_records(raw[m], label_bytes, m) for m in train_members]
         test_images, test_labels = _cifar_records(raw[test_member], label_bytes, test_member)
         num_classes = _NUM_CLASSES[name]
         for labels in [p[1] for p in parts] + [test_labels]:
             if labels.max() >= num_classes:
-                raise ValueError(f"labels up to {labels.max()}, not 0..{num_classes - 1}")
+                raise ValueError(f'labels up to {labels.max()}, not 0..{num_classes - 1}')
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
         raise DatasetUnavailableError(
-            f"{name}: {path} cannot be read as the binary CIFAR archive ({e}); replace it with "
-            f"the published {os.path.basename(str(path))}.") from None
-    return _make_dataset(name, np.concatenate([p[0] for p in parts]),
-                         np.concatenate([p[1] for p in parts]), test_images, test_labels)
+            f'{name}: {path} cannot be read as the binary CIFAR archive ({e}); replace it with '
+            f'the published {os.path.basename(str(path))}.'
+        ) from None
+    return _make_dataset(
+        name,
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        test_images,
+        test_labels,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,16 +323,16 @@ def _tfds_data_dir(data_dir: str | None) -> str:
     """`data_dir`, or tfds's own default, computed without importing tfds (same rule)."""
     if data_dir:
         return os.path.abspath(os.path.expanduser(data_dir))
-    default = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    return os.environ.get("TFDS_DATA_DIR", default)
+    default = os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
+    return os.environ.get('TFDS_DATA_DIR', default)
 
 
 def _tfds_prepare_hint(name: str, data_dir: str) -> str:
     return (
-        f"to provide it, run `tfds build {name} --data_dir=/tmp/tfds "
-        f"--file_format=array_record` on a machine with internet and TensorFlow, then copy "
-        f"/tmp/tfds/{name} to {os.path.join(data_dir, name)} here (reading it needs no "
-        f"TensorFlow)."
+        f'to provide it, run `tfds build {name} --data_dir=/tmp/tfds '
+        f'--file_format=array_record` on a machine with internet and TensorFlow, then copy '
+        f'/tmp/tfds/{name} to {os.path.join(data_dir, name)} here (reading it needs no '
+        f'TensorFlow).'
     )
 
 
@@ -329,15 +343,15 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
     nor the network. A download is never attempted: offline, tfds would retry for minutes.
     """
     if name not in _TFDS_DATASETS:
-        raise ValueError(f"load_tfds: unknown dataset {name!r}; allowed: {_TFDS_DATASETS}.")
+        raise ValueError(f'load_tfds: unknown dataset {name!r}; allowed: {_TFDS_DATASETS}.')
     data_dir = _tfds_data_dir(data_dir)
     # Cheap filesystem check before importing tfds or building anything.
     dataset_dir = os.path.join(data_dir, name)
-    prepared = sorted(glob.glob(os.path.join(dataset_dir, "*", "dataset_info.json")))
+    prepared = sorted(glob.glob(os.path.join(dataset_dir, '*', 'dataset_info.json')))
     if not prepared:
         raise DatasetUnavailableError(
-            f"{name}: no prepared tensorflow-datasets data in {data_dir} "
-            f"(looked for {dataset_dir}/<version>/dataset_info.json). "
+            f'{name}: no prepared tensorflow-datasets data in {data_dir} '
+            f'(looked for {dataset_dir}/<version>/dataset_info.json). '
             + _tfds_prepare_hint(name, data_dir)
         )
 
@@ -345,25 +359,25 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     except ImportError as e:
         raise DatasetUnavailableError(
-            f"{name}: prepared data found in {dataset_dir} but tensorflow-datasets is not "
-            f"installed ({e}); pip install tensorflow-datasets array_record pillow."
+            f'{name}: prepared data found in {dataset_dir} but tensorflow-datasets is not '
+            f'installed ({e}); pip install tensorflow-datasets array_record pillow.'
         ) from e
 
     version = str(tfds.builder_cls(name).VERSION)
-    if not os.path.isfile(os.path.join(dataset_dir, version, "dataset_info.json")):
+    if not os.path.isfile(os.path.join(dataset_dir, version, 'dataset_info.json')):
         found = [os.path.basename(os.path.dirname(p)) for p in prepared]
         raise DatasetUnavailableError(
-            f"{name}: {dataset_dir} holds version(s) {found}, but the installed "
-            f"tensorflow-datasets reads version {version}. " + _tfds_prepare_hint(name, data_dir)
+            f'{name}: {dataset_dir} holds version(s) {found}, but the installed '
+            f'tensorflow-datasets reads version {version}. ' + _tfds_prepare_hint(name, data_dir)
         )
 
     builder = tfds.builder(name, data_dir=data_dir)
     try:
-        sources = builder.as_data_source(split=["train", "test"])
+        sources = builder.as_data_source(split=['train', 'test'])
     except (NotImplementedError, ValueError, FileNotFoundError) as e:
         # Typically data built with the default TFRecord format, which needs TensorFlow to read.
         raise DatasetUnavailableError(
-            f"{name}: cannot read the data prepared in {dataset_dir} without TensorFlow ({e}). "
+            f'{name}: cannot read the data prepared in {dataset_dir} without TensorFlow ({e}). '
             + _tfds_prepare_hint(name, data_dir)
         ) from e
 
@@ -371,9 +385,9 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
     for source in sources:
         # Per-example reads: as fast as batched `__getitems__` here (PNG decoding dominates).
         examples = [source[i] for i in range(len(source))]
-        images = np.stack([np.asarray(ex["image"], dtype=np.uint8) for ex in examples])
+        images = np.stack([np.asarray(ex['image'], dtype=np.uint8) for ex in examples])
         # cifar100 also has 'coarse_label'; SpaFL uses the 100 fine classes in 'label'.
-        labels = np.array([int(ex["label"]) for ex in examples], dtype=np.int32)
+        labels = np.array([int(ex['label']) for ex in examples], dtype=np.int32)
         arrays.append((images, labels))
     (train_images, train_labels), (test_images, test_labels) = arrays
     return _make_dataset(name, train_images, train_labels, test_images, test_labels)
@@ -383,8 +397,9 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
 # Dispatch.
 
 
-def load_dataset(name: str, data_dir: str | None = None, *, download: bool = False,
-                 mirror: str | None = None) -> Dataset:
+def load_dataset(
+    name: str, data_dir: str | None = None, *, download: bool = False, mirror: str | None = None
+) -> Dataset:
     """Loads one of `DATASETS` from wherever it is on this machine, or downloads it.
 
     fashion_mnist is looked for as IDX files (in `data_dir`, `data_dir/fashion_mnist`,
@@ -396,58 +411,67 @@ def load_dataset(name: str, data_dir: str | None = None, *, download: bool = Fal
     looked in and how to provide the files.
     """
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; allowed values: {', '.join(DATASETS)}.")
-    if name == "digits":
+        raise ValueError(f'Unknown dataset {name!r}; allowed values: {", ".join(DATASETS)}.')
+    if name == 'digits':
         return load_digits()
     root = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else downloads.default_root()
     target = os.path.join(root, name)
     looked_in = []
-    if name == "fashion_mnist":
+    if name == 'fashion_mnist':
         idx_dirs = []
         if data_dir:
-            idx_dirs += [data_dir] + [os.path.join(data_dir, d) for d in ("fashion_mnist",
-                                                                          "fashion-mnist")]
+            idx_dirs += [data_dir] + [
+                os.path.join(data_dir, d) for d in ('fashion_mnist', 'fashion-mnist')
+            ]
         else:
             idx_dirs.append(target)
         idx_dirs += list(FASHION_MNIST_DIRS)
         for directory in idx_dirs:
-            looked_in.append(f"IDX files in {directory}")
+            looked_in.append(f'IDX files in {directory}')
             if _find_idx_files(directory) is not None:
                 return load_fashion_mnist_idx(directory)
     else:
         archive = os.path.join(target, downloads.SOURCES[name][0].filename)
-        looked_in.append(f"the archive {archive}")
+        looked_in.append(f'the archive {archive}')
         if os.path.exists(archive):
             try:
-                downloads.fetch(downloads.SOURCES[name][0], target)   # verifies; never downloads
+                downloads.fetch(downloads.SOURCES[name][0], target)  # verifies; never downloads
             except downloads.DownloadError as e:
-                raise DatasetUnavailableError(f"{name}: {e}") from None
+                raise DatasetUnavailableError(f'{name}: {e}') from None
             return load_cifar_archive(name, archive)
     tfds_dir = _tfds_data_dir(data_dir)
-    looked_in.append(f"tensorflow-datasets data in {os.path.join(tfds_dir, name)}")
+    looked_in.append(f'tensorflow-datasets data in {os.path.join(tfds_dir, name)}')
     try:
         return load_tfds(name, data_dir)
     except DatasetUnavailableError as e:
         tfds_problem = e
-    urls = ", ".join(downloads.url_of(a, mirror) for a in downloads.SOURCES[name])
-    provide = (f"download {urls} into {target}, or prepare tensorflow-datasets data "
-               f"({_tfds_prepare_hint(name, tfds_dir)})")
-    if name == "fashion_mnist":
-        provide = ("install it with `sudo apt-get install dataset-fashion-mnist` (IDX files in "
-                   f"{DEBIAN_FASHION_MNIST}), " + provide)
+    urls = ', '.join(downloads.url_of(a, mirror) for a in downloads.SOURCES[name])
+    provide = (
+        f'download {urls} into {target}, or prepare tensorflow-datasets data '
+        f'({_tfds_prepare_hint(name, tfds_dir)})'
+    )
+    if name == 'fashion_mnist':
+        provide = (
+            'install it with `sudo apt-get install dataset-fashion-mnist` (IDX files in '
+            f'{DEBIAN_FASHION_MNIST}), ' + provide
+        )
     if download:
         try:
             downloads.download(name, target, mirror=mirror)
         except downloads.DownloadError as e:
             raise DatasetUnavailableError(
-                f"{name} is not on this machine (looked for " + "; ".join(looked_in)
-                + f") and the download failed: {e} To provide it offline, " + provide) from e
-        if name == "fashion_mnist":
+                f'{name} is not on this machine (looked for '
+                + '; '.join(looked_in)
+                + f') and the download failed: {e} To provide it offline, '
+                + provide
+            ) from e
+        if name == 'fashion_mnist':
             return load_fashion_mnist_idx(target)
         return load_cifar_archive(name, os.path.join(target, downloads.SOURCES[name][0].filename))
     raise DatasetUnavailableError(
-        f"{name} is not available (looked for " + "; ".join(looked_in) + ") and downloads are "
-        "off; turn them on (config.download=True), " + provide) from tfds_problem
+        f'{name} is not available (looked for ' + '; '.join(looked_in) + ') and downloads are '
+        'off; turn them on (config.download=True), ' + provide
+    ) from tfds_problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,13 +515,13 @@ def dirichlet_split(
     train_labels = np.asarray(train_labels)
     test_labels = np.asarray(test_labels)
     if num_clients < 1 or alpha <= 0:
-        raise ValueError(f"Need num_clients >= 1 and alpha > 0, got {num_clients} and {alpha}.")
+        raise ValueError(f'Need num_clients >= 1 and alpha > 0, got {num_clients} and {alpha}.')
     if num_classes is None:
         num_classes = int(max(train_labels.max(initial=-1), test_labels.max(initial=-1))) + 1
     if num_clients * min_train_examples > len(train_labels):
         raise ValueError(
-            f"{num_clients} clients x {min_train_examples} examples exceeds the "
-            f"{len(train_labels)} training examples: use fewer clients or a smaller batch size."
+            f'{num_clients} clients x {min_train_examples} examples exceeds the '
+            f'{len(train_labels)} training examples: use fewer clients or a smaller batch size.'
         )
     train_by_class = [np.flatnonzero(train_labels == c) for c in range(num_classes)]
     test_by_class = [np.flatnonzero(test_labels == c) for c in range(num_classes)]
@@ -522,7 +546,7 @@ def dirichlet_split(
 
             return finish(train_parts), finish(test_parts)
     raise ValueError(
-        f"No Dirichlet(alpha={alpha}) split of {len(train_labels)} training examples gave all "
-        f"{num_clients} clients >= {min_train_examples} examples in {max_attempts} attempts: "
-        "too many clients or too small alpha for this data (or lower the batch size)."
+        f'No Dirichlet(alpha={alpha}) split of {len(train_labels)} training examples gave all '
+        f'{num_clients} clients >= {min_train_examples} examples in {max_attempts} attempts: '
+        'too many clients or too small alpha for this data (or lower the batch size).'
     )

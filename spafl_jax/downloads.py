@@ -22,10 +22,10 @@ import os
 import sys
 import time
 import urllib.parse
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-CONNECT_TIMEOUT = 4.0     # seconds to connect and receive the response headers
-READ_TIMEOUT = 60.0       # seconds any one read of the body may wait
+CONNECT_TIMEOUT = 4.0  # seconds to connect and receive the response headers
+READ_TIMEOUT = 60.0  # seconds any one read of the body may wait
 _CHUNK = 1 << 20
 _MAX_REDIRECTS = 5
 
@@ -56,22 +56,40 @@ _KRIZ = 'https://www.cs.toronto.edu/~kriz/'
 
 SOURCES: dict[str, tuple[Archive, ...]] = {
     'fashion_mnist': (
-        Archive(_FMNIST + 'train-images-idx3-ubyte.gz', 26421880,
-                '3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84'),
-        Archive(_FMNIST + 'train-labels-idx1-ubyte.gz', 29515,
-                'a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845'),
-        Archive(_FMNIST + 't10k-images-idx3-ubyte.gz', 4422102,
-                '346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073'),
-        Archive(_FMNIST + 't10k-labels-idx1-ubyte.gz', 5148,
-                '67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5'),
+        Archive(
+            _FMNIST + 'train-images-idx3-ubyte.gz',
+            26421880,
+            '3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84',
+        ),
+        Archive(
+            _FMNIST + 'train-labels-idx1-ubyte.gz',
+            29515,
+            'a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845',
+        ),
+        Archive(
+            _FMNIST + 't10k-images-idx3-ubyte.gz',
+            4422102,
+            '346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073',
+        ),
+        Archive(
+            _FMNIST + 't10k-labels-idx1-ubyte.gz',
+            5148,
+            '67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5',
+        ),
     ),
     'cifar10': (
-        Archive(_KRIZ + 'cifar-10-binary.tar.gz', 170052171,
-                'c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd'),
+        Archive(
+            _KRIZ + 'cifar-10-binary.tar.gz',
+            170052171,
+            'c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd',
+        ),
     ),
     'cifar100': (
-        Archive(_KRIZ + 'cifar-100-binary.tar.gz', 168513733,
-                '58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec'),
+        Archive(
+            _KRIZ + 'cifar-100-binary.tar.gz',
+            168513733,
+            '58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec',
+        ),
     ),
 }
 
@@ -121,8 +139,10 @@ class _Progress:
             return
         self.shown = tenth
         seconds = max(time.monotonic() - self.start, 1e-9)
-        line = (f'downloading {self.name}: {100 * done / max(self.total, 1):3.0f}% '
-                f'{done / 1e6:.1f}/{self.total / 1e6:.1f} MB, {done / 1e6 / seconds:.1f} MB/s')
+        line = (
+            f'downloading {self.name}: {100 * done / max(self.total, 1):3.0f}% '
+            f'{done / 1e6:.1f}/{self.total / 1e6:.1f} MB, {done / 1e6 / seconds:.1f} MB/s'
+        )
         end = '\n' if final or not self.tty else ''
         self.stream.write(('\r' if self.tty else '') + line + end)
         self.stream.flush()
@@ -134,7 +154,9 @@ def _open(url: str) -> tuple[http.client.HTTPConnection, http.client.HTTPRespons
         parts = urllib.parse.urlparse(url)
         if parts.scheme not in ('http', 'https'):
             raise DownloadError(f'cannot download {url}: only http and https URLs are supported.')
-        kind = http.client.HTTPSConnection if parts.scheme == 'https' else http.client.HTTPConnection
+        kind = (
+            http.client.HTTPSConnection if parts.scheme == 'https' else http.client.HTTPConnection
+        )
         connection = kind(parts.netloc, timeout=CONNECT_TIMEOUT)
         path = parts.path + (f'?{parts.query}' if parts.query else '')
         connection.request('GET', path or '/', headers={'User-Agent': 'spafl_jax'})
@@ -152,8 +174,13 @@ def _open(url: str) -> tuple[http.client.HTTPConnection, http.client.HTTPRespons
     raise DownloadError(f'{url}: more than {_MAX_REDIRECTS} redirects.')
 
 
-def fetch(archive: Archive, directory: str, *, mirror: str | None = None,
-          progress: Callable[[str, int], _Progress] | None = _Progress) -> str:
+def fetch(
+    archive: Archive,
+    directory: str,
+    *,
+    mirror: str | None = None,
+    progress: Callable[[str, int], _Progress] | None = _Progress,
+) -> str:
     """The path of `archive` in `directory`, downloading it if it is not there yet.
 
     Raises:
@@ -165,8 +192,10 @@ def fetch(archive: Archive, directory: str, *, mirror: str | None = None,
     if os.path.exists(path):
         problem = verify(archive, path)
         if problem:
-            raise DownloadError(f'{path} is not the published {archive.filename} ({problem}); '
-                                'delete it (or replace it with the right file) and run again.')
+            raise DownloadError(
+                f'{path} is not the published {archive.filename} ({problem}); '
+                'delete it (or replace it with the right file) and run again.'
+            )
         return path
     os.makedirs(directory, exist_ok=True)
     url = url_of(archive, mirror)
@@ -179,9 +208,11 @@ def fetch(archive: Archive, directory: str, *, mirror: str | None = None,
             with open(partial, 'wb') as f:
                 while chunk := response.read(_CHUNK):
                     if done + len(chunk) > archive.size:
-                        raise DownloadError(f'{url} sent more than the {archive.size} bytes of '
-                                            f'{archive.filename}; the file there is not the '
-                                            'published one.')
+                        raise DownloadError(
+                            f'{url} sent more than the {archive.size} bytes of '
+                            f'{archive.filename}; the file there is not the '
+                            'published one.'
+                        )
                     f.write(chunk)
                     digest.update(chunk)
                     done += len(chunk)
@@ -194,13 +225,17 @@ def fetch(archive: Archive, directory: str, *, mirror: str | None = None,
         finally:
             connection.close()
         if done != archive.size:
-            raise DownloadError(f'{url} ended after {done} of {archive.size} bytes; run again to '
-                                'restart the download.')
+            raise DownloadError(
+                f'{url} ended after {done} of {archive.size} bytes; run again to '
+                'restart the download.'
+            )
         if digest.hexdigest() != archive.sha256:
-            raise DownloadError(f'{url} delivered {archive.filename} with SHA-256 '
-                                f'{digest.hexdigest()}, not the published {archive.sha256}: the '
-                                'download is corrupt (or the mirror serves another file) and was '
-                                'deleted.')
+            raise DownloadError(
+                f'{url} delivered {archive.filename} with SHA-256 '
+                f'{digest.hexdigest()}, not the published {archive.sha256}: the '
+                'download is corrupt (or the mirror serves another file) and was '
+                'deleted.'
+            )
         os.replace(partial, path)
     except (OSError, http.client.HTTPException) as e:
         # Connection refused, name resolution, timeouts, a dropped connection: no retry.
@@ -211,13 +246,19 @@ def fetch(archive: Archive, directory: str, *, mirror: str | None = None,
     return path
 
 
-def download(name: str, directory: str, *, mirror: str | None = None,
-             progress: Callable[[str, int], _Progress] | None = _Progress) -> list[str]:
+def download(
+    name: str,
+    directory: str,
+    *,
+    mirror: str | None = None,
+    progress: Callable[[str, int], _Progress] | None = _Progress,
+) -> list[str]:
     """Every archive of dataset `name` in `directory` (downloaded where missing), in SOURCES order."""
     if name not in SOURCES:
         raise ValueError(f'download: no archives for {name!r}; available: {", ".join(SOURCES)}.')
-    return [fetch(archive, directory, mirror=mirror, progress=progress)
-            for archive in SOURCES[name]]
+    return [
+        fetch(archive, directory, mirror=mirror, progress=progress) for archive in SOURCES[name]
+    ]
 
 
 def filenames(name: str) -> Sequence[str]:

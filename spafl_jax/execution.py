@@ -1,8 +1,8 @@
 """How a round's client work reaches the hardware: execution strategies over the client axis, the
 `clients` device mesh, multi-host start-up, and `make_round_runner`, the one entry point of `train.py`.
 
-Every strategy computes exactly `federated.run_round` (docs/algorithm.md, section 3): the same `client.local_step`
-on the same batches with the same keys, drawn from (seed, round, client id) by
+Every strategy computes exactly `federated.run_round` (docs/algorithm.md, section 3): the same
+`client.local_step` on the same batches with the same keys, drawn from (seed, round, client id) by
 `client.local_schedule`, so results never depend on the strategy or the number of devices. They differ
 only in how the local steps are issued:
 
@@ -44,14 +44,16 @@ from spafl_jax.client import DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
 
 CLIENT_EXECUTIONS = ('auto', 'loop', 'map', 'vmap')
-CLIENTS = 'clients'   # the mesh axis the client dimension is sharded along
+CLIENTS = 'clients'  # the mesh axis the client dimension is sharded along
 
 
 # ------------------------------------------------------------------------------------------------
 # Choices made once, at start-up.
 
-def resolve_client_execution(name: str, backend: str | None = None,
-                             conv_impl: str = 'im2col') -> str:
+
+def resolve_client_execution(
+    name: str, backend: str | None = None, conv_impl: str = 'im2col'
+) -> str:
     """'auto' -> the strategy measured fastest for the backend (BENCHMARKS.md); others unchanged.
 
     CPU with im2col convolutions: 'map' (one program per round, no per-step dispatch; about 10 %
@@ -68,7 +70,7 @@ def resolve_client_execution(name: str, backend: str | None = None,
     return 'loop' if conv_impl == 'xla' else 'map'
 
 
-AUTO_CPU_DEVICES = -1   # config.num_cpu_devices: one CPU device per core, at most one per client
+AUTO_CPU_DEVICES = -1  # config.num_cpu_devices: one CPU device per core, at most one per client
 
 
 def auto_cpu_devices(clients_per_round: int) -> int:
@@ -78,9 +80,14 @@ def auto_cpu_devices(clients_per_round: int) -> int:
     return max(1, min(cores or 1, clients_per_round))
 
 
-def initialize_runtime(*, coordinator_address: str | None = None, num_processes: int = 1,
-                       process_id: int = 0, num_cpu_devices: int = 0,
-                       clients_per_round: int = 1) -> None:
+def initialize_runtime(
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int = 1,
+    process_id: int = 0,
+    num_cpu_devices: int = 0,
+    clients_per_round: int = 1,
+) -> None:
     """Multi-host start-up and simulated CPU devices; must run before JAX touches a device.
 
     With `coordinator_address`, `jax.distributed.initialize` joins `num_processes` processes (TPU
@@ -99,15 +106,20 @@ def initialize_runtime(*, coordinator_address: str | None = None, num_processes:
             try:
                 jax.config.update('jax_num_cpu_devices', count)
             except RuntimeError:
-                logging.info('num_cpu_devices=-1 (auto): JAX has already started, so its CPU '
-                             'devices stay as they are.')
+                logging.info(
+                    'num_cpu_devices=-1 (auto): JAX has already started, so its CPU '
+                    'devices stay as they are.'
+                )
     elif num_cpu_devices > 0:
         jax.config.update('jax_num_cpu_devices', num_cpu_devices)
     if coordinator_address and not jax.distributed.is_initialized():
         # CPU processes exchange the psum through gloo (the default of this JAX; set for clarity).
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
 
 
 def make_mesh(num_clients: int, devices=None) -> Mesh:
@@ -121,16 +133,23 @@ def make_mesh(num_clients: int, devices=None) -> Mesh:
     size = len(devices)
     if num_clients % size:
         if jax.process_count() > 1:
-            raise ValueError(f'num_clients={num_clients} must be a multiple of the {size} devices '
-                             'of a multi-host run.')
+            raise ValueError(
+                f'num_clients={num_clients} must be a multiple of the {size} devices '
+                'of a multi-host run.'
+            )
         size = max(d for d in range(1, size + 1) if num_clients % d == 0)
-        logging.warning('using %d of %d devices: %d clients do not split evenly over more.', size,
-                        len(devices), num_clients)
+        logging.warning(
+            'using %d of %d devices: %d clients do not split evenly over more.',
+            size,
+            len(devices),
+            num_clients,
+        )
     return Mesh(np.array(devices[:size]), (CLIENTS,))
 
 
 # ------------------------------------------------------------------------------------------------
 # Host-side planning of a round: which device and lane runs which client, and in what order.
+
 
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:
@@ -146,6 +165,7 @@ class RoundPlan:
       slots: [devices] slots the device really needs (the in-jit trip count).
       real_steps: local steps of the round (sum over sampled clients).
     """
+
     sampled: np.ndarray
     positions: np.ndarray
     steps: np.ndarray
@@ -165,8 +185,16 @@ def _least_loaded(loads: list[int], sizes: list[int], capacity: int) -> int:
     return min(free, key=lambda i: (loads[i], i))
 
 
-def plan_round(sampled: np.ndarray, steps_per_epoch: np.ndarray, *, epochs: int, stride: int,
-               devices: int, lanes: int, max_slots: int) -> RoundPlan:
+def plan_round(
+    sampled: np.ndarray,
+    steps_per_epoch: np.ndarray,
+    *,
+    epochs: int,
+    stride: int,
+    devices: int,
+    lanes: int,
+    max_slots: int,
+) -> RoundPlan:
     """Packs the sampled clients onto devices, then lanes, longest first (LPT scheduling).
 
     Args:
@@ -194,10 +222,10 @@ def plan_round(sampled: np.ndarray, steps_per_epoch: np.ndarray, *, epochs: int,
     valid = np.zeros((devices, max_slots, lanes), bool)
     slots = np.zeros(devices, np.int32)
     for d, clients in enumerate(members):
-        table_sampled[d, :len(clients)] = clients
+        table_sampled[d, : len(clients)] = clients
         queues: list[list[int]] = [[] for _ in range(lanes)]
         lane_loads = [0] * lanes
-        for pos, c in enumerate(clients):   # already longest first
+        for pos, c in enumerate(clients):  # already longest first
             lane = _least_loaded(lane_loads, [0] * lanes, 1)
             queues[lane].append(pos)
             lane_loads[lane] += int(steps_per_epoch[c]) * epochs
@@ -206,19 +234,27 @@ def plan_round(sampled: np.ndarray, steps_per_epoch: np.ndarray, *, epochs: int,
             for pos in queue:
                 n = int(steps_per_epoch[clients[pos]])
                 for e in range(epochs):
-                    positions[d, t:t + n, lane] = pos
-                    steps[d, t:t + n, lane] = e * stride + np.arange(n)
-                    valid[d, t:t + n, lane] = True
+                    positions[d, t : t + n, lane] = pos
+                    steps[d, t : t + n, lane] = e * stride + np.arange(n)
+                    valid[d, t : t + n, lane] = True
                     t += n
             if t > max_slots:
-                raise ValueError(f'a lane needs {t} steps, more than the table holds ({max_slots}).')
+                raise ValueError(
+                    f'a lane needs {t} steps, more than the table holds ({max_slots}).'
+                )
             # Padding repeats the lane's last position so a padded step reads a real client.
             if queue:
                 positions[d, t:, lane] = queue[-1]
         slots[d] = max(lane_loads) if lane_loads else 0
     real_steps = int(sum(int(steps_per_epoch[c]) * epochs for c in sampled))
-    return RoundPlan(sampled=table_sampled.reshape(-1), positions=positions, steps=steps,
-                     valid=valid, slots=slots, real_steps=real_steps)
+    return RoundPlan(
+        sampled=table_sampled.reshape(-1),
+        positions=positions,
+        steps=steps,
+        valid=valid,
+        slots=slots,
+        real_steps=real_steps,
+    )
 
 
 def max_lane_steps(steps_per_epoch: np.ndarray, epochs: int, per_device: int) -> int:
@@ -235,41 +271,49 @@ def plan_evaluation(counts: np.ndarray, chunk: int, devices: int) -> tuple[np.nd
     per_device = len(counts) // devices
     rows = []
     for d in range(devices):
-        rows.append([(i, j) for i in range(per_device)
-                     for j in range(-(-int(counts[d * per_device + i]) // chunk))])
+        rows.append(
+            [
+                (i, j)
+                for i in range(per_device)
+                for j in range(-(-int(counts[d * per_device + i]) // chunk))
+            ]
+        )
     length = max(max((len(r) for r in rows), default=0), 1)
     table = np.zeros((devices, length, 2), np.int32)
     valid = np.zeros((devices, length), bool)
     for d, r in enumerate(rows):
         if r:
-            table[d, :len(r)] = r
-            valid[d, :len(r)] = True
+            table[d, : len(r)] = r
+            valid[d, : len(r)] = True
     return table, valid
 
 
 # ------------------------------------------------------------------------------------------------
 # Device-side pieces, written for one device's shard (they run inside `jax.shard_map`).
 
+
 @flax.struct.dataclass
 class RoundWork:
     """The sampled clients of a round on one device, `[per_device, ...]`, while they train."""
-    clients: Any             # as `Algorithm.client_start` started them
-    opt_state: Any           # this round's optimizer state
-    metrics: Any             # per-client sums: loss, correct, steps, flops
-    batch_ids: jax.Array     # [per_device, schedule_steps, batch] example ids of every step
-    batch_mask: Any          # [per_device, schedule_steps, batch] real examples; None: all full
-    step_keys: jax.Array     # [per_device, schedule_steps] augmentation keys
+
+    clients: Any  # as `Algorithm.client_start` started them
+    opt_state: Any  # this round's optimizer state
+    metrics: Any  # per-client sums: loss, correct, steps, flops
+    batch_ids: jax.Array  # [per_device, schedule_steps, batch] example ids of every step
+    batch_mask: Any  # [per_device, schedule_steps, batch] real examples; None: all full
+    step_keys: jax.Array  # [per_device, schedule_steps] augmentation keys
     steps_per_epoch: jax.Array  # [per_device] real steps per epoch; 0 for an empty position
-    weights: jax.Array       # [per_device] aggregation weight; 0 for an empty position
-    final_ids: Any = None    # [per_device, batch] the batch of `Algorithm.client_final`, if any
-    final_keys: Any = None   # [per_device] its keys
+    weights: jax.Array  # [per_device] aggregation weight; 0 for an empty position
+    final_ids: Any = None  # [per_device, batch] the batch of `Algorithm.client_final`, if any
+    final_keys: Any = None  # [per_device] its keys
 
 
 @flax.struct.dataclass
 class Lane:
     """The one client a lane is stepping, held apart from the stack so that a step reads and writes
     only this client's buffers (indexing the stack in every step doubled the step time on CPU)."""
-    position: jax.Array      # [] its position in the device's stack
+
+    position: jax.Array  # [] its position in the device's stack
     client: Any
     opt_state: Any
     metrics: Any
@@ -284,15 +328,21 @@ def _put(tree, i, value):
 
 
 def _load_lane(work: RoundWork, position) -> Lane:
-    return Lane(position=position, client=_take(work.clients, position),
-                opt_state=_take(work.opt_state, position), metrics=_take(work.metrics, position))
+    return Lane(
+        position=position,
+        client=_take(work.clients, position),
+        opt_state=_take(work.opt_state, position),
+        metrics=_take(work.metrics, position),
+    )
 
 
 def _store_lane(work: RoundWork, lane: Lane) -> RoundWork:
     i = lane.position
-    return work.replace(clients=_put(work.clients, i, lane.client),
-                        opt_state=_put(work.opt_state, i, lane.opt_state),
-                        metrics=_put(work.metrics, i, lane.metrics))
+    return work.replace(
+        clients=_put(work.clients, i, lane.client),
+        opt_state=_put(work.opt_state, i, lane.opt_state),
+        metrics=_put(work.metrics, i, lane.metrics),
+    )
 
 
 def _gather_sampled(local_clients, sampled, per_shard: int):
@@ -302,12 +352,13 @@ def _gather_sampled(local_clients, sampled, per_shard: int):
     owned = (local >= 0) & (local < per_shard) & (sampled >= 0)
     picked = jax.tree.map(lambda x: x[jnp.clip(local, 0, per_shard - 1)], local_clients)
     contribution = jax.tree.map(
-        lambda x: jnp.where(owned.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros_like(x)), picked)
+        lambda x: jnp.where(owned.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros_like(x)), picked
+    )
     return jax.tree.map(_psum_scatter, contribution)
 
 
 def _psum_scatter(x):
-    if x.dtype == jnp.bool_:   # the collapse flags: a sum of one owner's flag and zeros
+    if x.dtype == jnp.bool_:  # the collapse flags: a sum of one owner's flag and zeros
         return _psum_scatter(x.astype(jnp.int32)).astype(jnp.bool_)
     return jax.lax.psum_scatter(x, CLIENTS, scatter_dimension=0, tiled=True)
 
@@ -317,13 +368,14 @@ def _scatter_sampled(local_clients, sampled, trained, per_shard: int):
     everyone = jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), trained)
     local = sampled - jax.lax.axis_index(CLIENTS) * per_shard
     owned = (local >= 0) & (local < per_shard) & (sampled >= 0)
-    index = jnp.where(owned, local, per_shard)   # out of range: dropped
+    index = jnp.where(owned, local, per_shard)  # out of range: dropped
     return jax.tree.map(lambda x, v: x.at[index].set(v, mode='drop'), local_clients, everyone)
 
 
 def _zero_metrics(n: int):
-    return {k: jnp.zeros((n,), jnp.float32)
-            for k in ('loss', 'correct', 'steps', 'flops', 'examples')}
+    return {
+        k: jnp.zeros((n,), jnp.float32) for k in ('loss', 'correct', 'steps', 'flops', 'examples')
+    }
 
 
 def _squeeze(tree):
@@ -346,13 +398,28 @@ class RoundRunner:
     of sampled clients and the aggregation weights.
     """
 
-    def __init__(self, model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig,
-                 spec: DataSpec, train_data: ClientData, test_data: ClientData, *,
-                 strategy: str = 'auto', mesh: Mesh | None = None, lanes: int = 0,
-                 unroll: int = 1, eval_chunk: int = 32, macs=None,
-                 algorithm: algorithm_lib.Algorithm | None = None):
-        self.alg = (algorithm if algorithm is not None
-                    else federated.algorithm(model, local_cfg, round_cfg, macs))
+    def __init__(
+        self,
+        model: nn.Module,
+        local_cfg: LocalConfig,
+        round_cfg: RoundConfig,
+        spec: DataSpec,
+        train_data: ClientData,
+        test_data: ClientData,
+        *,
+        strategy: str = 'auto',
+        mesh: Mesh | None = None,
+        lanes: int = 0,
+        unroll: int = 1,
+        eval_chunk: int = 32,
+        macs=None,
+        algorithm: algorithm_lib.Algorithm | None = None,
+    ):
+        self.alg = (
+            algorithm
+            if algorithm is not None
+            else federated.algorithm(model, local_cfg, round_cfg, macs)
+        )
         self.model, self.local_cfg, self.round_cfg, self.spec = model, local_cfg, round_cfg, spec
         train_counts = np.asarray(jax.device_get(train_data.counts))
         test_counts = np.asarray(jax.device_get(test_data.counts))
@@ -361,8 +428,9 @@ class RoundRunner:
         self.devices = self.mesh.devices.size
         self.per_shard = self.num_clients // self.devices
         conv_impl = getattr(model, 'conv_impl', 'xla')
-        self.strategy = resolve_client_execution(strategy, self.mesh.devices.flat[0].platform,
-                                                 conv_impl)
+        self.strategy = resolve_client_execution(
+            strategy, self.mesh.devices.flat[0].platform, conv_impl
+        )
         self.unroll = max(int(unroll), 1)
         epochs = local_cfg.local_epochs
         self.steps_per_epoch = client_lib.steps_per_epoch(local_cfg, train_counts)
@@ -375,7 +443,7 @@ class RoundRunner:
         slots = max_lane_steps(self.steps_per_epoch, epochs, self.per_device)
         self.max_slots = -(-slots // self.unroll) * self.unroll
         self.eval_chunk = max(int(eval_chunk), 1)
-        if self.alg.first_test_batch:   # no chunk straddles the first test batch's end
+        if self.alg.first_test_batch:  # no chunk straddles the first test batch's end
             self.eval_chunk = math.gcd(self.eval_chunk, self.alg.first_test_batch)
 
         self._replicated = NamedSharding(self.mesh, P())
@@ -405,22 +473,26 @@ class RoundRunner:
         ids = np.asarray(jax.device_get(data.example_ids))
         width = max(-(-ids.shape[1] // self.eval_chunk), 1) * self.eval_chunk
         ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])))
-        return ClientData(images=self._global(data.images, self._replicated),
-                          labels=self._global(data.labels, self._replicated),
-                          example_ids=self._global(ids, self._sharded),
-                          counts=self._global(np.asarray(jax.device_get(data.counts)),
-                                              self._sharded))
+        return ClientData(
+            images=self._global(data.images, self._replicated),
+            labels=self._global(data.labels, self._replicated),
+            example_ids=self._global(ids, self._sharded),
+            counts=self._global(np.asarray(jax.device_get(data.counts)), self._sharded),
+        )
 
     def state_sharding(self, state):
         """Client axis sharded over the mesh; the server's part and the round replicated."""
         return jax.tree.map(lambda _: self._replicated, state).replace(
-            clients=jax.tree.map(lambda _: self._sharded, state.clients))
+            clients=jax.tree.map(lambda _: self._sharded, state.clients)
+        )
 
     def place_state(self, state):
         """`state` laid out on the mesh (a no-op when it already is)."""
         target = self.state_sharding(state)
-        if all(getattr(x, 'sharding', None) == s
-               for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(target))):
+        if all(
+            getattr(x, 'sharding', None) == s
+            for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(target))
+        ):
             return state
         return jax.tree.map(self._global, state, target)
 
@@ -435,8 +507,9 @@ class RoundRunner:
             self.traces[name] = self.traces.get(name, 0) + 1
             return fn(*args)
 
-        return jax.shard_map(counted, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)
+        return jax.shard_map(
+            counted, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
 
     def _jit(self, fn, **kwargs):
         """`jax.jit` with the compiler options measured fastest for the model (`xla.jit`)."""
@@ -457,36 +530,58 @@ class RoundRunner:
 
         def schedule(key, count, example_ids):
             batches, _, step_keys = client_lib.local_schedule(cfg, key, count, max_count)
-            return (client_lib.example_ids_of(example_ids, batches), step_keys,
-                    client_lib.example_mask(cfg, batches, count))
+            return (
+                client_lib.example_ids_of(example_ids, batches),
+                step_keys,
+                client_lib.example_mask(cfg, batches, count),
+            )
 
         batch_ids, step_keys, batch_mask = jax.vmap(schedule)(keys, counts, data.example_ids[ids])
         weights = algorithm_lib.aggregation_weights(
-            self.alg.aggregation or self.round_cfg.aggregation, counts, real)
+            self.alg.aggregation or self.round_cfg.aggregation, counts, real
+        )
         final_ids = final_keys = None
         if self.alg.client_final is not None:
             final_ids, final_keys = jax.vmap(
-                lambda k, c, e: algorithm_lib.final_batch(cfg, k, c, e))(
-                    keys, counts, data.example_ids[ids])
-        return RoundWork(clients=clients, opt_state=opt_state, metrics=_zero_metrics(self.per_device),
-                         batch_ids=batch_ids, batch_mask=batch_mask, step_keys=step_keys,
-                         steps_per_epoch=client_lib.steps_per_epoch(cfg, counts), weights=weights,
-                         final_ids=final_ids, final_keys=final_keys)
+                lambda k, c, e: algorithm_lib.final_batch(cfg, k, c, e)
+            )(keys, counts, data.example_ids[ids])
+        return RoundWork(
+            clients=clients,
+            opt_state=opt_state,
+            metrics=_zero_metrics(self.per_device),
+            batch_ids=batch_ids,
+            batch_mask=batch_mask,
+            step_keys=step_keys,
+            steps_per_epoch=client_lib.steps_per_epoch(cfg, counts),
+            weights=weights,
+            final_ids=final_ids,
+            final_keys=final_keys,
+        )
 
-    def _step(self, work: RoundWork, data: ClientData, client, opt_state, position, k, valid,
-              constants):
+    def _step(
+        self, work: RoundWork, data: ClientData, client, opt_state, position, k, valid, constants
+    ):
         """`Algorithm.client_step` on step k of the schedule of the client at `position`."""
         ids = work.batch_ids[position, k]
         x = client_lib.preprocess(self.spec, data.images[ids], work.step_keys[position, k])
         mask = None if work.batch_mask is None else work.batch_mask[position, k]
-        return algorithm_lib.masked_step(self.alg, client, opt_state, x, data.labels[ids], mask,
-                                         constants, work.step_keys[position, k], valid)
+        return algorithm_lib.masked_step(
+            self.alg,
+            client,
+            opt_state,
+            x,
+            data.labels[ids],
+            mask,
+            constants,
+            work.step_keys[position, k],
+            valid,
+        )
 
     def _lane_step(self, work, data, lane: Lane, k, constants) -> Lane:
-        c, o, m = self._step(work, data, lane.client, lane.opt_state, lane.position, k,
-                             jnp.bool_(True), constants)
-        return lane.replace(client=c, opt_state=o,
-                            metrics=jax.tree.map(jnp.add, lane.metrics, m))
+        c, o, m = self._step(
+            work, data, lane.client, lane.opt_state, lane.position, k, jnp.bool_(True), constants
+        )
+        return lane.replace(client=c, opt_state=o, metrics=jax.tree.map(jnp.add, lane.metrics, m))
 
     def _map_clients(self, work: RoundWork, data, constants) -> RoundWork:
         """'map': this device's clients one after the other, each for exactly its real steps (a
@@ -499,8 +594,9 @@ class RoundRunner:
             total = work.steps_per_epoch[i] * epochs
 
             def step(j, lane):
-                return self._lane_step(work, data, lane, (j // per_epoch) * self.stride
-                                       + j % per_epoch, constants)
+                return self._lane_step(
+                    work, data, lane, (j // per_epoch) * self.stride + j % per_epoch, constants
+                )
 
             def unrolled(i_trip, lane):
                 for j in range(u):
@@ -513,28 +609,32 @@ class RoundRunner:
 
         return jax.lax.fori_loop(0, self.per_device, one_client, work)
 
-    def _vmap_slots(self, work: RoundWork, data, positions, steps, valid, slots,
-                    constants) -> RoundWork:
+    def _vmap_slots(
+        self, work: RoundWork, data, positions, steps, valid, slots, constants
+    ) -> RoundWork:
         """'vmap': all lanes step together, `slots` times; lane l steps client positions[t, l]."""
         u = self.unroll
-        direct = self.lanes == self.per_device   # lane l is client l: no gather, no scatter
+        direct = self.lanes == self.per_device  # lane l is client l: no gather, no scatter
 
         def slot(t, work):
             if direct:
-                c, o, m = jax.vmap(lambda c, o, p, k, ok: self._step(
-                    work, data, c, o, p, k, ok, constants))(
-                        work.clients, work.opt_state, jnp.arange(self.per_device), steps[t],
-                        valid[t])
-                return work.replace(clients=c, opt_state=o,
-                                    metrics=jax.tree.map(jnp.add, work.metrics, m))
+                c, o, m = jax.vmap(
+                    lambda c, o, p, k, ok: self._step(work, data, c, o, p, k, ok, constants)
+                )(work.clients, work.opt_state, jnp.arange(self.per_device), steps[t], valid[t])
+                return work.replace(
+                    clients=c, opt_state=o, metrics=jax.tree.map(jnp.add, work.metrics, m)
+                )
             pos = positions[t]
             take = lambda tree: jax.tree.map(lambda x: x[pos], tree)
-            c, o, m = jax.vmap(lambda c, o, p, k, ok: self._step(
-                work, data, c, o, p, k, ok, constants))(
-                    take(work.clients), take(work.opt_state), pos, steps[t], valid[t])
+            c, o, m = jax.vmap(
+                lambda c, o, p, k, ok: self._step(work, data, c, o, p, k, ok, constants)
+            )(take(work.clients), take(work.opt_state), pos, steps[t], valid[t])
             put = lambda tree, v: jax.tree.map(lambda x, y: x.at[pos].set(y), tree, v)
-            return work.replace(clients=put(work.clients, c), opt_state=put(work.opt_state, o),
-                                metrics=jax.tree.map(lambda a, v: a.at[pos].add(v), work.metrics, m))
+            return work.replace(
+                clients=put(work.clients, c),
+                opt_state=put(work.opt_state, o),
+                metrics=jax.tree.map(lambda a, v: a.at[pos].add(v), work.metrics, m),
+            )
 
         def unrolled(i, work):
             for j in range(u):
@@ -549,24 +649,43 @@ class RoundRunner:
         clients, m = work.clients, work.metrics
         if self.alg.client_final is not None:
             clients, final = algorithm_lib.finish_clients(
-                self.alg, self.spec, clients, work.opt_state, self.alg.round_constants(state),
-                data.images, data.labels, work.final_ids, work.final_keys)
+                self.alg,
+                self.spec,
+                clients,
+                work.opt_state,
+                self.alg.round_constants(state),
+                data.images,
+                data.labels,
+                work.final_ids,
+                work.final_keys,
+            )
             m = jax.tree.map(lambda a, b: a + real * b, m, final)
         new_state = algorithm_lib.end_round(
-            self.alg, state, clients, work.opt_state, work.weights,
+            self.alg,
+            state,
+            clients,
+            work.opt_state,
+            work.weights,
             lambda everyone, stored: _scatter_sampled(everyone, sampled, stored, self.per_shard),
-            axis_name=CLIENTS)
-        sums = jax.lax.psum({
-            'loss': jnp.sum(real * m['loss'] / jnp.maximum(m['steps'], 1.0)),
-            'clients': jnp.sum(real), 'correct': jnp.sum(m['correct']),
-            'steps': jnp.sum(m['steps']), 'flops': jnp.sum(m['flops']),
-            'examples': jnp.sum(m['examples'])}, CLIENTS)
+            axis_name=CLIENTS,
+        )
+        sums = jax.lax.psum(
+            {
+                'loss': jnp.sum(real * m['loss'] / jnp.maximum(m['steps'], 1.0)),
+                'clients': jnp.sum(real),
+                'correct': jnp.sum(m['correct']),
+                'steps': jnp.sum(m['steps']),
+                'flops': jnp.sum(m['flops']),
+                'examples': jnp.sum(m['examples']),
+            },
+            CLIENTS,
+        )
         metrics = {
             'train_loss': sums['loss'] / jnp.maximum(sums['clients'], 1.0),
             'train_accuracy': sums['correct'] / jnp.maximum(sums['examples'], 1.0),
             'local_steps': sums['steps'],
             'flops': sums['flops'],
-            'max_steps': executed.astype(jnp.float32),   # executed steps, padding included
+            'max_steps': executed.astype(jnp.float32),  # executed steps, padding included
         }
         return new_state, metrics
 
@@ -574,12 +693,22 @@ class RoundRunner:
         rep, shd = P(), P(CLIENTS)
         state_specs = algorithm_lib.state_specs(self.alg, shd, rep)
         data_specs = ClientData(images=rep, labels=rep, example_ids=rep, counts=rep)
-        work_specs = RoundWork(clients=shd, opt_state=shd, metrics=shd, batch_ids=shd,
-                               batch_mask=shd, step_keys=shd, steps_per_epoch=shd, weights=shd,
-                               final_ids=shd, final_keys=shd)
+        work_specs = RoundWork(
+            clients=shd,
+            opt_state=shd,
+            metrics=shd,
+            batch_ids=shd,
+            batch_mask=shd,
+            step_keys=shd,
+            steps_per_epoch=shd,
+            weights=shd,
+            final_ids=shd,
+            final_keys=shd,
+        )
         lane_specs = Lane(position=shd, client=shd, opt_state=shd, metrics=shd)
 
         if self.strategy == 'loop':
+
             def begin(state, data, sampled, seed_key, first):
                 work = self._begin(state, data, sampled, seed_key)
                 lane = _unsqueeze(_load_lane(work, first[0]))
@@ -589,7 +718,7 @@ class RoundRunner:
                 # A device with nothing left to do this slot (lockstep padding) skips the step.
                 lane = _squeeze(lane)
                 step = lambda l: self._lane_step(work, data, l, steps[0, t], constants)
-                if self.devices == 1:   # one device never waits for another: no padded slots
+                if self.devices == 1:  # one device never waits for another: no padded slots
                     return _unsqueeze(step(lane))
                 return _unsqueeze(jax.lax.cond(valid[0, t], step, lambda l: l, lane))
 
@@ -598,55 +727,81 @@ class RoundRunner:
                 return work, _unsqueeze(_load_lane(work, positions[0, t]))
 
             def finish(state, work, lane, data, sampled, executed):
-                return self._finish(state, _store_lane(work, _squeeze(lane)), data, sampled,
-                                    executed)
+                return self._finish(
+                    state, _store_lane(work, _squeeze(lane)), data, sampled, executed
+                )
 
-            self._begin_fn = self._jit(self._shard_map(
-                begin, (state_specs, data_specs, rep, rep, shd), (work_specs, lane_specs, rep)))
-            self._slot_fn = self._jit(self._shard_map(
-                slot, (work_specs, lane_specs, data_specs, shd, shd, rep, rep), lane_specs))
-            self._switch_fn = self._jit(self._shard_map(
-                switch, (work_specs, lane_specs, shd, rep), (work_specs, lane_specs)),
-                donate_argnums=(0, 1))
-            self._finish_fn = self._jit(self._shard_map(
-                finish, (state_specs, work_specs, lane_specs, data_specs, rep, rep),
-                (state_specs, rep)),
-                donate_argnums=(0,))
+            self._begin_fn = self._jit(
+                self._shard_map(
+                    begin, (state_specs, data_specs, rep, rep, shd), (work_specs, lane_specs, rep)
+                )
+            )
+            self._slot_fn = self._jit(
+                self._shard_map(
+                    slot, (work_specs, lane_specs, data_specs, shd, shd, rep, rep), lane_specs
+                )
+            )
+            self._switch_fn = self._jit(
+                self._shard_map(
+                    switch, (work_specs, lane_specs, shd, rep), (work_specs, lane_specs)
+                ),
+                donate_argnums=(0, 1),
+            )
+            self._finish_fn = self._jit(
+                self._shard_map(
+                    finish,
+                    (state_specs, work_specs, lane_specs, data_specs, rep, rep),
+                    (state_specs, rep),
+                ),
+                donate_argnums=(0,),
+            )
         else:
+
             def whole(state, data, sampled, seed_key, positions, steps, valid, slots, executed):
                 work = self._begin(state, data, sampled, seed_key)
                 constants = self.alg.round_constants(state)
                 if self.strategy == 'map':
                     work = self._map_clients(work, data, constants)
                 else:
-                    work = self._vmap_slots(work, data, positions[0], steps[0], valid[0],
-                                            slots[0], constants)
+                    work = self._vmap_slots(
+                        work, data, positions[0], steps[0], valid[0], slots[0], constants
+                    )
                 return self._finish(state, work, data, sampled, executed)
 
-            self._round_fn = self._jit(self._shard_map(
-                whole, (state_specs, data_specs, rep, rep, shd, shd, shd, shd, rep),
-                (state_specs, rep)), donate_argnums=(0,))
+            self._round_fn = self._jit(
+                self._shard_map(
+                    whole,
+                    (state_specs, data_specs, rep, rep, shd, shd, shd, shd, rep),
+                    (state_specs, rep),
+                ),
+                donate_argnums=(0,),
+            )
 
         test_specs = ClientData(images=rep, labels=rep, example_ids=shd, counts=shd)
         if self.strategy == 'loop':
+
             def eval_slot(state, data, correct, table, valid, t):
                 i, j = table[0, t, 0], table[0, t, 1]
-                hits = self._eval_chunk(state, _take(state.clients, i), data, data.example_ids[i],
-                                        data.counts[i], j)
+                hits = self._eval_chunk(
+                    state, _take(state.clients, i), data, data.example_ids[i], data.counts[i], j
+                )
                 return correct.at[i].add(jnp.where(valid[0, t], hits, 0))
 
-            self._eval_slot_fn = self._jit(self._shard_map(
-                eval_slot, (state_specs, test_specs, shd, shd, shd, rep), shd),
-                donate_argnums=(2,))
+            self._eval_slot_fn = self._jit(
+                self._shard_map(eval_slot, (state_specs, test_specs, shd, shd, shd, rep), shd),
+                donate_argnums=(2,),
+            )
 
             def eval_finish(state, correct, data):
                 return self._eval_outputs(state, correct, data)
 
-            self._eval_finish_fn = self._jit(self._shard_map(
-                eval_finish, (state_specs, shd, test_specs), rep))
+            self._eval_finish_fn = self._jit(
+                self._shard_map(eval_finish, (state_specs, shd, test_specs), rep)
+            )
         else:
-            self._eval_fn = self._jit(self._shard_map(self._evaluate_local,
-                                                      (state_specs, test_specs), rep))
+            self._eval_fn = self._jit(
+                self._shard_map(self._evaluate_local, (state_specs, test_specs), rep)
+            )
 
         def tested(state, data):
             return self.alg.tested(state, state.clients, data.counts)
@@ -659,28 +814,31 @@ class RoundRunner:
         """Correct predictions of one client on its test examples [j * chunk, (j + 1) * chunk)."""
         c = self.eval_chunk
         first, rest = self.alg.eval_variables(state, client, count)
-        variables = jax.tree.map(lambda x, y: jnp.where(j * c < self.alg.first_test_batch, x, y),
-                                 first, rest)
+        variables = jax.tree.map(
+            lambda x, y: jnp.where(j * c < self.alg.first_test_batch, x, y), first, rest
+        )
         ids = jax.lax.dynamic_slice_in_dim(example_ids, j * c, c)
         logits = self.alg.model.apply(
-            variables, federated.preprocess_eval(self.spec, data.images[ids]), train=False)
+            variables, federated.preprocess_eval(self.spec, data.images[ids]), train=False
+        )
         position = j * c + jnp.arange(c)
         return jnp.sum((jnp.argmax(logits, -1) == data.labels[ids]) & (position < count))
 
     def _eval_client(self, state, client, data, example_ids, count):
         chunks = (count + self.eval_chunk - 1) // self.eval_chunk
         return jax.lax.fori_loop(
-            0, chunks,
+            0,
+            chunks,
             lambda j, acc: acc + self._eval_chunk(state, client, data, example_ids, count, j),
-            jnp.zeros((), jnp.int32))
+            jnp.zeros((), jnp.int32),
+        )
 
     def _evaluate_local(self, state, data):
         one = lambda a: self._eval_client(state, a[0], data, a[1], a[2])
         # 'vmap' evaluates `lanes` clients at once (all of a device's clients at once would hold
         # every client's activations: 16 GB for Conv4 at 100 clients).
         batch = self.lanes if self.strategy == 'vmap' else None
-        correct = jax.lax.map(one, (state.clients, data.example_ids, data.counts),
-                              batch_size=batch)
+        correct = jax.lax.map(one, (state.clients, data.example_ids, data.counts), batch_size=batch)
         return self._eval_outputs(state, correct, data)
 
     def _eval_outputs(self, state, correct, data):
@@ -696,9 +854,15 @@ class RoundRunner:
         return dict(self.traces)
 
     def plan(self, sampled: np.ndarray) -> RoundPlan:
-        return plan_round(np.asarray(sampled), self.steps_per_epoch,
-                          epochs=self.local_cfg.local_epochs, stride=self.stride,
-                          devices=self.devices, lanes=self.lanes, max_slots=self.max_slots)
+        return plan_round(
+            np.asarray(sampled),
+            self.steps_per_epoch,
+            epochs=self.local_cfg.local_epochs,
+            stride=self.stride,
+            devices=self.devices,
+            lanes=self.lanes,
+            max_slots=self.max_slots,
+        )
 
     def run_round(self, state, sampled: np.ndarray, seed_key: jax.Array):
         """One round of the algorithm for the host-side `sampled` client ids -> (new state,
@@ -713,8 +877,9 @@ class RoundRunner:
         sharded = lambda x: self._global(x, self._sharded)
         replicated = lambda x: self._global(x, self._replicated)
         sampled_dev = replicated(plan.sampled)
-        key = jax.random.wrap_key_data(replicated(jax.random.key_data(seed_key)),
-                                       impl=jax.random.key_impl(seed_key))
+        key = jax.random.wrap_key_data(
+            replicated(jax.random.key_data(seed_key)), impl=jax.random.key_impl(seed_key)
+        )
         lockstep = self.strategy == 'loop'
         executed = replicated(np.int32(plan.executed_steps(lockstep)))
         if self.strategy == 'loop':
@@ -722,16 +887,19 @@ class RoundRunner:
             steps, valid = sharded(plan.steps[:, :, 0]), sharded(plan.valid[:, :, 0])
             positions_dev = sharded(positions)
             work, lane, constants = self._begin_fn(
-                state, self.train_data, sampled_dev, key, sharded(positions[:, 0]))
+                state, self.train_data, sampled_dev, key, sharded(positions[:, 0])
+            )
             for t in range(int(plan.slots.max())):
                 if t and np.any(positions[:, t] != positions[:, t - 1]):
                     work, lane = self._switch_fn(work, lane, positions_dev, np.int32(t))
-                lane = self._slot_fn(work, lane, self.train_data, steps, valid, np.int32(t),
-                                     constants)
+                lane = self._slot_fn(
+                    work, lane, self.train_data, steps, valid, np.int32(t), constants
+                )
             return self._finish_fn(state, work, lane, self.train_data, sampled_dev, executed)
         tables = tuple(sharded(x) for x in (plan.positions, plan.steps, plan.valid))
-        return self._round_fn(state, self.train_data, sampled_dev, key, *tables,
-                              sharded(plan.slots), executed)
+        return self._round_fn(
+            state, self.train_data, sampled_dev, key, *tables, sharded(plan.slots), executed
+        )
 
     def tested_state(self, state):
         """`state` as testing every client leaves it (`Algorithm.tested`): the same state unless a
@@ -748,36 +916,74 @@ class RoundRunner:
             return self._eval_fn(state, self.test_data)
         if self._eval_table is None:
             table, valid = plan_evaluation(self.test_counts, self.eval_chunk, self.devices)
-            self._eval_table = (self._global(table, self._sharded),
-                                self._global(valid, self._sharded), table.shape[1])
+            self._eval_table = (
+                self._global(table, self._sharded),
+                self._global(valid, self._sharded),
+                table.shape[1],
+            )
         table, valid, length = self._eval_table
         correct = self._global(np.zeros(self.num_clients, np.int32), self._sharded)
         for t in range(length):
-            correct = self._eval_slot_fn(state, self.test_data, correct, table, valid,
-                                         np.int32(t))
+            correct = self._eval_slot_fn(state, self.test_data, correct, table, valid, np.int32(t))
         return self._eval_finish_fn(state, correct, self.test_data)
 
 
-def make_round_runner(config, model: nn.Module, *, local_cfg: LocalConfig, round_cfg: RoundConfig,
-                      spec: DataSpec, train_data: ClientData, test_data: ClientData,
-                      macs=None, algorithm: algorithm_lib.Algorithm | None = None) -> RoundRunner:
+def make_round_runner(
+    config,
+    model: nn.Module,
+    *,
+    local_cfg: LocalConfig,
+    round_cfg: RoundConfig,
+    spec: DataSpec,
+    train_data: ClientData,
+    test_data: ClientData,
+    macs=None,
+    algorithm: algorithm_lib.Algorithm | None = None,
+) -> RoundRunner:
     """The runner a config asks for (strategy, lanes, unroll, evaluation chunk) of `algorithm`
     (SpaFL's by default)."""
-    return RoundRunner(model, local_cfg, round_cfg, spec, train_data, test_data,
-                       strategy=config.client_execution, lanes=config.get('vmap_lanes', 0),
-                       unroll=config.scan_unroll, eval_chunk=config.get('eval_chunk', 32),
-                       macs=macs, algorithm=algorithm)
+    return RoundRunner(
+        model,
+        local_cfg,
+        round_cfg,
+        spec,
+        train_data,
+        test_data,
+        strategy=config.client_execution,
+        lanes=config.get('vmap_lanes', 0),
+        unroll=config.scan_unroll,
+        eval_chunk=config.get('eval_chunk', 32),
+        macs=macs,
+        algorithm=algorithm,
+    )
 
 
-def make_round_functions(config, method, model: nn.Module, *, local_cfg: LocalConfig,
-                         round_cfg: RoundConfig, spec: DataSpec, train_data: ClientData,
-                         test_data: ClientData, macs=None):
+def make_round_functions(
+    config,
+    method,
+    model: nn.Module,
+    *,
+    local_cfg: LocalConfig,
+    round_cfg: RoundConfig,
+    spec: DataSpec,
+    train_data: ClientData,
+    test_data: ClientData,
+    macs=None,
+):
     """`(round_fn, eval_fn)` for the runner: `round_fn(state, train_data, sampled, seed_key)` and
     `eval_fn(state, test_data) -> (state, evaluation)`, the method's algorithm on a `RoundRunner`
     (its data placed once, at construction, so the data arguments are ignored)."""
-    runner = make_round_runner(config, model, local_cfg=local_cfg, round_cfg=round_cfg, spec=spec,
-                               train_data=train_data, test_data=test_data, macs=macs,
-                               algorithm=method.algorithm(model, local_cfg, round_cfg, macs))
+    runner = make_round_runner(
+        config,
+        model,
+        local_cfg=local_cfg,
+        round_cfg=round_cfg,
+        spec=spec,
+        train_data=train_data,
+        test_data=test_data,
+        macs=macs,
+        algorithm=method.algorithm(model, local_cfg, round_cfg, macs),
+    )
 
     def round_fn(state, data, sampled, seed_key):
         del data  # placed on the mesh once, at construction
@@ -793,11 +999,13 @@ def make_round_functions(config, method, model: nn.Module, *, local_cfg: LocalCo
 
 def initialize_from_config(config) -> None:
     """`initialize_runtime` with the config's fields (absent fields: single process, no change)."""
-    initialize_runtime(coordinator_address=config.get('coordinator_address'),
-                       num_processes=config.get('num_processes', 1),
-                       process_id=config.get('process_id', 0),
-                       num_cpu_devices=config.get('num_cpu_devices', 0),
-                       clients_per_round=config.get('clients_per_round', 1))
+    initialize_runtime(
+        coordinator_address=config.get('coordinator_address'),
+        num_processes=config.get('num_processes', 1),
+        process_id=config.get('process_id', 0),
+        num_cpu_devices=config.get('num_cpu_devices', 0),
+        clients_per_round=config.get('clients_per_round', 1),
+    )
 
 
 def host_local(tree):
@@ -814,6 +1022,7 @@ def host_local(tree):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return multihost_utils.process_allgather(x, tiled=True)
         return jax.device_get(x)
+
     return jax.tree.map(one, tree)
 
 
@@ -822,6 +1031,7 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return bool(flag)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
 
 
@@ -829,4 +1039,5 @@ def barrier(name: str) -> None:
     """Waits until every process reaches the barrier `name` (nothing to wait for on one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
         multihost_utils.sync_global_devices(name)

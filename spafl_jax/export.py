@@ -32,7 +32,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from flax import serialization
 from flax import traverse_util
@@ -53,6 +54,7 @@ FORMAT = 'spafl_compact/1'
 # The forward pass of a compact model, written once against an array namespace `xp` (numpy or
 # jax.numpy). These functions use only `xp`, `math` and each other: `standalone_source` copies them
 # into a numpy-only module, so keep JAX out of them.
+
 
 def _pad_pairs(padding, h, w, kh, kw, sh, sw):
     """((top, bottom), (left, right)) for 'VALID', 'SAME' (TF/XLA rule) or explicit pairs."""
@@ -75,8 +77,11 @@ def _conv(xp, x, kernel, strides, padding):
         x = xp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     h, w = x.shape[1], x.shape[2]
     out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
-    patches = [x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
-               for i in range(kh) for j in range(kw)]
+    patches = [
+        x[:, i : i + (out_h - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
     patches = xp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
     return patches @ kernel.reshape(kh * kw * cin, cout)
 
@@ -89,7 +94,7 @@ def _max_pool(xp, x, window, strides):
     out = None
     for i in range(wh):
         for j in range(ww):
-            s = x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+            s = x[:, i : i + (out_h - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw, :]
             out = s if out is None else xp.maximum(out, s)
     return out
 
@@ -109,7 +114,7 @@ def _apply_layers(xp, erf, layers, params, x):
     """Runs a list of layer descriptions; `params` maps 'name/param' to arrays."""
     for layer in layers:
         kind, name = layer['type'], layer.get('name', '')
-        p = lambda key: params[name + '/' + key]  # noqa: E731
+        p = lambda key, name=name: params[name + '/' + key]
         if kind == 'conv':
             y = _conv(xp, x, p('kernel'), layer['strides'], layer['padding'])
             if layer['bias']:
@@ -143,8 +148,11 @@ def _apply_layers(xp, erf, layers, params, x):
             x = xp.take(xp.concatenate([x, zero], axis=-1), p('index'), axis=-1)
         elif kind == 'preact_block':
             pre = _apply_layers(xp, erf, layer['pre'], params, x)
-            shortcut = (x if layer['shortcut'] is None
-                        else _apply_layers(xp, erf, layer['shortcut'], params, pre))
+            shortcut = (
+                x
+                if layer['shortcut'] is None
+                else _apply_layers(xp, erf, layer['shortcut'], params, pre)
+            )
             x = _apply_layers(xp, erf, layer['body'], params, pre) + shortcut
         elif kind == 'patch_embed':
             n, h, w, c = x.shape
@@ -197,21 +205,33 @@ def numpy_apply(description, params, x):
     return _apply_layers(np, erf, description['layers'], params, x)
 
 
-_STANDALONE_FUNCTIONS = (_pad_pairs, _conv, _max_pool, _layer_norm, _softmax, _apply_layers,
-                         _transformer_block, load_compact, numpy_apply)
+_STANDALONE_FUNCTIONS = (
+    _pad_pairs,
+    _conv,
+    _max_pool,
+    _layer_norm,
+    _softmax,
+    _apply_layers,
+    _transformer_block,
+    load_compact,
+    numpy_apply,
+)
 
 
 def standalone_source() -> str:
     """Source of a numpy-only module with `load_compact` and `numpy_apply`: ship it with an export."""
-    header = ('"""Runs a SpaFL compact export (.npz + .json) with numpy only.\n\n'
-              '    description, params = load_compact("client_000")\n'
-              '    logits = numpy_apply(description, params, images)   # float32 NHWC\n"""\n\n'
-              'import json\nimport math\n\nimport numpy as np\n\n\n')
+    header = (
+        '"""Runs a SpaFL compact export (.npz + .json) with numpy only.\n\n'
+        '    description, params = load_compact("client_000")\n'
+        '    logits = numpy_apply(description, params, images)   # float32 NHWC\n"""\n\n'
+        'import json\nimport math\n\nimport numpy as np\n\n\n'
+    )
     return header + '\n\n'.join(inspect.getsource(f) for f in _STANDALONE_FUNCTIONS)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Saving and the jnp forward.
+
 
 def save_compact(path_prefix: str, description: dict, params: dict[str, np.ndarray]) -> int:
     """Writes `path_prefix.npz` and `path_prefix.json`; returns the bytes written."""
@@ -227,16 +247,19 @@ def save_compact(path_prefix: str, description: dict, params: dict[str, np.ndarr
 
 def compact_apply(description: dict, params: dict[str, Any], x: jax.Array) -> jax.Array:
     """Logits of a compact model in jax.numpy (jit it with `description` closed over)."""
-    return _apply_layers(jnp, jax.scipy.special.erf, description['layers'], params,
-                         jnp.asarray(x, jnp.float32))
+    return _apply_layers(
+        jnp, jax.scipy.special.erf, description['layers'], params, jnp.asarray(x, jnp.float32)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reduction.
 
+
 @dataclasses.dataclass(frozen=True)
 class CompactModel:
     """A compact model: a JSON-able `description` and its flat `params` ('layer/param' -> array)."""
+
     description: dict
     params: dict[str, np.ndarray]
 
@@ -248,10 +271,13 @@ class CompactModel:
 
 def eval_variables(variables: dict) -> dict:
     """The variables evaluation uses: thresholds after the density-collapse reset."""
-    return {'params': variables['params'],
-            'thresholds': masking.reset_collapsed_thresholds(variables['params'],
-                                                             variables['thresholds']),
-            'batch_stats': variables.get('batch_stats', {})}
+    return {
+        'params': variables['params'],
+        'thresholds': masking.reset_collapsed_thresholds(
+            variables['params'], variables['thresholds']
+        ),
+        'batch_stats': variables.get('batch_stats', {}),
+    }
 
 
 @jax.jit
@@ -313,29 +339,46 @@ class _Builder:
         if self.flattened:  # NHWC flatten: feature (h, w, c) has index (h * W + w) * C + c
             channels = kept_in.shape[0]
             if kernel.shape[0] % channels:
-                raise ValueError(f'{name}: {kernel.shape[0]} inputs are not a flattened map of '
-                                 f'{channels} channels.')
+                raise ValueError(
+                    f'{name}: {kernel.shape[0]} inputs are not a flattened map of '
+                    f'{channels} channels.'
+                )
             kept_in = np.tile(kept_in, kernel.shape[0] // channels)
             const_in = np.tile(const_in, kernel.shape[0] // channels)
         if kept_in.shape[0] != kernel.shape[-2]:
-            raise ValueError(f'{name}: kernel has {kernel.shape[-2]} inputs, the tensor before it '
-                             f'{kept_in.shape[0]} channels; the export plan does not match the model.')
+            raise ValueError(
+                f'{name}: kernel has {kernel.shape[-2]} inputs, the tensor before it '
+                f'{kept_in.shape[0]} channels; the export plan does not match the model.'
+            )
         out_idx = np.flatnonzero(mask) if drop_out else np.arange(mask.shape[0])
         dropped = ~kept_in & (const_in != 0)
         contribution = None
         if dropped.any():
-            contribution = np.tensordot(kernel[..., dropped, :].astype(np.float64),
-                                        const_in[dropped].astype(np.float64),
-                                        axes=([kernel.ndim - 2], [0]))[..., out_idx]
+            contribution = np.tensordot(
+                kernel[..., dropped, :].astype(np.float64),
+                const_in[dropped].astype(np.float64),
+                axes=([kernel.ndim - 2], [0]),
+            )[..., out_idx]
         self.params[name + '/kernel'] = np.ascontiguousarray(kernel[..., kept_in, :][..., out_idx])
-        layer = {'type': kind, 'name': name, 'in_features': int(kept_in.sum()),
-                 'features': int(out_idx.size), 'full_features': int(mask.shape[0]), 'bias': False}
+        layer = {
+            'type': kind,
+            'name': name,
+            'in_features': int(kept_in.sum()),
+            'features': int(out_idx.size),
+            'full_features': int(mask.shape[0]),
+            'bias': False,
+        }
         if kind == 'conv':
             padding = _padding_json(padding)
-            unpadded = padding == 'VALID' or (not isinstance(padding, str)
-                                              and not any(map(any, padding)))
-            layer.update(kernel_size=list(kernel.shape[:2]), strides=list(strides), padding=padding,
-                         const_kernel=False)
+            unpadded = padding == 'VALID' or (
+                not isinstance(padding, str) and not any(map(any, padding))
+            )
+            layer.update(
+                kernel_size=list(kernel.shape[:2]),
+                strides=list(strides),
+                padding=padding,
+                const_kernel=False,
+            )
             if contribution is not None and unpadded:
                 layer['bias'] = True
                 self.params[name + '/bias'] = contribution.sum(axis=(0, 1)).astype(np.float32)
@@ -358,8 +401,12 @@ class _Builder:
         self.const = np.where(self.kept, 0.0, (self.const - mean) * mul + bias).astype(np.float32)
         for key, value in (('scale', scale), ('bias', bias), ('mean', mean), ('var', var)):
             self.params[f'{name}/{key}'] = value[self.kept]
-        return {'type': 'batch_norm', 'name': name, 'features': int(self.kept.sum()),
-                'epsilon': epsilon}
+        return {
+            'type': 'batch_norm',
+            'name': name,
+            'features': int(self.kept.sum()),
+            'epsilon': epsilon,
+        }
 
     def relu(self) -> dict:
         self.const = np.maximum(self.const, 0.0)
@@ -385,10 +432,11 @@ class _Builder:
         mask = self.masks[name]
         if not mask.any():
             raise ValueError(
-                    f'{self.model_name}: all {mask.shape[0]} rows of masked layer {name!r} are pruned, '
-                    'even after the density-collapse reset (so its kernel rows are exactly zero). Its '
-                    'output no longer depends on the input, so the model outputs the same constant '
-                    'logits for every image: there is no network to export for this client.')
+                f'{self.model_name}: all {mask.shape[0]} rows of masked layer {name!r} are pruned, '
+                'even after the density-collapse reset (so its kernel rows are exactly zero). Its '
+                'output no longer depends on the input, so the model outputs the same constant '
+                'logits for every image: there is no network to export for this client.'
+            )
 
 
 def _sequential(b: _Builder, plan) -> list[dict]:
@@ -432,19 +480,37 @@ def _resnet18(b: _Builder, plan: dict) -> list[dict]:
             pre = [b.batch_norm(f'{name}/bn1'), b.relu()]
             shortcut = None
             if name + '/shortcut/kernel' in b.p:
-                shortcut = [b.masked(f'{name}/shortcut', 'conv', drop_out=False, strides=s,
-                                     padding=0)]
+                shortcut = [
+                    b.masked(f'{name}/shortcut', 'conv', drop_out=False, strides=s, padding=0)
+                ]
                 b.reset_channels(width)
-            body = [b.masked(f'{name}/conv1', 'conv', drop_out=True, strides=s, padding=1),
-                    b.batch_norm(f'{name}/bn2'), b.relu(),
-                    b.masked(f'{name}/conv2', 'conv', drop_out=False, padding=1)]
-            layers.append({'type': 'preact_block', 'name': name, 'pre': pre, 'shortcut': shortcut,
-                           'body': body})
+            body = [
+                b.masked(f'{name}/conv1', 'conv', drop_out=True, strides=s, padding=1),
+                b.batch_norm(f'{name}/bn2'),
+                b.relu(),
+                b.masked(f'{name}/conv2', 'conv', drop_out=False, padding=1),
+            ]
+            layers.append(
+                {
+                    'type': 'preact_block',
+                    'name': name,
+                    'pre': pre,
+                    'shortcut': shortcut,
+                    'body': body,
+                }
+            )
     layers.append({'type': 'mean_pool'})
     for key in ('kernel', 'bias'):
         b.params['head/' + key] = b.p['head/' + key]
-    layers.append({'type': 'dense', 'name': 'head', 'in_features': int(b.p['head/kernel'].shape[0]),
-                   'features': int(b.p['head/kernel'].shape[1]), 'bias': True})
+    layers.append(
+        {
+            'type': 'dense',
+            'name': 'head',
+            'in_features': int(b.p['head/kernel'].shape[0]),
+            'features': int(b.p['head/kernel'].shape[1]),
+            'bias': True,
+        }
+    )
     return layers
 
 
@@ -467,49 +533,74 @@ def _vit(b: _Builder, plan: dict) -> list[dict]:
     0. The logit scale stays 1/sqrt(original head_dim). Nothing here depends on a constant, so an
     entirely pruned internal layer is simply of width 0.
     """
-    heads, head_dim = plan['heads'], plan['head_dim']   # not recoverable from the shapes
+    heads, head_dim = plan['heads'], plan['head_dim']  # not recoverable from the shapes
     inner = heads * head_dim
     eps = 1e-5
     copy = lambda *keys: b.params.update({k: b.p[k] for k in keys})  # noqa: E731
     copy('patch_embedding/kernel', 'patch_embedding/bias', 'cls_token', 'pos_embedding')
     b.params['tokens/cls_token'] = b.params.pop('cls_token')
     b.params['tokens/pos_embedding'] = b.params.pop('pos_embedding')
-    layers = [{'type': 'patch_embed', 'name': 'patch_embedding', 'patch_size': plan['patch_size']},
-              {'type': 'tokens', 'name': 'tokens'}]
+    layers = [
+        {'type': 'patch_embed', 'name': 'patch_embedding', 'patch_size': plan['patch_size']},
+        {'type': 'tokens', 'name': 'tokens'},
+    ]
     for depth in range(1, plan['depth'] + 1):
         name = f'block{depth}'
         mask = b.masks[f'{name}/qkv']
         kernel = b.p[f'{name}/qkv/kernel'] * mask.astype(np.float32)
         dim = kernel.shape[0]
-        q, k, v = (kernel[:, i * inner:(i + 1) * inner].reshape(dim, heads, head_dim)
-                   for i in range(3))
-        mq, mk, mv = (mask[i * inner:(i + 1) * inner].reshape(heads, head_dim) for i in range(3))
+        q, k, v = (
+            kernel[:, i * inner : (i + 1) * inner].reshape(dim, heads, head_dim) for i in range(3)
+        )
+        mq, mk, mv = (mask[i * inner : (i + 1) * inner].reshape(heads, head_dim) for i in range(3))
         qk_order, qk_dim = _head_order(mq & mk)
         v_order, v_dim = _head_order(mv)
-        pick = lambda w, order: np.stack(  # noqa: E731
-                [w[:, h, order[h]] for h in range(heads)], axis=1).reshape(dim, -1)
-        attn_out = (b.p[f'{name}/attn_out/kernel'] * b.masks[f'{name}/attn_out'].astype(np.float32))
+        pick = lambda w, order, dim=dim: np.stack(
+            [w[:, h, order[h]] for h in range(heads)], axis=1
+        ).reshape(dim, -1)
+        attn_out = b.p[f'{name}/attn_out/kernel'] * b.masks[f'{name}/attn_out'].astype(np.float32)
         attn_out = attn_out.reshape(heads, head_dim, -1)
         mlp_mask = b.masks[f'{name}/mlp1']
         mlp2 = b.p[f'{name}/mlp2/kernel'] * b.masks[f'{name}/mlp2'].astype(np.float32)
-        b.params.update({
-                f'{name}/q/kernel': pick(q, qk_order), f'{name}/k/kernel': pick(k, qk_order),
+        b.params.update(
+            {
+                f'{name}/q/kernel': pick(q, qk_order),
+                f'{name}/k/kernel': pick(k, qk_order),
                 f'{name}/v/kernel': pick(v, v_order),
                 f'{name}/attn_out/kernel': np.concatenate(
-                        [attn_out[h, v_order[h]] for h in range(heads)], axis=0).reshape(
-                                heads * v_dim, attn_out.shape[-1]),
+                    [attn_out[h, v_order[h]] for h in range(heads)], axis=0
+                ).reshape(heads * v_dim, attn_out.shape[-1]),
                 f'{name}/mlp1/kernel': b.p[f'{name}/mlp1/kernel'][:, mlp_mask],
                 f'{name}/mlp2/kernel': mlp2[mlp_mask],
-        })
+            }
+        )
         for norm in ('norm1', 'norm2'):
             copy(f'{name}/{norm}/scale', f'{name}/{norm}/bias')
-        layers.append({'type': 'transformer_block', 'name': name, 'heads': heads, 'qk_dim': qk_dim,
-                       'v_dim': v_dim, 'mlp_dim': int(mlp_mask.sum()), 'dim': dim,
-                       'scale': float(head_dim ** -0.5), 'epsilon': eps})
+        layers.append(
+            {
+                'type': 'transformer_block',
+                'name': name,
+                'heads': heads,
+                'qk_dim': qk_dim,
+                'v_dim': v_dim,
+                'mlp_dim': int(mlp_mask.sum()),
+                'dim': dim,
+                'scale': float(head_dim**-0.5),
+                'epsilon': eps,
+            }
+        )
     copy('norm/scale', 'norm/bias', 'head/kernel', 'head/bias')
-    layers += [{'type': 'take_cls'}, {'type': 'layer_norm', 'name': 'norm', 'epsilon': eps},
-               {'type': 'dense', 'name': 'head', 'in_features': int(b.p['head/kernel'].shape[0]),
-                'features': int(b.p['head/kernel'].shape[1]), 'bias': True}]
+    layers += [
+        {'type': 'take_cls'},
+        {'type': 'layer_norm', 'name': 'norm', 'epsilon': eps},
+        {
+            'type': 'dense',
+            'name': 'head',
+            'in_features': int(b.p['head/kernel'].shape[0]),
+            'features': int(b.p['head/kernel'].shape[1]),
+            'bias': True,
+        },
+    ]
     return layers
 
 
@@ -533,13 +624,16 @@ def compact_model(model: nn.Module | str, variables: dict) -> CompactModel:
     """
     if isinstance(model, str):
         if model not in SUPPORTED_MODELS:
-            raise ValueError(f'model={model!r}: compact export supports '
-                             f'{", ".join(SUPPORTED_MODELS)}.')
+            raise ValueError(
+                f'model={model!r}: compact export supports {", ".join(SUPPORTED_MODELS)}.'
+            )
         model = models.create_model(model, 10)
     name = next((k for k, cls in models.MODELS.items() if type(model) is cls), type(model).__name__)
     if not hasattr(model, 'export_plan'):
-        raise ValueError(f'{type(model).__name__} declares no export_plan(); compact export '
-                         f'supports {", ".join(SUPPORTED_MODELS)}.')
+        raise ValueError(
+            f'{type(model).__name__} declares no export_plan(); compact export '
+            f'supports {", ".join(SUPPORTED_MODELS)}.'
+        )
     kind, plan = model.export_plan()
     b = _Builder(name, variables)
     layers = _EXPORTERS[kind](b, plan)
@@ -551,8 +645,12 @@ def compact_model(model: nn.Module | str, variables: dict) -> CompactModel:
 # ----------------------------------------------------------------------------------------------------
 # Workdirs: every client of a run, exported and timed.
 
-IMAGE_SHAPES = {'digits': (8, 8, 1), 'fashion_mnist': (28, 28, 1), 'cifar10': (32, 32, 3),
-                'cifar100': (32, 32, 3)}
+IMAGE_SHAPES = {
+    'digits': (8, 8, 1),
+    'fashion_mnist': (28, 28, 1),
+    'cifar10': (32, 32, 3),
+    'cifar100': (32, 32, 3),
+}
 STATE_FILE = 'final_state.msgpack'
 
 
@@ -570,15 +668,22 @@ def load_client_variables(workdir: str) -> tuple[str, list[dict]]:
         state = serialization.msgpack_restore(f.read())
     missing = {'params', 'thresholds'} - set(state)
     if missing:
-        raise ValueError(f'{workdir}/{STATE_FILE} lacks {sorted(missing)}; expected params, '
-                         'thresholds and batch_stats stacked over clients.')
-    state = {'params': state['params'], 'thresholds': state['thresholds'],
-             'batch_stats': state.get('batch_stats') or {}}
+        raise ValueError(
+            f'{workdir}/{STATE_FILE} lacks {sorted(missing)}; expected params, '
+            'thresholds and batch_stats stacked over clients.'
+        )
+    state = {
+        'params': state['params'],
+        'thresholds': state['thresholds'],
+        'batch_stats': state.get('batch_stats') or {},
+    }
     num_clients = int(config['num_clients'])
     for leaf in jax.tree.leaves(state):
         if np.shape(leaf)[0] != num_clients:
-            raise ValueError(f'{workdir}/{STATE_FILE}: a leaf of shape {np.shape(leaf)} has no leading '
-                             f'axis of num_clients={num_clients}.')
+            raise ValueError(
+                f'{workdir}/{STATE_FILE}: a leaf of shape {np.shape(leaf)} has no leading '
+                f'axis of num_clients={num_clients}.'
+            )
     clients = [jax.tree.map(lambda a, i=i: np.asarray(a[i]), state) for i in range(num_clients)]
     return config['model'], clients
 
@@ -587,8 +692,10 @@ def image_shape_of(config: dict) -> tuple[int, int, int]:
     if 'image_shape' in config:
         return tuple(config['image_shape'])
     if config.get('dataset') not in IMAGE_SHAPES:
-        raise ValueError(f'dataset={config.get("dataset")!r}: no known image shape; add '
-                         '"image_shape" to config.json.')
+        raise ValueError(
+            f'dataset={config.get("dataset")!r}: no known image shape; add '
+            '"image_shape" to config.json.'
+        )
     return IMAGE_SHAPES[config['dataset']]
 
 
@@ -603,8 +710,8 @@ def time_forwards(fns_and_args, repeats: int = 20) -> list[float]:
     and their ratio is measured in one run.
     """
     for fn, args in fns_and_args:
-        jax.block_until_ready(fn(*args))   # compile
-        jax.block_until_ready(fn(*args))   # warm-up
+        jax.block_until_ready(fn(*args))  # compile
+        jax.block_until_ready(fn(*args))  # warm-up
     times = [[] for _ in fns_and_args]
     for _ in range(repeats):
         for t, (fn, args) in zip(times, fns_and_args):
@@ -614,9 +721,16 @@ def time_forwards(fns_and_args, repeats: int = 20) -> list[float]:
     return [float(np.median(t)) for t in times]
 
 
-def export_workdir(workdir: str, out_dir: str, *, batch_size: int = 256, repeats: int = 20,
-                   seed: int = 0, loader=load_client_variables,
-                   clients: Sequence[int] | None = None) -> list[dict]:
+def export_workdir(
+    workdir: str,
+    out_dir: str,
+    *,
+    batch_size: int = 256,
+    repeats: int = 20,
+    seed: int = 0,
+    loader=load_client_variables,
+    clients: Sequence[int] | None = None,
+) -> list[dict]:
     """Exports every client of a run (or the ids in `clients`) to `out_dir/client_XXX.{npz,json}`
     and times both models.
 
@@ -632,8 +746,9 @@ def export_workdir(workdir: str, out_dir: str, *, batch_size: int = 256, repeats
         clients = range(len(all_clients))
     unknown = sorted(set(clients) - set(range(len(all_clients))))
     if unknown:
-        raise ValueError(f'clients {unknown} are not in the run; it has clients 0..'
-                         f'{len(all_clients) - 1}.')
+        raise ValueError(
+            f'clients {unknown} are not in the run; it has clients 0..{len(all_clients) - 1}.'
+        )
     image_shape = image_shape_of(config)
     os.makedirs(out_dir, exist_ok=True)
     files.write_atomic(os.path.join(out_dir, 'compact_numpy.py'), standalone_source())
@@ -649,21 +764,29 @@ def export_workdir(workdir: str, out_dir: str, *, batch_size: int = 256, repeats
             rows.append({**row, 'error': str(e)})
             continue
         if model is None:
-            model = models.create_model(model_name, output_features(compact.description),
-                                        conv_impl=config.get('conv_impl', 'auto'))
+            model = models.create_model(
+                model_name,
+                output_features(compact.description),
+                conv_impl=config.get('conv_impl', 'auto'),
+            )
             # Both forwards compile with the options training used (`xla.jit`).
-            masked_fn = xla.jit(lambda v, images: model.apply(v, images, train=False),
-                                model=model)
+            # `model` is built once, in the first iteration, and never rebound.
+            masked_fn = xla.jit(
+                lambda v, images: model.apply(v, images, train=False),  # noqa: B023
+                model=model,
+            )
         prefix = os.path.join(out_dir, f'client_{i:03d}')
         row['bytes'] = save_compact(prefix, compact.description, compact.params)
         row['params_after'] = compact.num_parameters
         ev = jax.device_put(eval_variables(variables))
         params = jax.device_put(compact.params)
-        compact_fn = xla.jit(lambda p, images, d=compact.description: compact_apply(d, p, images),
-                             model=model)
+        compact_fn = xla.jit(
+            lambda p, images, d=compact.description: compact_apply(d, p, images), model=model
+        )
         row['max_abs_diff'] = float(jnp.max(jnp.abs(masked_fn(ev, x) - compact_fn(params, x))))
         row['masked_s'], row['compact_s'] = time_forwards(
-                [(masked_fn, (ev, x)), (compact_fn, (params, x))], repeats)
+            [(masked_fn, (ev, x)), (compact_fn, (params, x))], repeats
+        )
         row['speedup'] = row['masked_s'] / row['compact_s']
         rows.append(row)
     return rows

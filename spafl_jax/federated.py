@@ -40,36 +40,41 @@ IMPORTANCE_UPDATES = ('all_after', 'sampled_before', 'none')
 
 @flax.struct.dataclass
 class FederatedState:
-    clients: ClientState      # every leaf [num_clients, ...]
-    server_thresholds: Any    # tau_g, shaped like one client's thresholds
-    last_delta: Any           # tau_g(r) - tau_g(r - 1), for the importance update
-    round: jax.Array          # rounds completed (int32 scalar)
+    clients: ClientState  # every leaf [num_clients, ...]
+    server_thresholds: Any  # tau_g, shaped like one client's thresholds
+    last_delta: Any  # tau_g(r) - tau_g(r - 1), for the importance update
+    round: jax.Array  # rounds completed (int32 scalar)
 
 
 @flax.struct.dataclass
 class ClientData:
     """A split dataset on the device: examples once, and each client's indices into them."""
-    images: jax.Array        # [n, h, w, c], stored dtype (uint8 for image datasets)
-    labels: jax.Array        # [n] int32
-    example_ids: jax.Array   # [num_clients, max_count] int32, padded with 0
-    counts: jax.Array        # [num_clients] int32
+
+    images: jax.Array  # [n, h, w, c], stored dtype (uint8 for image datasets)
+    labels: jax.Array  # [n] int32
+    example_ids: jax.Array  # [num_clients, max_count] int32, padded with 0
+    counts: jax.Array  # [num_clients] int32
 
 
 @dataclasses.dataclass(frozen=True)
 class RoundConfig:
     clients_per_round: int = 10
-    importance_update: str = 'all_after'   # 'all_after' (CIFAR folder), 'sampled_before' (FMNIST), 'none'
-    aggregation: str = 'uniform'           # 'uniform' (official) or 'data_size'
-    client_execution: str = 'vmap'         # 'vmap' or 'map' (lax.map) over the sampled clients
+    importance_update: str = (
+        'all_after'  # 'all_after' (CIFAR folder), 'sampled_before' (FMNIST), 'none'
+    )
+    aggregation: str = 'uniform'  # 'uniform' (official) or 'data_size'
+    client_execution: str = 'vmap'  # 'vmap' or 'map' (lax.map) over the sampled clients
 
     def __post_init__(self):
         name = type(self).__name__
-        checks.number(name, 'clients_per_round', self.clients_per_round, positive=True,
-                      integer=True)
+        checks.number(
+            name, 'clients_per_round', self.clients_per_round, positive=True, integer=True
+        )
         checks.choice(name, 'importance_update', self.importance_update, IMPORTANCE_UPDATES)
         checks.choice(name, 'aggregation', self.aggregation, algorithm_lib.AGGREGATIONS)
-        checks.choice(name, 'client_execution', self.client_execution,
-                      algorithm_lib.CLIENT_EXECUTIONS)
+        checks.choice(
+            name, 'client_execution', self.client_execution, algorithm_lib.CLIENT_EXECUTIONS
+        )
 
 
 def make_client_data(images: np.ndarray, labels: np.ndarray, client_indices) -> ClientData:
@@ -77,19 +82,32 @@ def make_client_data(images: np.ndarray, labels: np.ndarray, client_indices) -> 
     counts = np.array([len(ids) for ids in client_indices], np.int32)
     table = np.zeros((len(client_indices), max(int(counts.max()), 1)), np.int32)
     for k, ids in enumerate(client_indices):
-        table[k, :len(ids)] = ids
-    return ClientData(images=jnp.asarray(images), labels=jnp.asarray(labels, jnp.int32),
-                      example_ids=jnp.asarray(table), counts=jnp.asarray(counts))
+        table[k, : len(ids)] = ids
+    return ClientData(
+        images=jnp.asarray(images),
+        labels=jnp.asarray(labels, jnp.int32),
+        example_ids=jnp.asarray(table),
+        counts=jnp.asarray(counts),
+    )
 
 
-def split_clients(dataset, num_clients: int, *, alpha: float, min_train_examples: int,
-                  seed: int = 0) -> tuple[ClientData, ClientData]:
+def split_clients(
+    dataset, num_clients: int, *, alpha: float, min_train_examples: int, seed: int = 0
+) -> tuple[ClientData, ClientData]:
     """(train, test) client data of `dataset` (a `data.Dataset`) split by `data.dirichlet_split`."""
     train_ids, test_ids = data_lib.dirichlet_split(
-        dataset.train_labels, dataset.test_labels, num_clients=num_clients, alpha=alpha,
-        min_train_examples=min_train_examples, seed=seed, num_classes=dataset.num_classes)
-    return (make_client_data(dataset.train_images, dataset.train_labels, train_ids),
-            make_client_data(dataset.test_images, dataset.test_labels, test_ids))
+        dataset.train_labels,
+        dataset.test_labels,
+        num_clients=num_clients,
+        alpha=alpha,
+        min_train_examples=min_train_examples,
+        seed=seed,
+        num_classes=dataset.num_classes,
+    )
+    return (
+        make_client_data(dataset.train_images, dataset.train_labels, train_ids),
+        make_client_data(dataset.test_images, dataset.test_labels, test_ids),
+    )
 
 
 CLIENT_INITS = ('shared', 'independent')
@@ -113,49 +131,69 @@ def client_init_keys(rng: jax.Array, num_clients: int, client_init: str = 'share
     return jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(num_clients))
 
 
-def init_clients(model: nn.Module, cfg: LocalConfig, rng: jax.Array, *, num_clients: int,
-                 image_shape, client_init: str = 'shared') -> ClientState:
+def init_clients(
+    model: nn.Module,
+    cfg: LocalConfig,
+    rng: jax.Array,
+    *,
+    num_clients: int,
+    image_shape,
+    client_init: str = 'shared',
+) -> ClientState:
     """Every client's initial state, stacked on a leading client axis (see `client_init_keys`)."""
     keys = client_init_keys(rng, num_clients, client_init)
-    return _init_clients(model, cfg, keys, tuple(int(d) for d in image_shape),
-                         client_init == 'shared')
+    return _init_clients(
+        model, cfg, keys, tuple(int(d) for d in image_shape), client_init == 'shared'
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 3, 4))
 def _init_clients(model, cfg, keys, image_shape, shared: bool) -> ClientState:
     def one(key):
         variables = models.init_variables(model, key, image_shape)
-        return ClientState(params=variables['params'], thresholds=variables['thresholds'],
-                           batch_stats=variables['batch_stats'],
-                           opt_state=client_lib.init_opt_state(cfg, variables['params'],
-                                                              variables['thresholds']),
-                           collapsed=client_lib.init_collapsed(cfg, variables['thresholds']))
-    if shared:   # one model, copied: the same values as initializing each from the same key
+        return ClientState(
+            params=variables['params'],
+            thresholds=variables['thresholds'],
+            batch_stats=variables['batch_stats'],
+            opt_state=client_lib.init_opt_state(cfg, variables['params'], variables['thresholds']),
+            collapsed=client_lib.init_collapsed(cfg, variables['thresholds']),
+        )
+
+    if shared:  # one model, copied: the same values as initializing each from the same key
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (keys.shape[0], *x.shape)), one(keys[0]))
     return jax.vmap(one)(keys)
 
 
-def init_state(model, cfg: LocalConfig, rng, *, num_clients, image_shape,
-               client_init: str = 'shared') -> FederatedState:
-    clients = init_clients(model, cfg, rng, num_clients=num_clients, image_shape=image_shape,
-                           client_init=client_init)
+def init_state(
+    model, cfg: LocalConfig, rng, *, num_clients, image_shape, client_init: str = 'shared'
+) -> FederatedState:
+    clients = init_clients(
+        model, cfg, rng, num_clients=num_clients, image_shape=image_shape, client_init=client_init
+    )
     zeros = lambda: jax.tree.map(lambda t: jnp.zeros(t.shape[1:], t.dtype), clients.thresholds)
     # Separate buffers: the round donates its state, and one buffer cannot be donated twice.
-    return FederatedState(clients=clients, server_thresholds=zeros(), last_delta=zeros(),
-                          round=jnp.zeros((), jnp.int32))
+    return FederatedState(
+        clients=clients,
+        server_thresholds=zeros(),
+        last_delta=zeros(),
+        round=jnp.zeros((), jnp.int32),
+    )
 
 
 def layer_macs(model: nn.Module, variables, image_shape):
     """Multiply-accumulates per example of every masked layer, shaped like the thresholds."""
-    _, sown = model.apply(variables, jnp.zeros((1, *image_shape), jnp.float32), train=False,
-                          mutable=['macs'])
+    _, sown = model.apply(
+        variables, jnp.zeros((1, *image_shape), jnp.float32), train=False, mutable=['macs']
+    )
     flat = traverse_util.flatten_dict(sown['macs'])
     return traverse_util.unflatten_dict(
-        {path[:-1] + ('threshold',): float(value[0]) for path, value in flat.items()})
+        {path[:-1] + ('threshold',): float(value[0]) for path, value in flat.items()}
+    )
 
 
-def start_client(round_cfg: RoundConfig, cfg: LocalConfig, state: FederatedState,
-                 stored: ClientState):
+def start_client(
+    round_cfg: RoundConfig, cfg: LocalConfig, state: FederatedState, stored: ClientState
+):
     """Step 2 of docs/algorithm.md, section 3, for one sampled client: it receives tau_g and, under
     `importance_update='sampled_before'` (the FMNIST folder), last round's importance update.
     Returns (client, the optimizer state its local work starts from)."""
@@ -172,73 +210,115 @@ def end_client(cfg: LocalConfig, client: ClientState, opt_state):
     return client, client.thresholds
 
 
-def server_update(round_cfg: RoundConfig, state: FederatedState, new_global,
-                  clients: ClientState) -> FederatedState:
+def server_update(
+    round_cfg: RoundConfig, state: FederatedState, new_global, clients: ClientState
+) -> FederatedState:
     """Steps 4-6: tau_g becomes `new_global` (the mean of the trained clients' thresholds); its
     change reaches every client's weights under `importance_update='all_after'` (the CIFAR folders).
     `clients` is every client, the trained ones already written back."""
     delta = jax.tree.map(jnp.subtract, new_global, state.server_thresholds)
     if round_cfg.importance_update == 'all_after':
-        clients = clients.replace(params=jax.vmap(server.importance_update, in_axes=(0, None))(
-            clients.params, delta))
-    return FederatedState(clients=clients, server_thresholds=new_global, last_delta=delta,
-                          round=state.round + 1)
+        clients = clients.replace(
+            params=jax.vmap(server.importance_update, in_axes=(0, None))(clients.params, delta)
+        )
+    return FederatedState(
+        clients=clients, server_thresholds=new_global, last_delta=delta, round=state.round + 1
+    )
 
 
-def algorithm(model: nn.Module, cfg: LocalConfig, round_cfg: RoundConfig,
-              macs=None) -> algorithm_lib.Algorithm:
+def algorithm(
+    model: nn.Module, cfg: LocalConfig, round_cfg: RoundConfig, macs=None
+) -> algorithm_lib.Algorithm:
     """SpaFL as an `algorithm.Algorithm`: what `run_round` and `execution.RoundRunner` drive."""
-    previous = cfg.collapse_check == 'previous'   # a test changes the clients (`test_thresholds`)
+    previous = cfg.collapse_check == 'previous'  # a test changes the clients (`test_thresholds`)
 
     def round_constants(state):
         r = state.round
         return client_lib.learning_rate(cfg, r), cfg.th_coeff * client_lib.penalty_scale(cfg, r)
 
     def client_step(client, opt_state, x, y, example_mask, constants, key):
-        del key   # SpaFL's steps draw nothing
+        del key  # SpaFL's steps draw nothing
         lr, penalty_coeff = constants
-        return client_lib.local_step(model, cfg, client, opt_state, x, y, jnp.bool_(True), lr=lr,
-                                     penalty_coeff=penalty_coeff, macs=macs,
-                                     example_mask=example_mask)
+        return client_lib.local_step(
+            model,
+            cfg,
+            client,
+            opt_state,
+            x,
+            y,
+            jnp.bool_(True),
+            lr=lr,
+            penalty_coeff=penalty_coeff,
+            macs=macs,
+            example_mask=example_mask,
+        )
 
     def eval_variables(state, client, count):
         del state
         first, rest, _ = test_thresholds(cfg, client, count)
-        variables = lambda t: {'params': client.params, 'thresholds': t,
-                               'batch_stats': client.batch_stats}
+        variables = lambda t: {
+            'params': client.params,
+            'thresholds': t,
+            'batch_stats': client.batch_stats,
+        }
         return variables(first), variables(rest)
 
     return algorithm_lib.Algorithm(
-        name='spafl', model=model, state_type=FederatedState, round_constants=round_constants,
+        name='spafl',
+        model=model,
+        state_type=FederatedState,
+        round_constants=round_constants,
         client_start=lambda state, stored, key: start_client(round_cfg, cfg, state, stored),
         client_step=client_step,
         client_end=functools.partial(end_client, cfg),
         server_update=functools.partial(server_update, round_cfg),
         eval_variables=eval_variables,
         eval_density=lambda state, clients, counts: tested_density_stats(cfg, clients, counts),
-        tested=(lambda state, clients, counts: tested_clients(cfg, clients, counts)) if previous
+        tested=(lambda state, clients, counts: tested_clients(cfg, clients, counts))
+        if previous
         else algorithm_lib.unchanged,
-        first_test_batch=cfg.batch_size if previous else 0)
+        first_test_batch=cfg.batch_size if previous else 0,
+    )
 
 
-def run_round(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig, spec: DataSpec,
-              state: FederatedState, data: ClientData, sampled: jax.Array, seed_key: jax.Array,
-              *, macs=None):
+def run_round(
+    model: nn.Module,
+    local_cfg: LocalConfig,
+    round_cfg: RoundConfig,
+    spec: DataSpec,
+    state: FederatedState,
+    data: ClientData,
+    sampled: jax.Array,
+    seed_key: jax.Array,
+    *,
+    macs=None,
+):
     """One SpaFL round (docs/algorithm.md, section 3): `algorithm.run_round` of `algorithm(...)`,
     the readable reference of `execution.RoundRunner`. `sampled` holds the [clients_per_round]
     client ids."""
-    return algorithm_lib.run_round(algorithm(model, local_cfg, round_cfg, macs), local_cfg, spec,
-                                   state, data, sampled, seed_key,
-                                   aggregation=round_cfg.aggregation,
-                                   client_execution=round_cfg.client_execution)
+    return algorithm_lib.run_round(
+        algorithm(model, local_cfg, round_cfg, macs),
+        local_cfg,
+        spec,
+        state,
+        data,
+        sampled,
+        seed_key,
+        aggregation=round_cfg.aggregation,
+        client_execution=round_cfg.client_execution,
+    )
 
 
 def make_round_fn(model, local_cfg, round_cfg, spec, *, macs=None):
     """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics), the state
     donated (`algorithm.make_round_fn`)."""
-    return algorithm_lib.make_round_fn(algorithm(model, local_cfg, round_cfg, macs), local_cfg, spec,
-                                       aggregation=round_cfg.aggregation,
-                                       client_execution=round_cfg.client_execution)
+    return algorithm_lib.make_round_fn(
+        algorithm(model, local_cfg, round_cfg, macs),
+        local_cfg,
+        spec,
+        aggregation=round_cfg.aggregation,
+        client_execution=round_cfg.client_execution,
+    )
 
 
 def test_thresholds(cfg: LocalConfig, client: ClientState, count):
@@ -262,20 +342,39 @@ def test_thresholds(cfg: LocalConfig, client: ClientState, count):
     later = count > cfg.batch_size
     pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(later, x, y), a, b)
     thresholds = pick(rest, first)
-    tested = client.replace(thresholds=thresholds,
-                            collapsed=pick(masking.collapsed_layers(client.params, rest), flags))
+    tested = client.replace(
+        thresholds=thresholds, collapsed=pick(masking.collapsed_layers(client.params, rest), flags)
+    )
     tested = jax.tree.map(lambda new, old: jnp.where(count > 0, new, old), tested, client)
     return first, rest, tested
 
 
-def evaluate_client(model: nn.Module, spec: DataSpec, client: ClientState, images, labels,
-                    example_ids, count, *, batch_size: int, cfg: LocalConfig = LocalConfig()):
+def evaluate_client(
+    model: nn.Module,
+    spec: DataSpec,
+    client: ClientState,
+    images,
+    labels,
+    example_ids,
+    count,
+    *,
+    batch_size: int,
+    cfg: LocalConfig = LocalConfig(),
+):
     """Correct predictions of one client's own model on its own (padded) test examples
     (`algorithm.evaluate_client` of SpaFL): only the batches that hold real examples run, with the
     thresholds `test_thresholds` gives."""
-    return algorithm_lib.evaluate_client(algorithm(model, cfg, RoundConfig()), spec, None, client,
-                                         images, labels, example_ids, count,
-                                         batch_size=batch_size)
+    return algorithm_lib.evaluate_client(
+        algorithm(model, cfg, RoundConfig()),
+        spec,
+        None,
+        client,
+        images,
+        labels,
+        example_ids,
+        count,
+        batch_size=batch_size,
+    )
 
 
 def clients_in_sequence(backend: str | None = None) -> bool:
@@ -288,8 +387,15 @@ def preprocess_eval(spec: DataSpec, images):
     return client_lib.preprocess(spec, images, None)
 
 
-def evaluate(model, spec, clients: ClientState, data: ClientData, *, batch_size: int,
-             cfg: LocalConfig = LocalConfig()):
+def evaluate(
+    model,
+    spec,
+    clients: ClientState,
+    data: ClientData,
+    *,
+    batch_size: int,
+    cfg: LocalConfig = LocalConfig(),
+):
     """Per-client accuracy on its own test split and per-client, per-layer densities.
 
     Returns a dict of arrays: correct [N], counts [N], layer_density [N, L] (kept-row fraction),
@@ -297,8 +403,9 @@ def evaluate(model, spec, clients: ClientState, data: ClientData, *, batch_size:
     changes the clients (`test_thresholds`): `tested_clients` gives them.
     """
     # SpaFL's evaluation reads nothing of the state but its clients.
-    return algorithm_lib.evaluate(algorithm(model, cfg, RoundConfig()), spec,
-                                  _Clients(clients), data, batch_size=batch_size)
+    return algorithm_lib.evaluate(
+        algorithm(model, cfg, RoundConfig()), spec, _Clients(clients), data, batch_size=batch_size
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,19 +433,24 @@ def density_stats(clients: ClientState, reset: bool = True):
     the kept fraction of the mask its test used last, which is after that reset). Without it, the
     thresholds as they are (`tested_density_stats` under `collapse_check='previous'`).
     """
+
     def one(params, thresholds):
         if reset:
             thresholds = masking.reset_collapsed_thresholds(params, thresholds)
         kernels = masking.kernels_of(params, thresholds)
         masks = jax.tree.map(masking.hard_row_mask, kernels, thresholds)
         fractions = jnp.stack([jnp.mean(m.astype(jnp.float32)) for m in jax.tree.leaves(masks)])
-        kept = sum(jnp.sum(m) * (k.size // k.shape[-1])
-                   for m, k in zip(jax.tree.leaves(masks), jax.tree.leaves(kernels)))
+        kept = sum(
+            jnp.sum(m) * (k.size // k.shape[-1])
+            for m, k in zip(jax.tree.leaves(masks), jax.tree.leaves(kernels))
+        )
         return fractions, kept
+
     fractions, kept = jax.vmap(one)(clients.params, clients.thresholds)
     return {'layer_density': fractions, 'kept_weights': kept}
 
 
 def make_eval_fn(model, spec, *, batch_size, cfg: LocalConfig = LocalConfig()):
-    return xla.jit(functools.partial(evaluate, model, spec, batch_size=batch_size, cfg=cfg),
-                   model=model)
+    return xla.jit(
+        functools.partial(evaluate, model, spec, batch_size=batch_size, cfg=cfg), model=model
+    )

@@ -19,7 +19,7 @@ def _umask() -> int:
     return mask
 
 
-_NEW_FILE_MODE = 0o666 & ~_umask()   # what open(path, 'w') would give a new file
+_NEW_FILE_MODE = 0o666 & ~_umask()  # what open(path, 'w') would give a new file
 
 
 def read_bytes(path: str) -> bytes | None:
@@ -42,10 +42,11 @@ def write_atomic(path: str, data: bytes | str) -> bool:
     if read_bytes(path) == data:
         return False
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
-                                    suffix='.tmp')
+    fd, tmp_path = tempfile.mkstemp(
+        dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp'
+    )
     try:
-        try:   # the old file's permissions, or those of a newly created file (mkstemp's are 0600)
+        try:  # the old file's permissions, or those of a newly created file (mkstemp's are 0600)
             mode = os.stat(path).st_mode & 0o7777
         except OSError:
             mode = _NEW_FILE_MODE

@@ -7,7 +7,7 @@ on one definition.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 from flax import traverse_util
 import jax
@@ -31,16 +31,17 @@ def _outside_unit(x: Array) -> Array:
 
 
 ESTIMATORS: dict[str, Callable[[Array], Array]] = {
-        'long_tailed': _long_tailed,
-        'identity': _identity,
-        'outside_unit': _outside_unit,
+    'long_tailed': _long_tailed,
+    'identity': _identity,
+    'outside_unit': _outside_unit,
 }
 
 
 def check_estimator(name: str) -> None:
     if name not in ESTIMATORS:
         raise ValueError(
-                f'estimator={name!r} is not known; allowed values: {", ".join(sorted(ESTIMATORS))}.')
+            f'estimator={name!r} is not known; allowed values: {", ".join(sorted(ESTIMATORS))}.'
+        )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -102,6 +103,7 @@ def reset_if(flag: Array, threshold: Array) -> Array:
 # Pairing thresholds with kernels. A masked layer's `thresholds/.../threshold` sits at the same module
 # path as its `params/.../kernel`; these helpers walk that pairing for whole models.
 
+
 def _flat(tree) -> dict:
     return traverse_util.flatten_dict(tree)
 
@@ -110,7 +112,8 @@ def kernels_of(params, thresholds):
     """A pytree shaped like `thresholds` holding each masked layer's kernel."""
     flat_params = _flat(params)
     return traverse_util.unflatten_dict(
-        {path: flat_params[path[:-1] + ('kernel',)] for path in _flat(thresholds)})
+        {path: flat_params[path[:-1] + ('kernel',)] for path in _flat(thresholds)}
+    )
 
 
 def replace_kernels(params, kernels):
@@ -143,5 +146,8 @@ def reset_flagged(flags, thresholds):
 
 def layer_densities(params, thresholds):
     """Kept-row fraction of every masked layer, a pytree shaped like `thresholds` of scalars."""
-    return jax.tree.map(lambda k, t: jnp.mean(hard_row_mask(k, t).astype(jnp.float32)),
-                        kernels_of(params, thresholds), thresholds)
+    return jax.tree.map(
+        lambda k, t: jnp.mean(hard_row_mask(k, t).astype(jnp.float32)),
+        kernels_of(params, thresholds),
+        thresholds,
+    )

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -48,6 +49,7 @@ class Method:
         client evaluates with (jit-compatible)
     communicates_thresholds: whether thresholds travel (SpaFL only)
     """
+
     name: str
     init_state: Callable
     algorithm: Callable
@@ -61,10 +63,14 @@ class Method:
 # `baselines.CONFIGS[method]`, so the settings, their defaults and their checks live in one place:
 # the baseline's own dataclass.
 
+
 def baseline_fields() -> dict[str, tuple[str, str]]:
     """{config.baseline key: (method, field of its settings dataclass)}, every baseline setting."""
-    return {f'{name}_{field.name}': (name, field.name)
-            for name, cls in baselines.CONFIGS.items() for field in dataclasses.fields(cls)}
+    return {
+        f'{name}_{field.name}': (name, field.name)
+        for name, cls in baselines.CONFIGS.items()
+        for field in dataclasses.fields(cls)
+    }
 
 
 def _setting(value: Any) -> Any:
@@ -85,8 +91,10 @@ def baseline_config(name: str, settings: Mapping[str, Any] | None = None):
     fields = baseline_fields()
     unknown = sorted(set(settings) - set(fields))
     if unknown:
-        raise ValueError(f'config.baseline.{unknown[0]} is not a baseline setting; known: '
-                         f'{", ".join(sorted(fields))}.')
+        raise ValueError(
+            f'config.baseline.{unknown[0]} is not a baseline setting; known: '
+            f'{", ".join(sorted(fields))}.'
+        )
     overrides = {}
     for key, (method, field) in fields.items():
         if method != name or key not in settings:
@@ -112,19 +120,37 @@ def check_settings(settings: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # SpaFL.
 
-def _spafl_init_state(model: nn.Module, local_cfg: LocalConfig, rng: jax.Array, *,
-                      num_clients: int, image_shape, num_classes: int = 10,
-                      client_init: str = 'shared'):
+
+def _spafl_init_state(
+    model: nn.Module,
+    local_cfg: LocalConfig,
+    rng: jax.Array,
+    *,
+    num_clients: int,
+    image_shape,
+    num_classes: int = 10,
+    client_init: str = 'shared',
+):
     del num_classes  # the model already has its head
-    return federated.init_state(model, local_cfg, rng, num_clients=num_clients,
-                                image_shape=image_shape, client_init=client_init)
+    return federated.init_state(
+        model,
+        local_cfg,
+        rng,
+        num_clients=num_clients,
+        image_shape=image_shape,
+        client_init=client_init,
+    )
 
 
-def _spafl_bits_per_round(num_clients: int, clients_per_round: int, one_client_variables: dict,
-                          importance_update: str) -> tuple[int, int]:
-    return metrics_lib.spafl_bits_per_round(_common.num_entries(one_client_variables['thresholds']),
-                                            num_clients, clients_per_round,
-                                            importance_update=importance_update)
+def _spafl_bits_per_round(
+    num_clients: int, clients_per_round: int, one_client_variables: dict, importance_update: str
+) -> tuple[int, int]:
+    return metrics_lib.spafl_bits_per_round(
+        _common.num_entries(one_client_variables['thresholds']),
+        num_clients,
+        clients_per_round,
+        importance_update=importance_update,
+    )
 
 
 def _own_clients(state):
@@ -135,22 +161,29 @@ def _own_clients(state):
 # --------------------------------------------------------------------------------------------------
 # The models each baseline client evaluates with (what its `evaluate` builds), stacked on N.
 
+
 def _broadcast(tree, num_clients: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *jnp.shape(x))), tree)
 
 
 def _client_axis(num_clients: int | None, name: str) -> int:
     if num_clients is None:
-        raise ValueError(f'{name} shares one global model: get the method with '
-                         f'methods.get({name!r}, config) so it knows config.num_clients.')
+        raise ValueError(
+            f'{name} shares one global model: get the method with '
+            f'methods.get({name!r}, config) so it knows config.num_clients.'
+        )
     return num_clients
 
 
 def _fedavg_client_variables(num_clients: int | None):
     def client_variables(state):
         n = _client_axis(num_clients, 'fedavg')
-        return (_broadcast(state.params, n), _broadcast(state.thresholds, n),
-                _broadcast(state.batch_stats, n))
+        return (
+            _broadcast(state.params, n),
+            _broadcast(state.thresholds, n),
+            _broadcast(state.batch_stats, n),
+        )
+
     return client_variables
 
 
@@ -161,14 +194,18 @@ def _fedpm_client_variables(method_cfg: fedpm.FedPMConfig, num_clients: int | No
         masks = jax.tree.map(lambda m: m.astype(jnp.float32), fedpm.eval_masks(state, method_cfg))
         params = fedpm.masked_params(state.weights, state.thresholds, masks)
         return _broadcast(params, n), _broadcast(state.thresholds, n), state.clients
+
     return client_variables
 
 
 def _fedspa_client_variables(state):
     # Each client's own weights and statistics; the thresholds (all open) are the server's.
     num_clients = jax.tree.leaves(state.clients)[0].shape[0]
-    return (state.clients.params, _broadcast(state.thresholds, num_clients),
-            state.clients.batch_stats)
+    return (
+        state.clients.params,
+        _broadcast(state.thresholds, num_clients),
+        state.clients.batch_stats,
+    )
 
 
 def _heterofl_client_variables(state):
@@ -180,8 +217,11 @@ def _heterofl_client_variables(state):
         return jax.tree.map(lambda x, m: x * m, state.params, masks)
 
     num_clients = state.clients.shape[0]
-    return (jax.vmap(one)(state.clients), _broadcast(state.thresholds, num_clients),
-            _broadcast(state.batch_stats, num_clients))
+    return (
+        jax.vmap(one)(state.clients),
+        _broadcast(state.thresholds, num_clients),
+        _broadcast(state.batch_stats, num_clients),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,17 +236,25 @@ def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) 
 
     def init_state(model, local_cfg, rng, *, num_clients, image_shape, num_classes=10):
         extra = {'client_init': client_init} if name in OWN_INITIAL_MODELS else {}
-        return module.init_state(model, local_cfg, rng, num_clients=num_clients,
-                                 image_shape=image_shape, num_classes=num_classes,
-                                 method_cfg=method_cfg, **extra)
+        return module.init_state(
+            model,
+            local_cfg,
+            rng,
+            num_clients=num_clients,
+            image_shape=image_shape,
+            num_classes=num_classes,
+            method_cfg=method_cfg,
+            **extra,
+        )
 
     def algorithm(model, local_cfg, round_cfg, macs=None):
         return module.algorithm(model, local_cfg, round_cfg, macs, method_cfg=method_cfg)
 
     def bits_per_round(num_clients, clients_per_round, one_client_variables, importance_update):
         del importance_update  # SpaFL's
-        return module.communication_bits(num_clients, clients_per_round, one_client_variables,
-                                         method_cfg=method_cfg)
+        return module.communication_bits(
+            num_clients, clients_per_round, one_client_variables, method_cfg=method_cfg
+        )
 
     client_variables = {
         'fedavg': _fedavg_client_variables(num_clients),
@@ -215,9 +263,14 @@ def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) 
         'heterofl': _heterofl_client_variables,
         'fedspa': _fedspa_client_variables,
     }[name]
-    return Method(name=name, init_state=init_state, algorithm=algorithm,
-                  bits_per_round=bits_per_round, client_variables=client_variables,
-                  communicates_thresholds=False)
+    return Method(
+        name=name,
+        init_state=init_state,
+        algorithm=algorithm,
+        bits_per_round=bits_per_round,
+        client_variables=client_variables,
+        communicates_thresholds=False,
+    )
 
 
 def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
@@ -234,10 +287,14 @@ def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
         raise ValueError(f'method={name!r} is not known; allowed values: {", ".join(METHODS)}.')
     client_init = config.get('client_init', 'shared') if config is not None else 'shared'
     if name == 'spafl':
-        return Method(name='spafl',
-                      init_state=functools.partial(_spafl_init_state, client_init=client_init),
-                      algorithm=federated.algorithm, bits_per_round=_spafl_bits_per_round,
-                      client_variables=_own_clients, communicates_thresholds=True)
+        return Method(
+            name='spafl',
+            init_state=functools.partial(_spafl_init_state, client_init=client_init),
+            algorithm=federated.algorithm,
+            bits_per_round=_spafl_bits_per_round,
+            client_variables=_own_clients,
+            communicates_thresholds=True,
+        )
     settings = config.get('baseline') if config is not None else None
     num_clients = config.get('num_clients') if config is not None else None
     return _baseline(name, baseline_config(name, settings), num_clients, client_init)

@@ -1,4 +1,5 @@
-"""What SpaFL reports (docs/algorithm.md, section 7): accuracy, density, communication in bits and training FLOPs."""
+"""What SpaFL reports (docs/algorithm.md, section 7): accuracy, density, communication in bits
+and training FLOPs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import numpy as np
 BITS_PER_FLOAT = 32
 
 
-def spafl_bits_per_round(num_thresholds: int, num_clients: int, clients_per_round: int, *,
-                         importance_update: str) -> tuple[int, int]:
+def spafl_bits_per_round(
+    num_thresholds: int, num_clients: int, clients_per_round: int, *, importance_update: str
+) -> tuple[int, int]:
     """(uplink, downlink) bits of one SpaFL round.
 
     Up: every sampled client sends its thresholds. Down: the global thresholds go to the sampled
@@ -17,8 +19,9 @@ def spafl_bits_per_round(num_thresholds: int, num_clients: int, clients_per_roun
     """
     per_model = num_thresholds * BITS_PER_FLOAT
     up = clients_per_round * per_model
-    delta_receivers = {'all_after': num_clients, 'sampled_before': clients_per_round,
-                       'none': 0}[importance_update]
+    delta_receivers = {'all_after': num_clients, 'sampled_before': clients_per_round, 'none': 0}[
+        importance_update
+    ]
     return up, clients_per_round * per_model + delta_receivers * per_model
 
 
@@ -40,8 +43,13 @@ def accuracy_summary(correct: np.ndarray, counts: np.ndarray) -> dict[str, float
     }
 
 
-def density_summary(layer_density: np.ndarray, kept_weights: np.ndarray, *, masked_weights: int,
-                    layer_names: list[str]) -> dict[str, float]:
+def density_summary(
+    layer_density: np.ndarray,
+    kept_weights: np.ndarray,
+    *,
+    masked_weights: int,
+    layer_names: list[str],
+) -> dict[str, float]:
     """Official density (mean over layers of kept rows) and parameter-weighted density, client means.
 
     layer_density: [clients, layers] kept-row fractions; kept_weights: [clients] kept masked weights.

@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spafl_jax.layers import (MaskedConv, MaskedDense, channel_axis, spatial_axes,
-                              torch_default_init)
+from spafl_jax.layers import MaskedConv, MaskedDense, channel_axis, spatial_axes, torch_default_init
 
 
 class BatchNorm(nn.Module):
@@ -29,9 +28,10 @@ class BatchNorm(nn.Module):
     bias; `batch_stats`: mean, var), so checkpoints and exports do not change. tests/test_reference
     holds it to the official CIFAR-10 code.
     """
+
     use_running_average: bool
     axis: int = -1
-    momentum: float = 0.9      # Flax convention: PyTorch's momentum 0.1
+    momentum: float = 0.9  # Flax convention: PyTorch's momentum 0.1
     epsilon: float = 1e-5
 
     @nn.compact
@@ -84,23 +84,26 @@ def max_pool_2x2(x: jax.Array, layout: str = 'NHWC') -> jax.Array:
     # Columns, then rows: two reductions over pairs. Their gradients ran faster than one reduction
     # over the 2x2 window (whose tie count is a strided reduce), 1.12x for a CNHW LeNet-5 step.
     shape = list(x.shape)
-    shape[w_axis:w_axis + 1] = [w // 2, 2]
+    shape[w_axis : w_axis + 1] = [w // 2, 2]
     x = x.reshape(shape).max(axis=w_axis + 1)
     shape = list(x.shape)
-    shape[h_axis:h_axis + 1] = [h // 2, 2]
+    shape[h_axis : h_axis + 1] = [h // 2, 2]
     return x.reshape(shape).max(axis=h_axis + 1)
 
 
 def _torch_bias_init(fan_in: int):
     # PyTorch's Linear/Conv bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    bound = 1.0 / fan_in ** 0.5
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    bound = 1.0 / fan_in**0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
 
 
 def _torch_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:
     """An unmasked Linear with PyTorch's default init (heads and embeddings are never masked)."""
-    return nn.Dense(features, kernel_init=torch_default_init, bias_init=_torch_bias_init(fan_in),
-                    name=name)
+    return nn.Dense(
+        features, kernel_init=torch_default_init, bias_init=_torch_bias_init(fan_in), name=name
+    )
 
 
 class MaskedNet(nn.Module):
@@ -120,6 +123,7 @@ class MaskedNet(nn.Module):
     `CPU_SETTINGS`, BENCHMARKS.md "Layouts and YNNPACK"); `create_model`, which the runner uses,
     applies it for the backend JAX runs on.
     """
+
     num_classes: int = 10
     estimator: str = 'long_tailed'
     conv_impl: str = 'xla'
@@ -129,11 +133,17 @@ class MaskedNet(nn.Module):
 
     def masked_layers(self, **conv_kwargs):
         """(conv, dense): `MaskedConv` / `MaskedDense` constructors with this model's settings."""
-        conv = functools.partial(MaskedConv, estimator=self.estimator, conv_impl=self.conv_impl,
-                                 compute_dtype=self.compute_dtype, layout=self.layout,
-                                 **conv_kwargs)
-        dense = functools.partial(MaskedDense, estimator=self.estimator,
-                                  compute_dtype=self.compute_dtype)
+        conv = functools.partial(
+            MaskedConv,
+            estimator=self.estimator,
+            conv_impl=self.conv_impl,
+            compute_dtype=self.compute_dtype,
+            layout=self.layout,
+            **conv_kwargs,
+        )
+        dense = functools.partial(
+            MaskedDense, estimator=self.estimator, compute_dtype=self.compute_dtype
+        )
         return conv, dense
 
     def from_nhwc(self, x: jax.Array) -> jax.Array:
@@ -160,6 +170,7 @@ class SequentialNet(MaskedNet):
                                                        model's `num_classes`
       ('batch_norm', name)   ('relu',)   ('max_pool',) (2x2, stride 2)   ('flatten',) (NHWC order)
     """
+
     LAYERS: ClassVar[tuple] = ()
 
     def export_plan(self) -> tuple:
@@ -184,7 +195,7 @@ class SequentialNet(MaskedNet):
                 x = _batch_norm(train, -1 if flat else channel_axis(self.layout), name=op[1])(x)
             elif op[0] == 'relu':
                 if i + 1 < len(ops) and ops[i + 1][0] == 'max_pool':
-                    x, i = self.pool(x), i + 1   # pool(relu(.)) = relu(pool(.)): 4x fewer ReLUs
+                    x, i = self.pool(x), i + 1  # pool(relu(.)) = relu(pool(.)): 4x fewer ReLUs
                 x = nn.relu(x)
             elif op[0] == 'max_pool':
                 x = self.pool(x)
@@ -198,31 +209,64 @@ class SequentialNet(MaskedNet):
 
 class DigitsCNN(SequentialNet):
     """A small masked CNN for the 8x8 scikit-learn digits: the embedded default."""
+
     LAYERS: ClassVar[tuple] = (
-        ('conv', 'conv1', 16, 3, 'SAME'), ('relu',),
-        ('conv', 'conv2', 32, 3, 'SAME'), ('relu',), ('max_pool',), ('flatten',),
-        ('dense', 'fc1', 64), ('relu',), ('dense', 'fc2', None))
+        ('conv', 'conv1', 16, 3, 'SAME'),
+        ('relu',),
+        ('conv', 'conv2', 32, 3, 'SAME'),
+        ('relu',),
+        ('max_pool',),
+        ('flatten',),
+        ('dense', 'fc1', 64),
+        ('relu',),
+        ('dense', 'fc2', None),
+    )
 
 
 class LeNet5(SequentialNet):
     """LeNet-5 of the official FMNIST folder: 430,500 masked weights, 580 thresholds."""
+
     LAYERS: ClassVar[tuple] = (
-        ('conv', 'conv1', 20, 5, 'VALID'), ('relu',), ('max_pool',),
-        ('conv', 'conv2', 50, 5, 'VALID'), ('relu',), ('max_pool',), ('flatten',),
-        ('dense', 'fc1', 500), ('relu',), ('dense', 'fc2', None))
+        ('conv', 'conv1', 20, 5, 'VALID'),
+        ('relu',),
+        ('max_pool',),
+        ('conv', 'conv2', 50, 5, 'VALID'),
+        ('relu',),
+        ('max_pool',),
+        ('flatten',),
+        ('dense', 'fc1', 500),
+        ('relu',),
+        ('dense', 'fc2', None),
+    )
 
 
 class Conv4(SequentialNet):
     """Conv4 of the official CIFAR-10 folder: 804,800 masked weights, 650 thresholds."""
+
     LAYERS: ClassVar[tuple] = (
-        ('conv', 'conv1', 64, 5, 'VALID'), ('batch_norm', 'bn1'), ('relu',),
-        ('conv', 'conv2', 64, 5, 'VALID'), ('batch_norm', 'bn2'), ('relu',), ('max_pool',),
-        ('conv', 'conv3', 128, 5, 'VALID'), ('batch_norm', 'bn3'), ('relu',),
-        ('conv', 'conv4', 128, 5, 'VALID'), ('batch_norm', 'bn4'), ('relu',), ('max_pool',),
+        ('conv', 'conv1', 64, 5, 'VALID'),
+        ('batch_norm', 'bn1'),
+        ('relu',),
+        ('conv', 'conv2', 64, 5, 'VALID'),
+        ('batch_norm', 'bn2'),
+        ('relu',),
+        ('max_pool',),
+        ('conv', 'conv3', 128, 5, 'VALID'),
+        ('batch_norm', 'bn3'),
+        ('relu',),
+        ('conv', 'conv4', 128, 5, 'VALID'),
+        ('batch_norm', 'bn4'),
+        ('relu',),
+        ('max_pool',),
         ('flatten',),
-        ('dense', 'fc1', 128), ('batch_norm', 'bn5'), ('relu',),
-        ('dense', 'fc2', 128), ('batch_norm', 'bn6'), ('relu',),
-        ('dense', 'fc3', None))
+        ('dense', 'fc1', 128),
+        ('batch_norm', 'bn5'),
+        ('relu',),
+        ('dense', 'fc2', 128),
+        ('batch_norm', 'bn6'),
+        ('relu',),
+        ('dense', 'fc3', None),
+    )
 
 
 class PreActBlock(nn.Module):
@@ -231,6 +275,7 @@ class PreActBlock(nn.Module):
     Where width or stride change, the shortcut is a masked 1x1 conv (stride) applied, as in the
     common PyTorch PreActResNet, to the block's first pre-activation rather than to the raw input.
     """
+
     features: int
     strides: int = 1
     estimator: str = 'long_tailed'
@@ -239,13 +284,19 @@ class PreActBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(MaskedConv, estimator=self.estimator, conv_impl=self.conv_impl,
-                                 compute_dtype=self.compute_dtype)
+        conv = functools.partial(
+            MaskedConv,
+            estimator=self.estimator,
+            conv_impl=self.conv_impl,
+            compute_dtype=self.compute_dtype,
+        )
         s = (self.strides, self.strides)
         out = nn.relu(_batch_norm(train, name='bn1')(x))
         if self.strides != 1 or x.shape[-1] != self.features:
             # PyTorch padding=0 for the 1x1 projection.
-            shortcut = conv(self.features, kernel_size=(1, 1), strides=s, padding=0, name='shortcut')(out)
+            shortcut = conv(
+                self.features, kernel_size=(1, 1), strides=s, padding=0, name='shortcut'
+            )(out)
         else:
             shortcut = x
         # PyTorch padding=1: symmetric, unlike 'SAME' with stride 2 on even inputs.
@@ -261,21 +312,28 @@ class ResNet18(MaskedNet):
     Every conv (stem, block convs, 1x1 shortcuts) is masked: 2,790,240 masked weights, 2,400
     thresholds. The final Linear is not masked, and there is no BatchNorm after the last block.
     """
+
     num_classes: int = 100
     widths: tuple[int, ...] = (32, 64, 128, 256)
     blocks_per_stage: int = 2
 
     def export_plan(self) -> tuple:
         """What `export.compact_model` walks: the stem, the blocks by their names, the head."""
-        return 'preact_resnet', {'stages': len(self.widths),
-                                 'blocks_per_stage': self.blocks_per_stage}
+        return 'preact_resnet', {
+            'stages': len(self.widths),
+            'blocks_per_stage': self.blocks_per_stage,
+        }
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.layout != 'NHWC':
             raise ValueError(f'ResNet18 runs in the NHWC layout only; got layout={self.layout!r}.')
-        block = functools.partial(PreActBlock, estimator=self.estimator, conv_impl=self.conv_impl,
-                                  compute_dtype=self.compute_dtype)
+        block = functools.partial(
+            PreActBlock,
+            estimator=self.estimator,
+            conv_impl=self.conv_impl,
+            compute_dtype=self.compute_dtype,
+        )
         conv, _ = self.masked_layers()
         x = conv(self.widths[0], kernel_size=(3, 3), padding=1, name='stem')(x)
         x = nn.relu(_batch_norm(train, name='stem_bn')(x))
@@ -290,6 +348,7 @@ class ResNet18(MaskedNet):
 class TransformerBlock(nn.Module):
     """Pre-norm encoder block: x + Attn(LN(x)), then x + MLP(LN(x)); qkv, attention-out and both
     MLP layers are masked (no bias), the LayerNorms are not."""
+
     dim: int = 128
     heads: int = 8
     head_dim: int = 64
@@ -299,15 +358,17 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = functools.partial(MaskedDense, estimator=self.estimator, compute_dtype=self.compute_dtype)
+        dense = functools.partial(
+            MaskedDense, estimator=self.estimator, compute_dtype=self.compute_dtype
+        )
         batch, tokens, _ = x.shape
         inner = self.heads * self.head_dim
 
         h = nn.LayerNorm(epsilon=1e-5, name='norm1')(x)
         qkv = dense(3 * inner, name='qkv')(h)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.heads, self.head_dim), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]                      # [batch, tokens, heads, head_dim]
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * self.head_dim ** -0.5
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [batch, tokens, heads, head_dim]
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * self.head_dim**-0.5
         attn = jax.nn.softmax(logits, axis=-1)
         h = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(batch, tokens, inner)
         x = x + dense(self.dim, name='attn_out')(h)
@@ -325,6 +386,7 @@ class ViT(MaskedNet):
     thresholds). Unmasked: the patch embedding, cls token, position embedding, LayerNorms and head.
     Dropout is 0 in the official configuration, so there is none.
     """
+
     # `conv_impl` is unused: the ViT has no masked conv.
     patch_size: int = 4
     dim: int = 128
@@ -336,8 +398,12 @@ class ViT(MaskedNet):
     def export_plan(self) -> tuple:
         """What `export.compact_model` walks: the blocks, with the head sizes (which the shapes of
         the weights do not determine)."""
-        return 'vit', {'depth': self.depth, 'heads': self.heads, 'head_dim': self.head_dim,
-                       'patch_size': self.patch_size}
+        return 'vit', {
+            'depth': self.depth,
+            'heads': self.heads,
+            'head_dim': self.head_dim,
+            'patch_size': self.patch_size,
+        }
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -354,24 +420,42 @@ class ViT(MaskedNet):
         # torch.randn initialisation, as in the vit-pytorch code the official folder uses.
         cls = self.param('cls_token', nn.initializers.normal(1.0), (1, 1, self.dim), jnp.float32)
         tokens = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.dim)), tokens], axis=1)
-        pos = self.param('pos_embedding', nn.initializers.normal(1.0),
-                         (1, tokens.shape[1], self.dim), jnp.float32)
+        pos = self.param(
+            'pos_embedding',
+            nn.initializers.normal(1.0),
+            (1, tokens.shape[1], self.dim),
+            jnp.float32,
+        )
         tokens = tokens + pos
 
         for i in range(self.depth):
-            tokens = TransformerBlock(self.dim, self.heads, self.head_dim, self.mlp_dim,
-                                      estimator=self.estimator, compute_dtype=self.compute_dtype,
-                                      name=f'block{i + 1}')(tokens)
+            tokens = TransformerBlock(
+                self.dim,
+                self.heads,
+                self.head_dim,
+                self.mlp_dim,
+                estimator=self.estimator,
+                compute_dtype=self.compute_dtype,
+                name=f'block{i + 1}',
+            )(tokens)
         cls_out = nn.LayerNorm(epsilon=1e-5, name='norm')(tokens[:, 0])
         return _torch_dense(self.num_classes, self.dim, name='head')(cls_out)
 
 
-MODELS = {'digits_cnn': DigitsCNN, 'lenet5': LeNet5, 'conv4': Conv4, 'resnet18': ResNet18, 'vit': ViT}
+MODELS = {
+    'digits_cnn': DigitsCNN,
+    'lenet5': LeNet5,
+    'conv4': Conv4,
+    'resnet18': ResNet18,
+    'vit': ViT,
+}
 
 
 def check_model(name: str) -> None:
     if name not in MODELS:
-        raise ValueError(f'model={name!r} is not known; allowed values: {", ".join(sorted(MODELS))}.')
+        raise ValueError(
+            f'model={name!r} is not known; allowed values: {", ".join(sorted(MODELS))}.'
+        )
 
 
 # How each model runs fastest on XLA:CPU (BENCHMARKS.md, "Layouts and YNNPACK"): im2col convolutions
@@ -384,7 +468,7 @@ CPU_SETTINGS = {
     Conv4: {'conv_impl': 'im2col'},
     ResNet18: {'conv_impl': 'im2col'},
 }
-CONV_IMPLS = ('auto', 'im2col', 'xla')   # 'auto': the backend's (`specialize`)
+CONV_IMPLS = ('auto', 'im2col', 'xla')  # 'auto': the backend's (`specialize`)
 
 
 def specialize(model: nn.Module, backend: str | None = None) -> nn.Module:
@@ -395,16 +479,24 @@ def specialize(model: nn.Module, backend: str | None = None) -> nn.Module:
     return model.clone(**CPU_SETTINGS.get(type(model), {}))
 
 
-def create_model(name: str, num_classes: int, *, estimator: str = 'long_tailed',
-                 conv_impl: str = 'auto', compute_dtype: Any = None,
-                 backend: str | None = None) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    estimator: str = 'long_tailed',
+    conv_impl: str = 'auto',
+    compute_dtype: Any = None,
+    backend: str | None = None,
+) -> nn.Module:
     """Model `name` of `MODELS`, specialized for `backend` (`specialize`); `conv_impl` other than
     'auto' overrides the backend's choice of convolution."""
     check_model(name)
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f'conv_impl={conv_impl!r}: use one of {", ".join(CONV_IMPLS)}.')
-    model = specialize(MODELS[name](num_classes=num_classes, estimator=estimator,
-                                    compute_dtype=compute_dtype), backend)
+    model = specialize(
+        MODELS[name](num_classes=num_classes, estimator=estimator, compute_dtype=compute_dtype),
+        backend,
+    )
     return model if conv_impl == 'auto' else model.clone(conv_impl=conv_impl)
 
 

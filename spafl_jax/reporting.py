@@ -13,7 +13,8 @@ import numbers
 import os
 import struct
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 from absl import logging
 import numpy as np
@@ -27,10 +28,10 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 from spafl_jax import files
 
-METRICS_FILENAME = "metrics.jsonl"
-TENSORBOARD_DIRNAME = "tensorboard"
+METRICS_FILENAME = 'metrics.jsonl'
+TENSORBOARD_DIRNAME = 'tensorboard'
 # One event file, rebuilt from metrics.jsonl whenever it does not hold exactly its records.
-EVENTS_FILENAME = "events.out.tfevents.spafl_jax"
+EVENTS_FILENAME = 'events.out.tfevents.spafl_jax'
 _DPI = 120
 
 
@@ -45,11 +46,11 @@ def _to_python_scalar(key: str, value: Any) -> Any:
     if isinstance(value, numbers.Real):
         return float(value)
     # 0-d numpy (or device) arrays: anything with an empty shape and .item().
-    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+    if getattr(value, 'shape', None) == () and hasattr(value, 'item'):
         return _to_python_scalar(key, value.item())
     raise TypeError(
-        f"Metric {key!r} must be a scalar number, got {type(value).__name__} "
-        f"with shape {getattr(value, 'shape', None)}."
+        f'Metric {key!r} must be a scalar number, got {type(value).__name__} '
+        f'with shape {getattr(value, "shape", None)}.'
     )
 
 
@@ -67,7 +68,7 @@ def _parse_records(text: str) -> tuple[list[dict], list[str]]:
     previous one, are left out and named in the notes.
     """
     records, notes = [], []
-    lines = text.split("\n")
+    lines = text.split('\n')
     for number, line in enumerate(lines, start=1):
         last = number == len(lines)
         if not line.strip():
@@ -76,15 +77,22 @@ def _parse_records(text: str) -> tuple[list[dict], list[str]]:
             record = json.loads(line)
         except ValueError:
             record = None
-        if not (isinstance(record, dict) and isinstance(record.get("round"), int)
-                and not isinstance(record.get("round"), bool)):
-            notes.append(f"line {number}: "
-                         + ("an unfinished last record" if last else "not a metrics record")
-                         + f" ({line[:40]!r})")
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get('round'), int)
+            and not isinstance(record.get('round'), bool)
+        ):
+            notes.append(
+                f'line {number}: '
+                + ('an unfinished last record' if last else 'not a metrics record')
+                + f' ({line[:40]!r})'
+            )
             continue
-        if records and record["round"] <= records[-1]["round"]:
-            notes.append(f"line {number}: round {record['round']} does not follow "
-                         f"round {records[-1]['round']}")
+        if records and record['round'] <= records[-1]['round']:
+            notes.append(
+                f'line {number}: round {record["round"]} does not follow '
+                f'round {records[-1]["round"]}'
+            )
             continue
         records.append(record)
     return records, notes
@@ -93,7 +101,7 @@ def _parse_records(text: str) -> tuple[list[dict], list[str]]:
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics.jsonl file (`_parse_records`: a torn last line
     or a garbage line is left out)."""
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
+    with open(path, encoding='utf-8', errors='replace') as f:
         return _parse_records(f.read())[0]
 
 
@@ -104,28 +112,32 @@ def json_ready(obj: Any) -> Any:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Writes `obj` as JSON so readers see either the old or the new file."""
-    files.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    files.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
 
 
 def _tfrecord(data: bytes) -> bytes:
     """One TFRecord: length, its masked CRC, the data, its masked CRC (little-endian)."""
-    header = struct.pack("<Q", len(data))
-    return (header + struct.pack("<I", masked_crc32c(header)) + data
-            + struct.pack("<I", masked_crc32c(data)))
+    header = struct.pack('<Q', len(data))
+    return (
+        header
+        + struct.pack('<I', masked_crc32c(header))
+        + data
+        + struct.pack('<I', masked_crc32c(data))
+    )
 
 
 def _read_tfrecords(blob: bytes) -> list[tuple[int, bytes]]:
     """(end offset, data) of each whole, checksummed record, up to the first torn or bad one."""
     out, offset = [], 0
     while offset + 12 <= len(blob):
-        header = blob[offset:offset + 8]
-        (length,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack("<I", blob[offset + 8:offset + 12])
+        header = blob[offset : offset + 8]
+        (length,) = struct.unpack('<Q', header)
+        (header_crc,) = struct.unpack('<I', blob[offset + 8 : offset + 12])
         end = offset + 12 + length + 4
         if header_crc != masked_crc32c(header) or end > len(blob):
             break
-        data = blob[offset + 12:offset + 12 + length]
-        if struct.unpack("<I", blob[end - 4:end])[0] != masked_crc32c(data):
+        data = blob[offset + 12 : offset + 12 + length]
+        if struct.unpack('<I', blob[end - 4 : end])[0] != masked_crc32c(data):
             break
         out.append((end, data))
         offset = end
@@ -133,23 +145,26 @@ def _read_tfrecords(blob: bytes) -> list[tuple[int, bytes]]:
 
 
 def _version_event(wall_time: float) -> event_pb2.Event:
-    return event_pb2.Event(wall_time=wall_time, file_version="brain.Event:2")
+    return event_pb2.Event(wall_time=wall_time, file_version='brain.Event:2')
 
 
 def _scalar_event(record: Mapping[str, Any], wall_time: float) -> event_pb2.Event:
     values = [
         summary_pb2.Summary.Value(tag=key, simple_value=float(value))
         for key, value in sorted(record.items())
-        if key != "round" and _is_tensorboard_scalar(value)
+        if key != 'round' and _is_tensorboard_scalar(value)
     ]
-    return event_pb2.Event(wall_time=wall_time, step=record["round"],
-                           summary=summary_pb2.Summary(value=values))
+    return event_pb2.Event(
+        wall_time=wall_time, step=record['round'], summary=summary_pb2.Summary(value=values)
+    )
 
 
 def _same_content(a: event_pb2.Event, b: event_pb2.Event) -> bool:
     """Equal but for the wall time (which a rebuilt event cannot know)."""
-    a, b = event_pb2.Event.FromString(a.SerializeToString()), event_pb2.Event.FromString(
-        b.SerializeToString())
+    a, b = (
+        event_pb2.Event.FromString(a.SerializeToString()),
+        event_pb2.Event.FromString(b.SerializeToString()),
+    )
     a.wall_time = b.wall_time = 0.0
     return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
 
@@ -169,7 +184,7 @@ def _open_event_log(directory: str, records: Sequence[Mapping[str, Any]]) -> str
     path = os.path.join(directory, EVENTS_FILENAME)
     now = time.time()
     expected = [_version_event(now)] + [_scalar_event(r, now) for r in records]
-    existing = files.read_bytes(path) or b""
+    existing = files.read_bytes(path) or b''
     found = _read_tfrecords(existing)
     matched = 0
     for (_, data), event in zip(found, expected):
@@ -185,10 +200,11 @@ def _open_event_log(directory: str, records: Sequence[Mapping[str, Any]]) -> str
             os.truncate(path, end)
     else:
         kept = [event_pb2.Event.FromString(data) for _, data in found[:matched]]
-        files.write_atomic(path, b"".join(
-            _tfrecord(e.SerializeToString()) for e in kept + expected[matched:]))
+        files.write_atomic(
+            path, b''.join(_tfrecord(e.SerializeToString()) for e in kept + expected[matched:])
+        )
     for name in os.listdir(directory):
-        if "tfevents" in name and name != EVENTS_FILENAME:
+        if 'tfevents' in name and name != EVENTS_FILENAME:
             os.remove(os.path.join(directory, name))
     return path
 
@@ -210,12 +226,11 @@ class MetricsWriter:
         self.path = os.path.join(workdir, METRICS_FILENAME)
         self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIRNAME)
         records = self._repair(resume_from_round)
-        self._last_round = records[-1]["round"] if records else None
-        self._fd = os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+        self._last_round = records[-1]['round'] if records else None
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._tb_fd = os.open(
+            _open_event_log(self.tensorboard_dir, records), os.O_WRONLY | os.O_APPEND
         )
-        self._tb_fd = os.open(_open_event_log(self.tensorboard_dir, records),
-                              os.O_WRONLY | os.O_APPEND)
 
     def _repair(self, resume_from_round: int | None) -> list[dict]:
         """Cuts a partial last line, garbage lines and rounds >= resume_from_round.
@@ -225,19 +240,19 @@ class MetricsWriter:
         """
         if not os.path.exists(self.path):
             return []
-        with open(self.path, "rb") as f:
+        with open(self.path, 'rb') as f:
             data = f.read()
-        text = data.decode("utf-8", errors="replace")
+        text = data.decode('utf-8', errors='replace')
         records, notes = _parse_records(text)
         for note in notes:
-            logging.warning("%s, %s: left out", self.path, note)
+            logging.warning('%s, %s: left out', self.path, note)
         if resume_from_round is not None:
-            records = [r for r in records if r["round"] < resume_from_round]
-        repaired = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+            records = [r for r in records if r['round'] < resume_from_round]
+        repaired = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records)
         if repaired != text:
             if not notes and text.startswith(repaired):
                 # Only whole records at the end go (rounds to recompute): cut in place.
-                os.truncate(self.path, len(repaired.encode("utf-8")))
+                os.truncate(self.path, len(repaired.encode('utf-8')))
             else:
                 files.write_atomic(self.path, repaired)
         return records
@@ -245,25 +260,25 @@ class MetricsWriter:
     def write(self, record: Mapping[str, Any]) -> None:
         """Appends one round's metrics; every number also goes to TensorBoard."""
         if self._fd is None:
-            raise ValueError("MetricsWriter is closed.")
-        if "round" not in record:
+            raise ValueError('MetricsWriter is closed.')
+        if 'round' not in record:
             raise ValueError(f"Record has no 'round': {sorted(record)}")
         clean = {k: _to_python_scalar(k, v) for k, v in record.items()}
-        step = clean["round"]
+        step = clean['round']
         if not isinstance(step, int) or isinstance(step, bool):
             raise TypeError(f"'round' must be an int, got {record['round']!r}.")
         if self._last_round is not None and step <= self._last_round:
             raise ValueError(
-                f"Round {step} is not after the last logged round "
-                f"{self._last_round} in {self.path}; pass resume_from_round "
-                "when restarting so old rounds are dropped first."
+                f'Round {step} is not after the last logged round '
+                f'{self._last_round} in {self.path}; pass resume_from_round '
+                'when restarting so old rounds are dropped first.'
             )
-        line = (json.dumps(clean, sort_keys=True) + "\n").encode("utf-8")
+        line = (json.dumps(clean, sort_keys=True) + '\n').encode('utf-8')
         # One write on an O_APPEND fd: a kill leaves either no line or a
         # whole one (or, at worst, a partial tail that the next open cuts).
         written = os.write(self._fd, line)
         if written != len(line):
-            raise OSError(f"Short write to {self.path}: {written}/{len(line)}.")
+            raise OSError(f'Short write to {self.path}: {written}/{len(line)}.')
         os.fsync(self._fd)
         self._last_round = step
         # Not fsynced: a torn event is rebuilt from metrics.jsonl on the next open.
@@ -275,7 +290,7 @@ class MetricsWriter:
             os.close(self._tb_fd)
             self._fd = self._tb_fd = None
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -285,11 +300,9 @@ class MetricsWriter:
 def _series(records: Sequence[Mapping[str, Any]], key: str):
     """Returns (rounds, values) of the records that hold a finite `key`."""
     pairs = [
-        (r["round"], float(r[key]))
+        (r['round'], float(r[key]))
         for r in records
-        if "round" in r
-        and _is_tensorboard_scalar(r.get(key))
-        and math.isfinite(float(r[key]))
+        if 'round' in r and _is_tensorboard_scalar(r.get(key)) and math.isfinite(float(r[key]))
     ]
     pairs.sort()
     return (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
@@ -300,7 +313,7 @@ def _new_axes(title: str, ylabel: str):
     FigureCanvasAgg(fig)  # Attaches an Agg canvas without touching pyplot.
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title(title)
-    ax.set_xlabel("round")
+    ax.set_xlabel('round')
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -311,7 +324,7 @@ def save_figure(fig: Figure, path: str, dpi: float = _DPI) -> str:
     """Writes the PNG atomically, and only when its bytes change (drawing is deterministic)."""
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=dpi, format="png")
+    fig.savefig(buffer, dpi=dpi, format='png')
     files.write_atomic(path, buffer.getvalue())
     return path
 
@@ -334,12 +347,12 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str
     keys = set().union(*(r.keys() for r in records)) if records else set()
 
     labels = {
-        "accuracy": "mean over clients",
-        "accuracy_weighted": "weighted by test-set size",
-        "density": "mean over layers (official)",
-        "density_weighted": "weighted by parameters",
-        "bits_up": "uplink",
-        "bits_down": "downlink",
+        'accuracy': 'mean over clients',
+        'accuracy_weighted': 'weighted by test-set size',
+        'density': 'mean over layers (official)',
+        'density_weighted': 'weighted by parameters',
+        'bits_up': 'uplink',
+        'bits_down': 'downlink',
     }
 
     def plot_main(ax, key_list, scale):
@@ -347,41 +360,52 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str
         for key in key_list:
             rounds, values = _series(records, key)
             if rounds.size:
-                ax.plot(rounds, values * scale, marker="." if rounds.size < 50
-                        else None, linewidth=1.8, label=f"{key}: {labels[key]}")
+                ax.plot(
+                    rounds,
+                    values * scale,
+                    marker='.' if rounds.size < 50 else None,
+                    linewidth=1.8,
+                    label=f'{key}: {labels[key]}',
+                )
                 drawn = True
         return drawn
 
-    if keys & {"accuracy", "accuracy_weighted"}:
-        fig, ax = _new_axes("Test accuracy", "accuracy (%)")
-        if plot_main(ax, ["accuracy", "accuracy_weighted"], 100.0):
+    if keys & {'accuracy', 'accuracy_weighted'}:
+        fig, ax = _new_axes('Test accuracy', 'accuracy (%)')
+        if plot_main(ax, ['accuracy', 'accuracy_weighted'], 100.0):
             ax.legend()
-            paths.append(save_figure(fig, os.path.join(out_dir, "accuracy.png")))
+            paths.append(save_figure(fig, os.path.join(out_dir, 'accuracy.png')))
 
-    layer_keys = sorted(k for k in keys if k.startswith("density/"))
-    if keys & {"density", "density_weighted"} or layer_keys:
-        fig, ax = _new_axes("Model density (kept fraction)", "density (%)")
-        drawn = plot_main(ax, ["density", "density_weighted"], 100.0)
+    layer_keys = sorted(k for k in keys if k.startswith('density/'))
+    if keys & {'density', 'density_weighted'} or layer_keys:
+        fig, ax = _new_axes('Model density (kept fraction)', 'density (%)')
+        drawn = plot_main(ax, ['density', 'density_weighted'], 100.0)
         for key in layer_keys:
             rounds, values = _series(records, key)
             if rounds.size:
-                ax.plot(rounds, values * 100.0, linewidth=0.8, alpha=0.7,
-                        linestyle="--", label=key.removeprefix("density/"))
+                ax.plot(
+                    rounds,
+                    values * 100.0,
+                    linewidth=0.8,
+                    alpha=0.7,
+                    linestyle='--',
+                    label=key.removeprefix('density/'),
+                )
                 drawn = True
         if drawn:
             ax.set_ylim(bottom=0.0)
-            ax.legend(fontsize="small", ncol=2 if len(layer_keys) > 4 else 1)
-            paths.append(save_figure(fig, os.path.join(out_dir, "density.png")))
+            ax.legend(fontsize='small', ncol=2 if len(layer_keys) > 4 else 1)
+            paths.append(save_figure(fig, os.path.join(out_dir, 'density.png')))
 
-    if keys & {"bits_up", "bits_down"}:
-        fig, ax = _new_axes("Cumulative communication", "communication (Gbit)")
-        if plot_main(ax, ["bits_up", "bits_down"], 1e-9):
+    if keys & {'bits_up', 'bits_down'}:
+        fig, ax = _new_axes('Cumulative communication', 'communication (Gbit)')
+        if plot_main(ax, ['bits_up', 'bits_down'], 1e-9):
             ax.legend()
-            paths.append(save_figure(fig, os.path.join(out_dir, "communication.png")))
+            paths.append(save_figure(fig, os.path.join(out_dir, 'communication.png')))
     return paths
 
 
-def plot_sparsity_pattern(masks: np.ndarray, out_path: str, title: str = "") -> str:
+def plot_sparsity_pattern(masks: np.ndarray, out_path: str, title: str = '') -> str:
     """Draws kept filters per client, as in Figure 3 of the SpaFL paper.
 
     Args:
@@ -394,7 +418,7 @@ def plot_sparsity_pattern(masks: np.ndarray, out_path: str, title: str = "") -> 
     """
     masks = np.asarray(masks)
     if masks.ndim != 2:
-        raise ValueError(f"masks must be [clients, filters], got {masks.shape}.")
+        raise ValueError(f'masks must be [clients, filters], got {masks.shape}.')
     num_clients, num_filters = masks.shape
     # Wide enough that each filter stays visible, tall enough per client.
     width = min(max(4.0, 0.06 * num_filters + 1.5), 16.0)
@@ -404,17 +428,17 @@ def plot_sparsity_pattern(masks: np.ndarray, out_path: str, title: str = "") -> 
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(
         (masks != 0).astype(np.float32),
-        cmap="gray_r",
+        cmap='gray_r',
         vmin=0.0,
         vmax=1.0,
-        aspect="auto",
-        interpolation="nearest",
+        aspect='auto',
+        interpolation='nearest',
         extent=(-0.5, num_filters - 0.5, num_clients - 0.5, -0.5),
     )
-    ax.set_xlabel("filter")
-    ax.set_ylabel("client")
+    ax.set_xlabel('filter')
+    ax.set_ylabel('client')
     density = float(np.mean(masks != 0)) if masks.size else 0.0
-    ax.set_title(title or f"Kept filters per client (density {density:.1%})")
+    ax.set_title(title or f'Kept filters per client (density {density:.1%})')
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.xaxis.get_major_locator().set_params(integer=True)
     out_dir = os.path.dirname(os.path.abspath(out_path))

@@ -40,6 +40,7 @@ def importance_update(params, delta):
     A rising threshold (delta > 0) shrinks each row's magnitude by moving it towards zero along the
     sign of its signed sum, so the server's change in thresholds reaches the weights of every client.
     """
+
     def update(kernel, d):
         sign = jnp.sign(jnp.sum(kernel, axis=tuple(range(kernel.ndim - 1))))
         return kernel - sign * d / importance_normalizer(kernel.shape)

@@ -39,45 +39,67 @@ from spafl_jax import reporting
 
 def local_config(config) -> client_lib.LocalConfig:
     return client_lib.LocalConfig(
-        batch_size=config.batch_size, local_epochs=config.local_epochs, lr=config.lr,
-        lr_decay=config.lr_decay, min_lr=config.min_lr, clip=config.clip, th_coeff=config.th_coeff,
-        penalty_warmup=config.penalty_warmup, persistent_optimizer=config.persistent_optimizer,
+        batch_size=config.batch_size,
+        local_epochs=config.local_epochs,
+        lr=config.lr,
+        lr_decay=config.lr_decay,
+        min_lr=config.min_lr,
+        clip=config.clip,
+        th_coeff=config.th_coeff,
+        penalty_warmup=config.penalty_warmup,
+        persistent_optimizer=config.persistent_optimizer,
         drop_last=config.get('drop_last', True),
-        collapse_check=config.get('collapse_check', 'current'))
+        collapse_check=config.get('collapse_check', 'current'),
+    )
 
 
 def round_config(config) -> federated.RoundConfig:
     return federated.RoundConfig(
-        clients_per_round=config.clients_per_round, importance_update=config.importance_update,
-        aggregation=config.aggregation)
+        clients_per_round=config.clients_per_round,
+        importance_update=config.importance_update,
+        aggregation=config.aggregation,
+    )
 
 
 def data_spec(config, dataset: data_lib.Dataset) -> client_lib.DataSpec:
-    return client_lib.DataSpec(pixel_max=dataset.pixel_max, mean=tuple(dataset.mean),
-                               std=tuple(dataset.std), normalize=not config.raw_pixels,
-                               augment=config.augment)
+    return client_lib.DataSpec(
+        pixel_max=dataset.pixel_max,
+        mean=tuple(dataset.mean),
+        std=tuple(dataset.std),
+        normalize=not config.raw_pixels,
+        augment=config.augment,
+    )
 
 
 def build_model(config, num_classes: int):
     dtype = None if config.compute_dtype == 'float32' else jnp.dtype(config.compute_dtype)
-    return models.create_model(config.model, num_classes, estimator=config.estimator,
-                               conv_impl=config.conv_impl, compute_dtype=dtype)
+    return models.create_model(
+        config.model,
+        num_classes,
+        estimator=config.estimator,
+        conv_impl=config.conv_impl,
+        compute_dtype=dtype,
+    )
 
 
 def check_model_fits(model, config, image_shape) -> None:
     """Abstract evaluation only (no compilation): does the model accept this dataset's images?"""
     try:
-        shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), image_shape))
+        shapes = jax.eval_shape(
+            lambda: models.init_variables(model, jax.random.key(0), image_shape)
+        )
     except Exception as e:  # pylint: disable=broad-except
         raise configuration.ConfigError(
             f'config.model={config.model!r} does not accept {config.dataset!r} images of shape '
             f'{tuple(image_shape)} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
-            f'pick a model made for this dataset.') from None
+            f'pick a model made for this dataset.'
+        ) from None
     if not config.get('drop_last', True) and jax.tree.leaves(shapes['batch_stats']):
         raise configuration.ConfigError(
             f'config.drop_last=False needs a model without BatchNorm: the padded examples of a '
             f'partial batch would enter the batch statistics of config.model={config.model!r}; '
-            'keep config.drop_last=True.')
+            'keep config.drop_last=True.'
+        )
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, num_sampled: int) -> np.ndarray:
@@ -96,14 +118,20 @@ def min_train_examples(config) -> int:
 def split_data(config, dataset: data_lib.Dataset):
     minimum = min_train_examples(config)
     try:
-        return federated.split_clients(dataset, config.num_clients, alpha=config.alpha,
-                                       min_train_examples=minimum, seed=config.seed)
+        return federated.split_clients(
+            dataset,
+            config.num_clients,
+            alpha=config.alpha,
+            min_train_examples=minimum,
+            seed=config.seed,
+        )
     except ValueError as e:
         raise configuration.ConfigError(
             f'the Dirichlet split cannot give each of config.num_clients={config.num_clients} '
             f'clients {minimum} examples of {config.dataset} with '
             f'config.alpha={config.alpha} ({e}); use fewer clients, a smaller batch or a larger '
-            'alpha.') from None
+            'alpha.'
+        ) from None
 
 
 def _one_client(tree):
@@ -142,13 +170,15 @@ def _pack_masks(masks: np.ndarray) -> dict[str, Any]:
 def _unpack_masks(packed: dict[str, Any]) -> np.ndarray:
     shape = tuple(packed['shape'])
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed['bits']), np.uint8))
-    return bits[:int(np.prod(shape))].reshape(shape).astype(np.float32)
+    return bits[: int(np.prod(shape))].reshape(shape).astype(np.float32)
 
 
 def _draw_sparsity(workdir: str, layer: str, round_: int, packed: dict[str, Any]) -> None:
     reporting.plot_sparsity_pattern(
-        _unpack_masks(packed), os.path.join(workdir, f'sparsity_round_{round_:04d}.png'),
-        title=f'{layer}: kept rows per client after round {round_}')
+        _unpack_masks(packed),
+        os.path.join(workdir, f'sparsity_round_{round_:04d}.png'),
+        title=f'{layer}: kept rows per client after round {round_}',
+    )
 
 
 class WorkdirError(RuntimeError):
@@ -160,22 +190,35 @@ class NonFiniteError(RuntimeError):
     last good checkpoint is left as it was."""
 
 
-class Preempted(RuntimeError):
+class Preempted(RuntimeError):  # noqa: N818  (not an error: the run stops as asked)
     """SIGTERM/SIGINT arrived; a checkpoint was written at the round boundary."""
 
     def __init__(self, signum: int, round_index: int, workdir: str):
-        super().__init__(f'stopped by signal {signum} after round {round_index}; checkpoint '
-                         f'saved in {workdir}: run the same command to resume.')
+        super().__init__(
+            f'stopped by signal {signum} after round {round_index}; checkpoint '
+            f'saved in {workdir}: run the same command to resume.'
+        )
         self.signum = signum
 
 
 # Fields that may change when a run is resumed: how long it runs and what it reports, and where and
 # how it executes (a run checkpointed on one machine resumes on another; the execution changes
 # results only to float rounding).
-RESUMABLE_FIELDS = ('rounds', 'eval_every', 'eval_batch_size', 'checkpoint_every',
-                    'sparsity_rounds', 'client_execution', 'vmap_lanes', 'eval_chunk',
-                    'num_cpu_devices', 'coordinator_address', 'num_processes', 'process_id',
-                    'max_loss')
+RESUMABLE_FIELDS = (
+    'rounds',
+    'eval_every',
+    'eval_batch_size',
+    'checkpoint_every',
+    'sparsity_rounds',
+    'client_execution',
+    'vmap_lanes',
+    'eval_chunk',
+    'num_cpu_devices',
+    'coordinator_address',
+    'num_processes',
+    'process_id',
+    'max_loss',
+)
 # Fields added after runs were already written, with the value that reproduces those runs: a
 # workdir whose config.json lacks one resumes as if it held that value.
 ADDED_FIELDS = {'collapse_check': 'current', 'max_loss': 1e6}
@@ -205,17 +248,20 @@ class WorkdirLock:
         try:
             f = open(self.path, 'a+')
         except OSError as e:
-            raise WorkdirError(f'workdir {os.path.dirname(self.path)!r}: its lock file cannot be '
-                               f'opened ({e.strerror}); pass a writable --workdir.') from None
+            raise WorkdirError(
+                f'workdir {os.path.dirname(self.path)!r}: its lock file cannot be '
+                f'opened ({e.strerror}); pass a writable --workdir.'
+            ) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             holder = f.read().strip() or 'another process'
             f.close()
-            raise WorkdirError(f'workdir {os.path.dirname(self.path)!r} is in use by another run '
-                               f'({holder}); wait for it to finish, or pass another --workdir.'
-                               ) from None
+            raise WorkdirError(
+                f'workdir {os.path.dirname(self.path)!r} is in use by another run '
+                f'({holder}); wait for it to finish, or pass another --workdir.'
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
@@ -224,7 +270,7 @@ class WorkdirLock:
 
     def release(self) -> None:
         if self._file is not None:
-            self._file.close()   # closing drops the flock
+            self._file.close()  # closing drops the flock
             self._file = None
 
     def __enter__(self):
@@ -235,18 +281,25 @@ class WorkdirLock:
         self.release()
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, overwrite: bool,
-                    lock: WorkdirLock | None = None) -> None:
+def prepare_workdir(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    *,
+    overwrite: bool,
+    lock: WorkdirLock | None = None,
+) -> None:
     """Creates the workdir and takes its `lock`; a workdir holding a run with another config is
     refused or cleared."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirError(f'workdir {workdir!r} is a file, not a directory; pass a directory as '
-                           '--workdir.')
+        raise WorkdirError(
+            f'workdir {workdir!r} is a file, not a directory; pass a directory as --workdir.'
+        )
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
-        raise WorkdirError(f'workdir {workdir!r} cannot be created ({e.strerror}); '
-                           'pass a writable --workdir.') from None
+        raise WorkdirError(
+            f'workdir {workdir!r} cannot be created ({e.strerror}); pass a writable --workdir.'
+        ) from None
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise WorkdirError(f'workdir {workdir!r} is not writable; pass a writable --workdir.')
     if lock is not None:
@@ -257,21 +310,33 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, overwrit
             with open(config_path) as f:
                 previous = json.load(f)
         except (OSError, ValueError) as e:
-            raise WorkdirError(f'workdir {workdir!r} holds an unreadable {CONFIG_FILENAME} ({e}); '
-                               'pass --overwrite to start afresh there, or another --workdir.'
-                               ) from None
+            raise WorkdirError(
+                f'workdir {workdir!r} holds an unreadable {CONFIG_FILENAME} ({e}); '
+                'pass --overwrite to start afresh there, or another --workdir.'
+            ) from None
         previous = {**ADDED_FIELDS, **previous}
         current = _normalized(config.to_dict())
-        differing = sorted(k for k in set(previous) | set(current)
-                           if k not in RESUMABLE_FIELDS and previous.get(k) != current.get(k))
+        differing = sorted(
+            k
+            for k in set(previous) | set(current)
+            if k not in RESUMABLE_FIELDS and previous.get(k) != current.get(k)
+        )
         if differing:
-            detail = ', '.join(f'{k}: {previous.get(k)!r} -> {current.get(k)!r}'
-                               for k in differing[:5])
-            raise WorkdirError(f'workdir {workdir!r} holds a run with a different config ({detail}); '
-                               'pass another --workdir, or --overwrite to replace that run.')
+            detail = ', '.join(
+                f'{k}: {previous.get(k)!r} -> {current.get(k)!r}' for k in differing[:5]
+            )
+            raise WorkdirError(
+                f'workdir {workdir!r} holds a run with a different config ({detail}); '
+                'pass another --workdir, or --overwrite to replace that run.'
+            )
     if overwrite:
-        for name in (CONFIG_FILENAME, reporting.METRICS_FILENAME, 'summary.json',
-                     DIVERGED_FILENAME, 'final_state.msgpack'):
+        for name in (
+            CONFIG_FILENAME,
+            reporting.METRICS_FILENAME,
+            'summary.json',
+            DIVERGED_FILENAME,
+            'final_state.msgpack',
+        ):
             if os.path.exists(os.path.join(workdir, name)):
                 os.remove(os.path.join(workdir, name))
         for name in (CHECKPOINT_DIRNAME, reporting.TENSORBOARD_DIRNAME):
@@ -284,8 +349,10 @@ class Run:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.dataset = data_lib.load_dataset(
-            config.dataset, os.path.expanduser(config.data_dir or '') or None,
-            download=config.get('download', True))
+            config.dataset,
+            os.path.expanduser(config.data_dir or '') or None,
+            download=config.get('download', True),
+        )
         self.model = build_model(config, self.dataset.num_classes)
         check_model_fits(self.model, config, self.dataset.image_shape)
         self.train_data, self.test_data = split_data(config, self.dataset)
@@ -295,11 +362,14 @@ class Run:
         self.method = methods.get(config.method, config)
 
     def initial_state(self):
-        return self.method.init_state(self.model, self.local_cfg,
-                                      jax.random.fold_in(self.seed_key, 2**31 - 1),
-                                      num_clients=self.config.num_clients,
-                                      image_shape=self.dataset.image_shape,
-                                      num_classes=self.dataset.num_classes)
+        return self.method.init_state(
+            self.model,
+            self.local_cfg,
+            jax.random.fold_in(self.seed_key, 2**31 - 1),
+            num_clients=self.config.num_clients,
+            image_shape=self.dataset.image_shape,
+            num_classes=self.dataset.num_classes,
+        )
 
 
 @jax.jit
@@ -315,24 +385,34 @@ def _first_layer_masks(params, thresholds) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def _finite_report(method, state, sampled):
     """Which parts are finite. Only sampled clients trained; the rest changed by the finite delta."""
+
     def all_finite(tree):
-        return jnp.all(jnp.stack([jnp.array(True)] + [jnp.all(jnp.isfinite(x))
-                                                      for x in jax.tree.leaves(tree)]))
-    params, thresholds, batch_stats = jax.tree.map(lambda x: x[sampled],
-                                                   method.client_variables(state))
+        return jnp.all(
+            jnp.stack([jnp.array(True)] + [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+        )
+
+    params, thresholds, batch_stats = jax.tree.map(
+        lambda x: x[sampled], method.client_variables(state)
+    )
     server = (state.server_thresholds, state.last_delta) if method.communicates_thresholds else ()
-    return {'weights': all_finite(params), 'batch_stats': all_finite(batch_stats),
-            'thresholds': all_finite((thresholds, server))}
+    return {
+        'weights': all_finite(params),
+        'batch_stats': all_finite(batch_stats),
+        'thresholds': all_finite((thresholds, server)),
+    }
 
 
 def _disk_error(e: OSError, workdir: str, what: str) -> WorkdirError:
     reason = 'the disk is full' if e.errno == errno.ENOSPC else e.strerror or str(e)
-    return WorkdirError(f'writing {what} in {workdir!r} failed: {reason}. Files already written '
-                        'are intact; free space and run the same command to resume.')
+    return WorkdirError(
+        f'writing {what} in {workdir!r} failed: {reason}. Files already written '
+        'are intact; free space and run the same command to resume.'
+    )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       overwrite: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
+) -> dict[str, Any]:
     """Runs SpaFL as configured, resuming from the newest good checkpoint in `workdir`.
 
     Writes config.json, metrics.jsonl (one line per evaluated round), checkpoints/, summary.json,
@@ -351,12 +431,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         lock.release()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrite: bool,
-                        lock: WorkdirLock) -> dict[str, Any]:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, overwrite: bool, lock: WorkdirLock
+) -> dict[str, Any]:
     configuration.validate(config)
-    execution.initialize_from_config(config)   # before anything touches a device
+    execution.initialize_from_config(config)  # before anything touches a device
     lead = jax.process_index() == 0
-    run = Run(config)   # loads and splits the data; fails before anything is written or compiled
+    run = Run(config)  # loads and splits the data; fails before anything is written or compiled
     if lead:
         prepare_workdir(workdir, config, overwrite=overwrite, lock=lock)
         try:
@@ -368,65 +449,94 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
     summary_path = os.path.join(workdir, 'summary.json')
     state = run.initial_state()
     params, thresholds, batch_stats = run.method.client_variables(state)
-    one = _one_client(client_lib.ClientState(params=params, thresholds=thresholds,
-                                             batch_stats=batch_stats, opt_state=()))
-    macs = federated.layer_macs(run.model, {'params': one.params, 'thresholds': one.thresholds,
-                                            'batch_stats': one.batch_stats},
-                                run.dataset.image_shape)
+    one = _one_client(
+        client_lib.ClientState(
+            params=params, thresholds=thresholds, batch_stats=batch_stats, opt_state=()
+        )
+    )
+    macs = federated.layer_macs(
+        run.model,
+        {'params': one.params, 'thresholds': one.thresholds, 'batch_stats': one.batch_stats},
+        run.dataset.image_shape,
+    )
     names = masking.layer_names(one.thresholds)
     num_thresholds = sum(t.size for t in jax.tree.leaves(one.thresholds))
-    masked_weights = sum(k.size for k in jax.tree.leaves(masking.kernels_of(one.params,
-                                                                            one.thresholds)))
+    masked_weights = sum(
+        k.size for k in jax.tree.leaves(masking.kernels_of(one.params, one.thresholds))
+    )
     num_params = sum(p.size for p in jax.tree.leaves(one.params))
     bits_up_round, bits_down_round = run.method.bits_per_round(
-        config.num_clients, config.clients_per_round,
+        config.num_clients,
+        config.clients_per_round,
         {'params': one.params, 'thresholds': one.thresholds, 'batch_stats': one.batch_stats},
-        config.importance_update)
+        config.importance_update,
+    )
     dense_bits_round = metrics_lib.dense_bits_per_round(num_params, config.clients_per_round)
 
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME))
     totals = {'bits_up': 0, 'bits_down': 0, 'flops': 0.0, 'steps': 0.0, 'max_steps': 0.0}
-    sparsity = {}   # round (a string, as JSON keys are) -> packed first-layer masks
+    sparsity = {}  # round (a string, as JSON keys are) -> packed first-layer masks
     start_round = 0
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         state, progress = restored
         start_round, totals = int(progress['round']), progress['totals']
-        sparsity = dict(progress.get('sparsity', {}))   # absent in checkpoints of older versions
+        sparsity = dict(progress.get('sparsity', {}))  # absent in checkpoints of older versions
         logging.info('resuming from the checkpoint of round %d in %s', start_round, workdir)
-    logging.info('%s on %s: %d clients (%d per round), %d masked weights, %d thresholds; '
-                 'train examples per client %d..%d', config.model, config.dataset,
-                 config.num_clients, config.clients_per_round, masked_weights, num_thresholds,
-                 int(run.train_data.counts.min()), int(run.train_data.counts.max()))
+    logging.info(
+        '%s on %s: %d clients (%d per round), %d masked weights, %d thresholds; '
+        'train examples per client %d..%d',
+        config.model,
+        config.dataset,
+        config.num_clients,
+        config.clients_per_round,
+        masked_weights,
+        num_thresholds,
+        int(run.train_data.counts.min()),
+        int(run.train_data.counts.max()),
+    )
 
     if start_round > config.rounds:
         checkpointer.close()
-        raise WorkdirError(f'workdir {workdir!r} holds a run already at round {start_round}, past '
-                           f'config.rounds={config.rounds}; ask for at least {start_round} rounds '
-                           'or pass another --workdir.')
-    previous_summary = None   # of a complete run: its timings are kept if the rest still holds
+        raise WorkdirError(
+            f'workdir {workdir!r} holds a run already at round {start_round}, past '
+            f'config.rounds={config.rounds}; ask for at least {start_round} rounds '
+            'or pass another --workdir.'
+        )
+    previous_summary = None  # of a complete run: its timings are kept if the rest still holds
     if start_round < config.rounds and lead and os.path.exists(summary_path):
-        os.remove(summary_path)   # a run extended to more rounds: that summary is of fewer
+        os.remove(summary_path)  # a run extended to more rounds: that summary is of fewer
     if start_round == config.rounds and os.path.exists(summary_path):
         try:
             with open(summary_path) as f:
                 previous_summary = json.load(f)
             if not isinstance(previous_summary, dict):
                 raise ValueError('not a JSON object')
-        except (OSError, ValueError) as e:   # rebuilt below from the checkpoint and the metrics
+        except (OSError, ValueError) as e:  # rebuilt below from the checkpoint and the metrics
             logging.warning('%s cannot be read (%s); it is written again.', summary_path, e)
             previous_summary = None
         else:
-            logging.info('the run in %s is already complete (%d rounds); its summary, final state '
-                         'and figures are checked against the checkpoint and the metrics.',
-                         workdir, config.rounds)
+            logging.info(
+                'the run in %s is already complete (%d rounds); its summary, final state '
+                'and figures are checked against the checkpoint and the metrics.',
+                workdir,
+                config.rounds,
+            )
 
     round_fn, eval_fn = execution.make_round_functions(
-        config, run.method, run.model, local_cfg=run.local_cfg, round_cfg=run.round_cfg,
-        spec=run.spec, train_data=run.train_data, test_data=run.test_data, macs=macs)
+        config,
+        run.method,
+        run.model,
+        local_cfg=run.local_cfg,
+        round_cfg=run.round_cfg,
+        spec=run.spec,
+        train_data=run.train_data,
+        test_data=run.test_data,
+        macs=macs,
+    )
     # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
     writer = reporting.MetricsWriter(workdir, resume_from_round=start_round + 1) if lead else None
-    execution.barrier('spafl_jax: metrics file repaired')   # then every process reads the same lines
+    execution.barrier('spafl_jax: metrics file repaired')  # then every process reads the same lines
     records = reporting.read_metrics(os.path.join(workdir, reporting.METRICS_FILENAME))
     sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
     round_seconds = []
@@ -434,8 +544,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
 
     def save_checkpoint(rounds_done: int) -> None:
         try:
-            checkpointer.save(rounds_done, execution.host_local(state),
-                              {'round': rounds_done, 'totals': totals, 'sparsity': sparsity})
+            checkpointer.save(
+                rounds_done,
+                execution.host_local(state),
+                {'round': rounds_done, 'totals': totals, 'sparsity': sparsity},
+            )
         except OSError as e:
             raise _disk_error(e, workdir, 'a checkpoint') from None
 
@@ -443,35 +556,49 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
         with PreemptionWatcher() as preemption:
             for r in range(start_round, config.rounds):
                 start = time.time()
-                sampled = jnp.asarray(sample_clients(config.seed, r, config.num_clients,
-                                                     config.clients_per_round))
+                sampled = jnp.asarray(
+                    sample_clients(config.seed, r, config.num_clients, config.clients_per_round)
+                )
                 state, round_metrics = round_fn(state, run.train_data, sampled, run.seed_key)
                 evaluate_now = (r + 1) % config.eval_every == 0 or r + 1 == config.rounds
                 evaluation = None
-                if evaluate_now:   # testing may change the state (collapse_check='previous')
+                if evaluate_now:  # testing may change the state (collapse_check='previous')
                     state, evaluation = eval_fn(state, run.test_data)
                 finite = _finite_report(run.method, state, sampled)
                 round_metrics, evaluation, finite = execution.host_local(
-                    (round_metrics, evaluation, finite))
-                bad = [part for part, ok in (('loss', np.isfinite(round_metrics['train_loss'])),
-                                             *finite.items()) if not ok]
+                    (round_metrics, evaluation, finite)
+                )
+                bad = [
+                    part
+                    for part, ok in (
+                        ('loss', np.isfinite(round_metrics['train_loss'])),
+                        *finite.items(),
+                    )
+                    if not ok
+                ]
                 failure = None
                 if bad:
-                    failure = (f'round {r + 1}: non-finite {", ".join(bad)} (sampled clients '
-                               f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
-                               f'{checkpointer.directory} is intact. Lower config.lr or set '
-                               'config.clip.')
+                    failure = (
+                        f'round {r + 1}: non-finite {", ".join(bad)} (sampled clients '
+                        f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
+                        f'{checkpointer.directory} is intact. Lower config.lr or set '
+                        'config.clip.'
+                    )
                 elif float(round_metrics['train_loss']) > max_loss:
-                    failure = (f'round {r + 1}: training loss '
-                               f'{float(round_metrics["train_loss"]):.3g} is above '
-                               f'config.max_loss={max_loss:g}: the run diverged (sampled clients '
-                               f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
-                               f'{checkpointer.directory} is intact. Lower config.lr or '
-                               'config.th_coeff, or set config.clip.')
+                    failure = (
+                        f'round {r + 1}: training loss '
+                        f'{float(round_metrics["train_loss"]):.3g} is above '
+                        f'config.max_loss={max_loss:g}: the run diverged (sampled clients '
+                        f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
+                        f'{checkpointer.directory} is intact. Lower config.lr or '
+                        'config.th_coeff, or set config.clip.'
+                    )
                 if failure:
                     if lead:
-                        reporting.write_json_atomic(os.path.join(workdir, DIVERGED_FILENAME),
-                                                    {'round': r + 1, 'error': failure})
+                        reporting.write_json_atomic(
+                            os.path.join(workdir, DIVERGED_FILENAME),
+                            {'round': r + 1, 'error': failure},
+                        )
                     raise NonFiniteError(failure)
                 totals['bits_up'] += bits_up_round
                 totals['bits_down'] += bits_down_round
@@ -482,18 +609,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
                 if r + 1 in sparsity_rounds:
                     params, thresholds, _ = run.method.client_variables(state)
                     sparsity[str(r + 1)] = _pack_masks(
-                        execution.host_local(_first_layer_masks(params, thresholds)))
+                        execution.host_local(_first_layer_masks(params, thresholds))
+                    )
                     if lead:
                         _draw_sparsity(workdir, names[0], r + 1, sparsity[str(r + 1)])
                 if evaluate_now:
                     record = {
                         'round': r + 1,
                         **metrics_lib.accuracy_summary(evaluation['correct'], evaluation['counts']),
-                        **metrics_lib.density_summary(evaluation['layer_density'],
-                                                      evaluation['kept_weights'],
-                                                      masked_weights=masked_weights,
-                                                      layer_names=names),
-                        'bits_up': totals['bits_up'], 'bits_down': totals['bits_down'],
+                        **metrics_lib.density_summary(
+                            evaluation['layer_density'],
+                            evaluation['kept_weights'],
+                            masked_weights=masked_weights,
+                            layer_names=names,
+                        ),
+                        'bits_up': totals['bits_up'],
+                        'bits_down': totals['bits_down'],
                         'bits_dense_equivalent': dense_bits_round * (r + 1),
                         'flops': totals['flops'] / config.num_clients,
                         'train_loss': float(round_metrics['train_loss']),
@@ -505,12 +636,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
                     except OSError as e:
                         raise _disk_error(e, workdir, reporting.METRICS_FILENAME) from None
                     records.append(record)
-                    logging.info('round %d/%d | accuracy %.2f%% | density %.2f%% (weights %.2f%%) '
-                                 '| up %s down %s | loss %.3f | %.2fs', r + 1, config.rounds,
-                                 100 * record['accuracy'], 100 * record['density'],
-                                 100 * record['density_weighted'],
-                                 _format_bits(record['bits_up']), _format_bits(record['bits_down']),
-                                 record['train_loss'], round_seconds[-1])
+                    logging.info(
+                        'round %d/%d | accuracy %.2f%% | density %.2f%% (weights %.2f%%) '
+                        '| up %s down %s | loss %.3f | %.2fs',
+                        r + 1,
+                        config.rounds,
+                        100 * record['accuracy'],
+                        100 * record['density'],
+                        100 * record['density_weighted'],
+                        _format_bits(record['bits_up']),
+                        _format_bits(record['bits_down']),
+                        record['train_loss'],
+                        round_seconds[-1],
+                    )
                 # Every process must take the same branch: a signal that reached one stops all.
                 preempted = execution.any_process(bool(preemption.received))
                 if (r + 1) % config.checkpoint_every == 0 or preempted:
@@ -541,12 +679,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwri
         if previous_summary is not None and not round_seconds:
             # Nothing ran now: the timings measured when the run did are kept, if everything
             # else in the old summary is what the checkpoint and the metrics say.
-            if _without(previous_summary, timings) == _without(reporting.json_ready(summary),
-                                                               timings):
+            if _without(previous_summary, timings) == _without(
+                reporting.json_ready(summary), timings
+            ):
                 summary = previous_summary
             else:
-                logging.warning('%s does not match the metrics of the run; it is written again.',
-                                summary_path)
+                logging.warning(
+                    '%s does not match the metrics of the run; it is written again.', summary_path
+                )
         if lead:
             save_final_state(os.path.join(workdir, 'final_state.msgpack'), host_state, run.method)
             reporting.write_json_atomic(summary_path, summary)

@@ -11,7 +11,8 @@ accelerators get none.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from absl import logging
 import jax
@@ -22,23 +23,29 @@ import numpy as np
 YNNPACK_OFF = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_accepts_ynnpack_off() -> bool:
     """Whether this XLA knows the option (compiling one tiny program, once per process)."""
     try:
         jax.jit(lambda x: x + 1, compiler_options=YNNPACK_OFF).lower(np.float32(0)).compile()
         return True
     except jax.errors.JaxRuntimeError as e:
-        logging.warning('this XLA refuses %s (%s); programs compile with its defaults.',
-                        YNNPACK_OFF, str(e).splitlines()[0])
+        logging.warning(
+            'this XLA refuses %s (%s); programs compile with its defaults.',
+            YNNPACK_OFF,
+            str(e).splitlines()[0],
+        )
         return False
 
 
 def compiler_options(model: Any = None, backend: str | None = None) -> dict[str, Any]:
     """The options `jit` compiles `model`'s programs with on `backend` (default: JAX's default)."""
     backend = backend or jax.default_backend()
-    if (backend == 'cpu' and not getattr(model, 'xla_cpu_ynnpack', True)
-            and cpu_accepts_ynnpack_off()):
+    if (
+        backend == 'cpu'
+        and not getattr(model, 'xla_cpu_ynnpack', True)
+        and cpu_accepts_ynnpack_off()
+    ):
         return dict(YNNPACK_OFF)
     return {}
 

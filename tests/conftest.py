@@ -20,7 +20,7 @@ import tempfile
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # tests/faults.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/faults.py
 
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix='spafl_jax_test_cache_')
@@ -45,6 +45,7 @@ def reference(tmp_path_factory):
     """An uninterrupted run of `faults.FLAGS` (the digits default, 8 rounds) that resumed, killed
     and damaged runs must end equal to."""
     import faults  # pylint: disable=import-outside-toplevel
+
     workdir = str(tmp_path_factory.mktemp('reference'))
     faults.finish(workdir)
     return workdir

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -42,8 +42,14 @@ MAIN = os.path.join(REPO, 'experiments', 'main.py')
 
 ROUNDS = 8
 # A small federated run of the digits default: a few seconds a run, several checkpoints.
-FLAGS = ('--config.num_clients=6', '--config.clients_per_round=3', f'--config.rounds={ROUNDS}',
-         '--config.local_epochs=1', '--config.checkpoint_every=2', '--config.sparsity_rounds=(1,)')
+FLAGS = (
+    '--config.num_clients=6',
+    '--config.clients_per_round=3',
+    f'--config.rounds={ROUNDS}',
+    '--config.local_epochs=1',
+    '--config.checkpoint_every=2',
+    '--config.sparsity_rounds=(1,)',
+)
 
 
 def command(workdir: str, *extra: str, flags=FLAGS) -> list[str]:
@@ -82,18 +88,24 @@ def tree_digest(directory: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------
 # Input errors: status 2, one line, nothing compiled, nothing written.
 
+
 def _idx(array: np.ndarray) -> bytes:
-    return struct.pack('>BBBB', 0, 0, 0x08, array.ndim) + struct.pack(
-        f'>{array.ndim}I', *array.shape) + array.astype(np.uint8).tobytes()
+    return (
+        struct.pack('>BBBB', 0, 0, 0x08, array.ndim)
+        + struct.pack(f'>{array.ndim}I', *array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
 
 
 def _fashion_files(directory: str, damage: str) -> None:
     """Small Fashion-MNIST IDX files in the real format, one of them damaged by `damage`."""
     rng = np.random.default_rng(0)
-    arrays = {'train-images-idx3-ubyte': rng.integers(0, 256, (40, 28, 28)),
-              'train-labels-idx1-ubyte': rng.integers(0, 10, 40),
-              't10k-images-idx3-ubyte': rng.integers(0, 256, (20, 28, 28)),
-              't10k-labels-idx1-ubyte': rng.integers(0, 10, 20)}
+    arrays = {
+        'train-images-idx3-ubyte': rng.integers(0, 256, (40, 28, 28)),
+        'train-labels-idx1-ubyte': rng.integers(0, 10, 40),
+        't10k-images-idx3-ubyte': rng.integers(0, 256, (20, 28, 28)),
+        't10k-labels-idx1-ubyte': rng.integers(0, 10, 20),
+    }
     blobs = {name: gzip.compress(_idx(a)) for name, a in arrays.items()}
     images, labels = 'train-images-idx3-ubyte', 'train-labels-idx1-ubyte'
     if damage == 'garbage':
@@ -115,18 +127,27 @@ def _digits_config(**changes) -> dict:
     """config.json of a run of FLAGS, with `changes`."""
     sys.path.insert(0, REPO)
     from spafl_jax.configs import default  # pylint: disable=import-outside-toplevel
+
     config = default.get_config()
-    config.update(num_clients=6, clients_per_round=3, rounds=ROUNDS, local_epochs=1,
-                  checkpoint_every=2, sparsity_rounds=(1,), **changes)
+    config.update(
+        num_clients=6,
+        clients_per_round=3,
+        rounds=ROUNDS,
+        local_epochs=1,
+        checkpoint_every=2,
+        sparsity_rounds=(1,),
+        **changes,
+    )
     return json.loads(json.dumps(config.to_dict()))
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One subprocess run: `args` after the workdir, `prepare(root, workdir)` before it."""
+
     name: str
     args: tuple[str, ...] = ()
-    expect: str = ''                  # in the one line of output
+    expect: str = ''  # in the one line of output
     status: int = 2
     prepare: Callable[[str, str], Callable[[], None] | None] | None = None
     flags: tuple[str, ...] = FLAGS
@@ -166,6 +187,7 @@ def _config_file(text):
     def prepare(root, workdir):
         _with_user_file(root, workdir)
         _write(os.path.join(root, 'my_config.py'), text)
+
     return prepare
 
 
@@ -174,6 +196,7 @@ def _fashion(damage):
         _with_user_file(root, workdir)
         os.makedirs(os.path.join(root, 'data'), exist_ok=True)
         _fashion_files(os.path.join(root, 'data'), damage)
+
     return prepare
 
 
@@ -186,22 +209,44 @@ _FMNIST = ('--config=fmnist.py', '--config.data_dir={root}/data')
 
 INPUT_CASES = [
     # The config file and its argument.
-    Case('config file missing', ('--config=nosuch.py',),
-         '--config=nosuch.py: the config file cannot be read'),
-    Case('config file not Python', ('--config=' + os.path.join(REPO, 'README.md'),),
-         'README.md; fix the file'),
-    Case('config file with a syntax error', ('--config={root}/my_config.py',), 'my_config.py',
-         prepare=_config_file('def get_config(:\n')),
-    Case('config file without get_config', ('--config={root}/my_config.py',), 'my_config.py',
-         prepare=_config_file('x = 1\n')),
-    Case('config file that raises', ('--config={root}/my_config.py',), 'my_config.py',
-         prepare=_config_file('def get_config():\n    raise RuntimeError("broken")\n')),
-    Case('unknown preset argument', ('--config=fmnist.py:bogus',),
-         'takes no argument or "official"'),
+    Case(
+        'config file missing',
+        ('--config=nosuch.py',),
+        '--config=nosuch.py: the config file cannot be read',
+    ),
+    Case(
+        'config file not Python',
+        ('--config=' + os.path.join(REPO, 'README.md'),),
+        'README.md; fix the file',
+    ),
+    Case(
+        'config file with a syntax error',
+        ('--config={root}/my_config.py',),
+        'my_config.py',
+        prepare=_config_file('def get_config(:\n'),
+    ),
+    Case(
+        'config file without get_config',
+        ('--config={root}/my_config.py',),
+        'my_config.py',
+        prepare=_config_file('x = 1\n'),
+    ),
+    Case(
+        'config file that raises',
+        ('--config={root}/my_config.py',),
+        'my_config.py',
+        prepare=_config_file('def get_config():\n    raise RuntimeError("broken")\n'),
+    ),
+    Case(
+        'unknown preset argument', ('--config=fmnist.py:bogus',), 'takes no argument or "official"'
+    ),
     # Fields and types.
     Case('unknown field', ('--config.foo=1',), "--config.foo=1: the config has no field 'foo'"),
-    Case('integer field given a word', ('--config.rounds=abc',),
-         '--config.rounds=abc: must be an integer'),
+    Case(
+        'integer field given a word',
+        ('--config.rounds=abc',),
+        '--config.rounds=abc: must be an integer',
+    ),
     Case('float field given a word', ('--config.lr=fast',), '--config.lr=fast: must be a number'),
     Case('tuple field given a word', ('--config.sparsity_rounds=abc',), 'sparsity_rounds'),
     Case('unknown flag', ('--rounds=3',), '--config.rounds=VALUE'),
@@ -209,8 +254,11 @@ INPUT_CASES = [
     Case('unknown dataset', ('--config.dataset=mnist',), 'config.dataset'),
     Case('unknown model', ('--config.model=resnet50',), 'config.model'),
     Case('model too big for the images', ('--config.model=conv4',), 'config.model'),
-    Case('more sampled clients than clients', ('--config.clients_per_round=30',),
-         'config.clients_per_round'),
+    Case(
+        'more sampled clients than clients',
+        ('--config.clients_per_round=30',),
+        'config.clients_per_round',
+    ),
     Case('more clients than examples allow', ('--config.num_clients=1000',), 'config.num_clients'),
     Case('alpha zero', ('--config.alpha=0',), 'config.alpha'),
     Case('no rounds', ('--config.rounds=0',), 'config.rounds'),
@@ -234,19 +282,37 @@ INPUT_CASES = [
     Case('labels and images disagree in count', _FMNIST, 'train', prepare=_fashion('counts')),
     Case('labels out of range', _FMNIST, 'labels from 42', prepare=_fashion('labels')),
     # The workdir.
-    Case('workdir holds another config', (), 'different config (lr: 0.2 -> 0.05)',
-         prepare=_other_config),
+    Case(
+        'workdir holds another config',
+        (),
+        'different config (lr: 0.2 -> 0.05)',
+        prepare=_other_config,
+    ),
     Case('workdir config.json is garbage', (), 'unreadable config.json', prepare=_garbage_config),
     Case('workdir busy with another run', (), 'is in use by another run', prepare=_busy),
-    Case('workdir is a file', ('--workdir={root}/data',), 'is a file, not a directory',
-         prepare=_data_file),
+    Case(
+        'workdir is a file',
+        ('--workdir={root}/data',),
+        'is a file, not a directory',
+        prepare=_data_file,
+    ),
 ]
 
 DIVERGENCE_CASES = [
-    Case('loss above max_loss', ('--config.max_loss=1',),
-         'round 1: training loss', status=3, prepare=_with_user_file),
-    Case('thresholds blown up (th_coeff=1e9)', ('--config.th_coeff=1e9',),
-         'the run diverged', status=3, prepare=_with_user_file),
+    Case(
+        'loss above max_loss',
+        ('--config.max_loss=1',),
+        'round 1: training loss',
+        status=3,
+        prepare=_with_user_file,
+    ),
+    Case(
+        'thresholds blown up (th_coeff=1e9)',
+        ('--config.th_coeff=1e9',),
+        'the run diverged',
+        status=3,
+        prepare=_with_user_file,
+    ),
 ]
 
 
@@ -257,20 +323,27 @@ def run_case(case: Case, root: str, timeout: float = 300) -> tuple[int, str, str
     before = tree_digest(workdir) if os.path.isdir(workdir) else {}
     args = [a.format(root=root) for a in case.args]
     try:
-        proc = subprocess.run(command(workdir, *args, flags=case.flags), capture_output=True,
-                              text=True, env=env(), timeout=timeout, check=False)
+        proc = subprocess.run(
+            command(workdir, *args, flags=case.flags),
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=timeout,
+            check=False,
+        )
     finally:
         if cleanup:
             cleanup()
     after = tree_digest(workdir) if os.path.isdir(workdir) else {}
     kept = all(after.get(k) == v for k, v in before.items())
     if case.status == 2:
-        kept = kept and after == before   # refused before writing anything
+        kept = kept and after == before  # refused before writing anything
     return proc.returncode, one_line(proc.stderr), proc.stderr, kept
 
 
 # ------------------------------------------------------------------------------------------------
 # Signals, kills and damaged files: the resumed run ends as an uninterrupted one.
+
 
 def metrics_lines(workdir: str) -> int:
     path = os.path.join(workdir, 'metrics.jsonl')
@@ -281,11 +354,17 @@ def metrics_lines(workdir: str) -> int:
         return 0
 
 
-def run_until(workdir: str, lines: int, sig: int = signal.SIGKILL, *extra: str,
-              timeout: float = 300) -> tuple[int, str]:
+def run_until(
+    workdir: str, lines: int, sig: int = signal.SIGKILL, *extra: str, timeout: float = 300
+) -> tuple[int, str]:
     """Starts the run and sends `sig` once metrics.jsonl holds `lines` lines."""
-    proc = subprocess.Popen(command(workdir, *extra), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen(
+        command(workdir, *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
     deadline = time.time() + timeout
     while metrics_lines(workdir) < lines and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -297,23 +376,31 @@ def run_until(workdir: str, lines: int, sig: int = signal.SIGKILL, *extra: str,
 
 
 def finish(workdir: str, *extra: str, timeout: float = 600) -> str:
-    proc = subprocess.run(command(workdir, *extra), capture_output=True, text=True, env=env(),
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        command(workdir, *extra),
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=timeout,
+        check=False,
+    )
     if proc.returncode != 0:
         raise AssertionError(f'status {proc.returncode}: {proc.stderr[-3000:]}')
     return proc.stderr
 
 
-def kill_at_random(workdir: str, seed: int, kills: int, window: tuple[float, float]
-                   ) -> list[tuple[float, int]]:
+def kill_at_random(
+    workdir: str, seed: int, kills: int, window: tuple[float, float]
+) -> list[tuple[float, int]]:
     """Starts the run `kills` times and SIGKILLs it after a delay drawn uniformly from `window`
     (seconds; a seeded generator), unless it finished first. Returns (delay, status) per start."""
     rng = random.Random(seed)
     out = []
     for _ in range(kills):
         delay = rng.uniform(*window)
-        proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env())
+        proc = subprocess.Popen(
+            command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env()
+        )
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -357,14 +444,18 @@ def _garbage_line(workdir, rng):
 
 
 def _checkpoint_bytes(workdir, rng):
-    path = _largest_file(_newest_checkpoint(workdir))   # the array data
+    path = _largest_file(_newest_checkpoint(workdir))  # the array data
     _flip(path, rng.randrange(os.path.getsize(path)))
 
 
 def _progress_files(workdir: str) -> list[str]:
     """The files of the newest checkpoint's progress record (round, totals, digest)."""
-    return [os.path.join(root, name) for root, _, names in os.walk(_newest_checkpoint(workdir))
-            if 'progress' in root for name in names]
+    return [
+        os.path.join(root, name)
+        for root, _, names in os.walk(_newest_checkpoint(workdir))
+        if 'progress' in root
+        for name in names
+    ]
 
 
 def _checkpoint_counter(workdir, _):
@@ -402,22 +493,35 @@ def _stray_temporary(workdir, _):
 DAMAGES = {
     'torn_record': ('metrics.jsonl: last record torn at a random byte', _torn_last_record),
     'garbage_line': ('metrics.jsonl: a garbage line at a random place', _garbage_line),
-    'checkpoint_bytes': ('newest checkpoint: a random byte of its arrays flipped',
-                         _checkpoint_bytes),
+    'checkpoint_bytes': (
+        'newest checkpoint: a random byte of its arrays flipped',
+        _checkpoint_bytes,
+    ),
     'checkpoint_counter': ('newest checkpoint: a running counter changed', _checkpoint_counter),
-    'checkpoint_progress': ('newest checkpoint: its progress record deleted',
-                            _checkpoint_missing_progress),
-    'torn_tensorboard': ('tensorboard: event file torn at a random byte, a stale one added',
-                         _torn_tensorboard),
+    'checkpoint_progress': (
+        'newest checkpoint: its progress record deleted',
+        _checkpoint_missing_progress,
+    ),
+    'torn_tensorboard': (
+        'tensorboard: event file torn at a random byte, a stale one added',
+        _torn_tensorboard,
+    ),
     'torn_figure': ('sparsity figure torn at a random byte', _torn_figure),
     'garbage_summary': ('summary.json garbage', _garbage_summary),
     'stray_temporary': ('a stray temporary file', _stray_temporary),
 }
-STRAY = '.summary.json.x1y2.tmp'   # left by _stray_temporary
+STRAY = '.summary.json.x1y2.tmp'  # left by _stray_temporary
 
 # Files a finished run derives, all of which must equal an uninterrupted run's byte for byte.
-DERIVED = ('metrics.jsonl', 'final_state.msgpack', 'accuracy.png', 'density.png',
-           'communication.png', 'sparsity_round_0001.png', f'sparsity_round_{ROUNDS:04d}.png')
+DERIVED = (
+    'metrics.jsonl',
+    'final_state.msgpack',
+    'accuracy.png',
+    'density.png',
+    'communication.png',
+    'sparsity_round_0001.png',
+    f'sparsity_round_{ROUNDS:04d}.png',
+)
 
 
 def summary_without_timings(workdir: str) -> dict:
@@ -429,26 +533,34 @@ def summary_without_timings(workdir: str) -> dict:
 def tensorboard_scalars(workdir: str) -> list[tuple[int, str, float]]:
     """(step, tag, value) of every scalar in the run's event files, in file order."""
     from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=import-outside-toplevel
+
     directory = os.path.join(workdir, 'tensorboard')
     out = []
     for name in sorted(os.listdir(directory)):
-        for event in event_file_loader.LegacyEventFileLoader(
-                os.path.join(directory, name)).Load():
+        for event in event_file_loader.LegacyEventFileLoader(os.path.join(directory, name)).Load():
             out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 
+
 def _signal_cases(root: str) -> list[tuple[str, int, str]]:
     """SIGTERM, SIGINT and a second SIGINT, each sent once metrics.jsonl has 2 lines."""
     out = []
-    for name, sig, twice in (('SIGTERM at round 2', signal.SIGTERM, False),
-                             ('SIGINT (Ctrl-C) at round 2', signal.SIGINT, False),
-                             ('a second Ctrl-C while saving', signal.SIGINT, True)):
+    for name, sig, twice in (
+        ('SIGTERM at round 2', signal.SIGTERM, False),
+        ('SIGINT (Ctrl-C) at round 2', signal.SIGINT, False),
+        ('a second Ctrl-C while saving', signal.SIGINT, True),
+    ):
         workdir = tempfile.mkdtemp(dir=root)
-        proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=env())
+        proc = subprocess.Popen(
+            command(workdir),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
         while metrics_lines(workdir) < 2 and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(sig)
@@ -473,8 +585,10 @@ def differences(workdir: str, reference: str) -> list[str]:
     (byte for byte), the summary (timings aside), the TensorBoard scalars, temporary files left."""
     out = []
     for name in DERIVED:
-        with open(os.path.join(workdir, name), 'rb') as a, open(
-                os.path.join(reference, name), 'rb') as b:
+        with (
+            open(os.path.join(workdir, name), 'rb') as a,
+            open(os.path.join(reference, name), 'rb') as b,
+        ):
             if a.read() != b.read():
                 out.append(name)
     if summary_without_timings(workdir) != summary_without_timings(reference):
@@ -498,8 +612,9 @@ def _damage_cases(root: str) -> list[tuple[str, int, str, str]]:
         else:
             run_until(workdir, 5)
         damage(workdir, random.Random(i))
-        proc = subprocess.run(command(workdir), capture_output=True, text=True, env=env(),
-                              timeout=600, check=False)
+        proc = subprocess.run(
+            command(workdir), capture_output=True, text=True, env=env(), timeout=600, check=False
+        )
         same = proc.returncode == 0 and not differences(workdir, reference)
         out.append((what, proc.returncode, first_warning(proc.stderr), 'yes' if same else 'NO'))
     return out
@@ -516,8 +631,10 @@ def main() -> None:
             rows.append((case.name, status, line, 'yes' if ok else 'NO'))
             print(f'{case.name}: {status} {line}', file=sys.stderr, flush=True)
         rows += [(n, s, l, 'yes' if s in (130, 143) else 'NO') for n, s, l in _signal_cases(root)]
-        rows += [(f'{what}, then the same command', status, line, same)
-                 for what, status, line, same in _damage_cases(root)]
+        rows += [
+            (f'{what}, then the same command', status, line, same)
+            for what, status, line, same in _damage_cases(root)
+        ]
     print('| case | exit | the one line | as promised |')
     print('|---|---|---|---|')
     for name, status, line, ok in rows:

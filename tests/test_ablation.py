@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION = os.path.join(REPO, 'experiments', 'ablation.py')
@@ -17,15 +17,33 @@ ABLATION = os.path.join(REPO, 'experiments', 'ablation.py')
 # every estimator.
 SETTINGS = [('long_tailed', 'all_after'), ('long_tailed', 'none')]
 SEEDS = (1, 2)
-TINY = ['--config=default.py', '--config.num_clients=4', '--config.clients_per_round=2',
-        '--config.rounds=2', '--config.local_epochs=1', '--config.eval_every=2']
+TINY = [
+    '--config=default.py',
+    '--config.num_clients=4',
+    '--config.clients_per_round=2',
+    '--config.rounds=2',
+    '--config.local_epochs=1',
+    '--config.eval_every=2',
+]
 
 
 def _ablation(workdir: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, ABLATION, *TINY, '--seeds=1,2',
-                           '--estimators=long_tailed', '--importance_updates=all_after,none',
-                           f'--workdir={workdir}'],
-                          capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            ABLATION,
+            *TINY,
+            '--seeds=1,2',
+            '--estimators=long_tailed',
+            '--importance_updates=all_after,none',
+            f'--workdir={workdir}',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        check=False,
+    )
 
 
 def _summary(workdir, estimator, importance_update, seed):
@@ -50,21 +68,32 @@ def test_ablation_table_matches_its_runs_and_resumes(tmp_path):
     for row in rows:
         assert row['seeds'] == '1 2'
         for field in ('accuracy', 'density', 'density_weighted'):
-            runs = [_summary(workdir, row['estimator'], row['importance_update'], s)[field]
-                    for s in SEEDS]
+            runs = [
+                _summary(workdir, row['estimator'], row['importance_update'], s)[field]
+                for s in SEEDS
+            ]
             assert float(row[f'{field}_mean']) == np.mean(runs), (row, field)
             assert float(row[f'{field}_std']) == np.std(runs, ddof=1), (row, field)
         mean, std = float(row['accuracy_mean']), float(row['accuracy_std'])
-        assert (f'| `{row["estimator"]}` | `{row["importance_update"]}` | '
-                f'{100 * mean:.2f} ± {100 * std:.2f} |') in table
+        assert (
+            f'| `{row["estimator"]}` | `{row["importance_update"]}` | '
+            f'{100 * mean:.2f} ± {100 * std:.2f} |'
+        ) in table
     # Each sub-run ran with its own setting and seed, and `none` sends no delta down.
     for estimator, importance_update in SETTINGS:
         for seed in SEEDS:
-            with open(os.path.join(workdir, f'{estimator}__{importance_update}', f'seed{seed}',
-                                   'config.json')) as f:
+            with open(
+                os.path.join(
+                    workdir, f'{estimator}__{importance_update}', f'seed{seed}', 'config.json'
+                )
+            ) as f:
                 config = json.load(f)
-            assert (config['estimator'], config['importance_update'], config['seed'],
-                    config['rounds']) == (estimator, importance_update, seed, 2)
+            assert (
+                config['estimator'],
+                config['importance_update'],
+                config['seed'],
+                config['rounds'],
+            ) == (estimator, importance_update, seed, 2)
     on, off = (_summary(workdir, 'long_tailed', u, 1) for u in ('all_after', 'none'))
     assert on['bits_down'] > off['bits_down']
 
@@ -83,24 +112,53 @@ def test_ablation_table_matches_its_runs_and_resumes(tmp_path):
 def test_records_only_table_from_compact_records_with_a_missing_run(tmp_path):
     """The table from hand-written records alone (nothing runs); a seed without a summary (killed
     or diverged) is NaN and named in the row."""
-    accuracies = {('identity', 'all_after', 1): 0.8, ('identity', 'all_after', 2): 0.9,
-                  ('identity', 'none', 1): 0.7}
+    accuracies = {
+        ('identity', 'all_after', 1): 0.8,
+        ('identity', 'all_after', 2): 0.9,
+        ('identity', 'none', 1): 0.7,
+    }
     for (estimator, update, seed), accuracy in accuracies.items():
         directory = tmp_path / f'{estimator}__{update}' / f'seed{seed}'
         os.makedirs(directory)
         with open(directory / 'config.json', 'w') as f:
-            json.dump({'dataset': 'fashion_mnist', 'model': 'lenet5', 'rounds': 500,
-                       'num_clients': 100, 'clients_per_round': 10, 'alpha': 0.2,
-                       'batch_size': 64, 'local_epochs': 5, 'lr': 0.001, 'th_coeff': 0.002,
-                       'estimator': estimator, 'importance_update': update, 'seed': seed}, f)
+            json.dump(
+                {
+                    'dataset': 'fashion_mnist',
+                    'model': 'lenet5',
+                    'rounds': 500,
+                    'num_clients': 100,
+                    'clients_per_round': 10,
+                    'alpha': 0.2,
+                    'batch_size': 64,
+                    'local_epochs': 5,
+                    'lr': 0.001,
+                    'th_coeff': 0.002,
+                    'estimator': estimator,
+                    'importance_update': update,
+                    'seed': seed,
+                },
+                f,
+            )
         with open(directory / 'summary.json', 'w') as f:
             json.dump({'accuracy': accuracy, 'density': 0.5, 'density_weighted': 0.25}, f)
         with open(directory / 'metrics.jsonl', 'w') as f:
             f.write(json.dumps({'round': 500, 'accuracy': accuracy}) + '\n')
-    result = subprocess.run([sys.executable, ABLATION, '--records_only', f'--workdir={tmp_path}',
-                             '--seeds=1,2', '--estimators=identity',
-                             '--importance_updates=all_after,none'],
-                            capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            ABLATION,
+            '--records_only',
+            f'--workdir={tmp_path}',
+            '--seeds=1,2',
+            '--estimators=identity',
+            '--importance_updates=all_after,none',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / 'ablation.md') as f:
         table = f.read()

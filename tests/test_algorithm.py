@@ -42,8 +42,8 @@ class TinyMLP(nn.Module):
 
 @flax.struct.dataclass
 class ToyState:
-    variables: dict       # the global model
-    clients: jax.Array    # [num_clients] local steps each client has run so far
+    variables: dict  # the global model
+    clients: jax.Array  # [num_clients] local steps each client has run so far
     round: jax.Array
 
 
@@ -65,16 +65,25 @@ def toy_fedavg(model: nn.Module, cfg: client_lib.LocalConfig) -> algorithm.Algor
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
         updates, opt_state = tx.update(grads, opt_state)
         params = jax.tree.map(lambda p, u: p - lr * u, variables['params'], updates)
-        metrics = {'loss': loss, 'correct': jnp.sum(jnp.argmax(logits, -1) == y, dtype=jnp.float32),
-                   'steps': jnp.float32(1.0), 'flops': jnp.float32(0.0),
-                   'examples': jnp.float32(y.shape[0])}
+        metrics = {
+            'loss': loss,
+            'correct': jnp.sum(jnp.argmax(logits, -1) == y, dtype=jnp.float32),
+            'steps': jnp.float32(1.0),
+            'flops': jnp.float32(0.0),
+            'examples': jnp.float32(y.shape[0]),
+        }
         return ({**variables, 'params': params}, steps + 1), opt_state, metrics
 
     def client_final(client, opt_state, x, y, lr, key):
         del opt_state, x, lr, key
         variables, steps = client
-        metrics = {'loss': jnp.float32(0.0), 'correct': jnp.float32(0.0), 'steps': jnp.float32(0.0),
-                   'flops': jnp.sum(y).astype(jnp.float32), 'examples': jnp.float32(0.0)}
+        metrics = {
+            'loss': jnp.float32(0.0),
+            'correct': jnp.float32(0.0),
+            'steps': jnp.float32(0.0),
+            'flops': jnp.sum(y).astype(jnp.float32),
+            'examples': jnp.float32(0.0),
+        }
         return (variables, steps + 1000), metrics
 
     def client_end(client, opt_state):
@@ -83,8 +92,11 @@ def toy_fedavg(model: nn.Module, cfg: client_lib.LocalConfig) -> algorithm.Algor
         return steps, variables['params']
 
     def server_update(state, mean_params, clients):
-        return state.replace(variables={**state.variables, 'params': mean_params},
-                             clients=clients, round=state.round + 1)
+        return state.replace(
+            variables={**state.variables, 'params': mean_params},
+            clients=clients,
+            round=state.round + 1,
+        )
 
     def eval_variables(state, steps_so_far, count):
         del steps_so_far, count
@@ -93,15 +105,24 @@ def toy_fedavg(model: nn.Module, cfg: client_lib.LocalConfig) -> algorithm.Algor
     def eval_density(state, clients, counts):
         del clients
         layers_ = len(jax.tree.leaves(state.variables['thresholds']))
-        return {'layer_density': jnp.ones((counts.shape[0], layers_)),
-                'kept_weights': jnp.zeros(counts.shape, jnp.int32)}
+        return {
+            'layer_density': jnp.ones((counts.shape[0], layers_)),
+            'kept_weights': jnp.zeros(counts.shape, jnp.int32),
+        }
 
     return algorithm.Algorithm(
-        name='toy_fedavg', model=model, state_type=ToyState,
+        name='toy_fedavg',
+        model=model,
+        state_type=ToyState,
         round_constants=lambda state: client_lib.learning_rate(cfg, state.round),
-        client_start=client_start, client_step=client_step, client_final=client_final,
+        client_start=client_start,
+        client_step=client_step,
+        client_final=client_final,
         client_end=client_end,
-        server_update=server_update, eval_variables=eval_variables, eval_density=eval_density)
+        server_update=server_update,
+        eval_variables=eval_variables,
+        eval_density=eval_density,
+    )
 
 
 @pytest.fixture(scope='module')
@@ -112,8 +133,11 @@ def setup():
     cfg = client_lib.LocalConfig(batch_size=16, local_epochs=2, lr=0.05)
     spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)
     variables = dict(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
-    state = ToyState(variables=variables, clients=jnp.zeros(NUM_CLIENTS, jnp.int32),
-                     round=jnp.zeros((), jnp.int32))
+    state = ToyState(
+        variables=variables,
+        clients=jnp.zeros(NUM_CLIENTS, jnp.int32),
+        round=jnp.zeros((), jnp.int32),
+    )
     return train, test, model, cfg, spec, state
 
 
@@ -124,8 +148,11 @@ def _sampled(r: int) -> np.ndarray:
 def _reference(setup, client_execution: str):
     train, test, model, cfg, spec, state = setup
     alg = toy_fedavg(model, cfg)
-    round_fn = jax.jit(lambda s, sampled: algorithm.run_round(
-        alg, cfg, spec, s, train, sampled, jax.random.key(1), client_execution=client_execution))
+    round_fn = jax.jit(
+        lambda s, sampled: algorithm.run_round(
+            alg, cfg, spec, s, train, sampled, jax.random.key(1), client_execution=client_execution
+        )
+    )
     for r in range(ROUNDS):
         state, metrics = round_fn(state, jnp.asarray(_sampled(r)))
     return state, metrics, algorithm.evaluate(alg, spec, state, test, batch_size=32)
@@ -134,12 +161,21 @@ def _reference(setup, client_execution: str):
 def _runner(setup, strategy: str):
     train, test, model, cfg, spec, state = setup
     runner = execution.RoundRunner(
-        model, cfg, federated.RoundConfig(clients_per_round=SAMPLED), spec, train, test,
-        strategy=strategy, lanes=2, eval_chunk=16, algorithm=toy_fedavg(model, cfg))
-    state = jax.tree.map(jnp.copy, state)   # the runner donates its input state
+        model,
+        cfg,
+        federated.RoundConfig(clients_per_round=SAMPLED),
+        spec,
+        train,
+        test,
+        strategy=strategy,
+        lanes=2,
+        eval_chunk=16,
+        algorithm=toy_fedavg(model, cfg),
+    )
+    state = jax.tree.map(jnp.copy, state)  # the runner donates its input state
     for r in range(ROUNDS):
         state, metrics = runner.run_round(state, _sampled(r), jax.random.key(1))
-    assert set(runner.trace_counts().values()) == {1}   # compiled once for every round
+    assert set(runner.trace_counts().values()) == {1}  # compiled once for every round
     return state, metrics, runner.evaluate(state)
 
 
@@ -155,7 +191,7 @@ def test_a_new_algorithm_runs_through_every_backend_with_equal_results(setup):
     # One final batch of 16 of its own labels per sampled client (digits 0-9: sum 0 to 144).
     assert 0 < float(expected_metrics['flops']) <= SAMPLED * 16 * 9
     accuracy = float(jnp.mean(expected_eval['correct'] / expected_eval['counts']))
-    assert accuracy > 0.5, accuracy   # it learns (chance: 0.1)
+    assert accuracy > 0.5, accuracy  # it learns (chance: 0.1)
 
     others = {'reference map': _reference(setup, 'map')}
     others.update({f'runner {s}': _runner(setup, s) for s in ('map', 'loop', 'vmap')})
@@ -163,8 +199,10 @@ def test_a_new_algorithm_runs_through_every_backend_with_equal_results(setup):
         for want, got in zip(jax.tree.leaves(expected_state), jax.tree.leaves(state)):
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)
         for key in ('train_loss', 'train_accuracy', 'local_steps', 'flops'):
-            assert float(metrics[key]) == pytest.approx(float(expected_metrics[key]), rel=1e-5), \
-                (name, key)
+            assert float(metrics[key]) == pytest.approx(float(expected_metrics[key]), rel=1e-5), (
+                name,
+                key,
+            )
         np.testing.assert_array_equal(evaluation['correct'], expected_eval['correct'], name)
 
 
@@ -172,12 +210,16 @@ def test_the_round_calls_the_aggregation_once():
     """One round for every algorithm and backend: the library calls `server.aggregate` in one
     place (`algorithm.end_round`)."""
     callers = []
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(spafl_jax.__file__), '**', '*.py'),
-                                 recursive=True)):
+    for path in sorted(
+        glob.glob(os.path.join(os.path.dirname(spafl_jax.__file__), '**', '*.py'), recursive=True)
+    ):
         with open(path) as f:
             tree = ast.parse(f.read())
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == 'aggregate'):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == 'aggregate'
+            ):
                 callers.append(os.path.relpath(path, os.path.dirname(spafl_jax.__file__)))
     assert callers == ['algorithm.py'], callers

@@ -27,8 +27,8 @@ LOCAL_CFG = LocalConfig(batch_size=16, local_epochs=2, lr=0.05)
 ROUND_CFG = RoundConfig(clients_per_round=SAMPLED)
 
 # digits_cnn: conv 3x3 1->16, conv 3x3 16->32, dense 512->64, dense 64->10; no bias, no BatchNorm.
-KERNEL_SIZES = (3 * 3 * 1 * 16, 3 * 3 * 16 * 32, 512 * 64, 64 * 10)   # 144, 4608, 32768, 640
-NUM_PARAMS = sum(KERNEL_SIZES)                                        # 38160
+KERNEL_SIZES = (3 * 3 * 1 * 16, 3 * 3 * 16 * 32, 512 * 64, 64 * 10)  # 144, 4608, 32768, 640
+NUM_PARAMS = sum(KERNEL_SIZES)  # 38160
 
 # Mean client accuracy after ROUNDS rounds, observed with these settings and seeds: FedAvg 0.987,
 # Local 0.816, FedPM 0.916, HeteroFL 0.949, FedSpa 0.880 (chance: 0.1). The bounds leave a margin.
@@ -39,7 +39,7 @@ MIN_ACCURACY = {'fedavg': 0.85, 'local': 0.65, 'fedpm': 0.75, 'heterofl': 0.8, '
 def digits():
     """The 1797 scikit-learn digits, 75/25 train/test, dealt round-robin to 10 clients (IID)."""
     raw = load_digits()
-    images = raw.images.astype(np.uint8)[..., None]   # 0..16
+    images = raw.images.astype(np.uint8)[..., None]  # 0..16
     labels = raw.target.astype(np.int32)
     order = np.random.default_rng(0).permutation(len(labels))
     train_ids, test_ids = order[:1347], order[1347:]
@@ -68,25 +68,37 @@ def test_baseline_learns_on_digits(name, digits, digits_model):
     train, test, spec = digits
     model, _, macs = digits_model
     method, method_cfg = baselines.get(name), baselines.make_config(name)
-    state = method.init_state('digits_cnn', LOCAL_CFG, jax.random.key(1), num_clients=NUM_CLIENTS,
-                              image_shape=IMAGE_SHAPE, method_cfg=method_cfg)
+    state = method.init_state(
+        'digits_cnn',
+        LOCAL_CFG,
+        jax.random.key(1),
+        num_clients=NUM_CLIENTS,
+        image_shape=IMAGE_SHAPE,
+        method_cfg=method_cfg,
+    )
     alg = method.algorithm(model, LOCAL_CFG, ROUND_CFG, macs, method_cfg=method_cfg)
-    round_fn = algorithm_lib.make_round_fn(alg, LOCAL_CFG, spec, aggregation=ROUND_CFG.aggregation,
-                                           client_execution=ROUND_CFG.client_execution)
+    round_fn = algorithm_lib.make_round_fn(
+        alg,
+        LOCAL_CFG,
+        spec,
+        aggregation=ROUND_CFG.aggregation,
+        client_execution=ROUND_CFG.client_execution,
+    )
     eval_fn = algorithm_lib.make_eval_fn(alg, spec, batch_size=64)
     before = _mean_accuracy(eval_fn(state, test))
     seed_key = jax.random.key(2)
     for r in range(ROUNDS):
-        sampled = jax.random.choice(jax.random.fold_in(jax.random.key(3), r), NUM_CLIENTS,
-                                    (SAMPLED,), replace=False)
+        sampled = jax.random.choice(
+            jax.random.fold_in(jax.random.key(3), r), NUM_CLIENTS, (SAMPLED,), replace=False
+        )
         state, metrics = round_fn(state, train, sampled, seed_key)
     result = eval_fn(state, test)
     after = _mean_accuracy(result)
 
-    print(f"{name}: mean client accuracy {before:.3f} -> {after:.3f}")
+    print(f'{name}: mean client accuracy {before:.3f} -> {after:.3f}')
     assert after >= MIN_ACCURACY[name], (name, before, after)
     assert after > before + 0.3, (name, before, after)
-    assert round_fn._cache_size() == 1   # one compilation serves every round
+    assert round_fn._cache_size() == 1  # one compilation serves every round
     assert set(metrics) == {'train_loss', 'train_accuracy', 'local_steps', 'flops', 'max_steps'}
     assert float(metrics['flops']) > 0
     assert result['correct'].shape == result['counts'].shape == (NUM_CLIENTS,)
@@ -101,13 +113,18 @@ def test_baseline_learns_on_digits(name, digits, digits_model):
     elif name == 'fedspa':
         # Prune-and-regrow keeps exactly half of every layer, for every client, every round.
         np.testing.assert_array_equal(kept, NUM_PARAMS // 2)
-        per_layer = [np.sum(np.asarray(m), axis=tuple(range(1, m.ndim)))
-                     for m in jax.tree.leaves(state.clients.masks)]
-        np.testing.assert_array_equal(np.stack(per_layer, 1),
-                                      np.tile(np.array(KERNEL_SIZES) // 2, (NUM_CLIENTS, 1)))
+        per_layer = [
+            np.sum(np.asarray(m), axis=tuple(range(1, m.ndim)))
+            for m in jax.tree.leaves(state.clients.masks)
+        ]
+        np.testing.assert_array_equal(
+            np.stack(per_layer, 1), np.tile(np.array(KERNEL_SIZES) // 2, (NUM_CLIENTS, 1))
+        )
     elif name == 'heterofl':
         # Widths 1, 1/2, 1/4 by client id mod 3: the kernels of the sub-models (see below).
-        np.testing.assert_array_equal(kept, [[38160, 9736, 2532][k % 3] for k in range(NUM_CLIENTS)])
+        np.testing.assert_array_equal(
+            kept, [[38160, 9736, 2532][k % 3] for k in range(NUM_CLIENTS)]
+        )
     elif name == 'fedpm':
         theta = np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.probabilities)])
         assert theta.min() >= 0.0 and theta.max() <= 1.0
@@ -129,25 +146,24 @@ def test_communication_counts(digits_model):
     assert heterofl.submodel_size(variables, 1.0) == 38160
     assert heterofl.submodel_size(variables, 0.5) == 9736
     assert heterofl.submodel_size(variables, 0.25) == 2532
-    exact = 32 * (38160 + 9736 + 2532 + 38160 + 9736)   # clients 0..4
+    exact = 32 * (38160 + 9736 + 2532 + 38160 + 9736)  # clients 0..4
     assert heterofl.communication_bits(n, s, variables, sampled=[0, 1, 2, 3, 4]) == (exact, exact)
     expected = 32 * s * (4 * 38160 + 3 * 9736 + 3 * 2532) / n
     assert heterofl.communication_bits(n, s, variables) == (expected, expected)
     # FedSpa at 50 %: 19080 kept weights (32 bits) + a 38160-bit mask up; the kept weights down.
-    assert fedspa.communication_bits(n, s, variables) == (s * (19080 * 32 + 38160),
-                                                          s * 19080 * 32)
+    assert fedspa.communication_bits(n, s, variables) == (s * (19080 * 32 + 38160), s * 19080 * 32)
 
 
 def test_heterofl_width_masks_follow_channels(digits_model):
     _, variables, _ = digits_model
     layout = heterofl.width_layout(variables['params'], variables['thresholds'])['params']
     masks = heterofl.width_masks(variables['params'], layout, rate=0.5, xp=np)
-    conv0 = masks['conv1']['kernel']      # image channel kept, outputs 0..7
+    conv0 = masks['conv1']['kernel']  # image channel kept, outputs 0..7
     np.testing.assert_array_equal(conv0[0, 0, 0], np.arange(16) < 8)
-    dense0 = masks['fc1']['kernel']    # input f = position * 32 + channel (NHWC flatten)
+    dense0 = masks['fc1']['kernel']  # input f = position * 32 + channel (NHWC flatten)
     np.testing.assert_array_equal(dense0[:, 0], np.arange(512) % 32 < 16)
     np.testing.assert_array_equal(dense0[0], np.arange(64) < 32)
-    head = masks['fc2']['kernel']      # every class survives
+    head = masks['fc2']['kernel']  # every class survives
     np.testing.assert_array_equal(head[:, 0], np.arange(64) < 32)
     assert head[0].all()
 
@@ -157,11 +173,16 @@ def test_fedspa_prune_regrow_by_hand():
     mask = jnp.array([True, True, True, False, False, False])
     grad = jnp.array([0.0, 0.0, 0.0, 0.2, 0.9, 0.1])
     # rate 0.34 of 3 kept -> 1 swap: drop |0.1| (the smallest), grow at |0.9| (the largest gradient).
-    new = fedspa.prune_regrow({'l': w}, {'l': mask}, {'l': jnp.abs(grad)}, counts={'l': 3},
-                              rate=0.34)['l']
+    new = fedspa.prune_regrow(
+        {'l': w}, {'l': mask}, {'l': jnp.abs(grad)}, counts={'l': 3}, rate=0.34
+    )['l']
     np.testing.assert_array_equal(new, [False, True, True, False, True, False])
-    assert float(fedspa.cosine_rate(fedspa.FedSpaConfig(prune_rate=0.5, anneal_rounds=10), 0)) == 0.5
-    assert float(fedspa.cosine_rate(fedspa.FedSpaConfig(prune_rate=0.5, anneal_rounds=10), 12)) == 0.0
+    assert (
+        float(fedspa.cosine_rate(fedspa.FedSpaConfig(prune_rate=0.5, anneal_rounds=10), 0)) == 0.5
+    )
+    assert (
+        float(fedspa.cosine_rate(fedspa.FedSpaConfig(prune_rate=0.5, anneal_rounds=10), 12)) == 0.0
+    )
 
 
 def test_fedspa_erk_keeps_the_overall_density():
@@ -179,17 +200,27 @@ def test_fedspa_server_mean_is_over_the_holders(digits_model):
     # the weighted mean over the clients that hold it, and an entry nobody holds keeps its value.
     model, _, _ = digits_model
     alg = fedspa.algorithm(model, LOCAL_CFG)
-    state = fedspa.init_state('digits_cnn', LOCAL_CFG, jax.random.key(0), num_clients=2,
-                              image_shape=IMAGE_SHAPE)
+    state = fedspa.init_state(
+        'digits_cnn', LOCAL_CFG, jax.random.key(0), num_clients=2, image_shape=IMAGE_SHAPE
+    )
     # Each client's random mask, with the first slice of every kernel held by nobody.
     masks = [jax.tree.map(lambda m: m[k].at[0].set(False), state.clients.masks) for k in range(2)]
-    works = [fedspa.FedSpaWork(
-        params=fedspa._on_mask(jax.tree.map(lambda p: jnp.full(p.shape, value), state.global_params),
-                               state.thresholds, m),
-        batch_stats=state.clients.batch_stats, masks=m, next_masks=m)
-        for value, m in ((1.0, masks[0]), (5.0, masks[1]))]
-    _, messages = jax.vmap(alg.client_end)(jax.tree.map(lambda *xs: jnp.stack(xs), *works),
-                                           jnp.zeros(2))
+    works = [
+        fedspa.FedSpaWork(
+            params=fedspa._on_mask(
+                jax.tree.map(lambda p: jnp.full(p.shape, value), state.global_params),
+                state.thresholds,
+                m,
+            ),
+            batch_stats=state.clients.batch_stats,
+            masks=m,
+            next_masks=m,
+        )
+        for value, m in ((1.0, masks[0]), (5.0, masks[1]))
+    ]
+    _, messages = jax.vmap(alg.client_end)(
+        jax.tree.map(lambda *xs: jnp.stack(xs), *works), jnp.zeros(2)
+    )
     mean = server.aggregate(messages, jnp.array([1.0, 3.0]))
     new = alg.server_update(state, mean, state.clients).global_params
 
@@ -199,8 +230,9 @@ def test_fedspa_server_mean_is_over_the_holders(digits_model):
     assert len(kernels) == len(KERNEL_SIZES)
     for kernel, before, h0, h1 in zip(kernels, old, *held):
         assert (h0 & h1).any() and (h0 & ~h1).any() and (~h0 & h1).any()
-        expected = np.where(h0 & h1, (1.0 * 1.0 + 3.0 * 5.0) / 4.0,
-                            np.where(h0, 1.0, np.where(h1, 5.0, before)))
+        expected = np.where(
+            h0 & h1, (1.0 * 1.0 + 3.0 * 5.0) / 4.0, np.where(h0, 1.0, np.where(h1, 5.0, before))
+        )
         np.testing.assert_allclose(kernel, expected, rtol=1e-6)
         np.testing.assert_array_equal(np.asarray(kernel)[0], np.asarray(before)[0])
 
@@ -213,5 +245,6 @@ def test_dense_thresholds_give_the_plain_dense_gradient():
     variables = layer.init(jax.random.key(0), x)
     thresholds = _common.dense_thresholds(variables['thresholds'])
     grad = jax.grad(lambda p: jnp.sum(layer.apply({'params': p, 'thresholds': thresholds}, x)))(
-        variables['params'])['kernel']
+        variables['params']
+    )['kernel']
     np.testing.assert_array_equal(grad, np.tile(x.sum(0)[:, None], (1, 3)))

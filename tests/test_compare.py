@@ -19,7 +19,7 @@ from experiments import compare
 from spafl_jax.configs import default
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
 COMPARE = os.path.join(REPO, 'experiments', 'compare.py')
 
@@ -36,8 +36,14 @@ def _write_run(workdir, method, seed, summary, accuracies):
 
 
 def _summary(accuracy, density, density_weighted, bits_up, bits_down, flops):
-    return dict(accuracy=accuracy, density=density, density_weighted=density_weighted,
-                bits_up=bits_up, bits_down=bits_down, flops=flops)
+    return dict(
+        accuracy=accuracy,
+        density=density,
+        density_weighted=density_weighted,
+        bits_up=bits_up,
+        bits_down=bits_down,
+        flops=flops,
+    )
 
 
 def test_table_and_curves_from_hand_written_runs(tmp_path):
@@ -51,8 +57,9 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
     names, seeds = ('spafl', 'fedavg', 'local'), (1, 2)
     config = default.get_config()
     config.rounds = 3
-    rows = compare.write_report(str(tmp_path), names, seeds, 'python experiments/compare.py ...',
-                                config)
+    rows = compare.write_report(
+        str(tmp_path), names, seeds, 'python experiments/compare.py ...', config
+    )
 
     spafl, fedavg, local = rows
     assert spafl['method'] == 'spafl' and spafl['seeds'] == '1 2' and spafl['finished'] == 2
@@ -65,34 +72,40 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
     assert (fedavg['gbit_up'], fedavg['gbit_down'], fedavg['gbit_total']) == (50.0, 50.0, 100.0)
     assert fedavg['density_mean'] == 1.0 and fedavg['density_std'] == 0.0
     assert local['finished'] == 1 and np.isnan(local['accuracy_mean'])
-    assert local['gbit_total'] != local['gbit_total']   # NaN: one seed has no result
+    assert local['gbit_total'] != local['gbit_total']  # NaN: one seed has no result
 
     with open(tmp_path / 'comparison.md') as f:
         table = f.read()
-    assert ('| method | accuracy (%) | communication (Gbit) | up (Gbit) | down (Gbit) | '
-            'FLOPs per client (TFLOP) | density (%) | density, weights (%) |') in table
+    assert (
+        '| method | accuracy (%) | communication (Gbit) | up (Gbit) | down (Gbit) | '
+        'FLOPs per client (TFLOP) | density (%) | density, weights (%) |'
+    ) in table
     assert '| spafl | 85.00 ± 7.07 | 4 | 1 | 3 | 3 | 60.00 ± 14.14 | 30.00 ± 7.07 |' in table
     assert '| fedavg | 65.00 ± 7.07 | 100 | 50 | 50 | 6 | 100.00 ± 0.00 | 100.00 ± 0.00 |' in table
     assert '| local (seed 2: stopped at round 2) | – | – | – | – | – | – | – |' in table
     assert 'Command: `python experiments/compare.py ...`' in table
     # Along the run: round 3, where local's seed 2 (stopped at round 2) does not count.
-    assert '| spafl | 85.0 / 0.150 |\n| fedavg | 65.0 / 0.350 |\n| local | 50.0 / 0.500 (1) |' in table
+    assert (
+        '| spafl | 85.0 / 0.150 |\n| fedavg | 65.0 / 0.350 |\n| local | 50.0 / 0.500 (1) |' in table
+    )
 
     with open(tmp_path / 'comparison.csv') as f:
         written = list(csv.DictReader(f))
     assert [r['method'] for r in written] == list(names)
     assert list(written[0]) == list(compare.CSV_COLUMNS)
-    assert float(written[0]['accuracy_mean']) == spafl['accuracy_mean']   # full precision
+    assert float(written[0]['accuracy_mean']) == spafl['accuracy_mean']  # full precision
     assert float(written[1]['gbit_total']) == 100.0
     assert float(written[0]['flops_per_client']) == 3e12
 
     curves = common.learning_curves(str(tmp_path), names, seeds)
     rounds, mean, std = curves['spafl']
     np.testing.assert_array_equal(rounds, [1, 2, 3])
-    np.testing.assert_array_equal(mean, [np.mean([0.5, 0.6]), np.mean([0.7, 0.8]),
-                                         np.mean([0.8, 0.9])])
-    np.testing.assert_array_equal(std, [np.std([0.5, 0.6], ddof=1), np.std([0.7, 0.8], ddof=1),
-                                        np.std([0.8, 0.9], ddof=1)])
+    np.testing.assert_array_equal(
+        mean, [np.mean([0.5, 0.6]), np.mean([0.7, 0.8]), np.mean([0.8, 0.9])]
+    )
+    np.testing.assert_array_equal(
+        std, [np.std([0.5, 0.6], ddof=1), np.std([0.7, 0.8], ddof=1), np.std([0.8, 0.9], ddof=1)]
+    )
     # Round 3 of `local` exists for seed 1 only: the mean of one seed, std 0.
     rounds, mean, std = curves['local']
     np.testing.assert_array_equal(rounds, [1, 2, 3])
@@ -103,22 +116,41 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
 
 def test_flop_unit_follows_the_largest_value():
     assert compare.flop_unit([{'flops_per_client': 3e12}, {'flops_per_client': 2e15}]) == (
-        'PFLOP', 1e15)
+        'PFLOP',
+        1e15,
+    )
     assert compare.flop_unit([{'flops_per_client': 5e8}]) == ('MFLOP', 1e6)
     assert compare.flop_unit([{'flops_per_client': float('nan')}]) == ('MFLOP', 1e6)
 
 
 # The tiny digits federation: 4 clients, 2 sampled per round, 2 rounds of 1 local epoch.
-TINY = ['--config=default.py', '--config.num_clients=4', '--config.clients_per_round=2',
-        '--config.rounds=2', '--config.local_epochs=1']
+TINY = [
+    '--config=default.py',
+    '--config.num_clients=4',
+    '--config.clients_per_round=2',
+    '--config.rounds=2',
+    '--config.local_epochs=1',
+]
 # digits_cnn: 38160 parameters (all masked weights, no BatchNorm), 122 thresholds.
 NUM_PARAMS, NUM_THRESHOLDS = 38160, 122
 
 
 def _compare(workdir):
-    return subprocess.run([sys.executable, COMPARE, *TINY, '--methods=spafl,fedavg', '--seeds=1',
-                           f'--workdir={workdir}'], capture_output=True, text=True, cwd=REPO,
-                          timeout=900, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            COMPARE,
+            *TINY,
+            '--methods=spafl,fedavg',
+            '--seeds=1',
+            f'--workdir={workdir}',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+        check=False,
+    )
 
 
 def test_compare_command_end_to_end_on_digits(tmp_path):
@@ -180,9 +212,21 @@ def test_records_only_rebuilds_the_report_from_compact_records(tmp_path):
     _write_config(tmp_path, 'spafl', 1, lr=0.01, th_coeff=0.005, dataset='fashion_mnist')
     _write_run(tmp_path, 'fedavg', 1, _summary(0.6, 1.0, 1.0, 5e10, 5e10, 6e12), [0.2, 0.4, 0.6])
     _write_config(tmp_path, 'fedavg', 1, lr=0.001, dataset='fashion_mnist')
-    result = subprocess.run([sys.executable, COMPARE, '--records_only', f'--workdir={tmp_path}',
-                             '--methods=spafl,fedavg', '--seeds=1'], capture_output=True,
-                            text=True, cwd=REPO, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            COMPARE,
+            '--records_only',
+            f'--workdir={tmp_path}',
+            '--methods=spafl,fedavg',
+            '--seeds=1',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / 'comparison.md') as f:
         table = f.read()
@@ -192,14 +236,31 @@ def test_records_only_rebuilds_the_report_from_compact_records(tmp_path):
     assert '- spafl: lr 0.01, th_coeff 0.005\n- fedavg: lr 0.001, th_coeff 0.002\n' in table
     assert 'Command: `python experiments/compare.py --records_only' in table
     # Along the run: a 3-round config marks round 3 only.
-    assert '| method | round 3 |\n|---|---|\n| spafl | 80.0 / 0.200 |\n| fedavg | 60.0 / 0.400 |' \
+    assert (
+        '| method | round 3 |\n|---|---|\n| spafl | 80.0 / 0.200 |\n| fedavg | 60.0 / 0.400 |'
         in table
+    )
     assert not os.path.exists(tmp_path / 'spafl' / 'seed1' / 'checkpoints')
     assert os.path.getsize(tmp_path / 'learning_curves.png') > 0
 
-    result = subprocess.run([sys.executable, COMPARE, '--records_only',
-                             f'--workdir={tmp_path / "empty"}', '--methods=spafl', '--seeds=1'],
-                            capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            COMPARE,
+            '--records_only',
+            f'--workdir={tmp_path / "empty"}',
+            '--methods=spafl',
+            '--seeds=1',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        'error: --records_only: no config.json in any of ')
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith('error: --records_only: no config.json in any of ')
+    )

@@ -24,46 +24,119 @@ from spafl_jax.configs import default
 from spafl_jax.configs import fmnist
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
-CONFIGS = {'fmnist.py': fmnist, 'cifar10.py': cifar10, 'cifar10_vit.py': cifar10_vit,
-           'cifar100.py': cifar100}
+CONFIGS = {
+    'fmnist.py': fmnist,
+    'cifar10.py': cifar10,
+    'cifar10_vit.py': cifar10_vit,
+    'cifar100.py': cifar100,
+}
 
 # docs/algorithm.md, section 6, column by column (where a default was tuned, the :official preset
 # keeps the paper's value: OFFICIAL below).
 PAPER = {
-    'fmnist.py': dict(dataset='fashion_mnist', model='lenet5', rounds=500, alpha=0.2,
-                      batch_size=64, local_epochs=5, lr=0.01, lr_decay=1.0, clip=0.0,
-                      th_coeff=0.005, penalty_warmup=True),   # lr, th_coeff tuned (RESULTS.md)
-    'cifar10.py': dict(dataset='cifar10', model='conv4', rounds=500, alpha=0.1, batch_size=16,
-                       local_epochs=5, lr=0.01, lr_decay=1.0, clip=3.0, th_coeff=1.5e-4,
-                       penalty_warmup=False),
-    'cifar10_vit.py': dict(dataset='cifar10', model='vit', rounds=500, alpha=0.1, batch_size=16,
-                           local_epochs=1, lr=0.01, lr_decay=1.0, clip=3.0, th_coeff=1e-4,
-                           penalty_warmup=False),
-    'cifar100.py': dict(dataset='cifar100', model='resnet18', rounds=1500, alpha=0.1,
-                        batch_size=64, local_epochs=7, lr=0.01, lr_decay=0.993, min_lr=1e-4,
-                        clip=15.0, th_coeff=7e-4, penalty_warmup=True),
+    'fmnist.py': dict(
+        dataset='fashion_mnist',
+        model='lenet5',
+        rounds=500,
+        alpha=0.2,
+        batch_size=64,
+        local_epochs=5,
+        lr=0.01,
+        lr_decay=1.0,
+        clip=0.0,
+        th_coeff=0.005,
+        penalty_warmup=True,
+    ),  # lr, th_coeff tuned (RESULTS.md)
+    'cifar10.py': dict(
+        dataset='cifar10',
+        model='conv4',
+        rounds=500,
+        alpha=0.1,
+        batch_size=16,
+        local_epochs=5,
+        lr=0.01,
+        lr_decay=1.0,
+        clip=3.0,
+        th_coeff=1.5e-4,
+        penalty_warmup=False,
+    ),
+    'cifar10_vit.py': dict(
+        dataset='cifar10',
+        model='vit',
+        rounds=500,
+        alpha=0.1,
+        batch_size=16,
+        local_epochs=1,
+        lr=0.01,
+        lr_decay=1.0,
+        clip=3.0,
+        th_coeff=1e-4,
+        penalty_warmup=False,
+    ),
+    'cifar100.py': dict(
+        dataset='cifar100',
+        model='resnet18',
+        rounds=1500,
+        alpha=0.1,
+        batch_size=64,
+        local_epochs=7,
+        lr=0.01,
+        lr_decay=0.993,
+        min_lr=1e-4,
+        clip=15.0,
+        th_coeff=7e-4,
+        penalty_warmup=True,
+    ),
 }
 
 # What each `:official` preset changes, as documented in the README's table of official folders.
-OFFICIAL_FIELDS = ('estimator', 'importance_update', 'persistent_optimizer', 'raw_pixels',
-                   'augment', 'drop_last', 'collapse_check')
-_OFFICIAL_CIFAR = dict(estimator='outside_unit', importance_update='all_after',
-                       persistent_optimizer=False, raw_pixels=True, augment='none', drop_last=True,
-                       collapse_check='previous')
+OFFICIAL_FIELDS = (
+    'estimator',
+    'importance_update',
+    'persistent_optimizer',
+    'raw_pixels',
+    'augment',
+    'drop_last',
+    'collapse_check',
+)
+_OFFICIAL_CIFAR = dict(
+    estimator='outside_unit',
+    importance_update='all_after',
+    persistent_optimizer=False,
+    raw_pixels=True,
+    augment='none',
+    drop_last=True,
+    collapse_check='previous',
+)
 OFFICIAL = {
-    'fmnist.py': dict(estimator='identity', importance_update='sampled_before',
-                      persistent_optimizer=True, raw_pixels=True, augment='none', drop_last=False,
-                      collapse_check='previous', lr=0.001, th_coeff=0.002),   # the paper's
+    'fmnist.py': dict(
+        estimator='identity',
+        importance_update='sampled_before',
+        persistent_optimizer=True,
+        raw_pixels=True,
+        augment='none',
+        drop_last=False,
+        collapse_check='previous',
+        lr=0.001,
+        th_coeff=0.002,
+    ),  # the paper's
     'cifar10.py': _OFFICIAL_CIFAR,
     'cifar10_vit.py': _OFFICIAL_CIFAR,
-    'cifar100.py': _OFFICIAL_CIFAR,   # assumed like the CIFAR-10 folder (docstring of cifar100.py)
+    'cifar100.py': _OFFICIAL_CIFAR,  # assumed like the CIFAR-10 folder (docstring of cifar100.py)
 }
 
 # Shrunk sizes: 4 clients, 2 sampled, batch 4, 1 local epoch, 2 rounds, a small eval batch.
-TINY = dict(num_clients=4, clients_per_round=2, batch_size=4, local_epochs=1, rounds=2,
-            eval_every=2, eval_batch_size=16)
+TINY = dict(
+    num_clients=4,
+    clients_per_round=2,
+    batch_size=4,
+    local_epochs=1,
+    rounds=2,
+    eval_every=2,
+    eval_batch_size=16,
+)
 # Mock examples per split: a handful per class (100 classes for CIFAR-100).
 MOCK_EXAMPLES = {'fmnist.py': 30, 'cifar10.py': 30, 'cifar10_vit.py': 30, 'cifar100.py': 100}
 
@@ -131,8 +204,9 @@ def test_config_runs_two_rounds_on_mock_data(name, tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, 'load_tfds', spy)
     workdir = str(tmp_path / 'run')
-    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES[name],
-                                policy=tfds.testing.MockPolicy.USE_CODE):
+    with tfds.testing.mock_data(
+        num_examples=MOCK_EXAMPLES[name], policy=tfds.testing.MockPolicy.USE_CODE
+    ):
         summary = train.train_and_evaluate(config, workdir)
     assert calls == [(config.dataset, config.data_dir)]
     assert summary['round'] == 2 and summary['rounds'] == 2

@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ------------------------------------------------------------------------------------------------
 # Archives in the real formats.
 
+
 def _idx(array: np.ndarray) -> bytes:
     header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, '>u4').tobytes()
     return gzip.compress(header + array.astype(np.uint8).tobytes())
@@ -42,9 +43,12 @@ def _fashion_mnist_files(rng):
         'test_images': rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
         'test_labels': rng.integers(0, 10, 12).astype(np.uint8),
     }
-    names = {'train_images': 'train-images-idx3-ubyte.gz', 'train_labels':
-             'train-labels-idx1-ubyte.gz', 'test_images': 't10k-images-idx3-ubyte.gz',
-             'test_labels': 't10k-labels-idx1-ubyte.gz'}
+    names = {
+        'train_images': 'train-images-idx3-ubyte.gz',
+        'train_labels': 'train-labels-idx1-ubyte.gz',
+        'test_images': 't10k-images-idx3-ubyte.gz',
+        'test_labels': 't10k-labels-idx1-ubyte.gz',
+    }
     return arrays, {names[k]: _idx(v) for k, v in arrays.items()}
 
 
@@ -68,8 +72,10 @@ def _tar_gz(members: dict[str, bytes]) -> bytes:
 def _cifar10_archive(rng):
     batches = [rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for _ in range(6)]
     labels = [rng.integers(0, 10, 4) for _ in range(6)]
-    members = {f'cifar-10-batches-bin/data_batch_{i + 1}.bin': _records(batches[i], [labels[i]])
-               for i in range(5)}
+    members = {
+        f'cifar-10-batches-bin/data_batch_{i + 1}.bin': _records(batches[i], [labels[i]])
+        for i in range(5)
+    }
     members['cifar-10-batches-bin/test_batch.bin'] = _records(batches[5], [labels[5]])
     members['cifar-10-batches-bin/batches.meta.txt'] = b'airplane\nautomobile\n'
     train = (np.concatenate(batches[:5]), np.concatenate(labels[:5]))
@@ -80,15 +86,18 @@ def _cifar100_archive(rng):
     images = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (7, 3)]
     fine = [rng.integers(0, 100, n) for n in (7, 3)]
     coarse = [f // 5 for f in fine]
-    members = {'cifar-100-binary/coarse_label_names.txt': b'aquatic_mammals\n',
-               'cifar-100-binary/train.bin': _records(images[0], [coarse[0], fine[0]]),
-               'cifar-100-binary/test.bin': _records(images[1], [coarse[1], fine[1]]),
-               'cifar-100-binary/fine_label_names.txt': b'apple\n'}
+    members = {
+        'cifar-100-binary/coarse_label_names.txt': b'aquatic_mammals\n',
+        'cifar-100-binary/train.bin': _records(images[0], [coarse[0], fine[0]]),
+        'cifar-100-binary/test.bin': _records(images[1], [coarse[1], fine[1]]),
+        'cifar-100-binary/fine_label_names.txt': b'apple\n',
+    }
     return (images[0], fine[0]), (images[1], fine[1]), _tar_gz(members)
 
 
 # ------------------------------------------------------------------------------------------------
 # The server: files by name; a few names misbehave on purpose.
+
 
 class _Server:
     def __init__(self):
@@ -108,8 +117,8 @@ class _Server:
                 self.send_response(200)
                 self.send_header('Content-Length', str(len(payload)))
                 self.end_headers()
-                if name in server.truncated:   # the connection drops half-way
-                    self.wfile.write(payload[:len(payload) // 2])
+                if name in server.truncated:  # the connection drops half-way
+                    self.wfile.write(payload[: len(payload) // 2])
                     self.wfile.flush()
                     self.close_connection = True
                     return
@@ -126,8 +135,7 @@ class _Server:
     def publish(self, name: str, payload: bytes, served: bytes | None = None) -> downloads.Archive:
         """Serves `served` (default `payload`) under `name`; the Archive the tests expect."""
         self.files[name] = payload if served is None else served
-        return downloads.Archive(self.url + name, len(payload),
-                                 hashlib.sha256(payload).hexdigest())
+        return downloads.Archive(self.url + name, len(payload), hashlib.sha256(payload).hexdigest())
 
     def close(self):
         self.httpd.shutdown()
@@ -144,9 +152,12 @@ def server():
 @pytest.fixture
 def fashion_mnist_server(server, monkeypatch):
     arrays, files = _fashion_mnist_files(np.random.default_rng(0))
-    monkeypatch.setitem(downloads.SOURCES, 'fashion_mnist',
-                        tuple(server.publish(name, payload) for name, payload in files.items()))
-    monkeypatch.setattr(data, 'FASHION_MNIST_DIRS', ())   # never the Debian files
+    monkeypatch.setitem(
+        downloads.SOURCES,
+        'fashion_mnist',
+        tuple(server.publish(name, payload) for name, payload in files.items()),
+    )
+    monkeypatch.setattr(data, 'FASHION_MNIST_DIRS', ())  # never the Debian files
     return server, arrays
 
 
@@ -154,7 +165,7 @@ def _closed_port_url() -> str:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    return f'http://127.0.0.1:{port}/'   # nothing listens there: connection refused
+    return f'http://127.0.0.1:{port}/'  # nothing listens there: connection refused
 
 
 def _files(directory) -> list[str]:
@@ -163,8 +174,10 @@ def _files(directory) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------
 
+
 def test_fashion_mnist_downloads_checked_and_then_loads_without_the_network(
-        fashion_mnist_server, tmp_path, capsys):
+    fashion_mnist_server, tmp_path, capsys
+):
     server, arrays = fashion_mnist_server
     ds = data.load_dataset('fashion_mnist', str(tmp_path), download=True)
     np.testing.assert_array_equal(ds.train_images[..., 0], arrays['train_images'])
@@ -172,11 +185,12 @@ def test_fashion_mnist_downloads_checked_and_then_loads_without_the_network(
     np.testing.assert_array_equal(ds.test_images[..., 0], arrays['test_images'])
     np.testing.assert_array_equal(ds.test_labels, arrays['test_labels'])
     assert _files(tmp_path / 'fashion_mnist') == sorted(
-        a.filename for a in downloads.SOURCES['fashion_mnist'])
+        a.filename for a in downloads.SOURCES['fashion_mnist']
+    )
     assert len(server.requests) == 4
     assert 'downloading train-images-idx3-ubyte.gz: 100% 0.0/0.0 MB' in capsys.readouterr().err
 
-    server.close()   # the second load reads the files already there
+    server.close()  # the second load reads the files already there
     again = data.load_dataset('fashion_mnist', str(tmp_path), download=True)
     np.testing.assert_array_equal(again.train_images, ds.train_images)
 
@@ -185,13 +199,14 @@ def test_fashion_mnist_downloads_checked_and_then_loads_without_the_network(
 def test_cifar_binary_archive_downloads_and_parses_exactly(server, monkeypatch, tmp_path, name):
     make = _cifar10_archive if name == 'cifar10' else _cifar100_archive
     (train_images, train_labels), (test_images, test_labels), archive = make(
-        np.random.default_rng(1))
+        np.random.default_rng(1)
+    )
     filename = downloads.SOURCES[name][0].filename
     monkeypatch.setitem(downloads.SOURCES, name, (server.publish(filename, archive),))
     ds = data.load_dataset(name, str(tmp_path), download=True)
     assert ds.image_shape == (32, 32, 3) and ds.num_classes == (10 if name == 'cifar10' else 100)
-    np.testing.assert_array_equal(ds.train_images, train_images)   # CHW records -> HWC pixels
-    np.testing.assert_array_equal(ds.train_labels, train_labels)   # CIFAR-100: the fine label
+    np.testing.assert_array_equal(ds.train_images, train_images)  # CHW records -> HWC pixels
+    np.testing.assert_array_equal(ds.train_labels, train_labels)  # CIFAR-100: the fine label
     np.testing.assert_array_equal(ds.test_images, test_images)
     np.testing.assert_array_equal(ds.test_labels, test_labels)
     assert _files(tmp_path / name) == [filename]
@@ -205,20 +220,24 @@ def test_cifar_binary_archive_downloads_and_parses_exactly(server, monkeypatch, 
 def test_a_corrupt_download_is_detected_and_not_left_behind(server, monkeypatch, tmp_path):
     _, _, archive = _cifar10_archive(np.random.default_rng(2))
     corrupt = bytearray(archive)
-    corrupt[len(corrupt) // 2] ^= 0xFF                     # same size, one byte wrong
-    monkeypatch.setitem(downloads.SOURCES, 'cifar10', (
-        server.publish('cifar-10-binary.tar.gz', archive, served=bytes(corrupt)),))
+    corrupt[len(corrupt) // 2] ^= 0xFF  # same size, one byte wrong
+    monkeypatch.setitem(
+        downloads.SOURCES,
+        'cifar10',
+        (server.publish('cifar-10-binary.tar.gz', archive, served=bytes(corrupt)),),
+    )
     with pytest.raises(data.DatasetUnavailableError) as info:
         data.load_dataset('cifar10', str(tmp_path), download=True)
     message = str(info.value)
     assert 'the download is corrupt' in message and 'SHA-256' in message and '\n' not in message
-    assert _files(tmp_path / 'cifar10') == []             # neither the file nor a .part
+    assert _files(tmp_path / 'cifar10') == []  # neither the file nor a .part
 
 
 def test_a_dropped_connection_is_detected_and_not_left_behind(server, monkeypatch, tmp_path):
     _, _, archive = _cifar100_archive(np.random.default_rng(3))
-    monkeypatch.setitem(downloads.SOURCES, 'cifar100', (
-        server.publish('cifar-100-binary.tar.gz', archive),))
+    monkeypatch.setitem(
+        downloads.SOURCES, 'cifar100', (server.publish('cifar-100-binary.tar.gz', archive),)
+    )
     server.truncated.add('cifar-100-binary.tar.gz')
     with pytest.raises(data.DatasetUnavailableError, match='cannot download|ended after'):
         data.load_dataset('cifar100', str(tmp_path), download=True)
@@ -227,19 +246,21 @@ def test_a_dropped_connection_is_detected_and_not_left_behind(server, monkeypatc
 
 def test_a_wrong_file_already_in_place_is_named_and_kept(server, monkeypatch, tmp_path):
     _, _, archive = _cifar10_archive(np.random.default_rng(4))
-    monkeypatch.setitem(downloads.SOURCES, 'cifar10', (
-        server.publish('cifar-10-binary.tar.gz', archive),))
+    monkeypatch.setitem(
+        downloads.SOURCES, 'cifar10', (server.publish('cifar-10-binary.tar.gz', archive),)
+    )
     (tmp_path / 'cifar10').mkdir()
     (tmp_path / 'cifar10' / 'cifar-10-binary.tar.gz').write_bytes(b'my own file')
-    with pytest.raises(data.DatasetUnavailableError,
-                       match='is not the published cifar-10-binary.tar.gz .11 bytes where'):
+    with pytest.raises(
+        data.DatasetUnavailableError,
+        match='is not the published cifar-10-binary.tar.gz .11 bytes where',
+    ):
         data.load_dataset('cifar10', str(tmp_path), download=True)
     assert (tmp_path / 'cifar10' / 'cifar-10-binary.tar.gz').read_bytes() == b'my own file'
     assert server.requests == []
 
 
-def test_offline_fails_within_seconds_naming_the_places_and_the_fix(fashion_mnist_server,
-                                                                    tmp_path):
+def test_offline_fails_within_seconds_naming_the_places_and_the_fix(fashion_mnist_server, tmp_path):
     offline = _closed_port_url()
     start = time.monotonic()
     with pytest.raises(data.DatasetUnavailableError) as info:
@@ -247,11 +268,14 @@ def test_offline_fails_within_seconds_naming_the_places_and_the_fix(fashion_mnis
     assert time.monotonic() - start < 5
     message = str(info.value)
     assert '\n' not in message
-    assert message.startswith('fashion_mnist is not on this machine (looked for IDX files in '
-                              f'{tmp_path};')
+    assert message.startswith(
+        f'fashion_mnist is not on this machine (looked for IDX files in {tmp_path};'
+    )
     assert f'cannot download {offline}train-images-idx3-ubyte.gz (ConnectionRefusedError' in message
-    assert 'To provide it offline, install it with `sudo apt-get install dataset-fashion-mnist`' \
+    assert (
+        'To provide it offline, install it with `sudo apt-get install dataset-fashion-mnist`'
         in message
+    )
     assert f'download {offline}train-images-idx3-ubyte.gz, ' in message
     assert f'into {tmp_path / "fashion_mnist"}' in message
     assert _files(tmp_path / 'fashion_mnist') == []
@@ -280,10 +304,17 @@ def test_a_redirect_is_followed(server, monkeypatch, tmp_path):
         original(handler)
 
     monkeypatch.setattr(server.httpd.RequestHandlerClass, 'do_GET', do_get)
-    monkeypatch.setitem(downloads.SOURCES, 'cifar10', (downloads.Archive(
-        server.url + 'cifar-10-binary.tar.gz', expected.size, expected.sha256),))
+    monkeypatch.setitem(
+        downloads.SOURCES,
+        'cifar10',
+        (downloads.Archive(server.url + 'cifar-10-binary.tar.gz', expected.size, expected.sha256),),
+    )
     assert data.load_dataset('cifar10', str(tmp_path), download=True).train_images.shape == (
-        20, 32, 32, 3)
+        20,
+        32,
+        32,
+        3,
+    )
 
 
 @pytest.mark.slow
@@ -292,15 +323,24 @@ def test_the_runner_downloads_fashion_mnist_and_trains(fashion_mnist_server, tmp
     sys.path.insert(0, REPO)
     from spafl_jax.configs import fmnist  # pylint: disable=import-outside-toplevel
     from spafl_jax import train  # pylint: disable=import-outside-toplevel
+
     server, _ = fashion_mnist_server
     config = fmnist.get_config()
-    config.update(data_dir=str(tmp_path / 'data'), num_clients=3, clients_per_round=2, rounds=1,
-                  local_epochs=1, batch_size=4, alpha=100.0)
+    config.update(
+        data_dir=str(tmp_path / 'data'),
+        num_clients=3,
+        clients_per_round=2,
+        rounds=1,
+        local_epochs=1,
+        batch_size=4,
+        alpha=100.0,
+    )
     summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
     assert summary['rounds'] == 1 and 0.0 <= summary['accuracy'] <= 1.0
     assert len(server.requests) == 4
     assert _files(tmp_path / 'data' / 'fashion_mnist') == sorted(
-        a.filename for a in downloads.SOURCES['fashion_mnist'])
+        a.filename for a in downloads.SOURCES['fashion_mnist']
+    )
 
 
 @pytest.mark.slow
@@ -308,9 +348,19 @@ def test_the_runner_offline_fails_within_seconds(tmp_path):
     """experiments/main.py with the published sources unreachable: one line, no traceback."""
     env = dict(os.environ, SPAFL_DATA_MIRROR=_closed_port_url())
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, 'experiments', 'main.py'), '--config=cifar10.py',
-         f'--config.data_dir={tmp_path}', f'--workdir={tmp_path}/w'],
-        capture_output=True, text=True, timeout=120, env=env, check=False)
+        [
+            sys.executable,
+            os.path.join(REPO, 'experiments', 'main.py'),
+            '--config=cifar10.py',
+            f'--config.data_dir={tmp_path}',
+            f'--workdir={tmp_path}/w',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 2
     assert 'Traceback' not in proc.stderr
     error = [l for l in proc.stderr.splitlines() if 'cifar10 is not on this machine' in l]

@@ -20,19 +20,25 @@ from spafl_jax import export, models
 
 # Small images where the model allows it, and narrower/shallower variants of the big models, to keep
 # the file fast (the export walks each model's own `export_plan()`: its stages, blocks and depth).
-IMAGE_SHAPES = {'digits_cnn': (8, 8, 1), 'lenet5': (28, 28, 1), 'conv4': (32, 32, 3),
-                'resnet18': (16, 16, 3), 'vit': (16, 16, 3)}
+IMAGE_SHAPES = {
+    'digits_cnn': (8, 8, 1),
+    'lenet5': (28, 28, 1),
+    'conv4': (32, 32, 3),
+    'resnet18': (16, 16, 3),
+    'vit': (16, 16, 3),
+}
 MODEL_KWARGS = {'resnet18': {'widths': (8, 16)}, 'vit': {'depth': 1}}
 MODEL_NAMES = [name for name in IMAGE_SHAPES if name in models.MODELS]
 PRUNED_FRACTION = 0.4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name: str):
     """The module and its variable shapes (eval_shape: compiling a real init takes far longer)."""
     model = models.MODELS[name](num_classes=10, **MODEL_KWARGS.get(name, {}))
-    shapes = jax.eval_shape(lambda key: models.init_variables(model, key, IMAGE_SHAPES[name]),
-                            jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda key: models.init_variables(model, key, IMAGE_SHAPES[name]), jax.random.key(0)
+    )
     return model, shapes
 
 
@@ -61,11 +67,14 @@ def _sparse_variables(name: str, seed: int = 0):
         magnitude = np.abs(kernel).mean(axis=tuple(range(kernel.ndim - 1)))
         rows = magnitude.shape[0]
         pruned = np.zeros(rows, bool)
-        pruned[rng.permutation(rows)[:max(1, int(PRUNED_FRACTION * rows))]] = True
+        pruned[rng.permutation(rows)[: max(1, int(PRUNED_FRACTION * rows))]] = True
         masks['/'.join(path[:-1])] = ~pruned
         thresholds[path] = np.where(pruned, magnitude * 1.01, magnitude * 0.99).astype(np.float32)
-    variables = {'params': params, 'thresholds': traverse_util.unflatten_dict(thresholds),
-                 'batch_stats': traverse_util.unflatten_dict(stats) if stats else {}}
+    variables = {
+        'params': params,
+        'thresholds': traverse_util.unflatten_dict(thresholds),
+        'batch_stats': traverse_util.unflatten_dict(stats) if stats else {},
+    }
     return variables, masks
 
 
@@ -84,10 +93,12 @@ def test_compact_equals_masked_eval(name):
     compact = export.compact_model(_model(name)[0], variables)
     x = _images(name)
     expected = _masked_eval(name, variables, x)
-    np.testing.assert_allclose(export.compact_apply(compact.description, compact.params, x), expected,
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(export.numpy_apply(compact.description, compact.params, x), expected,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        export.compact_apply(compact.description, compact.params, x), expected, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        export.numpy_apply(compact.description, compact.params, x), expected, rtol=1e-5, atol=1e-5
+    )
     assert compact.num_parameters < export.count_parameters(variables)
 
 
@@ -113,9 +124,12 @@ def test_parameter_count_is_kept_rows():
     # LeNet-5: no BatchNorm, so pruned rows are 0 after ReLU and nothing is folded.
     _, m = _sparse_variables('lenet5')
     k = {name: int(mask.sum()) for name, mask in m.items()}
-    expected = (25 * 1 * k['conv1'] + 25 * k['conv1'] * k['conv2']
-                + 16 * k['conv2'] * k['fc1']   # 4x4 map after two pools
-                + k['fc1'] * k['fc2'])
+    expected = (
+        25 * 1 * k['conv1']
+        + 25 * k['conv1'] * k['conv2']
+        + 16 * k['conv2'] * k['fc1']  # 4x4 map after two pools
+        + k['fc1'] * k['fc2']
+    )
     assert k == {'conv1': 12, 'conv2': 30, 'fc1': 300, 'fc2': 6}
     assert export.compact_model('lenet5', _sparse_variables('lenet5')[0]).num_parameters == expected
 
@@ -123,8 +137,15 @@ def test_parameter_count_is_kept_rows():
     _, m = _sparse_variables('conv4')
     c = [int(m[f'conv{i + 1}'].sum()) for i in range(4)]
     d = [int(m[f'fc{i + 1}'].sum()) for i in range(3)]
-    weights = (25 * 3 * c[0] + 25 * c[0] * c[1] + 25 * c[1] * c[2] + 25 * c[2] * c[3]
-               + 4 * c[3] * d[0] + d[0] * d[1] + d[1] * d[2])   # 2x2 map before the flatten
+    weights = (
+        25 * 3 * c[0]
+        + 25 * c[0] * c[1]
+        + 25 * c[1] * c[2]
+        + 25 * c[2] * c[3]
+        + 4 * c[3] * d[0]
+        + d[0] * d[1]
+        + d[1] * d[2]
+    )  # 2x2 map before the flatten
     biases = c[1] + c[2] + c[3] + d[0] + d[1] + d[2]
     batch_norm = 4 * (sum(c) + d[0] + d[1])
     compact = export.compact_model('conv4', _sparse_variables('conv4')[0])
@@ -139,8 +160,11 @@ def test_all_rows_pruned_is_a_clear_error():
     # Thresholds alone cannot do it: the collapse reset brings such a layer back. A zero kernel can.
     params[('fc1', 'kernel')] = np.zeros_like(params[('fc1', 'kernel')])
     variables = {**variables, 'params': traverse_util.unflatten_dict(params)}
-    with pytest.raises(ValueError, match=r"all 500 rows of masked layer 'fc1' are pruned.*"
-                                         r"constant"):
+    with pytest.raises(
+        ValueError,
+        match=r"all 500 rows of masked layer 'fc1' are pruned.*"
+        r'constant',
+    ):
         export.compact_model('lenet5', variables)
 
 
@@ -150,10 +174,14 @@ def test_collapsed_layer_is_reset_as_in_evaluation():
     thresholds['fc1'] = {'threshold': np.full((128,), 1e3, np.float32)}  # 0 % kept
     variables = {**variables, 'thresholds': thresholds}
     compact = export.compact_model('conv4', variables)
-    assert compact.params['fc1/kernel'].shape[-1] == 128   # reset: every row is back
+    assert compact.params['fc1/kernel'].shape[-1] == 128  # reset: every row is back
     x = _images('conv4')
-    np.testing.assert_allclose(export.compact_apply(compact.description, compact.params, x),
-                               _masked_eval('conv4', variables, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        export.compact_apply(compact.description, compact.params, x),
+        _masked_eval('conv4', variables, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow
@@ -173,13 +201,16 @@ def test_npz_json_round_trip_and_standalone_numpy_forward(tmp_path):
     np.save(tmp_path / 'x.npy', x)
     (tmp_path / 'compact_numpy.py').write_text(export.standalone_source())
     # A user without JAX: importing jax (or this package) inside the runner would fail.
-    script = ("import sys; sys.modules['jax'] = None; sys.modules['spafl_jax'] = None; "
-              f"sys.path.insert(0, {str(tmp_path)!r}); import numpy as np, compact_numpy as c; "
-              f"d, p = c.load_compact({prefix!r}); "
-              "np.save('y.npy', c.numpy_apply(d, p, np.load('x.npy')))")
+    script = (
+        "import sys; sys.modules['jax'] = None; sys.modules['spafl_jax'] = None; "
+        f'sys.path.insert(0, {str(tmp_path)!r}); import numpy as np, compact_numpy as c; '
+        f'd, p = c.load_compact({prefix!r}); '
+        "np.save('y.npy', c.numpy_apply(d, p, np.load('x.npy')))"
+    )
     subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path)
-    np.testing.assert_allclose(np.load(tmp_path / 'y.npy'), _masked_eval('conv4', variables, x),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / 'y.npy'), _masked_eval('conv4', variables, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def _write_workdir(workdir, clients):
@@ -204,8 +235,9 @@ def test_export_workdir(tmp_path):
 
     model_name, loaded = export.load_client_variables(workdir)
     assert model_name == 'digits_cnn' and len(loaded) == 3
-    np.testing.assert_array_equal(loaded[1]['params']['conv1']['kernel'],
-                                  clients[1]['params']['conv1']['kernel'])
+    np.testing.assert_array_equal(
+        loaded[1]['params']['conv1']['kernel'], clients[1]['params']['conv1']['kernel']
+    )
 
     out = str(tmp_path / 'out')
     rows = export.export_workdir(workdir, out, batch_size=8, repeats=2)
@@ -214,15 +246,21 @@ def test_export_workdir(tmp_path):
     for r in rows[:2]:
         assert r['params_before'] == 38_160 and 0 < r['params_after'] < 38_160
         assert r['max_abs_diff'] < 1e-5 and r['masked_s'] > 0 and r['compact_s'] > 0
-        assert r['bytes'] == sum(os.path.getsize(os.path.join(out, f'client_{r["client"]:03d}{e}'))
-                                 for e in ('.npz', '.json'))
+        assert r['bytes'] == sum(
+            os.path.getsize(os.path.join(out, f'client_{r["client"]:03d}{e}'))
+            for e in ('.npz', '.json')
+        )
     assert os.path.exists(os.path.join(out, 'compact_numpy.py'))
     # A chosen subset, and an id the run does not have.
-    subset = export.export_workdir(workdir, str(tmp_path / 'subset'), batch_size=8, repeats=1,
-                                   clients=[1])
+    subset = export.export_workdir(
+        workdir, str(tmp_path / 'subset'), batch_size=8, repeats=1, clients=[1]
+    )
     assert [r['client'] for r in subset] == [1]
     assert subset[0]['params_after'] == rows[1]['params_after']
-    assert sorted(os.listdir(tmp_path / 'subset')) == ['client_001.json', 'client_001.npz',
-                                                        'compact_numpy.py']
+    assert sorted(os.listdir(tmp_path / 'subset')) == [
+        'client_001.json',
+        'client_001.npz',
+        'compact_numpy.py',
+    ]
     with pytest.raises(ValueError, match=r'clients \[7\] are not in the run; it has clients 0..2'):
         export.export_workdir(workdir, str(tmp_path / 'bad'), clients=[1, 7])

@@ -11,7 +11,7 @@ import pytest
 
 import faults  # conftest puts tests/ on the path  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
 CASES = faults.INPUT_CASES + faults.DIVERGENCE_CASES
 
@@ -26,6 +26,7 @@ def outcomes(tmp_path_factory):
         case_root = os.path.join(root, str(i))
         os.makedirs(case_root)
         return faults.run_case(case, case_root)
+
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         return dict(zip((c.name for c in CASES), pool.map(run, enumerate(CASES))))
 
@@ -65,7 +66,7 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_run(reference, t
 def _damaged_run(workdir, names, seed):
     code, _ = faults.run_until(workdir, 5)
     assert code == -signal.SIGKILL
-    kept = _read(workdir, 'metrics.jsonl').splitlines(keepends=True)[:4]   # before the checkpoint
+    kept = _read(workdir, 'metrics.jsonl').splitlines(keepends=True)[:4]  # before the checkpoint
     rng = random.Random(seed)
     for name in names:
         faults.DAMAGES[name][1](workdir, rng)
@@ -78,10 +79,20 @@ def test_files_damaged_after_a_kill_are_repaired_or_recomputed(reference, tmp_pa
     """A torn record, a garbage line, a flipped byte in the newest checkpoint's arrays, a torn
     event file with a stale one beside it, a torn figure and a stray temporary file at once."""
     workdir = str(tmp_path / 'damaged')
-    _damaged_run(workdir, ('torn_record', 'garbage_line', 'checkpoint_bytes', 'torn_tensorboard',
-                           'torn_figure', 'stray_temporary'), seed=1)
+    _damaged_run(
+        workdir,
+        (
+            'torn_record',
+            'garbage_line',
+            'checkpoint_bytes',
+            'torn_tensorboard',
+            'torn_figure',
+            'stray_temporary',
+        ),
+        seed=1,
+    )
     _assert_same_run(workdir, reference)
-    assert os.listdir(os.path.join(workdir, 'checkpoints.unusable'))   # set aside, not deleted
+    assert os.listdir(os.path.join(workdir, 'checkpoints.unusable'))  # set aside, not deleted
 
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
@@ -100,8 +111,10 @@ def test_every_derived_file_of_a_finished_run_is_rebuilt_not_trusted(reference, 
     os.truncate(os.path.join(workdir, 'accuracy.png'), 100)
     os.truncate(os.path.join(workdir, 'final_state.msgpack'), 1000)
     os.remove(os.path.join(workdir, 'sparsity_round_0001.png'))
-    untouched = {n: os.stat(os.path.join(workdir, n)).st_mtime_ns
-                 for n in ('metrics.jsonl', 'density.png', 'communication.png')}
+    untouched = {
+        n: os.stat(os.path.join(workdir, n)).st_mtime_ns
+        for n in ('metrics.jsonl', 'density.png', 'communication.png')
+    }
     faults.finish(workdir)
     _assert_same_run(workdir, reference)
     assert {n: os.stat(os.path.join(workdir, n)).st_mtime_ns for n in untouched} == untouched

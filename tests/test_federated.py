@@ -29,13 +29,20 @@ def setup():
 
 
 def _state(model, cfg, image_shape=(8, 8, 1)):
-    state = federated.init_state(model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS,
-                                 image_shape=image_shape)
+    state = federated.init_state(
+        model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS, image_shape=image_shape
+    )
     # Non-zero server thresholds and per-client stale thresholds make the checks meaningful.
     server_thresholds = jax.tree.map(lambda t: jnp.full_like(t, 0.01), state.server_thresholds)
-    clients = state.clients.replace(thresholds=jax.tree.map(
-        lambda t: t + 0.002 * jnp.arange(NUM_CLIENTS, dtype=t.dtype).reshape(-1, *([1] * (t.ndim - 1))),
-        state.clients.thresholds))
+    clients = state.clients.replace(
+        thresholds=jax.tree.map(
+            lambda t: (
+                t
+                + 0.002 * jnp.arange(NUM_CLIENTS, dtype=t.dtype).reshape(-1, *([1] * (t.ndim - 1)))
+            ),
+            state.clients.thresholds,
+        )
+    )
     return state.replace(server_thresholds=server_thresholds, clients=clients)
 
 
@@ -48,35 +55,46 @@ def test_penalty_alone_moves_thresholds_by_lr_times_th_coeff():
     # d/dtau th_coeff * exp(-tau) = -th_coeff at tau = 0, so one SGD step gives tau = lr * th_coeff.
     model = layers.MaskedDense(4)
     variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
-    state = client_lib.ClientState(params=variables['params'], thresholds=variables['thresholds'],
-                                   batch_stats={}, opt_state=())
+    state = client_lib.ClientState(
+        params=variables['params'], thresholds=variables['thresholds'], batch_stats={}, opt_state=()
+    )
     for warmup, scale in ((False, 1.0), (True, 1 / (1 + np.exp(5.0)))):
         cfg = client_lib.LocalConfig(batch_size=2, lr=0.1, th_coeff=0.5, penalty_warmup=warmup)
         coeff = cfg.th_coeff * client_lib.penalty_scale(cfg, 0)
         opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
         new, _, _ = client_lib.local_step(
-            lambda_model(model), cfg, state, opt, jnp.zeros((2, 3)), jnp.array([0, 1]),
-            jnp.array(True), lr=client_lib.learning_rate(cfg, 0), penalty_coeff=coeff)
-        np.testing.assert_allclose(new.thresholds['threshold'], np.full(4, 0.1 * 0.5 * scale),
-                                   rtol=1e-5)
+            lambda_model(model),
+            cfg,
+            state,
+            opt,
+            jnp.zeros((2, 3)),
+            jnp.array([0, 1]),
+            jnp.array(True),
+            lr=client_lib.learning_rate(cfg, 0),
+            penalty_coeff=coeff,
+        )
+        np.testing.assert_allclose(
+            new.thresholds['threshold'], np.full(4, 0.1 * 0.5 * scale), rtol=1e-5
+        )
         np.testing.assert_array_equal(new.params['kernel'], state.params['kernel'])
 
 
-class lambda_model:  # pylint: disable=invalid-name
+class lambda_model:  # noqa: N801  (used like a function)
     """Adapts a bare layer to the model calling convention `apply(variables, x, train=...)`."""
 
     def __init__(self, layer):
         self.layer = layer
 
     def apply(self, variables, x, train=False, mutable=()):
-        out = self.layer.apply({'params': variables['params'],
-                                'thresholds': variables['thresholds']}, x)
+        out = self.layer.apply(
+            {'params': variables['params'], 'thresholds': variables['thresholds']}, x
+        )
         return (out, {}) if mutable else out
 
 
 def test_learning_rate_decays_to_its_floor():
     cfg = client_lib.LocalConfig(lr=0.01, lr_decay=0.993, min_lr=1e-4)
-    np.testing.assert_allclose(client_lib.learning_rate(cfg, 10), 0.01 * 0.993 ** 10, rtol=1e-5)
+    np.testing.assert_allclose(client_lib.learning_rate(cfg, 10), 0.01 * 0.993**10, rtol=1e-5)
     np.testing.assert_allclose(client_lib.learning_rate(cfg, 1000), 1e-4, rtol=1e-6)
 
 
@@ -87,24 +105,26 @@ def test_momentum_follows_pytorch_semantics():
     u1, state = tx.update(jnp.array([1.0, 2.0]), state)
     u2, state = tx.update(jnp.array([0.5, 0.0]), state)
     np.testing.assert_allclose(u1, [1.0, 2.0])
-    np.testing.assert_allclose(u2, [0.5 + 0.9, 1.8], rtol=1e-6)   # buf = 0.9 buf + g
+    np.testing.assert_allclose(u2, [0.5 + 0.9, 1.8], rtol=1e-6)  # buf = 0.9 buf + g
 
 
 def test_global_norm_clip_applies_before_momentum():
     tx = client_lib.make_optimizer(client_lib.LocalConfig(clip=1.0))
-    updates, _ = tx.update((jnp.array([3.0]), jnp.array([4.0])), tx.init((jnp.zeros(1),
-                                                                          jnp.zeros(1))))
+    updates, _ = tx.update(
+        (jnp.array([3.0]), jnp.array([4.0])), tx.init((jnp.zeros(1), jnp.zeros(1)))
+    )
     np.testing.assert_allclose(jnp.concatenate(updates), [0.6, 0.8], rtol=1e-6)
 
 
 def test_batch_schedule_is_a_shuffle_of_the_clients_own_examples():
-    batches, valid = client_lib.batch_schedule(jax.random.key(0), count=37, max_count=70,
-                                               batch_size=8, epochs=2)
+    batches, valid = client_lib.batch_schedule(
+        jax.random.key(0), count=37, max_count=70, batch_size=8, epochs=2
+    )
     assert batches.shape == (2 * 8, 8) and valid.shape == (16,)
-    np.testing.assert_array_equal(valid, np.tile(np.arange(8) < 4, 2))   # 37 // 8 = 4 real steps
+    np.testing.assert_array_equal(valid, np.tile(np.arange(8) < 4, 2))  # 37 // 8 = 4 real steps
     for epoch in range(2):
-        real = np.asarray(batches[epoch * 8:epoch * 8 + 4]).ravel()
-        assert len(set(real)) == 32 and real.max() < 37       # no repeats, only own examples
+        real = np.asarray(batches[epoch * 8 : epoch * 8 + 4]).ravel()
+        assert len(set(real)) == 32 and real.max() < 37  # no repeats, only own examples
 
 
 def test_padded_step_changes_nothing(setup):
@@ -113,8 +133,9 @@ def test_padded_step_changes_nothing(setup):
     opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
     x = client_lib.preprocess(spec, train.images[:BATCH])
     step = jax.jit(functools.partial(client_lib.local_step, model, cfg))
-    new, new_opt, metrics = step(state, opt, x, train.labels[:BATCH], jnp.array(False),
-                                    lr=0.05, penalty_coeff=0.01)
+    new, new_opt, metrics = step(
+        state, opt, x, train.labels[:BATCH], jnp.array(False), lr=0.05, penalty_coeff=0.01
+    )
     jax.tree.map(np.testing.assert_array_equal, (new, new_opt), (state, opt))
     assert float(metrics['steps']) == 0.0 and float(metrics['loss']) == 0.0
 
@@ -123,14 +144,25 @@ def test_local_update_ignores_padding_and_clients_without_a_full_batch(setup):
     _, train, _, model, cfg, spec = setup
     state = _take(_state(model, cfg).clients, 1)
     ids, count = train.example_ids[1], train.counts[1]
-    run = functools.partial(client_lib.local_update, model, cfg, spec, state, train.images,
-                            train.labels, rng=jax.random.key(5), round_index=0)
-    garbage = jnp.where(jnp.arange(ids.shape[0]) < count, ids, (ids * 7 + 3) % train.labels.shape[0])
+    run = functools.partial(
+        client_lib.local_update,
+        model,
+        cfg,
+        spec,
+        state,
+        train.images,
+        train.labels,
+        rng=jax.random.key(5),
+        round_index=0,
+    )
+    garbage = jnp.where(
+        jnp.arange(ids.shape[0]) < count, ids, (ids * 7 + 3) % train.labels.shape[0]
+    )
     a, ma = run(ids, count)
     b, mb = run(garbage, count)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert float(ma['steps']) == int(count) // BATCH
-    c, mc = run(ids, jnp.int32(BATCH - 1))                    # every step is padding
+    c, mc = run(ids, jnp.int32(BATCH - 1))  # every step is padding
     jax.tree.map(np.testing.assert_array_equal, c, state)
     assert float(mc['steps']) == 0.0
 
@@ -139,13 +171,15 @@ def test_local_update_ignores_padding_and_clients_without_a_full_batch(setup):
 def test_one_round_changes_exactly_what_it_should(setup, mode):
     _, train, _, model, cfg, spec = setup
     state = _state(model, cfg)
-    state = state.replace(last_delta=jax.tree.map(lambda t: jnp.full_like(t, 0.003),
-                                                  state.last_delta))
+    state = state.replace(
+        last_delta=jax.tree.map(lambda t: jnp.full_like(t, 0.003), state.last_delta)
+    )
     sampled = jnp.array([0, 2, 5])
     seed_key = jax.random.key(11)
     round_cfg = federated.RoundConfig(clients_per_round=SAMPLED, importance_update=mode)
     new, metrics = jax.jit(functools.partial(federated.run_round, model, cfg, round_cfg, spec))(
-        state, train, sampled, seed_key)
+        state, train, sampled, seed_key
+    )
 
     # By hand: broadcast, (importance update before), local training, mean, delta, (update after).
     keys = algorithm_lib.client_keys(seed_key, 0, sampled)
@@ -155,8 +189,15 @@ def test_one_round_changes_exactly_what_it_should(setup, mode):
         c = _take(state.clients, k).replace(thresholds=state.server_thresholds)
         if mode == 'sampled_before':
             c = c.replace(params=server.importance_update(c.params, state.last_delta))
-        c, _ = local_update(c, train.images, train.labels, train.example_ids[k], train.counts[k],
-                            rng=keys[i], round_index=0)
+        c, _ = local_update(
+            c,
+            train.images,
+            train.labels,
+            train.example_ids[k],
+            train.counts[k],
+            rng=keys[i],
+            round_index=0,
+        )
         trained.append(c)
     mean = jax.tree.map(lambda *t: sum(t) / SAMPLED, *[c.thresholds for c in trained])
     delta = jax.tree.map(jnp.subtract, mean, state.server_thresholds)
@@ -173,12 +214,13 @@ def test_one_round_changes_exactly_what_it_should(setup, mode):
             jax.tree.map(np.testing.assert_array_equal, got.thresholds, old.thresholds)  # stale
             jax.tree.map(np.testing.assert_array_equal, got.batch_stats, old.batch_stats)
             want = old
-        if mode == 'all_after':      # every client's weights move by the delta rule
+        if mode == 'all_after':  # every client's weights move by the delta rule
             jax.tree.map(close, got.params, server.importance_update(want.params, delta))
         else:
             jax.tree.map(close, got.params, want.params)
-    assert float(metrics['local_steps']) == sum(int(train.counts[k]) // BATCH
-                                                for k in np.asarray(sampled))
+    assert float(metrics['local_steps']) == sum(
+        int(train.counts[k]) // BATCH for k in np.asarray(sampled)
+    )
 
 
 def test_round_is_compiled_once(setup):
@@ -186,8 +228,9 @@ def test_round_is_compiled_once(setup):
     round_fn = federated.make_round_fn(model, cfg, federated.RoundConfig(SAMPLED), spec)
     state = _state(model, cfg)
     for r in range(3):
-        sampled = jnp.asarray(np.sort(np.random.default_rng(r).choice(NUM_CLIENTS, SAMPLED,
-                                                                      replace=False)))
+        sampled = jnp.asarray(
+            np.sort(np.random.default_rng(r).choice(NUM_CLIENTS, SAMPLED, replace=False))
+        )
         state, _ = round_fn(state, train, sampled, jax.random.key(0))
     assert round_fn._cache_size() == 1  # pylint: disable=protected-access
     assert int(state.round) == 3
@@ -201,11 +244,14 @@ def test_evaluation_counts_each_clients_own_test_split(setup):
     np.testing.assert_array_equal(result['counts'], test.counts)
     # By hand for client 4: its own model on its own examples.
     c = _take(state.clients, 4)
-    ids = np.asarray(test.example_ids[4][:int(test.counts[4])])
-    logits = model.apply({'params': c.params, 'thresholds': c.thresholds, 'batch_stats': {}},
-                         client_lib.preprocess(spec, test.images[ids]))
-    assert int(result['correct'][4]) == int(np.sum(np.argmax(logits, -1) == np.asarray(
-        test.labels)[ids]))
+    ids = np.asarray(test.example_ids[4][: int(test.counts[4])])
+    logits = model.apply(
+        {'params': c.params, 'thresholds': c.thresholds, 'batch_stats': {}},
+        client_lib.preprocess(spec, test.images[ids]),
+    )
+    assert int(result['correct'][4]) == int(
+        np.sum(np.argmax(logits, -1) == np.asarray(test.labels)[ids])
+    )
     np.testing.assert_array_equal(result['layer_density'], np.ones((NUM_CLIENTS, 4)))
 
 
@@ -213,13 +259,14 @@ def test_partial_last_batch_is_trained_on_with_its_real_examples_only():
     # 37 examples at batch 8: 4 full batches and one of 5, every example once per epoch.
     cfg = client_lib.LocalConfig(batch_size=8, local_epochs=2, drop_last=False)
     assert client_lib.steps_per_epoch(cfg, 37) == 5 and client_lib.steps_per_epoch(cfg, 40) == 5
-    batches, valid = client_lib.batch_schedule(jax.random.key(0), count=37, max_count=70,
-                                               batch_size=8, epochs=2, drop_last=False)
-    stride = client_lib.steps_per_epoch(cfg, 70)   # 9: the largest client's last batch is 6
+    batches, valid = client_lib.batch_schedule(
+        jax.random.key(0), count=37, max_count=70, batch_size=8, epochs=2, drop_last=False
+    )
+    stride = client_lib.steps_per_epoch(cfg, 70)  # 9: the largest client's last batch is 6
     assert batches.shape == (2 * stride, 8)
     np.testing.assert_array_equal(valid, np.tile(np.arange(stride) < 5, 2))
     for epoch in range(2):
-        steps = np.asarray(batches[epoch * stride:epoch * stride + 5])
+        steps = np.asarray(batches[epoch * stride : epoch * stride + 5])
         mask = np.asarray(client_lib.example_mask(cfg, steps, 37))
         assert mask[:4].all() and mask[4].sum() == 5
         assert sorted(steps[mask].tolist()) == list(range(37))
@@ -235,6 +282,7 @@ def test_masked_examples_do_not_count_in_the_loss(setup):
     state = _take(_state(model, cfg).clients, 0)
     x = client_lib.preprocess(spec, train.images[:BATCH])
     y = train.labels[:BATCH]
+
     # One program per batch shape gives the loss and the thresholds' gradient (with a penalty).
     @functools.partial(jax.jit, static_argnums=(3,))
     def loss_and_grad(x_, y_, m, coeff):
@@ -245,8 +293,10 @@ def test_masked_examples_do_not_count_in_the_loss(setup):
     (padded, (_, _, padded_correct)), _ = loss_and_grad(x, y, jnp.arange(BATCH) < 5, 0.0)
     np.testing.assert_allclose(padded, short, rtol=1e-6)
     assert int(padded_correct) == int(short_correct)
-    grads = [loss_and_grad(*a)[1] for a in ((x[:5], y[:5], None, 0.01),
-                                            (x, y, jnp.arange(BATCH) < 5, 0.01))]
+    grads = [
+        loss_and_grad(*a)[1]
+        for a in ((x[:5], y[:5], None, 0.01), (x, y, jnp.arange(BATCH) < 5, 0.01))
+    ]
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), *grads)
 
 
@@ -254,16 +304,19 @@ def test_reported_density_is_the_evaluated_models():
     # A layer whose thresholds exceed every row is collapsed: the forward pass resets its thresholds
     # to 0, and the density reported is that of the model evaluated (all rows kept), not 0.
     model = models.create_model('digits_cnn', 10)
-    state = federated.init_state(model, client_lib.LocalConfig(), jax.random.key(0), num_clients=2,
-                                 image_shape=(8, 8, 1))
+    state = federated.init_state(
+        model, client_lib.LocalConfig(), jax.random.key(0), num_clients=2, image_shape=(8, 8, 1)
+    )
     names = list(state.clients.thresholds)
     collapsed = dict(state.clients.thresholds)
     collapsed[names[0]] = {'threshold': jnp.full_like(collapsed[names[0]]['threshold'], 10.0)}
     half = jnp.where(jnp.arange(collapsed[names[1]]['threshold'].shape[-1]) % 2 == 0, 10.0, -1.0)
-    collapsed[names[1]] = {'threshold': jnp.broadcast_to(half, collapsed[names[1]]['threshold'].shape)}
+    collapsed[names[1]] = {
+        'threshold': jnp.broadcast_to(half, collapsed[names[1]]['threshold'].shape)
+    }
     stats = federated.density_stats(state.clients.replace(thresholds=collapsed))
-    np.testing.assert_allclose(stats['layer_density'][:, 0], 1.0)   # reset: every row kept
-    np.testing.assert_allclose(stats['layer_density'][:, 1], 0.5)   # half pruned, not collapsed
+    np.testing.assert_allclose(stats['layer_density'][:, 0], 1.0)  # reset: every row kept
+    np.testing.assert_allclose(stats['layer_density'][:, 1], 0.5)  # half pruned, not collapsed
 
 
 def _collapsed_layer(collapse_check):
@@ -273,8 +326,11 @@ def _collapsed_layer(collapse_check):
     thresholds = {'threshold': jnp.ones(4)}
     state = client_lib.ClientState(
         params={'kernel': jnp.ones((3, 4)) * jnp.array([0.1, 0.2, 0.3, 0.4])},
-        thresholds=thresholds, batch_stats={}, opt_state=(),
-        collapsed=client_lib.init_collapsed(cfg, thresholds))
+        thresholds=thresholds,
+        batch_stats={},
+        opt_state=(),
+        collapsed=client_lib.init_collapsed(cfg, thresholds),
+    )
     return lambda_model(layer), cfg, state
 
 
@@ -285,8 +341,9 @@ def test_previous_collapse_check_resets_one_training_step_late():
         model, cfg, state = _collapsed_layer(check)
         run, opt = [], client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
         for _ in range(2):
-            state, opt, _ = client_lib.local_step(model, cfg, state, opt, x, y, jnp.array(True),
-                                                  lr=cfg.lr, penalty_coeff=0.0)
+            state, opt, _ = client_lib.local_step(
+                model, cfg, state, opt, x, y, jnp.array(True), lr=cfg.lr, penalty_coeff=0.0
+            )
             run.append(state)
         steps[check] = run
     # 'current' resets before the first step; 'previous' trains one step on the collapsed mask
@@ -327,9 +384,13 @@ def test_previous_collapse_check_test_resets_after_its_first_batch():
 def test_max_steps_counts_the_steps_each_engine_executes():
     """Under 'vmap' every client's loop runs as long as the longest one's; under 'map' each runs
     its own: the useful-step fraction means the same for every method and engine."""
-    metrics = {'steps': jnp.array([3.0, 5.0, 2.0]), 'loss': jnp.array([3.0, 10.0, 1.0]),
-               'correct': jnp.array([10.0, 20.0, 5.0]), 'examples': jnp.array([30.0, 50.0, 20.0]),
-               'flops': jnp.array([1.0, 2.0, 3.0])}
+    metrics = {
+        'steps': jnp.array([3.0, 5.0, 2.0]),
+        'loss': jnp.array([3.0, 10.0, 1.0]),
+        'correct': jnp.array([10.0, 20.0, 5.0]),
+        'examples': jnp.array([30.0, 50.0, 20.0]),
+        'flops': jnp.array([1.0, 2.0, 3.0]),
+    }
     vmapped = algorithm_lib.round_metrics(metrics, 'vmap')
     mapped = algorithm_lib.round_metrics(metrics, 'map')
     assert float(vmapped['max_steps']) == 15.0 and float(mapped['max_steps']) == 10.0

@@ -29,15 +29,23 @@ NUM_CLIENTS = 6
 SAMPLED = 3
 ROUNDS = 3
 # digits_cnn: conv 3x3 1->16, conv 3x3 16->32, dense 512->64, dense 64->10; no bias, no BatchNorm.
-NUM_PARAMS = 144 + 4608 + 32768 + 640        # 38160, all of them masked weights
-NUM_THRESHOLDS = 16 + 32 + 64 + 10           # 122
+NUM_PARAMS = 144 + 4608 + 32768 + 640  # 38160, all of them masked weights
+NUM_THRESHOLDS = 16 + 32 + 64 + 10  # 122
 NUM_LAYERS = 4
 
 
 def _config(method: str):
     config = default.get_config()
-    config.update(dict(method=method, num_clients=NUM_CLIENTS, clients_per_round=SAMPLED,
-                       rounds=ROUNDS, local_epochs=1, eval_batch_size=64))
+    config.update(
+        dict(
+            method=method,
+            num_clients=NUM_CLIENTS,
+            clients_per_round=SAMPLED,
+            rounds=ROUNDS,
+            local_epochs=1,
+            eval_batch_size=64,
+        )
+    )
     return config
 
 
@@ -58,16 +66,23 @@ def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
     method = methods.get(name, config)
     assert method.name == name and method.communicates_thresholds == (name == 'spafl')
 
-    state = method.init_state(run.model, run.local_cfg, jax.random.key(0), num_clients=NUM_CLIENTS,
-                              image_shape=run.dataset.image_shape,
-                              num_classes=run.dataset.num_classes)
+    state = method.init_state(
+        run.model,
+        run.local_cfg,
+        jax.random.key(0),
+        num_clients=NUM_CLIENTS,
+        image_shape=run.dataset.image_shape,
+        num_classes=run.dataset.num_classes,
+    )
     params, thresholds, batch_stats = method.client_variables(state)
-    one = jax.tree.map(lambda x: x[0], {'params': params, 'thresholds': thresholds,
-                                        'batch_stats': batch_stats})
+    one = jax.tree.map(
+        lambda x: x[0], {'params': params, 'thresholds': thresholds, 'batch_stats': batch_stats}
+    )
     macs = federated.layer_macs(run.model, one, run.dataset.image_shape)
     alg = method.algorithm(run.model, run.local_cfg, run.round_cfg, macs)
-    round_fn = algorithm_lib.make_round_fn(alg, run.local_cfg, run.spec,
-                                           aggregation=run.round_cfg.aggregation)
+    round_fn = algorithm_lib.make_round_fn(
+        alg, run.local_cfg, run.spec, aggregation=run.round_cfg.aggregation
+    )
     eval_fn = algorithm_lib.make_eval_fn(alg, run.spec, batch_size=config.eval_batch_size)
     before = eval_fn(state, run.test_data)
     for r in range(ROUNDS):
@@ -77,7 +92,7 @@ def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
         assert np.isfinite(float(metrics['train_loss']))
         assert 0 < float(metrics['local_steps']) <= float(metrics['max_steps'])
         assert float(metrics['flops']) > 0
-    assert round_fn._cache_size() == 1   # one compilation serves every round
+    assert round_fn._cache_size() == 1  # one compilation serves every round
     result = eval_fn(state, run.test_data)
 
     n = NUM_CLIENTS
@@ -87,13 +102,18 @@ def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
     assert np.all(np.asarray(result['correct']) <= np.asarray(result['counts']))
     accuracy = metrics_lib.accuracy_summary(result['correct'], result['counts'])['accuracy']
     accuracy_before = metrics_lib.accuracy_summary(before['correct'], before['counts'])['accuracy']
-    print(f'{name}: mean client accuracy {accuracy_before:.3f} -> {accuracy:.3f} after {ROUNDS} '
-          'rounds')
+    print(
+        f'{name}: mean client accuracy {accuracy_before:.3f} -> {accuracy:.3f} after {ROUNDS} '
+        'rounds'
+    )
     assert 0.0 <= accuracy <= 1.0
-    assert np.all((np.asarray(result['layer_density']) > 0) &
-                  (np.asarray(result['layer_density']) <= 1))
-    assert np.all((np.asarray(result['kept_weights']) > 0) &
-                  (np.asarray(result['kept_weights']) <= NUM_PARAMS))
+    assert np.all(
+        (np.asarray(result['layer_density']) > 0) & (np.asarray(result['layer_density']) <= 1)
+    )
+    assert np.all(
+        (np.asarray(result['kept_weights']) > 0)
+        & (np.asarray(result['kept_weights']) <= NUM_PARAMS)
+    )
 
     # client_variables are exactly the models the method evaluates: SpaFL's evaluator, fed with
     # them, counts the same correct predictions on every client's own test split.
@@ -101,12 +121,15 @@ def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
     shapes = jax.tree.map(lambda x: (n, *x.shape), one)
     chex.assert_trees_all_equal_shapes_and_dtypes(
         {'params': params, 'thresholds': thresholds, 'batch_stats': batch_stats},
-        jax.tree.map(lambda x, s: jnp.zeros(s, x.dtype), one, shapes))
-    clients = ClientState(params=params, thresholds=thresholds, batch_stats=batch_stats,
-                          opt_state=())
+        jax.tree.map(lambda x, s: jnp.zeros(s, x.dtype), one, shapes),
+    )
+    clients = ClientState(
+        params=params, thresholds=thresholds, batch_stats=batch_stats, opt_state=()
+    )
     model = run.model if name == 'spafl' else run.model.clone(estimator='long_tailed')
-    again = federated.evaluate(model, run.spec, clients, run.test_data,
-                               batch_size=config.eval_batch_size)
+    again = federated.evaluate(
+        model, run.spec, clients, run.test_data, batch_size=config.eval_batch_size
+    )
     np.testing.assert_array_equal(again['correct'], result['correct'])
     # And they are what the runner may check for finiteness and save.
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, batch_stats)))
@@ -117,14 +140,19 @@ def test_bits_per_round_match_hand_counts(digits_run):
     run = digits_run
     variables = models.init_variables(run.model, jax.random.key(0), run.dataset.image_shape)
     n, s = NUM_CLIENTS, SAMPLED
-    bits = {name: methods.get(name, _config(name)).bits_per_round(n, s, variables, 'all_after')
-            for name in methods.METHODS}
+    bits = {
+        name: methods.get(name, _config(name)).bits_per_round(n, s, variables, 'all_after')
+        for name in methods.METHODS
+    }
     # SpaFL: thresholds up from the sampled clients; down to them, plus the delta to all N clients.
     assert bits['spafl'] == (s * 122 * 32, (s + n) * 122 * 32)
-    assert bits['spafl'] == metrics_lib.spafl_bits_per_round(NUM_THRESHOLDS, n, s,
-                                                               importance_update='all_after')
-    assert methods.get('spafl').bits_per_round(n, s, variables, 'none') == (s * 122 * 32,
-                                                                            s * 122 * 32)
+    assert bits['spafl'] == metrics_lib.spafl_bits_per_round(
+        NUM_THRESHOLDS, n, s, importance_update='all_after'
+    )
+    assert methods.get('spafl').bits_per_round(n, s, variables, 'none') == (
+        s * 122 * 32,
+        s * 122 * 32,
+    )
     # FedAvg: every parameter, 32 bits, each way, per sampled client.
     assert bits['fedavg'] == (s * 38160 * 32, s * 38160 * 32)
     # Local: nothing.
@@ -141,7 +169,9 @@ def test_bits_per_round_match_hand_counts(digits_run):
     config = _config('fedspa')
     config.baseline.fedspa_density = 0.25
     assert methods.get('fedspa', config).bits_per_round(n, s, variables, 'all_after') == (
-        s * (9540 * 32 + 38160), s * 9540 * 32)
+        s * (9540 * 32 + 38160),
+        s * 9540 * 32,
+    )
 
 
 def test_baseline_settings_reach_the_baselines():
@@ -152,20 +182,28 @@ def test_baseline_settings_reach_the_baselines():
     assert methods.baseline_config('fedpm', config.baseline).score_lr is None
     assert methods.baseline_config('fedspa', config.baseline).density == 0.5
     assert methods.baseline_config('fedavg', config.baseline) == methods.baselines.make_config(
-        'fedavg')
+        'fedavg'
+    )
     # Every field of every baseline's settings has its line in the default config, and vice versa.
     assert set(default.get_config().baseline) == set(methods.baseline_fields())
 
 
-@pytest.mark.parametrize('field, value, message', [
-    ('method', 'fedprox', r"config\.method='fedprox' is not allowed; use one of: spafl, fedavg, "
-                          r'local, fedpm, heterofl, fedspa'),
-    ('baseline.fedspa_density', 1.5, r'config\.baseline\.fedspa_density=1\.5'),
-    ('baseline.heterofl_rates', (1.0, 0.0), r'config\.baseline\.heterofl_rates=\(1\.0, 0\.0\)'),
-    ('baseline.fedpm_eval_mask', 'mean', r"config\.baseline\.fedpm_eval_mask='mean'"),
-    ('baseline.fedpm_prior_reset_every', 0, r'config\.baseline\.fedpm_prior_reset_every=0'),
-    ('baseline.fedspa_regrow', 'magnitude', r"config\.baseline\.fedspa_regrow='magnitude'"),
-])
+@pytest.mark.parametrize(
+    'field, value, message',
+    [
+        (
+            'method',
+            'fedprox',
+            r"config\.method='fedprox' is not allowed; use one of: spafl, fedavg, "
+            r'local, fedpm, heterofl, fedspa',
+        ),
+        ('baseline.fedspa_density', 1.5, r'config\.baseline\.fedspa_density=1\.5'),
+        ('baseline.heterofl_rates', (1.0, 0.0), r'config\.baseline\.heterofl_rates=\(1\.0, 0\.0\)'),
+        ('baseline.fedpm_eval_mask', 'mean', r"config\.baseline\.fedpm_eval_mask='mean'"),
+        ('baseline.fedpm_prior_reset_every', 0, r'config\.baseline\.fedpm_prior_reset_every=0'),
+        ('baseline.fedspa_regrow', 'magnitude', r"config\.baseline\.fedspa_regrow='magnitude'"),
+    ],
+)
 def test_bad_method_settings_name_the_field(field, value, message):
     config = _config('spafl')
     parent, _, key = field.rpartition('.')
@@ -176,9 +214,12 @@ def test_bad_method_settings_name_the_field(field, value, message):
 
 def test_unknown_or_missing_method_fields():
     config = _config('spafl')
-    config.baseline.fedspa_dens = 0.3   # a typo
-    with pytest.raises(configuration.ConfigError, match=r'config\.baseline\.fedspa_dens is not a '
-                                                        'baseline setting'):
+    config.baseline.fedspa_dens = 0.3  # a typo
+    with pytest.raises(
+        configuration.ConfigError,
+        match=r'config\.baseline\.fedspa_dens is not a '
+        'baseline setting',
+    ):
         configuration.validate(config)
     config = _config('spafl')
     del config['method']
@@ -187,18 +228,24 @@ def test_unknown_or_missing_method_fields():
     with pytest.raises(ValueError, match='allowed values: spafl, fedavg'):
         methods.get('fedprox')
     # FedAvg has one global model: without the config it cannot know how many clients to give it.
-    state = methods.get('fedavg').init_state('digits_cnn', None, jax.random.key(0),
-                                             num_clients=NUM_CLIENTS, image_shape=(8, 8, 1))
+    state = methods.get('fedavg').init_state(
+        'digits_cnn', None, jax.random.key(0), num_clients=NUM_CLIENTS, image_shape=(8, 8, 1)
+    )
     with pytest.raises(ValueError, match='config.num_clients'):
         methods.get('fedavg').client_variables(state)
 
 
-@pytest.mark.parametrize('overrides, message', [
-    (dict(method='fedavg', client_init='independent'),
-     r"config\.client_init='independent' applies to spafl and local only"),
-    (dict(client_init='each'), r"config\.client_init='each' is not allowed"),
-    (dict(method='fedspa', drop_last=False), r'config\.drop_last=False applies to spafl only'),
-])
+@pytest.mark.parametrize(
+    'overrides, message',
+    [
+        (
+            dict(method='fedavg', client_init='independent'),
+            r"config\.client_init='independent' applies to spafl and local only",
+        ),
+        (dict(client_init='each'), r"config\.client_init='each' is not allowed"),
+        (dict(method='fedspa', drop_last=False), r'config\.drop_last=False applies to spafl only'),
+    ],
+)
 def test_initialization_and_partial_batch_fields_are_checked(overrides, message):
     config = _config(overrides.pop('method', 'spafl'))
     config.update(overrides)
@@ -212,8 +259,12 @@ def test_clients_start_from_one_model_unless_asked_otherwise(name):
         config = _config(name)
         config.client_init = client_init
         state = methods.get(name, config).init_state(
-            models.create_model('digits_cnn', 10), client_lib.LocalConfig(), jax.random.key(0),
-            num_clients=NUM_CLIENTS, image_shape=(8, 8, 1))
+            models.create_model('digits_cnn', 10),
+            client_lib.LocalConfig(),
+            jax.random.key(0),
+            num_clients=NUM_CLIENTS,
+            image_shape=(8, 8, 1),
+        )
         kernel = jax.tree.leaves(state.clients.params)[0]
         assert np.array_equal(kernel[0], kernel[-1]) == same, (name, client_init)
         assert np.abs(np.asarray(kernel[0])).max() > 0

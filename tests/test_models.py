@@ -18,12 +18,12 @@ from spafl_jax import layers, masking, models
 # name -> (image shape, classes, masked weights, thresholds). Small images where the count does not
 # depend on the image size, to keep the file fast.
 MODEL_CASES = {
-        # 3x3 1->16 (144), 3x3 16->32 (4,608), dense 4*4*32->64 (32,768), 64->10 (640).
-        'digits_cnn': ((8, 8, 1), 10, 38_160, 122),
-        'lenet5': ((28, 28, 1), 10, 430_500, 580),
-        'conv4': ((32, 32, 3), 10, 804_800, 650),
-        'resnet18': ((16, 16, 3), 100, 2_790_240, 2_400),
-        'vit': ((32, 32, 3), 10, 1_966_080, 12_288),
+    # 3x3 1->16 (144), 3x3 16->32 (4,608), dense 4*4*32->64 (32,768), 64->10 (640).
+    'digits_cnn': ((8, 8, 1), 10, 38_160, 122),
+    'lenet5': ((28, 28, 1), 10, 430_500, 580),
+    'conv4': ((32, 32, 3), 10, 804_800, 650),
+    'resnet18': ((16, 16, 3), 100, 2_790_240, 2_400),
+    'vit': ((32, 32, 3), 10, 1_966_080, 12_288),
 }
 CONV_MODELS = ('digits_cnn', 'lenet5', 'conv4', 'resnet18')
 BATCH = 2
@@ -42,21 +42,27 @@ def _fill(path: tuple[str, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
     return jnp.asarray(rng.uniform(-bound, bound, leaf.shape), leaf.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shapes(name: str):
     """`init_variables` traced, not run: the exact pytree with shapes and dtypes."""
     image_shape, num_classes, _, _ = MODEL_CASES[name]
     model = models.create_model(name, num_classes)
-    return jax.eval_shape(lambda key: models.init_variables(model, key, image_shape), jax.random.key(0))
+    return jax.eval_shape(
+        lambda key: models.init_variables(model, key, image_shape), jax.random.key(0)
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(name: str, conv_impl: str = 'im2col'):
     image_shape, num_classes, _, _ = MODEL_CASES[name]
     model = models.create_model(name, num_classes, conv_impl=conv_impl)
     flat = traverse_util.flatten_dict(_shapes(name))
-    variables = traverse_util.unflatten_dict({path: _fill(path, leaf) for path, leaf in flat.items()})
-    variables.setdefault('batch_stats', {})   # flattening drops the empty collection of BN-free models
+    variables = traverse_util.unflatten_dict(
+        {path: _fill(path, leaf) for path, leaf in flat.items()}
+    )
+    variables.setdefault(
+        'batch_stats', {}
+    )  # flattening drops the empty collection of BN-free models
     return model, variables
 
 
@@ -68,9 +74,13 @@ def _apply(model, variables, x, train: bool = False):
     dominate the test time.
     """
     mutable = ('intermediates', 'macs') + (('batch_stats',) if train else ())
-    logits, state = model.apply(variables, x, train=train, mutable=mutable, capture_intermediates=True)
+    logits, state = model.apply(
+        variables, x, train=train, mutable=mutable, capture_intermediates=True
+    )
     flat = traverse_util.flatten_dict(state['intermediates'])
-    outputs = {'/'.join(path[:-1]): value[0] for path, value in flat.items() if path[-1] == '__call__'}
+    outputs = {
+        '/'.join(path[:-1]): value[0] for path, value in flat.items() if path[-1] == '__call__'
+    }
     flat = traverse_util.flatten_dict(state['macs'])
     macs = {'/'.join(path[:-1]): value[0] for path, value in flat.items()}
     return logits, outputs, macs, state.get('batch_stats')
@@ -87,7 +97,9 @@ def _with_thresholds(variables, thresholds):
 def _median_thresholds(variables):
     # Prunes about half of every layer's rows, so comparisons also exercise the mask.
     kernels = masking.kernels_of(variables['params'], variables['thresholds'])
-    return jax.tree.map(lambda k: jnp.full(k.shape[-1:], jnp.median(masking.row_magnitude(k))), kernels)
+    return jax.tree.map(
+        lambda k: jnp.full(k.shape[-1:], jnp.median(masking.row_magnitude(k))), kernels
+    )
 
 
 @pytest.mark.parametrize('name', list(MODEL_CASES))
@@ -98,7 +110,7 @@ def test_masked_weight_and_threshold_counts(name):
     assert sum(int(np.prod(k.shape)) for k in jax.tree.leaves(kernels)) == masked
     assert sum(int(np.prod(t.shape)) for t in jax.tree.leaves(shapes['thresholds'])) == n_thresholds
     for k, t in zip(jax.tree.leaves(kernels), jax.tree.leaves(shapes['thresholds'])):
-        assert t.shape == k.shape[-1:]   # one threshold per output row
+        assert t.shape == k.shape[-1:]  # one threshold per output row
 
 
 def test_init_variables_lenet5():
@@ -107,8 +119,8 @@ def test_init_variables_lenet5():
     assert set(variables) == {'params', 'thresholds', 'batch_stats'}
     chex.assert_trees_all_equal_shapes(variables, _setup('lenet5')[1])
     for t in jax.tree.leaves(variables['thresholds']):
-        assert not np.any(np.asarray(t))   # thresholds start at 0
-    kernel = variables['params']['fc1']['kernel']   # PyTorch default: U(+-1/sqrt(800))
+        assert not np.any(np.asarray(t))  # thresholds start at 0
+    kernel = variables['params']['fc1']['kernel']  # PyTorch default: U(+-1/sqrt(800))
     assert float(jnp.max(jnp.abs(kernel))) <= 1 / np.sqrt(800)
     assert float(jnp.max(jnp.abs(kernel))) > 0.9 / np.sqrt(800)
 
@@ -135,7 +147,8 @@ def test_output_shapes(name):
     chex.assert_tree_all_finite(logits)
     # Training mode, traced only (a second compilation would double the cost of this file).
     logits, _, _, batch_stats = jax.eval_shape(
-            functools.partial(_apply, model, train=True), variables, _images(name))
+        functools.partial(_apply, model, train=True), variables, _images(name)
+    )
     chex.assert_shape(logits, (BATCH, num_classes))
     if variables['batch_stats']:
         chex.assert_trees_all_equal_shapes(batch_stats, variables['batch_stats'])
@@ -147,8 +160,9 @@ def test_im2col_and_xla_convs_agree(name):
     xla_model, _ = _setup(name, 'xla')
     variables = _with_thresholds(variables, _median_thresholds(variables))
     x = _images(name)
-    chex.assert_trees_all_close(_apply(model, variables, x)[0], _apply(xla_model, variables, x)[0],
-                                rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(
+        _apply(model, variables, x)[0], _apply(xla_model, variables, x)[0], rtol=1e-4, atol=1e-5
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
@@ -156,36 +170,60 @@ def _conv(conv_impl, x, kernel, strides, padding):
     return layers.CONV_IMPLS[conv_impl](x, kernel, strides=strides, padding=padding)
 
 
-@pytest.mark.parametrize('kernel_size,strides,padding', [
-        ((3, 3), (2, 2), 1), ((3, 3), (2, 2), ((1, 1), (1, 1))), ((1, 1), (2, 2), 0),
-        ((3, 3), (1, 1), 1), ((5, 5), (2, 2), ((2, 1), (0, 2))), ((3, 3), (2, 2), 'SAME'),
-        ((5, 5), (1, 1), 'VALID')])
+@pytest.mark.parametrize(
+    'kernel_size,strides,padding',
+    [
+        ((3, 3), (2, 2), 1),
+        ((3, 3), (2, 2), ((1, 1), (1, 1))),
+        ((1, 1), (2, 2), 0),
+        ((3, 3), (1, 1), 1),
+        ((5, 5), (2, 2), ((2, 1), (0, 2))),
+        ((3, 3), (2, 2), 'SAME'),
+        ((5, 5), (1, 1), 'VALID'),
+    ],
+)
 def test_conv_impls_agree_on_padding(kernel_size, strides, padding):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, 8, 8, 3)).astype(np.float32)
     kernel = rng.normal(size=(*kernel_size, 3, 4)).astype(np.float32)
-    chex.assert_trees_all_close(_conv('im2col', x, kernel, strides, padding),
-                                _conv('xla', x, kernel, strides, padding), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(
+        _conv('im2col', x, kernel, strides, padding),
+        _conv('xla', x, kernel, strides, padding),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _conv_cnhw(conv_impl, x, kernel, strides, padding):
     # NHWC in and out, computed in the CNHW layout.
-    y = layers.CONV_IMPLS[conv_impl](x.transpose(3, 0, 1, 2), kernel, strides=strides,
-                                     padding=padding, layout='CNHW')
+    y = layers.CONV_IMPLS[conv_impl](
+        x.transpose(3, 0, 1, 2), kernel, strides=strides, padding=padding, layout='CNHW'
+    )
     return y.transpose(1, 2, 3, 0)
 
 
-@pytest.mark.parametrize('kernel_size,strides,padding', [
-        ((3, 3), (2, 2), 1), ((5, 5), (2, 2), ((2, 1), (0, 2))), ((3, 3), (2, 2), 'SAME'),
-        ((5, 5), (1, 1), 'VALID'), ((1, 1), (2, 2), 0)])
+@pytest.mark.parametrize(
+    'kernel_size,strides,padding',
+    [
+        ((3, 3), (2, 2), 1),
+        ((5, 5), (2, 2), ((2, 1), (0, 2))),
+        ((3, 3), (2, 2), 'SAME'),
+        ((5, 5), (1, 1), 'VALID'),
+        ((1, 1), (2, 2), 0),
+    ],
+)
 @pytest.mark.parametrize('conv_impl', list(layers.CONV_IMPLS))
 def test_cnhw_layout_computes_the_nhwc_convolution(conv_impl, kernel_size, strides, padding):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(BATCH, 9, 8, 3)).astype(np.float32)
     kernel = rng.normal(size=(*kernel_size, 3, 4)).astype(np.float32)
-    chex.assert_trees_all_close(_conv_cnhw(conv_impl, x, kernel, strides, padding),
-                                _conv('xla', x, kernel, strides, padding), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(
+        _conv_cnhw(conv_impl, x, kernel, strides, padding),
+        _conv('xla', x, kernel, strides, padding),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_max_pool_2x2_in_both_layouts_is_flax_max_pool():
@@ -193,7 +231,8 @@ def test_max_pool_2x2_in_both_layouts_is_flax_max_pool():
     want = nn.max_pool(x, (2, 2), strides=(2, 2))
     np.testing.assert_array_equal(models.max_pool_2x2(x), want)
     np.testing.assert_array_equal(
-        models.max_pool_2x2(x.transpose(3, 0, 1, 2), 'CNHW').transpose(1, 2, 3, 0), want)
+        models.max_pool_2x2(x.transpose(3, 0, 1, 2), 'CNHW').transpose(1, 2, 3, 0), want
+    )
 
 
 @pytest.mark.parametrize('name', ('digits_cnn', 'lenet5', 'conv4'))
@@ -207,13 +246,19 @@ def test_layouts_give_the_same_model(name):
     for layout in layers.LAYOUTS:
         model = models.MODELS[name](num_classes=num_classes, layout=layout)
         chex.assert_trees_all_equal_shapes(
-            jax.eval_shape(lambda key: models.init_variables(model, key, image_shape),
-                           jax.random.key(0)), _shapes(name))
+            jax.eval_shape(
+                lambda key: models.init_variables(model, key, image_shape), jax.random.key(0)
+            ),
+            _shapes(name),
+        )
 
         @jax.jit
         def logits_and_grads(params, model=model):
             loss = lambda p: jnp.sum(model.apply({**variables, 'params': p}, x, train=False) ** 2)
-            return model.apply({**variables, 'params': params}, x, train=False), jax.grad(loss)(params)
+            return model.apply({**variables, 'params': params}, x, train=False), jax.grad(loss)(
+                params
+            )
+
         results.append(logits_and_grads(variables['params']))
     chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
 
@@ -252,8 +297,9 @@ def test_explicit_padding_has_pytorch_alignment(conv_impl):
     np.testing.assert_array_equal(conv(x, centre, (2, 2), 1), x[:, ::2, ::2])
     np.testing.assert_array_equal(conv(x, centre, (2, 2), 'SAME'), x[:, 1::2, 1::2])
     # The 1x1 stride-2 shortcut (padding 0) samples the same pixels as the 3x3 path.
-    np.testing.assert_array_equal(conv(x, np.eye(2, dtype=np.float32)[None, None], (2, 2), 0),
-                                  x[:, ::2, ::2])
+    np.testing.assert_array_equal(
+        conv(x, np.eye(2, dtype=np.float32)[None, None], (2, 2), 0), x[:, ::2, ::2]
+    )
 
 
 def test_masked_dense_on_tokens_matches_per_token_dense():
@@ -275,8 +321,13 @@ def _masked_outputs(model, variables, x):
 
 
 # A masked layer in the middle of each model, with at least one masked layer computed before it.
-MIDDLE_LAYER = {'digits_cnn': 'conv2', 'lenet5': 'fc1', 'conv4': 'conv3',
-                'resnet18': 'stage2_block1/conv2', 'vit': 'block3/mlp1'}
+MIDDLE_LAYER = {
+    'digits_cnn': 'conv2',
+    'lenet5': 'fc1',
+    'conv4': 'conv3',
+    'resnet18': 'stage2_block1/conv2',
+    'vit': 'block3/mlp1',
+}
 
 
 @pytest.mark.parametrize('name', list(MODEL_CASES))
@@ -294,7 +345,9 @@ def test_thresholds_above_every_row_magnitude_zero_the_layer(name):
     outputs = _masked_outputs(model, _with_thresholds(variables, one_high), x)
     assert np.any(np.asarray(baseline[layer]))
     assert not np.any(np.asarray(outputs[layer]))
-    assert any(np.any(np.asarray(outputs[n])) and np.array_equal(outputs[n], baseline[n]) for n in names)
+    assert any(
+        np.any(np.asarray(outputs[n])) and np.array_equal(outputs[n], baseline[n]) for n in names
+    )
 
     # Every layer: every masked output is exactly 0.
     high = jax.tree.map(lambda t: jnp.full_like(t, 1e3), variables['thresholds'])
@@ -302,11 +355,12 @@ def test_thresholds_above_every_row_magnitude_zero_the_layer(name):
     for n in names:
         assert not np.any(np.asarray(outputs[n])), n
     logits, _, _, _ = _apply(model, _with_thresholds(variables, high), x)
-    if name in ('digits_cnn', 'lenet5'):   # every layer masked and bias-free: the logits vanish
+    if name in ('digits_cnn', 'lenet5'):  # every layer masked and bias-free: the logits vanish
         assert not np.any(np.asarray(logits))
-    if name == 'resnet18':   # zero features through fresh BatchNorm: only the head's bias is left
-        np.testing.assert_array_equal(logits, jnp.broadcast_to(variables['params']['head']['bias'],
-                                                               logits.shape))
+    if name == 'resnet18':  # zero features through fresh BatchNorm: only the head's bias is left
+        np.testing.assert_array_equal(
+            logits, jnp.broadcast_to(variables['params']['head']['bias'], logits.shape)
+        )
 
 
 def _macs(name):
@@ -318,16 +372,16 @@ def _macs(name):
 def test_macs_lenet5():
     macs = _macs('lenet5')
     assert macs == {
-            'conv1': 24 * 24 * 5 * 5 * 1 * 20,      # 288,000
-            'conv2': 8 * 8 * 5 * 5 * 20 * 50,       # 1,600,000
-            'fc1': 800 * 500,
-            'fc2': 500 * 10,
+        'conv1': 24 * 24 * 5 * 5 * 1 * 20,  # 288,000
+        'conv2': 8 * 8 * 5 * 5 * 20 * 50,  # 1,600,000
+        'fc1': 800 * 500,
+        'fc2': 500 * 10,
     }
 
 
 def test_macs_resnet18_strided_layers():
-    macs = _macs('resnet18')   # 16x16 images: stages at 16, 8, 4, 2 pixels
-    assert len(macs) == 1 + 16 + 3   # stem, block convs, shortcuts
+    macs = _macs('resnet18')  # 16x16 images: stages at 16, 8, 4, 2 pixels
+    assert len(macs) == 1 + 16 + 3  # stem, block convs, shortcuts
     assert macs['stem'] == 16 * 16 * 9 * 3 * 32
     assert macs['stage1_block1/conv1'] == 16 * 16 * 9 * 32 * 32
     assert macs['stage2_block1/conv1'] == 8 * 8 * 9 * 32 * 64
@@ -337,9 +391,9 @@ def test_macs_resnet18_strided_layers():
 
 def test_macs_vit_count_tokens():
     macs = _macs('vit')
-    tokens = (32 // 4) ** 2 + 1   # 64 patches and the cls token
+    tokens = (32 // 4) ** 2 + 1  # 64 patches and the cls token
     assert len(macs) == 24
-    assert macs['block1/qkv'] == tokens * 128 * 1536         # 12,779,520
+    assert macs['block1/qkv'] == tokens * 128 * 1536  # 12,779,520
     assert macs['block1/attn_out'] == tokens * 512 * 128
     assert macs['block1/mlp1'] == tokens * 128 * 256
     assert macs['block1/mlp2'] == tokens * 256 * 128
@@ -370,10 +424,12 @@ def test_batch_norm_follows_pytorch():
     np.testing.assert_allclose(updated['batch_stats']['mean'], 0.1 * mean, rtol=1e-5)
     np.testing.assert_allclose(updated['batch_stats']['var'], 0.9 + 0.1 * var * 16 / 15, rtol=1e-5)
     evaluated = models.BatchNorm(use_running_average=True).apply(
-        {**variables, 'batch_stats': updated['batch_stats']}, x)
+        {**variables, 'batch_stats': updated['batch_stats']}, x
+    )
     stats = updated['batch_stats']
-    np.testing.assert_allclose(evaluated, (x - stats['mean']) / np.sqrt(stats['var'] + 1e-5),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        evaluated, (x - stats['mean']) / np.sqrt(stats['var'] + 1e-5), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize('name', ['digits_cnn', 'lenet5', 'conv4'])
@@ -388,5 +444,6 @@ def test_sequential_models_are_their_declared_layers(name):
     masked = [op[1] for op in model.LAYERS if op[0] in ('conv', 'dense')]
     assert list(variables['thresholds']) == masked
     assert jax.tree_util.tree_structure(variables['thresholds']) == jax.tree_util.tree_structure(
-        {name: {'threshold': 0} for name in masked})
+        {name: {'threshold': 0} for name in masked}
+    )
     assert model.export_plan() == ('sequential', model.LAYERS)

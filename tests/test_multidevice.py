@@ -27,16 +27,16 @@ from spafl_jax import data as data_lib
 from spafl_jax import federated
 from spafl_jax import layers
 
-pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
-NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2   # 3 sampled over 2 or 4 devices: empty positions
+NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2  # 3 sampled over 2 or 4 devices: empty positions
 # Every baseline: each is an `algorithm.Algorithm`, and runs on the same mesh as SpaFL.
 ALGORITHM_BASELINES = ('fedavg', 'local', 'fedpm', 'heterofl', 'fedspa')
 
 # Runs ROUNDS rounds with each strategy on a fresh state and saves every leaf of the final state,
 # the round metrics and the evaluation, gathered to this host, plus each compiled function's number of
 # traces. argv: out_path devices strategies [coordinator num_processes process_id].
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import sys
     import numpy as np
     import jax
@@ -58,7 +58,7 @@ WORKER = textwrap.dedent('''
     if jax.process_index() == 0:
         np.savez(out, **results)
     print('devices', len(jax.devices()), 'processes', jax.process_count(), flush=True)
-''')
+""")
 
 
 class TinyMLP(nn.Module):
@@ -75,8 +75,9 @@ def setup():
     train, test = federated.split_clients(dataset, NUM_CLIENTS, alpha=0.3, min_train_examples=BATCH)
     model = TinyMLP()
     # 'previous' carries a boolean flag per client and layer through the gathers and scatters.
-    cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=2, lr=0.05, th_coeff=0.01,
-                                 collapse_check='previous')
+    cfg = client_lib.LocalConfig(
+        batch_size=BATCH, local_epochs=2, lr=0.05, th_coeff=0.01, collapse_check='previous'
+    )
     spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)
     round_cfg = federated.RoundConfig(clients_per_round=SAMPLED, aggregation='data_size')
     return train, test, model, cfg, spec, round_cfg
@@ -100,23 +101,37 @@ def initial_state(method: str = 'spafl'):
     if method not in _INITIAL:
         _, _, model, cfg, *_ = setup()
         if method == 'spafl':
-            state = federated.init_state(model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS,
-                                         image_shape=(8, 8, 1))
+            state = federated.init_state(
+                model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS, image_shape=(8, 8, 1)
+            )
         else:
-            state = baselines.get(method).init_state(model, cfg, jax.random.key(3),
-                                                     num_clients=NUM_CLIENTS, image_shape=(8, 8, 1))
+            state = baselines.get(method).init_state(
+                model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS, image_shape=(8, 8, 1)
+            )
         _INITIAL[method] = state
     return jax.tree.map(jnp.copy, _INITIAL[method])
 
 
 def run_rounds(strategy: str, method: str = 'spafl'):
     """ROUNDS rounds of `method` and an evaluation on whatever devices this process has."""
-    from spafl_jax import execution   # pylint: disable=g-import-not-at-top
+    from spafl_jax import execution  # pylint: disable=g-import-not-at-top
+
     train, test, model, cfg, spec, round_cfg = setup()
-    algorithm = (None if method == 'spafl'
-                 else baselines.get(method).algorithm(model, cfg, round_cfg))
-    runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test, strategy=strategy,
-                                   lanes=2, eval_chunk=16, algorithm=algorithm)
+    algorithm = (
+        None if method == 'spafl' else baselines.get(method).algorithm(model, cfg, round_cfg)
+    )
+    runner = execution.RoundRunner(
+        model,
+        cfg,
+        round_cfg,
+        spec,
+        train,
+        test,
+        strategy=strategy,
+        lanes=2,
+        eval_chunk=16,
+        algorithm=algorithm,
+    )
     state = initial_state(method)
     for r in range(ROUNDS):
         state, metrics = runner.run_round(state, sampled_clients(r), jax.random.key(1))
@@ -131,11 +146,17 @@ def reference(method: str = 'spafl'):
     if method == 'spafl':
         round_fn = federated.make_round_fn(model, cfg, round_cfg, spec)
         evaluate = lambda state: federated.make_eval_fn(model, spec, batch_size=64, cfg=cfg)(
-            state.clients, test)
+            state.clients, test
+        )
     else:
         alg = baselines.get(method).algorithm(model, cfg, round_cfg)
-        round_fn = algorithm_lib.make_round_fn(alg, cfg, spec, aggregation=round_cfg.aggregation,
-                                               client_execution=round_cfg.client_execution)
+        round_fn = algorithm_lib.make_round_fn(
+            alg,
+            cfg,
+            spec,
+            aggregation=round_cfg.aggregation,
+            client_execution=round_cfg.client_execution,
+        )
         evaluate = lambda state: algorithm_lib.make_eval_fn(alg, spec, batch_size=64)(state, test)
     state = initial_state(method)
     for r in range(ROUNDS):
@@ -144,13 +165,19 @@ def reference(method: str = 'spafl'):
 
 
 def _spawn(tmp_path, name: str, devices: int, strategies: str, *distributed: str):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__) + os.pathsep +
-               os.environ.get('PYTHONPATH', ''))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.path.dirname(__file__) + os.pathsep + os.environ.get('PYTHONPATH', ''),
+    )
     env.pop('XLA_FLAGS', None)
     out = str(tmp_path / f'{name}.npz')
-    return out, subprocess.Popen([sys.executable, '-c', WORKER, out, str(devices), strategies,
-                                  *distributed], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
+    return out, subprocess.Popen(
+        [sys.executable, '-c', WORKER, out, str(devices), strategies, *distributed],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(process, timeout: float = 300) -> str:
@@ -162,11 +189,17 @@ def _finish(process, timeout: float = 300) -> str:
 def _check(results: dict, ref_state: dict, ref_eval: dict, strategy: str) -> None:
     assert ref_state, 'a state without leaves compares nothing'
     for key, value in ref_state.items():
-        np.testing.assert_allclose(results[f'{strategy}[0]{key}'], value, rtol=2e-4, atol=2e-5,
-                                   err_msg=f'{strategy}: {key}')
+        np.testing.assert_allclose(
+            results[f'{strategy}[0]{key}'],
+            value,
+            rtol=2e-4,
+            atol=2e-5,
+            err_msg=f'{strategy}: {key}',
+        )
     np.testing.assert_array_equal(results[f"{strategy}[2]['correct']"], ref_eval['correct'])
-    np.testing.assert_allclose(results[f"{strategy}[2]['layer_density']"],
-                               ref_eval['layer_density'])
+    np.testing.assert_allclose(
+        results[f"{strategy}[2]['layer_density']"], ref_eval['layer_density']
+    )
     # Every compiled function traced once: later rounds reuse the first round's executables.
     assert results[f'{strategy}/traces'].tolist() == [1] * len(results[f'{strategy}/traces'])
 
@@ -183,8 +216,9 @@ def baseline_refs():
 
 def test_one_two_and_four_devices_give_the_one_device_results(tmp_path, ref, baseline_refs):
     """SpaFL, and every baseline written as an `algorithm.Algorithm`, with every strategy."""
-    jobs = {devices: _spawn(tmp_path, f'd{devices}', devices, 'map,loop,vmap')
-            for devices in (1, 2, 4)}
+    jobs = {
+        devices: _spawn(tmp_path, f'd{devices}', devices, 'map,loop,vmap') for devices in (1, 2, 4)
+    }
     for devices, (out, process) in jobs.items():
         assert f'devices {devices} processes 1' in _finish(process)
         results = dict(np.load(out))
@@ -213,19 +247,36 @@ def test_two_processes_on_localhost_give_the_one_process_results(tmp_path, ref, 
             _check(results, *method_ref, f'{method}/{strategy}')
 
 
-_MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
-                     'main.py')
+_MAIN = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'main.py'
+)
 # The embedded default, small: 8 clients split over 4 devices, a checkpoint after round 2.
-_SMALL_RUN = ('--config.num_clients=8', '--config.clients_per_round=3', '--config.local_epochs=1',
-              '--config.checkpoint_every=2', '--config.sparsity_rounds=(1,)')
+_SMALL_RUN = (
+    '--config.num_clients=8',
+    '--config.clients_per_round=3',
+    '--config.local_epochs=1',
+    '--config.checkpoint_every=2',
+    '--config.sparsity_rounds=(1,)',
+)
 
 
 def _main(workdir, rounds: int, *flags: str) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop('XLA_FLAGS', None)
-    return subprocess.Popen([sys.executable, _MAIN, f'--workdir={workdir}', *_SMALL_RUN,
-                             f'--config.rounds={rounds}', *flags], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            _MAIN,
+            f'--workdir={workdir}',
+            *_SMALL_RUN,
+            f'--config.rounds={rounds}',
+            *flags,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _metrics(workdir) -> list[dict]:
@@ -237,12 +288,19 @@ def test_two_processes_run_and_resume_the_training_command_like_one(tmp_path):
     """`experiments/main.py` as two processes sharing a workdir: process 0 writes the files, both
     take part in the checkpoints, and a resumed run restores on both and goes on as one process."""
     single, multi = tmp_path / 'single', tmp_path / 'multi'
-    for rounds in (3, 4):   # 3 rounds (checkpoints 2 and 3), then resumed from 3 up to 4 rounds
+    for rounds in (3, 4):  # 3 rounds (checkpoints 2 and 3), then resumed from 3 up to 4 rounds
         address = f'127.0.0.1:{_free_port()}'
         jobs = [_main(single, rounds)] + [
-            _main(multi, rounds, f'--config.coordinator_address={address}',
-                  '--config.num_processes=2', f'--config.process_id={i}',
-                  '--config.num_cpu_devices=2') for i in range(2)]
+            _main(
+                multi,
+                rounds,
+                f'--config.coordinator_address={address}',
+                '--config.num_processes=2',
+                f'--config.process_id={i}',
+                '--config.num_cpu_devices=2',
+            )
+            for i in range(2)
+        ]
         outputs = [_finish(job) for job in jobs]
     assert 'resuming from the checkpoint of round 3' in outputs[1], outputs[1][-2000:]
     expected, got = _metrics(single), _metrics(multi)
@@ -251,7 +309,6 @@ def test_two_processes_run_and_resume_the_training_command_like_one(tmp_path):
         for key in ('accuracy', 'density', 'density_weighted', 'bits_up', 'bits_down'):
             assert have[key] == pytest.approx(want[key], abs=1e-6), (want['round'], key)
         assert have['train_loss'] == pytest.approx(want['train_loss'], rel=1e-4)
-    for name in ('summary.json', 'final_state.msgpack', 'sparsity_round_0001.png',
-                 'accuracy.png'):
+    for name in ('summary.json', 'final_state.msgpack', 'sparsity_round_0001.png', 'accuracy.png'):
         assert (multi / name).exists(), name
     assert sorted(os.listdir(multi / 'checkpoints')) == ['3', '4']

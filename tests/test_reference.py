@@ -44,7 +44,7 @@ from spafl_jax import masking
 from spafl_jax import models
 from spafl_jax import server
 
-pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
 HERE = os.path.join(os.path.dirname(__file__), 'reference')
 
@@ -56,12 +56,27 @@ WEIGHT_RTOL = 1e-6
 
 # The official folders' semantics, as our library's settings (README, "The official folders").
 SEMANTICS = {
-    'fmnist': dict(model='lenet5', estimator='identity', importance_update='sampled_before',
-                   persistent_optimizer=True, penalty_warmup=True, clip=0.0, drop_last=False,
-                   collapse_check='previous', dense_inputs={'fc3': (50, 4, 4)}),
-    'cifar10': dict(model='conv4', estimator='outside_unit', importance_update='all_after',
-                    persistent_optimizer=False, penalty_warmup=False, drop_last=True,
-                    collapse_check='previous', dense_inputs={'dense1': (128, 2, 2)}),
+    'fmnist': dict(
+        model='lenet5',
+        estimator='identity',
+        importance_update='sampled_before',
+        persistent_optimizer=True,
+        penalty_warmup=True,
+        clip=0.0,
+        drop_last=False,
+        collapse_check='previous',
+        dense_inputs={'fc3': (50, 4, 4)},
+    ),
+    'cifar10': dict(
+        model='conv4',
+        estimator='outside_unit',
+        importance_update='all_after',
+        persistent_optimizer=False,
+        penalty_warmup=False,
+        drop_last=True,
+        collapse_check='previous',
+        dense_inputs={'dense1': (128, 2, 2)},
+    ),
 }
 
 
@@ -76,6 +91,7 @@ def load_trace(name: str) -> tuple[dict, dict]:
 # Layouts: PyTorch's [out, in, kh, kw] and [out, in] against our [kh, kw, in, out] and [in, out].
 # The first dense layer after the conv stack reads features flattened as (channel, row, column)
 # in PyTorch and as (row, column, channel) in our models: the same weights, inputs permuted.
+
 
 def from_official(weight: np.ndarray, chw=None) -> np.ndarray:
     if weight.ndim == 4:
@@ -108,8 +124,13 @@ def initial_weights(shapes, seed):
 class Replay:
     """Our library run on a trace's inputs, one official call at a time."""
 
-    def __init__(self, name: str | tuple[dict, dict], collapse_check: str | None = None,
-                 dtype=jnp.float64, conv_impl: str = 'im2col'):
+    def __init__(
+        self,
+        name: str | tuple[dict, dict],
+        collapse_check: str | None = None,
+        dtype=jnp.float64,
+        conv_impl: str = 'im2col',
+    ):
         """`name` is a fixture's name, or its (meta, arrays); `dtype` float64 for the traces, which
         the recorder ran in float64, or float32 for the official code unchanged (replay_curve.py);
         `conv_impl` how our convolutions are computed (the same numbers up to rounding)."""
@@ -120,15 +141,21 @@ class Replay:
         self.names = self.meta['layers']
         self.chw = [sem['dense_inputs'].get(n) for n in self.names]
         self.cfg = client_lib.LocalConfig(
-            batch_size=s['batch_size'], local_epochs=s['local_epoch'], lr=s['learning_rate'],
-            clip=float(s.get('clip', 0.0)), th_coeff=s['th_coeff'],
-            penalty_warmup=sem['penalty_warmup'], persistent_optimizer=sem['persistent_optimizer'],
+            batch_size=s['batch_size'],
+            local_epochs=s['local_epoch'],
+            lr=s['learning_rate'],
+            clip=float(s.get('clip', 0.0)),
+            th_coeff=s['th_coeff'],
+            penalty_warmup=sem['penalty_warmup'],
+            persistent_optimizer=sem['persistent_optimizer'],
             drop_last=sem['drop_last'],
-            collapse_check=collapse_check or sem['collapse_check'])
+            collapse_check=collapse_check or sem['collapse_check'],
+        )
         self.importance = sem['importance_update']
         self.num_clients, self.rounds = s['num_clients'], s['comm_rounds']
-        self.model = models.create_model(sem['model'], 10, estimator=sem['estimator'],
-                                         conv_impl=conv_impl)
+        self.model = models.create_model(
+            sem['model'], 10, estimator=sem['estimator'], conv_impl=conv_impl
+        )
         self.spec = client_lib.DataSpec(normalize=False)
         self.train_x = self._nhwc(self.arrays['train_images'])
         self.train_y = jnp.asarray(self.arrays['train_labels'], jnp.int32)
@@ -136,25 +163,32 @@ class Replay:
         self.test_y = jnp.asarray(self.arrays['test_labels'], jnp.int32)
         self.train_ids = [self.arrays[f'split/train/{k}'] for k in range(self.num_clients)]
         self.test_ids = [self.arrays[f'split/test/{k}'] for k in range(self.num_clients)]
-        self.test_length = max(len(ids) for ids in self.test_ids)   # one shape: one compilation
+        self.test_length = max(len(ids) for ids in self.test_ids)  # one shape: one compilation
 
-        variables = jax.tree.map(lambda v: jnp.asarray(v, dtype), models.init_variables(
-            self.model, jax.random.key(0), tuple(self.train_x.shape[1:])))
-        if f'initial/{self.names[0]}/weight' in self.arrays:   # recorded whole (replay_curve.py)
+        variables = jax.tree.map(
+            lambda v: jnp.asarray(v, dtype),
+            models.init_variables(self.model, jax.random.key(0), tuple(self.train_x.shape[1:])),
+        )
+        if f'initial/{self.names[0]}/weight' in self.arrays:  # recorded whole (replay_curve.py)
             weights = [self.arrays[f'initial/{n}/weight'] for n in self.names]
         else:
             weights = initial_weights(self.meta['layer_shapes'], self.meta['init_seed'])
         kernels = masking.kernels_of(variables['params'], variables['thresholds'])
         paths = self._paths(kernels)
-        new_kernels = _set_leaves(kernels, [jnp.asarray(from_official(w, chw), dtype)
-                                            for w, chw in zip(weights, self.chw)])
+        new_kernels = _set_leaves(
+            kernels,
+            [jnp.asarray(from_official(w, chw), dtype) for w, chw in zip(weights, self.chw)],
+        )
         assert len(paths) == len(self.names)
         params = masking.replace_kernels(variables['params'], new_kernels)
         opt_state = client_lib.init_opt_state(self.cfg, params, variables['thresholds'])
         one = client_lib.ClientState(
-            params=params, thresholds=variables['thresholds'], batch_stats=variables['batch_stats'],
-            opt_state=opt_state, collapsed=client_lib.init_collapsed(self.cfg,
-                                                                     variables['thresholds']))
+            params=params,
+            thresholds=variables['thresholds'],
+            batch_stats=variables['batch_stats'],
+            opt_state=opt_state,
+            collapsed=client_lib.init_collapsed(self.cfg, variables['thresholds']),
+        )
         self.clients = [one] * self.num_clients
         # Per client and masked layer: how many forward passes reset a collapsed layer's thresholds
         # (the official `zero_count`), counted in training and test alike.
@@ -163,18 +197,22 @@ class Replay:
         self.server_thresholds, self.delta = zeros, zeros
         b = self.cfg.batch_size
         self.max_steps = self.cfg.local_epochs * max(
-            (len(ids) // b if self.cfg.drop_last else -(-len(ids) // b)) for ids in self.train_ids)
+            (len(ids) // b if self.cfg.drop_last else -(-len(ids) // b)) for ids in self.train_ids
+        )
         self.local_steps = jax.jit(self._local_steps)
-        self.evaluate = jax.jit(functools.partial(federated.evaluate_client, self.model, self.spec,
-                                                  batch_size=64, cfg=self.cfg))
+        self.evaluate = jax.jit(
+            functools.partial(
+                federated.evaluate_client, self.model, self.spec, batch_size=64, cfg=self.cfg
+            )
+        )
         self.tested = jax.jit(lambda c, n: federated.tested_clients(self.cfg, c, n))
         self.density = jax.jit(functools.partial(federated.tested_density_stats, self.cfg))
 
     def _nhwc(self, images):
         images = np.asarray(images)
-        if images.ndim == 3:                       # Fashion-MNIST: [n, 28, 28] raw pixels
+        if images.ndim == 3:  # Fashion-MNIST: [n, 28, 28] raw pixels
             return jnp.asarray(images[..., None], self.dtype)
-        return jnp.asarray(images.transpose(0, 2, 3, 1), self.dtype)   # [n, c, h, w]
+        return jnp.asarray(images.transpose(0, 2, 3, 1), self.dtype)  # [n, c, h, w]
 
     @staticmethod
     def _paths(tree):
@@ -193,15 +231,25 @@ class Replay:
     def _local_steps(self, state, opt, images, labels, batches, masks, num_steps, lr, penalty):
         """`client.local_step` on batches[0..num_steps) (padded to one shape: one compilation);
         also returns how many of the steps reset each layer."""
+
         def body(i, carry):
             state, opt, resets = carry
             ids = batches[i]
             resets = resets + self._resetting(state)
-            state, opt, _ = client_lib.local_step(self.model, self.cfg, state, opt, images[ids],
-                                                  labels[ids], jnp.bool_(True), lr=lr,
-                                                  penalty_coeff=penalty,
-                                                  example_mask=masks[i])
+            state, opt, _ = client_lib.local_step(
+                self.model,
+                self.cfg,
+                state,
+                opt,
+                images[ids],
+                labels[ids],
+                jnp.bool_(True),
+                lr=lr,
+                penalty_coeff=penalty,
+                example_mask=masks[i],
+            )
             return state, opt, resets
+
         resets = jnp.zeros(len(self.names), jnp.int32)
         return jax.lax.fori_loop(0, num_steps, body, (state, opt, resets))
 
@@ -214,18 +262,19 @@ class Replay:
         masks = np.zeros((self.max_steps, b), bool)
         steps = 0
         for e in range(cfg.local_epochs):
-            epoch = order[e * per_epoch:(e + 1) * per_epoch]
+            epoch = order[e * per_epoch : (e + 1) * per_epoch]
             for start in range(0, per_epoch, b):
-                ids = epoch[start:start + b]
-                masks[steps, :len(ids)] = True
+                ids = epoch[start : start + b]
+                masks[steps, : len(ids)] = True
                 batches[steps] = np.pad(ids, (0, b - len(ids)), mode='edge')
                 steps += 1
         state = self.clients[k]
         opt = client_lib.round_opt_state(cfg, state)
         lr = client_lib.learning_rate(cfg, round_index)
         penalty = cfg.th_coeff * client_lib.penalty_scale(cfg, round_index)
-        state, opt, resets = self.local_steps(state, opt, self.train_x, self.train_y, batches,
-                                              masks, steps, lr, penalty)
+        state, opt, resets = self.local_steps(
+            state, opt, self.train_x, self.train_y, batches, masks, steps, lr, penalty
+        )
         self.resets[k] += np.asarray(resets)
         if cfg.persistent_optimizer:
             state = state.replace(opt_state=opt)
@@ -234,12 +283,13 @@ class Replay:
     def test(self, k: int):
         ids = self.test_ids[k]
         padded = np.pad(ids, (0, self.test_length - len(ids)))
-        correct = self.evaluate(self.clients[k], self.test_x, self.test_y,
-                                jnp.asarray(padded, jnp.int32), len(ids))
+        correct = self.evaluate(
+            self.clients[k], self.test_x, self.test_y, jnp.asarray(padded, jnp.int32), len(ids)
+        )
         stacked = jax.tree.map(lambda x: x[None], self.clients[k])
         count = jnp.asarray([len(ids)], jnp.int32)
         self.layer_density = np.asarray(self.density(stacked, count)['layer_density'])[0]
-        self.resets[k] += np.asarray(self._resetting(self.clients[k]))   # the test's first pass
+        self.resets[k] += np.asarray(self._resetting(self.clients[k]))  # the test's first pass
         self.clients[k] = jax.tree.map(lambda x: x[0], self.tested(stacked, count))
         return 100.0 * float(correct) / len(ids), float(np.mean(self.layer_density))
 
@@ -268,18 +318,27 @@ class Checker:
         thresholds = jax.tree.leaves(state.thresholds)
         kernels = jax.tree.leaves(masking.kernels_of(state.params, state.thresholds))
         for name, t, kernel, chw in zip(rp.names, thresholds, kernels, rp.chw):
-            np.testing.assert_allclose(np.asarray(t), arrays[f'{prefix}/threshold/{name}'],
-                                       rtol=0, atol=THRESHOLD_ATOL,
-                                       err_msg=f'{prefix} {name} thresholds')
-            self._note('threshold', np.max(np.abs(np.asarray(t) -
-                                                  arrays[f'{prefix}/threshold/{name}'])))
+            np.testing.assert_allclose(
+                np.asarray(t),
+                arrays[f'{prefix}/threshold/{name}'],
+                rtol=0,
+                atol=THRESHOLD_ATOL,
+                err_msg=f'{prefix} {name} thresholds',
+            )
+            self._note(
+                'threshold', np.max(np.abs(np.asarray(t) - arrays[f'{prefix}/threshold/{name}']))
+            )
             w = to_official(np.asarray(kernel, np.float64), chw).reshape(kernel.shape[-1], -1)
-            for key, ours in (('row_sum', w.sum(axis=1)), ('row_abs_mean', np.abs(w).mean(axis=1)),
-                              ('entries', w.reshape(-1)[arrays[f'{prefix}/{name}/entry_index']])):
+            for key, ours in (
+                ('row_sum', w.sum(axis=1)),
+                ('row_abs_mean', np.abs(w).mean(axis=1)),
+                ('entries', w.reshape(-1)[arrays[f'{prefix}/{name}/entry_index']]),
+            ):
                 theirs = arrays[f'{prefix}/{name}/{key}']
                 scale = np.max(np.abs(arrays[f'initial/{name}/{key}'])) + 1e-12
-                np.testing.assert_allclose(ours, theirs, rtol=0, atol=WEIGHT_RTOL * scale,
-                                           err_msg=f'{prefix} {name} {key}')
+                np.testing.assert_allclose(
+                    ours, theirs, rtol=0, atol=WEIGHT_RTOL * scale, err_msg=f'{prefix} {name} {key}'
+                )
                 self._note(key, np.max(np.abs(ours - theirs)) / scale)
         stats = jax.tree.leaves(state.batch_stats)
         official = sorted(k_ for k_ in arrays if k_.startswith(f'{prefix}/bn/'))
@@ -292,17 +351,22 @@ class Checker:
                 for ours_key, theirs_key in (('mean', 'mean'), ('var', 'var')):
                     mine = ours[(f'bn{i + 1}', ours_key)]
                     theirs = arrays[f'{prefix}/bn/{bn}/{theirs_key}']
-                    np.testing.assert_allclose(mine, theirs, rtol=WEIGHT_RTOL,
-                                               atol=WEIGHT_RTOL * np.max(np.abs(theirs)),
-                                               err_msg=f'{prefix} {bn} running {ours_key}')
+                    np.testing.assert_allclose(
+                        mine,
+                        theirs,
+                        rtol=WEIGHT_RTOL,
+                        atol=WEIGHT_RTOL * np.max(np.abs(theirs)),
+                        err_msg=f'{prefix} {bn} running {ours_key}',
+                    )
         else:
             assert not stats
 
 
 def _tree_from_official(replay, prefix):
-    def official(name):   # the FMNIST server keys its thresholds 'conv1.threshold', CIFAR 'conv1'
+    def official(name):  # the FMNIST server keys its thresholds 'conv1.threshold', CIFAR 'conv1'
         key = f'{prefix}/{name}'
         return replay.arrays[key if key in replay.arrays else f'{key}.threshold']
+
     leaves = [jnp.asarray(official(name)) for name in replay.names]
     return _set_leaves(replay.server_thresholds, leaves)
 
@@ -317,35 +381,42 @@ def _replay(name: str, collapse_check: str | None) -> Checker:
     arrays = rp.arrays
     check = Checker(rp)
     kernels = jax.tree.leaves(masking.kernels_of(rp.clients[0].params, rp.clients[0].thresholds))
-    for name, kernel, chw in zip(rp.names, kernels, rp.chw):   # the same initial model
+    for name, kernel, chw in zip(rp.names, kernels, rp.chw):  # the same initial model
         w = to_official(np.asarray(kernel, np.float64), chw).reshape(kernel.shape[-1], -1)
-        np.testing.assert_allclose(w.sum(axis=1), arrays[f'initial/{name}/row_sum'], rtol=1e-6,
-                                   atol=1e-9, err_msg=f'initial {name}')
+        np.testing.assert_allclose(
+            w.sum(axis=1),
+            arrays[f'initial/{name}/row_sum'],
+            rtol=1e-6,
+            atol=1e-9,
+            err_msg=f'initial {name}',
+        )
     for r in range(rp.rounds):
         sampled = arrays[f'r{r}/sampled']
-        for k in sampled:   # 2. broadcast; FMNIST: the previous round's delta, before training
+        for k in sampled:  # 2. broadcast; FMNIST: the previous round's delta, before training
             rp.clients[k] = rp.clients[k].replace(thresholds=rp.server_thresholds)
             if rp.importance == 'sampled_before' and r > 0:
                 rp.importance_update(k, rp.delta)
                 check.snapshot(f'r{r}/importance/{k}', k)
-        for k in sampled:   # 3. local training on the recorded batches
+        for k in sampled:  # 3. local training on the recorded batches
             rp.train(k, arrays[f'r{r}/order/{k}'], r)
             check.snapshot(f'r{r}/trained/{k}', k)
         # 4-5. aggregation: the unweighted mean of the sampled clients' thresholds
-        new_global = server.aggregate(jax.tree.map(lambda *t: jnp.stack(t),
-                                                   *[rp.clients[k].thresholds for k in sampled]))
+        new_global = server.aggregate(
+            jax.tree.map(lambda *t: jnp.stack(t), *[rp.clients[k].thresholds for k in sampled])
+        )
         rp.delta = jax.tree.map(jnp.subtract, new_global, rp.server_thresholds)
         rp.server_thresholds = new_global
         for what, tree in (('global', new_global), ('delta', rp.delta)):
             official = _tree_from_official(rp, f'r{r}/{what}')
             for ours, theirs in zip(jax.tree.leaves(tree), jax.tree.leaves(official)):
-                np.testing.assert_allclose(ours, theirs, rtol=0, atol=THRESHOLD_ATOL,
-                                           err_msg=f'round {r} {what}')
-        if rp.importance == 'all_after':   # 6. CIFAR-10: every client, after aggregation
+                np.testing.assert_allclose(
+                    ours, theirs, rtol=0, atol=THRESHOLD_ATOL, err_msg=f'round {r} {what}'
+                )
+        if rp.importance == 'all_after':  # 6. CIFAR-10: every client, after aggregation
             for k in range(rp.num_clients):
                 rp.importance_update(k, rp.delta)
                 check.snapshot(f'r{r}/importance/{k}', k)
-        for k in range(rp.num_clients):   # 7. every client on its own test split
+        for k in range(rp.num_clients):  # 7. every client on its own test split
             accuracy, density = rp.test(k)
             prefix = f'r{r}/tested/{k}'
             # Ratios of counts (the official accuracy is summed in float32): one test example or
@@ -405,6 +476,7 @@ def test_replay_curve_reports_layers_and_resets_as_the_official_code(tmp_path):
     `follow_official_resets`."""
     sys.path.insert(0, HERE)
     import replay_curve  # pylint: disable=import-outside-toplevel,import-error
+
     meta, arrays = load_trace('fmnist_collapse')
     n, rounds = meta['settings']['num_clients'], meta['settings']['comm_rounds']
     official_resets = np.asarray(meta['collapse_resets']).reshape(n, len(meta['layers']))
@@ -413,9 +485,15 @@ def test_replay_curve_reports_layers_and_resets_as_the_official_code(tmp_path):
     for r in range(rounds):
         for k in range(n):
             prefix = f'r{r}/tested/{k}'
-            arrays[f'{prefix}/layer_density'] = np.asarray([np.mean(
-                arrays[f'{prefix}/{name}/row_abs_mean'] > arrays[f'{prefix}/threshold/{name}'])
-                for name in meta['layers']])
+            arrays[f'{prefix}/layer_density'] = np.asarray(
+                [
+                    np.mean(
+                        arrays[f'{prefix}/{name}/row_abs_mean']
+                        > arrays[f'{prefix}/threshold/{name}']
+                    )
+                    for name in meta['layers']
+                ]
+            )
             if r == rounds - 1:
                 arrays[f'{prefix}/resets'] = official_resets[k]
     per_client = str(tmp_path / 'per_client.npz')
@@ -440,8 +518,9 @@ def test_replay_curve_reports_layers_and_resets_as_the_official_code(tmp_path):
     for r in range(rounds):
         for k in range(n):
             arrays[f'r{r}/tested/{k}/resets'] = claimed[k] if r == rounds - 1 else every_round[r, k]
-    replay_curve.replay(meta, arrays, str(tmp_path), None, per_client=per_client,
-                        follow_official_resets=True)
+    replay_curve.replay(
+        meta, arrays, str(tmp_path), None, per_client=per_client, follow_official_resets=True
+    )
     with open(tmp_path / 'metrics.jsonl') as f:
         records = [json.loads(line) for line in f]
     assert [r['round'] for r in records] == list(range(1, rounds + 1))
@@ -454,9 +533,12 @@ def test_replay_curve_reports_layers_and_resets_as_the_official_code(tmp_path):
     # The reset ours lacked was made; the thresholds it changed may then make others differ at
     # the test, and those are followed too: in the end ours has every official reset.
     assert last['forced_resets'][0] == 1, last
-    assert all(o + f >= c for o, f, c in zip(last['resets'], last['forced_resets'],
-                                             last['official_resets'])), last
-    assert np.mean(last['official_layer_density']) == pytest.approx(last['official_density'],
-                                                                     abs=1e-5)
+    assert all(
+        o + f >= c
+        for o, f, c in zip(last['resets'], last['forced_resets'], last['official_resets'])
+    ), last
+    assert np.mean(last['official_layer_density']) == pytest.approx(
+        last['official_density'], abs=1e-5
+    )
     with np.load(per_client) as f:
         np.testing.assert_array_equal(f['official_resets'][-1], claimed)

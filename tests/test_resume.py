@@ -28,10 +28,15 @@ from spafl_jax.configs import default  # pylint: disable=g-import-not-at-top,wro
 import faults  # conftest puts tests/ on the path  # pylint: disable=g-import-not-at-top,wrong-import-position
 from faults import ROUNDS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
-_command, _env, _lines, _run_until, _finish = (faults.command, faults.env, faults.metrics_lines,
-                                               faults.run_until, faults.finish)
+_command, _env, _lines, _run_until, _finish = (
+    faults.command,
+    faults.env,
+    faults.metrics_lines,
+    faults.run_until,
+    faults.finish,
+)
 
 
 def _read(workdir, name):
@@ -46,12 +51,12 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(reference, tmp_path)
         code, _ = _run_until(workdir, kill_after_lines)
         assert code == -signal.SIGKILL
         text = _read(workdir, 'metrics.jsonl')
-        assert text.endswith(b'\n') or text == b''      # never a half line
+        assert text.endswith(b'\n') or text == b''  # never a half line
     _finish(workdir)
     assert _read(workdir, 'metrics.jsonl') == _read(reference, 'metrics.jsonl')
     assert _read(workdir, 'final_state.msgpack') == _read(reference, 'final_state.msgpack')
     rounds = [json.loads(l)['round'] for l in _read(workdir, 'metrics.jsonl').splitlines()]
-    assert rounds == list(range(1, ROUNDS + 1))         # no round twice
+    assert rounds == list(range(1, ROUNDS + 1))  # no round twice
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
@@ -73,8 +78,13 @@ def test_a_finished_run_is_not_recomputed_and_a_different_config_is_refused(refe
     before = _read(workdir, 'metrics.jsonl')
     _finish(workdir)
     assert _read(workdir, 'metrics.jsonl') == before
-    proc = subprocess.run(_command(workdir, '--config.lr=0.01'), capture_output=True, text=True,
-                          env=_env(), timeout=300)
+    proc = subprocess.run(
+        _command(workdir, '--config.lr=0.01'),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert proc.returncode == 2 and 'different config' in proc.stderr and 'lr' in proc.stderr
     assert 'Traceback' not in proc.stderr
     assert _read(workdir, 'metrics.jsonl') == before
@@ -82,8 +92,13 @@ def test_a_finished_run_is_not_recomputed_and_a_different_config_is_refused(refe
 
 def _tiny_state(seed):
     model = models.create_model('digits_cnn', 10)
-    return federated.init_state(model, client_lib.LocalConfig(persistent_optimizer=True),
-                                jax.random.key(seed), num_clients=3, image_shape=(8, 8, 1))
+    return federated.init_state(
+        model,
+        client_lib.LocalConfig(persistent_optimizer=True),
+        jax.random.key(seed),
+        num_clients=3,
+        image_shape=(8, 8, 1),
+    )
 
 
 # Orbax's failed read of the corrupt checkpoint leaves a callback for its closed asyncio loop, which
@@ -115,37 +130,36 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
                 path = os.path.join(root, name)
                 os.truncate(path, os.path.getsize(path) // 3)
     _, progress = ckpt.restore_latest(_tiny_state(7))
-    assert progress['round'] == 2                      # 6 is truncated, 4 corrupt
+    assert progress['round'] == 2  # 6 is truncated, 4 corrupt
     assert 'unusable' in caplog.text
 
 
-def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
-                                                                            monkeypatch):
+def test_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     run_round = execution.RoundRunner.run_round
 
     def poisoned(self, state, sampled, seed_key):
         state, metrics = run_round(self, state, sampled, seed_key)
-        if int(state.round) == 3:           # round 3 produces a NaN threshold
+        if int(state.round) == 3:  # round 3 produces a NaN threshold
             bad = jax.tree.map(lambda t: t.at[0].set(jnp.nan), state.clients.thresholds)
             state = state.replace(clients=state.clients.replace(thresholds=bad))
         return state, metrics
 
     monkeypatch.setattr(execution.RoundRunner, 'run_round', poisoned)
     config = default.get_config()
-    config.update(num_clients=6, clients_per_round=6, rounds=5, local_epochs=1,
-                  checkpoint_every=2)
+    config.update(num_clients=6, clients_per_round=6, rounds=5, local_epochs=1, checkpoint_every=2)
     with pytest.raises(train.NonFiniteError, match=r'round 3: non-finite thresholds'):
         train.train_and_evaluate(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
     _, progress = checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).restore_latest(
-        train.Run(config).initial_state())
+        train.Run(config).initial_state()
+    )
     assert progress['round'] == 2
     assert [json.loads(l)['round'] for l in open(tmp_path / 'metrics.jsonl')] == [1, 2]
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
     if os.geteuid() == 0:
-        target = '/proc/spafl_cannot_write_here'   # root can write anywhere else
+        target = '/proc/spafl_cannot_write_here'  # root can write anywhere else
     else:
         os.chmod(tmp_path, 0o500)
         target = str(tmp_path / 'sub')
@@ -161,8 +175,12 @@ def test_a_changed_counter_is_detected_and_the_round_saved_again(tmp_path):
     ckpt.save(2, _tiny_state(0), {'round': 2, 'totals': {'bits_up': 100}})
     ckpt.save(4, _tiny_state(1), {'round': 4, 'totals': {'bits_up': 200}})
     # One digit of a running total flipped in the newest checkpoint's progress record.
-    paths = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / 'checkpoints' / '4')
-             for name in names if 'progress' in root]
+    paths = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(tmp_path / 'checkpoints' / '4')
+        for name in names
+        if 'progress' in root
+    ]
     assert paths
     for path in paths:
         text = open(path).read()
@@ -180,9 +198,14 @@ def test_a_changed_counter_is_detected_and_the_round_saved_again(tmp_path):
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line_and_the_run_still_resumes(tmp_path):
     workdir = str(tmp_path / 'twice')
-    slow = '--config.local_epochs=30'   # rounds long enough for a second Ctrl-C to land in one
-    proc = subprocess.Popen(_command(workdir, slow), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+    slow = '--config.local_epochs=30'  # rounds long enough for a second Ctrl-C to land in one
+    proc = subprocess.Popen(
+        _command(workdir, slow),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     lines, warned = [], threading.Event()
 
     def read():
@@ -206,9 +229,11 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line_and_the_run_still_resumes(t
     assert 'Traceback' not in err
     assert [l.strip() for l in lines if 'interrupted again' in l] == [
         'interrupted again: stopped at once, without a checkpoint of this round; the same command '
-        'resumes from the last one.']
-    proc = subprocess.run(_command(workdir, slow), capture_output=True, text=True, env=_env(),
-                          timeout=600)
+        'resumes from the last one.'
+    ]
+    proc = subprocess.run(
+        _command(workdir, slow), capture_output=True, text=True, env=_env(), timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         assert [json.loads(l)['round'] for l in f] == list(range(1, ROUNDS + 1))
@@ -230,8 +255,7 @@ def test_damaged_records_and_checkpoints_still_end_as_an_uninterrupted_run(refer
         f.write(b''.join(damaged))
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
         f.write('{"accuracy": ')
-    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
-                   if s.isdigit())
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
     newest = os.path.join(workdir, 'checkpoints', str(steps[-1]))
     for root, _, names in os.walk(newest):
         for name in names:

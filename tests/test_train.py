@@ -18,7 +18,7 @@ sys.path.insert(0, REPO)
 
 from spafl_jax.configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-pytestmark = pytest.mark.slow   # end-to-end: deselect with -m 'not slow'
+pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
 
 def _config(**overrides):
@@ -36,9 +36,9 @@ def digits_run(tmp_path_factory):
 
 def test_learns_on_real_digits_and_sparsifies(digits_run):
     _, summary = digits_run
-    assert summary['accuracy'] > 0.75           # chance is 0.1; this run reaches about 0.92
+    assert summary['accuracy'] > 0.75  # chance is 0.1; this run reaches about 0.92
     assert summary['accuracy_weighted'] > 0.75
-    assert summary['density'] < 0.95            # about 0.73 (rows), 0.36 (weights)
+    assert summary['density'] < 0.95  # about 0.73 (rows), 0.36 (weights)
     assert summary['density_weighted'] < 0.9
 
 
@@ -47,8 +47,15 @@ def test_writes_metrics_summary_and_figures(digits_run):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         records = [json.loads(line) for line in f]
     assert [r['round'] for r in records] == [4, 8, 12, 16]
-    for key in ('accuracy', 'accuracy_weighted', 'density', 'density_weighted', 'bits_up',
-                'bits_down', 'flops'):
+    for key in (
+        'accuracy',
+        'accuracy_weighted',
+        'density',
+        'density_weighted',
+        'bits_up',
+        'bits_down',
+        'flops',
+    ):
         assert all(key in r for r in records), key
     # Cumulative totals: 122 thresholds x 32 bits x 5 sampled clients per round.
     assert [r['bits_up'] for r in records] == [4 * 5 * 122 * 32 * k for k in (1, 2, 3, 4)]
@@ -58,22 +65,36 @@ def test_writes_metrics_summary_and_figures(digits_run):
     assert summary['round'] == 16 and summary['num_thresholds'] == 122
     with open(os.path.join(workdir, 'config.json')) as f:
         assert json.load(f)['rounds'] == 16
-    for name in ('accuracy.png', 'density.png', 'communication.png', 'sparsity_round_0016.png',
-                 'summary.json', 'final_state.msgpack'):
+    for name in (
+        'accuracy.png',
+        'density.png',
+        'communication.png',
+        'sparsity_round_0016.png',
+        'summary.json',
+        'final_state.msgpack',
+    ):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-    assert any(f.startswith('events.out.tfevents') for f in
-               os.listdir(os.path.join(workdir, 'tensorboard')))
+    assert any(
+        f.startswith('events.out.tfevents')
+        for f in os.listdir(os.path.join(workdir, 'tensorboard'))
+    )
 
 
 def test_refuses_a_workdir_that_holds_another_run(digits_run):
     workdir, _ = digits_run
     before = open(os.path.join(workdir, 'metrics.jsonl')).read()
     with pytest.raises(train.WorkdirError, match='different config'):
-        train.train_and_evaluate(_config(num_clients=10, clients_per_round=5, rounds=16,
-                                         local_epochs=3, eval_every=4, lr=0.2), workdir)
+        train.train_and_evaluate(
+            _config(
+                num_clients=10, clients_per_round=5, rounds=16, local_epochs=3, eval_every=4, lr=0.2
+            ),
+            workdir,
+        )
     with pytest.raises(train.WorkdirError, match='past config.rounds=4'):
-        train.train_and_evaluate(_config(num_clients=10, clients_per_round=5, rounds=4,
-                                         local_epochs=3, eval_every=4), workdir)
+        train.train_and_evaluate(
+            _config(num_clients=10, clients_per_round=5, rounds=4, local_epochs=3, eval_every=4),
+            workdir,
+        )
     assert open(os.path.join(workdir, 'metrics.jsonl')).read() == before
 
 
@@ -87,9 +108,18 @@ def test_validation_names_allowed_values():
 def test_missing_dataset_fails_fast_with_the_places_looked_in(tmp_path):
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, 'experiments', 'main.py'), '--config=cifar10.py',
-         f'--config.data_dir={tmp_path}', '--config.download=False', f'--workdir={tmp_path}/w'],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            os.path.join(REPO, 'experiments', 'main.py'),
+            '--config=cifar10.py',
+            f'--config.data_dir={tmp_path}',
+            '--config.download=False',
+            f'--workdir={tmp_path}/w',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert 'cifar10' in proc.stderr and str(tmp_path) in proc.stderr
     assert 'Traceback' not in proc.stderr
@@ -107,16 +137,25 @@ def test_readme_example_runs():
 
 def test_a_loss_above_max_loss_stops_the_run_as_diverged(tmp_path):
     # Cross-entropy of 10 classes starts near log(10) = 2.3: a bound of 1 stops the first round.
-    with pytest.raises(train.NonFiniteError, match=r'round 1: training loss .* above '
-                                                   r'config.max_loss=1: the run diverged'):
-        train.train_and_evaluate(_config(num_clients=6, clients_per_round=3, rounds=2,
-                                         local_epochs=1, max_loss=1.0), str(tmp_path))
-    assert not os.path.exists(tmp_path / 'metrics.jsonl') or not (
-        tmp_path / 'metrics.jsonl').read_text().strip()
+    with pytest.raises(
+        train.NonFiniteError,
+        match=r'round 1: training loss .* above '
+        r'config.max_loss=1: the run diverged',
+    ):
+        train.train_and_evaluate(
+            _config(num_clients=6, clients_per_round=3, rounds=2, local_epochs=1, max_loss=1.0),
+            str(tmp_path),
+        )
+    assert (
+        not os.path.exists(tmp_path / 'metrics.jsonl')
+        or not (tmp_path / 'metrics.jsonl').read_text().strip()
+    )
     # The compact record says so (tables of sweeps and comparisons read it).
     with open(tmp_path / train.DIVERGED_FILENAME) as f:
         diverged = json.load(f)
-    assert diverged['round'] == 1 and 'above config.max_loss=1: the run diverged' in diverged['error']
+    assert (
+        diverged['round'] == 1 and 'above config.max_loss=1: the run diverged' in diverged['error']
+    )
     assert not os.path.exists(tmp_path / 'summary.json')
 
 
@@ -124,17 +163,20 @@ def test_a_busy_workdir_is_refused_and_a_dead_runs_lock_is_not_stuck(tmp_path):
     workdir = str(tmp_path / 'run')
     os.makedirs(workdir)
     holder = train.WorkdirLock(workdir)
-    holder.acquire()   # another run, as far as the kernel is concerned (a separate open file)
-    with pytest.raises(train.WorkdirError, match=r"in use by another run \(pid \d+ on "):
+    holder.acquire()  # another run, as far as the kernel is concerned (a separate open file)
+    with pytest.raises(train.WorkdirError, match=r'in use by another run \(pid \d+ on '):
         train.train_and_evaluate(_config(rounds=1), workdir)
     holder.release()
-    assert not os.path.exists(os.path.join(workdir, 'config.json'))   # refused before writing
+    assert not os.path.exists(os.path.join(workdir, 'config.json'))  # refused before writing
     # A run killed while holding the lock (SIGKILL: no cleanup at all) leaves it free.
-    script = ('import os, sys, time; from spafl_jax import train; '
-              'lock = train.WorkdirLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); '
-              'time.sleep(600)')
-    proc = subprocess.Popen([sys.executable, '-c', script, workdir], stdout=subprocess.PIPE,
-                            text=True, cwd=REPO)
+    script = (
+        'import os, sys, time; from spafl_jax import train; '
+        'lock = train.WorkdirLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); '
+        'time.sleep(600)'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, '-c', script, workdir], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     assert proc.stdout.readline().strip() == 'locked'
     with pytest.raises(train.WorkdirError, match='in use by another run'):
         train.WorkdirLock(workdir).acquire()
@@ -150,10 +192,11 @@ def test_a_workdir_written_before_a_field_existed_resumes_with_its_old_value(tmp
     old = {k: v for k, v in config.to_dict().items() if k not in train.ADDED_FIELDS}
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
         json.dump(old, f)
-    train.prepare_workdir(workdir, config, overwrite=False)   # the defaults: the old behaviour
+    train.prepare_workdir(workdir, config, overwrite=False)  # the defaults: the old behaviour
     with pytest.raises(train.WorkdirError, match="collapse_check: 'current' -> 'previous'"):
-        train.prepare_workdir(workdir, _config(rounds=1, collapse_check='previous'),
-                              overwrite=False)
+        train.prepare_workdir(
+            workdir, _config(rounds=1, collapse_check='previous'), overwrite=False
+        )
 
 
 def test_a_garbage_summary_of_a_finished_run_is_rebuilt(digits_run, tmp_path):
@@ -161,18 +204,20 @@ def test_a_garbage_summary_of_a_finished_run_is_rebuilt(digits_run, tmp_path):
     copy = str(tmp_path / 'run')
     shutil.copytree(workdir, copy)
     with open(os.path.join(copy, 'summary.json'), 'w') as f:
-        f.write('{"accuracy": 0.9')   # cut mid-write
+        f.write('{"accuracy": 0.9')  # cut mid-write
     metrics = open(os.path.join(copy, 'metrics.jsonl')).read()
     rebuilt = train.train_and_evaluate(
-        _config(num_clients=10, clients_per_round=5, rounds=16, local_epochs=3, eval_every=4), copy)
+        _config(num_clients=10, clients_per_round=5, rounds=16, local_epochs=3, eval_every=4), copy
+    )
     assert rebuilt['accuracy'] == summary['accuracy'] and rebuilt['round'] == 16
     with open(os.path.join(copy, 'summary.json')) as f:
         assert json.load(f)['accuracy'] == summary['accuracy']
     assert open(os.path.join(copy, 'metrics.jsonl')).read() == metrics
 
 
-def test_extending_a_finished_run_drops_its_summary_until_the_longer_run_finishes(tmp_path,
-                                                                                  monkeypatch):
+def test_extending_a_finished_run_drops_its_summary_until_the_longer_run_finishes(
+    tmp_path, monkeypatch
+):
     workdir = str(tmp_path)
     small = dict(num_clients=4, clients_per_round=2, local_epochs=1, checkpoint_every=1)
     train.train_and_evaluate(_config(rounds=2, **small), workdir)

@@ -12,8 +12,8 @@ def test_models_measured_faster_without_ynnpack_get_the_option_on_cpu_only():
     cpu = lambda name: models.create_model(name, 10, backend='cpu')
     assert xla.compiler_options(cpu('lenet5'), 'cpu') == xla.YNNPACK_OFF
     assert xla.compiler_options(cpu('digits_cnn'), 'cpu') == xla.YNNPACK_OFF
-    assert xla.compiler_options(cpu('conv4'), 'cpu') == {}   # its BatchNorm wants YNNPACK
-    assert xla.compiler_options(models.LeNet5(), 'cpu') == {}   # plain: XLA's defaults
+    assert xla.compiler_options(cpu('conv4'), 'cpu') == {}  # its BatchNorm wants YNNPACK
+    assert xla.compiler_options(models.LeNet5(), 'cpu') == {}  # plain: XLA's defaults
     assert xla.compiler_options(cpu('lenet5'), 'gpu') == {}
     assert xla.compiler_options(cpu('lenet5'), 'tpu') == {}
     assert xla.compiler_options(None, 'cpu') == {}
@@ -34,7 +34,8 @@ def test_the_option_reaches_the_compiled_program():
 
 
 def test_caller_options_reach_the_program_too():
-    model = models.LeNet5(xla_cpu_ynnpack=True)   # no options of its own
+    model = models.LeNet5(xla_cpu_ynnpack=True)  # no options of its own
     assert '__ynn_fusion' in _compiled_text(lambda f: xla.jit(f, model=model), model)
     assert '__ynn_fusion' not in _compiled_text(
-        lambda f: xla.jit(f, model=model, compiler_options=xla.YNNPACK_OFF), model)
+        lambda f: xla.jit(f, model=model, compiler_options=xla.YNNPACK_OFF), model
+    )

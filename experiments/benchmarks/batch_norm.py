@@ -35,6 +35,7 @@ def flax_batch_norm():
 
     def flax_bn(train, axis=-1):
         return nn.BatchNorm(use_running_average=not train, axis=axis, momentum=0.9, epsilon=1e-5)
+
     models._batch_norm = flax_bn  # pylint: disable=protected-access
     try:
         yield
@@ -46,10 +47,13 @@ def make_loop(model, cfg, steps):
     def run(state, opt, x, y):
         def body(_, carry):
             s, o = carry
-            s, o, _ = client_lib.local_step(model, cfg, s, o, x, y, jnp.bool_(True), lr=cfg.lr,
-                                            penalty_coeff=1e-4)
+            s, o, _ = client_lib.local_step(
+                model, cfg, s, o, x, y, jnp.bool_(True), lr=cfg.lr, penalty_coeff=1e-4
+            )
             return s, o
+
         return jax.lax.fori_loop(0, steps, body, (state, opt))
+
     return xla.jit(run, model=model)
 
 
@@ -61,19 +65,25 @@ def main() -> None:
     model = models.create_model('conv4', 10)
     cfg = client_lib.LocalConfig(batch_size=16, lr=0.01)
     variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
-    state = client_lib.ClientState(params=variables['params'], thresholds=variables['thresholds'],
-                                   batch_stats=variables['batch_stats'], opt_state=())
+    state = client_lib.ClientState(
+        params=variables['params'],
+        thresholds=variables['thresholds'],
+        batch_stats=variables['batch_stats'],
+        opt_state=(),
+    )
     opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
 
     loops = {}
-    for name, context in (('flax.linen.BatchNorm', flax_batch_norm), ('models.BatchNorm',
-                                                                       contextlib.nullcontext)):
+    for name, context in (
+        ('flax.linen.BatchNorm', flax_batch_norm),
+        ('models.BatchNorm', contextlib.nullcontext),
+    ):
         with context():
             loop = make_loop(model, cfg, args.steps)
-            jax.block_until_ready(loop(state, opt, x, y))   # compiled under this BatchNorm
+            jax.block_until_ready(loop(state, opt, x, y))  # compiled under this BatchNorm
         loops[name] = loop
     times = {name: [] for name in loops}
     for _ in range(args.repeats):

@@ -46,14 +46,16 @@ def one(model_name: str, num_clients: int, examples: int, rounds: int, strategy:
     train_ids = np.arange(num_clients * examples).reshape(num_clients, examples)
     test_ids = np.arange(num_clients * n_test).reshape(num_clients, n_test)
     train = federated.make_client_data(images, labels, list(train_ids))
-    test = federated.make_client_data(images[:num_clients * n_test], labels[:num_clients * n_test],
-                                      list(test_ids))
+    test = federated.make_client_data(
+        images[: num_clients * n_test], labels[: num_clients * n_test], list(test_ids)
+    )
     model = models.create_model(model_name, 10)
     cfg = client_lib.LocalConfig(batch_size=batch, local_epochs=1, lr=0.01)
     round_cfg = federated.RoundConfig(clients_per_round=10)
     spec = client_lib.DataSpec(pixel_max=255.0, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1])
-    state = federated.init_state(model, cfg, jax.random.key(0), num_clients=num_clients,
-                                 image_shape=shape)
+    state = federated.init_state(
+        model, cfg, jax.random.key(0), num_clients=num_clients, image_shape=shape
+    )
     state_mib = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
     runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test, strategy=strategy)
     times = []
@@ -69,9 +71,12 @@ def one(model_name: str, num_clients: int, examples: int, rounds: int, strategy:
     start = time.perf_counter()
     jax.block_until_ready(runner.evaluate(state))
     eval_s = time.perf_counter() - start
-    print(f'{model_name:<10} {num_clients:>7} {state_mib:10.1f} {rss_mib() - base:9.0f} '
-          f'{float(np.median(times[1:])):9.3f} {eval_s:8.3f} {times[0]:9.1f} '
-          f'{runner_eval_first:8.1f}', flush=True)
+    print(
+        f'{model_name:<10} {num_clients:>7} {state_mib:10.1f} {rss_mib() - base:9.0f} '
+        f'{float(np.median(times[1:])):9.3f} {eval_s:8.3f} {times[0]:9.1f} '
+        f'{runner_eval_first:8.1f}',
+        flush=True,
+    )
 
 
 def main(argv=None):
@@ -86,12 +91,24 @@ def main(argv=None):
     if args.child:
         one(args.model, args.child, args.examples, args.rounds, args.strategy)
         return
-    print(f'{"model":<10} {"clients":>7} {"state MiB":>10} {"RSS+ MiB":>9} {"s/round":>9} '
-          f'{"eval s":>8} {"1st round":>9} {"1st eval":>8}', flush=True)
+    print(
+        f'{"model":<10} {"clients":>7} {"state MiB":>10} {"RSS+ MiB":>9} {"s/round":>9} '
+        f'{"eval s":>8} {"1st round":>9} {"1st eval":>8}',
+        flush=True,
+    )
     for n in args.clients.split(','):
-        subprocess.run([sys.executable, os.path.abspath(__file__), f'--model={args.model}',
-                        f'--examples={args.examples}', f'--rounds={args.rounds}',
-                        f'--strategy={args.strategy}', f'--child={n}'], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                f'--model={args.model}',
+                f'--examples={args.examples}',
+                f'--rounds={args.rounds}',
+                f'--strategy={args.strategy}',
+                f'--child={n}',
+            ],
+            check=True,
+        )
 
 
 if __name__ == '__main__':

@@ -42,12 +42,16 @@ def _window_reduce_pool(x):
 
 class EarlierLeNet5(models.MaskedNet):
     """`models.LeNet5` as it was written before: NHWC, ReLU before pooling, `pool` as given."""
+
     pool: str = 'reduce'
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        pool = _window_reduce_pool if self.pool == 'reduce' else (
-            lambda y: nn.max_pool(y, (2, 2), strides=(2, 2)))
+        pool = (
+            _window_reduce_pool
+            if self.pool == 'reduce'
+            else (lambda y: nn.max_pool(y, (2, 2), strides=(2, 2)))
+        )
         conv, dense = self.masked_layers(kernel_size=(5, 5), padding='VALID')
         x = pool(nn.relu(conv(20)(x)))
         x = pool(nn.relu(conv(50)(x)))
@@ -63,15 +67,22 @@ def variants(name: str) -> dict[str, tuple[nn.Module, bool]]:
     out = {}
     for layout in ('NHWC', 'CNHW'):
         for ynnpack in (True, False):
-            mark = ' (default)' if (layout, ynnpack) == (default.layout,
-                                                         default.xla_cpu_ynnpack) else ''
+            mark = (
+                ' (default)'
+                if (layout, ynnpack) == (default.layout, default.xla_cpu_ynnpack)
+                else ''
+            )
             label = f'{layout}, YNNPACK {"on" if ynnpack else "off"}{mark}'
             out[label] = (default.clone(layout=layout), ynnpack)
     if name == 'lenet5':
         out['before: NHWC, relu->one 2x2 reduce, YNNPACK on'] = (
-            EarlierLeNet5(conv_impl='im2col'), True)
+            EarlierLeNet5(conv_impl='im2col'),
+            True,
+        )
         out['before that: nn.max_pool, YNNPACK on'] = (
-            EarlierLeNet5(conv_impl='im2col', pool='window'), True)
+            EarlierLeNet5(conv_impl='im2col', pool='window'),
+            True,
+        )
     return out
 
 
@@ -79,25 +90,31 @@ def time_model(name: str, steps: int, repeats: int) -> dict[str, float]:
     image_shape, batch = MODELS[name]
     cfg = client_lib.LocalConfig(batch_size=batch, lr=0.001, th_coeff=0.002)
     variables = models.init_variables(models.MODELS[name](), jax.random.key(0), image_shape)
-    state = client_lib.ClientState(variables['params'], variables['thresholds'],
-                                   variables['batch_stats'], ())
+    state = client_lib.ClientState(
+        variables['params'], variables['thresholds'], variables['batch_stats'], ()
+    )
     opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
     xs = jax.random.normal(jax.random.key(1), (steps, batch, *image_shape))
     ys = jax.random.randint(jax.random.key(2), (steps, batch), 0, 10)
     fns = {}
     for label, (model, ynnpack) in variants(name).items():
-        def one(s, o, x, y, model=model):
-            return client_lib.local_step(model, cfg, s, o, x, y, jnp.bool_(True), lr=cfg.lr,
-                                         penalty_coeff=cfg.th_coeff)[:2]
 
-        looped = jax.jit(lambda s, o, xs, ys, one=one: jax.lax.fori_loop(
-            0, steps, lambda i, c: one(*c, xs[i], ys[i]), (s, o))[0],
-            compiler_options=None if ynnpack else xla.YNNPACK_OFF)
+        def one(s, o, x, y, model=model):
+            return client_lib.local_step(
+                model, cfg, s, o, x, y, jnp.bool_(True), lr=cfg.lr, penalty_coeff=cfg.th_coeff
+            )[:2]
+
+        looped = jax.jit(
+            lambda s, o, xs, ys, one=one: jax.lax.fori_loop(
+                0, steps, lambda i, c: one(*c, xs[i], ys[i]), (s, o)
+            )[0],
+            compiler_options=None if ynnpack else xla.YNNPACK_OFF,
+        )
         fns[label] = functools.partial(looped, state, opt, xs, ys)
     for f in fns.values():
         jax.block_until_ready(f())
     times = {k: [] for k in fns}
-    for _ in range(repeats):   # interleaved, so load changes hit every variant alike
+    for _ in range(repeats):  # interleaved, so load changes hit every variant alike
         for k, f in fns.items():
             start = time.perf_counter()
             jax.block_until_ready(f())
@@ -111,8 +128,10 @@ def main():
     parser.add_argument('--steps', type=int, default=10, help='steps per compiled loop')
     parser.add_argument('--repeats', type=int, default=5)
     args = parser.parse_args()
-    print(f'backend {jax.default_backend()}, {len(jax.devices())} device(s); one training step '
-          f'inside a fori_loop, median of {args.repeats} x {args.steps} steps')
+    print(
+        f'backend {jax.default_backend()}, {len(jax.devices())} device(s); one training step '
+        f'inside a fori_loop, median of {args.repeats} x {args.steps} steps'
+    )
     for name in args.models.split(','):
         times = time_model(name, args.steps, args.repeats)
         base = next(t for label, t in times.items() if label.startswith('NHWC, YNNPACK on'))

@@ -28,9 +28,18 @@ ROW = re.compile(r'^(\S+)\s+(python loop|loop|map|vmap|run_round)\s+([0-9.]+)\s'
 def round_times(checkout: str, arguments: list[str]) -> dict[tuple[str, str], float]:
     """(model, strategy) -> seconds per round, as rounds.py of `checkout` prints them."""
     env = dict(os.environ, PYTHONPATH=checkout)
-    out = subprocess.run([sys.executable, os.path.join(checkout, 'experiments', 'benchmarks',
-                                                       'rounds.py'), *arguments],
-                         cwd=checkout, env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(checkout, 'experiments', 'benchmarks', 'rounds.py'),
+            *arguments,
+        ],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode:
         raise SystemExit(f'error: rounds.py of {checkout} failed:\n{out.stderr[-2000:]}')
     times = {}

@@ -25,27 +25,28 @@ from types import ModuleType
 from spafl_jax.baselines import fedavg, fedpm, fedspa, heterofl, local
 
 BASELINES: dict[str, ModuleType] = {
-        'fedavg': fedavg,
-        'local': local,
-        'fedpm': fedpm,
-        'heterofl': heterofl,
-        'fedspa': fedspa,
+    'fedavg': fedavg,
+    'local': local,
+    'fedpm': fedpm,
+    'heterofl': heterofl,
+    'fedspa': fedspa,
 }
 
 # The hyperparameter dataclass of each method (every field has a default).
 CONFIGS = {
-        'fedavg': fedavg.FedAvgConfig,
-        'local': local.LocalOnlyConfig,
-        'fedpm': fedpm.FedPMConfig,
-        'heterofl': heterofl.HeteroFLConfig,
-        'fedspa': fedspa.FedSpaConfig,
+    'fedavg': fedavg.FedAvgConfig,
+    'local': local.LocalOnlyConfig,
+    'fedpm': fedpm.FedPMConfig,
+    'heterofl': heterofl.HeteroFLConfig,
+    'fedspa': fedspa.FedSpaConfig,
 }
 
 
 def check_baseline(name: str) -> None:
     if name not in BASELINES:
-        raise ValueError(f'method={name!r} is not a baseline; allowed values: '
-                         f'{", ".join(sorted(BASELINES))}.')
+        raise ValueError(
+            f'method={name!r} is not a baseline; allowed values: {", ".join(sorted(BASELINES))}.'
+        )
 
 
 def get(name: str) -> ModuleType:

@@ -7,7 +7,7 @@ schedule, preprocessing and the backends are the library's, the same as SpaFL's.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -70,13 +70,24 @@ def cross_entropy(logits, y):
 
 def check_full_batches(cfg: LocalConfig) -> None:
     if not cfg.drop_last:
-        raise ValueError('drop_last=False is SpaFL\'s (the baselines train on full batches only).')
+        raise ValueError("drop_last=False is SpaFL's (the baselines train on full batches only).")
 
 
-def sgd_step(model: nn.Module, tx: optax.GradientTransformation, params, opt_state, thresholds,
-             batch_stats, x, y, lr, forward: Callable = lambda p: p):
+def sgd_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    params,
+    opt_state,
+    thresholds,
+    batch_stats,
+    x,
+    y,
+    lr,
+    forward: Callable = lambda p: p,
+):
     """One step of `tx` on the cross-entropy of the model with weights `forward(params)` (FedSpa:
     the weights on the client's mask). Returns (params, opt_state, batch_stats, loss, correct)."""
+
     def loss_fn(params):
         logits, new_stats = apply_train(model, forward(params), thresholds, batch_stats, x)
         ce, correct = cross_entropy(logits, y)
@@ -90,8 +101,13 @@ def sgd_step(model: nn.Module, tx: optax.GradientTransformation, params, opt_sta
 
 def step_metrics(loss, correct, flops, batch_size: int) -> dict:
     """`Algorithm.client_step`'s metrics of one full-batch step."""
-    return {'loss': loss, 'correct': correct.astype(jnp.float32), 'steps': jnp.float32(1.0),
-            'flops': jnp.asarray(flops, jnp.float32), 'examples': jnp.float32(batch_size)}
+    return {
+        'loss': loss,
+        'correct': correct.astype(jnp.float32),
+        'steps': jnp.float32(1.0),
+        'flops': jnp.asarray(flops, jnp.float32),
+        'examples': jnp.float32(batch_size),
+    }
 
 
 def dense_client_step(model: nn.Module, cfg: LocalConfig, macs=None) -> Callable:
@@ -102,12 +118,13 @@ def dense_client_step(model: nn.Module, cfg: LocalConfig, macs=None) -> Callable
     tx = client_lib.make_optimizer(cfg)
 
     def step(client: ClientState, opt_state, x, y, example_mask, lr, key):
-        del example_mask, key   # full batches only; nothing drawn
+        del example_mask, key  # full batches only; nothing drawn
         params, opt_state, batch_stats, loss, correct = sgd_step(
-            model, tx, client.params, opt_state, client.thresholds, client.batch_stats, x, y, lr)
-        metrics = step_metrics(loss, correct,
-                               dense_step_flops(macs, client.thresholds, cfg.batch_size),
-                               cfg.batch_size)
+            model, tx, client.params, opt_state, client.thresholds, client.batch_stats, x, y, lr
+        )
+        metrics = step_metrics(
+            loss, correct, dense_step_flops(macs, client.thresholds, cfg.batch_size), cfg.batch_size
+        )
         return client.replace(params=params, batch_stats=batch_stats), opt_state, metrics
 
     return step
@@ -124,12 +141,16 @@ def learning_rate(cfg: LocalConfig):
 
 
 def variables_of(client: ClientState) -> dict:
-    return {'params': client.params, 'thresholds': client.thresholds,
-            'batch_stats': client.batch_stats}
+    return {
+        'params': client.params,
+        'thresholds': client.thresholds,
+        'batch_stats': client.batch_stats,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
 # FLOPs (docs/algorithm.md, section 7): 3 x multiply-accumulates x kept fraction, per example.
+
 
 def step_flops(macs, fractions, batch_size: int) -> jax.Array:
     """FLOPs of one step; `macs` and `fractions` are pytrees shaped like the thresholds."""
@@ -159,12 +180,15 @@ def dense_density(thresholds, params, num_clients: int) -> dict:
     """Density stats of N dense models: every layer 1, every masked weight kept."""
     kernels = masking.kernels_of(params, thresholds)
     fractions, kept = weight_density(jax.tree.map(jnp.ones_like, kernels))
-    return {'layer_density': jnp.broadcast_to(fractions, (num_clients, fractions.shape[0])),
-            'kept_weights': jnp.broadcast_to(kept, (num_clients,))}
+    return {
+        'layer_density': jnp.broadcast_to(fractions, (num_clients, fractions.shape[0])),
+        'kept_weights': jnp.broadcast_to(kept, (num_clients,)),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
 # Counting (host side, exact Python ints).
+
 
 def num_entries(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
@@ -182,4 +206,3 @@ def stack(trees: list):
     init this is much faster than compiling `jit(vmap(init))`, whose compile alone takes seconds.
     """
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-

@@ -37,27 +37,36 @@ class FedAvgConfig:
 
 @flax.struct.dataclass
 class FedAvgState:
-    params: Any        # the global weights (and BatchNorm scale/bias)
-    batch_stats: Any   # the global BatchNorm running statistics ({} without BatchNorm)
-    thresholds: Any    # all DENSE_THRESHOLD: fixed, never trained, never sent
-    round: jax.Array   # rounds completed (int32 scalar)
+    params: Any  # the global weights (and BatchNorm scale/bias)
+    batch_stats: Any  # the global BatchNorm running statistics ({} without BatchNorm)
+    thresholds: Any  # all DENSE_THRESHOLD: fixed, never trained, never sent
+    round: jax.Array  # rounds completed (int32 scalar)
     clients: Any = ()  # clients keep nothing between rounds
 
 
-def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
-              macs=None, *,
-              method_cfg: FedAvgConfig = FedAvgConfig()) -> algorithm_lib.Algorithm:
+def algorithm(
+    model: nn.Module,
+    local_cfg: LocalConfig,
+    round_cfg: RoundConfig = RoundConfig(),
+    macs=None,
+    *,
+    method_cfg: FedAvgConfig = FedAvgConfig(),
+) -> algorithm_lib.Algorithm:
     """FedAvg as an `algorithm.Algorithm`: each sampled client trains a copy of the global model
     and sends it back; the server's model becomes their (weighted) mean."""
     del round_cfg, method_cfg
     model = _common.dense_model(model)
 
     def global_model(state) -> ClientState:
-        return ClientState(params=state.params, thresholds=state.thresholds,
-                           batch_stats=state.batch_stats, opt_state=())
+        return ClientState(
+            params=state.params,
+            thresholds=state.thresholds,
+            batch_stats=state.batch_stats,
+            opt_state=(),
+        )
 
     def client_start(state, stored, key):
-        del stored, key   # clients keep nothing; nothing drawn
+        del stored, key  # clients keep nothing; nothing drawn
         client = global_model(state)
         return client, _common.fresh_optimizer(local_cfg, client.params)
 
@@ -76,33 +85,57 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         return variables, variables
 
     return algorithm_lib.Algorithm(
-        name='fedavg', model=model, state_type=FedAvgState,
-        round_constants=_common.learning_rate(local_cfg), client_start=client_start,
-        client_step=_common.dense_client_step(model, local_cfg, macs), client_end=client_end,
-        server_update=server_update, eval_variables=eval_variables,
+        name='fedavg',
+        model=model,
+        state_type=FedAvgState,
+        round_constants=_common.learning_rate(local_cfg),
+        client_start=client_start,
+        client_step=_common.dense_client_step(model, local_cfg, macs),
+        client_end=client_end,
+        server_update=server_update,
+        eval_variables=eval_variables,
         eval_density=lambda state, clients, counts: _common.dense_density(
-            state.thresholds, state.params, counts.shape[0]))
+            state.thresholds, state.params, counts.shape[0]
+        ),
+    )
 
 
-def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               *, num_clients: int, image_shape, num_classes: int = 10,
-               method_cfg: FedAvgConfig = FedAvgConfig()) -> FedAvgState:
+def init_state(
+    model_or_name: nn.Module | str,
+    local_cfg: LocalConfig,
+    rng: jax.Array,
+    *,
+    num_clients: int,
+    image_shape,
+    num_classes: int = 10,
+    method_cfg: FedAvgConfig = FedAvgConfig(),
+) -> FedAvgState:
     """A fresh global model from `rng` (num_clients is unused: clients keep nothing between rounds)."""
     del local_cfg, num_clients, method_cfg
     model = _common.dense_model(_common.resolve_model(model_or_name, num_classes))
     variables = _common.init_dense_variables(model, rng, image_shape)
-    return FedAvgState(params=variables['params'], batch_stats=variables['batch_stats'],
-                       thresholds=variables['thresholds'], round=jnp.zeros((), jnp.int32))
+    return FedAvgState(
+        params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        thresholds=variables['thresholds'],
+        round=jnp.zeros((), jnp.int32),
+    )
 
 
-def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,
-                       method_cfg: FedAvgConfig = FedAvgConfig()) -> tuple[int, int]:
+def communication_bits(
+    num_clients: int,
+    clients_per_round: int,
+    model_variables: dict,
+    *,
+    method_cfg: FedAvgConfig = FedAvgConfig(),
+) -> tuple[int, int]:
     """(bits up, bits down) per round: every weight and running statistic, 32 bits, each sampled client.
 
     `model_variables` is one model's variables (`models.init_variables`); thresholds are not sent.
     """
     del num_clients, method_cfg
     n = _common.num_entries(model_variables['params']) + _common.num_entries(
-        model_variables.get('batch_stats', {}))
+        model_variables.get('batch_stats', {})
+    )
     bits = clients_per_round * n * BITS_PER_FLOAT
     return bits, bits

@@ -56,42 +56,46 @@ EVAL_MASKS = ('threshold', 'sample')
 
 @dataclasses.dataclass(frozen=True)
 class FedPMConfig:
-    score_lr: float | None = 0.1        # learning rate of the mask scores; None: LocalConfig.lr
-    score_optimizer: str = 'adam'       # 'adam' (the paper) or 'sgd' (the runner's clip + momentum)
+    score_lr: float | None = 0.1  # learning rate of the mask scores; None: LocalConfig.lr
+    score_optimizer: str = 'adam'  # 'adam' (the paper) or 'sgd' (the runner's clip + momentum)
     weight_init: str = 'signed_constant'  # frozen weights: 'signed_constant' or 'model'
-    prior: float = 1.0                  # Beta(prior, prior) prior of every theta
-    prior_reset_every: int = 1          # rounds between restarts of the Beta posterior
-    prob_clip: float = 0.01             # theta clipped to [c, 1 - c] before logit (scores stay finite)
-    eval_mask: str = 'threshold'        # 'threshold' (theta > 0.5) or 'sample' (one fixed draw)
+    prior: float = 1.0  # Beta(prior, prior) prior of every theta
+    prior_reset_every: int = 1  # rounds between restarts of the Beta posterior
+    prob_clip: float = 0.01  # theta clipped to [c, 1 - c] before logit (scores stay finite)
+    eval_mask: str = 'threshold'  # 'threshold' (theta > 0.5) or 'sample' (one fixed draw)
 
     def validate(self) -> None:
         if self.weight_init not in WEIGHT_INITS:
             raise ValueError(f'weight_init={self.weight_init!r}: use one of {WEIGHT_INITS}.')
         if self.score_optimizer not in SCORE_OPTIMIZERS:
-            raise ValueError(f'score_optimizer={self.score_optimizer!r}: use one of '
-                             f'{SCORE_OPTIMIZERS}.')
+            raise ValueError(
+                f'score_optimizer={self.score_optimizer!r}: use one of {SCORE_OPTIMIZERS}.'
+            )
         if self.eval_mask not in EVAL_MASKS:
             raise ValueError(f'eval_mask={self.eval_mask!r}: use one of {EVAL_MASKS}.')
         if self.prior_reset_every < 1 or self.prior < 1.0 or not 0.0 < self.prob_clip < 0.5:
-            raise ValueError('FedPM needs prior_reset_every >= 1, prior >= 1 (the posterior mode is '
-                             'defined) and 0 < prob_clip < 0.5.')
+            raise ValueError(
+                'FedPM needs prior_reset_every >= 1, prior >= 1 (the posterior mode is '
+                'defined) and 0 < prob_clip < 0.5.'
+            )
 
 
 @flax.struct.dataclass
 class FedPMState:
-    weights: Any         # frozen random params shared by all clients
-    thresholds: Any      # all DENSE_THRESHOLD: the SpaFL row masks are off
-    probabilities: Any   # theta per masked weight (shaped like the thresholds, kernel-shaped leaves)
-    alpha: Any           # Beta posterior, shaped like probabilities
+    weights: Any  # frozen random params shared by all clients
+    thresholds: Any  # all DENSE_THRESHOLD: the SpaFL row masks are off
+    probabilities: Any  # theta per masked weight (shaped like the thresholds, kernel-shaped leaves)
+    alpha: Any  # Beta posterior, shaped like probabilities
     beta: Any
-    clients: Any         # [num_clients, ...] each client's own BatchNorm statistics
-    round: jax.Array     # rounds completed (int32 scalar)
+    clients: Any  # [num_clients, ...] each client's own BatchNorm statistics
+    round: jax.Array  # rounds completed (int32 scalar)
 
 
 @flax.struct.dataclass
 class ScoreWork:
     """A sampled client's local work: its mask scores, its BatchNorm statistics, and the key of the
     mask it sends."""
+
     scores: Any
     batch_stats: Any
     upload_key: jax.Array
@@ -102,9 +106,16 @@ def _signed_constant(kernel: jax.Array) -> jax.Array:
     return jnp.sign(kernel) * jnp.sqrt(2.0 / fan_in)
 
 
-def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               *, num_clients: int, image_shape, num_classes: int = 10,
-               method_cfg: FedPMConfig = FedPMConfig()) -> FedPMState:
+def init_state(
+    model_or_name: nn.Module | str,
+    local_cfg: LocalConfig,
+    rng: jax.Array,
+    *,
+    num_clients: int,
+    image_shape,
+    num_classes: int = 10,
+    method_cfg: FedPMConfig = FedPMConfig(),
+) -> FedPMState:
     """Frozen weights from `rng` (one seed for everyone), theta = 0.5, the Beta prior."""
     del local_cfg
     method_cfg.validate()
@@ -116,11 +127,18 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
         params = masking.replace_kernels(params, jax.tree.map(_signed_constant, kernels))
     # Separate buffers for alpha and beta: the compiled round donates its state.
     full = lambda value: jax.tree.map(lambda k: jnp.full(k.shape, value, jnp.float32), kernels)
-    stats = jax.tree.map(lambda s: jnp.tile(s, (num_clients,) + (1,) * s.ndim),
-                         variables['batch_stats'])
-    return FedPMState(weights=params, thresholds=thresholds, probabilities=full(0.5),
-                      alpha=full(method_cfg.prior), beta=full(method_cfg.prior), clients=stats,
-                      round=jnp.zeros((), jnp.int32))
+    stats = jax.tree.map(
+        lambda s: jnp.tile(s, (num_clients,) + (1,) * s.ndim), variables['batch_stats']
+    )
+    return FedPMState(
+        weights=params,
+        thresholds=thresholds,
+        probabilities=full(0.5),
+        alpha=full(method_cfg.prior),
+        beta=full(method_cfg.prior),
+        clients=stats,
+        round=jnp.zeros((), jnp.int32),
+    )
 
 
 def masked_params(weights, thresholds, masks):
@@ -139,8 +157,9 @@ def _bernoulli(key: jax.Array, probabilities):
     sizes = [p.size for p in leaves]
     u = jax.random.uniform(key, (sum(sizes),))
     parts = jnp.split(u, np.cumsum(sizes)[:-1])
-    return jax.tree.unflatten(treedef,
-                              [part.reshape(p.shape) < p for part, p in zip(parts, leaves)])
+    return jax.tree.unflatten(
+        treedef, [part.reshape(p.shape) < p for part, p in zip(parts, leaves)]
+    )
 
 
 def score_optimizer(cfg: LocalConfig, method_cfg: FedPMConfig) -> optax.GradientTransformation:
@@ -151,8 +170,14 @@ def score_optimizer(cfg: LocalConfig, method_cfg: FedPMConfig) -> optax.Gradient
     return client_lib.make_optimizer(cfg)
 
 
-def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
-              macs=None, *, method_cfg: FedPMConfig = FedPMConfig()) -> algorithm_lib.Algorithm:
+def algorithm(
+    model: nn.Module,
+    local_cfg: LocalConfig,
+    round_cfg: RoundConfig = RoundConfig(),
+    macs=None,
+    *,
+    method_cfg: FedPMConfig = FedPMConfig(),
+) -> algorithm_lib.Algorithm:
     """FedPM as an `algorithm.Algorithm`. The Bayesian aggregation counts every received mask once,
     so the mean is unweighted whatever `round_cfg.aggregation` says."""
     method_cfg.validate()
@@ -169,16 +194,18 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         return client_lib.learning_rate(cfg, state.round), state.weights, state.thresholds
 
     def client_start(state, batch_stats, key):
-        scores = jax.tree.map(lambda p: jax.scipy.special.logit(jnp.clip(p, c, 1.0 - c)),
-                              state.probabilities)
-        work = ScoreWork(scores=scores, batch_stats=batch_stats,
-                         upload_key=jax.random.fold_in(key, 1))
+        scores = jax.tree.map(
+            lambda p: jax.scipy.special.logit(jnp.clip(p, c, 1.0 - c)), state.probabilities
+        )
+        work = ScoreWork(
+            scores=scores, batch_stats=batch_stats, upload_key=jax.random.fold_in(key, 1)
+        )
         return work, tx.init(scores)
 
     def client_step(work, opt_state, x, y, example_mask, constants, key):
-        del example_mask   # full batches only
+        del example_mask  # full batches only
         lr, weights, thresholds = constants
-        draw_key = jax.random.fold_in(key, 1)   # `key` drew the step's augmentation
+        draw_key = jax.random.fold_in(key, 1)  # `key` drew the step's augmentation
 
         def loss_fn(scores):
             theta = jax.tree.map(jax.nn.sigmoid, scores)
@@ -186,19 +213,24 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
             # Straight-through: the forward pass sees the binary draw, the backward sigmoid(s).
             masks = jax.tree.map(lambda m, t: m + t - jax.lax.stop_gradient(t), draws, theta)
             params = masked_params(weights, thresholds, masks)
-            logits, batch_stats = _common.apply_train(model, params, thresholds,
-                                                      work.batch_stats, x)
+            logits, batch_stats = _common.apply_train(
+                model, params, thresholds, work.batch_stats, x
+            )
             ce, correct = _common.cross_entropy(logits, y)
             return ce, (batch_stats, correct, jax.tree.map(jnp.mean, draws))
 
-        (loss, (batch_stats, correct, kept)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(work.scores)
+        (loss, (batch_stats, correct, kept)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            work.scores
+        )
         updates, opt_state = tx.update(grads, opt_state)
         scores = jax.tree.map(lambda p, u: p - lr * u, work.scores, updates)
-        metrics = {'loss': loss, 'correct': correct.astype(jnp.float32),
-                   'steps': jnp.float32(1.0),
-                   'flops': _common.step_flops(macs, kept, cfg.batch_size),
-                   'examples': jnp.float32(cfg.batch_size)}
+        metrics = {
+            'loss': loss,
+            'correct': correct.astype(jnp.float32),
+            'steps': jnp.float32(1.0),
+            'flops': _common.step_flops(macs, kept, cfg.batch_size),
+            'examples': jnp.float32(cfg.batch_size),
+        }
         return work.replace(scores=scores, batch_stats=batch_stats), opt_state, metrics
 
     def client_end(work, opt_state):
@@ -214,14 +246,18 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         alpha = jax.tree.map(lambda a, s: restart(a) + s, state.alpha, ones)
         beta = jax.tree.map(lambda b, s: restart(b) + received - s, state.beta, ones)
         theta = jax.tree.map(lambda a, b: (a - 1.0) / (a + b - 2.0), alpha, beta)
-        return state.replace(probabilities=theta, alpha=alpha, beta=beta, clients=clients,
-                             round=state.round + 1)
+        return state.replace(
+            probabilities=theta, alpha=alpha, beta=beta, clients=clients, round=state.round + 1
+        )
 
     def eval_variables(state, batch_stats, count):
         del count
         masks = jax.tree.map(lambda m: m.astype(jnp.float32), eval_masks(state, method_cfg))
-        variables = {'params': masked_params(state.weights, state.thresholds, masks),
-                     'thresholds': state.thresholds, 'batch_stats': batch_stats}
+        variables = {
+            'params': masked_params(state.weights, state.thresholds, masks),
+            'thresholds': state.thresholds,
+            'batch_stats': batch_stats,
+        }
         return variables, variables
 
     def eval_density(state, clients, counts):
@@ -229,14 +265,24 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         del clients
         fractions, kept = _common.weight_density(eval_masks(state, method_cfg))
         n = counts.shape[0]
-        return {'layer_density': jnp.broadcast_to(fractions, (n, fractions.shape[0])),
-                'kept_weights': jnp.broadcast_to(kept, (n,))}
+        return {
+            'layer_density': jnp.broadcast_to(fractions, (n, fractions.shape[0])),
+            'kept_weights': jnp.broadcast_to(kept, (n,)),
+        }
 
     return algorithm_lib.Algorithm(
-        name='fedpm', model=model, state_type=FedPMState, round_constants=round_constants,
-        client_start=client_start, client_step=client_step, client_end=client_end,
-        server_update=server_update, eval_variables=eval_variables, eval_density=eval_density,
-        aggregation='uniform')
+        name='fedpm',
+        model=model,
+        state_type=FedPMState,
+        round_constants=round_constants,
+        client_start=client_start,
+        client_step=client_step,
+        client_end=client_end,
+        server_update=server_update,
+        eval_variables=eval_variables,
+        eval_density=eval_density,
+        aggregation='uniform',
+    )
 
 
 def eval_masks(state: FedPMState, method_cfg: FedPMConfig = FedPMConfig()):
@@ -246,8 +292,13 @@ def eval_masks(state: FedPMState, method_cfg: FedPMConfig = FedPMConfig()):
     return _bernoulli(jax.random.key(0), state.probabilities)
 
 
-def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,
-                       method_cfg: FedPMConfig = FedPMConfig()) -> tuple[int, int]:
+def communication_bits(
+    num_clients: int,
+    clients_per_round: int,
+    model_variables: dict,
+    *,
+    method_cfg: FedPMConfig = FedPMConfig(),
+) -> tuple[int, int]:
     """(bits up, bits down) per round: 1 bit per masked weight up, a 32-bit theta per weight down,
     for each sampled client. Nothing else is sent (frozen weights come from a shared seed)."""
     del num_clients, method_cfg

@@ -51,11 +51,11 @@ REGROWS = ('gradient', 'random')
 
 @dataclasses.dataclass(frozen=True)
 class FedSpaConfig:
-    density: float = 0.5           # kept fraction of the masked weights, fixed through training
+    density: float = 0.5  # kept fraction of the masked weights, fixed through training
     distribution: str = 'uniform'  # per-layer densities: 'uniform' or 'erk' (Erdos-Renyi-Kernel)
-    prune_rate: float = 0.5        # alpha_0: fraction of kept weights pruned and regrown in round 0
-    anneal_rounds: int = 100       # the cosine schedule reaches 0 here and stays there
-    regrow: str = 'gradient'       # regrow where |dense gradient| is largest, or 'random'
+    prune_rate: float = 0.5  # alpha_0: fraction of kept weights pruned and regrown in round 0
+    anneal_rounds: int = 100  # the cosine schedule reaches 0 here and stays there
+    regrow: str = 'gradient'  # regrow where |dense gradient| is largest, or 'random'
 
     def validate(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -71,32 +71,37 @@ class FedSpaConfig:
 @flax.struct.dataclass
 class FedSpaClient:
     """What a FedSpa client keeps between rounds."""
-    params: Any        # its personal weights: 0 off the mask they were trained on
-    batch_stats: Any   # its own BatchNorm statistics (never sent)
-    masks: Any         # bool, its mask for the next round (one kernel-shaped leaf per masked layer)
+
+    params: Any  # its personal weights: 0 off the mask they were trained on
+    batch_stats: Any  # its own BatchNorm statistics (never sent)
+    masks: Any  # bool, its mask for the next round (one kernel-shaped leaf per masked layer)
 
 
 @flax.struct.dataclass
 class FedSpaState:
-    clients: FedSpaClient   # [num_clients, ...]
-    global_params: Any      # the server's weights
-    thresholds: Any         # all DENSE_THRESHOLD: the SpaFL models used densely (never trained)
-    round: jax.Array        # rounds completed (int32 scalar)
+    clients: FedSpaClient  # [num_clients, ...]
+    global_params: Any  # the server's weights
+    thresholds: Any  # all DENSE_THRESHOLD: the SpaFL models used densely (never trained)
+    round: jax.Array  # rounds completed (int32 scalar)
 
 
 @flax.struct.dataclass
 class FedSpaWork:
     """A sampled client during its round."""
-    params: Any        # the global weights on its mask, then trained
+
+    params: Any  # the global weights on its mask, then trained
     batch_stats: Any
-    masks: Any         # the mask it trains with (and uploads)
-    next_masks: Any    # after `client_final`: its mask for the next round
+    masks: Any  # the mask it trains with (and uploads)
+    next_masks: Any  # after `client_final`: its mask for the next round
 
 
 # ----------------------------------------------------------------------------------------------------
 # Per-layer densities and kept counts (static, from shapes).
 
-def layer_densities(shapes: list[tuple[int, ...]], density: float, distribution: str) -> list[float]:
+
+def layer_densities(
+    shapes: list[tuple[int, ...]], density: float, distribution: str
+) -> list[float]:
     """Density of each layer: the same everywhere, or ERK (RigL, Evci et al. 2020).
 
     ERK makes a layer's density proportional to sum(shape) / prod(shape), scaled so the kept weights
@@ -108,8 +113,9 @@ def layer_densities(shapes: list[tuple[int, ...]], density: float, distribution:
     raw = [float(np.sum(s)) / n for s, n in zip(shapes, sizes)]
     dense: set[int] = set()
     while True:
-        rhs = sum(n * density if i not in dense else -n * (1.0 - density)
-                  for i, n in enumerate(sizes))
+        rhs = sum(
+            n * density if i not in dense else -n * (1.0 - density) for i, n in enumerate(sizes)
+        )
         divisor = sum(raw[i] * sizes[i] for i in range(len(sizes)) if i not in dense)
         eps = rhs / divisor
         sparse_raw = [raw[i] for i in range(len(sizes)) if i not in dense]
@@ -123,8 +129,9 @@ def kept_counts(kernels, method_cfg: FedSpaConfig):
     leaves, treedef = jax.tree.flatten(kernels)
     shapes = [tuple(np.shape(k)) for k in leaves]
     densities = layer_densities(shapes, method_cfg.density, method_cfg.distribution)
-    counts = [max(1, min(int(np.prod(s)), int(round(d * np.prod(s)))))
-              for s, d in zip(shapes, densities)]
+    counts = [
+        max(1, min(int(np.prod(s)), int(round(d * np.prod(s))))) for s, d in zip(shapes, densities)
+    ]
     return jax.tree.unflatten(treedef, counts)
 
 
@@ -138,20 +145,26 @@ def random_masks(rng: jax.Array, kernels, counts):
     """Exactly `count` kept entries per layer, uniformly at random."""
     leaves, treedef = jax.tree.flatten(kernels)
     keys = jax.random.split(rng, len(leaves))
-    return jax.tree.unflatten(treedef, [
-        _rank(jax.random.uniform(k, x.shape)) < c
-        for k, x, c in zip(keys, leaves, jax.tree.leaves(counts))])
+    return jax.tree.unflatten(
+        treedef,
+        [
+            _rank(jax.random.uniform(k, x.shape)) < c
+            for k, x, c in zip(keys, leaves, jax.tree.leaves(counts))
+        ],
+    )
 
 
 def prune_regrow(kernels, masks, scores, *, counts, rate):
     """Drops floor(rate x count) kept weights of smallest |w| per layer, regrows as many with the
     largest `scores` among the entries not kept; every layer keeps exactly `count` entries."""
+
     def one(w, m, s, count):
         n = jnp.floor(rate * count).astype(jnp.int32)
         pruned = m & (_rank(jnp.where(m, jnp.abs(w), jnp.inf)) < n)
         kept = m & ~pruned
         grown = ~kept & (_rank(-jnp.where(kept, -jnp.inf, s)) < n)
         return kept | grown
+
     return jax.tree.map(one, kernels, masks, scores, counts)
 
 
@@ -172,9 +185,17 @@ def _on_mask(params, thresholds, masks):
 
 # ----------------------------------------------------------------------------------------------------
 
-def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               *, num_clients: int, image_shape, num_classes: int = 10,
-               method_cfg: FedSpaConfig = FedSpaConfig()) -> FedSpaState:
+
+def init_state(
+    model_or_name: nn.Module | str,
+    local_cfg: LocalConfig,
+    rng: jax.Array,
+    *,
+    num_clients: int,
+    image_shape,
+    num_classes: int = 10,
+    method_cfg: FedSpaConfig = FedSpaConfig(),
+) -> FedSpaState:
     """Shared initial global weights, a random mask per client, client k's weights on its mask."""
     del local_cfg
     method_cfg.validate()
@@ -187,16 +208,28 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
 
     def one(k):
         masks = random_masks(jax.random.fold_in(mask_rng, k), kernels, counts)
-        return FedSpaClient(params=_on_mask(params, thresholds, masks),
-                            batch_stats=variables['batch_stats'], masks=masks)
+        return FedSpaClient(
+            params=_on_mask(params, thresholds, masks),
+            batch_stats=variables['batch_stats'],
+            masks=masks,
+        )
 
-    return FedSpaState(clients=_common.stack([one(k) for k in range(num_clients)]),
-                       global_params=params, thresholds=thresholds,
-                       round=jnp.zeros((), jnp.int32))
+    return FedSpaState(
+        clients=_common.stack([one(k) for k in range(num_clients)]),
+        global_params=params,
+        thresholds=thresholds,
+        round=jnp.zeros((), jnp.int32),
+    )
 
 
-def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
-              macs=None, *, method_cfg: FedSpaConfig = FedSpaConfig()) -> algorithm_lib.Algorithm:
+def algorithm(
+    model: nn.Module,
+    local_cfg: LocalConfig,
+    round_cfg: RoundConfig = RoundConfig(),
+    macs=None,
+    *,
+    method_cfg: FedSpaConfig = FedSpaConfig(),
+) -> algorithm_lib.Algorithm:
     """FedSpa as an `algorithm.Algorithm`: sparse training on the client's mask, prune-and-regrow
     in `client_final`, the server's mean over the holders of each entry."""
     del round_cfg
@@ -209,29 +242,49 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         return kept_counts(masking.kernels_of(params, thresholds), method_cfg)
 
     def round_constants(state):
-        return (client_lib.learning_rate(local_cfg, state.round), state.thresholds,
-                cosine_rate(method_cfg, state.round))
+        return (
+            client_lib.learning_rate(local_cfg, state.round),
+            state.thresholds,
+            cosine_rate(method_cfg, state.round),
+        )
 
     def client_start(state, stored: FedSpaClient, key):
         del key
         params = _on_mask(state.global_params, state.thresholds, stored.masks)
-        work = FedSpaWork(params=params, batch_stats=stored.batch_stats, masks=stored.masks,
-                          next_masks=stored.masks)
+        work = FedSpaWork(
+            params=params,
+            batch_stats=stored.batch_stats,
+            masks=stored.masks,
+            next_masks=stored.masks,
+        )
         return work, tx.init(params)
 
     def client_step(work: FedSpaWork, opt_state, x, y, example_mask, constants, key):
-        del example_mask, key   # full batches only; nothing drawn
+        del example_mask, key  # full batches only; nothing drawn
         lr, thresholds, _ = constants
         kernels = masking.kernels_of(work.params, thresholds)
-        fractions = jax.tree.map(lambda k, c: c / k.size, kernels,
-                                 counts_of(work.params, thresholds))
+        fractions = jax.tree.map(
+            lambda k, c: c / k.size, kernels, counts_of(work.params, thresholds)
+        )
         # The forward pass sees the weights on the mask only: the others get no gradient.
         params, opt_state, batch_stats, loss, correct = _common.sgd_step(
-            model, tx, work.params, opt_state, thresholds, work.batch_stats, x, y, lr,
-            forward=lambda p: _on_mask(p, thresholds, work.masks))
+            model,
+            tx,
+            work.params,
+            opt_state,
+            thresholds,
+            work.batch_stats,
+            x,
+            y,
+            lr,
+            forward=lambda p: _on_mask(p, thresholds, work.masks),
+        )
         metrics = _common.step_metrics(
-            loss, correct, _common.step_flops(macs, fractions, local_cfg.batch_size),
-            local_cfg.batch_size)
+            loss,
+            correct,
+            _common.step_flops(macs, fractions, local_cfg.batch_size),
+            local_cfg.batch_size,
+        )
         return work.replace(params=params, batch_stats=batch_stats), opt_state, metrics
 
     def client_final(work: FedSpaWork, opt_state, x, y, constants, key):
@@ -240,9 +293,15 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         trained = masking.kernels_of(work.params, thresholds)
         flops = jnp.float32(0.0)
         if method_cfg.regrow == 'gradient':
+
             def ce_of(kernels):
-                logits, _ = _common.apply_train(model, masking.replace_kernels(work.params, kernels),
-                                                thresholds, work.batch_stats, x)
+                logits, _ = _common.apply_train(
+                    model,
+                    masking.replace_kernels(work.params, kernels),
+                    thresholds,
+                    work.batch_stats,
+                    x,
+                )
                 return _common.cross_entropy(logits, y)[0]
 
             # The gradient with respect to the kernels is dense: it scores pruned entries too.
@@ -251,18 +310,26 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         else:
             leaves, treedef = jax.tree.flatten(trained)
             keys = jax.random.split(key, len(leaves))
-            scores = jax.tree.unflatten(treedef, [jax.random.uniform(k, w.shape)
-                                                  for k, w in zip(keys, leaves)])
-        next_masks = prune_regrow(trained, work.masks, scores,
-                                  counts=counts_of(work.params, thresholds), rate=rate)
-        metrics = {'loss': jnp.float32(0.0), 'correct': jnp.float32(0.0), 'steps': jnp.float32(0.0),
-                   'flops': flops, 'examples': jnp.float32(0.0)}
+            scores = jax.tree.unflatten(
+                treedef, [jax.random.uniform(k, w.shape) for k, w in zip(keys, leaves)]
+            )
+        next_masks = prune_regrow(
+            trained, work.masks, scores, counts=counts_of(work.params, thresholds), rate=rate
+        )
+        metrics = {
+            'loss': jnp.float32(0.0),
+            'correct': jnp.float32(0.0),
+            'steps': jnp.float32(0.0),
+            'flops': flops,
+            'examples': jnp.float32(0.0),
+        }
         return work.replace(next_masks=next_masks), metrics
 
     def client_end(work: FedSpaWork, opt_state):
         del opt_state
-        stored = FedSpaClient(params=work.params, batch_stats=work.batch_stats,
-                              masks=work.next_masks)
+        stored = FedSpaClient(
+            params=work.params, batch_stats=work.batch_stats, masks=work.next_masks
+        )
         # What the client uploads: its trained weights on the mask it trained with (0 elsewhere:
         # they got no gradient) and that mask. The server's mean per entry is over its holders.
         holds = jax.tree.map(lambda h: h.astype(jnp.float32), _holds(work.params, work.masks))
@@ -273,32 +340,53 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         # an entry nobody held keeps its value.
         global_params = jax.tree.map(
             lambda w, h, old: jnp.where(h > 0, w / jnp.maximum(h, 1e-30), old),
-            mean['weights'], mean['holds'], state.global_params)
+            mean['weights'],
+            mean['holds'],
+            state.global_params,
+        )
         return state.replace(clients=clients, global_params=global_params, round=state.round + 1)
 
     def eval_variables(state, stored: FedSpaClient, count):
         del count
-        variables = {'params': stored.params, 'thresholds': state.thresholds,
-                     'batch_stats': stored.batch_stats}
+        variables = {
+            'params': stored.params,
+            'thresholds': state.thresholds,
+            'batch_stats': stored.batch_stats,
+        }
         return variables, variables
 
     def eval_density(state, clients: FedSpaClient, counts):
         del counts
+
         def one(params):
             kernels = masking.kernels_of(params, state.thresholds)
             return _common.weight_density(jax.tree.map(lambda k: k != 0, kernels))
+
         fractions, kept = jax.vmap(one)(clients.params)
         return {'layer_density': fractions, 'kept_weights': kept}
 
     return algorithm_lib.Algorithm(
-        name='fedspa', model=model, state_type=FedSpaState, round_constants=round_constants,
-        client_start=client_start, client_step=client_step, client_final=client_final,
-        client_end=client_end, server_update=server_update, eval_variables=eval_variables,
-        eval_density=eval_density)
+        name='fedspa',
+        model=model,
+        state_type=FedSpaState,
+        round_constants=round_constants,
+        client_start=client_start,
+        client_step=client_step,
+        client_final=client_final,
+        client_end=client_end,
+        server_update=server_update,
+        eval_variables=eval_variables,
+        eval_density=eval_density,
+    )
 
 
-def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,
-                       method_cfg: FedSpaConfig = FedSpaConfig()) -> tuple[int, int]:
+def communication_bits(
+    num_clients: int,
+    clients_per_round: int,
+    model_variables: dict,
+    *,
+    method_cfg: FedSpaConfig = FedSpaConfig(),
+) -> tuple[int, int]:
     """(bits up, bits down) per round, for clients_per_round sampled clients:
     up = 32 x kept weights + 1 x masked weights (bitmap) + 32 x unmasked parameters,
     down = 32 x kept weights + 32 x unmasked parameters."""

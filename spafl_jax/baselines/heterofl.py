@@ -43,9 +43,10 @@ from spafl_jax.client import LocalConfig
 from spafl_jax.federated import RoundConfig
 from spafl_jax.metrics import BITS_PER_FLOAT
 
+
 @dataclasses.dataclass(frozen=True)
 class HeteroFLConfig:
-    rates: tuple[float, ...] = (1.0, 0.5, 0.25)   # client k gets rates[k % len(rates)]
+    rates: tuple[float, ...] = (1.0, 0.5, 0.25)  # client k gets rates[k % len(rates)]
 
     def validate(self) -> None:
         if not self.rates or not all(0.0 < r <= 1.0 for r in self.rates):
@@ -54,26 +55,28 @@ class HeteroFLConfig:
 
 @flax.struct.dataclass
 class HeteroFLState:
-    params: Any          # the global (full-width) model
-    batch_stats: Any     # the global BatchNorm statistics ({} without BatchNorm)
-    thresholds: Any      # all DENSE_THRESHOLD: the SpaFL row masks are off
-    clients: jax.Array   # [num_clients] float32 width rate of each client
-    round: jax.Array     # rounds completed (int32 scalar)
+    params: Any  # the global (full-width) model
+    batch_stats: Any  # the global BatchNorm statistics ({} without BatchNorm)
+    thresholds: Any  # all DENSE_THRESHOLD: the SpaFL row masks are off
+    clients: jax.Array  # [num_clients] float32 width rate of each client
+    round: jax.Array  # rounds completed (int32 scalar)
 
 
 @flax.struct.dataclass
 class SliceWork:
     """A sampled client's local work: its slice of the global model, and which entries it holds."""
+
     rate: jax.Array
-    params: Any          # the global weights, zero outside the slice
+    params: Any  # the global weights, zero outside the slice
     batch_stats: Any
-    param_masks: Any     # 1.0 where the slice holds an entry, else 0.0
+    param_masks: Any  # 1.0 where the slice holds an entry, else 0.0
     stat_masks: Any
 
 
 # ----------------------------------------------------------------------------------------------------
 # The width pattern. A layout maps every leaf path to the axes it is cut along, as (axis, C) pairs:
 # index i along `axis` is kept iff (i % C) < ceil(rate * C).
+
 
 def _layer_order(thresholds) -> list[tuple]:
     """The masked layers in network order: the order of the thresholds' tree, which is that of the
@@ -82,8 +85,10 @@ def _layer_order(thresholds) -> list[tuple]:
     paths = [path[:-1] for path in traverse_util.flatten_dict(thresholds)]
     for path in paths:
         if len(path) != 1:
-            raise ValueError(f'HeteroFL supports sequential models (models.SequentialNet); got the '
-                             f'nested masked layer {"/".join(path)}.')
+            raise ValueError(
+                f'HeteroFL supports sequential models (models.SequentialNet); got the '
+                f'nested masked layer {"/".join(path)}.'
+            )
     return paths
 
 
@@ -98,8 +103,10 @@ def width_layout(params, thresholds) -> dict[str, dict]:
         spec = []
         if i > 0:
             if shape[-2] % previous_out:
-                raise ValueError(f'{"/".join(path)} has {shape[-2]} inputs, not a multiple of the '
-                                 f'previous layer\'s {previous_out} outputs: not a sequential model.')
+                raise ValueError(
+                    f'{"/".join(path)} has {shape[-2]} inputs, not a multiple of the '
+                    f"previous layer's {previous_out} outputs: not a sequential model."
+                )
             spec.append((len(shape) - 2, previous_out))
         if i < len(order) - 1:
             spec.append((len(shape) - 1, shape[-1]))
@@ -115,8 +122,10 @@ def width_layout(params, thresholds) -> dict[str, dict]:
 
 
 def _stats_layout(batch_stats) -> dict:
-    return {p: ((0, x.shape[0]),) if x.ndim == 1 else ()
-            for p, x in traverse_util.flatten_dict(batch_stats).items()}
+    return {
+        p: ((0, x.shape[0]),) if x.ndim == 1 else ()
+        for p, x in traverse_util.flatten_dict(batch_stats).items()
+    }
 
 
 def _kept(rate, channels: int, xp):
@@ -136,29 +145,42 @@ def width_masks(tree, layout: dict, *, rate, xp=jnp):
     """Boolean masks shaped like `tree`: the entries a client of width `rate` holds."""
     flat = traverse_util.flatten_dict(tree)
     return traverse_util.unflatten_dict(
-        {p: _leaf_mask(np.shape(x), layout[p], rate, xp) for p, x in flat.items()})
+        {p: _leaf_mask(np.shape(x), layout[p], rate, xp) for p, x in flat.items()}
+    )
 
 
 def client_rates(num_clients: int, method_cfg: HeteroFLConfig) -> np.ndarray:
-    return np.array([method_cfg.rates[k % len(method_cfg.rates)] for k in range(num_clients)],
-                    np.float32)
+    return np.array(
+        [method_cfg.rates[k % len(method_cfg.rates)] for k in range(num_clients)], np.float32
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 
-def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               *, num_clients: int, image_shape, num_classes: int = 10,
-               method_cfg: HeteroFLConfig = HeteroFLConfig()) -> HeteroFLState:
+
+def init_state(
+    model_or_name: nn.Module | str,
+    local_cfg: LocalConfig,
+    rng: jax.Array,
+    *,
+    num_clients: int,
+    image_shape,
+    num_classes: int = 10,
+    method_cfg: HeteroFLConfig = HeteroFLConfig(),
+) -> HeteroFLState:
     """A fresh full-width global model from `rng`, and the fixed width of every client."""
     del local_cfg
     method_cfg.validate()
     model = _common.dense_model(_common.resolve_model(model_or_name, num_classes))
     variables = _common.init_dense_variables(model, rng, image_shape)
     width_layout(variables['params'], variables['thresholds'])  # fail early on unsupported models
-    return HeteroFLState(params=variables['params'], batch_stats=variables['batch_stats'],
-                         thresholds=variables['thresholds'],
-                         clients=jnp.asarray(client_rates(num_clients, method_cfg)),
-                         round=jnp.zeros((), jnp.int32))
+    return HeteroFLState(
+        params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        thresholds=variables['thresholds'],
+        clients=jnp.asarray(client_rates(num_clients, method_cfg)),
+        round=jnp.zeros((), jnp.int32),
+    )
 
 
 def _kernel_fractions(param_masks, thresholds):
@@ -166,11 +188,17 @@ def _kernel_fractions(param_masks, thresholds):
     return jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32)), kernels)
 
 
-def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
-              macs=None, *, method_cfg: HeteroFLConfig = HeteroFLConfig()) -> algorithm_lib.Algorithm:
+def algorithm(
+    model: nn.Module,
+    local_cfg: LocalConfig,
+    round_cfg: RoundConfig = RoundConfig(),
+    macs=None,
+    *,
+    method_cfg: HeteroFLConfig = HeteroFLConfig(),
+) -> algorithm_lib.Algorithm:
     """HeteroFL as an `algorithm.Algorithm`: a client trains its slice of the global model; each
     entry becomes the mean over the clients that hold it (entries nobody holds keep their value)."""
-    del round_cfg, method_cfg   # the widths live in the state
+    del round_cfg, method_cfg  # the widths live in the state
     _common.check_full_batches(local_cfg)
     model = _common.dense_model(model)
     tx = client_lib.make_optimizer(local_cfg)
@@ -179,11 +207,16 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
     def slice_of(state, rate) -> SliceWork:
         layout = width_layout(state.params, state.thresholds)['params']
         param_masks = as_float(width_masks(state.params, layout, rate=rate))
-        stat_masks = as_float(width_masks(state.batch_stats, _stats_layout(state.batch_stats),
-                                          rate=rate))
-        return SliceWork(rate=rate, params=jax.tree.map(jnp.multiply, state.params, param_masks),
-                         batch_stats=state.batch_stats, param_masks=param_masks,
-                         stat_masks=stat_masks)
+        stat_masks = as_float(
+            width_masks(state.batch_stats, _stats_layout(state.batch_stats), rate=rate)
+        )
+        return SliceWork(
+            rate=rate,
+            params=jax.tree.map(jnp.multiply, state.params, param_masks),
+            batch_stats=state.batch_stats,
+            param_masks=param_masks,
+            stat_masks=stat_masks,
+        )
 
     def client_start(state, rate, key):
         del key
@@ -191,7 +224,7 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         return work, tx.init(work.params)
 
     def client_step(work, opt_state, x, y, example_mask, constants, key):
-        del example_mask, key   # full batches only; nothing drawn
+        del example_mask, key  # full batches only; nothing drawn
         lr, thresholds = constants
 
         def loss_fn(params):
@@ -203,21 +236,31 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
             return ce, (batch_stats, correct)
 
         (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            work.params)
+            work.params
+        )
         updates, opt_state = tx.update(grads, opt_state)
         params = jax.tree.map(lambda p, u: p - lr * u, work.params, updates)
-        flops = _common.step_flops(macs, _kernel_fractions(work.param_masks, thresholds),
-                                   local_cfg.batch_size)
-        metrics = {'loss': loss, 'correct': correct.astype(jnp.float32),
-                   'steps': jnp.float32(1.0), 'flops': flops,
-                   'examples': jnp.float32(local_cfg.batch_size)}
+        flops = _common.step_flops(
+            macs, _kernel_fractions(work.param_masks, thresholds), local_cfg.batch_size
+        )
+        metrics = {
+            'loss': loss,
+            'correct': correct.astype(jnp.float32),
+            'steps': jnp.float32(1.0),
+            'flops': flops,
+            'examples': jnp.float32(local_cfg.batch_size),
+        }
         return work.replace(params=params, batch_stats=batch_stats), opt_state, metrics
 
     def client_end(work, opt_state):
         del opt_state
         held = lambda tree, masks: jax.tree.map(jnp.multiply, tree, masks)
-        return work.rate, (held(work.params, work.param_masks), work.param_masks,
-                           held(work.batch_stats, work.stat_masks), work.stat_masks)
+        return work.rate, (
+            held(work.params, work.param_masks),
+            work.param_masks,
+            held(work.batch_stats, work.stat_masks),
+            work.stat_masks,
+        )
 
     def server_update(state, mean, clients):
         params, param_holders, stats, stat_holders = mean
@@ -226,13 +269,18 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         return state.replace(
             params=jax.tree.map(over_holders, params, param_holders, state.params),
             batch_stats=jax.tree.map(over_holders, stats, stat_holders, state.batch_stats),
-            clients=clients, round=state.round + 1)
+            clients=clients,
+            round=state.round + 1,
+        )
 
     def eval_variables(state, rate, count):
         del count
         work = slice_of(state, rate)
-        variables = {'params': work.params, 'thresholds': state.thresholds,
-                     'batch_stats': work.batch_stats}
+        variables = {
+            'params': work.params,
+            'thresholds': state.thresholds,
+            'batch_stats': work.batch_stats,
+        }
         return variables, variables
 
     def eval_density(state, rates, counts):
@@ -240,36 +288,56 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         layout = width_layout(state.params, state.thresholds)['params']
 
         def one(rate):
-            kernels = masking.kernels_of(width_masks(state.params, layout, rate=rate),
-                                         state.thresholds)
-            rows = jnp.stack([
-                jnp.mean(jnp.any(m, axis=tuple(range(m.ndim - 1))).astype(jnp.float32))
-                for m in jax.tree.leaves(kernels)])
+            kernels = masking.kernels_of(
+                width_masks(state.params, layout, rate=rate), state.thresholds
+            )
+            rows = jnp.stack(
+                [
+                    jnp.mean(jnp.any(m, axis=tuple(range(m.ndim - 1))).astype(jnp.float32))
+                    for m in jax.tree.leaves(kernels)
+                ]
+            )
             return rows, _common.weight_density(kernels)[1]
 
         rows, kept = jax.vmap(one)(rates)
         return {'layer_density': rows, 'kept_weights': kept}
 
     return algorithm_lib.Algorithm(
-        name='heterofl', model=model, state_type=HeteroFLState,
-        round_constants=lambda state: (client_lib.learning_rate(local_cfg, state.round),
-                                       state.thresholds),
-        client_start=client_start, client_step=client_step, client_end=client_end,
-        server_update=server_update, eval_variables=eval_variables, eval_density=eval_density)
+        name='heterofl',
+        model=model,
+        state_type=HeteroFLState,
+        round_constants=lambda state: (
+            client_lib.learning_rate(local_cfg, state.round),
+            state.thresholds,
+        ),
+        client_start=client_start,
+        client_step=client_step,
+        client_end=client_end,
+        server_update=server_update,
+        eval_variables=eval_variables,
+        eval_density=eval_density,
+    )
 
 
 def submodel_size(model_variables: dict, rate: float) -> int:
     """Weights and BatchNorm statistics a client of width `rate` holds (what it sends and receives)."""
     layout = width_layout(model_variables['params'], model_variables['thresholds'])['params']
     stats = model_variables.get('batch_stats', {})
-    held = [width_masks(model_variables['params'], layout, rate=rate, xp=np),
-            width_masks(stats, _stats_layout(stats), rate=rate, xp=np)]
+    held = [
+        width_masks(model_variables['params'], layout, rate=rate, xp=np),
+        width_masks(stats, _stats_layout(stats), rate=rate, xp=np),
+    ]
     return int(sum(np.sum(m) for m in jax.tree.leaves(held)))
 
 
-def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,
-                       method_cfg: HeteroFLConfig = HeteroFLConfig(),
-                       sampled=None) -> tuple[float, float]:
+def communication_bits(
+    num_clients: int,
+    clients_per_round: int,
+    model_variables: dict,
+    *,
+    method_cfg: HeteroFLConfig = HeteroFLConfig(),
+    sampled=None,
+) -> tuple[float, float]:
     """(bits up, bits down) per round: each sampled client's sub-model, 32 bits per entry, each way.
 
     The sizes depend on which clients are sampled: with `sampled` (client ids) the exact count of that

@@ -34,13 +34,20 @@ class LocalOnlyConfig:
 
 @flax.struct.dataclass
 class LocalState:
-    clients: ClientState   # every leaf [num_clients, ...]; thresholds all DENSE_THRESHOLD, opt_state ()
-    round: jax.Array       # rounds completed (int32 scalar)
+    clients: (
+        ClientState  # every leaf [num_clients, ...]; thresholds all DENSE_THRESHOLD, opt_state ()
+    )
+    round: jax.Array  # rounds completed (int32 scalar)
 
 
-def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig = RoundConfig(),
-              macs=None, *,
-              method_cfg: LocalOnlyConfig = LocalOnlyConfig()) -> algorithm_lib.Algorithm:
+def algorithm(
+    model: nn.Module,
+    local_cfg: LocalConfig,
+    round_cfg: RoundConfig = RoundConfig(),
+    macs=None,
+    *,
+    method_cfg: LocalOnlyConfig = LocalOnlyConfig(),
+) -> algorithm_lib.Algorithm:
     """Local training as an `algorithm.Algorithm`: a sampled client trains its own model and
     sends nothing; the server only counts the round."""
     del round_cfg, method_cfg
@@ -55,7 +62,7 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         return client, ()
 
     def server_update(state, mean, clients):
-        del mean   # nothing was sent
+        del mean  # nothing was sent
         return LocalState(clients=clients, round=state.round + 1)
 
     def eval_variables(state, client, count):
@@ -69,16 +76,30 @@ def algorithm(model: nn.Module, local_cfg: LocalConfig, round_cfg: RoundConfig =
         return _common.dense_density(one.thresholds, one.params, counts.shape[0])
 
     return algorithm_lib.Algorithm(
-        name='local', model=model, state_type=LocalState,
-        round_constants=_common.learning_rate(local_cfg), client_start=client_start,
-        client_step=_common.dense_client_step(model, local_cfg, macs), client_end=client_end,
-        server_update=server_update, eval_variables=eval_variables, eval_density=eval_density)
+        name='local',
+        model=model,
+        state_type=LocalState,
+        round_constants=_common.learning_rate(local_cfg),
+        client_start=client_start,
+        client_step=_common.dense_client_step(model, local_cfg, macs),
+        client_end=client_end,
+        server_update=server_update,
+        eval_variables=eval_variables,
+        eval_density=eval_density,
+    )
 
 
-def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.Array,
-               *, num_clients: int, image_shape, num_classes: int = 10,
-               method_cfg: LocalOnlyConfig = LocalOnlyConfig(),
-               client_init: str = 'shared') -> LocalState:
+def init_state(
+    model_or_name: nn.Module | str,
+    local_cfg: LocalConfig,
+    rng: jax.Array,
+    *,
+    num_clients: int,
+    image_shape,
+    num_classes: int = 10,
+    method_cfg: LocalOnlyConfig = LocalOnlyConfig(),
+    client_init: str = 'shared',
+) -> LocalState:
     """Dense clients, stacked: one shared initial model, or client k's own from fold_in(rng, k)
     (`federated.client_init_keys`)."""
     del local_cfg, method_cfg
@@ -87,15 +108,24 @@ def init_state(model_or_name: nn.Module | str, local_cfg: LocalConfig, rng: jax.
 
     def one(key):
         variables = _common.init_dense_variables(model, key, image_shape)
-        return ClientState(params=variables['params'], thresholds=variables['thresholds'],
-                           batch_stats=variables['batch_stats'], opt_state=())
+        return ClientState(
+            params=variables['params'],
+            thresholds=variables['thresholds'],
+            batch_stats=variables['batch_stats'],
+            opt_state=(),
+        )
 
     clients = _common.stack([one(keys[k]) for k in range(num_clients)])
     return LocalState(clients=clients, round=jnp.zeros((), jnp.int32))
 
 
-def communication_bits(num_clients: int, clients_per_round: int, model_variables: dict, *,
-                       method_cfg: LocalOnlyConfig = LocalOnlyConfig()) -> tuple[int, int]:
+def communication_bits(
+    num_clients: int,
+    clients_per_round: int,
+    model_variables: dict,
+    *,
+    method_cfg: LocalOnlyConfig = LocalOnlyConfig(),
+) -> tuple[int, int]:
     """Nothing is communicated: (0, 0)."""
     del num_clients, clients_per_round, model_variables, method_cfg
     return 0, 0

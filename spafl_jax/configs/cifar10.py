@@ -46,4 +46,4 @@ def apply_official_cifar10(config: ml_collections.ConfigDict) -> None:
     config.persistent_optimizer = False
     config.raw_pixels = True
     config.augment = 'none'
-    config.collapse_check = 'previous'   # resets on the previous forward pass's mask, test included
+    config.collapse_check = 'previous'  # resets on the previous forward pass's mask, test included

@@ -7,10 +7,10 @@ CIFAR-100 is downloaded on first use (cifar-100-binary.tar.gz, 169 MB, checked) 
 (default ~/.cache/spafl_jax); tensorflow-datasets data prepared in data_dir is read too (see README).
 The 100 fine labels are used.
 
-`:official` assumes the official CIFAR-100 folder behaves like the CIFAR-10 folder (docs/algorithm.md, sections 3
-and 6 name only the penalty warm-up as a difference, and the warm-up is already on here): the
-`outside_unit` estimator, importance update to all clients after aggregation, a fresh optimizer each
-round, raw 0-255 pixels without augmentation.
+`:official` assumes the official CIFAR-100 folder behaves like the CIFAR-10 folder
+(docs/algorithm.md, sections 3 and 6 name only the penalty warm-up as a difference, and the
+warm-up is already on here): the `outside_unit` estimator, importance update to all clients
+after aggregation, a fresh optimizer each round, raw 0-255 pixels without augmentation.
 """
 
 import ml_collections
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.min_lr = 1e-4
     config.clip = 15.0
     config.th_coeff = 7e-4
-    config.penalty_warmup = True         # official CIFAR-100 (and FMNIST) only
+    config.penalty_warmup = True  # official CIFAR-100 (and FMNIST) only
     config.eval_batch_size = 500
     if arg == 'official':
         cifar10.apply_official_cifar10(config)

@@ -17,7 +17,7 @@ from spafl_jax.configs import cifar10
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, '', 'official'):
         raise ValueError(f'cifar10_vit.py takes no argument or "official", got {arg!r}.')
-    config = cifar10.get_config(arg)   # the CIFAR-10 split, optimizer and official behaviours
+    config = cifar10.get_config(arg)  # the CIFAR-10 split, optimizer and official behaviours
     config.model = 'vit'
     config.local_epochs = 1
     config.th_coeff = 1e-4

@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rounds what it takes 200 for, and 2.5 times its penalty prunes as far as the official code does.
     config.lr = 0.01
     config.lr_decay = 1.0
-    config.clip = 0.0                    # the FMNIST folder does not clip
+    config.clip = 0.0  # the FMNIST folder does not clip
     config.th_coeff = 0.005
     config.penalty_warmup = True
     config.eval_batch_size = 500
@@ -42,11 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def apply_official_fmnist(config: ml_collections.ConfigDict) -> None:
     """The behaviour of the official FMNIST folder, where it differs from our defaults."""
-    config.lr = 0.001            # the paper's hyperparameters (docs/algorithm.md, section 6)
+    config.lr = 0.001  # the paper's hyperparameters (docs/algorithm.md, section 6)
     config.th_coeff = 0.002
     config.estimator = 'identity'
     config.importance_update = 'sampled_before'
     config.persistent_optimizer = True
     config.raw_pixels = True
-    config.drop_last = False   # the official loader trains on each epoch's last partial batch
-    config.collapse_check = 'previous'   # resets on the previous forward pass's mask, test included
+    config.drop_last = False  # the official loader trains on each epoch's last partial batch
+    config.collapse_check = 'previous'  # resets on the previous forward pass's mask, test included

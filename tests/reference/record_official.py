@@ -51,40 +51,72 @@ FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
 # What each golden trace runs: the official folder's own semantics, on little data.
 TRACES = {
-    'fmnist': dict(num_clients=6, schedulingsize=3, comm_rounds=3, local_epoch=2, batch_size=64,
-                   alpha=0.5, learning_rate=0.001, th_coeff=0.002, seed=1, model='lenet5',
-                   train_examples=900, test_examples=300),
+    'fmnist': dict(
+        num_clients=6,
+        schedulingsize=3,
+        comm_rounds=3,
+        local_epoch=2,
+        batch_size=64,
+        alpha=0.5,
+        learning_rate=0.001,
+        th_coeff=0.002,
+        seed=1,
+        model='lenet5',
+        train_examples=900,
+        test_examples=300,
+    ),
     # A high learning rate and penalty, so that thresholds move within three rounds and the
     # outside-unit estimator, the clip and the importance update all act.
-    'cifar10': dict(num_clients=4, schedulingsize=2, comm_rounds=3, local_epoch=1, batch_size=16,
-                    alpha=0.5, learning_rate=0.05, th_coeff=0.02, clip=3, seed=1, model='conv4',
-                    train_examples=192, test_examples=64),
+    'cifar10': dict(
+        num_clients=4,
+        schedulingsize=2,
+        comm_rounds=3,
+        local_epoch=1,
+        batch_size=16,
+        alpha=0.5,
+        learning_rate=0.05,
+        th_coeff=0.02,
+        clip=3,
+        seed=1,
+        model='conv4',
+        train_examples=192,
+        test_examples=64,
+    ),
 }
 
 
 # ------------------------------------------------------------------------------------------------
 # Stand-in modules.
 
+
 def read_idx(path: str) -> np.ndarray:
     opener = gzip.open if path.endswith('.gz') else open
     with opener(path, 'rb') as f:
         raw = f.read()
     ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim)]
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def load_fashion_mnist(directory: str):
     """(train images, train labels, test images, test labels) as uint8 / int64 arrays."""
+
     def one(name):
         for suffix in ('.gz', ''):
             path = os.path.join(directory, name + suffix)
             if os.path.exists(path):
                 return read_idx(path)
-        raise SystemExit(f'error: {name} not found in {directory}; '
-                         'apt-get install -y dataset-fashion-mnist or pass --data.')
-    return (one('train-images-idx3-ubyte'), one('train-labels-idx1-ubyte').astype(np.int64),
-            one('t10k-images-idx3-ubyte'), one('t10k-labels-idx1-ubyte').astype(np.int64))
+        raise SystemExit(
+            f'error: {name} not found in {directory}; '
+            'apt-get install -y dataset-fashion-mnist or pass --data.'
+        )
+
+    return (
+        one('train-images-idx3-ubyte'),
+        one('train-labels-idx1-ubyte').astype(np.int64),
+        one('t10k-images-idx3-ubyte'),
+        one('t10k-labels-idx1-ubyte').astype(np.int64),
+    )
 
 
 class _NoOp:
@@ -113,6 +145,7 @@ def install_stand_ins(arrays: dict) -> None:
 
             def __len__(self):
                 return len(self.targets)
+
         Dataset.__name__ = name
         return Dataset
 
@@ -128,10 +161,21 @@ def install_stand_ins(arrays: dict) -> None:
     wandb.init = lambda *a, **k: None
     wandb.log = lambda *a, **k: None
     mpl = types.ModuleType('matplotlib')
-    mpl.pyplot, mpl.colors = _module_of_noops('matplotlib.pyplot'), _module_of_noops('matplotlib.colors')
-    sys.modules.update({'torchvision': tv, 'torchvision.datasets': datasets,
-                        'torchvision.transforms': transforms, 'wandb': wandb, 'matplotlib': mpl,
-                        'matplotlib.pyplot': mpl.pyplot, 'matplotlib.colors': mpl.colors})
+    mpl.pyplot, mpl.colors = (
+        _module_of_noops('matplotlib.pyplot'),
+        _module_of_noops('matplotlib.colors'),
+    )
+    sys.modules.update(
+        {
+            'torchvision': tv,
+            'torchvision.datasets': datasets,
+            'torchvision.transforms': transforms,
+            'wandb': wandb,
+            'matplotlib': mpl,
+            'matplotlib.pyplot': mpl.pyplot,
+            'matplotlib.colors': mpl.colors,
+        }
+    )
 
 
 def _module_of_noops(name: str) -> types.ModuleType:
@@ -142,6 +186,7 @@ def _module_of_noops(name: str) -> types.ModuleType:
         if attr.startswith('__'):
             raise AttributeError(attr)
         return lambda *a, **k: None
+
     module.__getattr__ = getattr_
     return module
 
@@ -153,12 +198,15 @@ def official_folder(official: str, folder: str) -> str:
         return os.path.abspath(path)
     if os.path.exists(os.path.join(official, 'HEAD')):
         out = tempfile.mkdtemp(prefix='spafl_official_')
-        archive = subprocess.run(['git', '-C', official, 'archive', 'HEAD', 'main'], check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ['git', '-C', official, 'archive', 'HEAD', 'main'], check=True, capture_output=True
+        ).stdout
         subprocess.run(['tar', '-x', '-C', out], input=archive, check=True)
         return os.path.join(out, 'main', folder)
-    raise SystemExit(f'error: --official={official} holds no main/{folder}: pass a checkout (or '
-                     'a git mirror) of news-vt/SpaFL_NeruIPS_2024.')
+    raise SystemExit(
+        f'error: --official={official} holds no main/{folder}: pass a checkout (or '
+        'a git mirror) of news-vt/SpaFL_NeruIPS_2024.'
+    )
 
 
 def import_folder(path: str) -> None:
@@ -187,9 +235,13 @@ def log_to_metrics(log_path: str) -> list[dict]:
         for line in f:
             m = LOG_LINE.search(line)
             if m:
-                records.append({'round': int(m.group(1)) + 1,
-                                'accuracy': float(m.group(2)) / 100.0,
-                                'density': float(m.group(3))})
+                records.append(
+                    {
+                        'round': int(m.group(1)) + 1,
+                        'accuracy': float(m.group(2)) / 100.0,
+                        'density': float(m.group(3)),
+                    }
+                )
     return records
 
 
@@ -210,17 +262,34 @@ def run_curve(args) -> None:
     folder = official_folder(args.official, 'fmnist')
     out = os.path.abspath(args.out)
     import_folder(folder)
-    argv = ['train.py', '--learning_rate', '0.001', '--th_coeff', '0.002', '--local_epoch', '5',
-            '--seed', str(args.seed), '--comm_rounds', str(args.rounds), '--affix', 'curve']
-    config = {'code': 'official FMNIST folder (news-vt/SpaFL_NeruIPS_2024), unchanged'
-                      + (', its model cast to float64' if args.float64 else ''),
-              'command': ' '.join(argv), 'data': args.data,
-              'dtype': 'float64' if args.float64 else 'float32'}
+    argv = [
+        'train.py',
+        '--learning_rate',
+        '0.001',
+        '--th_coeff',
+        '0.002',
+        '--local_epoch',
+        '5',
+        '--seed',
+        str(args.seed),
+        '--comm_rounds',
+        str(args.rounds),
+        '--affix',
+        'curve',
+    ]
+    config = {
+        'code': 'official FMNIST folder (news-vt/SpaFL_NeruIPS_2024), unchanged'
+        + (', its model cast to float64' if args.float64 else ''),
+        'command': ' '.join(argv),
+        'data': args.data,
+        'dtype': 'float64' if args.float64 else 'float32',
+    }
     sys.argv = argv
     if args.float64:
         _run_in_float64()
     draws = _record_draws(data) if args.draws else None
     import runpy  # pylint: disable=import-outside-toplevel
+
     try:
         runpy.run_path(os.path.join(folder, 'train.py'), run_name='__main__')
     finally:
@@ -245,14 +314,16 @@ def _in_float64(model) -> None:
     if not getattr(model_cls, '_float64', False):
         forward = model_cls.forward
         model_cls.forward = lambda self, x: forward(self, x.double())
-        model_cls._float64 = True   # pylint: disable=protected-access
+        model_cls._float64 = True  # pylint: disable=protected-access
     step = importlib.import_module('model.binarization').BinaryStep
     if not getattr(step, '_float64', False):
+
         def mask_in_input_dtype(ctx, x):
             ctx.save_for_backward(x)
-            return (x > 0.).to(x.dtype)
+            return (x > 0.0).to(x.dtype)
+
         step.forward = staticmethod(mask_in_input_dtype)
-        step._float64 = True   # pylint: disable=protected-access
+        step._float64 = True  # pylint: disable=protected-access
 
 
 def _run_in_float64() -> None:
@@ -264,6 +335,7 @@ def _run_in_float64() -> None:
     def initialize(self, model):
         _in_float64(model)
         initialization(self, model)
+
     simulator_cls.initialization = initialize
 
 
@@ -284,6 +356,7 @@ def _record_draws(data) -> dict:
         draws['train_ids'] = [_positions_in(d.x_data, data[0]) for d in tr_sets]
         draws['test_ids'] = [_positions_in(d.x_data, data[2]) for d in te_sets]
         return tr_sets, te_sets
+
     split_module.Non_iid_split = non_iid_split
 
     simulator_cls = importlib.import_module('Simulator').Simulator
@@ -295,36 +368,47 @@ def _record_draws(data) -> dict:
         draws['layers'] = [name for name, _ in layers]
         # Float32 values even in a float64 run (drawn in float32, then cast exactly).
         draws['initial'] = {name: _np(layer.weight).astype(np.float32) for name, layer in layers}
-        draws['settings'] = {k: v for k, v in vars(self.args).items()
-                             if isinstance(v, (int, float, str))}
+        draws['settings'] = {
+            k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str))
+        }
         draws['recorder'] = _Recorder(self, draws['train_ids'], self.args, snapshots=False)
+
     simulator_cls.initialization = initialize
     return draws
 
 
 def _write_draws(draws: dict, args) -> None:
     recorder = draws['recorder']
-    meta = {'folder': 'fmnist', 'settings': draws['settings'], 'layers': draws['layers'],
-            'layer_shapes': [list(w.shape) for w in draws['initial'].values()],
-            'rounds_recorded': recorder.round + 1, 'data': args.data,
-            'dtype': 'float64' if args.float64 else 'float32',
-            'drop_last': False}
+    meta = {
+        'folder': 'fmnist',
+        'settings': draws['settings'],
+        'layers': draws['layers'],
+        'layer_shapes': [list(w.shape) for w in draws['initial'].values()],
+        'rounds_recorded': recorder.round + 1,
+        'data': args.data,
+        'dtype': 'float64' if args.float64 else 'float32',
+        'drop_last': False,
+    }
     out = {'meta': np.array(json.dumps(meta))}
     for name, w in draws['initial'].items():
         out[f'initial/{name}/weight'] = w
         out[f'initial/{name}/row_sum'] = w.reshape(w.shape[0], -1).astype(np.float64).sum(axis=1)
     for k, (tr, te) in enumerate(zip(draws['train_ids'], draws['test_ids'])):
         out[f'split/train/{k}'], out[f'split/test/{k}'] = tr, te
-    out.update({k: (v.astype(np.int32) if '/order/' in k else v)
-                for k, v in recorder.arrays.items()})
+    out.update(
+        {k: (v.astype(np.int32) if '/order/' in k else v) for k, v in recorder.arrays.items()}
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.draws)), exist_ok=True)
     np.savez_compressed(args.draws, **out)
-    print(f'wrote {args.draws}: rounds {meta["rounds_recorded"]}, '
-          f'{os.path.getsize(args.draws) / 1e6:.1f} MB')
+    print(
+        f'wrote {args.draws}: rounds {meta["rounds_recorded"]}, '
+        f'{os.path.getsize(args.draws) / 1e6:.1f} MB'
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Golden traces.
+
 
 def initial_weights(shapes: list[tuple[int, ...]], seed: int) -> list[np.ndarray]:
     """The trace's initial masked-layer weights: PyTorch's default init distribution (uniform in
@@ -350,8 +434,12 @@ def synthetic_cifar(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _masked_layers(model):
     from model import binarization  # pylint: disable=import-outside-toplevel
-    return [(name, layer) for name, layer in model.named_modules()
-            if isinstance(layer, (binarization.MaskedConv2d, binarization.MaskedMLP))]
+
+    return [
+        (name, layer)
+        for name, layer in model.named_modules()
+        if isinstance(layer, (binarization.MaskedConv2d, binarization.MaskedMLP))
+    ]
 
 
 DIGEST_ENTRIES = 16
@@ -376,7 +464,7 @@ def record_trace(args) -> None:
     from torch.utils.data import DataLoader  # pylint: disable=import-outside-toplevel
 
     settings = dict(TRACES[args.folder])
-    if args.th_coeff is not None:   # a larger penalty makes layers collapse within the trace
+    if args.th_coeff is not None:  # a larger penalty makes layers collapse within the trace
         settings['th_coeff'] = args.th_coeff
     recorded_settings = dict(settings)
     n_train, n_test = settings.pop('train_examples'), settings.pop('test_examples')
@@ -394,6 +482,7 @@ def record_trace(args) -> None:
     import_folder(official_folder(args.official, args.folder))
 
     import train_argument  # pylint: disable=import-outside-toplevel,import-error
+
     sys.argv = ['train.py'] + [f'--{k}={v}' for k, v in settings.items()]
     official_args = train_argument.parser()
     for name in ('log_folder', 'model_folder'):
@@ -405,28 +494,40 @@ def record_trace(args) -> None:
 
     # The folder's own split and loaders, as its train.py builds them.
     split_module = importlib.import_module('Split_Data')
-    dataset_cls = (sys.modules['torchvision'].datasets.FashionMNIST if args.folder == 'fmnist'
-                   else sys.modules['torchvision'].datasets.CIFAR10)
+    dataset_cls = (
+        sys.modules['torchvision'].datasets.FashionMNIST
+        if args.folder == 'fmnist'
+        else sys.modules['torchvision'].datasets.CIFAR10
+    )
     tr_dataset, te_dataset = dataset_cls(train=True), dataset_cls(train=False)
     if args.folder == 'fmnist':
-        tr_sets, te_sets = split_module.Non_iid_split(10, official_args.num_clients, tr_dataset,
-                                                      te_dataset, official_args.alpha)
+        tr_sets, te_sets = split_module.Non_iid_split(
+            10, official_args.num_clients, tr_dataset, te_dataset, official_args.alpha
+        )
         drop_last = False
     else:
-        tr_sets, te_sets = split_module.Non_iid_split_cifar(10, official_args.num_clients,
-                                                            tr_dataset, te_dataset,
-                                                            official_args.alpha)
+        tr_sets, te_sets = split_module.Non_iid_split_cifar(
+            10, official_args.num_clients, tr_dataset, te_dataset, official_args.alpha
+        )
         counts = [len(d) for d in tr_sets]
         if min(counts) < official_args.batch_size:
-            raise SystemExit(f'error: the split gave a client {min(counts)} examples; change the '
-                             'trace seed or alpha.')
+            raise SystemExit(
+                f'error: the split gave a client {min(counts)} examples; change the '
+                'trace seed or alpha.'
+            )
         drop_last = True
     train_ids = [_positions_in(d.x_data, train[0]) for d in tr_sets]
     test_ids = [_positions_in(d.x_data, test[0]) for d in te_sets]
-    tr_loaders = [DataLoader(d, num_workers=0, batch_size=official_args.batch_size, shuffle=True,
-                             drop_last=drop_last) for d in tr_sets]
-    te_loaders = [DataLoader(d, num_workers=0, batch_size=official_args.batch_size, shuffle=True)
-                  for d in te_sets]
+    tr_loaders = [
+        DataLoader(
+            d, num_workers=0, batch_size=official_args.batch_size, shuffle=True, drop_last=drop_last
+        )
+        for d in tr_sets
+    ]
+    te_loaders = [
+        DataLoader(d, num_workers=0, batch_size=official_args.batch_size, shuffle=True)
+        for d in te_sets
+    ]
 
     if args.folder == 'fmnist':
         model = importlib.import_module('model.lenet').LeNet_5_Masked()
@@ -439,27 +540,40 @@ def record_trace(args) -> None:
     layers = _masked_layers(model)
     init_seed = 1000 + seed
     with torch.no_grad():
-        for (_, layer), w in zip(layers, initial_weights([tuple(l.weight.shape) for _, l in layers],
-                                                         init_seed)):
+        for (_, layer), w in zip(
+            layers, initial_weights([tuple(l.weight.shape) for _, l in layers], init_seed)
+        ):
             layer.weight.copy_(torch.from_numpy(w.astype(np.float64)))
 
     logger = _quiet_logger()
     simulator = importlib.import_module('Simulator').Simulator(
-        official_args, logger, tr_loaders, te_loaders, torch.device('cpu'))
+        official_args, logger, tr_loaders, te_loaders, torch.device('cpu')
+    )
     simulator.initialization(copy.deepcopy(model))
     record = _Recorder(simulator, train_ids, official_args)
     simulator.FL_loop()
 
-    meta = {'folder': args.folder, 'settings': recorded_settings, 'init_seed': init_seed,
-            'layers': [name for name, _ in layers],
-            'layer_shapes': [list(l.weight.shape) for _, l in layers],
-            'drop_last': drop_last, 'torch': torch.__version__, 'dtype': 'float64',
-            'collapse_resets': [int(l.zero_count) for c in simulator.Clients_list
-                                for _, l in _masked_layers(c.model)]}
+    meta = {
+        'folder': args.folder,
+        'settings': recorded_settings,
+        'init_seed': init_seed,
+        'layers': [name for name, _ in layers],
+        'layer_shapes': [list(l.weight.shape) for _, l in layers],
+        'drop_last': drop_last,
+        'torch': torch.__version__,
+        'dtype': 'float64',
+        'collapse_resets': [
+            int(l.zero_count) for c in simulator.Clients_list for _, l in _masked_layers(c.model)
+        ],
+    }
     # Every image holds 0-255 integers (real Fashion-MNIST, or synthetic CIFAR): stored as uint8.
-    arrays_out = {'meta': np.array(json.dumps(meta)),
-                  'train_images': train[0].astype(np.uint8), 'train_labels': train[1],
-                  'test_images': test[0].astype(np.uint8), 'test_labels': test[1]}
+    arrays_out = {
+        'meta': np.array(json.dumps(meta)),
+        'train_images': train[0].astype(np.uint8),
+        'train_labels': train[1],
+        'test_images': test[0].astype(np.uint8),
+        'test_labels': test[1],
+    }
     arrays_out.update({f'initial/{k}': v for k, v in digest(model).items()})
     for k, ids in enumerate(train_ids):
         arrays_out[f'split/train/{k}'] = ids
@@ -468,12 +582,15 @@ def record_trace(args) -> None:
     arrays_out.update(record.arrays)
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     np.savez_compressed(out, **arrays_out)
-    print(f'wrote {out}: {len(arrays_out)} arrays, {os.path.getsize(out) / 1e6:.2f} MB; '
-          f'collapse resets {sum(meta["collapse_resets"])}')
+    print(
+        f'wrote {out}: {len(arrays_out)} arrays, {os.path.getsize(out) / 1e6:.2f} MB; '
+        f'collapse resets {sum(meta["collapse_resets"])}'
+    )
 
 
 def _quiet_logger():
     import logging  # pylint: disable=import-outside-toplevel
+
     logger = logging.getLogger('official')
     logger.addHandler(logging.NullHandler())
     logger.propagate = False
@@ -516,6 +633,7 @@ class _Recorder:
             sampled = sample()
             self.arrays[f'r{self.round}/sampled'] = np.asarray(sampled, np.int64)
             return sampled
+
         server.sample_clients = sample_clients
 
         aggregate = server.aggregation
@@ -526,6 +644,7 @@ class _Recorder:
                 self.arrays[f'r{self.round}/global/{name}'] = _np(value)
             for name, value in server.global_difference.items():
                 self.arrays[f'r{self.round}/delta/{name}'] = _np(value)
+
         server.aggregation = aggregation
 
         for k, client in enumerate(simulator.Clients_list):
@@ -539,8 +658,11 @@ class _Recorder:
         def local_training(comm_rounds):
             seen = []
             get = type(dataset).__getitem__
-            dataset.__class__ = type('Logged', (type(dataset),), {
-                '__getitem__': lambda self_, i: (seen.append(int(i)), get(self_, i))[1]})
+            dataset.__class__ = type(
+                'Logged',
+                (type(dataset),),
+                {'__getitem__': lambda self_, i: (seen.append(int(i)), get(self_, i))[1]},
+            )
             try:
                 train(comm_rounds)
             finally:
@@ -557,9 +679,11 @@ class _Recorder:
             # Per masked layer: the kept fraction this test's masks had, and how many times the
             # layer has collapsed and had its thresholds reset so far (the official `zero_count`).
             self.arrays[f'{prefix}/layer_density'] = np.asarray(
-                [float(layer.ratio) for layer in layers], np.float64)
+                [float(layer.ratio) for layer in layers], np.float64
+            )
             self.arrays[f'{prefix}/resets'] = np.asarray(
-                [int(layer.zero_count) for layer in layers], np.int32)
+                [int(layer.zero_count) for layer in layers], np.int32
+            )
             self._snapshot(prefix, client)
             return acc, loss, density
 
@@ -568,7 +692,11 @@ class _Recorder:
             if global_difference:
                 self._snapshot(f'r{self.round}/importance/{k}', client)
 
-        client.local_training, client.local_test, client.th_update = local_training, local_test, update
+        client.local_training, client.local_test, client.th_update = (
+            local_training,
+            local_test,
+            update,
+        )
 
     def _snapshot(self, prefix, client):
         if not self.snapshots:
@@ -592,24 +720,37 @@ def main() -> None:
     sub = parser.add_subparsers(dest='command', required=True)
     trace = sub.add_parser('trace', help='record a golden trace of a folder on a small subset')
     trace.add_argument('--folder', choices=sorted(TRACES), required=True)
-    trace.add_argument('--th_coeff', type=float, default=None,
-                       help="override the trace's th_coeff (0.5: layers collapse and reset)")
+    trace.add_argument(
+        '--th_coeff',
+        type=float,
+        default=None,
+        help="override the trace's th_coeff (0.5: layers collapse and reset)",
+    )
     curve = sub.add_parser('curve', help='run the unchanged FMNIST folder and keep its curve')
     curve.add_argument('--rounds', type=int, default=200)
     curve.add_argument('--seed', type=int, default=1)
-    curve.add_argument('--draws', default=None,
-                       help='also record the draws (split, initial model, sampled clients, batch '
-                            'orders, per-client results) to this .npz, for replay_curve.py')
-    curve.add_argument('--float64', action='store_true',
-                       help='run the official model in float64 (the same draws as float32): '
-                            'with replay_curve.py --float64, whether the two codes part on the '
-                            'real workload for a reason other than float32 rounding')
+    curve.add_argument(
+        '--draws',
+        default=None,
+        help='also record the draws (split, initial model, sampled clients, batch '
+        'orders, per-client results) to this .npz, for replay_curve.py',
+    )
+    curve.add_argument(
+        '--float64',
+        action='store_true',
+        help='run the official model in float64 (the same draws as float32): '
+        'with replay_curve.py --float64, whether the two codes part on the '
+        'real workload for a reason other than float32 rounding',
+    )
     convert = sub.add_parser('convert', help='turn an official train_log.txt into a curve record')
     convert.add_argument('--log', required=True)
     convert.add_argument('--seed', type=int, default=1)
     for p in (trace, curve):
-        p.add_argument('--official', required=True,
-                       help='checkout (or git mirror) of news-vt/SpaFL_NeruIPS_2024')
+        p.add_argument(
+            '--official',
+            required=True,
+            help='checkout (or git mirror) of news-vt/SpaFL_NeruIPS_2024',
+        )
         p.add_argument('--data', default=FMNIST_DIR, help='Fashion-MNIST IDX files')
     for p in (trace, curve, convert):
         p.add_argument('--out', required=True)
@@ -619,10 +760,16 @@ def main() -> None:
     elif args.command == 'curve':
         run_curve(args)
     else:
-        write_curve_record(args.log, args.out, {
-            'code': 'official FMNIST folder (news-vt/SpaFL_NeruIPS_2024), unchanged',
-            'command': f'train.py --learning_rate 0.001 --th_coeff 0.002 --local_epoch 5 '
-                       f'--seed {args.seed}', 'data': FMNIST_DIR})
+        write_curve_record(
+            args.log,
+            args.out,
+            {
+                'code': 'official FMNIST folder (news-vt/SpaFL_NeruIPS_2024), unchanged',
+                'command': f'train.py --learning_rate 0.001 --th_coeff 0.002 --local_epoch 5 '
+                f'--seed {args.seed}',
+                'data': FMNIST_DIR,
+            },
+        )
 
 
 if __name__ == '__main__':
