@@ -68,6 +68,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     config_arg = next((a for a in argv if a.startswith('--config=')), '--config')
     try:
         rest = flags.FLAGS(argv)
+        # Progress goes to stdout (spafl_jax.console); absl's INFO detail (and JAX's, such as
+        # its probe for a TPU) only with --verbosity=0. absl.app raises an unset verbosity to
+        # INFO after parsing, so it is set here.
+        if 'verbosity' in flags.FLAGS and flags.FLAGS['verbosity'].using_default_value:
+            flags.FLAGS.verbosity = -1
         if 'config' in flags.FLAGS:
             _ = flags.FLAGS['config'].value.get  # a file that failed to load raises here
         return rest

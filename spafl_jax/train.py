@@ -26,6 +26,7 @@ import numpy as np
 from spafl_jax import client as client_lib
 from spafl_jax.checkpoint import Checkpointer, PreemptionWatcher
 from spafl_jax import configuration
+from spafl_jax import console as console_lib
 from spafl_jax import data as data_lib
 from spafl_jax import execution
 from spafl_jax import federated
@@ -140,13 +141,6 @@ def _one_client(tree):
 
 def _without(d: dict[str, Any], keys) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in keys}
-
-
-def _format_bits(bits: float) -> str:
-    for unit, scale in (('Gbit', 1e9), ('Mbit', 1e6), ('kbit', 1e3)):
-        if bits >= scale:
-            return f'{bits / scale:.2f} {unit}'
-    return f'{bits:.0f} bit'
 
 
 def save_final_state(path: str, state, method: methods.Method) -> None:
@@ -346,8 +340,12 @@ def prepare_workdir(
 class Run:
     """Everything a run needs that does not change between rounds (built before any compilation)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(
+        self, config: ml_collections.ConfigDict, console: console_lib.Console | None = None
+    ):
+        console = console or console_lib.Console(enabled=False)
         self.config = config
+        console.line(f'loading {config.dataset}')
         self.dataset = data_lib.load_dataset(
             config.dataset,
             os.path.expanduser(config.data_dir or '') or None,
@@ -355,6 +353,10 @@ class Run:
         )
         self.model = build_model(config, self.dataset.num_classes)
         check_model_fits(self.model, config, self.dataset.image_shape)
+        console.line(
+            f'splitting {len(self.dataset.train_labels)} + {len(self.dataset.test_labels)} '
+            f'examples over {config.num_clients} clients (Dirichlet alpha {config.alpha})'
+        )
         self.train_data, self.test_data = split_data(config, self.dataset)
         self.local_cfg, self.round_cfg = local_config(config), round_config(config)
         self.spec = data_spec(config, self.dataset)
@@ -411,7 +413,10 @@ def _disk_error(e: OSError, workdir: str, what: str) -> WorkdirError:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    overwrite: bool = False,
+    console: console_lib.Console | None = None,
 ) -> dict[str, Any]:
     """Runs SpaFL as configured, resuming from the newest good checkpoint in `workdir`.
 
@@ -423,21 +428,34 @@ def train_and_evaluate(
     In a multi-host run every process calls this with the same config and a workdir they all see
     (a shared file system). Every process computes; process 0 alone writes the files (and holds
     the lock), and all of them take part in the checkpoints.
+
+    Progress goes to `console` (default: stdout, on process 0 only; `Console(enabled=False)` for
+    silence): start-up steps, one line per evaluated round with the ETA, and the result.
     """
     lock = WorkdirLock(workdir)
     try:
-        return _train_and_evaluate(config, workdir, overwrite, lock)
+        return _train_and_evaluate(config, workdir, overwrite, lock, console)
     finally:
         lock.release()
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, overwrite: bool, lock: WorkdirLock
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    overwrite: bool,
+    lock: WorkdirLock,
+    console: console_lib.Console | None,
 ) -> dict[str, Any]:
     configuration.validate(config)
     execution.initialize_from_config(config)  # before anything touches a device
     lead = jax.process_index() == 0
-    run = Run(config)  # loads and splits the data; fails before anything is written or compiled
+    console = console or console_lib.Console(enabled=lead)
+    console.line(
+        f'{config.dataset} / {config.model}: {config.num_clients} clients, '
+        f'{config.clients_per_round} per round, {config.rounds} rounds -> {workdir}'
+    )
+    # Loads and splits the data; fails before anything is written or compiled.
+    run = Run(config, console)
     if lead:
         prepare_workdir(workdir, config, overwrite=overwrite, lock=lock)
         try:
@@ -447,6 +465,7 @@ def _train_and_evaluate(
     execution.barrier('spafl_jax: workdir prepared')
 
     summary_path = os.path.join(workdir, 'summary.json')
+    console.line(f'initializing {config.num_clients} clients ({config.client_init} initial model)')
     state = run.initial_state()
     params, thresholds, batch_stats = run.method.client_variables(state)
     one = _one_client(
@@ -477,12 +496,15 @@ def _train_and_evaluate(
     totals = {'bits_up': 0, 'bits_down': 0, 'flops': 0.0, 'steps': 0.0, 'max_steps': 0.0}
     sparsity = {}  # round (a string, as JSON keys are) -> packed first-layer masks
     start_round = 0
+    timer = console_lib.RoundTimer()
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         state, progress = restored
         start_round, totals = int(progress['round']), progress['totals']
         sparsity = dict(progress.get('sparsity', {}))  # absent in checkpoints of older versions
+        timer = console_lib.RoundTimer(progress.get('timing'))  # absent in older checkpoints too
         logging.info('resuming from the checkpoint of round %d in %s', start_round, workdir)
+        console.line(f'resuming after round {start_round} (checkpoint in {workdir})')
     logging.info(
         '%s on %s: %d clients (%d per round), %d masked weights, %d thresholds; '
         'train examples per client %d..%d',
@@ -547,11 +569,18 @@ def _train_and_evaluate(
             checkpointer.save(
                 rounds_done,
                 execution.host_local(state),
-                {'round': rounds_done, 'totals': totals, 'sparsity': sparsity},
+                {
+                    'round': rounds_done,
+                    'totals': totals,
+                    'sparsity': sparsity,
+                    'timing': timer.state(),
+                },
             )
         except OSError as e:
             raise _disk_error(e, workdir, 'a checkpoint') from None
 
+    if start_round < config.rounds:
+        console.line(f'round {start_round + 1} compiles (and the first evaluation)')
     try:
         with PreemptionWatcher() as preemption:
             for r in range(start_round, config.rounds):
@@ -606,6 +635,7 @@ def _train_and_evaluate(
                 totals['steps'] += float(round_metrics['local_steps'])
                 totals['max_steps'] += float(round_metrics['max_steps'])
                 round_seconds.append(time.time() - start)
+                timer.add(round_seconds[-1], evaluated=evaluate_now)
                 if r + 1 in sparsity_rounds:
                     params, thresholds, _ = run.method.client_variables(state)
                     sparsity[str(r + 1)] = _pack_masks(
@@ -644,11 +674,12 @@ def _train_and_evaluate(
                         100 * record['accuracy'],
                         100 * record['density'],
                         100 * record['density_weighted'],
-                        _format_bits(record['bits_up']),
-                        _format_bits(record['bits_down']),
+                        console_lib.format_bits(record['bits_up']),
+                        console_lib.format_bits(record['bits_down']),
                         record['train_loss'],
                         round_seconds[-1],
                     )
+                    console.round_line(r + 1, config.rounds, record, timer.per_round())
                 # Every process must take the same branch: a signal that reached one stops all.
                 preempted = execution.any_process(bool(preemption.received))
                 if (r + 1) % config.checkpoint_every == 0 or preempted:
@@ -665,15 +696,19 @@ def _train_and_evaluate(
     host_state = execution.host_local(state)
     try:
         final = records[-1]
-        steady = round_seconds[1:] or round_seconds or [float('nan')]
+        # Steady rounds of the whole run (compiling rounds left out, resumes included); a run too
+        # short to have one reports the mean of what it ran.
+        per_round = timer.per_round()
+        if per_round != per_round and round_seconds:
+            per_round = float(np.mean(round_seconds))
         summary = {
             **final,
             'rounds': config.rounds,
             'num_thresholds': num_thresholds,
             'masked_weights': masked_weights,
             'num_params': num_params,
-            'seconds_first_round': round_seconds[0] if round_seconds else float('nan'),
-            'seconds_per_round': float(np.mean(steady)),
+            'seconds_first_round': timer.first if timer.first is not None else float('nan'),
+            'seconds_per_round': per_round,
         }
         timings = ('seconds_first_round', 'seconds_per_round')
         if previous_summary is not None and not round_seconds:
@@ -697,4 +732,9 @@ def _train_and_evaluate(
                 _draw_sparsity(workdir, names[0], int(round_), packed)
     except OSError as e:
         raise _disk_error(e, workdir, 'the summary and figures') from None
+    console.line(
+        f'done: accuracy {100 * summary["accuracy"]:.2f}%, density {100 * summary["density"]:.2f}%'
+        f', sent {console_lib.format_bits(summary["bits_up"] + summary["bits_down"])}, '
+        f'{summary["seconds_per_round"]:.2f} s/round; results in {workdir}'
+    )
     return summary

@@ -233,3 +233,20 @@ def test_extending_a_finished_run_drops_its_summary_until_the_longer_run_finishe
     assert summary['round'] == summary['rounds'] == 4
     with open(tmp_path / 'summary.json') as f:
         assert json.load(f)['round'] == 4
+
+
+def test_seconds_per_round_after_a_resume_leave_out_compiling(tmp_path):
+    """The steady pace is the whole run's, across resumes; rounds that compile do not count."""
+    workdir = str(tmp_path)
+    small = dict(num_clients=4, clients_per_round=2, local_epochs=1, eval_every=2)
+    # Rounds 1 (compiles the round) and 2 (compiles the test) left out: 3 and 4 are steady.
+    first = train.train_and_evaluate(_config(rounds=4, **small), workdir)
+    assert first['seconds_first_round'] > first['seconds_per_round'] > 0
+    # Extended: round 5 is this process's first, round 6 its first evaluation; both compile, so
+    # the steady pace is still that of rounds 3 and 4, not the new process's compilation.
+    extended = train.train_and_evaluate(_config(rounds=6, **small), workdir)
+    assert extended['seconds_per_round'] == first['seconds_per_round']
+    # Two more rounds: the resumed process now has steady rounds, and they count with the old.
+    longer = train.train_and_evaluate(_config(rounds=9, **small), workdir)
+    assert longer['seconds_per_round'] != first['seconds_per_round']
+    assert longer['seconds_per_round'] < longer['seconds_first_round']
