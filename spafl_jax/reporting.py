@@ -21,6 +21,7 @@ import numpy as np
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
@@ -320,21 +321,88 @@ def _new_axes(title: str, ylabel: str):
     return fig, ax
 
 
-def save_figure(fig: Figure, path: str, dpi: float = _DPI) -> str:
-    """Writes the PNG atomically, and only when its bytes change (drawing is deterministic)."""
+def save_figure(fig: Figure, path: str, dpi: float = _DPI, vector: bool = True) -> str:
+    """Writes the PNG, and beside it the same figure as PDF (for a paper), atomically and only
+    when their bytes change (drawing is deterministic: the PDF carries no creation date)."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format='png')
     files.write_atomic(path, buffer.getvalue())
+    if vector:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format='pdf', metadata={'CreationDate': None, 'ModDate': None})
+        files.write_atomic(os.path.splitext(path)[0] + '.pdf', buffer.getvalue())
     return path
 
 
+BIT_UNITS = (('Tbit', 1e12), ('Gbit', 1e9), ('Mbit', 1e6), ('kbit', 1e3), ('bit', 1.0))
+
+
+def bit_unit(largest: float) -> tuple[str, float]:
+    """The unit in which `largest` bits reads with 1 to 3 digits before the point."""
+    for unit, scale in BIT_UNITS:
+        if largest >= scale:
+            return unit, scale
+    return BIT_UNITS[-1]
+
+
+def _communication(records: Sequence[Mapping[str, Any]], out_dir: str) -> str | None:
+    """Cumulative bits sent (up, down, total) against the round, with what FedAvg would send on
+    the same model and clients (every parameter both ways); a log axis when they are far apart."""
+    up_rounds, up = _series(records, 'bits_up')
+    down_rounds, down = _series(records, 'bits_down')
+    if not (up.size or down.size):
+        return None
+    fig, ax = _new_axes('Cumulative communication', '')
+    ours = []
+    if up.size and down.size and np.array_equal(up_rounds, down_rounds):
+        ours.append((up_rounds, up + down, 'sent, up + down', dict(linewidth=2.2, color='C0')))
+    ours += [
+        (up_rounds, up, 'uplink (clients to server)', dict(linewidth=1.2, color='C1')),
+        (down_rounds, down, 'downlink (server to clients)', dict(linewidth=1.2, color='C2')),
+    ]
+    dense_rounds, dense = _series(records, 'bits_dense_equivalent')
+    largest_ours = max(float(v.max()) for _, v, _, _ in ours if v.size)
+    unit, scale = bit_unit(largest_ours)
+    for rounds, values, label, style in ours:
+        if values.size:
+            ax.plot(rounds, values / scale, label=label, **style)
+    if dense.size:
+        fedavg = 2.0 * dense  # the dense model each way
+        ax.plot(
+            dense_rounds,
+            fedavg / scale,
+            linestyle='--',
+            color='0.35',
+            linewidth=1.5,
+            label='FedAvg on the same model and clients (up + down)',
+        )
+        if fedavg.max() > 30.0 * largest_ours:
+            ax.set_yscale('log')
+        if ours[0][1].size and ours[0][0][-1] == dense_rounds[-1] and ours[0][1][-1] > 0:
+            ratio = fedavg[-1] / ours[0][1][-1]
+            ax.annotate(
+                f'{ratio:,.0f}x less than FedAvg'
+                if ratio >= 1
+                else f'{1 / ratio:,.1f}x more than FedAvg',
+                xy=(ours[0][0][-1], ours[0][1][-1] / scale),
+                xytext=(-8, 10),
+                textcoords='offset points',
+                ha='right',
+                fontsize='small',
+            )
+    ax.set_ylabel(f'bits sent so far ({unit})')
+    ax.legend(fontsize='small')
+    return save_figure(fig, os.path.join(out_dir, 'communication.png'))
+
+
 def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
-    """Draws accuracy, density and communication curves of a run.
+    """Draws accuracy, density and communication curves of a run (PNG, and PDF beside each).
 
     Args:
       records: as returned by `read_metrics`. 'accuracy*' and 'density*' are
-        fractions in [0, 1]; 'bits_up' / 'bits_down' are the cumulative bits
+        fractions in [0, 1]; 'accuracy_std' is the spread over clients;
+        'bits_up' / 'bits_down' / 'bits_dense_equivalent' are the cumulative bits
         sent through that round (records exist only for evaluated rounds, so
         summing per-round values here would miss the rounds in between).
       out_dir: created if missing.
@@ -351,8 +419,6 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str
         'accuracy_weighted': 'weighted by test-set size',
         'density': 'mean over layers (official)',
         'density_weighted': 'weighted by parameters',
-        'bits_up': 'uplink',
-        'bits_down': 'downlink',
     }
 
     def plot_main(ax, key_list, scale):
@@ -372,8 +438,20 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str
 
     if keys & {'accuracy', 'accuracy_weighted'}:
         fig, ax = _new_axes('Test accuracy', 'accuracy (%)')
+        rounds, mean = _series(records, 'accuracy')
+        std_rounds, std = _series(records, 'accuracy_std')
+        if rounds.size and np.array_equal(rounds, std_rounds):
+            ax.fill_between(
+                rounds,
+                100 * np.clip(mean - std, 0, 1),
+                100 * np.clip(mean + std, 0, 1),
+                color='C0',
+                alpha=0.18,
+                linewidth=0,
+                label='± std over clients',
+            )
         if plot_main(ax, ['accuracy', 'accuracy_weighted'], 100.0):
-            ax.legend()
+            ax.legend(loc='lower right')
             paths.append(save_figure(fig, os.path.join(out_dir, 'accuracy.png')))
 
     layer_keys = sorted(k for k in keys if k.startswith('density/'))
@@ -398,20 +476,22 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str
             paths.append(save_figure(fig, os.path.join(out_dir, 'density.png')))
 
     if keys & {'bits_up', 'bits_down'}:
-        fig, ax = _new_axes('Cumulative communication', 'communication (Gbit)')
-        if plot_main(ax, ['bits_up', 'bits_down'], 1e-9):
-            ax.legend()
-            paths.append(save_figure(fig, os.path.join(out_dir, 'communication.png')))
+        path = _communication(records, out_dir)
+        if path:
+            paths.append(path)
     return paths
 
 
-def plot_sparsity_pattern(masks: np.ndarray, out_path: str, title: str = '') -> str:
-    """Draws kept filters per client, as in Figure 3 of the SpaFL paper.
+def plot_sparsity_pattern(
+    masks: np.ndarray, out_path: str, layer: str = 'first layer', round_: int | None = None
+) -> str:
+    """Draws kept filters per client, as in Figure 3 of the SpaFL paper (PNG and PDF).
 
     Args:
-      masks: [clients, filters] of 0/1, 1 where the filter is kept.
+      masks: [clients, filters] of 0/1, 1 where the filter is kept (drawn black).
       out_path: PNG path; its directory is created if missing.
-      title: figure title, e.g. the layer and the round.
+      layer: the layer's name, for the title.
+      round_: the round after which the masks hold, for the title.
 
     Returns:
       out_path.
@@ -420,14 +500,15 @@ def plot_sparsity_pattern(masks: np.ndarray, out_path: str, title: str = '') -> 
     if masks.ndim != 2:
         raise ValueError(f'masks must be [clients, filters], got {masks.shape}.')
     num_clients, num_filters = masks.shape
-    # Wide enough that each filter stays visible, tall enough per client.
-    width = min(max(4.0, 0.06 * num_filters + 1.5), 16.0)
-    height = min(max(2.0, 0.25 * num_clients + 1.2), 12.0)
+    # Wide enough for each filter and for the title and legend; tall enough per client.
+    width = min(max(6.4, 0.06 * num_filters + 3.0), 16.0)
+    height = min(max(3.2, 0.25 * num_clients + 1.6), 12.0)
     fig = Figure(figsize=(width, height), dpi=_DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    kept = masks != 0
     ax.imshow(
-        (masks != 0).astype(np.float32),
+        kept.astype(np.float32),
         cmap='gray_r',
         vmin=0.0,
         vmax=1.0,
@@ -435,12 +516,27 @@ def plot_sparsity_pattern(masks: np.ndarray, out_path: str, title: str = '') -> 
         interpolation='nearest',
         extent=(-0.5, num_filters - 0.5, num_clients - 0.5, -0.5),
     )
-    ax.set_xlabel('filter')
+    ax.set_xlabel(f'filter (output row) of {layer}')
     ax.set_ylabel('client')
-    density = float(np.mean(masks != 0)) if masks.size else 0.0
-    ax.set_title(title or f'Kept filters per client (density {density:.1%})')
+    density = float(np.mean(kept)) if masks.size else 0.0
+    when = f' after round {round_}' if round_ is not None else ''
+    ax.set_title(
+        f'{layer}: kept filters per client{when}\n'
+        f'{int(kept.sum())} of {masks.size} kept ({density:.1%})',
+        fontsize='medium',
+    )
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(
+        handles=[
+            Patch(facecolor='black', edgecolor='0.5', label='kept'),
+            Patch(facecolor='white', edgecolor='0.5', label='pruned'),
+        ],
+        loc='upper left',
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+        fontsize='small',
+    )
     out_dir = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(out_dir, exist_ok=True)
     return save_figure(fig, out_path)

@@ -171,7 +171,8 @@ def _draw_sparsity(workdir: str, layer: str, round_: int, packed: dict[str, Any]
     reporting.plot_sparsity_pattern(
         _unpack_masks(packed),
         os.path.join(workdir, f'sparsity_round_{round_:04d}.png'),
-        title=f'{layer}: kept rows per client after round {round_}',
+        layer=layer,
+        round_=round_,
     )
 
 

@@ -4,6 +4,7 @@ import json
 import os
 
 import matplotlib.image
+import matplotlib.text
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -156,8 +157,10 @@ def _records(num_rounds=20):
             'density_weighted': 1.0 - 0.55 * r / num_rounds,
             'density/Conv_0': 1.0 - 0.3 * r / num_rounds,
             'density/Dense_0': 1.0 - 0.7 * r / num_rounds,
+            'accuracy_std': 0.05,
             'bits_up': 32 * 10 * 5000 * (r + 1),
             'bits_down': 32 * 110 * 5000 * (r + 1),
+            'bits_dense_equivalent': 32 * 60000 * 10 * (r + 1),
         }
         for r in range(0, num_rounds + 1, 2)
     ]
@@ -172,13 +175,70 @@ def test_plot_metrics_writes_all_three_figures(tmp_path):
     ]
     for path in paths:
         _assert_real_png(path)
+        with open(path.replace('.png', '.pdf'), 'rb') as f:
+            assert f.read(5) == b'%PDF-'  # every figure also as a vector file
+
+    # Drawing is deterministic, the PDF included: drawing again leaves both files untouched.
+    def stamps():
+        folder = tmp_path / 'plots'
+        return {name: os.stat(folder / name).st_mtime_ns for name in os.listdir(folder)}
+
+    before = stamps()
+    reporting.plot_metrics(_records(), str(tmp_path / 'plots'))
+    assert stamps() == before and len(before) == 6
+
+
+def _figure_texts(monkeypatch, draw):
+    """The texts (titles, labels, legend entries, annotations) and y-scale of every figure
+    `draw()` saves."""
+    seen = {}
+
+    def capture(fig, path, **_):
+        texts = [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+        seen[os.path.basename(path)] = (texts, fig.axes[0].get_yscale(), fig)
+        return path
+
+    monkeypatch.setattr(reporting, 'save_figure', capture)
+    draw()
+    return seen
+
+
+def test_communication_is_in_readable_units_against_fedavg(monkeypatch, tmp_path):
+    seen = _figure_texts(monkeypatch, lambda: reporting.plot_metrics(_records(), str(tmp_path)))
+    texts, scale, fig = seen['communication.png']
+    # Ours ends at 32 * 120 * 5000 * 21 = 403 Mbit; FedAvg at 2 * 32 * 60000 * 10 * 21 = 806 Mbit.
+    assert 'bits sent so far (Mbit)' in texts and scale == 'linear'
+    assert 'FedAvg on the same model and clients (up + down)' in texts
+    assert {'sent, up + down', 'uplink (clients to server)', 'downlink (server to clients)'} <= set(
+        texts
+    )
+    assert '2x less than FedAvg' in texts
+    total = fig.axes[0].get_lines()[0].get_ydata()
+    assert total[-1] == pytest.approx(32 * 120 * 5000 * 21 / 1e6)
+
+    # Far apart (SpaFL sends a hundredth of FedAvg's bits): a log axis, the unit of ours.
+    far = [{**r, 'bits_dense_equivalent': 1000 * r['bits_dense_equivalent']} for r in _records()]
+    seen = _figure_texts(monkeypatch, lambda: reporting.plot_metrics(far, str(tmp_path)))
+    texts, scale, _ = seen['communication.png']
+    assert scale == 'log' and 'bits sent so far (Mbit)' in texts
+    assert '2,000x less than FedAvg' in texts
+
+
+def test_accuracy_has_the_spread_over_clients(monkeypatch, tmp_path):
+    seen = _figure_texts(monkeypatch, lambda: reporting.plot_metrics(_records(), str(tmp_path)))
+    texts, _, fig = seen['accuracy.png']
+    assert '± std over clients' in texts
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    first, last = _records()[0]['accuracy'], _records()[-1]['accuracy']
+    assert band.min() == pytest.approx(100 * (first - 0.05))
+    assert band.max() == pytest.approx(100 * (last + 0.05))
 
 
 def test_plot_metrics_skips_figures_whose_keys_are_absent(tmp_path):
     records = [{'round': r['round'], 'accuracy': r['accuracy']} for r in _records()]
     paths = reporting.plot_metrics(records, str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ['accuracy.png']
-    assert sorted(os.listdir(tmp_path)) == ['accuracy.png']
+    assert sorted(os.listdir(tmp_path)) == ['accuracy.pdf', 'accuracy.png']
     assert reporting.plot_metrics([], str(tmp_path / 'empty')) == []
 
 
@@ -189,14 +249,35 @@ def test_plot_metrics_density_from_layer_keys_only(tmp_path):
     _assert_real_png(paths[0])
 
 
-def test_plot_sparsity_pattern(tmp_path):
+def test_plot_sparsity_pattern(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     masks = (rng.random((10, 64)) < 0.4).astype(np.int32)
     path = reporting.plot_sparsity_pattern(
-        masks, str(tmp_path / 'sub' / 'conv0_round100.png'), title='Conv_0, round 100'
+        masks, str(tmp_path / 'sub' / 'conv0_round100.png'), layer='Conv_0', round_=100
     )
     assert path == str(tmp_path / 'sub' / 'conv0_round100.png')
     _assert_real_png(path)
+    assert os.path.exists(tmp_path / 'sub' / 'conv0_round100.pdf')
+    # The round is in the title, so two rounds with the same masks are two different files.
+    reporting.plot_sparsity_pattern(masks, str(tmp_path / 'round3.png'), layer='Conv_0', round_=3)
+    with open(path, 'rb') as a, open(tmp_path / 'round3.png', 'rb') as b:
+        assert a.read() != b.read()
+    seen = _figure_texts(
+        monkeypatch,
+        lambda: reporting.plot_sparsity_pattern(masks, 'x.png', layer='Conv_0', round_=100),
+    )
+    texts, _, fig = seen['x.png']
+    kept = int(masks.sum())
+    assert (
+        f'Conv_0: kept filters per client after round 100\n{kept} of 640 kept '
+        f'({kept / 640:.1%})' in texts
+    )
+    assert {'kept', 'pruned'} <= set(texts)
+    # The whole title fits in the figure (it is not clipped at the edges).
+    fig.tight_layout()
+    fig.canvas.draw()
+    box = fig.axes[0].title.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width
     with pytest.raises(ValueError):
         reporting.plot_sparsity_pattern(np.ones(5), str(tmp_path / 'x.png'))
 
