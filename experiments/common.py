@@ -112,6 +112,7 @@ EXECUTION_FIELDS = (
     'eval_batch_size',
     'data_dir',
     'download',
+    'writers',
     'sparsity_rounds',
     'coordinator_address',
     'num_processes',

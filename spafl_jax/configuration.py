@@ -13,6 +13,7 @@ from spafl_jax.client import AUGMENTATIONS, COLLAPSE_CHECKS
 from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import models
+from spafl_jax import writers as writers_lib
 from spafl_jax.execution import CLIENT_EXECUTIONS
 from spafl_jax.algorithm import AGGREGATIONS
 from spafl_jax.federated import CLIENT_INITS, IMPORTANCE_UPDATES
@@ -113,6 +114,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _number(config, 'max_loss', positive=True)
     if 'download' in config:
         checks.boolean('config', 'download', config.download)
+    if 'writers' in config:
+        if not isinstance(config.writers, str):
+            raise ConfigError(
+                f'config.writers={config.writers!r} must be a comma-separated '
+                "string such as 'wandb' or 'wandb,clu' (empty: none)."
+            )
+        problem = writers_lib.problem(config.writers)
+        if problem:
+            raise ConfigError(problem)
     for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels', 'drop_last'):
         checks.boolean('config', field, config[field])
     rounds = config.sparsity_rounds

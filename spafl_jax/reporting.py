@@ -26,6 +26,9 @@ from matplotlib.ticker import MaxNLocator
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+from tensorboard.plugins.hparams import api_pb2 as hparams_api_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import plugin_data_pb2 as hparams_data_pb2
 
 from spafl_jax import files
 
@@ -160,6 +163,83 @@ def _scalar_event(record: Mapping[str, Any], wall_time: float) -> event_pb2.Even
     )
 
 
+def flat_hparams(hparams: Mapping[str, Any], prefix: str = '') -> dict[str, bool | float | str]:
+    """A config as TensorBoard's hparams take it: nested keys joined by '.', numbers as floats,
+    booleans and strings as they are, anything else (tuples, None) as its text."""
+    flat = {}
+    for key, value in sorted(hparams.items()):
+        name = f'{prefix}{key}'
+        if isinstance(value, Mapping):
+            flat.update(flat_hparams(value, f'{name}.'))
+        elif isinstance(value, (bool, str)):
+            flat[name] = value
+        elif isinstance(value, numbers.Real):
+            flat[name] = float(value)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+# The metrics the hparams dashboard offers as columns next to a run's hyperparameters.
+HPARAMS_METRICS = (
+    'accuracy',
+    'accuracy_weighted',
+    'density',
+    'density_weighted',
+    'bits_up',
+    'bits_down',
+    'train_loss',
+)
+
+
+def _hparams_events(hparams: Mapping[str, Any], wall_time: float) -> list[event_pb2.Event]:
+    """TensorBoard's hparams plugin records (experiment, then session start) for `hparams`,
+    written without TensorFlow: the plugin's own protos in summaries over its null tensor."""
+    flat = flat_hparams(hparams)
+    kinds = {
+        bool: hparams_api_pb2.DATA_TYPE_BOOL,
+        float: hparams_api_pb2.DATA_TYPE_FLOAT64,
+        str: hparams_api_pb2.DATA_TYPE_STRING,
+    }
+    experiment = hparams_api_pb2.Experiment(
+        hparam_infos=[
+            hparams_api_pb2.HParamInfo(name=k, type=kinds[type(v)]) for k, v in flat.items()
+        ],
+        metric_infos=[
+            hparams_api_pb2.MetricInfo(name=hparams_api_pb2.MetricName(tag=t))
+            for t in HPARAMS_METRICS
+        ],
+    )
+    start = hparams_data_pb2.SessionStartInfo()
+    for key, value in flat.items():
+        if isinstance(value, bool):
+            start.hparams[key].bool_value = value
+        elif isinstance(value, float):
+            start.hparams[key].number_value = value
+        else:
+            start.hparams[key].string_value = value
+    events = []
+    for tag, data in (
+        (
+            hparams_metadata.EXPERIMENT_TAG,
+            hparams_data_pb2.HParamsPluginData(experiment=experiment),
+        ),
+        (
+            hparams_metadata.SESSION_START_INFO_TAG,
+            hparams_data_pb2.HParamsPluginData(session_start_info=start),
+        ),
+    ):
+        value = summary_pb2.Summary.Value(
+            tag=tag,
+            metadata=hparams_metadata.create_summary_metadata(data),
+            tensor=hparams_metadata.NULL_TENSOR,
+        )
+        events.append(
+            event_pb2.Event(wall_time=wall_time, summary=summary_pb2.Summary(value=[value]))
+        )
+    return events
+
+
 def _same_content(a: event_pb2.Event, b: event_pb2.Event) -> bool:
     """Equal but for the wall time (which a rebuilt event cannot know)."""
     a, b = (
@@ -170,9 +250,13 @@ def _same_content(a: event_pb2.Event, b: event_pb2.Event) -> bool:
     return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
 
 
-def _open_event_log(directory: str, records: Sequence[Mapping[str, Any]]) -> str:
-    """Makes `directory`/EVENTS_FILENAME hold exactly a version event and one scalar event per
-    record, and returns its path.
+def _open_event_log(
+    directory: str,
+    records: Sequence[Mapping[str, Any]],
+    hparams: Mapping[str, Any] | None = None,
+) -> str:
+    """Makes `directory`/EVENTS_FILENAME hold exactly a version event, the hparams events (when
+    given) and one scalar event per record, and returns its path.
 
     TensorBoard reads every event file of a directory, so a file that is not rebuilt from the
     metrics could show rounds a killed run wrote and a resumed run recomputed. The file is kept as
@@ -184,7 +268,9 @@ def _open_event_log(directory: str, records: Sequence[Mapping[str, Any]]) -> str
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, EVENTS_FILENAME)
     now = time.time()
-    expected = [_version_event(now)] + [_scalar_event(r, now) for r in records]
+    expected = [_version_event(now)]
+    expected += _hparams_events(hparams, now) if hparams else []
+    expected += [_scalar_event(r, now) for r in records]
     existing = files.read_bytes(path) or b''
     found = _read_tfrecords(existing)
     matched = 0
@@ -212,7 +298,9 @@ def _open_event_log(directory: str, records: Sequence[Mapping[str, Any]]) -> str
 
 class MetricsWriter:
     """Writes one JSON object per evaluated round to workdir/metrics.jsonl and
-    its numbers to the TensorBoard event file workdir/tensorboard/EVENTS_FILENAME.
+    its numbers to the TensorBoard event file workdir/tensorboard/EVENTS_FILENAME,
+    with the run's hyperparameters for TensorBoard's hparams dashboard. The
+    always-on writer of `spafl_jax.writers` (`write_scalars`, `write_hparams`).
 
     Safe across kills and restarts: each record is a single O_APPEND write
     followed by fsync, a partial last line left by a killed process is cut on
@@ -222,15 +310,22 @@ class MetricsWriter:
     is made to hold exactly the records kept (`_open_event_log`).
     """
 
-    def __init__(self, workdir: str, resume_from_round: int | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        resume_from_round: int | None = None,
+        hparams: Mapping[str, Any] | None = None,
+    ):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILENAME)
         self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIRNAME)
         records = self._repair(resume_from_round)
         self._last_round = records[-1]['round'] if records else None
+        self._hparams = dict(hparams) if hparams else None
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._tb_fd = os.open(
-            _open_event_log(self.tensorboard_dir, records), os.O_WRONLY | os.O_APPEND
+            _open_event_log(self.tensorboard_dir, records, self._hparams),
+            os.O_WRONLY | os.O_APPEND,
         )
 
     def _repair(self, resume_from_round: int | None) -> list[dict]:
@@ -284,6 +379,25 @@ class MetricsWriter:
         self._last_round = step
         # Not fsynced: a torn event is rebuilt from metrics.jsonl on the next open.
         os.write(self._tb_fd, _tfrecord(_scalar_event(clean, time.time()).SerializeToString()))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """`write({'round': step, **scalars})`: the writers' interface."""
+        self.write({**scalars, 'round': step})
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """The run's hyperparameters for TensorBoard (the event file is rebuilt with them; the
+        same hyperparameters again change nothing)."""
+        if self._fd is None:
+            raise ValueError('MetricsWriter is closed.')
+        if self._hparams == dict(hparams):
+            return
+        self._hparams = dict(hparams)
+        os.close(self._tb_fd)
+        records = read_metrics(self.path)
+        self._tb_fd = os.open(
+            _open_event_log(self.tensorboard_dir, records, self._hparams),
+            os.O_WRONLY | os.O_APPEND,
+        )
 
     def close(self) -> None:
         if self._fd is not None:

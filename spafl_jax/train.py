@@ -36,6 +36,7 @@ from spafl_jax import methods
 from spafl_jax import metrics as metrics_lib
 from spafl_jax import models
 from spafl_jax import reporting
+from spafl_jax import writers as writers_lib
 
 
 def local_config(config) -> client_lib.LocalConfig:
@@ -213,6 +214,8 @@ RESUMABLE_FIELDS = (
     'num_processes',
     'process_id',
     'max_loss',
+    'download',
+    'writers',
 )
 # Fields added after runs were already written, with the value that reproduces those runs: a
 # workdir whose config.json lacks one resumes as if it held that value.
@@ -558,7 +561,16 @@ def _train_and_evaluate(
         macs=macs,
     )
     # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
-    writer = reporting.MetricsWriter(workdir, resume_from_round=start_round + 1) if lead else None
+    writer = (
+        writers_lib.create(
+            workdir,
+            config.get('writers', ''),
+            resume_from_round=start_round + 1,
+            hparams=config.to_dict(),
+        )
+        if lead
+        else None
+    )
     execution.barrier('spafl_jax: metrics file repaired')  # then every process reads the same lines
     records = reporting.read_metrics(os.path.join(workdir, reporting.METRICS_FILENAME))
     sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
@@ -663,7 +675,9 @@ def _train_and_evaluate(
                     }
                     try:
                         if lead:
-                            writer.write(record)
+                            writer.write_scalars(
+                                record['round'], {k: v for k, v in record.items() if k != 'round'}
+                            )
                     except OSError as e:
                         raise _disk_error(e, workdir, reporting.METRICS_FILENAME) from None
                     records.append(record)

@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = 'digits'  # digits | fashion_mnist | cifar10 | cifar100
     config.data_dir = ''  # where datasets are (and are downloaded to); '' = defaults
     config.download = True  # fetch a missing dataset's published archives (checked)
+    # Reporting: JSON lines and TensorBoard always; optional writers, comma-separated: wandb, clu.
+    config.writers = ''
     config.raw_pixels = False  # True: feed raw 0..255 pixels like the official loaders
     config.augment = 'none'  # none | crop_flip (CIFAR: random crop pad 4 + flip)
     config.num_clients = 20  # N, every client persistent
