@@ -25,8 +25,7 @@ import time
 from typing import Any
 from collections.abc import Callable, Sequence
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
-sys.path.insert(0, os.path.dirname(os.path.dirname(_CONFIG_DIR)))  # works without installing too
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
@@ -45,7 +44,7 @@ IMPORTANCE_UPDATES = ('all_after', 'none')
 REPORTED = ('accuracy', 'density', 'density_weighted')
 
 _CONFIG = common.define_config_flag(
-    os.path.join(_CONFIG_DIR, 'default.py'),
+    os.path.join(common.CONFIG_DIR, 'default.py'),
     'Config file (a bare name is looked up in '
     'spafl_jax/configs/); override fields with --config.FIELD=VALUE.',
 )
@@ -204,7 +203,7 @@ def main(argv):
     seeds = common.parse_seeds(_SEEDS.value)
     config, workdir = _CONFIG.value, _WORKDIR.value
     command = 'python experiments/ablation.py ' + ' '.join(
-        shlex.quote(a.replace(_CONFIG_DIR + os.sep, '')) for a in sys.argv[1:]
+        shlex.quote(a.replace(common.CONFIG_DIR + os.sep, '')) for a in sys.argv[1:]
     )
     estimators, updates = _ESTIMATORS.value, _IMPORTANCE_UPDATES.value
     if _RECORDS_ONLY.value:
