@@ -302,7 +302,7 @@ def test_two_processes_run_and_resume_the_training_command_like_one(tmp_path):
             for i in range(2)
         ]
         outputs = [_finish(job) for job in jobs]
-    assert 'resuming from the checkpoint of round 3' in outputs[1], outputs[1][-2000:]
+    assert 'resuming after round 3' in outputs[1], outputs[1][-2000:]
     expected, got = _metrics(single), _metrics(multi)
     assert [r['round'] for r in got] == [1, 2, 3, 4]
     for want, have in zip(expected, got):
