@@ -166,16 +166,37 @@ def collect(workdir: str, method_names: Sequence[str], seeds: Sequence[int]) -> 
             gbit_total=(up + down) / 1e9,
             flops_per_client=float(np.mean(get('flops'))),
         )
+        # The seeds that finished, while others have not: what the table shows until they do.
+        row['finished_only'] = (
+            collect_summaries(name, done, [s for s, x in zip(seeds, summaries) if x is not None])
+            if 0 < len(done) < len(seeds)
+            else None
+        )
         rows.append(row)
     return rows
+
+
+def collect_summaries(name: str, done: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:
+    """`collect`'s row for `name` over the finished summaries `done` alone (of `seeds`)."""
+    row: dict[str, Any] = {'method': name, 'seeds': ' '.join(map(str, seeds))}
+    for field in SPREAD:
+        row[f'{field}_mean'], row[f'{field}_std'] = common.mean_std([s[field] for s in done])
+    up, down = (float(np.mean([s[field] for s in done])) for field in ('bits_up', 'bits_down'))
+    row.update(
+        gbit_up=up / 1e9,
+        gbit_down=down / 1e9,
+        gbit_total=(up + down) / 1e9,
+        flops_per_client=float(np.mean([s['flops'] for s in done])),
+    )
+    return row
 
 
 def flop_unit(rows: Sequence[dict]) -> tuple[str, float]:
     """The unit that shows the largest per-client FLOPs of the table with at most 4 digits before
     the point."""
-    largest = max(
-        (r['flops_per_client'] for r in rows if math.isfinite(r['flops_per_client'])), default=0.0
-    )
+    values = [r['flops_per_client'] for r in rows]
+    values += [r['finished_only']['flops_per_client'] for r in rows if r.get('finished_only')]
+    largest = max((v for v in values if math.isfinite(v)), default=0.0)
     for unit, scale in FLOP_UNITS:
         if largest >= scale:
             return unit, scale
@@ -191,7 +212,7 @@ def write_tables(
 
     unit, scale = flop_unit(rows)
     seeds = rows[0]['seeds'] if rows else ''
-    percent, number = common.percent_cell, common.number_cell
+    number = common.number_cell
     lines = [
         f'# Comparison: {config.dataset} / {config.model}, {config.rounds} rounds',
         '',
@@ -212,11 +233,22 @@ def write_tables(
         name = row['method'] + common.unfinished_note(
             {seed: run_dir(workdir, row['method'], int(seed)) for seed in seeds.split()}
         )
+        shown, only = row, ''
+        if row.get('finished_only'):  # some seeds finished: their values, marked as theirs
+            shown = row['finished_only']
+            finished = shown['seeds'].split()
+            only = f' (seed{"s" if len(finished) > 1 else ""} {shown["seeds"]})'
+
+        def percent(field, shown=shown, only=only):
+            if only and ' ' not in shown['seeds']:
+                return f'{100 * shown[f"{field}_mean"]:.2f}{only}'
+            return common.percent_cell(shown, field) + only
+
         lines.append(
-            f'| {name} | {percent(row, "accuracy")} | {number(row["gbit_total"])} | '
-            f'{number(row["gbit_up"])} | {number(row["gbit_down"])} | '
-            f'{number(row["flops_per_client"] / scale)} | {percent(row, "density")} | '
-            f'{percent(row, "density_weighted")} |'
+            f'| {name} | {percent("accuracy")} | {number(shown["gbit_total"])} | '
+            f'{number(shown["gbit_up"])} | {number(shown["gbit_down"])} | '
+            f'{number(shown["flops_per_client"] / scale)} | {percent("density")} | '
+            f'{percent("density_weighted")} |'
         )
     lines += by_round_table(workdir, [r['method'] for r in rows], seeds.split(), config.rounds)
     differences = {

@@ -40,7 +40,12 @@ PARTS = (
     (
         'tuning',
         'tune_fmnist',
-        ['tuning.py', '--runs={results}/tune_fmnist', '--config=fmnist.py', '--rounds=50,100,200'],
+        [
+            'tuning.py',
+            '--runs={results}/tune_fmnist',
+            '--config=fmnist.py',
+            '--rounds=50,100,200,300,500',
+        ],
     ),
     (
         'tuning',

@@ -82,7 +82,11 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
     ) in table
     assert '| spafl | 85.00 ± 7.07 | 4 | 1 | 3 | 3 | 60.00 ± 14.14 | 30.00 ± 7.07 |' in table
     assert '| fedavg | 65.00 ± 7.07 | 100 | 50 | 50 | 6 | 100.00 ± 0.00 | 100.00 ± 0.00 |' in table
-    assert '| local (seed 2: stopped at round 2) | – | – | – | – | – | – | – |' in table
+    # Seed 1 finished, seed 2 did not: seed 1's values until seed 2 finishes, marked as its.
+    assert (
+        '| local (seed 2: stopped at round 2) | 50.00 (seed 1) | 0 | 0 | 0 | 6 | 100.00 (seed 1) | '
+        '100.00 (seed 1) |'
+    ) in table
     assert 'Command: `python experiments/compare.py ...`' in table
     # Along the run: round 3, where local's seed 2 (stopped at round 2) does not count.
     assert (
