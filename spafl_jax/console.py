@@ -18,12 +18,21 @@ import time
 from typing import TextIO
 
 
+BIT_UNITS = (('Tbit', 1e12), ('Gbit', 1e9), ('Mbit', 1e6), ('kbit', 1e3), ('bit', 1.0))
+
+
+def bit_unit(largest: float) -> tuple[str, float]:
+    """The unit in which `largest` bits reads with 1 to 3 digits before the point."""
+    for unit, scale in BIT_UNITS:
+        if largest >= scale:
+            return unit, scale
+    return BIT_UNITS[-1]
+
+
 def format_bits(bits: float) -> str:
     """`bits` with the unit that keeps 1-3 digits before the point: 1.41 Mbit, 55.1 Gbit."""
-    for unit, scale in (('Tbit', 1e12), ('Gbit', 1e9), ('Mbit', 1e6), ('kbit', 1e3)):
-        if bits >= scale:
-            return f'{bits / scale:.3g} {unit}'
-    return f'{bits:.0f} bit'
+    unit, scale = bit_unit(bits)
+    return f'{bits:.0f} bit' if unit == 'bit' else f'{bits / scale:.3g} {unit}'
 
 
 def format_duration(seconds: float) -> str:

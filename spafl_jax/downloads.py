@@ -22,7 +22,7 @@ import os
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 CONNECT_TIMEOUT = 4.0  # seconds to connect and receive the response headers
 READ_TIMEOUT = 60.0  # seconds any one read of the body may wait
@@ -259,7 +259,3 @@ def download(
     return [
         fetch(archive, directory, mirror=mirror, progress=progress) for archive in SOURCES[name]
     ]
-
-
-def filenames(name: str) -> Sequence[str]:
-    return [archive.filename for archive in SOURCES[name]]

@@ -31,6 +31,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams import plugin_data_pb2 as hparams_data_pb2
 
 from spafl_jax import files
+from spafl_jax.console import bit_unit
 
 METRICS_FILENAME = 'metrics.jsonl'
 TENSORBOARD_DIRNAME = 'tensorboard'
@@ -447,17 +448,6 @@ def save_figure(fig: Figure, path: str, dpi: float = _DPI, vector: bool = True) 
         fig.savefig(buffer, format='pdf', metadata={'CreationDate': None, 'ModDate': None})
         files.write_atomic(os.path.splitext(path)[0] + '.pdf', buffer.getvalue())
     return path
-
-
-BIT_UNITS = (('Tbit', 1e12), ('Gbit', 1e9), ('Mbit', 1e6), ('kbit', 1e3), ('bit', 1.0))
-
-
-def bit_unit(largest: float) -> tuple[str, float]:
-    """The unit in which `largest` bits reads with 1 to 3 digits before the point."""
-    for unit, scale in BIT_UNITS:
-        if largest >= scale:
-            return unit, scale
-    return BIT_UNITS[-1]
 
 
 def _communication(records: Sequence[Mapping[str, Any]], out_dir: str) -> str | None:
