@@ -29,6 +29,13 @@ class ClientState:
     # Under `collapse_check='previous'`: per masked layer, whether the mask of the client's last
     # forward pass (training step or test batch) kept at most 1 % of its rows. Else ().
     collapsed: Any = ()
+    # The lazy importance update (`server.lazy_importance_update`), shaped like `thresholds` when
+    # `importance_update='all_after'` runs lazily, else (): each kernel row's sum as the eager
+    # update would see it, and the shift accumulated since the client last trained. The stored
+    # kernel is the one the client last trained; its current weights are `kernel - shift`
+    # (`server.apply_shifts`, which every reader of the weights goes through).
+    row_sums: Any = ()
+    shifts: Any = ()
 
 
 @dataclasses.dataclass(frozen=True)

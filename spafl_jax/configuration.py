@@ -14,7 +14,7 @@ from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import models
 from spafl_jax import writers as writers_lib
-from spafl_jax.execution import CLIENT_EXECUTIONS
+from spafl_jax.execution import CLIENT_EXECUTIONS, DISTRIBUTED
 from spafl_jax.algorithm import AGGREGATIONS
 from spafl_jax.federated import CLIENT_INITS, IMPORTANCE_UPDATES
 
@@ -114,6 +114,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _number(config, 'max_loss', positive=True)
     if 'download' in config:
         checks.boolean('config', 'download', config.download)
+    if 'lazy_importance' in config:
+        checks.boolean('config', 'lazy_importance', config.lazy_importance)
     if 'writers' in config:
         if not isinstance(config.writers, str):
             raise ConfigError(
@@ -214,6 +216,14 @@ def _validate_execution(config: ml_collections.ConfigDict) -> None:
             at_most=config.get('num_processes', 1) - 1,
         )
     address = config.get('coordinator_address') or ''
+    if 'distributed' in config:
+        _choice(config, 'distributed', DISTRIBUTED)
+        if config.distributed == 'auto' and (address or config.get('num_processes', 1) > 1):
+            raise ConfigError(
+                "config.distributed='auto' detects the processes itself: leave "
+                'config.coordinator_address and config.num_processes unset, or set '
+                "config.distributed='off' to give them by hand."
+            )
     if not isinstance(address, str) or (address and ':' not in address):
         raise ConfigError(
             f'config.coordinator_address={address!r} must be "" (one process) or '

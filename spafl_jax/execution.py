@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from spafl_jax import algorithm as algorithm_lib
+from spafl_jax import checks
 from spafl_jax import client as client_lib
 from spafl_jax import federated
 from spafl_jax import xla
@@ -44,6 +45,7 @@ from spafl_jax.client import DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
 
 CLIENT_EXECUTIONS = ('auto', 'loop', 'map', 'vmap')
+DISTRIBUTED = ('off', 'auto')  # config.distributed
 CLIENTS = 'clients'  # the mesh axis the client dimension is sharded along
 
 
@@ -87,11 +89,14 @@ def initialize_runtime(
     process_id: int = 0,
     num_cpu_devices: int = 0,
     clients_per_round: int = 1,
+    distributed: str = 'off',
 ) -> None:
     """Multi-host start-up and simulated CPU devices; must run before JAX touches a device.
 
     With `coordinator_address`, `jax.distributed.initialize` joins `num_processes` processes (TPU
-    pods, GPU hosts, or CPU processes whose collectives go through gloo).
+    pods, GPU hosts, or CPU processes whose collectives go through gloo). With `distributed='auto'`
+    it is called without arguments and finds them itself, from the platform a pod or a job
+    scheduler provides (Cloud TPU, Slurm, Open MPI, Kubernetes): the same command on every host.
 
     `num_cpu_devices > 0` splits the host CPU into that many devices: multi-device code on a laptop,
     and several clients training at once. `AUTO_CPU_DEVICES` (-1) takes `auto_cpu_devices`: on the
@@ -100,8 +105,11 @@ def initialize_runtime(
     devices alone in a multi-process run, and when JAX has already started (in a notebook, say). The
     setting only concerns the CPU backend: a GPU or TPU run is not affected.
     """
+    if distributed not in DISTRIBUTED:
+        raise ValueError(f'distributed={distributed!r}; use one of {", ".join(DISTRIBUTED)}.')
     if num_cpu_devices == AUTO_CPU_DEVICES:
-        count = auto_cpu_devices(clients_per_round) if num_processes == 1 else 1
+        alone = num_processes == 1 and distributed == 'off'
+        count = auto_cpu_devices(clients_per_round) if alone else 1
         if count > 1:
             try:
                 jax.config.update('jax_num_cpu_devices', count)
@@ -112,14 +120,24 @@ def initialize_runtime(
                 )
     elif num_cpu_devices > 0:
         jax.config.update('jax_num_cpu_devices', num_cpu_devices)
-    if coordinator_address and not jax.distributed.is_initialized():
+    if (coordinator_address or distributed == 'auto') and not jax.distributed.is_initialized():
         # CPU processes exchange the psum through gloo (the default of this JAX; set for clarity).
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-        )
+        if distributed == 'auto':
+            try:
+                jax.distributed.initialize()
+            except ValueError as e:  # no cluster found: JAX asks for the values by hand
+                raise checks.ConfigError(
+                    "config.distributed='auto' found no multi-host platform here (TPU pod, "
+                    'Slurm, Open MPI or Kubernetes): give config.coordinator_address, '
+                    f'num_processes and process_id instead ({e})'
+                ) from None
+        else:
+            jax.distributed.initialize(
+                coordinator_address=coordinator_address,
+                num_processes=num_processes,
+                process_id=process_id,
+            )
 
 
 def make_mesh(num_clients: int, devices=None) -> Mesh:
@@ -1005,6 +1023,7 @@ def initialize_from_config(config) -> None:
         process_id=config.get('process_id', 0),
         num_cpu_devices=config.get('num_cpu_devices', 0),
         clients_per_round=config.get('clients_per_round', 1),
+        distributed=config.get('distributed', 'off'),
     )
 
 

@@ -165,11 +165,26 @@ def _init_clients(model, cfg, keys, image_shape, shared: bool) -> ClientState:
 
 
 def init_state(
-    model, cfg: LocalConfig, rng, *, num_clients, image_shape, client_init: str = 'shared'
+    model,
+    cfg: LocalConfig,
+    rng,
+    *,
+    num_clients,
+    image_shape,
+    client_init: str = 'shared',
+    lazy_importance: bool = False,
 ) -> FederatedState:
+    """Round 0's state. `lazy_importance`: the clients keep the lazy importance update's row sums
+    and shifts (`server.lazy_importance_update`), which `importance_update='all_after'` then uses
+    instead of updating every client's weights."""
     clients = init_clients(
         model, cfg, rng, num_clients=num_clients, image_shape=image_shape, client_init=client_init
     )
+    if lazy_importance:
+        clients = clients.replace(
+            row_sums=jax.vmap(server.row_sums)(clients.params, clients.thresholds),
+            shifts=jax.tree.map(jnp.zeros_like, clients.thresholds),
+        )
     zeros = lambda: jax.tree.map(lambda t: jnp.zeros(t.shape[1:], t.dtype), clients.thresholds)
     # Separate buffers: the round donates its state, and one buffer cannot be donated twice.
     return FederatedState(
@@ -197,7 +212,7 @@ def start_client(
     """Step 2 of docs/algorithm.md, section 3, for one sampled client: it receives tau_g and, under
     `importance_update='sampled_before'` (the FMNIST folder), last round's importance update.
     Returns (client, the optimizer state its local work starts from)."""
-    client = stored.replace(thresholds=state.server_thresholds)
+    client = materialize(stored).replace(thresholds=state.server_thresholds)
     if round_cfg.importance_update == 'sampled_before':
         client = client.replace(params=server.importance_update(client.params, state.last_delta))
     return client, client_lib.round_opt_state(cfg, client)
@@ -207,7 +222,25 @@ def end_client(cfg: LocalConfig, client: ClientState, opt_state):
     """Step 3's end: the client keeps its model (and its momentum if persistent), sends tau_k."""
     if cfg.persistent_optimizer:
         client = client.replace(opt_state=opt_state)
+    if is_lazy(client):  # the stored kernel is now the trained one: nothing pending
+        client = client.replace(row_sums=server.row_sums(client.params, client.thresholds))
     return client, client.thresholds
+
+
+def is_lazy(clients: ClientState) -> bool:
+    """Whether the clients keep the lazy importance update (`init_state(lazy_importance=True)`)."""
+    return bool(jax.tree.leaves(clients.shifts))
+
+
+def materialize(client: ClientState) -> ClientState:
+    """One client with the importance updates it has pending applied to its weights, and none left
+    pending; the client itself when it keeps no lazy update. For `[N, ...]` clients, vmap it."""
+    if not is_lazy(client):
+        return client
+    return client.replace(
+        params=server.apply_shifts(client.params, client.shifts),
+        shifts=jax.tree.map(jnp.zeros_like, client.shifts),
+    )
 
 
 def server_update(
@@ -217,7 +250,15 @@ def server_update(
     change reaches every client's weights under `importance_update='all_after'` (the CIFAR folders).
     `clients` is every client, the trained ones already written back."""
     delta = jax.tree.map(jnp.subtract, new_global, state.server_thresholds)
-    if round_cfg.importance_update == 'all_after':
+    if round_cfg.importance_update == 'all_after' and is_lazy(clients):
+        sums, shifts = jax.vmap(server.lazy_importance_update, in_axes=(0, 0, None, None))(
+            clients.row_sums,
+            clients.shifts,
+            delta,
+            masking.kernels_of(jax.tree.map(lambda p: p[0], clients.params), delta),
+        )
+        clients = clients.replace(row_sums=sums, shifts=shifts)
+    elif round_cfg.importance_update == 'all_after':
         clients = clients.replace(
             params=jax.vmap(server.importance_update, in_axes=(0, None))(clients.params, delta)
         )
@@ -256,8 +297,9 @@ def algorithm(
     def eval_variables(state, client, count):
         del state
         first, rest, _ = test_thresholds(cfg, client, count)
+        params = materialize(client).params
         variables = lambda t: {
-            'params': client.params,
+            'params': params,
             'thresholds': t,
             'batch_stats': client.batch_stats,
         }
@@ -333,17 +375,18 @@ def test_thresholds(cfg: LocalConfig, client: ClientState, count):
     second what the first batch found, and the resets stay in the client's thresholds. A client
     without test examples runs no forward pass and is unchanged.
     """
+    params = materialize(client).params
     if cfg.collapse_check != 'previous':
-        used = masking.reset_collapsed_thresholds(client.params, client.thresholds)
+        used = masking.reset_collapsed_thresholds(params, client.thresholds)
         return used, used, client
     first = masking.reset_flagged(client.collapsed, client.thresholds)
-    flags = masking.collapsed_layers(client.params, first)
+    flags = masking.collapsed_layers(params, first)
     rest = masking.reset_flagged(flags, first)
     later = count > cfg.batch_size
     pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(later, x, y), a, b)
     thresholds = pick(rest, first)
     tested = client.replace(
-        thresholds=thresholds, collapsed=pick(masking.collapsed_layers(client.params, rest), flags)
+        thresholds=thresholds, collapsed=pick(masking.collapsed_layers(params, rest), flags)
     )
     tested = jax.tree.map(lambda new, old: jnp.where(count > 0, new, old), tested, client)
     return first, rest, tested
@@ -446,7 +489,7 @@ def density_stats(clients: ClientState, reset: bool = True):
         )
         return fractions, kept
 
-    fractions, kept = jax.vmap(one)(clients.params, clients.thresholds)
+    fractions, kept = jax.vmap(lambda c: one(materialize(c).params, c.thresholds))(clients)
     return {'layer_density': fractions, 'kept_weights': kept}
 
 

@@ -30,7 +30,7 @@ from spafl_jax import baselines
 from spafl_jax import federated
 from spafl_jax import metrics as metrics_lib
 from spafl_jax.baselines import _common, fedpm, heterofl
-from spafl_jax.client import LocalConfig
+from spafl_jax.client import ClientState, LocalConfig
 
 METHODS = ('spafl', 'fedavg', 'local', 'fedpm', 'heterofl', 'fedspa')
 
@@ -130,6 +130,7 @@ def _spafl_init_state(
     image_shape,
     num_classes: int = 10,
     client_init: str = 'shared',
+    lazy_importance: bool = False,
 ):
     del num_classes  # the model already has its head
     return federated.init_state(
@@ -139,6 +140,7 @@ def _spafl_init_state(
         num_clients=num_clients,
         image_shape=image_shape,
         client_init=client_init,
+        lazy_importance=lazy_importance,
     )
 
 
@@ -154,8 +156,12 @@ def _spafl_bits_per_round(
 
 
 def _own_clients(state):
-    """SpaFL, Local: every client's own model is in `state.clients`."""
-    return state.clients.params, state.clients.thresholds, state.clients.batch_stats
+    """SpaFL, Local: every client's own model is in `state.clients` (SpaFL's with the importance
+    updates it has pending applied, `federated.materialize`)."""
+    clients = state.clients
+    if isinstance(clients, ClientState):
+        clients = jax.vmap(federated.materialize)(clients)
+    return clients.params, clients.thresholds, clients.batch_stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +295,13 @@ def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
     if name == 'spafl':
         return Method(
             name='spafl',
-            init_state=functools.partial(_spafl_init_state, client_init=client_init),
+            init_state=functools.partial(
+                _spafl_init_state,
+                client_init=client_init,
+                lazy_importance=config is not None
+                and config.get('importance_update') == 'all_after'
+                and config.get('lazy_importance', False),
+            ),
             algorithm=federated.algorithm,
             bits_per_round=_spafl_bits_per_round,
             client_variables=_own_clients,

@@ -47,3 +47,48 @@ def importance_update(params, delta):
 
     kernels = masking.kernels_of(params, delta)
     return masking.replace_kernels(params, jax.tree.map(update, kernels, delta))
+
+
+# ------------------------------------------------------------------------------------------------
+# The same update, lazily: two numbers per row instead of every weight (docs/algorithm.md, §3).
+#
+# `importance_update` moves every element of row i by the same amount, sign(s_i) delta_i / D, where
+# s_i is the row's sum. So the row's sum follows a scalar recurrence, s_i <- s_i - n sign(s_i)
+# delta_i / D (n elements in the row), and the row itself is the kernel it started from minus the
+# shift accumulated since, A_i <- A_i + sign(s_i) delta_i / D. Keeping (s, A) per client and row
+# gives every client's weights after any number of rounds without touching them: `kernel - A` when
+# a client is gathered or evaluated. It equals the eager update up to float32 rounding (the eager
+# form rounds each element every round; this one rounds A): the signs agree wherever a row's sum is
+# not within rounding of zero, where the eager form's own sign is decided by rounding too.
+
+
+def row_sums(params, thresholds):
+    """Each masked layer's row sums, shaped like `thresholds` (the `s` of the lazy update)."""
+    return jax.tree.map(
+        lambda k: jnp.sum(k, axis=tuple(range(k.ndim - 1))), masking.kernels_of(params, thresholds)
+    )
+
+
+def lazy_importance_update(sums, shifts, delta, kernels):
+    """One round of `importance_update` on (row sums, shifts) instead of the kernels.
+
+    `kernels` gives each masked layer's kernel (only its shape is read: n and D); every argument
+    is shaped like the thresholds. Returns the new (sums, shifts).
+    """
+
+    def update(s, a, d, kernel):
+        step = jnp.sign(s) * d / importance_normalizer(kernel.shape)
+        return s - (kernel.size // kernel.shape[-1]) * step, a + step
+
+    updated = jax.tree.map(update, sums, shifts, delta, kernels)
+    first = lambda pair: isinstance(pair, tuple)  # noqa: E731
+    return (
+        jax.tree.map(lambda p: p[0], updated, is_leaf=first),
+        jax.tree.map(lambda p: p[1], updated, is_leaf=first),
+    )
+
+
+def apply_shifts(params, shifts):
+    """The weights the lazy update stands for: each masked kernel minus its rows' shifts."""
+    kernels = masking.kernels_of(params, shifts)
+    return masking.replace_kernels(params, jax.tree.map(jnp.subtract, kernels, shifts))

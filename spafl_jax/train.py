@@ -211,6 +211,7 @@ RESUMABLE_FIELDS = (
     'eval_chunk',
     'num_cpu_devices',
     'coordinator_address',
+    'distributed',
     'num_processes',
     'process_id',
     'max_loss',
@@ -219,7 +220,7 @@ RESUMABLE_FIELDS = (
 )
 # Fields added after runs were already written, with the value that reproduces those runs: a
 # workdir whose config.json lacks one resumes as if it held that value.
-ADDED_FIELDS = {'collapse_check': 'current', 'max_loss': 1e6}
+ADDED_FIELDS = {'collapse_check': 'current', 'max_loss': 1e6, 'lazy_importance': False}
 LOCK_FILENAME = '.lock'
 
 CONFIG_FILENAME = 'config.json'
@@ -317,7 +318,10 @@ def prepare_workdir(
         differing = sorted(
             k
             for k in set(previous) | set(current)
-            if k not in RESUMABLE_FIELDS and previous.get(k) != current.get(k)
+            if k not in RESUMABLE_FIELDS
+            and previous.get(k) != current.get(k)
+            # the form of the importance update matters only where it runs on every client
+            and not (k == 'lazy_importance' and current.get('importance_update') != 'all_after')
         )
         if differing:
             detail = ', '.join(
@@ -453,6 +457,12 @@ def _train_and_evaluate(
     configuration.validate(config)
     execution.initialize_from_config(config)  # before anything touches a device
     lead = jax.process_index() == 0
+    if jax.process_count() > 1:  # every process says who it is, once, so a pod's logs show it
+        print(
+            f'spafl_jax: process {jax.process_index()} of {jax.process_count()}, '
+            f'{jax.local_device_count()} of {jax.device_count()} devices here',
+            flush=True,
+        )
     console = console or console_lib.Console(enabled=lead)
     console.line(
         f'{config.dataset} / {config.model}: {config.num_clients} clients, '

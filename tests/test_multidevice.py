@@ -260,8 +260,8 @@ _SMALL_RUN = (
 )
 
 
-def _main(workdir, rounds: int, *flags: str) -> subprocess.Popen:
-    env = dict(os.environ)
+def _main(workdir, rounds: int, *flags: str, env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, **(env or {}))
     env.pop('XLA_FLAGS', None)
     return subprocess.Popen(
         [
@@ -312,3 +312,49 @@ def test_two_processes_run_and_resume_the_training_command_like_one(tmp_path):
     for name in ('summary.json', 'final_state.msgpack', 'sparsity_round_0001.png', 'accuracy.png'):
         assert (multi / name).exists(), name
     assert sorted(os.listdir(multi / 'checkpoints')) == ['3', '4']
+
+
+def _slurm_port() -> int:
+    """A free port among those JAX's Slurm detection picks from: 61440 + (job id mod 4096)."""
+    for port in range(61440 + os.getpid() % 4096, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError('no free port in 61440..65535')
+
+
+def test_two_processes_found_by_distributed_auto_run_like_one(tmp_path):
+    """`--config.distributed=auto`: the same command on both processes, which learn the
+    coordinator, their number and their index from the platform, here a Slurm job step of two
+    tasks on this host (the variables `srun` sets)."""
+    single, multi = tmp_path / 'single', tmp_path / 'multi'
+    job = _slurm_port() - 61440
+    slurm = lambda i: {  # noqa: E731
+        'SLURM_JOB_ID': str(job),
+        'SLURM_STEP_NODELIST': 'localhost',
+        'SLURM_NTASKS': '2',
+        'SLURM_PROCID': str(i),
+        'SLURM_LOCALID': str(i),
+    }
+    jobs = [_main(single, 2)] + [
+        _main(multi, 2, '--config.distributed=auto', '--config.num_cpu_devices=2', env=slurm(i))
+        for i in range(2)
+    ]
+    outputs = [_finish(job) for job in jobs]
+    assert 'process 0 of 2' in outputs[1] and 'process 1 of 2' in outputs[2], outputs[1][-2000:]
+    expected, got = _metrics(single), _metrics(multi)
+    assert [r['round'] for r in got] == [1, 2]
+    for want, have in zip(expected, got):
+        for key in ('accuracy', 'density', 'bits_up'):
+            assert have[key] == pytest.approx(want[key], abs=1e-6), (want['round'], key)
+
+
+def test_distributed_auto_without_a_platform_is_one_line(tmp_path):
+    job = _main(tmp_path / 'run', 1, '--config.distributed=auto')
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 2, output[-2000:]
+    assert "error: config.distributed='auto' found no multi-host platform" in output
+    assert 'Traceback' not in output

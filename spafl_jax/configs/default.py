@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.persistent_optimizer = False  # keep momentum across rounds (official FMNIST)
     # Server.
     config.importance_update = 'all_after'  # all_after | sampled_before | none
+    # all_after kept as two numbers per client and row, applied when a client is read (exact to
+    # float32 rounding; False: every client's weights updated every round, as the official code)
+    config.lazy_importance = True
     config.aggregation = 'uniform'  # uniform | data_size (weighting of the threshold mean)
     # Method (spafl_jax/methods.py); the baselines ignore th_coeff, penalty_warmup, estimator,
     # importance_update and persistent_optimizer, and use `aggregation` for their own averages.
@@ -63,7 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_chunk = 32  # test examples per evaluation call (padding < this)
     config.num_cpu_devices = -1  # CPU devices: -1 one per core (<= clients_per_round),
     # 0 JAX's one device, > 0 this many
-    config.coordinator_address = ''  # 'host:port' of process 0 in a multi-host run
+    config.distributed = 'off'  # off | auto: a multi-host run whose platform says who is who
+    # (TPU pods, Slurm, Open MPI, Kubernetes: jax.distributed.initialize() detects it)
+    config.coordinator_address = ''  # 'host:port' of process 0 in a multi-host run (explicit)
     config.num_processes = 1  # processes of a multi-host run
     config.process_id = 0  # this process's index in a multi-host run
     config.conv_impl = 'auto'  # auto | im2col | xla: how convolutions are computed
