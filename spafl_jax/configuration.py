@@ -173,6 +173,13 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
                 f'only: config.method={config.method!r} has no collapse reset; drop '
                 'the override.'
             )
+        panel = config.get('eval_panel', config.num_clients)
+        if config.collapse_check == 'previous' and panel < config.num_clients:
+            raise ConfigError(
+                f"config.collapse_check='previous' changes every client its test reaches, so "
+                f'all are tested each evaluated round: set config.eval_panel >= '
+                f'config.num_clients={config.num_clients}, or collapse_check to current.'
+            )
     if 'client_init' in config:
         _choice(config, 'client_init', CLIENT_INITS)
         if config.client_init != 'shared' and config.method not in methods.OWN_INITIAL_MODELS:
@@ -204,7 +211,9 @@ def _validate_execution(config: ml_collections.ConfigDict) -> None:
                 f'config.num_cpu_devices={config.num_cpu_devices!r} must be -1 (one '
                 "device per CPU core), 0 (JAX's single CPU device) or a count > 0."
             )
-    for field in ('eval_chunk', 'num_processes'):
+    if 'eval_lanes' in config:
+        _number(config, 'eval_lanes', non_negative=True, integer=True)
+    for field in ('eval_chunk', 'num_processes', 'eval_panel', 'eval_sweep_every'):
         if field in config:
             _number(config, field, positive=True, integer=True)
     if 'process_id' in config:

@@ -430,6 +430,7 @@ class RoundRunner:
         lanes: int = 0,
         unroll: int = 1,
         eval_chunk: int = 32,
+        eval_lanes: int = 0,
         macs=None,
         algorithm: algorithm_lib.Algorithm | None = None,
     ):
@@ -461,6 +462,8 @@ class RoundRunner:
         slots = max_lane_steps(self.steps_per_epoch, epochs, self.per_device)
         self.max_slots = -(-slots // self.unroll) * self.unroll
         self.eval_chunk = max(int(eval_chunk), 1)
+        # 'vmap': clients evaluated at once per device (0: as many as train at once).
+        self.eval_lanes = self.lanes if eval_lanes <= 0 else int(eval_lanes)
         if self.alg.first_test_batch:  # no chunk straddles the first test batch's end
             self.eval_chunk = math.gcd(self.eval_chunk, self.alg.first_test_batch)
 
@@ -826,6 +829,23 @@ class RoundRunner:
 
         self._tested_fn = self._jit(self._shard_map(tested, (state_specs, test_specs), shd))
 
+        def evaluate_panel(state, data, panel):
+            # The panel's clients and their test ids gathered like a round's sampled clients
+            # (each device its consecutive share), then evaluated as the whole state would be.
+            share = panel.shape[0] // self.devices
+            gathered = _gather_sampled(
+                (state.clients, data.example_ids, data.counts), panel, self.per_shard
+            )
+            clients, example_ids, counts = gathered
+            mine = jax.lax.dynamic_slice_in_dim(panel, jax.lax.axis_index(CLIENTS) * share, share)
+            counts = jnp.where(mine >= 0, counts, 0)
+            panel_data = data.replace(example_ids=example_ids, counts=counts)
+            return self._evaluate_local(state.replace(clients=clients), panel_data)
+
+        self._panel_fn = self._jit(
+            self._shard_map(evaluate_panel, (state_specs, test_specs, rep), rep)
+        )
+
     # -- evaluation -----------------------------------------------------------------------------
 
     def _eval_chunk(self, state, client, data: ClientData, example_ids, count, j):
@@ -855,7 +875,7 @@ class RoundRunner:
         one = lambda a: self._eval_client(state, a[0], data, a[1], a[2])
         # 'vmap' evaluates `lanes` clients at once (all of a device's clients at once would hold
         # every client's activations: 16 GB for Conv4 at 100 clients).
-        batch = self.lanes if self.strategy == 'vmap' else None
+        batch = self.eval_lanes if self.strategy == 'vmap' else None
         correct = jax.lax.map(one, (state.clients, data.example_ids, data.counts), batch_size=batch)
         return self._eval_outputs(state, correct, data)
 
@@ -927,6 +947,26 @@ class RoundRunner:
         state = self.place_state(state)
         return state.replace(clients=self._tested_fn(state, self.test_data))
 
+    def panel_positions(self, panel: np.ndarray) -> np.ndarray:
+        """`panel` (client ids) padded with -1 to a whole share per device: what
+        `evaluate_panel` evaluates, in that order."""
+        panel = np.asarray(panel, np.int32)
+        share = -(-len(panel) // self.devices)
+        return np.pad(panel, (0, share * self.devices - len(panel)), constant_values=-1)
+
+    def evaluate_panel(self, state, panel: np.ndarray) -> dict:
+        """`evaluate` of the clients `panel` only: the arrays are `[len(panel), ...]`, in its order.
+
+        The work is the panel's, whatever the number of clients: a fixed panel every round and a
+        full sweep now and then is how a million clients are evaluated (`config.eval_panel`). The
+        state is not changed: an algorithm whose test changes the clients is evaluated in full.
+        """
+        state = self.place_state(state)
+        positions = self.panel_positions(panel)
+        out = self._panel_fn(state, self.test_data, self._global(positions, self._replicated))
+        real = positions >= 0
+        return jax.tree.map(lambda x: x[real] if x.shape[:1] == real.shape else x, out)
+
     def evaluate(self, state) -> dict:
         """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""
         state = self.place_state(state)
@@ -971,6 +1011,7 @@ def make_round_runner(
         lanes=config.get('vmap_lanes', 0),
         unroll=config.scan_unroll,
         eval_chunk=config.get('eval_chunk', 32),
+        eval_lanes=config.get('eval_lanes', 0),
         macs=macs,
         algorithm=algorithm,
     )
@@ -1007,8 +1048,11 @@ def make_round_functions(
         del data  # placed on the mesh once, at construction
         return runner.run_round(state, np.asarray(sampled), seed_key)
 
-    def eval_fn(state, data):
+    def eval_fn(state, data, panel=None):
+        """Every client (and the state as the test leaves it), or the clients `panel` only."""
         del data
+        if panel is not None:
+            return state, runner.evaluate_panel(state, panel)
         return runner.tested_state(state), runner.evaluate(state)
 
     round_fn.runner = eval_fn.runner = runner

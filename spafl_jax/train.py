@@ -209,6 +209,9 @@ RESUMABLE_FIELDS = (
     'client_execution',
     'vmap_lanes',
     'eval_chunk',
+    'eval_lanes',
+    'eval_panel',
+    'eval_sweep_every',
     'num_cpu_devices',
     'coordinator_address',
     'distributed',
@@ -222,12 +225,31 @@ RESUMABLE_FIELDS = (
 # workdir whose config.json lacks one resumes as if it held that value.
 ADDED_FIELDS = {'collapse_check': 'current', 'max_loss': 1e6, 'lazy_importance': False}
 LOCK_FILENAME = '.lock'
+# Fields that choose only how a state is stored (the same results to float rounding): a resumed run
+# keeps the form its checkpoints have, whatever the command says.
+STORED_FORM_FIELDS = ('lazy_importance',)
 
 CONFIG_FILENAME = 'config.json'
 # Written when a run stops on a non-finite or exploding loss: {"round": r, "error": message}, so
 # that the run's compact record says it diverged (tables show it) rather than that it stopped.
 DIVERGED_FILENAME = 'diverged.json'
 CHECKPOINT_DIRNAME = 'checkpoints'
+
+
+def _keep_the_stored_form(config, workdir: str, overwrite: bool) -> None:
+    """`STORED_FORM_FIELDS` of the run already in `workdir` (if any) override `config`'s."""
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    if overwrite or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            previous = {**ADDED_FIELDS, **json.load(f)}
+    except (OSError, ValueError):
+        return  # prepare_workdir says what is wrong with it
+    for field in STORED_FORM_FIELDS:
+        if field in config and previous.get(field) != config[field]:
+            logging.info('%s=%r as the run in %s was started', field, previous[field], workdir)
+            config[field] = previous[field]
 
 
 def _normalized(d: dict) -> dict:
@@ -318,10 +340,8 @@ def prepare_workdir(
         differing = sorted(
             k
             for k in set(previous) | set(current)
-            if k not in RESUMABLE_FIELDS
-            and previous.get(k) != current.get(k)
-            # the form of the importance update matters only where it runs on every client
-            and not (k == 'lazy_importance' and current.get('importance_update') != 'all_after')
+            # the stored form is the run's own (`_keep_the_stored_form`)
+            if k not in RESUMABLE_FIELDS + STORED_FORM_FIELDS and previous.get(k) != current.get(k)
         )
         if differing:
             detail = ', '.join(
@@ -380,6 +400,16 @@ class Run:
             image_shape=self.dataset.image_shape,
             num_classes=self.dataset.num_classes,
         )
+
+
+def evaluation_panel(config) -> np.ndarray | None:
+    """The clients an evaluated round tests when there are more than `config.eval_panel`: that
+    many, drawn once from the seed, sorted; None when every evaluation tests every client."""
+    size = config.get('eval_panel', config.num_clients)
+    if size >= config.num_clients:
+        return None
+    rng = np.random.default_rng([config.seed, 0x9A4E1])  # the panel's own stream
+    return np.sort(rng.choice(config.num_clients, size, replace=False)).astype(np.int32)
 
 
 @jax.jit
@@ -468,6 +498,7 @@ def _train_and_evaluate(
         f'{config.dataset} / {config.model}: {config.num_clients} clients, '
         f'{config.clients_per_round} per round, {config.rounds} rounds -> {workdir}'
     )
+    _keep_the_stored_form(config, workdir, overwrite)
     # Loads and splits the data; fails before anything is written or compiled.
     run = Run(config, console)
     if lead:
@@ -584,6 +615,8 @@ def _train_and_evaluate(
     execution.barrier('spafl_jax: metrics file repaired')  # then every process reads the same lines
     records = reporting.read_metrics(os.path.join(workdir, reporting.METRICS_FILENAME))
     sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
+    panel = evaluation_panel(config)
+    sweep_every = config.get('eval_sweep_every', 1)
     round_seconds = []
     max_loss = float(config.get('max_loss', 1e6))
 
@@ -614,8 +647,11 @@ def _train_and_evaluate(
                 state, round_metrics = round_fn(state, run.train_data, sampled, run.seed_key)
                 evaluate_now = (r + 1) % config.eval_every == 0 or r + 1 == config.rounds
                 evaluation = None
+                sweep = panel is None or (r + 1) % sweep_every == 0 or r + 1 == config.rounds
                 if evaluate_now:  # testing may change the state (collapse_check='previous')
-                    state, evaluation = eval_fn(state, run.test_data)
+                    state, evaluation = eval_fn(
+                        state, run.test_data, **({} if sweep else {'panel': panel})
+                    )
                 finite = _finite_report(run.method, state, sampled)
                 round_metrics, evaluation, finite = execution.host_local(
                     (round_metrics, evaluation, finite)
@@ -669,6 +705,7 @@ def _train_and_evaluate(
                 if evaluate_now:
                     record = {
                         'round': r + 1,
+                        'evaluated_clients': int(len(evaluation['counts'])),
                         **metrics_lib.accuracy_summary(evaluation['correct'], evaluation['counts']),
                         **metrics_lib.density_summary(
                             evaluation['layer_density'],

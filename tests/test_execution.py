@@ -308,3 +308,34 @@ def test_every_strategy_tests_as_the_reference_under_the_official_collapse_check
             jax.device_get(tested.clients),
             jax.device_get(ref_tested),
         )
+
+
+@pytest.mark.parametrize('strategy', ['map', 'vmap'])
+def test_a_panel_evaluates_its_clients_as_the_full_sweep_does(digits, strategy):
+    train, test, spec = digits
+    model = models.create_model('digits_cnn', 10)
+    cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=1, lr=0.05, th_coeff=0.05)
+    round_cfg = federated.RoundConfig(clients_per_round=SAMPLED, importance_update='all_after')
+    state = federated.init_state(
+        model,
+        cfg,
+        jax.random.key(3),
+        num_clients=NUM_CLIENTS,
+        image_shape=(8, 8, 1),
+        lazy_importance=True,
+    )
+    runner = execution.RoundRunner(
+        model, cfg, round_cfg, spec, train, test, strategy=strategy, lanes=2, eval_chunk=16
+    )
+    state, _ = _rounds(
+        lambda s, d, sampled: runner.run_round(s, sampled, jax.random.key(7)), state, train
+    )
+    full = jax.device_get(runner.evaluate(state))
+    panel = np.array([4, 0, 2])  # any order; clients with and without training
+    part = jax.device_get(runner.evaluate_panel(state, panel))
+    for key in ('correct', 'counts', 'layer_density', 'kept_weights'):
+        np.testing.assert_array_equal(part[key], full[key][panel], err_msg=key)
+    assert part['counts'].sum() > 0 and part['correct'].sum() > 0
+    # The panel program is compiled once, whatever the round.
+    runner.evaluate_panel(state, panel)
+    assert runner.trace_counts()['evaluate_panel'] == 1

@@ -250,3 +250,41 @@ def test_seconds_per_round_after_a_resume_leave_out_compiling(tmp_path):
     longer = train.train_and_evaluate(_config(rounds=9, **small), workdir)
     assert longer['seconds_per_round'] != first['seconds_per_round']
     assert longer['seconds_per_round'] < longer['seconds_first_round']
+
+
+def test_a_run_resumes_in_the_stored_form_of_its_importance_update(tmp_path):
+    # Started eager (as every run before the lazy form existed), resumed by a command whose
+    # default is lazy: the run goes on in its checkpoints' form, and says the same as one run.
+    workdir, whole = str(tmp_path / 'resumed'), str(tmp_path / 'whole')
+    small = dict(num_clients=6, clients_per_round=3, local_epochs=1, eval_every=1)
+    train.train_and_evaluate(_config(rounds=1, lazy_importance=False, **small), workdir)
+    train.train_and_evaluate(_config(rounds=2, **small), workdir)
+    train.train_and_evaluate(_config(rounds=2, lazy_importance=False, **small), whole)
+    with open(os.path.join(workdir, 'config.json')) as f:
+        assert json.load(f)['lazy_importance'] is False
+    read = lambda d: [json.loads(line) for line in open(os.path.join(d, 'metrics.jsonl'))]  # noqa: E731
+    assert [r['accuracy'] for r in read(workdir)] == [r['accuracy'] for r in read(whole)]
+
+
+def test_more_clients_than_the_panel_evaluate_the_panel_and_sweep_now_and_then(tmp_path):
+    config = _config(
+        num_clients=12,
+        clients_per_round=3,
+        rounds=5,
+        local_epochs=1,
+        eval_every=1,
+        eval_panel=4,
+        eval_sweep_every=2,
+    )
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    assert [r['evaluated_clients'] for r in records] == [4, 12, 4, 12, 12]  # the last: all
+    assert summary['evaluated_clients'] == 12
+    panel = train.evaluation_panel(config)
+    assert len(panel) == 4 and list(panel) == sorted(set(panel.tolist()))
+    assert train.evaluation_panel(_config(num_clients=12, eval_panel=12)) is None
+    with pytest.raises(configuration.ConfigError, match='config.eval_panel >= '):
+        configuration.validate(
+            _config(num_clients=12, clients_per_round=3, eval_panel=4, collapse_check='previous')
+        )

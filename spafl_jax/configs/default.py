@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.client_execution = 'auto'  # auto | loop | map | vmap: how the sampled clients run
     config.vmap_lanes = 0  # 'vmap': clients stepping at once per device; 0 = all
     config.eval_chunk = 32  # test examples per evaluation call (padding < this)
+    config.eval_lanes = 0  # 'vmap': clients evaluated at once per device; 0 = vmap_lanes
     config.num_cpu_devices = -1  # CPU devices: -1 one per core (<= clients_per_round),
     # 0 JAX's one device, > 0 this many
     config.distributed = 'off'  # off | auto: a multi-host run whose platform says who is who
@@ -76,7 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.compute_dtype = 'float32'  # float32 | bfloat16 (matmul inputs; parameters stay f32)
     config.scan_unroll = 1  # unroll of the scan over local steps
     # Evaluation and bookkeeping.
-    config.eval_every = 1  # evaluate all clients every this many rounds
+    config.eval_every = 1  # evaluate every this many rounds (and after the last round)
+    # More clients than eval_panel: an evaluated round tests a fixed panel of this many clients
+    # (drawn from the seed), and every eval_sweep_every rounds and after the last all of them.
+    config.eval_panel = 1000
+    config.eval_sweep_every = 100
     config.eval_batch_size = 256  # examples per evaluation batch
     config.seed = 1  # all randomness derives from (seed, round, client id)
     config.max_loss = 1e6  # a training loss above this stops the run (diverged)
