@@ -431,9 +431,14 @@ def _finite_report(method, state, sampled):
             jnp.stack([jnp.array(True)] + [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
         )
 
-    params, thresholds, batch_stats = jax.tree.map(
-        lambda x: x[sampled], method.client_variables(state)
-    )
+    if isinstance(state.clients, client_lib.ClientState):  # SpaFL, Local: the stored clients,
+        # (weights and pending shifts) of the sampled ones only, not every client's weights
+        own = jax.tree.map(lambda x: x[sampled], state.clients)
+        params, thresholds, batch_stats = (own.params, own.shifts), own.thresholds, own.batch_stats
+    else:
+        params, thresholds, batch_stats = jax.tree.map(
+            lambda x: x[sampled], method.client_variables(state)
+        )
     server = (state.server_thresholds, state.last_delta) if method.communicates_thresholds else ()
     return {
         'weights': all_finite(params),
@@ -635,119 +640,160 @@ def _train_and_evaluate(
         except OSError as e:
             raise _disk_error(e, workdir, 'a checkpoint') from None
 
+    def evaluation_kind(r: int) -> str | None:
+        """What is evaluated after round r: None, the panel, or every client ('sweep')."""
+        if (r + 1) % config.eval_every and r + 1 != config.rounds:
+            return None
+        sweep = panel is None or (r + 1) % sweep_every == 0 or r + 1 == config.rounds
+        return 'sweep' if sweep else 'panel'
+
+    def dispatch(r: int, state):
+        """Round r on the device, and what the host will want of it; nothing waits for it here."""
+        sampled = jnp.asarray(
+            sample_clients(config.seed, r, config.num_clients, config.clients_per_round)
+        )
+        state, round_metrics = round_fn(state, run.train_data, sampled, run.seed_key)
+        evaluation, kind = None, evaluation_kind(r)
+        if kind is not None:  # testing may change the state (collapse_check='previous')
+            state, evaluation = eval_fn(
+                state, run.test_data, **({'panel': panel} if kind == 'panel' else {})
+            )
+        masks = None
+        if r + 1 in sparsity_rounds:
+            params, thresholds, _ = run.method.client_variables(state)
+            masks = _first_layer_masks(params, thresholds)
+        pending = (
+            r,
+            sampled,
+            round_metrics,
+            evaluation,
+            _finite_report(run.method, state, sampled),
+            masks,
+        )
+        return state, pending
+
+    def process(pending) -> None:
+        """The host's part of a round, once its results are there: checks, totals, records."""
+        r, sampled, round_metrics, evaluation, finite, masks = pending
+        evaluate_now = evaluation is not None
+        round_metrics, evaluation, finite, masks = execution.host_local(
+            (round_metrics, evaluation, finite, masks)
+        )
+        now = time.time()
+        round_seconds.append(now - clock[0])
+        clock[0] = now
+
+        bad = [
+            part
+            for part, ok in (
+                ('loss', np.isfinite(round_metrics['train_loss'])),
+                *finite.items(),
+            )
+            if not ok
+        ]
+        failure = None
+        if bad:
+            failure = (
+                f'round {r + 1}: non-finite {", ".join(bad)} (sampled clients '
+                f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
+                f'{checkpointer.directory} is intact. Lower config.lr or set '
+                'config.clip.'
+            )
+        elif float(round_metrics['train_loss']) > max_loss:
+            failure = (
+                f'round {r + 1}: training loss '
+                f'{float(round_metrics["train_loss"]):.3g} is above '
+                f'config.max_loss={max_loss:g}: the run diverged (sampled clients '
+                f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
+                f'{checkpointer.directory} is intact. Lower config.lr or '
+                'config.th_coeff, or set config.clip.'
+            )
+        if failure:
+            if lead:
+                reporting.write_json_atomic(
+                    os.path.join(workdir, DIVERGED_FILENAME),
+                    {'round': r + 1, 'error': failure},
+                )
+            raise NonFiniteError(failure)
+        totals['bits_up'] += bits_up_round
+        totals['bits_down'] += bits_down_round
+        totals['flops'] += float(round_metrics['flops'])
+        totals['steps'] += float(round_metrics['local_steps'])
+        totals['max_steps'] += float(round_metrics['max_steps'])
+        timer.add(round_seconds[-1], evaluated=evaluate_now)
+        if masks is not None:
+            sparsity[str(r + 1)] = _pack_masks(masks)
+            if lead:
+                _draw_sparsity(workdir, names[0], r + 1, sparsity[str(r + 1)])
+        if evaluate_now:
+            record = {
+                'round': r + 1,
+                'evaluated_clients': int(len(evaluation['counts'])),
+                **metrics_lib.accuracy_summary(evaluation['correct'], evaluation['counts']),
+                **metrics_lib.density_summary(
+                    evaluation['layer_density'],
+                    evaluation['kept_weights'],
+                    masked_weights=masked_weights,
+                    layer_names=names,
+                ),
+                'bits_up': totals['bits_up'],
+                'bits_down': totals['bits_down'],
+                'bits_dense_equivalent': dense_bits_round * (r + 1),
+                'flops': totals['flops'] / config.num_clients,
+                'train_loss': float(round_metrics['train_loss']),
+                'useful_step_fraction': totals['steps'] / max(totals['max_steps'], 1.0),
+            }
+            try:
+                if lead:
+                    writer.write_scalars(
+                        record['round'], {k: v for k, v in record.items() if k != 'round'}
+                    )
+            except OSError as e:
+                raise _disk_error(e, workdir, reporting.METRICS_FILENAME) from None
+            records.append(record)
+            logging.info(
+                'round %d/%d | accuracy %.2f%% | density %.2f%% (weights %.2f%%) '
+                '| up %s down %s | loss %.3f | %.2fs',
+                r + 1,
+                config.rounds,
+                100 * record['accuracy'],
+                100 * record['density'],
+                100 * record['density_weighted'],
+                console_lib.format_bits(record['bits_up']),
+                console_lib.format_bits(record['bits_down']),
+                record['train_loss'],
+                round_seconds[-1],
+            )
+            console.round_line(r + 1, config.rounds, record, timer.per_round())
+
     if start_round < config.rounds:
         console.line(f'round {start_round + 1} compiles (and the first evaluation)')
+    clock = [time.time()]
     try:
         with PreemptionWatcher() as preemption:
+            # The host takes round r's results while round r + 1 runs: it never waits for the
+            # device between rounds, except where a checkpoint needs the state checked.
+            pending, compiled = None, set()
             for r in range(start_round, config.rounds):
-                start = time.time()
-                sampled = jnp.asarray(
-                    sample_clients(config.seed, r, config.num_clients, config.clients_per_round)
-                )
-                state, round_metrics = round_fn(state, run.train_data, sampled, run.seed_key)
-                evaluate_now = (r + 1) % config.eval_every == 0 or r + 1 == config.rounds
-                evaluation = None
-                sweep = panel is None or (r + 1) % sweep_every == 0 or r + 1 == config.rounds
-                if evaluate_now:  # testing may change the state (collapse_check='previous')
-                    state, evaluation = eval_fn(
-                        state, run.test_data, **({} if sweep else {'panel': panel})
-                    )
-                finite = _finite_report(run.method, state, sampled)
-                round_metrics, evaluation, finite = execution.host_local(
-                    (round_metrics, evaluation, finite)
-                )
-                bad = [
-                    part
-                    for part, ok in (
-                        ('loss', np.isfinite(round_metrics['train_loss'])),
-                        *finite.items(),
-                    )
-                    if not ok
-                ]
-                failure = None
-                if bad:
-                    failure = (
-                        f'round {r + 1}: non-finite {", ".join(bad)} (sampled clients '
-                        f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
-                        f'{checkpointer.directory} is intact. Lower config.lr or set '
-                        'config.clip.'
-                    )
-                elif float(round_metrics['train_loss']) > max_loss:
-                    failure = (
-                        f'round {r + 1}: training loss '
-                        f'{float(round_metrics["train_loss"]):.3g} is above '
-                        f'config.max_loss={max_loss:g}: the run diverged (sampled clients '
-                        f'{np.asarray(sampled).tolist()}); the last good checkpoint in '
-                        f'{checkpointer.directory} is intact. Lower config.lr or '
-                        'config.th_coeff, or set config.clip.'
-                    )
-                if failure:
-                    if lead:
-                        reporting.write_json_atomic(
-                            os.path.join(workdir, DIVERGED_FILENAME),
-                            {'round': r + 1, 'error': failure},
-                        )
-                    raise NonFiniteError(failure)
-                totals['bits_up'] += bits_up_round
-                totals['bits_down'] += bits_down_round
-                totals['flops'] += float(round_metrics['flops'])
-                totals['steps'] += float(round_metrics['local_steps'])
-                totals['max_steps'] += float(round_metrics['max_steps'])
-                round_seconds.append(time.time() - start)
-                timer.add(round_seconds[-1], evaluated=evaluate_now)
-                if r + 1 in sparsity_rounds:
-                    params, thresholds, _ = run.method.client_variables(state)
-                    sparsity[str(r + 1)] = _pack_masks(
-                        execution.host_local(_first_layer_masks(params, thresholds))
-                    )
-                    if lead:
-                        _draw_sparsity(workdir, names[0], r + 1, sparsity[str(r + 1)])
-                if evaluate_now:
-                    record = {
-                        'round': r + 1,
-                        'evaluated_clients': int(len(evaluation['counts'])),
-                        **metrics_lib.accuracy_summary(evaluation['correct'], evaluation['counts']),
-                        **metrics_lib.density_summary(
-                            evaluation['layer_density'],
-                            evaluation['kept_weights'],
-                            masked_weights=masked_weights,
-                            layer_names=names,
-                        ),
-                        'bits_up': totals['bits_up'],
-                        'bits_down': totals['bits_down'],
-                        'bits_dense_equivalent': dense_bits_round * (r + 1),
-                        'flops': totals['flops'] / config.num_clients,
-                        'train_loss': float(round_metrics['train_loss']),
-                        'useful_step_fraction': totals['steps'] / max(totals['max_steps'], 1.0),
-                    }
-                    try:
-                        if lead:
-                            writer.write_scalars(
-                                record['round'], {k: v for k, v in record.items() if k != 'round'}
-                            )
-                    except OSError as e:
-                        raise _disk_error(e, workdir, reporting.METRICS_FILENAME) from None
-                    records.append(record)
-                    logging.info(
-                        'round %d/%d | accuracy %.2f%% | density %.2f%% (weights %.2f%%) '
-                        '| up %s down %s | loss %.3f | %.2fs',
-                        r + 1,
-                        config.rounds,
-                        100 * record['accuracy'],
-                        100 * record['density'],
-                        100 * record['density_weighted'],
-                        console_lib.format_bits(record['bits_up']),
-                        console_lib.format_bits(record['bits_down']),
-                        record['train_loss'],
-                        round_seconds[-1],
-                    )
-                    console.round_line(r + 1, config.rounds, record, timer.per_round())
+                kind = evaluation_kind(r)
+                if pending is not None and kind is not None and kind not in compiled:
+                    process(pending)  # first: its time would include this round's compilation
+                    pending = None
+                compiled.add(kind)
+                state, current = dispatch(r, state)
+                if pending is not None:
+                    process(pending)
+                pending = current
                 # Every process must take the same branch: a signal that reached one stops all.
                 preempted = execution.any_process(bool(preemption.received))
                 if (r + 1) % config.checkpoint_every == 0 or preempted:
+                    process(pending)
+                    pending = None
                     save_checkpoint(r + 1)
                 if preempted:
                     raise Preempted(preemption.received or signal.SIGTERM, r + 1, workdir)
+            if pending is not None:
+                process(pending)
             if not checkpointer.steps() or checkpointer.steps()[-1] != config.rounds:
                 save_checkpoint(config.rounds)
     finally:

@@ -288,3 +288,39 @@ def test_more_clients_than_the_panel_evaluate_the_panel_and_sweep_now_and_then(t
         configuration.validate(
             _config(num_clients=12, clients_per_round=3, eval_panel=4, collapse_check='previous')
         )
+
+
+def test_the_host_takes_each_rounds_results_while_the_next_round_runs(tmp_path, monkeypatch):
+    # Every round is dispatched before the host fetches the previous round's results, so the host
+    # never waits for the device between rounds (only at checkpoints and at the end).
+    from spafl_jax import execution  # pylint: disable=g-import-not-at-top
+
+    events = []
+    make = execution.make_round_functions
+
+    def spied(*args, **kwargs):
+        round_fn, eval_fn = make(*args, **kwargs)
+
+        def dispatched(state, data, sampled, key):
+            events.append('dispatch')
+            return round_fn(state, data, sampled, key)
+
+        return dispatched, eval_fn
+
+    fetch = execution.host_local
+    monkeypatch.setattr(execution, 'make_round_functions', spied)
+    monkeypatch.setattr(execution, 'host_local', lambda tree: events.append('fetch') or fetch(tree))
+    config = _config(
+        num_clients=6,
+        clients_per_round=3,
+        rounds=4,
+        local_epochs=1,
+        eval_every=1,
+        checkpoint_every=100,
+    )
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert events[:7] == ['dispatch', 'dispatch', 'fetch', 'dispatch', 'fetch', 'dispatch', 'fetch']
+    assert events.count('dispatch') == 4
+    with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
+        assert [json.loads(line)['round'] for line in f] == [1, 2, 3, 4]
+    assert summary['rounds'] == 4
