@@ -473,6 +473,7 @@ class RoundRunner:
         self.test_counts = test_counts
         self.test_data = self._place_test(test_data)
         self._eval_table = None
+        self._panel_tables = {}
         self.traces: dict[str, int] = {}
         self._build()
 
@@ -829,21 +830,26 @@ class RoundRunner:
 
         self._tested_fn = self._jit(self._shard_map(tested, (state_specs, test_specs), shd))
 
-        def evaluate_panel(state, data, panel):
-            # The panel's clients and their test ids gathered like a round's sampled clients
-            # (each device its consecutive share), then evaluated as the whole state would be.
-            share = panel.shape[0] // self.devices
-            gathered = _gather_sampled(
-                (state.clients, data.example_ids, data.counts), panel, self.per_shard
-            )
-            clients, example_ids, counts = gathered
-            mine = jax.lax.dynamic_slice_in_dim(panel, jax.lax.axis_index(CLIENTS) * share, share)
-            counts = jnp.where(mine >= 0, counts, 0)
-            panel_data = data.replace(example_ids=example_ids, counts=counts)
-            return self._evaluate_local(state.replace(clients=clients), panel_data)
+        def evaluate_panel(state, data, table):
+            # Each device tests the panel's clients it holds, read in place one at a time (no
+            # gathered copy of the panel's states); -1 marks an empty position.
+            local = table[0]
+            batch = self.eval_lanes if self.strategy == 'vmap' else None
+
+            def one(i):
+                client = _take(state.clients, jnp.maximum(i, 0))
+                count = jnp.where(i >= 0, data.counts[jnp.maximum(i, 0)], 0)
+                correct = self._eval_client(
+                    state, client, data, data.example_ids[jnp.maximum(i, 0)], count
+                )
+                stats = self.alg.eval_density(state, _unsqueeze(client), count[None])
+                return {'correct': correct, 'counts': count, **_squeeze(stats)}
+
+            out = jax.lax.map(one, local, batch_size=batch)
+            return jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), out)
 
         self._panel_fn = self._jit(
-            self._shard_map(evaluate_panel, (state_specs, test_specs, rep), rep)
+            self._shard_map(evaluate_panel, (state_specs, test_specs, shd), rep)
         )
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -947,12 +953,19 @@ class RoundRunner:
         state = self.place_state(state)
         return state.replace(clients=self._tested_fn(state, self.test_data))
 
-    def panel_positions(self, panel: np.ndarray) -> np.ndarray:
-        """`panel` (client ids) padded with -1 to a whole share per device: what
-        `evaluate_panel` evaluates, in that order."""
-        panel = np.asarray(panel, np.int32)
-        share = -(-len(panel) // self.devices)
-        return np.pad(panel, (0, share * self.devices - len(panel)), constant_values=-1)
+    def panel_table(self, panel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each device finds the clients of `panel` it holds: ([devices, width] indices into
+        its shard, -1 padded; the position of each panel client in the flattened table)."""
+        panel = np.asarray(panel, np.int64)
+        owner = panel // self.per_shard
+        width = max(int(np.bincount(owner, minlength=self.devices).max()), 1)
+        table = np.full((self.devices, width), -1, np.int32)
+        where = np.empty(len(panel), np.int64)
+        for d in range(self.devices):
+            mine = np.flatnonzero(owner == d)
+            table[d, : len(mine)] = panel[mine] - d * self.per_shard
+            where[mine] = d * width + np.arange(len(mine))
+        return table, where
 
     def evaluate_panel(self, state, panel: np.ndarray) -> dict:
         """`evaluate` of the clients `panel` only: the arrays are `[len(panel), ...]`, in its order.
@@ -962,10 +975,16 @@ class RoundRunner:
         state is not changed: an algorithm whose test changes the clients is evaluated in full.
         """
         state = self.place_state(state)
-        positions = self.panel_positions(panel)
-        out = self._panel_fn(state, self.test_data, self._global(positions, self._replicated))
-        real = positions >= 0
-        return jax.tree.map(lambda x: x[real] if x.shape[:1] == real.shape else x, out)
+        key = tuple(np.asarray(panel).tolist())
+        if self._panel_tables.get('key') != key:
+            table, where = self.panel_table(panel)
+            self._panel_tables = {
+                'key': key,
+                'table': self._global(table, self._sharded),
+                'where': where,
+            }
+        out = self._panel_fn(state, self.test_data, self._panel_tables['table'])
+        return jax.tree.map(lambda x: x[self._panel_tables['where']], out)
 
     def evaluate(self, state) -> dict:
         """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""

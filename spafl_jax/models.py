@@ -223,6 +223,18 @@ class DigitsCNN(SequentialNet):
     )
 
 
+class DigitsMLP(SequentialNet):
+    """A masked 64-32-10 MLP for the digits: 2,368 masked weights, about 10 kB a client, the
+    model of the million-client benchmark (experiments/benchmarks/scale.py)."""
+
+    LAYERS: ClassVar[tuple] = (
+        ('flatten',),
+        ('dense', 'fc1', 32),
+        ('relu',),
+        ('dense', 'fc2', None),
+    )
+
+
 class LeNet5(SequentialNet):
     """LeNet-5 of the official FMNIST folder: 430,500 masked weights, 580 thresholds."""
 
@@ -444,6 +456,7 @@ class ViT(MaskedNet):
 
 MODELS = {
     'digits_cnn': DigitsCNN,
+    'digits_mlp': DigitsMLP,
     'lenet5': LeNet5,
     'conv4': Conv4,
     'resnet18': ResNet18,

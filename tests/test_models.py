@@ -20,6 +20,7 @@ from spafl_jax import layers, masking, models
 MODEL_CASES = {
     # 3x3 1->16 (144), 3x3 16->32 (4,608), dense 4*4*32->64 (32,768), 64->10 (640).
     'digits_cnn': ((8, 8, 1), 10, 38_160, 122),
+    'digits_mlp': ((8, 8, 1), 10, 2_368, 42),  # 64->32 (2,048), 32->10 (320)
     'lenet5': ((28, 28, 1), 10, 430_500, 580),
     'conv4': ((32, 32, 3), 10, 804_800, 650),
     'resnet18': ((16, 16, 3), 100, 2_790_240, 2_400),
@@ -323,6 +324,7 @@ def _masked_outputs(model, variables, x):
 # A masked layer in the middle of each model, with at least one masked layer computed before it.
 MIDDLE_LAYER = {
     'digits_cnn': 'conv2',
+    'digits_mlp': 'fc2',
     'lenet5': 'fc1',
     'conv4': 'conv3',
     'resnet18': 'stage2_block1/conv2',
@@ -355,7 +357,7 @@ def test_thresholds_above_every_row_magnitude_zero_the_layer(name):
     for n in names:
         assert not np.any(np.asarray(outputs[n])), n
     logits, _, _, _ = _apply(model, _with_thresholds(variables, high), x)
-    if name in ('digits_cnn', 'lenet5'):  # every layer masked and bias-free: the logits vanish
+    if name in ('digits_cnn', 'digits_mlp', 'lenet5'):  # every layer masked and bias-free: the logits vanish
         assert not np.any(np.asarray(logits))
     if name == 'resnet18':  # zero features through fresh BatchNorm: only the head's bias is left
         np.testing.assert_array_equal(

@@ -29,7 +29,13 @@ from spafl_jax import layers
 
 pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
-NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2  # 3 sampled over 2 or 4 devices: empty positions
+NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2
+PANEL = [
+    6,
+    1,
+    3,
+    7,
+]  # evaluated on their own: clients of three of four devices' shards, unsorted  # 3 sampled over 2 or 4 devices: empty positions
 # Every baseline: each is an `algorithm.Algorithm`, and runs on the same mesh as SpaFL.
 ALGORITHM_BASELINES = ('fedavg', 'local', 'fedpm', 'heterofl', 'fedspa')
 
@@ -101,8 +107,13 @@ def initial_state(method: str = 'spafl'):
     if method not in _INITIAL:
         _, _, model, cfg, *_ = setup()
         if method == 'spafl':
-            state = federated.init_state(
-                model, cfg, jax.random.key(3), num_clients=NUM_CLIENTS, image_shape=(8, 8, 1)
+            state = federated.init_state(  # the lazy importance update, the default
+                model,
+                cfg,
+                jax.random.key(3),
+                num_clients=NUM_CLIENTS,
+                image_shape=(8, 8, 1),
+                lazy_importance=True,
             )
         else:
             state = baselines.get(method).init_state(
@@ -136,6 +147,12 @@ def run_rounds(strategy: str, method: str = 'spafl'):
     for r in range(ROUNDS):
         state, metrics = runner.run_round(state, sampled_clients(r), jax.random.key(1))
     evaluation = runner.evaluate(state)
+    panel = runner.evaluate_panel(state, PANEL)
+    evaluation = {
+        **evaluation,
+        'panel_correct': panel['correct'],
+        'panel_density': panel['layer_density'],
+    }
     return state, metrics, evaluation, runner.trace_counts()
 
 
@@ -199,6 +216,12 @@ def _check(results: dict, ref_state: dict, ref_eval: dict, strategy: str) -> Non
     np.testing.assert_array_equal(results[f"{strategy}[2]['correct']"], ref_eval['correct'])
     np.testing.assert_allclose(
         results[f"{strategy}[2]['layer_density']"], ref_eval['layer_density']
+    )
+    np.testing.assert_array_equal(
+        results[f"{strategy}[2]['panel_correct']"], ref_eval['correct'][PANEL]
+    )
+    np.testing.assert_allclose(
+        results[f"{strategy}[2]['panel_density']"], ref_eval['layer_density'][PANEL]
     )
     # Every compiled function traced once: later rounds reuse the first round's executables.
     assert results[f'{strategy}/traces'].tolist() == [1] * len(results[f'{strategy}/traces'])

@@ -1,12 +1,17 @@
-r"""Memory and seconds per round as the number of resident clients grows: 100 -> 1,000 -> 10,000.
+r"""Resident clients from 10^3 to 10^6: bytes per client, seconds per round and evaluation.
 
-    python experiments/benchmarks/scale.py
-    python experiments/benchmarks/scale.py --model=lenet5 --clients=100,1000
+    python experiments/benchmarks/scale.py                        # digits CNN, 10^3 and 10^4
+    python experiments/benchmarks/scale.py --clients=100000 --forms=lazy
+    python experiments/benchmarks/scale.py --model=digits_mlp --clients=1000000 --forms=lazy
 
-Every client keeps its own model between rounds, so the all-client state grows linearly with N; a
-round trains 10 sampled clients but applies the importance update to all N, and an evaluation runs
-every client's model on its own test examples. Synthetic data (`--examples` training and a fifth of
-that for test per client). Each N runs in its own process so resident memory is not shared.
+Every client keeps its own model between rounds, so the all-client state grows linearly with N. A
+round trains the 10 sampled clients; the importance update (`all_after`) reaches all N, either
+eagerly (every client's weights rewritten every round) or lazily (two numbers per client and row,
+`server.lazy_importance_update`). An evaluated round tests a fixed panel of `--panel` clients; a full
+sweep tests all N. Both forms run in the same process, one after the other, on the same data, so
+their ratio is taken at the same moment. Synthetic data: `--examples` training and a fifth of that
+for test per client, indices into a shared pool of images. Each N runs in its own process so that
+resident memory is not shared.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-SHAPES = {'digits_cnn': (8, 8, 1), 'lenet5': (28, 28, 1), 'conv4': (32, 32, 3)}
+SHAPES = {'digits_cnn': (8, 8, 1), 'digits_mlp': (8, 8, 1), 'lenet5': (28, 28, 1)}
+POOL = 65_536  # distinct synthetic images the clients' indices point into
 
 
 def rss_mib() -> float:
@@ -31,84 +37,133 @@ def rss_mib() -> float:
     return float('nan')
 
 
-def one(model_name: str, num_clients: int, examples: int, rounds: int, strategy: str) -> None:
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np
-    from spafl_jax import client as client_lib, execution, federated, models
+def _data(num_clients: int, examples: int, shape, seed: int):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from spafl_jax import federated  # pylint: disable=g-import-not-at-top
 
-    shape = SHAPES[model_name]
-    batch = 16
+    rng = np.random.default_rng(seed)
+    pool = min(POOL, num_clients * examples)
+    return federated.ClientData(
+        images=jnp.asarray(rng.integers(0, 256, (pool, *shape), dtype=np.uint8)),
+        labels=jnp.asarray(rng.integers(0, 10, pool), jnp.int32),
+        example_ids=jnp.asarray(rng.integers(0, pool, (num_clients, examples), dtype=np.int32)),
+        counts=jnp.full((num_clients,), examples, jnp.int32),
+    )
+
+
+def one(args, num_clients: int) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from spafl_jax import client as client_lib  # pylint: disable=g-import-not-at-top
+    from spafl_jax import execution, federated, models  # pylint: disable=g-import-not-at-top
+
+    shape = SHAPES[args.model]
     base = rss_mib()
-    rng = np.random.default_rng(0)
-    n_test = max(examples // 5, 4)
-    images = rng.integers(0, 256, (num_clients * examples, *shape), dtype=np.uint8)
-    labels = rng.integers(0, 10, num_clients * examples)
-    train_ids = np.arange(num_clients * examples).reshape(num_clients, examples)
-    test_ids = np.arange(num_clients * n_test).reshape(num_clients, n_test)
-    train = federated.make_client_data(images, labels, list(train_ids))
-    test = federated.make_client_data(
-        images[: num_clients * n_test], labels[: num_clients * n_test], list(test_ids)
-    )
-    model = models.create_model(model_name, 10)
-    cfg = client_lib.LocalConfig(batch_size=batch, local_epochs=1, lr=0.01)
-    round_cfg = federated.RoundConfig(clients_per_round=10)
+    train = _data(num_clients, args.examples, shape, 0)
+    test = _data(num_clients, max(args.examples // 5, 4), shape, 1)
+    model = models.create_model(args.model, 10)
+    cfg = client_lib.LocalConfig(batch_size=16, local_epochs=1, lr=0.01, th_coeff=0.01)
+    round_cfg = federated.RoundConfig(clients_per_round=10, importance_update='all_after')
     spec = client_lib.DataSpec(pixel_max=255.0, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1])
-    state = federated.init_state(
-        model, cfg, jax.random.key(0), num_clients=num_clients, image_shape=shape
+    runner = execution.RoundRunner(
+        model, cfg, round_cfg, spec, train, test, strategy=args.strategy
     )
-    state_mib = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
-    runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test, strategy=strategy)
-    times = []
-    for r in range(rounds):
-        sampled = np.sort(np.random.default_rng([1, r]).choice(num_clients, 10, replace=False))
+    panel = np.sort(
+        np.random.default_rng(2).choice(num_clients, min(args.panel, num_clients), replace=False)
+    )
+    row = {'clients': num_clients}
+    for form in args.forms.split(','):
         start = time.perf_counter()
-        state, metrics = runner.run_round(state, sampled, jax.random.key(1))
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    jax.block_until_ready(runner.evaluate(state))
-    runner_eval_first = time.perf_counter() - start
-    start = time.perf_counter()
-    jax.block_until_ready(runner.evaluate(state))
-    eval_s = time.perf_counter() - start
-    print(
-        f'{model_name:<10} {num_clients:>7} {state_mib:10.1f} {rss_mib() - base:9.0f} '
-        f'{float(np.median(times[1:])):9.3f} {eval_s:8.3f} {times[0]:9.1f} '
-        f'{runner_eval_first:8.1f}',
-        flush=True,
-    )
+        state = federated.init_state(
+            model,
+            cfg,
+            jax.random.key(0),
+            num_clients=num_clients,
+            image_shape=shape,
+            lazy_importance=form == 'lazy',
+        )
+        state = runner.place_state(state)
+        jax.block_until_ready(state)
+        row[f'{form} init s'] = time.perf_counter() - start
+        row['bytes/client'] = sum(x.nbytes for x in jax.tree.leaves(state.clients)) / num_clients
+        row['state MiB'] = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
+        times = []
+        for r in range(args.rounds):
+            sampled = np.sort(np.random.default_rng([1, r]).choice(num_clients, 10, replace=False))
+            start = time.perf_counter()
+            state, metrics = runner.run_round(state, sampled, jax.random.key(1))
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - start)
+        row[f'{form} round s'] = float(np.median(times[1:]))
+        row[f'{form} 1st round s'] = times[0]
+        if form == args.forms.split(',')[-1]:
+            jax.block_until_ready(runner.evaluate_panel(state, panel))  # compiles
+            start = time.perf_counter()
+            jax.block_until_ready(runner.evaluate_panel(state, panel))
+            row['panel eval s'] = time.perf_counter() - start
+            if num_clients <= args.full_eval_max:
+                jax.block_until_ready(runner.evaluate(state))
+                start = time.perf_counter()
+                jax.block_until_ready(runner.evaluate(state))
+                row['full eval s'] = time.perf_counter() - start
+        row['RSS+ MiB'] = rss_mib() - base
+        del state
+    print('ROW', repr(row), flush=True)
+
+
+COLUMNS = (
+    ('clients', '{:,}'),
+    ('bytes/client', '{:,.0f}'),
+    ('state MiB', '{:,.0f}'),
+    ('RSS+ MiB', '{:,.0f}'),
+    ('eager round s', '{:.3f}'),
+    ('lazy round s', '{:.3f}'),
+    ('eager/lazy', '{:.1f}x'),
+    ('panel eval s', '{:.3f}'),
+    ('full eval s', '{:.2f}'),
+    ('lazy init s', '{:.1f}'),
+    ('lazy 1st round s', '{:.1f}'),
+)
+
+
+def markdown(rows) -> str:
+    lines = ['| ' + ' | '.join(c for c, _ in COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+    for row in rows:
+        if 'eager round s' in row and 'lazy round s' in row:
+            row['eager/lazy'] = row['eager round s'] / row['lazy round s']
+        cells = [fmt.format(row[c]) if c in row else '–' for c, fmt in COLUMNS]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--model', default='digits_cnn')
-    parser.add_argument('--clients', default='100,1000,10000')
+    parser.add_argument('--model', default='digits_cnn', choices=sorted(SHAPES))
+    parser.add_argument('--clients', default='1000,10000')
+    parser.add_argument('--forms', default='eager,lazy', help='eager,lazy | lazy | eager')
     parser.add_argument('--examples', type=int, default=32)
-    parser.add_argument('--rounds', type=int, default=4)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--panel', type=int, default=1000)
+    parser.add_argument('--full_eval_max', type=int, default=10_000)
     parser.add_argument('--strategy', default='auto')
     parser.add_argument('--child', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        one(args.model, args.child, args.examples, args.rounds, args.strategy)
+        one(args, args.child)
         return
-    print(
-        f'{"model":<10} {"clients":>7} {"state MiB":>10} {"RSS+ MiB":>9} {"s/round":>9} '
-        f'{"eval s":>8} {"1st round":>9} {"1st eval":>8}',
-        flush=True,
-    )
+    rows = []
     for n in args.clients.split(','):
-        subprocess.run(
-            [
-                sys.executable,
-                os.path.abspath(__file__),
-                f'--model={args.model}',
-                f'--examples={args.examples}',
-                f'--rounds={args.rounds}',
-                f'--strategy={args.strategy}',
-                f'--child={n}',
-            ],
+        child = [a for a in (argv if argv is not None else sys.argv[1:]) if '--clients' not in a]
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *child, f'--child={n}'],
             check=True,
-        )
+            capture_output=True,
+            text=True,
+        ).stdout
+        rows.append(eval(next(l for l in out.splitlines() if l.startswith('ROW '))[4:]))  # noqa: S307
+        print(f'{args.model}: {int(n):,} clients done', flush=True)
+    print(markdown(rows))
 
 
 if __name__ == '__main__':
