@@ -357,7 +357,11 @@ def test_thresholds_above_every_row_magnitude_zero_the_layer(name):
     for n in names:
         assert not np.any(np.asarray(outputs[n])), n
     logits, _, _, _ = _apply(model, _with_thresholds(variables, high), x)
-    if name in ('digits_cnn', 'digits_mlp', 'lenet5'):  # every layer masked and bias-free: the logits vanish
+    if name in (
+        'digits_cnn',
+        'digits_mlp',
+        'lenet5',
+    ):  # every layer masked and bias-free: the logits vanish
         assert not np.any(np.asarray(logits))
     if name == 'resnet18':  # zero features through fresh BatchNorm: only the head's bias is left
         np.testing.assert_array_equal(

@@ -29,13 +29,8 @@ from spafl_jax import layers
 
 pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
-NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2
-PANEL = [
-    6,
-    1,
-    3,
-    7,
-]  # evaluated on their own: clients of three of four devices' shards, unsorted  # 3 sampled over 2 or 4 devices: empty positions
+NUM_CLIENTS, SAMPLED, BATCH, ROUNDS = 8, 3, 16, 2  # 3 sampled over 2 or 4 devices: empty positions
+PANEL = [6, 1, 3, 7]  # evaluated on their own: clients of three of four devices' shards, unsorted
 # Every baseline: each is an `algorithm.Algorithm`, and runs on the same mesh as SpaFL.
 ALGORITHM_BASELINES = ('fedavg', 'local', 'fedpm', 'heterofl', 'fedspa')
 

@@ -66,9 +66,7 @@ def one(args, num_clients: int) -> None:
     cfg = client_lib.LocalConfig(batch_size=16, local_epochs=1, lr=0.01, th_coeff=0.01)
     round_cfg = federated.RoundConfig(clients_per_round=10, importance_update='all_after')
     spec = client_lib.DataSpec(pixel_max=255.0, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1])
-    runner = execution.RoundRunner(
-        model, cfg, round_cfg, spec, train, test, strategy=args.strategy
-    )
+    runner = execution.RoundRunner(model, cfg, round_cfg, spec, train, test, strategy=args.strategy)
     panel = np.sort(
         np.random.default_rng(2).choice(num_clients, min(args.panel, num_clients), replace=False)
     )
