@@ -141,28 +141,43 @@ def initialize_runtime(
 
 
 def make_mesh(num_clients: int, devices=None) -> Mesh:
-    """A 1-D mesh over the `clients` axis whose size divides `num_clients`.
+    """A 1-D mesh over the `clients` axis: every device, or one per client when there are fewer.
 
-    The all-client state is split evenly along the axis. On one host, with a device count that does
-    not divide the number of clients, the largest dividing count is used (and logged); across hosts
-    every device must take part, so the count must divide.
+    The client axis is padded to a whole number of clients per device with phantom clients that
+    are never sampled and never reported (`RoundRunner.padded_clients`), so 100 clients use all 8
+    GPUs of a host (13 on each, 4 phantoms) and 10^6 clients all 256 chips of a pod.
     """
     devices = list(jax.devices() if devices is None else devices)
     size = len(devices)
-    if num_clients % size:
+    if num_clients < size:
         if jax.process_count() > 1:
             raise ValueError(
-                f'num_clients={num_clients} must be a multiple of the {size} devices '
-                'of a multi-host run.'
+                f'num_clients={num_clients} is fewer than the {size} devices of a multi-host '
+                'run, where every device takes part: use more clients or fewer hosts.'
             )
-        size = max(d for d in range(1, size + 1) if num_clients % d == 0)
-        logging.warning(
-            'using %d of %d devices: %d clients do not split evenly over more.',
-            size,
-            len(devices),
-            num_clients,
-        )
+        size = num_clients
+        logging.warning('using %d of %d devices: one per client.', size, len(devices))
     return Mesh(np.array(devices[:size]), (CLIENTS,))
+
+
+def padded_count(num_clients: int, devices: int) -> int:
+    """Clients on the mesh: `num_clients` rounded up to a whole number per device."""
+    return -(-num_clients // devices) * devices
+
+
+def _pad_clients(tree, count: int):
+    """Every leaf's client axis extended to `count` with copies of client 0 (phantoms: finite
+    values, never sampled, sliced off before anything is reported or saved)."""
+
+    def pad(x):
+        extra = count - x.shape[0]
+        if extra <= 0:
+            return x
+        if isinstance(x, np.ndarray):
+            return np.concatenate([x, np.repeat(x[:1], extra, axis=0)])
+        return jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)])
+
+    return jax.tree.map(pad, tree)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,7 +460,16 @@ class RoundRunner:
         self.num_clients = len(train_counts)
         self.mesh = mesh if mesh is not None else make_mesh(self.num_clients)
         self.devices = self.mesh.devices.size
-        self.per_shard = self.num_clients // self.devices
+        # The client axis on the mesh, phantoms included (`make_mesh`).
+        self.padded_clients = padded_count(self.num_clients, self.devices)
+        self.per_shard = self.padded_clients // self.devices
+        logging.info(
+            '%d clients on %d devices: %d per device (%d phantom)',
+            self.num_clients,
+            self.devices,
+            self.per_shard,
+            self.padded_clients - self.num_clients,
+        )
         conv_impl = getattr(model, 'conv_impl', 'xla')
         self.strategy = resolve_client_execution(
             strategy, self.mesh.devices.flat[0].platform, conv_impl
@@ -470,7 +494,7 @@ class RoundRunner:
         self._replicated = NamedSharding(self.mesh, P())
         self._sharded = NamedSharding(self.mesh, P(CLIENTS))
         self.train_data = self._put_replicated(train_data)
-        self.test_counts = test_counts
+        self.test_counts = np.pad(test_counts, (0, self.padded_clients - self.num_clients))
         self.test_data = self._place_test(test_data)
         self._eval_table = None
         self._panel_tables = {}
@@ -492,14 +516,17 @@ class RoundRunner:
     def _place_test(self, data: ClientData) -> ClientData:
         # Each device evaluates its own block of clients: their test ids travel with them, padded to a
         # whole number of evaluation chunks.
+        # Phantom clients have no test examples.
         ids = np.asarray(jax.device_get(data.example_ids))
         width = max(-(-ids.shape[1] // self.eval_chunk), 1) * self.eval_chunk
-        ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])))
+        phantoms = self.padded_clients - ids.shape[0]
+        ids = np.pad(ids, ((0, phantoms), (0, width - ids.shape[1])))
+        counts = np.pad(np.asarray(jax.device_get(data.counts)), (0, phantoms))
         return ClientData(
             images=self._global(data.images, self._replicated),
             labels=self._global(data.labels, self._replicated),
             example_ids=self._global(ids, self._sharded),
-            counts=self._global(np.asarray(jax.device_get(data.counts)), self._sharded),
+            counts=self._global(counts, self._sharded),
         )
 
     def state_sharding(self, state):
@@ -509,7 +536,11 @@ class RoundRunner:
         )
 
     def place_state(self, state):
-        """`state` laid out on the mesh (a no-op when it already is)."""
+        """`state` laid out on the mesh, its client axis padded with phantoms (a no-op when it
+        already is)."""
+        leaves = jax.tree.leaves(state.clients)
+        if leaves and leaves[0].shape[0] != self.padded_clients:
+            state = state.replace(clients=_pad_clients(state.clients, self.padded_clients))
         target = self.state_sharding(state)
         if all(
             getattr(x, 'sharding', None) == s
@@ -945,6 +976,10 @@ class RoundRunner:
             state, self.train_data, sampled_dev, key, *tables, sharded(plan.slots), executed
         )
 
+    def unpadded(self, state):
+        """`state` without its phantom clients: what is saved, exported and drawn."""
+        return state.replace(clients=jax.tree.map(lambda x: x[: self.num_clients], state.clients))
+
     def tested_state(self, state):
         """`state` as testing every client leaves it (`Algorithm.tested`): the same state unless a
         test changes the clients (SpaFL's official collapse check, `federated.test_thresholds`)."""
@@ -989,8 +1024,9 @@ class RoundRunner:
     def evaluate(self, state) -> dict:
         """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""
         state = self.place_state(state)
+        real = lambda out: jax.tree.map(lambda x: x[: self.num_clients], out)  # no phantoms
         if self.strategy != 'loop':
-            return self._eval_fn(state, self.test_data)
+            return real(self._eval_fn(state, self.test_data))
         if self._eval_table is None:
             table, valid = plan_evaluation(self.test_counts, self.eval_chunk, self.devices)
             self._eval_table = (
@@ -999,10 +1035,10 @@ class RoundRunner:
                 table.shape[1],
             )
         table, valid, length = self._eval_table
-        correct = self._global(np.zeros(self.num_clients, np.int32), self._sharded)
+        correct = self._global(np.zeros(self.padded_clients, np.int32), self._sharded)
         for t in range(length):
             correct = self._eval_slot_fn(state, self.test_data, correct, table, valid, np.int32(t))
-        return self._eval_finish_fn(state, correct, self.test_data)
+        return real(self._eval_finish_fn(state, correct, self.test_data))
 
 
 def make_round_runner(

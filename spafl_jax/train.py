@@ -606,6 +606,7 @@ def _train_and_evaluate(
         test_data=run.test_data,
         macs=macs,
     )
+    runner = round_fn.runner
     # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
     writer = (
         writers_lib.create(
@@ -629,7 +630,7 @@ def _train_and_evaluate(
         try:
             checkpointer.save(
                 rounds_done,
-                execution.host_local(state),
+                runner.unpadded(execution.host_local(state)),
                 {
                     'round': rounds_done,
                     'totals': totals,
@@ -679,6 +680,8 @@ def _train_and_evaluate(
         round_metrics, evaluation, finite, masks = execution.host_local(
             (round_metrics, evaluation, finite, masks)
         )
+        if masks is not None:
+            masks = masks[: config.num_clients]  # no phantom clients
         now = time.time()
         round_seconds.append(now - clock[0])
         clock[0] = now
@@ -801,7 +804,7 @@ def _train_and_evaluate(
             writer.close()
         checkpointer.close()
 
-    host_state = execution.host_local(state)
+    host_state = runner.unpadded(execution.host_local(state))
     try:
         final = records[-1]
         # Steady rounds of the whole run (compiling rounds left out, resumes included); a run too

@@ -376,3 +376,29 @@ def test_distributed_auto_without_a_platform_is_one_line(tmp_path):
     assert job.returncode == 2, output[-2000:]
     assert "error: config.distributed='auto' found no multi-host platform" in output
     assert 'Traceback' not in output
+
+
+def test_clients_that_do_not_divide_over_the_devices_use_them_all_with_phantoms(tmp_path):
+    """7 clients on 4 devices: 2 per device, one phantom, never sampled or reported; the run, its
+    checkpoint (after round 2) and its resume give what one device gives."""
+    from spafl_jax import export  # pylint: disable=g-import-not-at-top
+
+    single, multi = tmp_path / 'single', tmp_path / 'multi'
+    seven = ('--config.num_clients=7', '--config.eval_every=1')
+    for rounds in (2, 3):  # 2 rounds (checkpoint 2), then resumed up to 3
+        jobs = [
+            _main(single, rounds, *seven, '--config.num_cpu_devices=1'),
+            _main(multi, rounds, *seven, '--config.num_cpu_devices=4', '--verbosity=0'),
+        ]
+        outputs = [_finish(job) for job in jobs]
+    assert '7 clients on 4 devices: 2 per device (1 phantom)' in outputs[1], outputs[1][-2000:]
+    assert 'resuming after round 2' in outputs[1], outputs[1][-2000:]
+    expected, got = _metrics(single), _metrics(multi)
+    assert [r['round'] for r in got] == [1, 2, 3]
+    for want, have in zip(expected, got):
+        assert have['evaluated_clients'] == 7
+        for key in ('accuracy', 'density', 'density_weighted', 'bits_up'):
+            assert have[key] == pytest.approx(want[key], abs=1e-6), (want['round'], key)
+    # What is saved holds the 7 clients only.
+    _, clients = export.load_client_variables(str(multi))
+    assert len(clients) == 7

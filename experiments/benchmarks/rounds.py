@@ -115,6 +115,10 @@ def main(argv=None):
     parser.add_argument('--alpha', type=float, default=0.1)
     parser.add_argument('--vmap_lanes', type=int, default=0)
     parser.add_argument(
+        '--conv_impls', default='auto', help='auto | im2col | xla, comma-separated: each is timed'
+    )
+    parser.add_argument('--local_epochs', type=int, default=0, help='0: the table above')
+    parser.add_argument(
         '--padded_scan',
         default='digits_cnn,lenet5',
         help='models for which the reference federated.run_round is timed too',
@@ -136,12 +140,15 @@ def main(argv=None):
         f'{os.cpu_count()} CPUs; jitted 2048^3 float32 matmul: {peak:.0f} GFLOP/s'
     )
     header = (
-        f'{"model":<11} {"strategy":<12} {"s/round":>8} {"x loop":>7} {"examples/s":>10} '
+        f'{"model":<16} {"strategy":<12} {"s/round":>8} {"x loop":>7} {"examples/s":>10} '
         f'{"GFLOP/s":>8} {"% matmul":>8} {"compile s":>9} {"useful":>6}'
     )
     print(header)
-    for name in args.models.split(','):
+    for name, conv_impl in [
+        (m, c) for m in args.models.split(',') for c in args.conv_impls.split(',')
+    ]:
         shape, batch, epochs = MODELS[name]
+        epochs = args.local_epochs or epochs
         labels, train_ids, test_ids = synthetic_split(
             args.num_clients, args.mean_examples, args.alpha, batch
         )
@@ -153,7 +160,9 @@ def main(argv=None):
             labels[: len(np.concatenate(test_ids))],
             test_ids,
         )
-        model = models.create_model(name, 10)
+        model = models.create_model(name, 10, conv_impl=conv_impl)
+        if conv_impl != 'auto':
+            name = f'{name}/{conv_impl}'
         cfg = client_lib.LocalConfig(batch_size=batch, local_epochs=epochs, lr=0.01, th_coeff=1e-4)
         round_cfg = federated.RoundConfig(clients_per_round=args.clients_per_round)
         spec = client_lib.DataSpec(
@@ -211,7 +220,7 @@ def main(argv=None):
 
         def row(label, seconds, compile_s, useful):
             print(
-                f'{name:<11} {label:<12} {seconds:8.3f} {base / seconds:7.2f} '
+                f'{name:<16} {label:<12} {seconds:8.3f} {base / seconds:7.2f} '
                 f'{steps * batch / seconds:10.0f} {steps * flops_per_step / seconds / 1e9:8.1f} '
                 f'{100 * steps * flops_per_step / seconds / 1e9 / peak:8.1f} {compile_s:9.1f} '
                 f'{useful:6.2f}',
@@ -243,10 +252,10 @@ def main(argv=None):
             row(strategy, seconds, first - seconds, float(np.mean(useful)))
             eval_first, eval_s = measure(lambda r: runner.evaluate(holder['state']), 3)
             print(
-                f'{name:<11} {"  evaluate":<12} {eval_s:8.3f}  ({args.num_clients} clients, '
+                f'{name:<16} {"  evaluate":<12} {eval_s:8.3f}  ({args.num_clients} clients, '
                 f'{int(np.asarray(test.counts).sum())} examples; compile {eval_first - eval_s:.1f} s)'
             )
-        if name in args.padded_scan.split(','):
+        if name.split('/')[0] in args.padded_scan.split(','):
             round_fn = federated.make_round_fn(model, cfg, round_cfg, spec, macs=macs)
             holder = {'state': jax.tree.map(jnp.copy, initial), 'metrics': []}
 
@@ -268,7 +277,7 @@ def main(argv=None):
             eval_fn = federated.make_eval_fn(model, spec, batch_size=256)
             eval_first, eval_s = measure(lambda r: eval_fn(holder['state'].clients, test), 3)
             print(
-                f'{name:<11} {"  evaluate":<12} {eval_s:8.3f}  (federated.evaluate, batch 256; '
+                f'{name:<16} {"  evaluate":<12} {eval_s:8.3f}  (federated.evaluate, batch 256; '
                 f'compile {eval_first - eval_s:.1f} s)'
             )
 
