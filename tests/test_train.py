@@ -99,7 +99,7 @@ def test_refuses_a_workdir_that_holds_another_run(digits_run):
 
 
 def test_validation_names_allowed_values():
-    with pytest.raises(configuration.ConfigError, match='digits_cnn, lenet5'):
+    with pytest.raises(configuration.ConfigError, match='digits_cnn, digits_mlp, lenet5'):
         configuration.validate(_config(model='resnet50'))
     with pytest.raises(configuration.ConfigError, match='long_tailed'):
         configuration.validate(_config(estimator='ste'))
@@ -305,6 +305,7 @@ def test_the_host_takes_each_rounds_results_while_the_next_round_runs(tmp_path, 
             events.append('dispatch')
             return round_fn(state, data, sampled, key)
 
+        dispatched.runner = round_fn.runner
         return dispatched, eval_fn
 
     fetch = execution.host_local
