@@ -682,9 +682,8 @@ def _train_and_evaluate(
         )
         if masks is not None:
             masks = masks[: config.num_clients]  # no phantom clients
-        now = time.time()
-        round_seconds.append(now - clock[0])
-        clock[0] = now
+        # From the end of the previous round's host work (its figures are not this round's time).
+        round_seconds.append(time.time() - clock[0])
 
         bad = [
             part
@@ -768,6 +767,7 @@ def _train_and_evaluate(
                 round_seconds[-1],
             )
             console.round_line(r + 1, config.rounds, record, timer.per_round())
+        clock[0] = time.time()
 
     if start_round < config.rounds:
         console.line(f'round {start_round + 1} compiles (and the first evaluation)')
