@@ -448,6 +448,7 @@ class RoundRunner:
         eval_lanes: int = 0,
         macs=None,
         algorithm: algorithm_lib.Algorithm | None = None,
+        cohort: bool = False,
     ):
         self.alg = (
             algorithm
@@ -483,6 +484,12 @@ class RoundRunner:
             self.lanes = self.per_device if lanes <= 0 else min(lanes, self.per_device)
         else:
             self.lanes = 1
+        # The client axis of the state a round takes: every client (phantoms included), or with
+        # `cohort` only the round's sampled clients, in the order of `RoundPlan.sampled` (each
+        # device's share in its own shard), as a client store off the devices gathers them
+        # (spafl_jax/store.py).
+        self.cohort = bool(cohort)
+        self.state_clients = self.devices * self.per_device if cohort else self.padded_clients
         slots = max_lane_steps(self.steps_per_epoch, epochs, self.per_device)
         self.max_slots = -(-slots // self.unroll) * self.unroll
         self.eval_chunk = max(int(eval_chunk), 1)
@@ -522,6 +529,7 @@ class RoundRunner:
         phantoms = self.padded_clients - ids.shape[0]
         ids = np.pad(ids, ((0, phantoms), (0, width - ids.shape[1])))
         counts = np.pad(np.asarray(jax.device_get(data.counts)), (0, phantoms))
+        self._test_ids = ids  # a host copy: `evaluate_clients` takes any clients' rows of it
         return ClientData(
             images=self._global(data.images, self._replicated),
             labels=self._global(data.labels, self._replicated),
@@ -539,8 +547,8 @@ class RoundRunner:
         """`state` laid out on the mesh, its client axis padded with phantoms (a no-op when it
         already is)."""
         leaves = jax.tree.leaves(state.clients)
-        if leaves and leaves[0].shape[0] != self.padded_clients:
-            state = state.replace(clients=_pad_clients(state.clients, self.padded_clients))
+        if leaves and leaves[0].shape[0] != self.state_clients:
+            state = state.replace(clients=_pad_clients(state.clients, self.state_clients))
         target = self.state_sharding(state)
         if all(
             getattr(x, 'sharding', None) == s
@@ -568,10 +576,19 @@ class RoundRunner:
         """`jax.jit` with the compiler options measured fastest for the model (`xla.jit`)."""
         return xla.jit(fn, model=self.model, **kwargs)
 
+    def _where(self, sampled):
+        """Where the `sampled` clients (global ids, -1 = none) sit on the state's client axis."""
+        if not self.cohort:
+            return sampled
+        return jnp.where(sampled >= 0, jnp.arange(sampled.shape[0], dtype=sampled.dtype), -1)
+
+    def _state_shard(self) -> int:
+        return self.state_clients // self.devices
+
     def _begin(self, state, data: ClientData, sampled, seed_key):
         """Gathers this device's clients, starts them, draws their schedules (steps 1-2)."""
         cfg = self.local_cfg
-        clients = _gather_sampled(state.clients, sampled, self.per_shard)
+        clients = _gather_sampled(state.clients, self._where(sampled), self._state_shard())
         d = jax.lax.axis_index(CLIENTS)
         mine = jax.lax.dynamic_slice_in_dim(sampled, d * self.per_device, self.per_device)
         real = mine >= 0
@@ -719,7 +736,9 @@ class RoundRunner:
             clients,
             work.opt_state,
             work.weights,
-            lambda everyone, stored: _scatter_sampled(everyone, sampled, stored, self.per_shard),
+            lambda everyone, stored: _scatter_sampled(
+                everyone, self._where(sampled), stored, self._state_shard()
+            ),
             axis_name=CLIENTS,
         )
         sums = jax.lax.psum(
@@ -855,6 +874,11 @@ class RoundRunner:
             self._eval_fn = self._jit(
                 self._shard_map(self._evaluate_local, (state_specs, test_specs), rep)
             )
+
+        # Any stack of clients with its own test rows (`evaluate_clients`): compiled per stack size.
+        self._clients_eval_fn = self._jit(
+            self._shard_map(self._evaluate_local, (state_specs, test_specs), rep)
+        )
 
         def tested(state, data):
             return self.alg.tested(state, state.clients, data.counts)
@@ -1020,6 +1044,34 @@ class RoundRunner:
             }
         out = self._panel_fn(state, self.test_data, self._panel_tables['table'])
         return jax.tree.map(lambda x: x[self._panel_tables['where']], out)
+
+    def evaluate_clients(self, state, ids: np.ndarray) -> dict:
+        """`evaluate` of an explicit stack of clients: `state.clients` holds `len(ids)` of them (a
+        multiple of the device count, device d's share in its shard), whose global ids are `ids`
+        (-1: an empty position, left out of the result). A client store off the devices evaluates
+        its clients this way, a chunk at a time; an algorithm whose test changes the clients
+        cannot be evaluated so (its clients are evaluated in place, `evaluate`)."""
+        if self.alg.tested is not algorithm_lib.unchanged:
+            raise ValueError(
+                f"{self.alg.name}: testing changes its clients (collapse_check='previous'), so "
+                'they are evaluated in place with `evaluate`, not as a stack.'
+            )
+        ids = np.asarray(ids, np.int64)
+        if len(ids) % self.devices:
+            raise ValueError(f'{len(ids)} clients do not split over {self.devices} devices.')
+        real = ids >= 0
+        safe = np.where(real, ids, 0)
+        data = ClientData(
+            images=self.test_data.images,
+            labels=self.test_data.labels,
+            example_ids=self._global(self._test_ids[safe], self._sharded),
+            counts=self._global(
+                np.where(real, self.test_counts[safe], 0).astype(np.int32), self._sharded
+            ),
+        )
+        state = jax.tree.map(self._global, state, self.state_sharding(state))
+        out = self._clients_eval_fn(state, data)
+        return jax.tree.map(lambda x: x[np.flatnonzero(real)], out)
 
     def evaluate(self, state) -> dict:
         """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""

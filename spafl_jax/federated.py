@@ -150,6 +150,28 @@ def init_clients(
     )
 
 
+def initial_clients(
+    model: nn.Module,
+    cfg: LocalConfig,
+    rng: jax.Array,
+    ids,
+    *,
+    image_shape,
+    client_init: str = 'shared',
+) -> ClientState:
+    """The initial states of the clients `ids` alone: rows `ids` of `init_clients` (a client
+    store off the devices draws a client that never trained from its id, on demand)."""
+    check_client_init(client_init)
+    ids = jnp.asarray(ids, jnp.int32)
+    if client_init == 'shared':
+        keys = client_init_keys(rng, ids.shape[0], 'shared')
+    else:
+        keys = jax.vmap(lambda k: jax.random.fold_in(rng, k))(ids)
+    return _init_clients(
+        model, cfg, keys, tuple(int(d) for d in image_shape), client_init == 'shared'
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 3, 4))
 def _init_clients(model, cfg, keys, image_shape, shared: bool) -> ClientState:
     def one(key):
