@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import time
 from typing import Any
 from collections.abc import Callable
 
@@ -241,6 +242,8 @@ class StoreRunner:
         self.num_clients = runner.num_clients
         self.eval_clients = max(-(-int(eval_clients) // self.devices), 1) * self.devices
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='client-store')
+        # Seconds, summed: the worker's reads and writes, and the host's waits for a cohort's rows.
+        self.seconds = {'read': 0.0, 'write': 0.0, 'wait': 0.0}
         self._prefetch = None  # (ids, future of their rows) of the next round's cohort
         self._previous = None  # (ids, future of their trained rows) of the round just dispatched
         self._build()
@@ -282,6 +285,7 @@ class StoreRunner:
     def _read(self, ids: np.ndarray) -> np.ndarray:
         """Rows of `ids` (-1: an empty position, any row): stored ones from the store, the others
         their initial models. Runs on the worker thread."""
+        start = time.perf_counter()
         real = ids >= 0
         rows = np.zeros((len(ids), self.layout.width), np.float32)
         if real.any():
@@ -289,20 +293,24 @@ class StoreRunner:
         fresh = real & (rows[:, 0] == 0)
         if fresh.any():
             rows[fresh] = self.layout.ravel(self.initial(ids[fresh]))
+        self.seconds['read'] += time.perf_counter() - start
         return rows
 
     def _write(self, ids: np.ndarray, clients) -> np.ndarray:
         """Writes the trained `clients` (device arrays, still being computed) of `ids`; returns
         their rows. Runs on the worker thread, so the host never waits for the device here."""
         rows = self.layout.ravel(jax.device_get(clients))
+        start = time.perf_counter()  # from when the round's result is there
         real = ids >= 0
         if real.any():
             self.store.write(ids[real], rows[real])
+        self.seconds['write'] += time.perf_counter() - start
         return rows
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         """The rows of `ids` as of now: the prefetched read if it was of these ids, patched with
         the trained rows of the round just dispatched (which the read may predate)."""
+        start = time.perf_counter()
         if self._prefetch is not None and np.array_equal(self._prefetch[0], ids):
             rows = self._prefetch[1].result()
         else:
@@ -314,6 +322,7 @@ class StoreRunner:
             if len(again):
                 position = {int(c): i for i, c in enumerate(before)}
                 rows[again] = future.result()[[position[int(c)] for c in ids[again]]]
+        self.seconds['wait'] += time.perf_counter() - start
         return rows
 
     def _cohort_state(self, resident: FederatedState, ids: np.ndarray, rows: np.ndarray):
@@ -437,7 +446,7 @@ def make_store_runner(
         )
     else:
         initial_fn = initial
-    resident = _initial_resident(runner, round_cfg, one, initial_fn)
+    resident = _initial_resident(runner, round_cfg, one, initial_fn, client_init == 'shared')
     kernels = jax.tree.map(
         lambda k: jax.ShapeDtypeStruct(k.shape, k.dtype),
         masking.kernels_of(one.params, one.thresholds),
@@ -448,7 +457,7 @@ def make_store_runner(
     return store_runner, resident
 
 
-def _initial_resident(runner, round_cfg, one: ClientState, initial) -> FederatedState:
+def _initial_resident(runner, round_cfg, one: ClientState, initial, shared: bool) -> FederatedState:
     """Round 0's resident state: the server's zeros and every client's row sums and zero shifts
     (lazy `all_after`; nothing per client otherwise), padded to the mesh and sharded over it."""
     n = runner.padded_clients
@@ -458,13 +467,20 @@ def _initial_resident(runner, round_cfg, one: ClientState, initial) -> Federated
         lambda t: jax.device_put(np.zeros(t.shape, t.dtype), replicated), one.thresholds
     )
     if round_cfg.importance_update == 'all_after':
-        chunk = 4096
+        chunk = 1 if shared else 4096  # shared: one model, its sums copied
+        row_sums_of = jax.jit(jax.vmap(server.row_sums))
         sums = []
         for start in range(0, runner.num_clients, chunk):
             ids = np.arange(start, min(start + chunk, runner.num_clients))
             part = initial(ids)
-            sums.append(jax.device_get(jax.vmap(server.row_sums)(part.params, part.thresholds)))
+            sums.append(jax.device_get(row_sums_of(part.params, part.thresholds)))
+            if shared:
+                break
         row_sums = jax.tree.map(lambda *xs: np.concatenate(xs), *sums)
+        if shared:
+            row_sums = jax.tree.map(
+                lambda x: np.broadcast_to(x, (runner.num_clients, *x.shape[1:])), row_sums
+            )
         row_sums = jax.tree.map(
             lambda x: np.pad(x, ((0, n - runner.num_clients),) + ((0, 0),) * (x.ndim - 1)),
             row_sums,

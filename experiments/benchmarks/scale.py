@@ -3,6 +3,8 @@ r"""Resident clients from 10^3 to 10^6: bytes per client, seconds per round and 
     python experiments/benchmarks/scale.py                        # digits CNN, 10^3 and 10^4
     python experiments/benchmarks/scale.py --clients=100000 --forms=lazy
     python experiments/benchmarks/scale.py --model=digits_mlp --clients=1000000 --forms=lazy
+    python experiments/benchmarks/scale.py --tiers=device,host,disk --clients=1000,10000,100000
+    python experiments/benchmarks/scale.py --tiers=disk --model=digits_mlp --clients=1000000
 
 Every client keeps its own model between rounds, so the all-client state grows linearly with N. A
 round trains the 10 sampled clients; the importance update (`all_after`) reaches all N, either
@@ -12,6 +14,12 @@ sweep tests all N. Both forms run in the same process, one after the other, on t
 their ratio is taken at the same moment. Synthetic data: `--examples` training and a fifth of that
 for test per client, indices into a shared pool of images. Each N runs in its own process so that
 resident memory is not shared.
+
+`--tiers` measures where the clients live instead (spafl_jax/store.py), all with the lazy update:
+'device' (the whole state on the device), 'host' (a host array) and 'disk' (tensorstore, one file per
+client, under --disk_dir); each (N, tier) in its own process. Columns: the bytes a client takes in the
+tier and on the device, the round (its host wait for the cohort's rows, and the worker's read and write
+per round, which overlap the training), the panel evaluation, and resident memory.
 """
 
 from __future__ import annotations
@@ -110,6 +118,118 @@ def one(args, num_clients: int) -> None:
     print('ROW', repr(row), flush=True)
 
 
+def one_tier(args, num_clients: int, tier: str) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from spafl_jax import client as client_lib  # pylint: disable=g-import-not-at-top
+    from spafl_jax import execution, federated, models  # pylint: disable=g-import-not-at-top
+    from spafl_jax import store as store_lib  # pylint: disable=g-import-not-at-top
+
+    shape = SHAPES[args.model]
+    base = rss_mib()
+    train = _data(num_clients, args.examples, shape, 0)
+    test = _data(num_clients, max(args.examples // 5, 4), shape, 1)
+    model = models.create_model(args.model, 10)
+    cfg = client_lib.LocalConfig(batch_size=16, local_epochs=1, lr=0.01, th_coeff=0.01)
+    round_cfg = federated.RoundConfig(clients_per_round=10, importance_update='all_after')
+    spec = client_lib.DataSpec(pixel_max=255.0, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1])
+    panel = np.sort(
+        np.random.default_rng(2).choice(num_clients, min(args.panel, num_clients), replace=False)
+    )
+    row = {'clients': num_clients, 'tier': tier}
+    start = time.perf_counter()
+    if tier == 'device':
+        runner = execution.RoundRunner(
+            model, cfg, round_cfg, spec, train, test, strategy=args.strategy
+        )
+        state = runner.place_state(
+            federated.init_state(
+                model,
+                cfg,
+                jax.random.key(0),
+                num_clients=num_clients,
+                image_shape=shape,
+                lazy_importance=True,
+            )
+        )
+        row['device B/client'] = sum(x.nbytes for x in jax.tree.leaves(state.clients)) / num_clients
+        row['tier B/client'] = row['device B/client']
+        run = lambda state, r, sampled, following: runner.run_round(state, sampled, keys[r])
+        panel_eval = lambda state: runner.evaluate_panel(state, panel)
+    else:
+        directory = os.path.join(args.disk_dir, f'{args.model}_{num_clients}')
+        if tier == 'disk':
+            import shutil  # pylint: disable=g-import-not-at-top
+
+            shutil.rmtree(directory, ignore_errors=True)
+        runner, state = store_lib.make_store_runner(
+            model,
+            cfg,
+            round_cfg,
+            spec,
+            train,
+            test,
+            tier=tier,
+            rng=jax.random.key(0),
+            image_shape=shape,
+            directory=directory,
+            eval_clients=args.panel,
+            strategy=args.strategy,
+        )
+        row['device B/client'] = sum(x.nbytes for x in jax.tree.leaves(state.clients)) / num_clients
+        row['tier B/client'] = runner.layout.width * 4
+        run = lambda state, r, sampled, following: runner.run_round(
+            state, sampled, keys[r], following
+        )
+        panel_eval = lambda state: runner.evaluate_clients(state, panel)
+    jax.block_until_ready(state)
+    row['init s'] = time.perf_counter() - start
+    keys = [jax.random.key(1)] * (args.rounds + 1)
+    samples = [
+        np.sort(np.random.default_rng([1, r]).choice(num_clients, 10, replace=False))
+        for r in range(args.rounds + 1)
+    ]
+    times = []
+    for r in range(args.rounds):
+        if r == 1 and tier != 'device':
+            runner.seconds = dict.fromkeys(runner.seconds, 0.0)  # round 0 compiles
+        start = time.perf_counter()
+        state, metrics = run(state, r, samples[r], samples[r + 1])
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    row['round s'] = float(np.median(times[1:]))
+    row['1st round s'] = times[0]
+    if tier != 'device':
+        runner.flush()
+        for k, v in runner.seconds.items():
+            row[f'{k} s'] = v / (args.rounds - 1)
+    jax.block_until_ready(panel_eval(state))  # compiles
+    start = time.perf_counter()
+    jax.block_until_ready(panel_eval(state))
+    row['panel eval s'] = time.perf_counter() - start
+    if tier != 'device':
+        row['stored MiB'] = runner.store.bytes_used() / 2**20
+        runner.close()
+    row['RSS+ MiB'] = rss_mib() - base
+    print('ROW', repr(row), flush=True)
+
+
+TIER_COLUMNS = (
+    ('clients', '{:,}'),
+    ('tier', '{}'),
+    ('tier B/client', '{:,.0f}'),
+    ('device B/client', '{:,.0f}'),
+    ('round s', '{:.3f}'),
+    ('wait s', '{:.3f}'),
+    ('read s', '{:.3f}'),
+    ('write s', '{:.3f}'),
+    ('panel eval s', '{:.3f}'),
+    ('stored MiB', '{:,.1f}'),
+    ('RSS+ MiB', '{:,.0f}'),
+    ('init s', '{:.1f}'),
+)
+
+
 COLUMNS = (
     ('clients', '{:,}'),
     ('bytes/client', '{:,.0f}'),
@@ -125,12 +245,12 @@ COLUMNS = (
 )
 
 
-def markdown(rows) -> str:
-    lines = ['| ' + ' | '.join(c for c, _ in COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+def markdown(rows, columns=COLUMNS) -> str:
+    lines = ['| ' + ' | '.join(c for c, _ in columns) + ' |', '|' + '---|' * len(columns)]
     for row in rows:
         if 'eager round s' in row and 'lazy round s' in row:
             row['eager/lazy'] = row['eager round s'] / row['lazy round s']
-        cells = [fmt.format(row[c]) if c in row else '–' for c, fmt in COLUMNS]
+        cells = [fmt.format(row[c]) if c in row else '–' for c, fmt in columns]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -145,23 +265,41 @@ def main(argv=None):
     parser.add_argument('--panel', type=int, default=1000)
     parser.add_argument('--full_eval_max', type=int, default=10_000)
     parser.add_argument('--strategy', default='auto')
+    parser.add_argument('--tiers', default='', help='device,host,disk: the client store tiers')
+    parser.add_argument('--disk_dir', default='/tmp/spafl_scale_store')
     parser.add_argument('--child', type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument('--child_tier', default='', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        one(args, args.child)
+        if args.child_tier:
+            one_tier(args, args.child, args.child_tier)
+        else:
+            one(args, args.child)
         return
     rows = []
+    tiers = args.tiers.split(',') if args.tiers else ['']
+    given = [
+        a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith('--clients')
+    ]
+    child = [a for a in given if not a.startswith('--tiers')]
     for n in args.clients.split(','):
-        child = [a for a in (argv if argv is not None else sys.argv[1:]) if '--clients' not in a]
-        out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), *child, f'--child={n}'],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        rows.append(eval(next(l for l in out.splitlines() if l.startswith('ROW '))[4:]))  # noqa: S307
-        print(f'{args.model}: {int(n):,} clients done', flush=True)
-    print(markdown(rows))
+        for tier in tiers:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    *child,
+                    f'--child={n}',
+                    *([f'--child_tier={tier}'] if tier else []),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            row = next(line for line in out.splitlines() if line.startswith('ROW '))
+            rows.append(eval(row[4:]))  # noqa: S307
+            print(f'{args.model}: {int(n):,} clients {tier} done', flush=True)
+    print(markdown(rows, TIER_COLUMNS if args.tiers else COLUMNS))
 
 
 if __name__ == '__main__':
