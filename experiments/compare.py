@@ -317,6 +317,8 @@ def method_settings(
         for seed in seeds:
             config = common.read_record(run_dir(workdir, name, int(seed)), 'config.json')
             if config is not None:
+                if name != 'spafl':  # what a baseline ignores is not a difference
+                    config = {k: v for k, v in config.items() if k not in methods.SPAFL_ONLY_FIELDS}
                 configs[name] = config
                 break
     return common.differing_settings(configs)

@@ -200,6 +200,36 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
 
 
+CLIENT_STORES = ('device', 'disk')  # config.client_store (spafl_jax/store.py)
+
+
+def _validate_client_store(config: ml_collections.ConfigDict) -> None:
+    _choice(config, 'client_store', CLIENT_STORES)
+    if config.client_store == 'device':
+        return
+    store = f'config.client_store={config.client_store!r}'
+    if config.method != 'spafl':
+        raise ConfigError(
+            f"{store} keeps SpaFL's clients; config.method={config.method!r} keeps them on the "
+            "devices: set config.client_store='device'."
+        )
+    if config.importance_update == 'all_after' and not config.get('lazy_importance', False):
+        raise ConfigError(
+            f"{store} with importance_update='all_after' needs config.lazy_importance=True: the "
+            "eager update rewrites every client's weights every round."
+        )
+    if config.get('collapse_check', 'current') == 'previous':
+        raise ConfigError(
+            f"{store}: collapse_check='previous' changes the clients when they are tested, "
+            "which happens in place only: set config.client_store='device'."
+        )
+    if config.get('distributed', 'off') != 'off' or config.get('num_processes', 1) > 1:
+        raise ConfigError(
+            f'{store} keeps the clients in one process: a multi-host run keeps them on the '
+            "devices (config.client_store='device')."
+        )
+
+
 def _validate_execution(config: ml_collections.ConfigDict) -> None:
     """The execution fields (optional: a config without them runs on one process)."""
     if 'vmap_lanes' in config:
@@ -224,6 +254,8 @@ def _validate_execution(config: ml_collections.ConfigDict) -> None:
             integer=True,
             at_most=config.get('num_processes', 1) - 1,
         )
+    if 'client_store' in config:
+        _validate_client_store(config)
     address = config.get('coordinator_address') or ''
     if 'distributed' in config:
         _choice(config, 'distributed', DISTRIBUTED)

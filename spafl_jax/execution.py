@@ -1114,14 +1114,21 @@ def make_round_runner(
         spec,
         train_data,
         test_data,
-        strategy=config.client_execution,
-        lanes=config.get('vmap_lanes', 0),
-        unroll=config.scan_unroll,
-        eval_chunk=config.get('eval_chunk', 32),
-        eval_lanes=config.get('eval_lanes', 0),
+        **runner_options(config),
         macs=macs,
         algorithm=algorithm,
     )
+
+
+def runner_options(config) -> dict[str, Any]:
+    """The `RoundRunner` arguments a config gives: strategy, lanes, unroll, evaluation chunks."""
+    return {
+        'strategy': config.client_execution,
+        'lanes': config.get('vmap_lanes', 0),
+        'unroll': config.scan_unroll,
+        'eval_chunk': config.get('eval_chunk', 32),
+        'eval_lanes': config.get('eval_lanes', 0),
+    }
 
 
 def make_round_functions(

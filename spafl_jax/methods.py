@@ -64,6 +64,18 @@ class Method:
 # the baseline's own dataclass.
 
 
+# Config fields only SpaFL reads: a baseline's run ignores them (its record may hold any value).
+SPAFL_ONLY_FIELDS = (
+    'th_coeff',
+    'penalty_warmup',
+    'estimator',
+    'importance_update',
+    'persistent_optimizer',
+    'lazy_importance',
+    'collapse_check',
+)
+
+
 def baseline_fields() -> dict[str, tuple[str, str]]:
     """{config.baseline key: (method, field of its settings dataclass)}, every baseline setting."""
     return {

@@ -136,7 +136,8 @@ class HostStore:
     def read(self, ids: np.ndarray) -> np.ndarray:
         return self.rows[ids]
 
-    def write(self, ids: np.ndarray, rows: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, rows: np.ndarray, tag: int = 0) -> None:
+        del tag  # nothing outlives the process: no journal
         self.rows[ids] = rows
 
     def bytes_used(self) -> int:
@@ -149,9 +150,17 @@ class HostStore:
 class DiskStore:
     """Clients on disk: a tensorstore zarr array `[N, width]` in `directory`, one chunk (one file of
     `width` float32 numbers) per client, written only once a client has trained. Opening an existing
-    directory of the same shape continues with what it holds."""
+    directory of the same shape continues with what it holds.
+
+    It doubles as the clients' checkpoint. Every write first saves the rows it replaces in an undo
+    journal (`journal/`, one file per write, tagged with the round it belongs to, renamed into place
+    once complete), so a run resumed from its checkpoint of round R takes the store back to round R
+    (`rollback(R)`) whatever was written after it; `commit(R)` drops the journal up to round R once
+    nothing will be resumed from before R.
+    """
 
     tier = 'disk'
+    JOURNAL = 'journal'
 
     def __init__(self, layout: Layout, num_clients: int, directory: str):
         import tensorstore as ts  # pylint: disable=g-import-not-at-top
@@ -180,10 +189,62 @@ class DiskStore:
             return self.array[int(ids[0]) : int(ids[-1]) + 1].read().result()
         return self.array[np.asarray(ids, np.int64)].read().result()
 
-    def write(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        self.array[np.asarray(ids, np.int64)].write(rows).result()
+    def write(self, ids: np.ndarray, rows: np.ndarray, tag: int = 0) -> None:
+        ids = np.asarray(ids, np.int64)
+        self._journal(ids, tag)
+        self.array[ids].write(rows).result()
+
+    # -- the undo journal ---------------------------------------------------------------------
+
+    def _journal_entries(self) -> list[tuple[int, int, str]]:
+        """(sequence, tag, path) of the journal's complete entries, oldest first."""
+        directory = os.path.join(self.directory, self.JOURNAL)
+        if not os.path.isdir(directory):
+            return []
+        entries = []
+        for name in os.listdir(directory):
+            parts = name[: -len('.npz')].split('_') if name.endswith('.npz') else []
+            if len(parts) == 2 and all(p.isdigit() for p in parts):
+                entries.append((int(parts[0]), int(parts[1]), os.path.join(directory, name)))
+        return sorted(entries)
+
+    def _journal(self, ids: np.ndarray, tag: int) -> None:
+        directory = os.path.join(self.directory, self.JOURNAL)
+        os.makedirs(directory, exist_ok=True)
+        entries = self._journal_entries()
+        sequence = entries[-1][0] + 1 if entries else 0
+        path = os.path.join(directory, f'{sequence:09d}_{int(tag):09d}.npz')
+        with open(path + '.tmp', 'wb') as f:
+            np.savez(f, ids=ids, rows=self.array[ids].read().result())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + '.tmp', path)
+
+    def rollback(self, tag: int) -> int:
+        """Undoes every write tagged after round `tag`, newest first, and empties the journal.
+        Returns how many writes were undone."""
+        undone = 0
+        for _, entry_tag, path in reversed(self._journal_entries()):
+            if entry_tag > tag:
+                with np.load(path) as saved:
+                    self.array[saved['ids']].write(saved['rows']).result()
+                undone += 1
+        self.commit(2**62)
+        return undone
+
+    def commit(self, tag: int) -> None:
+        """Drops the journal of the writes tagged up to round `tag` (and unfinished entries)."""
+        directory = os.path.join(self.directory, self.JOURNAL)
+        for _, entry_tag, path in self._journal_entries():
+            if entry_tag <= tag:
+                os.remove(path)
+        if os.path.isdir(directory):
+            for name in os.listdir(directory):
+                if name.endswith('.tmp'):
+                    os.remove(os.path.join(directory, name))
 
     def bytes_used(self) -> int:
+        """Bytes of the clients' files (the journal not included)."""
         total = 0
         for entry in os.scandir(self.directory):
             if entry.is_file() and not entry.name.startswith('.'):
@@ -277,8 +338,35 @@ class StoreRunner:
             )
             return cohort.replace(clients=clients)
 
+        @jax.jit
+        def finite(trained: ClientState, server_thresholds, ids):
+            def all_finite(tree):
+                real = ids >= 0
+                return jnp.all(
+                    jnp.stack(
+                        [jnp.array(True)]
+                        + [
+                            jnp.all(jnp.isfinite(x) | ~real.reshape(-1, *[1] * (x.ndim - 1)))
+                            for x in jax.tree.leaves(tree)
+                        ]
+                    )
+                )
+
+            return {
+                'weights': all_finite((trained.params, trained.opt_state)),
+                'batch_stats': all_finite(trained.batch_stats),
+                'thresholds': all_finite(trained.thresholds)
+                & jnp.all(
+                    jnp.stack(
+                        [jnp.array(True)]
+                        + [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(server_thresholds)]
+                    )
+                ),
+            }
+
         self._gather_light = gather_light
         self._update_resident = update_resident
+        self._finite = finite
 
     # -- reading and writing clients ----------------------------------------------------------
 
@@ -296,14 +384,15 @@ class StoreRunner:
         self.seconds['read'] += time.perf_counter() - start
         return rows
 
-    def _write(self, ids: np.ndarray, clients) -> np.ndarray:
-        """Writes the trained `clients` (device arrays, still being computed) of `ids`; returns
-        their rows. Runs on the worker thread, so the host never waits for the device here."""
+    def _write(self, ids: np.ndarray, clients, tag: int) -> np.ndarray:
+        """Writes the trained `clients` (device arrays, still being computed) of `ids` as of
+        round `tag`; returns their rows. Runs on the worker thread, so the host never waits for the
+        device here."""
         rows = self.layout.ravel(jax.device_get(clients))
         start = time.perf_counter()  # from when the round's result is there
         real = ids >= 0
         if real.any():
-            self.store.write(ids[real], rows[real])
+            self.store.write(ids[real], rows[real], tag)
         self.seconds['write'] += time.perf_counter() - start
         return rows
 
@@ -338,16 +427,46 @@ class StoreRunner:
 
     # -- the public calls ---------------------------------------------------------------------
 
-    def run_round(self, resident: FederatedState, sampled: np.ndarray, seed_key, next_sampled=None):
+    def place_state(self, resident: FederatedState) -> FederatedState:
+        """`resident` (as a checkpoint restores it: host arrays, no phantoms) on the mesh."""
+        leaves = jax.tree.leaves(resident.clients)
+        if leaves and leaves[0].shape[0] != self.runner.padded_clients:
+            resident = resident.replace(
+                clients=execution._pad_clients(resident.clients, self.runner.padded_clients)
+            )
+        replicated = self.runner._replicated
+        return FederatedState(
+            clients=jax.device_put(resident.clients, self._sharded),
+            server_thresholds=jax.device_put(resident.server_thresholds, replicated),
+            last_delta=jax.device_put(resident.last_delta, replicated),
+            round=jax.device_put(resident.round, replicated),
+        )
+
+    def run_round(
+        self,
+        resident: FederatedState,
+        sampled: np.ndarray,
+        seed_key,
+        next_sampled=None,
+        round_index: int = 0,
+    ):
         """One round -> (new resident state, metrics), as `RoundRunner.run_round` on every client.
-        `next_sampled`: the next round's clients, read while this round trains."""
+        `next_sampled`: the next round's clients, read while this round trains; `round_index`:
+        the round, which tags the store's writes (`DiskStore.rollback`). `last_finite` then says
+        whether the trained clients and the server's thresholds are finite."""
+        resident = self.place_state(resident)
         sampled = np.sort(np.asarray(sampled))
         ids = self.runner.plan(sampled).sampled
         cohort, ids_dev = self._cohort_state(resident, ids, self._rows(ids))
         cohort, metrics = self.runner.run_round(cohort, sampled, seed_key)
         if next_sampled is not None:
             self.prefetch(next_sampled)
-        self._previous = (ids, self._worker.submit(self._write, ids, heavy(cohort.clients)))
+        trained = heavy(cohort.clients)
+        self._previous = (
+            ids,
+            self._worker.submit(self._write, ids, trained, int(round_index) + 1),
+        )
+        self.last_finite = self._finite(trained, cohort.server_thresholds, ids_dev)
         resident = self._update_resident(resident, ids_dev, cohort, self._kernels)
         return resident, metrics
 
@@ -356,10 +475,13 @@ class StoreRunner:
         if self._previous is not None:
             self._previous[1].result()
 
-    def evaluate_clients(self, resident: FederatedState, clients: np.ndarray) -> dict:
-        """`RoundRunner.evaluate` of the clients `clients`, read a chunk at a time (the next chunk
-        while this one is tested): arrays `[len(clients), ...]` in their order."""
-        clients = np.asarray(clients, np.int64)
+    def map_clients(self, resident: FederatedState, fn, clients: np.ndarray | None = None):
+        """`fn(state, ids)` on the clients `clients` (default: all), a chunk of `eval_clients`
+        at a time (the next chunk read while this one is used): `state` is the resident state with
+        the chunk as its clients (-1 ids: padding), `fn` returns `[len(ids), ...]` arrays, of
+        which the real rows are concatenated (numpy, in the order of `clients`)."""
+        resident = self.place_state(resident)
+        clients = np.arange(self.num_clients) if clients is None else np.asarray(clients)
         size = self.eval_clients
         chunks = [clients[i : i + size] for i in range(0, len(clients), size)]
         padded = [np.pad(c, (0, size - len(c)), constant_values=-1) for c in chunks]
@@ -370,8 +492,19 @@ class StoreRunner:
                 reads.append(self._worker.submit(self._read, padded[i + 1]))
             rows = reads[i].result()  # after every write asked for before: the worker keeps order
             state, _ = self._cohort_state(resident, ids, rows)
-            out.append(self.runner.evaluate_clients(state, ids))
-        return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *out)
+            part = fn(state, ids)
+            out.append(jax.tree.map(lambda x, n=len(chunks[i]): np.asarray(x)[:n], part))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
+
+    def evaluate_clients(self, resident: FederatedState, clients: np.ndarray) -> dict:
+        """`RoundRunner.evaluate` of the clients `clients`, read a chunk at a time (the next chunk
+        while this one is tested): arrays `[len(clients), ...]` in their order."""
+
+        def evaluate(state, ids):
+            # `evaluate_clients` leaves padding out, which sits at the end of a chunk.
+            return self.runner.evaluate_clients(state, ids)
+
+        return self.map_clients(resident, evaluate, clients)
 
     def evaluate(self, resident: FederatedState) -> dict:
         """Every client: `[num_clients, ...]` (the sweep)."""

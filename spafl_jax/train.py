@@ -36,6 +36,7 @@ from spafl_jax import methods
 from spafl_jax import metrics as metrics_lib
 from spafl_jax import models
 from spafl_jax import reporting
+from spafl_jax import store as store_lib
 from spafl_jax import writers as writers_lib
 
 
@@ -223,7 +224,12 @@ RESUMABLE_FIELDS = (
 )
 # Fields added after runs were already written, with the value that reproduces those runs: a
 # workdir whose config.json lacks one resumes as if it held that value.
-ADDED_FIELDS = {'collapse_check': 'current', 'max_loss': 1e6, 'lazy_importance': False}
+ADDED_FIELDS = {
+    'collapse_check': 'current',
+    'max_loss': 1e6,
+    'lazy_importance': False,
+    'client_store': 'device',
+}
 LOCK_FILENAME = '.lock'
 # Fields that choose only how a state is stored (the same results to float rounding): a resumed run
 # keeps the form its checkpoints have, whatever the command says.
@@ -234,6 +240,8 @@ CONFIG_FILENAME = 'config.json'
 # that the run's compact record says it diverged (tables show it) rather than that it stopped.
 DIVERGED_FILENAME = 'diverged.json'
 CHECKPOINT_DIRNAME = 'checkpoints'
+# With config.client_store='disk': the clients' models, one file each (spafl_jax/store.py).
+CLIENTS_DIRNAME = 'clients'
 
 
 def _keep_the_stored_form(config, workdir: str, overwrite: bool) -> None:
@@ -361,7 +369,7 @@ def prepare_workdir(
         ):
             if os.path.exists(os.path.join(workdir, name)):
                 os.remove(os.path.join(workdir, name))
-        for name in (CHECKPOINT_DIRNAME, reporting.TENSORBOARD_DIRNAME):
+        for name in (CHECKPOINT_DIRNAME, reporting.TENSORBOARD_DIRNAME, CLIENTS_DIRNAME):
             shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
 
 
@@ -391,11 +399,16 @@ class Run:
         self.seed_key = jax.random.key(config.seed)
         self.method = methods.get(config.method, config)
 
+    @property
+    def init_key(self) -> jax.Array:
+        """The key of round 0's models (`Method.init_state`)."""
+        return jax.random.fold_in(self.seed_key, 2**31 - 1)
+
     def initial_state(self):
         return self.method.init_state(
             self.model,
             self.local_cfg,
-            jax.random.fold_in(self.seed_key, 2**31 - 1),
+            self.init_key,
             num_clients=self.config.num_clients,
             image_shape=self.dataset.image_shape,
             num_classes=self.dataset.num_classes,
@@ -516,13 +529,26 @@ def _train_and_evaluate(
 
     summary_path = os.path.join(workdir, 'summary.json')
     console.line(f'initializing {config.num_clients} clients ({config.client_init} initial model)')
-    state = run.initial_state()
-    params, thresholds, batch_stats = run.method.client_variables(state)
-    one = _one_client(
-        client_lib.ClientState(
-            params=params, thresholds=thresholds, batch_stats=batch_stats, opt_state=()
+    stored = config.get('client_store', 'device') != 'device'
+    if stored:  # the clients live in a store: nothing of all N is built here
+        one = _one_client(
+            federated.initial_clients(
+                run.model,
+                run.local_cfg,
+                run.init_key,
+                np.zeros(1, np.int32),
+                image_shape=run.dataset.image_shape,
+                client_init=config.client_init,
+            )
         )
-    )
+    else:
+        state = run.initial_state()
+        params, thresholds, batch_stats = run.method.client_variables(state)
+        one = _one_client(
+            client_lib.ClientState(
+                params=params, thresholds=thresholds, batch_stats=batch_stats, opt_state=()
+            )
+        )
     macs = federated.layer_macs(
         run.model,
         {'params': one.params, 'thresholds': one.thresholds, 'batch_stats': one.batch_stats},
@@ -542,6 +568,26 @@ def _train_and_evaluate(
     )
     dense_bits_round = metrics_lib.dense_bits_per_round(num_params, config.clients_per_round)
 
+    store_runner = None
+    if stored:
+        store_runner, state = store_lib.make_store_runner(
+            run.model,
+            run.local_cfg,
+            run.round_cfg,
+            run.spec,
+            run.train_data,
+            run.test_data,
+            tier=config.client_store,
+            rng=run.init_key,
+            image_shape=run.dataset.image_shape,
+            client_init=config.client_init,
+            directory=os.path.join(workdir, CLIENTS_DIRNAME),
+            eval_clients=min(config.get('eval_panel', 1000), config.num_clients),
+            **execution.runner_options(config),
+            macs=macs,
+            algorithm=run.method.algorithm(run.model, run.local_cfg, run.round_cfg, macs),
+        )
+        state = store_runner.runner.unpadded(state)  # the form checkpoints hold
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME))
     totals = {'bits_up': 0, 'bits_down': 0, 'flops': 0.0, 'steps': 0.0, 'max_steps': 0.0}
     sparsity = {}  # round (a string, as JSON keys are) -> packed first-layer masks
@@ -555,6 +601,10 @@ def _train_and_evaluate(
         timer = console_lib.RoundTimer(progress.get('timing'))  # absent in older checkpoints too
         logging.info('resuming from the checkpoint of round %d in %s', start_round, workdir)
         console.line(f'resuming after round {start_round} (checkpoint in {workdir})')
+    if stored:  # the clients' files as of the checkpoint: later writes undone
+        undone = store_runner.store.rollback(start_round)
+        if undone:
+            logging.info('%d writes of clients after round %d undone', undone, start_round)
     logging.info(
         '%s on %s: %d clients (%d per round), %d masked weights, %d thresholds; '
         'train examples per client %d..%d',
@@ -595,18 +645,21 @@ def _train_and_evaluate(
                 config.rounds,
             )
 
-    round_fn, eval_fn = execution.make_round_functions(
-        config,
-        run.method,
-        run.model,
-        local_cfg=run.local_cfg,
-        round_cfg=run.round_cfg,
-        spec=run.spec,
-        train_data=run.train_data,
-        test_data=run.test_data,
-        macs=macs,
-    )
-    runner = round_fn.runner
+    if stored:
+        runner = store_runner.runner
+    else:
+        round_fn, eval_fn = execution.make_round_functions(
+            config,
+            run.method,
+            run.model,
+            local_cfg=run.local_cfg,
+            round_cfg=run.round_cfg,
+            spec=run.spec,
+            train_data=run.train_data,
+            test_data=run.test_data,
+            macs=macs,
+        )
+        runner = round_fn.runner
     # Rounds after the checkpoint are recomputed, so their lines (from a killed run) are dropped.
     writer = (
         writers_lib.create(
@@ -628,6 +681,8 @@ def _train_and_evaluate(
 
     def save_checkpoint(rounds_done: int) -> None:
         try:
+            if stored:
+                store_runner.flush()  # the clients' files are the checkpoint's clients
             checkpointer.save(
                 rounds_done,
                 runner.unpadded(execution.host_local(state)),
@@ -638,6 +693,9 @@ def _train_and_evaluate(
                     'timing': timer.state(),
                 },
             )
+            steps = checkpointer.steps()
+            if stored and len(steps) > 1:  # nothing resumes from before the older checkpoint
+                store_runner.store.commit(steps[-2])
         except OSError as e:
             raise _disk_error(e, workdir, 'a checkpoint') from None
 
@@ -653,24 +711,38 @@ def _train_and_evaluate(
         sampled = jnp.asarray(
             sample_clients(config.seed, r, config.num_clients, config.clients_per_round)
         )
-        state, round_metrics = round_fn(state, run.train_data, sampled, run.seed_key)
         evaluation, kind = None, evaluation_kind(r)
-        if kind is not None:  # testing may change the state (collapse_check='previous')
-            state, evaluation = eval_fn(
-                state, run.test_data, **({'panel': panel} if kind == 'panel' else {})
+        if stored:
+            following = None
+            if r + 1 < config.rounds:
+                following = sample_clients(
+                    config.seed, r + 1, config.num_clients, config.clients_per_round
+                )
+            state, round_metrics = store_runner.run_round(
+                state, np.asarray(sampled), run.seed_key, following, round_index=r
             )
+            if kind is not None:
+                clients = panel if kind == 'panel' else np.arange(config.num_clients)
+                evaluation = store_runner.evaluate_clients(state, clients)
+            finite = store_runner.last_finite
+        else:
+            state, round_metrics = round_fn(state, run.train_data, sampled, run.seed_key)
+            if kind is not None:  # testing may change the state (collapse_check='previous')
+                state, evaluation = eval_fn(
+                    state, run.test_data, **({'panel': panel} if kind == 'panel' else {})
+                )
+            finite = _finite_report(run.method, state, sampled)
         masks = None
         if r + 1 in sparsity_rounds:
-            params, thresholds, _ = run.method.client_variables(state)
-            masks = _first_layer_masks(params, thresholds)
-        pending = (
-            r,
-            sampled,
-            round_metrics,
-            evaluation,
-            _finite_report(run.method, state, sampled),
-            masks,
-        )
+            if stored:  # a chunk of clients at a time
+                masks = store_runner.map_clients(
+                    state,
+                    lambda chunk, ids: _first_layer_masks(*run.method.client_variables(chunk)[:2]),
+                )
+            else:
+                params, thresholds, _ = run.method.client_variables(state)
+                masks = _first_layer_masks(params, thresholds)
+        pending = (r, sampled, round_metrics, evaluation, finite, masks)
         return state, pending
 
     def process(pending) -> None:
@@ -803,6 +875,8 @@ def _train_and_evaluate(
         if writer is not None:
             writer.close()
         checkpointer.close()
+        if stored:
+            store_runner.close()
 
     host_state = runner.unpadded(execution.host_local(state))
     try:
@@ -834,7 +908,10 @@ def _train_and_evaluate(
                     '%s does not match the metrics of the run; it is written again.', summary_path
                 )
         if lead:
-            save_final_state(os.path.join(workdir, 'final_state.msgpack'), host_state, run.method)
+            if not stored:  # a store's clients are in its files (CLIENTS_DIRNAME)
+                save_final_state(
+                    os.path.join(workdir, 'final_state.msgpack'), host_state, run.method
+                )
             reporting.write_json_atomic(summary_path, summary)
             # Figures are derived files: drawn again from the metrics and the checkpointed masks
             # (a file that already shows the same is left untouched).

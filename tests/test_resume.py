@@ -59,6 +59,27 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(reference, tmp_path)
     assert rounds == list(range(1, ROUNDS + 1))  # no round twice
 
 
+def test_disk_store_killed_twice_resumes_to_the_device_runs_records(reference, tmp_path):
+    # The clients live in <workdir>/clients, written every round; killed after round 3 (the
+    # checkpoint is of round 2: round 3's writes are undone on resume) and after round 5.
+    workdir = str(tmp_path / 'disk')
+    for kill_after_lines in (3, 5):
+        code, _ = _run_until(
+            workdir, kill_after_lines, signal.SIGKILL, '--config.client_store=disk'
+        )
+        assert code == -signal.SIGKILL
+    _finish(workdir, '--config.client_store=disk')
+    # The device tier's records, bit for bit: the store changes where clients live, nothing else.
+    assert _read(workdir, 'metrics.jsonl') == _read(reference, 'metrics.jsonl')
+    trained = {
+        int(name.split('.')[0])
+        for name in os.listdir(os.path.join(workdir, 'clients'))
+        if name.endswith('.0')
+    }
+    assert trained and trained <= set(range(6))
+    assert not os.path.exists(os.path.join(workdir, 'final_state.msgpack'))  # the store is it
+
+
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_preemption_signal_checkpoints_at_the_round_boundary(reference, tmp_path, sig):
     workdir = str(tmp_path / 'preempted')

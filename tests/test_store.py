@@ -124,3 +124,58 @@ def test_store_rounds_compute_the_device_rounds(setup, tmp_path, tier, update, c
     c = runner.evaluate_clients(resident, panel)
     np.testing.assert_array_equal(c['correct'], np.asarray(a['correct'])[panel])
     runner.close()
+
+
+def test_disk_journal_takes_the_store_back_to_a_checkpoint(tmp_path):
+    one = {'w': np.zeros((2, 3), np.float32), 'on': np.zeros(4, np.bool_)}
+    layout = store_lib.Layout(one)
+    assert layout.width == 1 + 6 + 4
+    store = store_lib.DiskStore(layout, 10, str(tmp_path / 'clients'))
+
+    def rows(value, k):
+        return layout.ravel(
+            {'w': np.full((k, 2, 3), value, np.float32), 'on': np.ones((k, 4), np.bool_)}
+        )
+
+    store.write(np.array([1, 4]), rows(1.0, 2), tag=1)  # round 1
+    store.write(np.array([4, 7]), rows(2.0, 2), tag=2)  # round 2
+    store.write(np.array([7, 9]), rows(3.0, 2), tag=3)  # round 3, after the checkpoint of 2
+    w = lambda r: layout.unravel(r)['w'][:, 0, 0].tolist()  # noqa: E731
+    assert w(store.read(np.array([4, 7, 9]))) == [2.0, 3.0, 3.0]
+    # A resume from round 2 undoes round 3 only: client 7 back to round 2's value, 9 unwritten.
+    assert store.rollback(2) == 1
+    back = store.read(np.arange(10))
+    assert back[:, 0].tolist() == [0, 1, 0, 0, 1, 0, 0, 1, 0, 0]  # the stored flags
+    assert w(back[[1, 4, 7]]) == [1.0, 2.0, 2.0]
+    np.testing.assert_array_equal(back[9], 0.0)
+    assert store._journal_entries() == []  # emptied
+    # A reopened store holds the same; a torn journal entry (no rename) is ignored and removed.
+    again = store_lib.DiskStore(layout, 10, str(tmp_path / 'clients'))
+    np.testing.assert_array_equal(again.read(np.arange(10)), back)
+    torn = tmp_path / 'clients' / 'journal' / '000000000_000000005.npz.tmp'
+    torn.write_bytes(b'half')
+    assert again.rollback(0) == 0 and not torn.exists()
+    # Unravelled rows give the leaves back in their dtypes.
+    tree = layout.unravel(back[[4]])
+    assert tree['on'].dtype == np.bool_ and tree['on'].all() and tree['w'][0, 1, 2] == 2.0
+
+
+@pytest.mark.parametrize(
+    'changes,field',
+    [
+        ({'method': 'fedavg'}, 'method'),
+        ({'lazy_importance': False}, 'lazy_importance'),
+        ({'collapse_check': 'previous', 'eval_panel': 5000}, 'collapse_check'),
+        ({'distributed': 'auto'}, 'multi-host'),
+        ({'client_store': 'host'}, 'client_store'),
+    ],
+)
+def test_store_configs_that_cannot_work_are_refused(changes, field):
+    from spafl_jax import configuration  # pylint: disable=g-import-not-at-top
+    from spafl_jax.configs import default  # pylint: disable=g-import-not-at-top
+
+    config = default.get_config()
+    config.client_store = 'disk'
+    config.update(changes)
+    with pytest.raises(configuration.ConfigError, match=field):
+        configuration.validate(config)

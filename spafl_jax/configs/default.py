@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (drawn from the seed), and every eval_sweep_every rounds and after the last all of them.
     config.eval_panel = 1000
     config.eval_sweep_every = 100
+    # Where the clients' models live between rounds: device (all of them on the devices, sharded
+    # over the clients axis) | disk (one file per client in <workdir>/clients, the cohort read and
+    # written each round, which is also their checkpoint; spafl_jax/store.py, README "Many clients")
+    config.client_store = 'device'
     config.eval_batch_size = 256  # examples per evaluation batch
     config.seed = 1  # all randomness derives from (seed, round, client id)
     config.max_loss = 1e6  # a training loss above this stops the run (diverged)
