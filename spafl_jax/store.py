@@ -28,6 +28,7 @@ is known from (seed, round) and is read while the current round trains. It compu
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import time
 from typing import Any
@@ -323,7 +324,7 @@ class StoreRunner:
             take = lambda x: jax.lax.with_sharding_constraint(x[jnp.maximum(ids, 0)], sharded)
             return jax.tree.map(take, resident)
 
-        @jax.jit
+        @functools.partial(jax.jit, donate_argnums=(0,))  # in place: N clients' rows
         def update_resident(resident: FederatedState, ids, cohort: FederatedState, kernels):
             clients = resident.clients
             if lazy:  # the server's update reaches everyone: the recurrence on each client's rows
