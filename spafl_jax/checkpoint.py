@@ -5,6 +5,11 @@ running totals. Randomness derives from (seed, round, client id), so nothing els
 resumed run to continue bit for bit. Each checkpoint carries a SHA-256 of its arrays and its
 progress record: a newest checkpoint that is torn or corrupt in any field is detected, set aside
 in `<directory>.unusable/`, and the previous one used.
+
+Without the digest (`Checkpointer(digest=False)`, for states too large to gather on one host), the
+state is saved as it lies on the devices, each process writing its own shards, asynchronously (the
+save returns once the arrays are off the devices), and restored straight onto the target's sharding;
+a checkpoint of another layout (another device count) is restored through the host instead.
 """
 
 from __future__ import annotations
@@ -52,24 +57,40 @@ class _quiet_orbax:  # noqa: N801  (used as a statement: `with _quiet_orbax():`)
 class Checkpointer:
     """Saves and restores `(state, progress)` under `directory`, keeping the newest `max_to_keep`."""
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
+    def __init__(self, directory: str, max_to_keep: int = 2, digest: bool = True):
         self.directory = os.path.abspath(directory)
+        self.digest = digest
         with _quiet_orbax():
             self._manager = ocp.CheckpointManager(
                 self.directory,
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=max_to_keep,
                     create=True,
-                    enable_async_checkpointing=False,
+                    enable_async_checkpointing=not digest,
                     cleanup_tmp_directories=True,
                 ),
-                item_names=('state', 'progress'),
+                # Handlers named up front: a fresh manager can then read a checkpoint's metadata.
+                item_handlers={
+                    'state': ocp.StandardCheckpointHandler(),
+                    'progress': ocp.JsonCheckpointHandler(),
+                },
             )
 
     def save(self, step: int, state, progress: dict[str, Any]) -> None:
-        host_state = jax.tree.map(np.asarray, flax.serialization.to_state_dict(state))
         # Through JSON, as the restore will read it (tuples become lists, keys strings).
         progress = json.loads(json.dumps(progress))
+        if not self.digest:  # the arrays as they lie, each process its shards; returns early
+            with _quiet_orbax():
+                self._manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+                        progress=ocp.args.JsonSave(progress),
+                    ),
+                    force=True,
+                )
+            return
+        host_state = jax.tree.map(np.asarray, flax.serialization.to_state_dict(state))
         progress = {**progress, 'digest': state_digest(host_state, progress)}
         with _quiet_orbax():
             self._manager.save(
@@ -81,10 +102,39 @@ class Checkpointer:
             )
             self._manager.wait_until_finished()
 
+    def wait(self) -> None:
+        """Until the last save is complete on disk."""
+        with _quiet_orbax():
+            self._manager.wait_until_finished()
+
     def steps(self) -> list[int]:
+        self.wait()
         with _quiet_orbax():
             self._manager.reload()
             return sorted(self._manager.all_steps())
+
+    def _abstract(self, step: int, target_dict):
+        """What to restore `step` as: the target's shapes on the target's sharding, or host
+        arrays of the saved shapes where they differ (saved on another device count)."""
+        saved = [
+            tuple(m.shape) for m in jax.tree.leaves(self._manager.item_metadata(step)['state'])
+        ]
+        leaves, treedef = jax.tree.flatten(target_dict)
+        if saved == [tuple(np.shape(x)) for x in leaves]:
+            return jax.tree.unflatten(
+                treedef,
+                [
+                    jax.ShapeDtypeStruct(
+                        np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None)
+                    )
+                    for x in leaves
+                ],
+            )
+        if len(saved) != len(leaves):
+            raise ValueError(f'it holds {len(saved)} arrays where the run has {len(leaves)}')
+        return jax.tree.unflatten(
+            treedef, [np.zeros(shape, x.dtype) for shape, x in zip(saved, leaves)]
+        )
 
     def restore_latest(self, target):
         """(state, progress) of the newest checkpoint that restores and verifies, or None.
@@ -99,14 +149,19 @@ class Checkpointer:
                     restored = self._manager.restore(
                         step,
                         args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract),
+                            state=ocp.args.StandardRestore(
+                                abstract if self.digest else self._abstract(step, target_dict)
+                            ),
                             progress=ocp.args.JsonRestore(),
                         ),
                     )
-                host_state = jax.tree.map(np.asarray, restored['state'])
                 progress = dict(restored['progress'])
-                if progress.get('digest') != state_digest(host_state, progress):
-                    raise ValueError('its contents do not match the digest written with them')
+                if self.digest:
+                    host_state = jax.tree.map(np.asarray, restored['state'])
+                    if progress.get('digest') != state_digest(host_state, progress):
+                        raise ValueError('its contents do not match the digest written with them')
+                else:
+                    host_state = restored['state']  # on the devices, or host arrays
                 if progress.get('round') != step:
                     raise ValueError(f'it says round {progress.get("round")!r}')
             except Exception as e:  # pylint: disable=broad-except

@@ -114,8 +114,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _number(config, 'max_loss', positive=True)
     if 'download' in config:
         checks.boolean('config', 'download', config.download)
-    if 'lazy_importance' in config:
-        checks.boolean('config', 'lazy_importance', config.lazy_importance)
+    for field in ('lazy_importance', 'checkpoint_digest'):
+        if field in config:
+            checks.boolean('config', field, config[field])
     if 'writers' in config:
         if not isinstance(config.writers, str):
             raise ConfigError(

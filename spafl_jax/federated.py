@@ -189,6 +189,9 @@ def _init_clients(model, cfg, keys, image_shape, shared: bool) -> ClientState:
     return jax.vmap(one)(keys)
 
 
+_row_sums = jax.jit(jax.vmap(server.row_sums))
+
+
 def init_state(
     model,
     cfg: LocalConfig,
@@ -201,14 +204,47 @@ def init_state(
 ) -> FederatedState:
     """Round 0's state. `lazy_importance`: the clients keep the lazy importance update's row sums
     and shifts (`server.lazy_importance_update`), which `importance_update='all_after'` then uses
-    instead of updating every client's weights."""
-    clients = init_clients(
-        model, cfg, rng, num_clients=num_clients, image_shape=image_shape, client_init=client_init
+    instead of updating every client's weights.
+
+    One compiled program, alone or inside another (`execution.create_sharded`): the same floats."""
+    return initial_state_of(
+        model,
+        cfg,
+        rng,
+        jnp.arange(num_clients, dtype=jnp.int32),
+        image_shape=image_shape,
+        client_init=client_init,
+        lazy_importance=lazy_importance,
     )
+
+
+def initial_state_of(
+    model, cfg, rng, ids, *, image_shape, client_init='shared', lazy_importance=False
+) -> FederatedState:
+    """`init_state` of the clients `ids` only (their rows of it): what a client store starts
+    from. One compiled program, alone or inside another (`execution.create_sharded`)."""
+    check_client_init(client_init)
+    return _init_state(
+        model, cfg, rng, ids, tuple(int(d) for d in image_shape), client_init, lazy_importance
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5, 6))
+def _init_state(model, cfg, rng, ids, image_shape, client_init, lazy_importance):
+    clients = initial_clients(
+        model, cfg, rng, ids, image_shape=image_shape, client_init=client_init
+    )
+    num_clients = ids.shape[0]
     if lazy_importance:
+        if client_init == 'shared':  # one model's sums, copied (as a client store starts)
+            first = jax.tree.map(lambda x: x[:1], (clients.params, clients.thresholds))
+            sums = jax.tree.map(
+                lambda s: jnp.broadcast_to(s, (num_clients, *s.shape[1:])), _row_sums(*first)
+            )
+        else:
+            sums = _row_sums(clients.params, clients.thresholds)
         clients = clients.replace(
-            row_sums=jax.vmap(server.row_sums)(clients.params, clients.thresholds),
-            shifts=jax.tree.map(jnp.zeros_like, clients.thresholds),
+            row_sums=sums, shifts=jax.tree.map(jnp.zeros_like, clients.thresholds)
         )
     zeros = lambda: jax.tree.map(lambda t: jnp.zeros(t.shape[1:], t.dtype), clients.thresholds)
     # Separate buffers: the round donates its state, and one buffer cannot be donated twice.

@@ -580,7 +580,20 @@ def make_store_runner(
         )
     else:
         initial_fn = initial
-    resident = _initial_resident(runner, round_cfg, one, initial_fn, client_init == 'shared')
+
+    def initial_sums(ids):  # as `federated.init_state` computes them, to the last bit
+        state = federated.initial_state_of(
+            model,
+            local_cfg,
+            rng,
+            ids,
+            image_shape=image_shape,
+            client_init=client_init,
+            lazy_importance=True,
+        )
+        return jax.device_get(state.clients.row_sums)
+
+    resident = _initial_resident(runner, round_cfg, one, initial_sums, client_init == 'shared')
     kernels = jax.tree.map(
         lambda k: jax.ShapeDtypeStruct(k.shape, k.dtype),
         masking.kernels_of(one.params, one.thresholds),
@@ -591,7 +604,9 @@ def make_store_runner(
     return store_runner, resident
 
 
-def _initial_resident(runner, round_cfg, one: ClientState, initial, shared: bool) -> FederatedState:
+def _initial_resident(
+    runner, round_cfg, one: ClientState, initial_sums, shared: bool
+) -> FederatedState:
     """Round 0's resident state: the server's zeros and every client's row sums and zero shifts
     (lazy `all_after`; nothing per client otherwise), padded to the mesh and sharded over it."""
     n = runner.padded_clients
@@ -601,13 +616,10 @@ def _initial_resident(runner, round_cfg, one: ClientState, initial, shared: bool
         lambda t: jax.device_put(np.zeros(t.shape, t.dtype), replicated), one.thresholds
     )
     if round_cfg.importance_update == 'all_after':
-        chunk = 1 if shared else 4096  # shared: one model, its sums copied
-        row_sums_of = jax.jit(jax.vmap(server.row_sums))
+        chunk = 1 if shared else 1024  # shared: one model, its sums copied
         sums = []
         for start in range(0, runner.num_clients, chunk):
-            ids = np.arange(start, min(start + chunk, runner.num_clients))
-            part = initial(ids)
-            sums.append(jax.device_get(row_sums_of(part.params, part.thresholds)))
+            sums.append(initial_sums(np.arange(start, min(start + chunk, runner.num_clients))))
             if shared:
                 break
         row_sums = jax.tree.map(lambda *xs: np.concatenate(xs), *sums)

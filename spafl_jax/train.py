@@ -229,11 +229,12 @@ ADDED_FIELDS = {
     'max_loss': 1e6,
     'lazy_importance': False,
     'client_store': 'device',
+    'checkpoint_digest': True,
 }
 LOCK_FILENAME = '.lock'
 # Fields that choose only how a state is stored (the same results to float rounding): a resumed run
 # keeps the form its checkpoints have, whatever the command says.
-STORED_FORM_FIELDS = ('lazy_importance',)
+STORED_FORM_FIELDS = ('lazy_importance', 'checkpoint_digest')
 
 CONFIG_FILENAME = 'config.json'
 # Written when a run stops on a non-finite or exploding loss: {"round": r, "error": message}, so
@@ -541,8 +542,8 @@ def _train_and_evaluate(
                 client_init=config.client_init,
             )
         )
-    else:
-        state = run.initial_state()
+    else:  # each device creates its own clients (padded with phantoms, sharded)
+        state = execution.create_sharded(run.initial_state, config.num_clients)
         params, thresholds, batch_stats = run.method.client_variables(state)
         one = _one_client(
             client_lib.ClientState(
@@ -587,15 +588,29 @@ def _train_and_evaluate(
             macs=macs,
             algorithm=run.method.algorithm(run.model, run.local_cfg, run.round_cfg, macs),
         )
-        state = store_runner.runner.unpadded(state)  # the form checkpoints hold
-    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME))
+    # With the digest, checkpoints hold host arrays without phantoms; without it, the state as it
+    # lies on the devices (phantoms included), each process writing its own shards.
+    digest = config.get('checkpoint_digest', True)
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME), digest=digest)
     totals = {'bits_up': 0, 'bits_down': 0, 'flops': 0.0, 'steps': 0.0, 'max_steps': 0.0}
     sparsity = {}  # round (a string, as JSON keys are) -> packed first-layer masks
     start_round = 0
     timer = console_lib.RoundTimer()
-    restored = checkpointer.restore_latest(state)
+    # Checkpoints hold the clients without phantoms: the target is the unpadded state's shape.
+    if digest:
+        target = (
+            store_runner.runner.unpadded(state) if stored else jax.eval_shape(run.initial_state)
+        )
+    else:
+        target = state
+    restored = checkpointer.restore_latest(target)
     if restored is not None:
         state, progress = restored
+        leaves = jax.tree.leaves(state.clients)
+        if not digest and leaves and leaves[0].shape != jax.tree.leaves(target.clients)[0].shape:
+            # saved on another number of devices: its phantoms dropped, ours added when placed
+            n = config.num_clients
+            state = state.replace(clients=jax.tree.map(lambda x: x[:n], state.clients))
         start_round, totals = int(progress['round']), progress['totals']
         sparsity = dict(progress.get('sparsity', {}))  # absent in checkpoints of older versions
         timer = console_lib.RoundTimer(progress.get('timing'))  # absent in older checkpoints too
@@ -685,7 +700,7 @@ def _train_and_evaluate(
                 store_runner.flush()  # the clients' files are the checkpoint's clients
             checkpointer.save(
                 rounds_done,
-                runner.unpadded(execution.host_local(state)),
+                runner.unpadded(execution.host_local(state)) if digest else state,
                 {
                     'round': rounds_done,
                     'totals': totals,

@@ -111,15 +111,37 @@ def test_a_finished_run_is_not_recomputed_and_a_different_config_is_refused(refe
     assert _read(workdir, 'metrics.jsonl') == before
 
 
-def _tiny_state(seed):
+def _tiny_state(seed, clients=3):
     model = models.create_model('digits_cnn', 10)
     return federated.init_state(
         model,
         client_lib.LocalConfig(persistent_optimizer=True),
         jax.random.key(seed),
-        num_clients=3,
+        num_clients=clients,
         image_shape=(8, 8, 1),
     )
+
+
+def test_sharded_checkpoints_restore_onto_the_devices_or_through_the_host(tmp_path):
+    # checkpoint_digest=False: saved as the state lies (sharded, asynchronously), restored onto
+    # the target's sharding; a checkpoint of another client padding comes back as host arrays.
+    def sharded(seed, clients):
+        return execution.create_sharded(lambda: _tiny_state(seed, clients), clients)
+
+    saved = sharded(0, 3)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), digest=False)
+    ckpt.save(2, saved, {'round': 2, 'totals': {'steps': 5}})  # returns before it is on disk
+    target = sharded(7, 3)
+    state, progress = ckpt.restore_latest(target)
+    assert progress == {'round': 2, 'totals': {'steps': 5}}  # no digest
+    for a, b, t in zip(jax.tree.leaves(state), jax.tree.leaves(saved), jax.tree.leaves(target)):
+        assert isinstance(a, jax.Array) and a.sharding == t.sharding
+        np.testing.assert_array_equal(a, b)
+    moved = checkpoint.Checkpointer(str(tmp_path), digest=False).restore_latest(sharded(7, 4))
+    for a, b in zip(jax.tree.leaves(moved[0]), jax.tree.leaves(saved)):
+        assert isinstance(a, np.ndarray) and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    ckpt.close()
 
 
 # Orbax's failed read of the corrupt checkpoint leaves a callback for its closed asyncio loop, which

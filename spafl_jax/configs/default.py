@@ -90,5 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 1  # all randomness derives from (seed, round, client id)
     config.max_loss = 1e6  # a training loss above this stops the run (diverged)
     config.checkpoint_every = 10  # save a checkpoint every this many rounds (and at the end)
+    # True: checkpoints gathered on the host and verified by a SHA-256 on restore. False: saved as
+    # the state lies on the devices (each process its own shards) and asynchronously, restored onto
+    # the devices; for states too large for one host (a resumed run keeps its run's form)
+    config.checkpoint_digest = True
     config.sparsity_rounds = (1, 10, 25)  # also draw the first layer's sparsity pattern after these
     return config
