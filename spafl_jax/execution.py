@@ -520,7 +520,7 @@ class RoundRunner:
 
         self._replicated = NamedSharding(self.mesh, P())
         self._sharded = NamedSharding(self.mesh, P(CLIENTS))
-        self.train_data = self._put_replicated(train_data)
+        self.train_data = self._place_train(train_data)
         self.test_counts = np.pad(test_counts, (0, self.padded_clients - self.num_clients))
         self.test_data = self._place_test(test_data)
         self._eval_table = None
@@ -537,8 +537,19 @@ class RoundRunner:
         value = np.asarray(jax.device_get(value))
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
-    def _put_replicated(self, tree):
-        return jax.tree.map(lambda x: self._global(x, self._replicated), tree)
+    def _place_train(self, data: ClientData) -> ClientData:
+        """The pooled images and labels on every device; each client's example ids and count
+        only on the device that holds the client (a round gathers the sampled clients' rows, as it
+        gathers their states), so 10^6 clients' ids are not copied to every device."""
+        phantoms = self.padded_clients - self.num_clients
+        ids = np.pad(np.asarray(jax.device_get(data.example_ids)), ((0, phantoms), (0, 0)))
+        counts = np.pad(np.asarray(jax.device_get(data.counts)), (0, phantoms))
+        return ClientData(
+            images=self._global(data.images, self._replicated),
+            labels=self._global(data.labels, self._replicated),
+            example_ids=self._global(ids, self._sharded),
+            counts=self._global(counts, self._sharded),
+        )
 
     def _place_test(self, data: ClientData) -> ClientData:
         # Each device evaluates its own block of clients: their test ids travel with them, padded to a
@@ -615,8 +626,12 @@ class RoundRunner:
         ids = jnp.maximum(mine, 0)
         keys = algorithm_lib.client_keys(seed_key, state.round, ids)
         clients, opt_state = algorithm_lib.start_clients(self.alg, state, clients, keys)
-        counts = jnp.where(real, data.counts[ids], 0)
-        max_count = data.example_ids.shape[1]
+        # The sampled clients' example ids, from the devices that hold them.
+        own_counts, example_ids = _gather_sampled(
+            (data.counts, data.example_ids), sampled, self.per_shard
+        )
+        counts = jnp.where(real, own_counts, 0)
+        max_count = example_ids.shape[1]
 
         def schedule(key, count, example_ids):
             batches, _, step_keys = client_lib.local_schedule(cfg, key, count, max_count)
@@ -626,7 +641,7 @@ class RoundRunner:
                 client_lib.example_mask(cfg, batches, count),
             )
 
-        batch_ids, step_keys, batch_mask = jax.vmap(schedule)(keys, counts, data.example_ids[ids])
+        batch_ids, step_keys, batch_mask = jax.vmap(schedule)(keys, counts, example_ids)
         weights = algorithm_lib.aggregation_weights(
             self.alg.aggregation or self.round_cfg.aggregation, counts, real
         )
@@ -634,7 +649,7 @@ class RoundRunner:
         if self.alg.client_final is not None:
             final_ids, final_keys = jax.vmap(
                 lambda k, c, e: algorithm_lib.final_batch(cfg, k, c, e)
-            )(keys, counts, data.example_ids[ids])
+            )(keys, counts, example_ids)
         return RoundWork(
             clients=clients,
             opt_state=opt_state,
@@ -784,7 +799,7 @@ class RoundRunner:
     def _build(self):
         rep, shd = P(), P(CLIENTS)
         state_specs = algorithm_lib.state_specs(self.alg, shd, rep)
-        data_specs = ClientData(images=rep, labels=rep, example_ids=rep, counts=rep)
+        data_specs = ClientData(images=rep, labels=rep, example_ids=shd, counts=shd)
         work_specs = RoundWork(
             clients=shd,
             opt_state=shd,
