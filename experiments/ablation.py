@@ -10,14 +10,16 @@ config (summary.json written) is skipped and an unfinished one resumes from its 
 killed ablation goes on where it stopped when the same command is run again. The table of mean ±
 sample standard deviation over seeds of the final accuracy and densities is written to
 `<workdir>/ablation.md` and `<workdir>/ablation.csv`, every setting's accuracy by round to
-`<workdir>/ablation_curves.png`. With --records_only nothing runs: the tables and the figure are
-rebuilt from the runs' compact records (config.json, metrics.jsonl, summary.json), as committed
-under results/.
+`<workdir>/ablation_curves.png`. With --records_to=results/<study>, each run's compact record
+(config.json, metrics.jsonl, summary.json) is copied to the same sub-path there as the run finishes,
+diverges or is stopped. With --records_only nothing runs: the tables and the figure are rebuilt from
+those records, as committed under results/.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shlex
 import sys
@@ -65,6 +67,14 @@ _RECORDS_ONLY = flags.DEFINE_bool(
     'Run nothing: rebuild the tables and the '
     "figure from the runs' records in --workdir (--config unused).",
 )
+_RECORDS_TO = flags.DEFINE_string(
+    'records_to',
+    None,
+    "Also copy each run's compact record (config.json, metrics.jsonl, summary.json) to "
+    '<records_to>/<estimator>__<importance_update>/seed<seed> as it finishes or stops, e.g. '
+    'results/ablation_fmnist500; then `ablation.py --records_only --workdir=<records_to>` '
+    'rebuilds the tables from them.',
+)
 
 
 def setting_name(estimator: str, importance_update: str) -> str:
@@ -82,9 +92,12 @@ def run_ablation(
     estimators: Sequence[str] = ESTIMATORS,
     importance_updates: Sequence[str] = IMPORTANCE_UPDATES,
     log: Callable[[str], None] = print,
+    records_to: str | None = None,
 ) -> None:
     """Runs every (estimator, importance_update, seed) not done yet; a diverged run is logged and
-    left without a summary (a NaN in the table)."""
+    left without a summary (a NaN in the table). With `records_to`, each run's compact record is
+    copied to the same place under it when the run finishes, diverges or stops (a run done before:
+    straight away)."""
     jobs = [(e, u, s) for e in estimators for u in importance_updates for s in seeds]
     # Every setting is validated before the first (long) run starts.
     for estimator, importance_update, _ in jobs[:: len(seeds)]:
@@ -102,8 +115,15 @@ def run_ablation(
         run_config.estimator = estimator
         run_config.importance_update = importance_update
         run_config.seed = seed
+        keep = functools.partial(
+            common.keep_record,
+            directory,
+            records_to and run_dir(records_to, estimator, importance_update, seed),
+            log,
+        )
         if common.finished_summary(directory, run_config) is not None:
             log(f'{prefix}: done before, skipped')
+            keep()
             continue
         # An unfinished run in `directory` resumes from its newest checkpoint.
         log(f'{prefix}: running in {directory}')
@@ -113,6 +133,8 @@ def run_ablation(
         except train.NonFiniteError as e:
             log(f'{prefix}: diverged ({e})')  # a result too: NaN, not the end of the ablation
             continue
+        finally:
+            keep()  # also the record of a run stopped part-way, up to its last round
         log(
             f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
             f'{100 * summary["density"]:.2f}% (weights {100 * summary["density_weighted"]:.2f}%) '
@@ -172,9 +194,9 @@ def write_tables(
         '',
         f'Command: `{command}`',
         '',
-        f'{common.setting_sentence(config)}, th_coeff {config.th_coeff}. Final round, mean ± '
-        f'sample std over seeds '
-        f'{seeds}. Accuracy: '
+        f'{common.setting_sentence(config)}, th_coeff {config.th_coeff}. Final round, '
+        + (f'mean ± sample std over seeds {seeds}' if ' ' in seeds else f'seed {seeds}')
+        + '. Accuracy: '
         'unweighted mean over clients; density: mean over masked layers of the kept-row fraction; '
         'weights: kept masked weights / all masked weights.',
         '',
@@ -214,8 +236,13 @@ def main(argv):
         except ValueError as e:
             common.exit_with_error(f'--records_only: {e}')
     else:
+        if _RECORDS_TO.value is not None:
+            try:
+                common.check_records_to(_RECORDS_TO.value, workdir)
+            except ValueError as e:
+                common.exit_with_error(str(e))
         try:
-            run_ablation(config, workdir, seeds, estimators, updates)
+            run_ablation(config, workdir, seeds, estimators, updates, records_to=_RECORDS_TO.value)
         except (
             configuration.ConfigError,
             data_lib.DatasetUnavailableError,

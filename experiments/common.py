@@ -27,6 +27,8 @@ from spafl_jax.cli import parse_flags  # noqa: F401
 from spafl_jax.cli import resolve_config_argument  # noqa: F401
 
 SUMMARY_FILENAME = 'summary.json'
+# A run's compact record: what results/ keeps of it (kilobytes; never checkpoints or figures).
+RECORD_FILENAMES = ('config.json', reporting.METRICS_FILENAME, SUMMARY_FILENAME, 'diverged.json')
 
 
 def finished_summary(directory: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -75,6 +77,45 @@ def finished_record(directory: str) -> dict[str, Any] | None:
     ):
         return None
     return summary
+
+
+def copy_record(directory: str, destination: str) -> list[str]:
+    """Copies the compact record of the run in `directory` (those of `RECORD_FILENAMES` it has)
+    into `destination`, made if missing; a file already there is replaced, atomically. Returns the
+    names copied."""
+    copied = []
+    for name in RECORD_FILENAMES:
+        data = files.read_bytes(os.path.join(directory, name))
+        if data is not None:
+            os.makedirs(destination, exist_ok=True)
+            files.write_atomic(os.path.join(destination, name), data)
+            copied.append(name)
+    return copied
+
+
+def keep_record(directory: str, destination: str | None, log: Callable[[str], None]) -> None:
+    """`copy_record(directory, destination)`, said in `log`; nothing where `destination` is None
+    (no --records_to)."""
+    if destination is not None and copy_record(directory, destination):
+        log(f'  record copied to {destination}')
+
+
+def check_records_to(records_to: str, workdir: str) -> None:
+    """ValueError naming `--records_to` and the fix unless it is a directory other than
+    `workdir` that can be made and written."""
+    if os.path.realpath(records_to) == os.path.realpath(workdir):
+        raise ValueError(
+            f'--records_to={records_to} is the --workdir itself: give the folder the records '
+            'are kept in (e.g. results/<study>), or leave the flag out.'
+        )
+    try:
+        os.makedirs(records_to, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f'--records_to={records_to} cannot be made ({e.strerror}): give a writable folder.'
+        ) from None
+    if not os.access(records_to, os.W_OK):
+        raise ValueError(f'--records_to={records_to} is not writable: give a writable folder.')
 
 
 def unfinished_note(directories: dict[Any, str]) -> str:
@@ -163,11 +204,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def percent_cell(row: dict[str, Any], field: str) -> str:
-    """`row[field_mean] ± row[field_std]` as percentages with two decimals; '–' where a seed's
-    value is missing (a run that has not finished, or diverged: the row's name says which)."""
+    """`row[field_mean] ± row[field_std]` as percentages with two decimals, the mean alone where
+    the row is one seed's (`row['seeds']`); '–' where a seed's value is missing (a run that has not
+    finished, or diverged: the row's name says which)."""
     mean, std = row[f'{field}_mean'], row[f'{field}_std']
     if not math.isfinite(mean):
         return '–'
+    if len(str(row['seeds']).split()) == 1:
+        return f'{100 * mean:.2f}'
     return f'{100 * mean:.2f} ± {100 * std:.2f}'
 
 

@@ -13,8 +13,10 @@ stopped when the same command is run again. Written to <workdir>: `comparison.md
 training FLOPs per client, density) and `learning_curves.png` (every method's accuracy by round,
 and against the bits it has sent).
 
-With --records_only nothing runs: the tables and the figure are rebuilt from each run's compact
-record (config.json, metrics.jsonl, summary.json), as committed under results/:
+With --records_to=results/<study>, each run's compact record (config.json, metrics.jsonl,
+summary.json) is copied to `results/<study>/<method>/seed<seed>` as the run finishes, diverges or is
+stopped. With --records_only nothing runs: the tables and the figure are rebuilt from those records,
+as committed under results/:
 
     python experiments/compare.py --records_only --workdir=results/compare_fmnist500 \
         --methods=spafl,fedavg,local,fedpm,heterofl,fedspa --seeds=1,2
@@ -26,6 +28,7 @@ that differ between the records are listed under the table.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import shlex
@@ -91,6 +94,13 @@ _RECORDS_ONLY = flags.DEFINE_bool(
     'Run nothing: rebuild the tables and the '
     "figure from the runs' records in --workdir (--config unused).",
 )
+_RECORDS_TO = flags.DEFINE_string(
+    'records_to',
+    None,
+    "Also copy each run's compact record (config.json, metrics.jsonl, summary.json) to "
+    '<records_to>/<method>/seed<seed> as it finishes or stops, e.g. results/compare_fmnist500; '
+    'then `compare.py --records_only --workdir=<records_to>` rebuilds the tables from them.',
+)
 
 
 def run_dir(workdir: str, method: str, seed: int) -> str:
@@ -111,8 +121,11 @@ def run_comparison(
     method_names: Sequence[str],
     seeds: Sequence[int],
     log: Callable[[str], None] = print,
+    records_to: str | None = None,
 ) -> None:
-    """Runs every (method, seed) that is not finished yet; a diverged run is logged and left out."""
+    """Runs every (method, seed) that is not finished yet; a diverged run is logged and left out.
+    With `records_to`, each run's compact record is copied to the same place under it when the run
+    finishes, diverges or stops (a run done before: straight away)."""
     for name in method_names:  # every setting is checked before the first (long) run starts
         configuration.validate(run_config(config, name, seeds[0]))
     jobs = [(name, seed) for name in method_names for seed in seeds]
@@ -121,8 +134,12 @@ def run_comparison(
         directory = run_dir(workdir, name, seed)
         prefix = f'[{i}/{len(jobs)}] method={name} seed={seed}'
         this_config = run_config(config, name, seed)
+        keep = functools.partial(
+            common.keep_record, directory, records_to and run_dir(records_to, name, seed), log
+        )
         if common.finished_summary(directory, this_config) is not None:
             log(f'{prefix}: done before, skipped')
+            keep()
             continue
         log(f'{prefix}: running in {directory}')  # an unfinished run resumes from its checkpoint
         run_start = time.time()
@@ -132,6 +149,8 @@ def run_comparison(
             # Divergence is a result too: that seed counts as NaN, the comparison goes on.
             log(f'{prefix}: diverged ({e})')
             continue
+        finally:
+            keep()  # also the record of a run stopped part-way, up to its last round
         log(
             f'{prefix}: accuracy {100 * summary["accuracy"]:.2f}% density '
             f'{100 * summary["density"]:.2f}% in {time.time() - run_start:.0f}s; '
@@ -240,8 +259,6 @@ def write_tables(
             only = f' (seed{"s" if len(finished) > 1 else ""} {shown["seeds"]})'
 
         def percent(field, shown=shown, only=only):
-            if only and ' ' not in shown['seeds']:
-                return f'{100 * shown[f"{field}_mean"]:.2f}{only}'
             return common.percent_cell(shown, field) + only
 
         lines.append(
@@ -371,8 +388,13 @@ def main(argv):
         except ValueError as e:
             common.exit_with_error(f'--records_only: {e}')
     else:
+        if _RECORDS_TO.value is not None:
+            try:
+                common.check_records_to(_RECORDS_TO.value, workdir)
+            except ValueError as e:
+                common.exit_with_error(str(e))
         try:
-            run_comparison(config, workdir, _METHODS.value, seeds)
+            run_comparison(config, workdir, _METHODS.value, seeds, records_to=_RECORDS_TO.value)
         except (
             configuration.ConfigError,
             data_lib.DatasetUnavailableError,

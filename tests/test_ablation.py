@@ -27,7 +27,7 @@ TINY = [
 ]
 
 
-def _ablation(workdir: str) -> subprocess.CompletedProcess:
+def _ablation(workdir: str, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             sys.executable,
@@ -37,6 +37,7 @@ def _ablation(workdir: str) -> subprocess.CompletedProcess:
             '--estimators=long_tailed',
             '--importance_updates=all_after,none',
             f'--workdir={workdir}',
+            *flags,
         ],
         capture_output=True,
         text=True,
@@ -101,12 +102,27 @@ def test_ablation_table_matches_its_runs_and_resumes(tmp_path):
     unfinished = os.path.join(workdir, 'long_tailed__none', 'seed2')
     os.remove(os.path.join(unfinished, 'summary.json'))
     finished_before = _summary(workdir, 'long_tailed', 'all_after', 1)
-    result = _ablation(workdir)
+    # Resumed with --records_to: every run's compact record is copied there, checkpoints never.
+    records = str(tmp_path / 'records')
+    result = _ablation(workdir, f'--records_to={records}')
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count('done before, skipped') == len(SETTINGS) * len(SEEDS) - 1
     assert result.stdout.count(': running in ') == 1
     assert 'estimator=long_tailed importance_update=none seed=2: running' in result.stdout
     assert _summary(workdir, 'long_tailed', 'all_after', 1) == finished_before
+    assert result.stdout.count('  record copied to ') == len(SETTINGS) * len(SEEDS)
+    for estimator, update in SETTINGS:
+        for seed in SEEDS:
+            assert sorted(
+                os.listdir(os.path.join(records, f'{estimator}__{update}', f'seed{seed}'))
+            ) == [
+                'config.json',
+                'metrics.jsonl',
+                'summary.json',
+            ]
+            assert _summary(records, estimator, update, seed) == _summary(
+                workdir, estimator, update, seed
+            )
 
 
 def test_records_only_table_from_compact_records_with_a_missing_run(tmp_path):
