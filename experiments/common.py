@@ -18,6 +18,7 @@ import numpy as np
 
 from spafl_jax import files
 from spafl_jax import reporting
+from spafl_jax import train
 
 # The command-line pieces every command shares live with the runner's command.
 from spafl_jax.cli import CONFIG_DIR  # noqa: F401  (re-exported)
@@ -32,15 +33,24 @@ RECORD_FILENAMES = ('config.json', reporting.METRICS_FILENAME, SUMMARY_FILENAME,
 
 
 def finished_summary(directory: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-    """The summary of a finished run of exactly this config in `directory`, else None."""
+    """The summary of a finished run of this config in `directory`, else None.
+
+    As the runner judges it: a field added to the config since the run was recorded counts at the
+    value the run had (`train.ADDED_FIELDS`), and how the state was stored does not count.
+    """
     summary_path = os.path.join(directory, SUMMARY_FILENAME)
     config_path = os.path.join(directory, 'config.json')
     if not (os.path.isfile(summary_path) and os.path.isfile(config_path)):
         return None
     with open(config_path) as f:
-        previous = json.load(f)
+        previous = {**train.ADDED_FIELDS, **json.load(f)}
     # Through JSON, so that tuples and lists compare equal as they do on disk.
-    if previous != json.loads(json.dumps(config.to_dict())):
+    current = json.loads(json.dumps(config.to_dict()))
+    if any(
+        previous.get(k) != current.get(k)
+        for k in set(previous) | set(current)
+        if k not in train.STORED_FORM_FIELDS
+    ):
         return None  # e.g. more rounds asked for: train_and_evaluate extends or refuses the run
     with open(summary_path) as f:
         return json.load(f)

@@ -118,6 +118,32 @@ def test_table_and_curves_from_hand_written_runs(tmp_path):
     assert os.path.getsize(tmp_path / 'learning_curves.png') > 0
 
 
+def test_finished_summary_judges_a_record_as_the_runner_does(tmp_path):
+    """A field added to the config since a run was recorded counts at the value that run had;
+    the stored form (lazy_importance) does not count; any other difference makes it unfinished."""
+    config = default.get_config()
+    directory = tmp_path / 'run'
+    os.makedirs(directory)
+    with open(directory / 'summary.json', 'w') as f:
+        json.dump({'accuracy': 0.5}, f)
+
+    def record(**changes):
+        fields = {k: v for k, v in config.to_dict().items() if k not in changes}
+        fields.update({k: v for k, v in changes.items() if v is not None})
+        with open(directory / 'config.json', 'w') as f:
+            json.dump(fields, f)
+        return common.finished_summary(str(directory), config)
+
+    assert record() == {'accuracy': 0.5}
+    assert config.max_loss == 1e6 and config.collapse_check == 'current'
+    assert record(max_loss=None, collapse_check=None) == {'accuracy': 0.5}  # older record
+    assert record(lazy_importance=not config.lazy_importance) == {'accuracy': 0.5}
+    assert record(rounds=config.rounds - 1) is None
+    assert record(max_loss=1e3) is None
+    config.collapse_check = 'official'
+    assert record(collapse_check=None) is None  # the older run checked 'current'
+
+
 def test_flop_unit_follows_the_largest_value():
     assert compare.flop_unit([{'flops_per_client': 3e12}, {'flops_per_client': 2e15}]) == (
         'PFLOP',
