@@ -165,23 +165,21 @@ TINY = [
 NUM_PARAMS, NUM_THRESHOLDS = 38160, 122
 
 
-def _compare(workdir, *flags):
+def _command(*arguments):
+    """experiments/compare.py with these arguments, in a process of its own (its flags are
+    global)."""
     return subprocess.run(
-        [
-            sys.executable,
-            COMPARE,
-            *TINY,
-            '--methods=spafl,fedavg',
-            '--seeds=1',
-            f'--workdir={workdir}',
-            *flags,
-        ],
+        [sys.executable, COMPARE, *arguments],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=900,
         check=False,
     )
+
+
+def _compare(workdir, *flags):
+    return _command(*TINY, '--methods=spafl,fedavg', '--seeds=1', f'--workdir={workdir}', *flags)
 
 
 def test_compare_command_end_to_end_on_digits(tmp_path):
@@ -241,20 +239,8 @@ def test_compare_command_end_to_end_on_digits(tmp_path):
             with open(workdir / method / 'seed1' / name, 'rb') as a:
                 with open(records / method / 'seed1' / name, 'rb') as b:
                     assert a.read() == b.read()
-    result = subprocess.run(
-        [
-            sys.executable,
-            COMPARE,
-            '--records_only',
-            f'--workdir={records}',
-            '--methods=spafl,fedavg',
-            '--seeds=1',
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
+    result = _command(
+        '--records_only', f'--workdir={records}', '--methods=spafl,fedavg', '--seeds=1'
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(records / 'comparison.md') as f:
@@ -299,14 +285,7 @@ def test_records_to_must_be_another_writable_folder(tmp_path):
     common.check_records_to(str(tmp_path / 'new' / 'records'), str(tmp_path))
     assert os.path.isdir(tmp_path / 'new' / 'records')
     # From the command, before anything compiles: one line naming the flag.
-    result = subprocess.run(
-        [sys.executable, COMPARE, *TINY, f'--workdir={tmp_path}', f'--records_to={tmp_path}'],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
-    )
+    result = _command(*TINY, f'--workdir={tmp_path}', f'--records_to={tmp_path}')
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f'error: --records_to={tmp_path} is')
 
@@ -325,20 +304,8 @@ def test_records_only_rebuilds_the_report_from_compact_records(tmp_path):
     _write_config(tmp_path, 'spafl', 1, lr=0.01, th_coeff=0.005, dataset='fashion_mnist')
     _write_run(tmp_path, 'fedavg', 1, _summary(0.6, 1.0, 1.0, 5e10, 5e10, 6e12), [0.2, 0.4, 0.6])
     _write_config(tmp_path, 'fedavg', 1, lr=0.001, dataset='fashion_mnist')
-    result = subprocess.run(
-        [
-            sys.executable,
-            COMPARE,
-            '--records_only',
-            f'--workdir={tmp_path}',
-            '--methods=spafl,fedavg',
-            '--seeds=1',
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
+    result = _command(
+        '--records_only', f'--workdir={tmp_path}', '--methods=spafl,fedavg', '--seeds=1'
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / 'comparison.md') as f:
@@ -358,20 +325,8 @@ def test_records_only_rebuilds_the_report_from_compact_records(tmp_path):
     assert not os.path.exists(tmp_path / 'spafl' / 'seed1' / 'checkpoints')
     assert os.path.getsize(tmp_path / 'learning_curves.png') > 0
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            COMPARE,
-            '--records_only',
-            f'--workdir={tmp_path / "empty"}',
-            '--methods=spafl',
-            '--seeds=1',
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
+    result = _command(
+        '--records_only', f'--workdir={tmp_path / "empty"}', '--methods=spafl', '--seeds=1'
     )
     assert result.returncode == 2
     assert (
