@@ -29,7 +29,12 @@ from spafl_jax.cli import resolve_config_argument  # noqa: F401
 
 SUMMARY_FILENAME = 'summary.json'
 # A run's compact record: what results/ keeps of it (kilobytes; never checkpoints or figures).
-RECORD_FILENAMES = ('config.json', reporting.METRICS_FILENAME, SUMMARY_FILENAME, 'diverged.json')
+RECORD_FILENAMES = (
+    train.CONFIG_FILENAME,
+    reporting.METRICS_FILENAME,
+    SUMMARY_FILENAME,
+    train.DIVERGED_FILENAME,
+)
 
 
 def finished_summary(directory: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -70,7 +75,7 @@ def run_status(directory: str) -> str:
     (a summary of fewer rounds than config.json asks for is that of a run since extended)."""
     if finished_record(directory) is not None:
         return 'finished'
-    diverged = read_record(directory, 'diverged.json')
+    diverged = read_record(directory, train.DIVERGED_FILENAME)
     if diverged is not None:
         return f'diverged at round {diverged["round"]}'
     path = os.path.join(directory, reporting.METRICS_FILENAME)

@@ -258,14 +258,11 @@ def write_tables(
             finished = shown['seeds'].split()
             only = f' (seed{"s" if len(finished) > 1 else ""} {shown["seeds"]})'
 
-        def percent(field, shown=shown, only=only):
-            return common.percent_cell(shown, field) + only
-
         lines.append(
-            f'| {name} | {percent("accuracy")} | {number(shown["gbit_total"])} | '
+            f'| {name} | {common.percent_cell(shown, "accuracy")}{only} | {number(shown["gbit_total"])} | '
             f'{number(shown["gbit_up"])} | {number(shown["gbit_down"])} | '
-            f'{number(shown["flops_per_client"] / scale)} | {percent("density")} | '
-            f'{percent("density_weighted")} |'
+            f'{number(shown["flops_per_client"] / scale)} | {common.percent_cell(shown, "density")}{only} | '
+            f'{common.percent_cell(shown, "density_weighted")}{only} |'
         )
     lines += by_round_table(workdir, [r['method'] for r in rows], seeds.split(), config.rounds)
     differences = {
