@@ -44,18 +44,13 @@ def finished_summary(directory: str, config: ml_collections.ConfigDict) -> dict[
     value the run had (`train.ADDED_FIELDS`), and how the state was stored does not count.
     """
     summary_path = os.path.join(directory, SUMMARY_FILENAME)
-    config_path = os.path.join(directory, 'config.json')
-    if not (os.path.isfile(summary_path) and os.path.isfile(config_path)):
+    if not os.path.isfile(summary_path):
         return None
-    with open(config_path) as f:
-        previous = {**train.ADDED_FIELDS, **json.load(f)}
-    # Through JSON, so that tuples and lists compare equal as they do on disk.
-    current = json.loads(json.dumps(config.to_dict()))
-    if any(
-        previous.get(k) != current.get(k)
-        for k in set(previous) | set(current)
-        if k not in train.STORED_FORM_FIELDS
-    ):
+    try:
+        recorded = train.recorded_config(directory)
+    except (OSError, ValueError):
+        return None
+    if recorded is None or train.changed_fields(recorded, config, resuming=False):
         return None  # e.g. more rounds asked for: train_and_evaluate extends or refuses the run
     with open(summary_path) as f:
         return json.load(f)

@@ -245,24 +245,46 @@ CHECKPOINT_DIRNAME = 'checkpoints'
 CLIENTS_DIRNAME = 'clients'
 
 
+def recorded_config(workdir: str) -> dict | None:
+    """The config the run in `workdir` was started with, fields added since at the value that
+    reproduces it (`ADDED_FIELDS`); None if there is none. Raises OSError or ValueError when
+    config.json cannot be read."""
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {**ADDED_FIELDS, **json.load(f)}
+
+
+def changed_fields(
+    recorded: dict, config: ml_collections.ConfigDict, *, resuming: bool
+) -> list[str]:
+    """The fields, sorted, in which `config` differs from a `recorded` run's config. The stored
+    form never counts (a resumed run keeps its own: `_keep_the_stored_form`); with `resuming`,
+    neither do the `RESUMABLE_FIELDS`."""
+    current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as on disk
+    ignored = STORED_FORM_FIELDS + (RESUMABLE_FIELDS if resuming else ())
+    return sorted(
+        k
+        for k in set(recorded) | set(current)
+        if k not in ignored and recorded.get(k) != current.get(k)
+    )
+
+
 def _keep_the_stored_form(config, workdir: str, overwrite: bool) -> None:
     """`STORED_FORM_FIELDS` of the run already in `workdir` (if any) override `config`'s."""
-    path = os.path.join(workdir, CONFIG_FILENAME)
-    if overwrite or not os.path.exists(path):
+    if overwrite:
         return
     try:
-        with open(path) as f:
-            previous = {**ADDED_FIELDS, **json.load(f)}
+        previous = recorded_config(workdir)
     except (OSError, ValueError):
         return  # prepare_workdir says what is wrong with it
+    if previous is None:
+        return
     for field in STORED_FORM_FIELDS:
         if field in config and previous.get(field) != config[field]:
             logging.info('%s=%r as the run in %s was started', field, previous[field], workdir)
             config[field] = previous[field]
-
-
-def _normalized(d: dict) -> dict:
-    return json.loads(json.dumps(d, sort_keys=True))
 
 
 class WorkdirLock:
@@ -334,25 +356,17 @@ def prepare_workdir(
         raise WorkdirError(f'workdir {workdir!r} is not writable; pass a writable --workdir.')
     if lock is not None:
         lock.acquire()
-    config_path = os.path.join(workdir, CONFIG_FILENAME)
-    if os.path.exists(config_path) and not overwrite:
+    if not overwrite:
         try:
-            with open(config_path) as f:
-                previous = json.load(f)
+            previous = recorded_config(workdir)
         except (OSError, ValueError) as e:
             raise WorkdirError(
                 f'workdir {workdir!r} holds an unreadable {CONFIG_FILENAME} ({e}); '
                 'pass --overwrite to start afresh there, or another --workdir.'
             ) from None
-        previous = {**ADDED_FIELDS, **previous}
-        current = _normalized(config.to_dict())
-        differing = sorted(
-            k
-            for k in set(previous) | set(current)
-            # the stored form is the run's own (`_keep_the_stored_form`)
-            if k not in RESUMABLE_FIELDS + STORED_FORM_FIELDS and previous.get(k) != current.get(k)
-        )
+        differing = [] if previous is None else changed_fields(previous, config, resuming=True)
         if differing:
+            current = json.loads(json.dumps(config.to_dict()))
             detail = ', '.join(
                 f'{k}: {previous.get(k)!r} -> {current.get(k)!r}' for k in differing[:5]
             )
