@@ -22,6 +22,10 @@ all the tests need):
     # A learning curve of the unchanged FMNIST folder on the real data (about 10-30 s a round here):
     /tmp/torch/bin/python tests/reference/record_official.py curve --official=/tmp/spafl_official \
         --rounds=200 --seed=1 --out=results/official_fmnist_seed1
+    # Longer than a session: saved every 5 rounds; the same command resumes (bit for bit):
+    /tmp/torch/bin/python tests/reference/record_official.py curve --official=/tmp/spafl_official \
+        --rounds=500 --seed=1 --checkpoint=/tmp/official500_seed1.pt \
+        --out=results/official_fmnist500_seed1
 
 `--official` may also be a bare git mirror (such as the search tool's fetch gives): its HEAD is
 extracted to a temporary directory. A curve's directory receives `train_log.txt` (the official log),
@@ -257,10 +261,15 @@ def write_curve_record(log_path: str, out: str, config: dict) -> None:
 
 
 def run_curve(args) -> None:
+    if args.checkpoint and args.draws:
+        raise SystemExit('error: --draws records one uninterrupted run; drop it or --checkpoint.')
+    if args.checkpoint_every < 1:
+        raise SystemExit(f'error: --checkpoint_every={args.checkpoint_every}; pass 1 or more.')
     data = load_fashion_mnist(args.data)
     install_stand_ins({('FashionMNIST', True): data[:2], ('FashionMNIST', False): data[2:]})
     folder = official_folder(args.official, 'fmnist')
     out = os.path.abspath(args.out)
+    checkpoint = os.path.abspath(args.checkpoint) if args.checkpoint else None
     import_folder(folder)
     argv = [
         'train.py',
@@ -288,16 +297,177 @@ def run_curve(args) -> None:
     if args.float64:
         _run_in_float64()
     draws = _record_draws(data) if args.draws else None
+    resumable = None
+    if checkpoint:
+        identity = {k: v for k, v in config.items() if k != 'command'} | {'seed': args.seed}
+        resumable = _Resumable(checkpoint, args.checkpoint_every, identity)
     import runpy  # pylint: disable=import-outside-toplevel
 
+    log = os.path.join(folder, 'log', 'curve', 'train_log.txt')
     try:
         runpy.run_path(os.path.join(folder, 'train.py'), run_name='__main__')
     finally:
-        log = os.path.join(folder, 'log', 'curve', 'train_log.txt')
+        if resumable and resumable.resumed_at is not None:
+            config['resumed_at_rounds'] = resumable.resumed_at
         if os.path.exists(log):
-            write_curve_record(log, out, config)
+            text = (resumable.log_before if resumable else '') + _read_text(log)
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, 'train_log.txt'), 'w') as f:
+                f.write(text)
+            write_curve_record(os.path.join(out, 'train_log.txt'), out, config)
         if draws and draws.get('recorder'):
             _write_draws(draws, args)
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+class _Resumable:
+    """Makes the official FMNIST loop resumable without changing a line of it.
+
+    Every `every` rounds, before the round draws its clients, and once more after the last round,
+    the whole simulation state is saved to `path` (atomically): the server's and every client's
+    attributes (models, optimizers, thresholds, counters), the Python, NumPy and PyTorch random
+    states, and the official log so far. A start that finds `path` rebuilds what the seed rebuilds
+    identically (the split, the loaders, the arguments), puts the saved state back and lets the
+    official loop run on from the saved round, so that a run stopped and resumed, or extended to
+    more rounds, computes what one uninterrupted run computes. The official log file is
+    overwritten at every start (its logger opens it with mode 'w'); the log before the resumed round
+    comes from the checkpoint.
+    """
+
+    # Attributes that every start rebuilds identically from the seed and the arguments.
+    REBUILT = ('args', 'logger', 'loss', 'tr_loader', 'te_loader', 'device', 'scheduler')
+
+    def __init__(self, path: str, every: int, identity: dict):
+        self.path, self.every, self.identity = path, every, identity
+        self.resumed_at: list[int] | None = None
+        self.log_before = ''
+        self.module = importlib.import_module('Simulator')
+        loop = self.module.Simulator.FL_loop
+        resumable = self
+
+        def fl_loop(simulator):
+            start = resumable.restore(simulator)
+            resumable.wrap_sampling(simulator, start)
+            numpy = self.module.np
+            self.module.np = _NumpyLoopFrom(start, simulator.args.comm_rounds)
+            try:
+                loop(simulator)
+            finally:
+                self.module.np = numpy
+            resumable.save(simulator, simulator.args.comm_rounds)
+
+        self.module.Simulator.FL_loop = fl_loop
+
+    def restore(self, simulator) -> int:
+        """Puts a saved state back into `simulator`; the round to go on from (0: none saved)."""
+        import torch  # pylint: disable=import-outside-toplevel
+
+        if not os.path.exists(self.path):
+            return 0
+        saved = torch.load(self.path, weights_only=False)
+        if saved['identity'] != self.identity:
+            raise SystemExit(
+                f'error: --checkpoint={self.path} holds another run ({saved["identity"]}); '
+                'pass another --checkpoint, or delete it to start afresh.'
+            )
+        start = saved['round']
+        if start > simulator.args.comm_rounds:
+            raise SystemExit(
+                f'error: --checkpoint={self.path} is at round {start}, past --rounds='
+                f'{simulator.args.comm_rounds}; pass --rounds={start} or more.'
+            )
+        vars(simulator.Server).update(saved['server'])
+        for client, attributes in zip(simulator.Clients_list, saved['clients']):
+            vars(client).update(_without_history(attributes))
+            for module in client.model.modules():
+                vars(module).update(_without_history(vars(module)))
+            # One entry per round of the run that made it; a longer run needs more.
+            missing = simulator.args.comm_rounds - len(client.zero_list)
+            client.zero_list = list(client.zero_list) + [0] * max(missing, 0)
+        random.setstate(saved['random']['python'])
+        np.random.set_state(saved['random']['numpy'])
+        torch.set_rng_state(saved['random']['torch'])
+        self.log_before = saved['log']
+        self.resumed_at = saved['resumed_at'] + [start]
+        print(f'resuming the official run at round {start} from {self.path}', flush=True)
+        return start
+
+    def wrap_sampling(self, simulator, start: int) -> None:
+        server, sample = simulator.Server, simulator.Server.sample_clients
+        rounds_done = [start]
+
+        def sample_clients():
+            if rounds_done[0] != start and rounds_done[0] % self.every == 0:
+                self.save(simulator, rounds_done[0])
+            rounds_done[0] += 1
+            return sample()
+
+        server.sample_clients = sample_clients
+
+    def save(self, simulator, rounds_done: int) -> None:
+        import torch  # pylint: disable=import-outside-toplevel
+
+        def attributes(obj):
+            return {
+                k: v
+                for k, v in vars(obj).items()
+                if k not in self.REBUILT and not isinstance(v, types.FunctionType)
+            }
+
+        log = os.path.join('log', 'curve', 'train_log.txt')  # the official folder is the cwd
+        state = {
+            'identity': self.identity,
+            'round': rounds_done,
+            'resumed_at': self.resumed_at or [],
+            'server': attributes(simulator.Server),
+            'clients': [attributes(c) for c in simulator.Clients_list],
+            'random': {
+                'python': random.getstate(),
+                'numpy': np.random.get_state(),
+                'torch': torch.get_rng_state(),
+            },
+            'log': self.log_before + (_read_text(log) if os.path.exists(log) else ''),
+        }
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        torch.save(state, self.path + '.tmp')
+        os.replace(self.path + '.tmp', self.path)
+
+
+def _without_history(attributes: dict) -> dict:
+    """`attributes` with every tensor that is not a parameter detached.
+
+    The official code keeps tensors with autograd history as plain attributes (a client's
+    `FLOPs`, a layer's kept `ratio`, both computed from the thresholds); saved and loaded, they come
+    back as leaves that require grad, on which the official `self.FLOPs += ...` fails. Detached,
+    they hold the same values and nothing differentiates them.
+    """
+    import torch  # pylint: disable=import-outside-toplevel
+
+    return {
+        k: v.detach()
+        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)
+        else v
+        for k, v in attributes.items()
+    }
+
+
+class _NumpyLoopFrom:
+    """NumPy, but for the official loop's `np.arange(comm_rounds)`, which starts at `start`."""
+
+    def __init__(self, start: int, rounds: int):
+        self._start, self._rounds = start, rounds
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def arange(self, *args, **kwargs):
+        if args == (self._rounds,) and not kwargs:
+            return np.arange(self._start, self._rounds)
+        return np.arange(*args, **kwargs)
 
 
 def _in_float64(model) -> None:
@@ -735,6 +905,14 @@ def main() -> None:
         help='also record the draws (split, initial model, sampled clients, batch '
         'orders, per-client results) to this .npz, for replay_curve.py',
     )
+    curve.add_argument(
+        '--checkpoint',
+        default=None,
+        help='save the whole simulation here every --checkpoint_every rounds and after the '
+        'last, and resume from it when it exists (a run longer than a session; also extends a '
+        'finished run to more --rounds); keep it out of results/',
+    )
+    curve.add_argument('--checkpoint_every', type=int, default=5)
     curve.add_argument(
         '--float64',
         action='store_true',
