@@ -347,18 +347,17 @@ class _Resumable:
         self.log_before = ''
         self.module = importlib.import_module('Simulator')
         loop = self.module.Simulator.FL_loop
-        resumable = self
 
         def fl_loop(simulator):
-            start = resumable.restore(simulator)
-            resumable.wrap_sampling(simulator, start)
+            start = self.restore(simulator)
+            self.wrap_sampling(simulator, start)
             numpy = self.module.np
             self.module.np = _NumpyLoopFrom(start, simulator.args.comm_rounds)
             try:
                 loop(simulator)
             finally:
                 self.module.np = numpy
-            resumable.save(simulator, simulator.args.comm_rounds)
+            self.save(simulator, simulator.args.comm_rounds)
 
         self.module.Simulator.FL_loop = fl_loop
 
