@@ -35,7 +35,6 @@ import ml_collections
 
 from experiments import common
 from spafl_jax import configuration
-from spafl_jax import data as data_lib
 from spafl_jax import files
 from spafl_jax import train
 
@@ -241,14 +240,8 @@ def main(argv):
                 common.check_records_to(_RECORDS_TO.value, workdir)
             except ValueError as e:
                 common.exit_with_error(str(e))
-        try:
+        with common.reporting_stops():  # one line, never a traceback
             run_ablation(config, workdir, seeds, estimators, updates, records_to=_RECORDS_TO.value)
-        except (
-            configuration.ConfigError,
-            data_lib.DatasetUnavailableError,
-            train.WorkdirError,
-        ) as e:
-            common.exit_with_error(str(e))
     write_tables(collect(workdir, seeds, estimators, updates), workdir, command, config)
     names = [setting_name(e, u) for e in estimators for u in updates]
     common.plot_learning_curves(

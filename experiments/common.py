@@ -25,6 +25,7 @@ from spafl_jax.cli import CONFIG_DIR  # noqa: F401  (re-exported)
 from spafl_jax.cli import define_config_flag  # noqa: F401
 from spafl_jax.cli import exit_with_error  # noqa: F401
 from spafl_jax.cli import parse_flags  # noqa: F401
+from spafl_jax.cli import reporting_stops  # noqa: F401
 from spafl_jax.cli import resolve_config_argument  # noqa: F401
 
 SUMMARY_FILENAME = 'summary.json'

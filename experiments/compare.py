@@ -47,7 +47,6 @@ import numpy as np
 
 from experiments import common
 from spafl_jax import configuration
-from spafl_jax import data as data_lib
 from spafl_jax import files
 from spafl_jax import methods
 from spafl_jax import reporting
@@ -390,14 +389,8 @@ def main(argv):
                 common.check_records_to(_RECORDS_TO.value, workdir)
             except ValueError as e:
                 common.exit_with_error(str(e))
-        try:
+        with common.reporting_stops():  # one line, never a traceback
             run_comparison(config, workdir, _METHODS.value, seeds, records_to=_RECORDS_TO.value)
-        except (
-            configuration.ConfigError,
-            data_lib.DatasetUnavailableError,
-            train.WorkdirError,
-        ) as e:
-            common.exit_with_error(str(e))
     write_report(workdir, _METHODS.value, seeds, command, config)
     with open(os.path.join(workdir, 'comparison.md')) as f:
         print(f.read(), end='')

@@ -13,6 +13,7 @@ as one line and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -43,6 +44,29 @@ def exit_with_error(message: str) -> None:
     """The one-line `error: ...` every command prints for a mistake the user can fix; status 2."""
     print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def reporting_stops():
+    """Ends the command with one line, never a traceback, when a run stops for a reason the user
+    acts on: a mistake they can fix (status 2), divergence (3), or a signal that stopped it at a
+    round boundary with a checkpoint written (128 + the signal, as a shell reports it)."""
+    # pylint: disable=g-import-not-at-top
+    from spafl_jax import configuration
+    from spafl_jax import data as data_lib
+    from spafl_jax import train
+    # pylint: enable=g-import-not-at-top
+
+    try:
+        yield
+    except (configuration.ConfigError, data_lib.DatasetUnavailableError, train.WorkdirError) as e:
+        exit_with_error(str(e))
+    except train.NonFiniteError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(3)
+    except train.Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 def define_config_flag(default_path: str, help_text: str):
@@ -168,8 +192,6 @@ def _main(argv, config_flag, workdir_flag, overwrite_flag) -> None:
     from absl import app  # pylint: disable=g-import-not-at-top
     from absl import logging  # pylint: disable=g-import-not-at-top
 
-    from spafl_jax import configuration  # pylint: disable=g-import-not-at-top
-    from spafl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     from spafl_jax import train  # pylint: disable=g-import-not-at-top
 
     if len(argv) > 1:
@@ -180,17 +202,8 @@ def _main(argv, config_flag, workdir_flag, overwrite_flag) -> None:
         f'{config.get("dataset", "run")}_{config.get("model", "")}_'
         f'{time.strftime("%Y%m%d-%H%M%S")}',
     )
-    try:
+    with reporting_stops():
         summary = train.train_and_evaluate(config, workdir, overwrite=overwrite_flag.value)
-    except (configuration.ConfigError, data_lib.DatasetUnavailableError, train.WorkdirError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except train.NonFiniteError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(3)
-    except train.Preempted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(128 + e.signum)
     logging.info(
         'done: accuracy %.2f%%, density %.2f%%, %.2f s per round; results in %s',
         100 * summary['accuracy'],

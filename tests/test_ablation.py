@@ -3,8 +3,11 @@
 import csv
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -183,3 +186,47 @@ def test_records_only_table_from_compact_records_with_a_missing_run(tmp_path):
     assert f'| `identity` | `all_after` | 85.00 ± {std:.2f} | 50.00 ± 0.00 |' in table
     assert '| `identity` | `none` (seed 2: missing) | – | – | – |' in table
     assert os.path.getsize(tmp_path / 'ablation_curves.png') > 0
+
+
+def test_a_stopped_ablation_ends_with_one_line_and_keeps_the_record(tmp_path):
+    """SIGTERM (a preemption) stops the ablation at a round boundary: the runner's one line and
+    128 + 15, as `main.py` ends, no traceback; the record so far is copied by --records_to."""
+    workdir, records = str(tmp_path / 'ablation'), str(tmp_path / 'records')
+    metrics = os.path.join(workdir, 'long_tailed__all_after', 'seed1', 'metrics.jsonl')
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            ABLATION,
+            *TINY,
+            '--config.rounds=500',
+            '--seeds=1',
+            '--estimators=long_tailed',
+            '--importance_updates=all_after',
+            f'--workdir={workdir}',
+            f'--records_to={records}',
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert 'Traceback' not in err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r'stopped by signal 15 after round \d+; checkpoint saved in .*: run the same command '
+        r'to resume\.',
+        last,
+    ), last
+    stopped_at = int(re.search(r'after round (\d+)', last).group(1))
+    kept = os.path.join(records, 'long_tailed__all_after', 'seed1', 'metrics.jsonl')
+    with open(kept) as f:
+        assert json.loads(f.read().splitlines()[-1])['round'] == stopped_at
