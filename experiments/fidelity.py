@@ -24,6 +24,14 @@ replay_curve.py on the same draws, with per-layer densities and collapse resets,
 moved by one unit in the last place, `--perturb_seed=k`) form an ensemble of rounding-sized
 differences; 'follow' resets a collapsed layer wherever the official run did and ours did not
 (`--follow_official_resets`). It gets a table, a summary and `<results>/fidelity_fmnist_diagnosis.png`.
+
+At full length (`<results>/official_fmnist500_seed<k>/`, the official code for 500 rounds), the
+official code is set against our `fmnist.py` default (the comparison's SpaFL records,
+`<results>/compare_fmnist500/spafl/seed<k>/`) and the default with the importance update off (the
+ablation's, `<results>/ablation_fmnist500/long_tailed__none/seed<k>/`): accuracy and density along
+the run, the best accuracy and how far the last round falls below it, written to
+`<results>/full_length_fmnist.md` (included in RESULTS.md) and drawn in
+`<results>/full_length_fmnist.png`.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
+
+from spafl_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _RESULTS = flags.DEFINE_string('results', 'results', 'Folder of the compact run records.')
 _SEEDS = flags.DEFINE_list('seeds', ['1', '2'], 'Seeds to compare.')
@@ -58,6 +68,19 @@ CODES = (
         'the same, rounded differently (YNNPACK off)',
     ),
 )
+
+
+# The official code at 500 rounds against our own defaults: (code, record folder, label).
+FULL_LENGTH = (
+    ('official', 'official_fmnist500_seed{}', 'official PyTorch code (its FMNIST folder)'),
+    ('default', os.path.join('compare_fmnist500', 'spafl', 'seed{}'), 'spafl_jax fmnist.py'),
+    (
+        'no_update',
+        os.path.join('ablation_fmnist500', 'long_tailed__none', 'seed{}'),
+        'spafl_jax fmnist.py, importance_update=none',
+    ),
+)
+FULL_LENGTH_ROUNDS = (50, 100, 200, 300, 400, 500)
 
 
 def read_curve(path: str) -> dict[int, dict]:
@@ -532,6 +555,92 @@ def plot_diagnosis(
     plt.close(fig)
 
 
+def load_full_length(results: str, seeds: list[str]) -> dict[tuple[str, str], dict[int, dict]]:
+    """(code, seed) -> the evaluated rounds of each FULL_LENGTH record present."""
+    runs = {}
+    for code, pattern, _ in FULL_LENGTH:
+        for seed in seeds:
+            path = os.path.join(results, pattern.format(seed), 'metrics.jsonl')
+            if os.path.exists(path):
+                curve = {r: x for r, x in read_curve(path).items() if 'accuracy' in x}
+                if curve:
+                    runs[(code, seed)] = curve
+    return runs
+
+
+def full_length_table(runs, rounds=FULL_LENGTH_ROUNDS) -> str:
+    """Markdown: each full-length record's accuracy (%) / density at `rounds`, its best accuracy
+    (and round), its last round and how far that lies below the best."""
+    labels = {code: label for code, _, label in FULL_LENGTH}
+    lines = [
+        '| code | seed | '
+        + ' | '.join(f'round {r}' for r in rounds)
+        + ' | best (round) | last round | last - best (points) |',
+        '|---|---|' + '---|' * (len(rounds) + 3),
+    ]
+    order = {code: i for i, (code, _, _) in enumerate(FULL_LENGTH)}
+    for code, seed in sorted(runs, key=lambda key: (order[key[0]], key[1])):
+        curve = runs[(code, seed)]
+        cells = [
+            f'{100 * curve[r]["accuracy"]:.1f} / {curve[r]["density"]:.3f}' if r in curve else '–'
+            for r in rounds
+        ]
+        best = max(curve, key=lambda r: curve[r]['accuracy'])
+        last = max(curve)
+        gap = 100 * (curve[last]['accuracy'] - curve[best]['accuracy'])
+        lines.append(
+            f'| {labels[code]} | {seed} | '
+            + ' | '.join(cells)
+            + f' | {100 * curve[best]["accuracy"]:.1f} ({best}) | {last} | {gap:+.1f} |'
+        )
+    return '\n'.join(lines)
+
+
+def plot_full_length(runs, path: str) -> None:
+    """Accuracy and density by round of the full-length records, one colour per code."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
+
+    colours = {'official': 'tab:red', 'default': 'tab:blue', 'no_update': 'tab:green'}
+    labels = {code: label for code, _, label in FULL_LENGTH}
+    fig, (ax_acc, ax_den) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (code, seed), curve in sorted(runs.items()):
+        rounds = sorted(curve)
+        kwargs = dict(
+            color=colours[code],
+            linestyle='-' if seed == '1' else '--',
+            linewidth=1.2,
+            label=f'{labels[code]}, seed {seed}',
+        )
+        ax_acc.plot(rounds, [100 * curve[r]['accuracy'] for r in rounds], **kwargs)
+        ax_den.plot(rounds, [curve[r]['density'] for r in rounds], **kwargs)
+    ax_acc.set(
+        xlabel='round',
+        ylabel='accuracy (%), mean over the 100 clients',
+        title='Test accuracy, each client on its own split',
+        ylim=(40, 95),
+    )
+    ax_den.set(
+        xlabel='round',
+        ylabel='density (mean over layers of kept rows)',
+        title='Density',
+        ylim=(0, 1.02),
+    )
+    for ax in (ax_acc, ax_den):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8, loc='lower right')
+    fig.suptitle(
+        'Fashion-MNIST, LeNet-5, 100 clients (10 per round), 500 rounds: '
+        'the official code against our defaults',
+        fontsize=11,
+    )
+    reporting.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def plot(
     runs,
     seeds: list[str],
@@ -596,20 +705,22 @@ def main(argv):
     del argv
     seeds = _SEEDS.value
     runs = load(_RESULTS.value, seeds)
-    if not runs:
+    full_length = load_full_length(_RESULTS.value, seeds)
+    if not runs and not any(code == 'official' for code, _ in full_length):
         raise SystemExit(
             f'error: no run records in --results={_RESULTS.value}; see the module '
             'docstring for the runs it expects.'
         )
     rounds = [int(r) for r in _ROUNDS.value]
-    print(table(runs, seeds, rounds))
-    variants = load_diagnosis(_RESULTS.value)
-    if any(code == 'current' for code, _ in runs):
-        print('\nours with collapse_check=current:')
-        print(table(runs, seeds, rounds, ours='current'))
     out = _OUT.value or os.path.join(_RESULTS.value, 'fidelity_fmnist.png')
-    plot(runs, seeds, out)
-    print(f'figure: {out}')
+    if runs:
+        print(table(runs, seeds, rounds))
+        if any(code == 'current' for code, _ in runs):
+            print('\nours with collapse_check=current:')
+            print(table(runs, seeds, rounds, ours='current'))
+        plot(runs, seeds, out)
+        print(f'figure: {out}')
+    variants = load_diagnosis(_RESULTS.value)
     if any(code == 'paired' for code, _ in runs):
         print('\nours on the official draws (split, initial model, clients, batches):')
         print(table(runs, seeds, rounds, ours='paired'))
@@ -635,6 +746,24 @@ def main(argv):
         figure = os.path.join(os.path.dirname(out), 'fidelity_fmnist_cpus.png')
         plot_two_cpus(runs[('official', '1')], runs[('paired', '1')], variants['ours'], figure)
         print(f'figure: {figure}')
+    if any(code == 'official' for code, _ in full_length):
+        text = full_length_table(full_length)
+        print('\nat full length, the official code against our defaults:')
+        print(text)
+        document = os.path.join(_RESULTS.value, 'full_length_fmnist.md')
+        command = f'python experiments/fidelity.py --results={_RESULTS.value}'
+        files.write_atomic(
+            document,
+            '# The official code against our defaults at 500 rounds\n\n'
+            f'Command: `{command}`\n\n'
+            'Accuracy (%) / density at each round (the unweighted mean over the 100 clients of '
+            "each one's accuracy on its own test split; the layer mean of kept rows).\n\n"
+            + text
+            + '\n',
+        )
+        figure = os.path.join(os.path.dirname(out), 'full_length_fmnist.png')
+        plot_full_length(full_length, figure)
+        print(f'table: {document}\nfigure: {figure}')
     long_variants = load_diagnosis(_RESULTS.value, LONG_ENSEMBLE)
     float64 = load_diagnosis(_RESULTS.value, FLOAT64)
     if float64 and long_variants:

@@ -251,3 +251,38 @@ def test_precision_sets_the_codes_gap_against_a_code_moved_one_ulp(tmp_path):
     assert lines[8].startswith('- float64: official - ours: first above 0.1 point at round > 3')
     assert 'at least 100 of 100 in every round 1-3' in lines[-1]
     assert os.path.getsize(path) > 10_000
+
+
+def test_full_length_table_sets_the_official_code_against_our_defaults(tmp_path):
+    """The 500-round records: accuracy / density at the marked rounds, the best and how far the
+    last round lies below it; a record line without an evaluation is not a round of the table."""
+    results = str(tmp_path)
+    _write(
+        results, 'official_fmnist500_seed1', {50: (0.60, 0.80), 100: (0.75, 0.70), 150: (0.70, 0.6)}
+    )
+    default = os.path.join('compare_fmnist500', 'spafl', 'seed1')
+    _write(results, default, {50: (0.80, 0.90), 100: (0.90, 0.85)})
+    with open(os.path.join(results, default, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps({'round': 101, 'density': 0.84}) + '\n')  # trained, not evaluated
+    _write(results, os.path.join('compare_fmnist500', 'spafl', 'seed2'), {50: (0.82, 0.91)})
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'experiments', 'fidelity.py'), f'--results={results}'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    with open(os.path.join(results, 'full_length_fmnist.md')) as f:
+        document = f.read()
+    rows = [line for line in document.splitlines() if line.startswith('| ')]
+    assert rows == [
+        '| code | seed | round 50 | round 100 | round 200 | round 300 | round 400 | round 500 '
+        '| best (round) | last round | last - best (points) |',
+        '| official PyTorch code (its FMNIST folder) | 1 | 60.0 / 0.800 | 75.0 / 0.700 | – | – '
+        '| – | – | 75.0 (100) | 150 | -5.0 |',
+        '| spafl_jax fmnist.py | 1 | 80.0 / 0.900 | 90.0 / 0.850 | – | – | – | – | 90.0 (100) '
+        '| 100 | +0.0 |',
+        '| spafl_jax fmnist.py | 2 | 82.0 / 0.910 | – | – | – | – | – | 82.0 (50) | 50 | +0.0 |',
+    ]
+    assert rows[1] in result.stdout
+    assert os.path.getsize(os.path.join(results, 'full_length_fmnist.png')) > 10_000
