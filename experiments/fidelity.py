@@ -602,7 +602,6 @@ def plot_full_length(runs, path: str) -> None:
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-    from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
 
     colours = {'official': 'tab:red', 'default': 'tab:blue', 'no_update': 'tab:green'}
     labels = {code: label for code, _, label in FULL_LENGTH}
@@ -617,12 +616,28 @@ def plot_full_length(runs, path: str) -> None:
         )
         ax_acc.plot(rounds, [100 * curve[r]['accuracy'] for r in rounds], **kwargs)
         ax_den.plot(rounds, [curve[r]['density'] for r in rounds], **kwargs)
+    _finish_curves(
+        fig,
+        ax_acc,
+        ax_den,
+        '500 rounds: the official code against our defaults',
+        path,
+        accuracy_ylim=(40, 95),
+    )
+
+
+def _finish_curves(fig, ax_acc, ax_den, title: str, path: str, accuracy_ylim=None) -> None:
+    """Labels, grid and legend of an accuracy / density pair of panels; saves and closes."""
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
+
     ax_acc.set(
         xlabel='round',
         ylabel='accuracy (%), mean over the 100 clients',
         title='Test accuracy, each client on its own split',
-        ylim=(40, 95),
     )
+    if accuracy_ylim is not None:
+        ax_acc.set_ylim(*accuracy_ylim)
     ax_den.set(
         xlabel='round',
         ylabel='density (mean over layers of kept rows)',
@@ -632,11 +647,7 @@ def plot_full_length(runs, path: str) -> None:
     for ax in (ax_acc, ax_den):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8, loc='lower right')
-    fig.suptitle(
-        'Fashion-MNIST, LeNet-5, 100 clients (10 per round), 500 rounds: '
-        'the official code against our defaults',
-        fontsize=11,
-    )
+    fig.suptitle(f'Fashion-MNIST, LeNet-5, 100 clients (10 per round): {title}', fontsize=11)
     reporting.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
@@ -652,7 +663,6 @@ def plot(
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-    from spafl_jax import reporting  # pylint: disable=import-outside-toplevel
 
     fig, (ax_acc, ax_den) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = {
@@ -682,23 +692,7 @@ def plot(
         )
         ax_acc.plot(rounds, [100 * curve[r]['accuracy'] for r in rounds], **kwargs)
         ax_den.plot(rounds, [curve[r]['density'] for r in rounds], **kwargs)
-    ax_acc.set(
-        xlabel='round',
-        ylabel='accuracy (%), mean over the 100 clients',
-        title='Test accuracy, each client on its own split',
-    )
-    ax_den.set(
-        xlabel='round',
-        ylabel='density (mean over layers of kept rows)',
-        title='Density',
-        ylim=(0, 1.02),
-    )
-    for ax in (ax_acc, ax_den):
-        ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8, loc='lower right')
-    fig.suptitle(f'Fashion-MNIST, LeNet-5, 100 clients (10 per round): {title}', fontsize=11)
-    reporting.save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    _finish_curves(fig, ax_acc, ax_den, title, path)
 
 
 def main(argv):
