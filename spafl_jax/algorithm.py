@@ -15,8 +15,9 @@ what was sent. A round is the same for every algorithm (docs/algorithm.md, secti
      gradient) has `client_final(client, opt_state, x, y, constants, key) -> (client, metrics)`
      called on one batch drawn for the purpose (`final_batch`); then
      `client_end(client, opt_state) -> (stored, message)`: what it keeps, what it sends;
-  4. the server takes the weighted mean of the messages (`server.aggregate`, a `pmean` when the
-     clients are sharded: `end_round` is its only caller) and
+  4. the server takes the weighted mean of the messages, added in client-id order whatever device
+     ran which client (`server.aggregate`, gathered over the mesh when the clients are sharded:
+     `end_round` is its only caller) and
      `server_update(state, mean, clients) -> state` gives the next state from it and every client's
      stored state, the trained ones already written back.
 
@@ -149,17 +150,33 @@ def masked_step(alg: Algorithm, client, opt_state, x, y, example_mask, constants
 
 
 def end_round(
-    alg: Algorithm, state, trained, opt_state, weights, write_back, axis_name: str | None = None
+    alg: Algorithm,
+    state,
+    trained,
+    opt_state,
+    weights,
+    write_back,
+    order: jax.Array,
+    axis_name: str | None = None,
 ):
     """Steps 3-4: the trained clients end, the server averages their messages and updates.
 
     `trained`, `opt_state`, `weights` are the `[n, ...]` trained clients (weight 0: an empty
     position); `write_back(clients, stored)` puts their stored states into all of `state.clients`.
-    With `axis_name` the clients are sharded along it and the mean is a `pmean` over it.
+    The mean adds the messages in `order` (`client_order`: by client id). With `axis_name` the
+    clients are sharded along it and gathered over it first (`server.aggregate`).
     """
     stored, messages = jax.vmap(alg.client_end)(trained, opt_state)
-    mean = server.aggregate(messages, weights, axis_name=axis_name)
+    mean = server.aggregate(messages, weights, axis_name=axis_name, order=order)
     return alg.server_update(state, mean, write_back(state.clients, stored))
+
+
+def client_order(sampled: jax.Array, count: int) -> jax.Array:
+    """[count] positions of `sampled` (client ids, -1: an empty position) by increasing client id,
+    empty positions last: the order in which a round's messages and metrics are added, so that
+    the sums do not depend on where the clients ran."""
+    last = jnp.iinfo(sampled.dtype).max
+    return jnp.argsort(jnp.where(sampled >= 0, sampled, last))[:count]
 
 
 def client_keys(seed_key: jax.Array, round_index, client_ids: jax.Array) -> jax.Array:
@@ -318,6 +335,7 @@ def run_round(
     weights = aggregation_weights(
         alg.aggregation or aggregation, counts, jnp.ones(counts.shape, bool)
     )
+    order = client_order(sampled, sampled.shape[0])
     new_state = end_round(
         alg,
         state,
@@ -325,8 +343,18 @@ def run_round(
         opt_state,
         weights,
         lambda everyone, stored: put(everyone, sampled, stored),
+        order,
     )
-    return new_state, round_metrics(metrics, client_execution)
+    executed = executed_steps(metrics['steps'], client_execution)
+    metrics = {**take(metrics, order), 'real': jnp.ones(order.shape, jnp.float32)}
+    return new_state, round_metrics(metrics, executed)
+
+
+def executed_steps(steps: jax.Array, client_execution: str) -> jax.Array:
+    """Local steps `run_round` executes for clients of `steps` [S] real steps, padding included:
+    under 'vmap' every client's loop runs as long as the longest client's; under 'map' each
+    client runs its own steps only."""
+    return steps.shape[0] * jnp.max(steps) if client_execution == 'vmap' else jnp.sum(steps)
 
 
 def make_round_fn(
@@ -348,26 +376,23 @@ def make_round_fn(
     )
 
 
-def round_metrics(metrics, client_execution: str) -> dict:
-    """A round's scalar metrics from the sampled clients' summed metrics (`METRICS`).
+def round_metrics(metrics, executed) -> dict:
+    """A round's scalar metrics from the sampled clients' summed metrics (`METRICS`, `[S]` each,
+    in `client_order`, and `real` [S]: 1 for a sampled client, 0 for an empty position), every
+    sum added in that order (`server.ordered_sum`): the same bits on any number of devices.
 
-    `max_steps` counts the local steps the round executed, padding included, as
-    `execution.RoundRunner` counts them, so that `local_steps / max_steps` is the useful-step
-    fraction of every method and backend: under 'vmap' every client's loop runs as long as the
-    longest client's; under 'map' each client runs its own steps only.
+    `executed` counts the local steps the round ran, padding included, so that
+    `local_steps / max_steps` is the useful-step fraction of every method and backend.
     """
-    steps = jnp.maximum(metrics['steps'], 1.0)
-    executed = (
-        metrics['steps'].shape[0] * jnp.max(metrics['steps'])
-        if client_execution == 'vmap'
-        else jnp.sum(metrics['steps'])
-    )
+    ones = jnp.ones_like(metrics['real'])
+    total = lambda x: server.ordered_sum(x, ones)
+    steps = total(metrics['steps'])
     return {
-        'train_loss': jnp.mean(metrics['loss'] / steps),
-        'train_accuracy': jnp.sum(metrics['correct'])
-        / jnp.maximum(jnp.sum(metrics['examples']), 1.0),
-        'local_steps': jnp.sum(metrics['steps']),
-        'flops': jnp.sum(metrics['flops']),
+        'train_loss': total(metrics['real'] * metrics['loss'] / jnp.maximum(metrics['steps'], 1.0))
+        / jnp.maximum(total(metrics['real']), 1.0),
+        'train_accuracy': total(metrics['correct']) / jnp.maximum(total(metrics['examples']), 1.0),
+        'local_steps': steps,
+        'flops': total(metrics['flops']),
         'max_steps': jnp.asarray(executed, jnp.float32),
     }
 

@@ -15,9 +15,10 @@ only in how the local steps are issued:
   packed so that the lanes' step counts are even; the form accelerators want.
 
 On a mesh with a `clients` axis, the all-client state is sharded along it, each device trains its
-share of the sampled clients (packed by step count), and the thresholds are averaged by a `psum` over
-the axis inside `jax.shard_map` (`server.aggregate(..., axis_name='clients')`); the same program runs
-on one device, on several, and across hosts.
+share of the sampled clients (packed by step count), and the messages (SpaFL: the thresholds) and the
+per-client metrics are gathered over the axis inside `jax.shard_map` and added in client-id order
+(`server.aggregate(..., axis_name='clients')`, `algorithm.round_metrics`): the same program runs on
+one device, on several, and across hosts, and gives the same bits on each.
 """
 
 from __future__ import annotations
@@ -749,7 +750,7 @@ class RoundRunner:
         return jax.lax.fori_loop(0, (slots + u - 1) // u, unrolled, work)
 
     def _finish(self, state, work: RoundWork, data: ClientData, sampled, executed):
-        """The clients end, the server averages (psum over devices) and updates (steps 3-4)."""
+        """The clients end, the server averages (in client-id order) and updates (steps 3-4)."""
         real = (work.steps_per_epoch > 0).astype(jnp.float32)
         clients, m = work.clients, work.metrics
         if self.alg.client_final is not None:
@@ -765,6 +766,9 @@ class RoundRunner:
                 work.final_keys,
             )
             m = jax.tree.map(lambda a, b: a + real * b, m, final)
+        order = algorithm_lib.client_order(
+            sampled, min(self.round_cfg.clients_per_round, sampled.shape[0])
+        )
         new_state = algorithm_lib.end_round(
             self.alg,
             state,
@@ -774,26 +778,12 @@ class RoundRunner:
             lambda everyone, stored: _scatter_sampled(
                 everyone, self._where(sampled), stored, self._state_shard()
             ),
+            order,
             axis_name=CLIENTS,
         )
-        sums = jax.lax.psum(
-            {
-                'loss': jnp.sum(real * m['loss'] / jnp.maximum(m['steps'], 1.0)),
-                'clients': jnp.sum(real),
-                'correct': jnp.sum(m['correct']),
-                'steps': jnp.sum(m['steps']),
-                'flops': jnp.sum(m['flops']),
-                'examples': jnp.sum(m['examples']),
-            },
-            CLIENTS,
-        )
-        metrics = {
-            'train_loss': sums['loss'] / jnp.maximum(sums['clients'], 1.0),
-            'train_accuracy': sums['correct'] / jnp.maximum(sums['examples'], 1.0),
-            'local_steps': sums['steps'],
-            'flops': sums['flops'],
-            'max_steps': executed.astype(jnp.float32),  # executed steps, padding included
-        }
+        # Every client's sums, gathered and added in client-id order: the same on any mesh.
+        per_client = jax.lax.all_gather({**m, 'real': real}, CLIENTS, tiled=True)
+        metrics = algorithm_lib.round_metrics(algorithm_lib.take(per_client, order), executed)
         return new_state, metrics
 
     def _build(self):

@@ -8,19 +8,47 @@ import jax.numpy as jnp
 from spafl_jax import masking
 
 
-def aggregate(client_thresholds, weights: jax.Array | None = None, axis_name: str | None = None):
-    """Weighted mean of `[clients, ...]` thresholds over the leading client axis.
+def ordered_sum(values, weights: jax.Array):
+    """sum_i weights[i] * values[i] over the leading axis of every leaf, added one entry at a time
+    in index order: the same bits for the same entries whatever program, batch or device count
+    computed them (a `psum` or a tree reduction adds in an order that depends on those)."""
 
-    With `axis_name`, the client axis is sharded and the sums become `psum`s over it, i.e. a `pmean`
-    (weighted) across devices and hosts; each shard passes its own clients.
+    def add(total, item):
+        w, v = item
+        return jax.tree.map(lambda t, x: t + w * x, total, v), None
+
+    zeros = jax.tree.map(
+        lambda x: jnp.zeros(x.shape[1:], jnp.result_type(x.dtype, weights.dtype)), values
+    )
+    return jax.lax.scan(add, zeros, (weights, values))[0]
+
+
+def aggregate(
+    client_thresholds,
+    weights: jax.Array | None = None,
+    axis_name: str | None = None,
+    order: jax.Array | None = None,
+):
+    """Weighted mean of `[clients, ...]` thresholds over the leading client axis, summed in a fixed
+    order (`ordered_sum`), so the mean is the same whatever the device count.
+
+    With `axis_name` the client axis is sharded: each shard passes its own clients, which are
+    gathered (tiled) along the axis first. `order` ([S] indices into the, gathered, client axis)
+    gives the summation order; the runners pass the sampled clients in client-id order
+    (`algorithm.client_order`). Empty positions carry weight 0.
     """
     if weights is None:
         weights = jnp.ones((jax.tree.leaves(client_thresholds)[0].shape[0],), jnp.float32)
     weights = weights.astype(jnp.float32)
-    total = jnp.sum(weights)
-    summed = jax.tree.map(lambda t: jnp.tensordot(weights, t, axes=1), client_thresholds)
     if axis_name is not None:
-        summed, total = jax.lax.psum((summed, total), axis_name)
+        client_thresholds, weights = jax.lax.all_gather(
+            (client_thresholds, weights), axis_name, tiled=True
+        )
+    if order is not None:
+        client_thresholds = jax.tree.map(lambda x: x[order], client_thresholds)
+        weights = weights[order]
+    total = ordered_sum(weights, jnp.ones_like(weights))
+    summed = ordered_sum(client_thresholds, weights)
     return jax.tree.map(lambda s: s / total, summed)
 
 

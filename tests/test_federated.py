@@ -390,9 +390,11 @@ def test_max_steps_counts_the_steps_each_engine_executes():
         'correct': jnp.array([10.0, 20.0, 5.0]),
         'examples': jnp.array([30.0, 50.0, 20.0]),
         'flops': jnp.array([1.0, 2.0, 3.0]),
+        'real': jnp.ones(3),
     }
-    vmapped = algorithm_lib.round_metrics(metrics, 'vmap')
-    mapped = algorithm_lib.round_metrics(metrics, 'map')
+    executed = lambda e: algorithm_lib.executed_steps(metrics['steps'], e)
+    vmapped = algorithm_lib.round_metrics(metrics, executed('vmap'))
+    mapped = algorithm_lib.round_metrics(metrics, executed('map'))
     assert float(vmapped['max_steps']) == 15.0 and float(mapped['max_steps']) == 10.0
     for m in (vmapped, mapped):
         assert float(m['local_steps']) == 10.0 and float(m['flops']) == 6.0
