@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
+from spafl_jax import configuration
 from spafl_jax import files
 from spafl_jax import reporting
 from spafl_jax import train
@@ -152,26 +153,10 @@ def config_of_records(directories: Sequence[str]) -> ml_collections.ConfigDict:
     )
 
 
-# Config fields that say how a run was executed or recorded, not what it computes (beyond float
-# rounding): left out where tables list the settings in which runs differ.
-EXECUTION_FIELDS = (
-    'eval_every',
-    'checkpoint_every',
-    'client_execution',
-    'vmap_lanes',
-    'num_cpu_devices',
-    'eval_chunk',
-    'eval_batch_size',
-    'data_dir',
-    'download',
-    'writers',
-    'sparsity_rounds',
-    'coordinator_address',
-    'num_processes',
-    'process_id',
-    'conv_impl',
-    'scan_unroll',
-)
+# Config fields that say how a run was executed or recorded, not what it computes: left out where
+# tables list the settings in which runs differ (the fields a resumed run may change, its length
+# aside).
+EXECUTION_FIELDS = tuple(f for f in configuration.RESUMABLE_FIELDS if f != 'rounds')
 
 
 def differing_settings(

@@ -14,6 +14,7 @@ from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import models
 from spafl_jax import writers as writers_lib
+from spafl_jax.configs import default
 from spafl_jax.execution import CLIENT_EXECUTIONS, DISTRIBUTED
 from spafl_jax.algorithm import AGGREGATIONS
 from spafl_jax.federated import CLIENT_INITS, IMPORTANCE_UPDATES
@@ -30,46 +31,51 @@ def _number(config, field, **kwargs):
     checks.number('config', field, config[field], **kwargs)
 
 
-REQUIRED = (
-    'dataset',
-    'model',
-    'num_clients',
-    'clients_per_round',
-    'alpha',
-    'rounds',
-    'batch_size',
-    'local_epochs',
-    'lr',
-    'lr_decay',
-    'min_lr',
-    'clip',
-    'th_coeff',
-    'penalty_warmup',
-    'persistent_optimizer',
-    'estimator',
-    'importance_update',
-    'aggregation',
-    'raw_pixels',
-    'augment',
-    'eval_every',
-    'eval_batch_size',
-    'seed',
-    'compute_dtype',
-    'conv_impl',
+def default_fields() -> tuple[str, ...]:
+    """Every field of `configs/default.py`: a run's config must have them all (the defaults live
+    there and nowhere else, so no module needs a fallback value of its own)."""
+    return tuple(default.get_config().keys())
+
+
+# How and where a run executes, never what it computes: a checkpoint written on one machine
+# resumes on another (1, 2 or 4 devices give the same bits; see execution.py), and tables that
+# list the settings in which runs differ leave these out.
+EXECUTION_FIELDS = (
     'client_execution',
+    'vmap_lanes',
+    'eval_chunk',
+    'eval_lanes',
+    'num_cpu_devices',
+    'distributed',
+    'coordinator_address',
+    'num_processes',
+    'process_id',
+    'conv_impl',
     'scan_unroll',
     'data_dir',
+    'download',
+    'writers',
+)
+# How long a run goes and what it reports.
+REPORTING_FIELDS = (
+    'rounds',
+    'eval_every',
+    'eval_panel',
+    'eval_sweep_every',
     'checkpoint_every',
     'sparsity_rounds',
-    'drop_last',
-    'client_init',
-    'collapse_check',
+    'max_loss',
 )
+# The one list of fields that may change when a run is resumed.
+RESUMABLE_FIELDS = REPORTING_FIELDS + EXECUTION_FIELDS
+# Fields that older versions had and nothing reads any more: a workdir whose config.json holds
+# one still resumes.
+REMOVED_FIELDS = ('eval_batch_size',)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that is wrong."""
-    for field in REQUIRED:
+    for field in default_fields():
         if field not in config:
             raise ConfigError(
                 f'config.{field} is missing; start from spafl_jax/configs/default.py.'
@@ -91,7 +97,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         'batch_size',
         'local_epochs',
         'eval_every',
-        'eval_batch_size',
         'scan_unroll',
         'checkpoint_every',
     ):
@@ -110,22 +115,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _number(config, 'min_lr', non_negative=True)
     _number(config, 'clip', non_negative=True)
     _number(config, 'th_coeff', non_negative=True)
-    if 'max_loss' in config:
-        _number(config, 'max_loss', positive=True)
-    if 'download' in config:
-        checks.boolean('config', 'download', config.download)
-    for field in ('lazy_importance', 'checkpoint_digest'):
-        if field in config:
-            checks.boolean('config', field, config[field])
-    if 'writers' in config:
-        if not isinstance(config.writers, str):
-            raise ConfigError(
-                f'config.writers={config.writers!r} must be a comma-separated '
-                "string such as 'wandb' or 'wandb,clu' (empty: none)."
-            )
-        problem = writers_lib.problem(config.writers)
-        if problem:
-            raise ConfigError(problem)
+    _number(config, 'max_loss', positive=True)
+    for field in ('download', 'lazy_importance', 'checkpoint_digest'):
+        checks.boolean('config', field, config[field])
+    if not isinstance(config.writers, str):
+        raise ConfigError(
+            f'config.writers={config.writers!r} must be a comma-separated '
+            "string such as 'wandb' or 'wandb,clu' (empty: none)."
+        )
+    problem = writers_lib.problem(config.writers)
+    if problem:
+        raise ConfigError(problem)
     for field in ('penalty_warmup', 'persistent_optimizer', 'raw_pixels', 'drop_last'):
         checks.boolean('config', field, config[field])
     rounds = config.sparsity_rounds
@@ -161,35 +161,33 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
                 f'config.{field} is missing; start from spafl_jax/configs/default.py.'
             )
     _choice(config, 'method', methods.METHODS)
-    if not config.get('drop_last', True) and config.method != 'spafl':
+    if not config.drop_last and config.method != 'spafl':
         raise ConfigError(
             f'config.drop_last=False applies to spafl only: config.method='
             f'{config.method!r} trains on full batches; drop the override.'
         )
-    if 'collapse_check' in config:
-        _choice(config, 'collapse_check', COLLAPSE_CHECKS)
-        if config.collapse_check != 'current' and config.method != 'spafl':
-            raise ConfigError(
-                f'config.collapse_check={config.collapse_check!r} applies to spafl '
-                f'only: config.method={config.method!r} has no collapse reset; drop '
-                'the override.'
-            )
-        panel = config.get('eval_panel', config.num_clients)
-        if config.collapse_check == 'previous' and panel < config.num_clients:
-            raise ConfigError(
-                f"config.collapse_check='previous' changes every client its test reaches, so "
-                f'all are tested each evaluated round: set config.eval_panel >= '
-                f'config.num_clients={config.num_clients}, or collapse_check to current.'
-            )
-    if 'client_init' in config:
-        _choice(config, 'client_init', CLIENT_INITS)
-        if config.client_init != 'shared' and config.method not in methods.OWN_INITIAL_MODELS:
-            raise ConfigError(
-                f'config.client_init={config.client_init!r} applies to '
-                f'{" and ".join(methods.OWN_INITIAL_MODELS)} only: '
-                f'config.method={config.method!r} starts every client from one '
-                'global model; drop the override.'
-            )
+    _choice(config, 'collapse_check', COLLAPSE_CHECKS)
+    if config.collapse_check != 'current' and config.method != 'spafl':
+        raise ConfigError(
+            f'config.collapse_check={config.collapse_check!r} applies to spafl '
+            f'only: config.method={config.method!r} has no collapse reset; drop '
+            'the override.'
+        )
+    panel = config.eval_panel
+    if config.collapse_check == 'previous' and panel < config.num_clients:
+        raise ConfigError(
+            f"config.collapse_check='previous' changes every client its test reaches, so "
+            f'all are tested each evaluated round: set config.eval_panel >= '
+            f'config.num_clients={config.num_clients}, or collapse_check to current.'
+        )
+    _choice(config, 'client_init', CLIENT_INITS)
+    if config.client_init != 'shared' and config.method not in methods.OWN_INITIAL_MODELS:
+        raise ConfigError(
+            f'config.client_init={config.client_init!r} applies to '
+            f'{" and ".join(methods.OWN_INITIAL_MODELS)} only: '
+            f'config.method={config.method!r} starts every client from one '
+            'global model; drop the override.'
+        )
     if not isinstance(config.baseline, (ml_collections.ConfigDict, dict)):
         raise ConfigError(
             f'config.baseline={config.baseline!r} must be a ConfigDict of baseline '
@@ -214,17 +212,17 @@ def _validate_client_store(config: ml_collections.ConfigDict) -> None:
             f"{store} keeps SpaFL's clients; config.method={config.method!r} keeps them on the "
             "devices: set config.client_store='device'."
         )
-    if config.importance_update == 'all_after' and not config.get('lazy_importance', False):
+    if config.importance_update == 'all_after' and not config.lazy_importance:
         raise ConfigError(
             f"{store} with importance_update='all_after' needs config.lazy_importance=True: the "
             "eager update rewrites every client's weights every round."
         )
-    if config.get('collapse_check', 'current') == 'previous':
+    if config.collapse_check == 'previous':
         raise ConfigError(
             f"{store}: collapse_check='previous' changes the clients when they are tested, "
             "which happens in place only: set config.client_store='device'."
         )
-    if config.get('distributed', 'off') != 'off' or config.get('num_processes', 1) > 1:
+    if config.distributed != 'off' or config.num_processes > 1:
         raise ConfigError(
             f'{store} keeps the clients in one process: a multi-host run keeps them on the '
             "devices (config.client_store='device')."
@@ -232,47 +230,34 @@ def _validate_client_store(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_execution(config: ml_collections.ConfigDict) -> None:
-    """The execution fields (optional: a config without them runs on one process)."""
-    if 'vmap_lanes' in config:
-        _number(config, 'vmap_lanes', non_negative=True, integer=True)
-    if 'num_cpu_devices' in config:
-        _number(config, 'num_cpu_devices', integer=True)
-        if config.num_cpu_devices < -1:
-            raise ConfigError(
-                f'config.num_cpu_devices={config.num_cpu_devices!r} must be -1 (one '
-                "device per CPU core), 0 (JAX's single CPU device) or a count > 0."
-            )
-    if 'eval_lanes' in config:
-        _number(config, 'eval_lanes', non_negative=True, integer=True)
-    for field in ('eval_chunk', 'num_processes', 'eval_panel', 'eval_sweep_every'):
-        if field in config:
-            _number(config, field, positive=True, integer=True)
-    if 'process_id' in config:
-        _number(
-            config,
-            'process_id',
-            non_negative=True,
-            integer=True,
-            at_most=config.get('num_processes', 1) - 1,
+    """The execution fields."""
+    _number(config, 'vmap_lanes', non_negative=True, integer=True)
+    _number(config, 'num_cpu_devices', integer=True)
+    if config.num_cpu_devices < -1:
+        raise ConfigError(
+            f'config.num_cpu_devices={config.num_cpu_devices!r} must be -1 (one '
+            "device per CPU core), 0 (JAX's single CPU device) or a count > 0."
         )
-    if 'client_store' in config:
-        _validate_client_store(config)
-    address = config.get('coordinator_address') or ''
-    if 'distributed' in config:
-        _choice(config, 'distributed', DISTRIBUTED)
-        if config.distributed == 'auto' and (address or config.get('num_processes', 1) > 1):
-            raise ConfigError(
-                "config.distributed='auto' detects the processes itself: leave "
-                'config.coordinator_address and config.num_processes unset, or set '
-                "config.distributed='off' to give them by hand."
-            )
+    _number(config, 'eval_lanes', non_negative=True, integer=True)
+    for field in ('eval_chunk', 'num_processes', 'eval_panel', 'eval_sweep_every'):
+        _number(config, field, positive=True, integer=True)
+    _number(config, 'process_id', non_negative=True, integer=True, at_most=config.num_processes - 1)
+    address = config.coordinator_address or ''
+    _choice(config, 'distributed', DISTRIBUTED)
+    if config.distributed == 'auto' and (address or config.num_processes > 1):
+        raise ConfigError(
+            "config.distributed='auto' detects the processes itself: leave "
+            'config.coordinator_address and config.num_processes unset, or set '
+            "config.distributed='off' to give them by hand."
+        )
     if not isinstance(address, str) or (address and ':' not in address):
         raise ConfigError(
             f'config.coordinator_address={address!r} must be "" (one process) or '
             '"host:port" of process 0.'
         )
-    if config.get('num_processes', 1) > 1 and not address:
+    if config.num_processes > 1 and not address:
         raise ConfigError(
             f'config.num_processes={config.num_processes} needs '
             'config.coordinator_address="host:port" of process 0.'
         )
+    _validate_client_store(config)

@@ -1149,10 +1149,10 @@ def runner_options(config) -> dict[str, Any]:
     """The `RoundRunner` arguments a config gives: strategy, lanes, unroll, evaluation chunks."""
     return {
         'strategy': config.client_execution,
-        'lanes': config.get('vmap_lanes', 0),
+        'lanes': config.vmap_lanes,
         'unroll': config.scan_unroll,
-        'eval_chunk': config.get('eval_chunk', 32),
-        'eval_lanes': config.get('eval_lanes', 0),
+        'eval_chunk': config.eval_chunk,
+        'eval_lanes': config.eval_lanes,
     }
 
 
@@ -1199,14 +1199,14 @@ def make_round_functions(
 
 
 def initialize_from_config(config) -> None:
-    """`initialize_runtime` with the config's fields (absent fields: single process, no change)."""
+    """`initialize_runtime` with the config's fields."""
     initialize_runtime(
-        coordinator_address=config.get('coordinator_address'),
-        num_processes=config.get('num_processes', 1),
-        process_id=config.get('process_id', 0),
-        num_cpu_devices=config.get('num_cpu_devices', 0),
-        clients_per_round=config.get('clients_per_round', 1),
-        distributed=config.get('distributed', 'off'),
+        coordinator_address=config.coordinator_address or None,
+        num_processes=config.num_processes,
+        process_id=config.process_id,
+        num_cpu_devices=config.num_cpu_devices,
+        clients_per_round=config.clients_per_round,
+        distributed=config.distributed,
     )
 
 

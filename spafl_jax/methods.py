@@ -303,7 +303,7 @@ def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
     """
     if name not in METHODS:
         raise ValueError(f'method={name!r} is not known; allowed values: {", ".join(METHODS)}.')
-    client_init = config.get('client_init', 'shared') if config is not None else 'shared'
+    client_init = config.client_init if config is not None else 'shared'
     if name == 'spafl':
         return Method(
             name='spafl',
@@ -311,14 +311,14 @@ def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
                 _spafl_init_state,
                 client_init=client_init,
                 lazy_importance=config is not None
-                and config.get('importance_update') == 'all_after'
-                and config.get('lazy_importance', False),
+                and config.importance_update == 'all_after'
+                and config.lazy_importance,
             ),
             algorithm=federated.algorithm,
             bits_per_round=_spafl_bits_per_round,
             client_variables=_own_clients,
             communicates_thresholds=True,
         )
-    settings = config.get('baseline') if config is not None else None
-    num_clients = config.get('num_clients') if config is not None else None
+    settings = config.baseline if config is not None else None
+    num_clients = config.num_clients if config is not None else None
     return _baseline(name, baseline_config(name, settings), num_clients, client_init)

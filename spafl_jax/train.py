@@ -51,8 +51,8 @@ def local_config(config) -> client_lib.LocalConfig:
         th_coeff=config.th_coeff,
         penalty_warmup=config.penalty_warmup,
         persistent_optimizer=config.persistent_optimizer,
-        drop_last=config.get('drop_last', True),
-        collapse_check=config.get('collapse_check', 'current'),
+        drop_last=config.drop_last,
+        collapse_check=config.collapse_check,
     )
 
 
@@ -97,7 +97,7 @@ def check_model_fits(model, config, image_shape) -> None:
             f'{tuple(image_shape)} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
             f'pick a model made for this dataset.'
         ) from None
-    if not config.get('drop_last', True) and jax.tree.leaves(shapes['batch_stats']):
+    if not config.drop_last and jax.tree.leaves(shapes['batch_stats']):
         raise configuration.ConfigError(
             f'config.drop_last=False needs a model without BatchNorm: the padded examples of a '
             f'partial batch would enter the batch statistics of config.model={config.model!r}; '
@@ -115,7 +115,7 @@ def min_train_examples(config) -> int:
     """The split is redrawn until every client can take a local step: a full batch when the last
     partial batch is dropped, one example otherwise (the official FMNIST folder never redraws; with
     its 100 clients a client without examples is rare)."""
-    return config.batch_size if config.get('drop_last', True) else 1
+    return config.batch_size if config.drop_last else 1
 
 
 def split_data(config, dataset: data_lib.Dataset):
@@ -198,30 +198,6 @@ class Preempted(RuntimeError):  # noqa: N818  (not an error: the run stops as as
         self.signum = signum
 
 
-# Fields that may change when a run is resumed: how long it runs and what it reports, and where and
-# how it executes (a run checkpointed on one machine resumes on another; the execution changes
-# results only to float rounding).
-RESUMABLE_FIELDS = (
-    'rounds',
-    'eval_every',
-    'eval_batch_size',
-    'checkpoint_every',
-    'sparsity_rounds',
-    'client_execution',
-    'vmap_lanes',
-    'eval_chunk',
-    'eval_lanes',
-    'eval_panel',
-    'eval_sweep_every',
-    'num_cpu_devices',
-    'coordinator_address',
-    'distributed',
-    'num_processes',
-    'process_id',
-    'max_loss',
-    'download',
-    'writers',
-)
 # Fields added after runs were already written, with the value that reproduces those runs: a
 # workdir whose config.json lacks one resumes as if it held that value.
 ADDED_FIELDS = {
@@ -261,9 +237,13 @@ def changed_fields(
 ) -> list[str]:
     """The fields, sorted, in which `config` differs from a `recorded` run's config. The stored
     form never counts (a resumed run keeps its own: `_keep_the_stored_form`); with `resuming`,
-    neither do the `RESUMABLE_FIELDS`."""
+    neither do the `configuration.RESUMABLE_FIELDS`."""
     current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as on disk
-    ignored = STORED_FORM_FIELDS + (RESUMABLE_FIELDS if resuming else ())
+    ignored = (
+        STORED_FORM_FIELDS
+        + configuration.REMOVED_FIELDS
+        + (configuration.RESUMABLE_FIELDS if resuming else ())
+    )
     return sorted(
         k
         for k in set(recorded) | set(current)
@@ -400,7 +380,7 @@ class Run:
         self.dataset = data_lib.load_dataset(
             config.dataset,
             os.path.expanduser(config.data_dir or '') or None,
-            download=config.get('download', True),
+            download=config.download,
         )
         self.model = build_model(config, self.dataset.num_classes)
         check_model_fits(self.model, config, self.dataset.image_shape)
@@ -433,7 +413,7 @@ class Run:
 def evaluation_panel(config) -> np.ndarray | None:
     """The clients an evaluated round tests when there are more than `config.eval_panel`: that
     many, drawn once from the seed, sorted; None when every evaluation tests every client."""
-    size = config.get('eval_panel', config.num_clients)
+    size = config.eval_panel
     if size >= config.num_clients:
         return None
     rng = np.random.default_rng([config.seed, 0x9A4E1])  # the panel's own stream
@@ -544,7 +524,7 @@ def _train_and_evaluate(
 
     summary_path = os.path.join(workdir, 'summary.json')
     console.line(f'initializing {config.num_clients} clients ({config.client_init} initial model)')
-    stored = config.get('client_store', 'device') != 'device'
+    stored = config.client_store != 'device'
     if stored:  # the clients live in a store: nothing of all N is built here
         one = _one_client(
             federated.initial_clients(
@@ -597,14 +577,14 @@ def _train_and_evaluate(
             image_shape=run.dataset.image_shape,
             client_init=config.client_init,
             directory=os.path.join(workdir, CLIENTS_DIRNAME),
-            eval_clients=min(config.get('eval_panel', 1000), config.num_clients),
+            eval_clients=min(config.eval_panel, config.num_clients),
             **execution.runner_options(config),
             macs=macs,
             algorithm=run.method.algorithm(run.model, run.local_cfg, run.round_cfg, macs),
         )
     # With the digest, checkpoints hold host arrays without phantoms; without it, the state as it
     # lies on the devices (phantoms included), each process writing its own shards.
-    digest = config.get('checkpoint_digest', True)
+    digest = config.checkpoint_digest
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME), digest=digest)
     totals = {'bits_up': 0, 'bits_down': 0, 'flops': 0.0, 'steps': 0.0, 'max_steps': 0.0}
     sparsity = {}  # round (a string, as JSON keys are) -> packed first-layer masks
@@ -693,7 +673,7 @@ def _train_and_evaluate(
     writer = (
         writers_lib.create(
             workdir,
-            config.get('writers', ''),
+            config.writers,
             resume_from_round=start_round + 1,
             hparams=config.to_dict(),
         )
@@ -704,9 +684,9 @@ def _train_and_evaluate(
     records = reporting.read_metrics(os.path.join(workdir, reporting.METRICS_FILENAME))
     sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
     panel = evaluation_panel(config)
-    sweep_every = config.get('eval_sweep_every', 1)
+    sweep_every = config.eval_sweep_every
     round_seconds = []
-    max_loss = float(config.get('max_loss', 1e6))
+    max_loss = float(config.max_loss)
 
     def save_checkpoint(rounds_done: int) -> None:
         try:

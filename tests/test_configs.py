@@ -127,7 +127,7 @@ OFFICIAL = {
     'cifar100.py': _OFFICIAL_CIFAR,  # assumed like the CIFAR-10 folder (docstring of cifar100.py)
 }
 
-# Shrunk sizes: 4 clients, 2 sampled, batch 4, 1 local epoch, 2 rounds, a small eval batch.
+# Shrunk sizes: 4 clients, 2 sampled, batch 4, 1 local epoch, 2 rounds.
 TINY = dict(
     num_clients=4,
     clients_per_round=2,
@@ -135,7 +135,6 @@ TINY = dict(
     local_epochs=1,
     rounds=2,
     eval_every=2,
-    eval_batch_size=16,
 )
 # Mock examples per split: a handful per class (100 classes for CIFAR-100).
 MOCK_EXAMPLES = {'fmnist.py': 30, 'cifar10.py': 30, 'cifar10_vit.py': 30, 'cifar100.py': 100}

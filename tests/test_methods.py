@@ -32,6 +32,7 @@ ROUNDS = 3
 NUM_PARAMS = 144 + 4608 + 32768 + 640  # 38160, all of them masked weights
 NUM_THRESHOLDS = 16 + 32 + 64 + 10  # 122
 NUM_LAYERS = 4
+EVAL_BATCH = 64  # test examples per batch of the reference evaluations
 
 
 def _config(method: str):
@@ -43,7 +44,6 @@ def _config(method: str):
             clients_per_round=SAMPLED,
             rounds=ROUNDS,
             local_epochs=1,
-            eval_batch_size=64,
         )
     )
     return config
@@ -83,7 +83,7 @@ def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
     round_fn = algorithm_lib.make_round_fn(
         alg, run.local_cfg, run.spec, aggregation=run.round_cfg.aggregation
     )
-    eval_fn = algorithm_lib.make_eval_fn(alg, run.spec, batch_size=config.eval_batch_size)
+    eval_fn = algorithm_lib.make_eval_fn(alg, run.spec, batch_size=EVAL_BATCH)
     before = eval_fn(state, run.test_data)
     for r in range(ROUNDS):
         sampled = jnp.asarray(train.sample_clients(config.seed, r, NUM_CLIENTS, SAMPLED))
@@ -127,9 +127,7 @@ def test_method_runs_rounds_and_evaluates_as_an_algorithm(name, digits_run):
         params=params, thresholds=thresholds, batch_stats=batch_stats, opt_state=()
     )
     model = run.model if name == 'spafl' else run.model.clone(estimator='long_tailed')
-    again = federated.evaluate(
-        model, run.spec, clients, run.test_data, batch_size=config.eval_batch_size
-    )
+    again = federated.evaluate(model, run.spec, clients, run.test_data, batch_size=EVAL_BATCH)
     np.testing.assert_array_equal(again['correct'], result['correct'])
     # And they are what the runner may check for finiteness and save.
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, batch_stats)))

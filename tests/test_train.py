@@ -199,6 +199,19 @@ def test_a_workdir_written_before_a_field_existed_resumes_with_its_old_value(tmp
         )
 
 
+def test_a_workdir_written_with_a_removed_field_still_resumes(tmp_path):
+    """`eval_batch_size` was a required field that nothing read; workdirs that carry it resume,
+    and the other fields are still compared."""
+    workdir = str(tmp_path)
+    config = _config(rounds=1)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        json.dump({**config.to_dict(), 'eval_batch_size': 500}, f)
+    assert 'eval_batch_size' not in config
+    train.prepare_workdir(workdir, config, overwrite=False)
+    with pytest.raises(train.WorkdirError, match='lr: 0.05 -> 0.1'):
+        train.prepare_workdir(workdir, _config(rounds=1, lr=0.1), overwrite=False)
+
+
 def test_a_garbage_summary_of_a_finished_run_is_rebuilt(digits_run, tmp_path):
     workdir, summary = digits_run
     copy = str(tmp_path / 'run')

@@ -28,7 +28,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.clip = 3.0
     config.th_coeff = 1.5e-4
     config.penalty_warmup = False
-    config.eval_batch_size = 500
     if arg == 'official':
         apply_official_cifar10(config)
     elif arg:

@@ -36,7 +36,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.clip = 15.0
     config.th_coeff = 7e-4
     config.penalty_warmup = True  # official CIFAR-100 (and FMNIST) only
-    config.eval_batch_size = 500
     if arg == 'official':
         cifar10.apply_official_cifar10(config)
     elif arg:

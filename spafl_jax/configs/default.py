@@ -86,7 +86,6 @@ def get_config() -> ml_collections.ConfigDict:
     # over the clients axis) | disk (one file per client in <workdir>/clients, the cohort read and
     # written each round, which is also their checkpoint; spafl_jax/store.py, README "Many clients")
     config.client_store = 'device'
-    config.eval_batch_size = 256  # examples per evaluation batch
     config.seed = 1  # all randomness derives from (seed, round, client id)
     config.max_loss = 1e6  # a training loss above this stops the run (diverged)
     config.checkpoint_every = 10  # save a checkpoint every this many rounds (and at the end)

@@ -33,7 +33,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.clip = 0.0  # the FMNIST folder does not clip
     config.th_coeff = 0.002
     config.penalty_warmup = True
-    config.eval_batch_size = 500
     if arg == 'official':
         apply_official_fmnist(config)
     elif arg:
