@@ -1020,10 +1020,33 @@ class RoundRunner:
                     work, lane, self.train_data, steps, valid, np.int32(t), constants
                 )
             return self._finish_fn(state, work, lane, self.train_data, sampled_dev, executed)
+        return self._round_fn(*self._round_args(state, plan, sampled_dev, key, executed))
+
+    def _round_args(self, state, plan: RoundPlan, sampled, key, executed) -> tuple:
+        """The arguments of the one-program round (`map`, `vmap`) for `plan`."""
+        sharded = lambda x: self._global(x, self._sharded)
         tables = tuple(sharded(x) for x in (plan.positions, plan.steps, plan.valid))
-        return self._round_fn(
-            state, self.train_data, sampled_dev, key, *tables, sharded(plan.slots), executed
+        return (state, self.train_data, sampled, key, *tables, sharded(plan.slots), executed)
+
+    def export(self, state, sampled: np.ndarray, seed_key: jax.Array, platforms=('cuda', 'tpu')):
+        """The round and the evaluation as `jax.export.Exported` programs for `platforms`, lowered
+        on this machine: a change that breaks lowering for an accelerator fails here, on a CPU.
+        Nothing runs and the state is not donated. `map` and `vmap` only (`loop` is many calls)."""
+        if self.strategy == 'loop':
+            raise ValueError("export: the 'loop' strategy is one call per step; use map or vmap.")
+        state = self.place_state(state)
+        plan = self.plan(sampled)
+        replicated = lambda x: self._global(x, self._replicated)
+        key = jax.random.wrap_key_data(
+            replicated(jax.random.key_data(seed_key)), impl=jax.random.key_impl(seed_key)
         )
+        executed = replicated(np.int32(plan.executed_steps(False)))
+        args = self._round_args(state, plan, replicated(plan.sampled), key, executed)
+        lower = lambda fn: jax.export.export(fn, platforms=tuple(platforms))
+        return {
+            'round': lower(self._round_fn)(*args),
+            'evaluate': lower(self._eval_fn)(state, self.test_data),
+        }
 
     def unpadded(self, state):
         """`state` without its phantom clients: what is saved, exported and drawn."""
