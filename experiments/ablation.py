@@ -10,10 +10,10 @@ config (summary.json written) is skipped and an unfinished one resumes from its 
 killed ablation goes on where it stopped when the same command is run again. The table of mean ±
 sample standard deviation over seeds of the final accuracy and densities is written to
 `<workdir>/ablation.md` and `<workdir>/ablation.csv`, every setting's accuracy by round to
-`<workdir>/ablation_curves.png`. With --records_to=results/<study>, each run's compact record
-(config.json, metrics.jsonl, summary.json) is copied to the same sub-path there as the run finishes,
-diverges or is stopped. With --records_only nothing runs: the tables and the figure are rebuilt from
-those records, as committed under results/.
+`<workdir>/ablation_curves.png`. With --records_to=research/results/<study>, each run's compact
+record (config.json, metrics.jsonl, summary.json) is copied to the same sub-path there as the run
+finishes, diverges or is stopped. With --records_only nothing runs: the tables and the figure are
+rebuilt from those records, as committed under research/results/.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ _RECORDS_TO = flags.DEFINE_string(
     None,
     "Also copy each run's compact record (config.json, metrics.jsonl, summary.json) to "
     '<records_to>/<estimator>__<importance_update>/seed<seed> as it finishes or stops, e.g. '
-    'results/ablation_fmnist500; then `ablation.py --records_only --workdir=<records_to>` '
+    'research/results/ablation_fmnist500; then `ablation.py --records_only --workdir=<records_to>` '
     'rebuilds the tables from them.',
 )
 

@@ -13,12 +13,12 @@ stopped when the same command is run again. Written to <workdir>: `comparison.md
 training FLOPs per client, density) and `learning_curves.png` (every method's accuracy by round,
 and against the bits it has sent).
 
-With --records_to=results/<study>, each run's compact record (config.json, metrics.jsonl,
-summary.json) is copied to `results/<study>/<method>/seed<seed>` as the run finishes, diverges or is
-stopped. With --records_only nothing runs: the tables and the figure are rebuilt from those records,
-as committed under results/:
+With --records_to=research/results/<study>, each run's compact record (config.json,
+metrics.jsonl, summary.json) is copied to `research/results/<study>/<method>/seed<seed>` as the run
+finishes, diverges or is stopped. With --records_only nothing runs: the tables and the figure are
+rebuilt from those records, as committed under research/results/:
 
-    python experiments/compare.py --records_only --workdir=results/compare_fmnist500 \
+    python experiments/compare.py --records_only --workdir=research/results/compare_fmnist500 \
         --methods=spafl,fedavg,local,fedpm,heterofl,fedspa --seeds=1,2
 
 Methods may have run with different settings (each at its own learning rate, say): the settings
@@ -97,7 +97,7 @@ _RECORDS_TO = flags.DEFINE_string(
     'records_to',
     None,
     "Also copy each run's compact record (config.json, metrics.jsonl, summary.json) to "
-    '<records_to>/<method>/seed<seed> as it finishes or stops, e.g. results/compare_fmnist500; '
+    '<records_to>/<method>/seed<seed> as it finishes or stops, e.g. research/results/compare_fmnist500; '
     'then `compare.py --records_only --workdir=<records_to>` rebuilds the tables from them.',
 )
 

@@ -7,8 +7,8 @@ r"""The `spafl-train` command (also `python experiments/main.py`): flags in, one
 
 A bare config file name resolves to the package's configs (spafl_jax/configs/); a path is used as
 it is. The logic lives in `spafl_jax.train`. The flag helpers here are shared by the commands in
-experiments/ (compare, ablation, tuning), so that every command reports a mistake the user can fix
-as one line and exit status 2.
+experiments/ (compare, ablation) and research/ (tuning), so that every command reports a mistake
+the user can fix as one line and exit status 2.
 """
 
 from __future__ import annotations

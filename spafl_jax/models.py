@@ -225,7 +225,7 @@ class DigitsCNN(SequentialNet):
 
 class DigitsMLP(SequentialNet):
     """A masked 64-32-10 MLP for the digits: 2,368 masked weights, about 10 kB a client, the
-    model of the million-client benchmark (experiments/benchmarks/scale.py)."""
+    model of the million-client benchmark (research/benchmarks/scale.py)."""
 
     LAYERS: ClassVar[tuple] = (
         ('flatten',),

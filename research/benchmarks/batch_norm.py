@@ -1,8 +1,8 @@
 r"""What PyTorch's BatchNorm semantics cost: a Conv4 training step with `models.BatchNorm` against
 the same step with `flax.linen.BatchNorm`, timed alternately in one run (ratio > 1: ours is faster).
 
-    python experiments/benchmarks/batch_norm.py
-    python experiments/benchmarks/batch_norm.py --repeats=9 --steps=20
+    python research/benchmarks/batch_norm.py
+    python research/benchmarks/batch_norm.py --repeats=9 --steps=20
 
 The two differ only in the running variance (ours takes the unbiased batch variance, as PyTorch) and
 in how the batch variance is computed (ours: mean of squared deviations; Flax: E[x^2] - E[x]^2).

@@ -1,13 +1,14 @@
 r"""Round times of two checkouts of this repository, taken alternately in one run: their ratio.
 
     git worktree add /tmp/before <commit>
-    python experiments/benchmarks/versions.py --before=/tmp/before --repeats=3 \
+    python research/benchmarks/versions.py --before=/tmp/before --repeats=3 \
         -- --models=lenet5 --strategies=map,vmap --rounds=4
 
-Runs `experiments/benchmarks/rounds.py` of each checkout (its own code, in a fresh process, with the
-given arguments), before, after, before, after, ... so that both see the same machine at the same
-moments, and prints per model and strategy the median seconds per round of each and their ratio
-(after / before: below 1 is faster).
+Runs `rounds.py` of each checkout (its own code, in a fresh process, with the given arguments:
+`research/benchmarks/rounds.py`, or `experiments/benchmarks/rounds.py` in a checkout from before
+the benchmarks moved to research/), before, after, before, after, ... so that both see the same
+machine at the same moments, and prints per model and strategy the median seconds per round of
+each and their ratio (after / before: below 1 is faster).
 """
 
 from __future__ import annotations
@@ -25,15 +26,26 @@ HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ROW = re.compile(r'^(\S+)\s+(python loop|loop|map|vmap|run_round)\s+([0-9.]+)\s')
 
 
+# Where rounds.py lies in a checkout: now, and before the benchmarks moved to research/.
+ROUNDS_PATHS = (
+    os.path.join('research', 'benchmarks', 'rounds.py'),
+    os.path.join('experiments', 'benchmarks', 'rounds.py'),
+)
+
+
+def rounds_script(checkout: str) -> str:
+    """The path of rounds.py in `checkout`, wherever its commit keeps it."""
+    for path in ROUNDS_PATHS:
+        if os.path.isfile(os.path.join(checkout, path)):
+            return os.path.join(checkout, path)
+    raise SystemExit(f'error: {checkout} has no rounds.py (looked for {", ".join(ROUNDS_PATHS)})')
+
+
 def round_times(checkout: str, arguments: list[str]) -> dict[tuple[str, str], float]:
     """(model, strategy) -> seconds per round, as rounds.py of `checkout` prints them."""
     env = dict(os.environ, PYTHONPATH=checkout)
     out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(checkout, 'experiments', 'benchmarks', 'rounds.py'),
-            *arguments,
-        ],
+        [sys.executable, rounds_script(checkout), *arguments],
         cwd=checkout,
         env=env,
         capture_output=True,

@@ -1,6 +1,6 @@
 r"""The record of a tuning sweep: every run in a folder against a reference config, in one table.
 
-    python experiments/tuning.py --runs=results/tune_fmnist --config=fmnist.py \
+    python research/tuning.py --runs=research/results/tune_fmnist --config=fmnist.py \
         --rounds=50,100 --goal_round=100
 
 Each sub-folder of --runs is one run (`experiments/main.py --config=... --config.FIELD=VALUE
@@ -232,7 +232,7 @@ def main(argv):
         common.exit_with_error(
             f'--runs={runs_dir}: no run records (config.json and metrics.jsonl) in its sub-folders.'
         )
-    command = 'python experiments/tuning.py ' + ' '.join(
+    command = 'python research/tuning.py ' + ' '.join(
         shlex.quote(a.replace(common.CONFIG_DIR + os.sep, '')) for a in sys.argv[1:]
     )
     write_table(rows, runs_dir, rounds, command)

@@ -1,9 +1,9 @@
 r"""Our official-FMNIST preset against the official PyTorch code, from the runs' compact records.
 
-    python experiments/fidelity.py --results=results
+    python research/fidelity.py                 # --results=research/results, the default
 
 reads `<results>/official_fmnist_seed<k>/metrics.jsonl` (the official code, recorded by
-tests/reference/record_official.py) and `<results>/fmnist_official_seed<k>/metrics.jsonl` (ours:
+research/official/record_official.py) and `<results>/fmnist_official_seed<k>/metrics.jsonl` (ours:
 `python experiments/main.py --config=fmnist.py:official --config.rounds=200 --config.seed=<k>`), prints
 accuracy and density of both codes at the chosen rounds, per seed and as the mean over the seeds
 both codes reached, and draws both curves in one figure (`<results>/fidelity_fmnist.png`).
@@ -13,7 +13,7 @@ Records of ours with the collapse reset checked on the mask about to be used
 get a table and curves of their own: what the official timing of that reset changes.
 
 Paired records (`<results>/fmnist_official_paired_seed<k>/`, written by
-tests/reference/replay_curve.py: our library run on the official run's own split, initial model,
+research/official/replay_curve.py: our library run on the official run's own split, initial model,
 sampled clients and batch orders) get a table, a summary of how far the paired curves are apart
 against how far the official code's own seeds are, and a figure of their own
 (`<results>/fidelity_fmnist_paired.png`).
@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from spafl_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_RESULTS = flags.DEFINE_string('results', 'results', 'Folder of the compact run records.')
+_RESULTS = flags.DEFINE_string('results', 'research/results', 'Folder of the compact run records.')
 _SEEDS = flags.DEFINE_list('seeds', ['1', '2'], 'Seeds to compare.')
 _ROUNDS = flags.DEFINE_list('rounds', ['50', '100', '200'], 'Rounds of the table.')
 _OUT = flags.DEFINE_string('out', '', 'Figure path; default <results>/fidelity_fmnist.png.')
@@ -745,7 +745,7 @@ def main(argv):
         print('\nat full length, the official code against our defaults:')
         print(text)
         document = os.path.join(_RESULTS.value, 'full_length_fmnist.md')
-        command = f'python experiments/fidelity.py --results={_RESULTS.value}'
+        command = f'python research/fidelity.py --results={_RESULTS.value}'
         files.write_atomic(
             document,
             '# The official code against our defaults at 500 rounds\n\n'

@@ -1,10 +1,10 @@
 r"""Resident clients from 10^3 to 10^6: bytes per client, seconds per round and evaluation.
 
-    python experiments/benchmarks/scale.py                        # digits CNN, 10^3 and 10^4
-    python experiments/benchmarks/scale.py --clients=100000 --forms=lazy
-    python experiments/benchmarks/scale.py --model=digits_mlp --clients=1000000 --forms=lazy
-    python experiments/benchmarks/scale.py --tiers=device,host,disk --clients=1000,10000,100000
-    python experiments/benchmarks/scale.py --tiers=disk --model=digits_mlp --clients=1000000
+    python research/benchmarks/scale.py                        # digits CNN, 10^3 and 10^4
+    python research/benchmarks/scale.py --clients=100000 --forms=lazy
+    python research/benchmarks/scale.py --model=digits_mlp --clients=1000000 --forms=lazy
+    python research/benchmarks/scale.py --tiers=device,host,disk --clients=1000,10000,100000
+    python research/benchmarks/scale.py --tiers=disk --model=digits_mlp --clients=1000000
 
 Every client keeps its own model between rounds, so the all-client state grows linearly with N. A
 round trains the 10 sampled clients; the importance update (`all_after`) reaches all N, either

@@ -1,20 +1,21 @@
-r"""Every table and figure of RESULTS.md, rebuilt from the compact run records in results/.
+r"""Every table and figure of RESULTS.md, rebuilt from the compact run records in research/results/.
 
-    python experiments/results.py                  # all of them
-    python experiments/results.py --only=compare   # one part: fidelity | tuning | compare | ablation
+    python research/results.py                  # all of them
+    python research/results.py --only=compare   # one part: fidelity | tuning | compare | ablation
 
-Nothing trains: each part is one of the experiment commands reading records (config.json,
-metrics.jsonl, summary.json), run as RESULTS.md gives it. A part whose records are not in
---results yet is named and skipped.
+Nothing trains: each part is one of the commands reading records (config.json, metrics.jsonl,
+summary.json), run as RESULTS.md gives it: research/fidelity.py, research/tuning.py, and the
+user-facing experiments/compare.py and experiments/ablation.py with --records_only. A part whose
+records are not in --results yet is named and skipped.
 
 Then the tables are copied into the document (--document, RESULTS.md), between markers that name
 the file they come from, relative to the document's folder, and optionally the line to start at:
 
-    <!-- include results/compare_fmnist500/comparison.md -->
+    <!-- include research/results/compare_fmnist500/comparison.md -->
     ...replaced by the file without its title line...
     <!-- end include -->
 
-    <!-- include results/tune_digits/tuning.md from "Settings run with several seeds" -->
+    <!-- include research/results/tune_digits/tuning.md from "Settings run with several seeds" -->
 """
 
 from __future__ import annotations
@@ -28,20 +29,26 @@ from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(REPO, 'research')  # research/fidelity.py, research/tuning.py
+EXPERIMENTS = os.path.join(REPO, 'experiments')  # experiments/compare.py, experiments/ablation.py
 METHODS = 'spafl,fedavg,local,fedpm,heterofl,fedspa'
 
-# (part, the folder under --results it reads, the command's arguments after the script).
+# (part, the folder under --results it reads, the command: its script and its arguments).
 PARTS = (
     (
         'fidelity',
         'official_fmnist_seed1',
-        ['fidelity.py', '--results={results}', '--rounds=10,25,50,75,100,125,150,175,200'],
+        [
+            os.path.join(HERE, 'fidelity.py'),
+            '--results={results}',
+            '--rounds=10,25,50,75,100,125,150,175,200',
+        ],
     ),
     (
         'tuning',
         'tune_fmnist',
         [
-            'tuning.py',
+            os.path.join(HERE, 'tuning.py'),
             '--runs={results}/tune_fmnist',
             '--config=fmnist.py',
             '--rounds=50,100,200,300,500',
@@ -50,13 +57,18 @@ PARTS = (
     (
         'tuning',
         'tune_digits',
-        ['tuning.py', '--runs={results}/tune_digits', '--config=default.py', '--rounds=25,50'],
+        [
+            os.path.join(HERE, 'tuning.py'),
+            '--runs={results}/tune_digits',
+            '--config=default.py',
+            '--rounds=25,50',
+        ],
     ),
     (
         'compare',
         'compare_fmnist500',
         [
-            'compare.py',
+            os.path.join(EXPERIMENTS, 'compare.py'),
             '--records_only',
             '--workdir={results}/compare_fmnist500',
             f'--methods={METHODS}',
@@ -66,13 +78,18 @@ PARTS = (
     (
         'ablation',
         'ablation_fmnist500',
-        ['ablation.py', '--records_only', '--workdir={results}/ablation_fmnist500', '--seeds=1'],
+        [
+            os.path.join(EXPERIMENTS, 'ablation.py'),
+            '--records_only',
+            '--workdir={results}/ablation_fmnist500',
+            '--seeds=1',
+        ],
     ),
 )
 
 _RESULTS = flags.DEFINE_string(
     'results',
-    os.path.join(REPO, 'results'),
+    os.path.join(HERE, 'results'),
     "Folder of the compact run records (default: the repository's).",
 )
 _DOCUMENT = flags.DEFINE_string(
@@ -159,9 +176,11 @@ def main(argv):
         if not os.path.isdir(os.path.join(REPO, results, folder)):
             print(f'== {part}: no records in {os.path.join(results, folder)} yet, skipped')
             continue
-        command = [sys.executable, os.path.join(REPO, 'experiments', arguments[0])]
+        command = [sys.executable, arguments[0]]
         command += [a.format(results=results) for a in arguments[1:]]
-        print(f'== {part}: {" ".join(command[1:])}', flush=True)
+        print(
+            f'== {part}: {os.path.relpath(arguments[0], REPO)} {" ".join(command[2:])}', flush=True
+        )
         if subprocess.run(command, cwd=REPO, check=False).returncode:
             failed.append(part)
     if failed:

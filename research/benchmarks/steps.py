@@ -1,8 +1,8 @@
 r"""Where a training step loses time on XLA:CPU: each conv model's step in both activation layouts,
 with XLA's YNNPACK fusions on (its default) and off, inside a compiled loop; ratios in one run.
 
-    python experiments/benchmarks/steps.py
-    python experiments/benchmarks/steps.py --models=lenet5 --repeats=9
+    python research/benchmarks/steps.py
+    python research/benchmarks/steps.py --models=lenet5 --repeats=9
 
 Every variant computes the same function with the same parameters and masks (tests/test_models.py
 checks the layouts agree). For LeNet-5 two earlier forms of the model are timed too: the one before

@@ -13,19 +13,21 @@ all the tests need):
     python3 -m venv /tmp/torch && /tmp/torch/bin/pip install torch==2.13.0 numpy einops
     git clone https://github.com/news-vt/SpaFL_NeruIPS_2024 /tmp/spafl_official   # or a mirror
     # Golden traces (a few rounds on a small subset; see `TRACES`):
-    /tmp/torch/bin/python tests/reference/record_official.py trace --official=/tmp/spafl_official \
-        --folder=fmnist --out=tests/reference/fmnist_trace.npz
-    /tmp/torch/bin/python tests/reference/record_official.py trace --official=/tmp/spafl_official \
-        --folder=cifar10 --out=tests/reference/cifar10_trace.npz
-    /tmp/torch/bin/python tests/reference/record_official.py trace --official=/tmp/spafl_official \
-        --folder=fmnist --th_coeff=0.5 --out=tests/reference/fmnist_collapse_trace.npz
+    /tmp/torch/bin/python research/official/record_official.py trace \
+        --official=/tmp/spafl_official --folder=fmnist --out=tests/reference/fmnist_trace.npz
+    /tmp/torch/bin/python research/official/record_official.py trace \
+        --official=/tmp/spafl_official --folder=cifar10 --out=tests/reference/cifar10_trace.npz
+    /tmp/torch/bin/python research/official/record_official.py trace \
+        --official=/tmp/spafl_official --folder=fmnist --th_coeff=0.5 \
+        --out=tests/reference/fmnist_collapse_trace.npz
     # A learning curve of the unchanged FMNIST folder on the real data (about 10-30 s a round here):
-    /tmp/torch/bin/python tests/reference/record_official.py curve --official=/tmp/spafl_official \
-        --rounds=200 --seed=1 --out=results/official_fmnist_seed1
+    /tmp/torch/bin/python research/official/record_official.py curve \
+        --official=/tmp/spafl_official --rounds=200 --seed=1 \
+        --out=research/results/official_fmnist_seed1
     # Longer than a session: saved every 5 rounds; the same command resumes (bit for bit):
-    /tmp/torch/bin/python tests/reference/record_official.py curve --official=/tmp/spafl_official \
-        --rounds=500 --seed=1 --checkpoint=/tmp/official500_seed1.pt \
-        --out=results/official_fmnist500_seed1
+    /tmp/torch/bin/python research/official/record_official.py curve \
+        --official=/tmp/spafl_official --rounds=500 --seed=1 --checkpoint=/tmp/official500_seed1.pt \
+        --out=research/results/official_fmnist500_seed1
 
 `--official` may also be a bare git mirror (such as the search tool's fetch gives): its HEAD is
 extracted to a temporary directory. A curve's directory receives `train_log.txt` (the official log),
@@ -514,7 +516,7 @@ def _record_draws(data) -> dict:
     Nothing the official code computes changes (no random numbers are drawn by the hooks): its
     split is kept as indices into the IDX files, its initial model whole, and each round's sampled
     clients, every batch order and every client's test accuracy and density, so that
-    `tests/reference/replay_curve.py` can run our library on exactly the same draws.
+    `research/official/replay_curve.py` can run our library on exactly the same draws.
     """
     draws: dict = {}
     split_module = importlib.import_module('Split_Data')
@@ -909,7 +911,7 @@ def main() -> None:
         default=None,
         help='save the whole simulation here every --checkpoint_every rounds and after the '
         'last, and resume from it when it exists (a run longer than a session; also extends a '
-        'finished run to more --rounds); keep it out of results/',
+        'finished run to more --rounds); keep it out of research/results/',
     )
     curve.add_argument('--checkpoint_every', type=int, default=5)
     curve.add_argument(

@@ -1,7 +1,7 @@
 r"""Seconds per SpaFL round for every execution strategy and model, as ratios measured in one run.
 
-    python experiments/benchmarks/rounds.py
-    python experiments/benchmarks/rounds.py --models=lenet5 --rounds=4 --strategies=map,loop
+    python research/benchmarks/rounds.py
+    python research/benchmarks/rounds.py --models=lenet5 --rounds=4 --strategies=map,loop
 
 Synthetic data of each model's shape; client sizes from a Dirichlet(alpha) split (alpha = 0.1 by
 default, as the official CIFAR folders) scaled to `--mean_examples` per client; 10 sampled clients of

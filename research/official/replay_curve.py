@@ -5,16 +5,18 @@ data and records what it drew: the split, the initial model, the sampled clients
 the order of every local batch, and every client's test accuracy and density. This script feeds
 the same initial model, split, clients and batches through our library in float32, as the official
 code computes (client.local_step, server.aggregate, server.importance_update and our evaluation,
-as tests/test_reference.py drives them for the golden traces), and writes our curve next to the
-official one. With every draw shared, what is left between the two curves is how the two
-float32 programs round (they drift apart, most at ReLU kinks and collapse resets), plus any
-difference the golden traces miss, instead of the seed-to-seed spread of the split and the initial
-model, which on this workload is larger than the effects being looked for.
+driven by tests/reference/replay.py, the engine that replays the golden traces in
+tests/test_reference.py), and writes our curve next to the official one. With every draw shared,
+what is left between the two curves is how the two float32 programs round (they drift apart, most
+at ReLU kinks and collapse resets), plus any difference the golden traces miss, instead of the
+seed-to-seed spread of the split and the initial model, which on this workload is larger than the
+effects being looked for.
 
-    /tmp/torch/bin/python tests/reference/record_official.py curve --official=/tmp/spafl_official \
-        --rounds=100 --seed=1 --out=/tmp/official_seed1 --draws=/tmp/draws_seed1.npz
-    python tests/reference/replay_curve.py --draws=/tmp/draws_seed1.npz \
-        --out=results/fmnist_official_paired_seed1
+    /tmp/torch/bin/python research/official/record_official.py curve \
+        --official=/tmp/spafl_official --rounds=100 --seed=1 --out=/tmp/official_seed1 \
+        --draws=/tmp/draws_seed1.npz
+    python research/official/replay_curve.py --draws=/tmp/draws_seed1.npz \
+        --out=research/results/fmnist_official_paired_seed1
 
 A control for the rounding: the same replay under
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` (XLA:CPU's own dot kernels instead of YNNPACK's:
@@ -40,13 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)  # no install needed
+sys.path.insert(0, os.path.join(REPO, 'tests', 'reference'))  # the replay engine of the traces
 
 from spafl_jax import data as data_lib  # pylint: disable=wrong-import-position
 from spafl_jax import files  # pylint: disable=wrong-import-position
 from spafl_jax import server  # pylint: disable=wrong-import-position
-import test_reference  # pylint: disable=wrong-import-position,import-error
+import replay as replay_engine  # pylint: disable=wrong-import-position,import-error
 
 
 def load_draws(path: str, data_dir: str | None) -> tuple[dict, dict]:
@@ -120,7 +123,7 @@ def replay(
 def _replay(
     meta, arrays, out, rounds, conv_impl, per_client, follow_official_resets, perturb_seed, dtype
 ) -> None:
-    rp = test_reference.Replay((meta, arrays), dtype=dtype, conv_impl=conv_impl)
+    rp = replay_engine.Replay((meta, arrays), dtype=dtype, conv_impl=conv_impl)
     if perturb_seed is not None:
         _perturb(rp, perturb_seed)
     rounds = min(rounds or rp.rounds, rp.rounds)
@@ -129,7 +132,8 @@ def _replay(
         os.path.join(out, 'config.json'),
         json.dumps(
             {
-                'code': 'spafl_jax on the draws of an official curve (tests/reference/replay_curve.py)',
+                'code': 'spafl_jax on the draws of an official curve '
+                '(research/official/replay_curve.py)',
                 'official_settings': meta['settings'],
                 'rounds': rounds,
                 'dtype': np.dtype(dtype).name,

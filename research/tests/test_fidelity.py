@@ -1,4 +1,4 @@
-"""experiments/fidelity.py: the official-against-ours table and figure, from run records alone."""
+"""research/fidelity.py: the official-against-ours table and figure, from run records alone."""
 
 import json
 import os
@@ -9,7 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.slow  # end-to-end: deselect with -m 'not slow'
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESEARCH = os.path.join(REPO, 'research')
 
 
 def _write(results, folder, curve, torn=False):
@@ -34,7 +35,7 @@ def test_table_compares_each_seed_and_their_mean(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            os.path.join(REPO, 'experiments', 'fidelity.py'),
+            os.path.join(RESEARCH, 'fidelity.py'),
             f'--results={results}',
             '--rounds=1,2',
         ],
@@ -102,7 +103,7 @@ def test_diagnosis_sets_the_official_curve_against_an_ensemble_of_ours(tmp_path)
     result = subprocess.run(
         [
             sys.executable,
-            os.path.join(REPO, 'experiments', 'fidelity.py'),
+            os.path.join(RESEARCH, 'fidelity.py'),
             f'--results={results}',
             '--rounds=1',
         ],
@@ -143,8 +144,8 @@ def test_the_ensemble_table_compares_the_official_curve_with_every_member():
     }
     script = (
         'import json, sys\n'
-        f'sys.path.insert(0, {REPO!r})\n'
-        'from experiments import fidelity\n'
+        f'sys.path.insert(0, {RESEARCH!r})\n'
+        'import fidelity\n'
         'variants = {n: {int(r): c for r, c in v.items()} for n, v in json.loads(sys.argv[1]).items()}\n'
         'print(json.dumps([fidelity.ensemble_table(variants), '
         'fidelity.ensemble_table({"ours": variants["ours"]})]))\n'
@@ -174,8 +175,8 @@ def test_two_cpus_sets_each_code_against_itself(tmp_path):
     path = str(tmp_path / 'cpus.png')
     script = (
         'import json, sys\n'
-        f'sys.path.insert(0, {REPO!r})\n'
-        'from experiments import fidelity\n'
+        f'sys.path.insert(0, {RESEARCH!r})\n'
+        'import fidelity\n'
         'curves = [{int(r): c for r, c in v.items()} for v in json.loads(sys.argv[1])]\n'
         'fidelity.plot_two_cpus(*curves, sys.argv[2])\n'
         'print(json.dumps(fidelity.two_cpus(*curves)))\n'
@@ -224,8 +225,8 @@ def test_precision_sets_the_codes_gap_against_a_code_moved_one_ulp(tmp_path):
     path = str(tmp_path / 'precision.png')
     script = (
         'import json, sys\n'
-        f'sys.path.insert(0, {REPO!r})\n'
-        'from experiments import fidelity\n'
+        f'sys.path.insert(0, {RESEARCH!r})\n'
+        'import fidelity\n'
         'p = {k: {n: {int(r): c for r, c in v.items()} for n, v in d.items()}\n'
         '     for k, d in json.loads(sys.argv[1]).items()}\n'
         'fidelity.plot_precision(p, sys.argv[2])\n'
@@ -266,7 +267,7 @@ def test_full_length_table_sets_the_official_code_against_our_defaults(tmp_path)
         f.write(json.dumps({'round': 101, 'density': 0.84}) + '\n')  # trained, not evaluated
     _write(results, os.path.join('compare_fmnist500', 'spafl', 'seed2'), {50: (0.82, 0.91)})
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, 'experiments', 'fidelity.py'), f'--results={results}'],
+        [sys.executable, os.path.join(RESEARCH, 'fidelity.py'), f'--results={results}'],
         capture_output=True,
         text=True,
         timeout=300,

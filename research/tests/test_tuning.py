@@ -1,4 +1,4 @@
-"""experiments/tuning.py: the sweep's table from hand-written records (exact numbers)."""
+"""research/tuning.py: the sweep's table from hand-written records (exact numbers)."""
 
 import csv
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -17,7 +17,7 @@ from spafl_jax.configs import fmnist
 
 pytestmark = pytest.mark.slow  # a subprocess importing JAX: deselect with -m 'not slow'
 
-TUNING = os.path.join(REPO, 'experiments', 'tuning.py')
+TUNING = os.path.join(REPO, 'research', 'tuning.py')
 
 
 def _write_run(runs, name, overrides, curve, finished):
@@ -125,7 +125,7 @@ def test_table_from_records(tmp_path):
 
 
 def test_results_command_rebuilds_the_parts_whose_records_exist(tmp_path):
-    """experiments/results.py: the tuning part from its records; parts without records skipped."""
+    """research/results.py: the tuning part from its records; parts without records skipped."""
     results = tmp_path / 'results'
     _write_run(
         results / 'tune_fmnist',
@@ -146,7 +146,7 @@ def test_results_command_rebuilds_the_parts_whose_records_exist(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            os.path.join(REPO, 'experiments', 'results.py'),
+            os.path.join(REPO, 'research', 'results.py'),
             f'--results={results}',
             f'--document={document}',
         ],
@@ -162,12 +162,12 @@ def test_results_command_rebuilds_the_parts_whose_records_exist(tmp_path):
     row = '| a_fast | lr 0.02 | 85.0 / 0.500 | 92.0 / 0.350 | – / – | – / – | – / – | 92.0 (100) |'
     with open(results / 'tune_fmnist' / 'tuning.md') as f:
         tuning = f.read()
-    assert row in tuning and tuning.startswith('Command: `python experiments/tuning.py')
+    assert row in tuning and tuning.startswith('Command: `python research/tuning.py')
     text = document.read_text()
     whole, from_header = text.split('Between.')
     assert whole.startswith(
         '# Results\n\nBefore.\n\n<!-- include results/tune_fmnist/tuning.md'
-        ' -->\nCommand: `python experiments/tuning.py'
+        ' -->\nCommand: `python research/tuning.py'
     )
     assert row in whole and 'an old table' not in whole
     assert whole.endswith(f'{tuning.rstrip()}\n<!-- end include -->\n\n')
@@ -185,7 +185,7 @@ def test_results_command_rebuilds_the_parts_whose_records_exist(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            os.path.join(REPO, 'experiments', 'results.py'),
+            os.path.join(REPO, 'research', 'results.py'),
             f'--results={results}',
             f'--document={document}',
             '--only=tuning',
@@ -200,7 +200,7 @@ def test_results_command_rebuilds_the_parts_whose_records_exist(tmp_path):
     assert 'has no line beginning with "Nowhere": correct the include marker.' in result.stderr
 
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, 'experiments', 'results.py'), '--only=tables'],
+        [sys.executable, os.path.join(REPO, 'research', 'results.py'), '--only=tables'],
         capture_output=True,
         text=True,
         cwd=REPO,
