@@ -331,20 +331,28 @@ def round_opt_state(cfg: LocalConfig, state: ClientState):
     return make_optimizer(cfg).init((state.params, state.thresholds))
 
 
-def over_real_steps(cfg: LocalConfig, body, carry, count, max_count: int):
-    """Runs `carry, metrics = body(carry, index)` for a client's real local steps only, in order.
+def over_real_steps(cfg: LocalConfig, body, carry, count, max_count: int, unroll: int = 1):
+    """Runs `carry, metrics = body(carry, index)` for a client's real local steps only, in order:
+    the one local-step loop of every round (`algorithm.local_work`, `execution.RoundRunner`'s
+    'map', `local_update`).
 
     `index` is the step's row in `local_schedule`: the s-th real step of epoch e is row
     e * steps_per_epoch(cfg, max_count) + s. The loop's trip count is the client's own number of real
     steps, so a small client does not pay for the largest one's padding (under `vmap` the lanes run
-    to the longest lane, and the extra iterations are discarded). Returns (carry, metrics summed over
-    the steps).
+    to the longest lane, and the extra iterations are discarded). `unroll` steps run per iteration
+    of the compiled loop (`config.scan_unroll`). Returns (carry, metrics summed over the steps).
     """
-    stride = steps_per_epoch(cfg, max_count)
-    per_epoch = steps_per_epoch(cfg, count)
+    return real_steps(
+        cfg, body, carry, steps_per_epoch(cfg, count), steps_per_epoch(cfg, max_count), unroll
+    )
+
+
+def real_steps(cfg: LocalConfig, body, carry, per_epoch, stride: int, unroll: int = 1):
+    """`over_real_steps` given the client's real steps per epoch and the schedule's `stride`."""
     safe_per_epoch = jnp.maximum(per_epoch, 1)
     metrics_shape = jax.eval_shape(lambda c: body(c, jnp.int32(0))[1], carry)
     zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape)
+    total = per_epoch * cfg.local_epochs
 
     def step(t, loop_carry):
         carry, sums = loop_carry
@@ -352,7 +360,16 @@ def over_real_steps(cfg: LocalConfig, body, carry, count, max_count: int):
         carry, metrics = body(carry, index)
         return carry, jax.tree.map(jnp.add, sums, metrics)
 
-    return jax.lax.fori_loop(0, per_epoch * cfg.local_epochs, step, (carry, zeros))
+    if unroll <= 1:
+        return jax.lax.fori_loop(0, total, step, (carry, zeros))
+
+    def unrolled(i, loop_carry):
+        for j in range(unroll):
+            loop_carry = step(i * unroll + j, loop_carry)
+        return loop_carry
+
+    loop_carry = jax.lax.fori_loop(0, total // unroll, unrolled, (carry, zeros))
+    return jax.lax.fori_loop((total // unroll) * unroll, total, step, loop_carry)
 
 
 def local_update(

@@ -690,27 +690,26 @@ class RoundRunner:
         return lane.replace(client=c, opt_state=o, metrics=jax.tree.map(jnp.add, lane.metrics, m))
 
     def _map_clients(self, work: RoundWork, data, constants) -> RoundWork:
-        """'map': this device's clients one after the other, each for exactly its real steps (a
-        while loop with a data-dependent trip count: no padded steps, one program per round)."""
-        epochs, u = self.local_cfg.local_epochs, self.unroll
+        """'map': this device's clients one after the other, each for exactly its real steps
+        (`client.real_steps`: no padded steps, one program per round)."""
 
         def one_client(i, work):
-            lane = _load_lane(work, i)
-            per_epoch = jnp.maximum(work.steps_per_epoch[i], 1)
-            total = work.steps_per_epoch[i] * epochs
-
-            def step(j, lane):
-                return self._lane_step(
-                    work, data, lane, (j // per_epoch) * self.stride + j % per_epoch, constants
+            def body(carry, k):
+                client, opt_state = carry
+                c, o, m = self._step(
+                    work, data, client, opt_state, i, k, jnp.bool_(True), constants
                 )
+                return (c, o), m
 
-            def unrolled(i_trip, lane):
-                for j in range(u):
-                    lane = step(i_trip * u + j, lane)
-                return lane
-
-            lane = jax.lax.fori_loop(0, total // u, unrolled, lane)
-            lane = jax.lax.fori_loop((total // u) * u, total, step, lane)
+            (client, opt_state), metrics = client_lib.real_steps(
+                self.local_cfg,
+                body,
+                (_take(work.clients, i), _take(work.opt_state, i)),
+                work.steps_per_epoch[i],
+                self.stride,
+                self.unroll,
+            )
+            lane = Lane(position=i, client=client, opt_state=opt_state, metrics=metrics)
             return _store_lane(work, lane)
 
         return jax.lax.fori_loop(0, self.per_device, one_client, work)
