@@ -948,12 +948,16 @@ class RoundRunner:
         return jnp.sum((jnp.argmax(logits, -1) == data.labels[ids]) & (position < count))
 
     def _eval_client(self, state, client, data, example_ids, count):
-        chunks = (count + self.eval_chunk - 1) // self.eval_chunk
-        return jax.lax.fori_loop(
-            0,
-            chunks,
-            lambda j, acc: acc + self._eval_chunk(state, client, data, example_ids, count, j),
-            jnp.zeros((), jnp.int32),
+        return algorithm_lib.evaluate_client(
+            self.alg,
+            self.spec,
+            state,
+            client,
+            data.images,
+            data.labels,
+            example_ids,
+            count,
+            batch_size=self.eval_chunk,
         )
 
     def _evaluate_local(self, state, data):
