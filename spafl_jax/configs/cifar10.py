@@ -4,7 +4,7 @@ r"""SpaFL on CIFAR-10 with Conv4 (docs/algorithm.md, sections 5-6).
     python experiments/main.py --config=cifar10.py:official   # what the official folder does
 
 CIFAR-10 is downloaded on first use (cifar-10-binary.tar.gz, 170 MB, checked) into data_dir (default
-~/.cache/spafl_jax); tensorflow-datasets data prepared in data_dir is read too (see README).
+~/.cache/spafl_jax); tensorflow-datasets data prepared in data_dir is read too (docs/extending.md).
 """
 
 import ml_collections

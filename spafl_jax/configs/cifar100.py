@@ -4,7 +4,7 @@ r"""SpaFL on CIFAR-100 with the half-width pre-activation ResNet-18 (docs/algori
     python experiments/main.py --config=cifar100.py:official   # the official folder's behaviour
 
 CIFAR-100 is downloaded on first use (cifar-100-binary.tar.gz, 169 MB, checked) into data_dir
-(default ~/.cache/spafl_jax); tensorflow-datasets data prepared in data_dir is read too (see README).
+(default ~/.cache/spafl_jax); tensorflow-datasets data prepared in data_dir is read too (docs/extending.md).
 The 100 fine labels are used.
 
 `:official` assumes the official CIFAR-100 folder behaves like the CIFAR-10 folder

@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Method (spafl_jax/methods.py); the baselines ignore th_coeff, penalty_warmup, estimator,
     # importance_update and persistent_optimizer, and use `aggregation` for their own averages.
     config.method = 'spafl'  # spafl | fedavg | local | fedpm | heterofl | fedspa
-    config.baseline = ml_collections.ConfigDict()  # the baselines' settings (README "Baselines")
+    config.baseline = ml_collections.ConfigDict()  # the baselines' settings (docs/extending.md)
     config.baseline.fedpm_score_lr = 0.1  # lr of FedPM's mask scores; None = config.lr
     config.baseline.fedpm_score_optimizer = 'adam'  # adam (the paper) | sgd (clip + momentum)
     config.baseline.fedpm_weight_init = 'signed_constant'  # frozen weights: signed_constant | model
@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_sweep_every = 100
     # Where the clients' models live between rounds: device (all of them on the devices, sharded
     # over the clients axis) | disk (one file per client in <workdir>/clients, the cohort read and
-    # written each round, which is also their checkpoint; spafl_jax/store.py, README "Many clients")
+    # written each round, which is also their checkpoint; spafl_jax/store.py, docs/scale.md)
     config.client_store = 'device'
     config.seed = 1  # all randomness derives from (seed, round, client id)
     config.max_loss = 1e6  # a training loss above this stops the run (diverged)
