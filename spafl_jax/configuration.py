@@ -13,6 +13,7 @@ from spafl_jax.client import AUGMENTATIONS, COLLAPSE_CHECKS
 from spafl_jax import masking
 from spafl_jax import methods
 from spafl_jax import models
+from spafl_jax import store as store_lib
 from spafl_jax import writers as writers_lib
 from spafl_jax.configs import default
 from spafl_jax.execution import CLIENT_EXECUTIONS, DISTRIBUTED
@@ -206,27 +207,16 @@ def _validate_client_store(config: ml_collections.ConfigDict) -> None:
     _choice(config, 'client_store', CLIENT_STORES)
     if config.client_store == 'device':
         return
-    store = f'config.client_store={config.client_store!r}'
-    if config.method != 'spafl':
-        raise ConfigError(
-            f"{store} keeps SpaFL's clients; config.method={config.method!r} keeps them on the "
-            "devices: set config.client_store='device'."
-        )
-    if config.importance_update == 'all_after' and not config.lazy_importance:
-        raise ConfigError(
-            f"{store} with importance_update='all_after' needs config.lazy_importance=True: the "
-            "eager update rewrites every client's weights every round."
-        )
-    if config.collapse_check == 'previous':
-        raise ConfigError(
-            f"{store}: collapse_check='previous' changes the clients when they are tested, "
-            "which happens in place only: set config.client_store='device'."
-        )
-    if config.distributed != 'off' or config.num_processes > 1:
-        raise ConfigError(
-            f'{store} keeps the clients in one process: a multi-host run keeps them on the '
-            "devices (config.client_store='device')."
-        )
+    problem = store_lib.refusal(
+        config.client_store,
+        method=config.method,
+        importance_update=config.importance_update,
+        lazy_importance=config.lazy_importance,
+        collapse_check=config.collapse_check,
+        multi_process=config.distributed != 'off' or config.num_processes > 1,
+    )
+    if problem:
+        raise ConfigError(problem)
 
 
 def _validate_execution(config: ml_collections.ConfigDict) -> None:

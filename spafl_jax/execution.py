@@ -166,7 +166,7 @@ def padded_count(num_clients: int, devices: int) -> int:
     return -(-num_clients // devices) * devices
 
 
-def _pad_clients(tree, count: int):
+def pad_clients(tree, count: int):
     """Every leaf's client axis extended to `count` with copies of client 0 (phantoms: finite
     values, never sampled, sliced off before anything is reported or saved)."""
 
@@ -196,7 +196,7 @@ def create_sharded(init_fn, num_clients: int, mesh: Mesh | None = None):
 
     def padded():
         state = init_fn()
-        return state.replace(clients=_pad_clients(state.clients, count))
+        return state.replace(clients=pad_clients(state.clients, count))
 
     return jax.jit(padded, out_shardings=sharding)()
 
@@ -569,6 +569,11 @@ class RoundRunner:
             counts=self._global(counts, self._sharded),
         )
 
+    @property
+    def replicated(self) -> NamedSharding:
+        """The sharding of what every device holds whole (the server's part of a state)."""
+        return self._replicated
+
     def state_sharding(self, state):
         """Client axis sharded over the mesh; the server's part and the round replicated."""
         return jax.tree.map(lambda _: self._replicated, state).replace(
@@ -580,7 +585,7 @@ class RoundRunner:
         already is)."""
         leaves = jax.tree.leaves(state.clients)
         if leaves and leaves[0].shape[0] != self.state_clients:
-            state = state.replace(clients=_pad_clients(state.clients, self.state_clients))
+            state = state.replace(clients=pad_clients(state.clients, self.state_clients))
         target = self.state_sharding(state)
         if all(
             getattr(x, 'sharding', None) == s

@@ -48,6 +48,42 @@ from spafl_jax.federated import FederatedState
 TIERS = ('device', 'host', 'disk')
 
 
+def refusal(
+    tier: str,
+    *,
+    method: str = 'spafl',
+    importance_update: str = 'all_after',
+    lazy_importance: bool = True,
+    collapse_check: str = 'current',
+    multi_process: bool = False,
+) -> str | None:
+    """Why the clients cannot live in `tier` ('host' or 'disk') for this run, or None: the one
+    place of these rules (`configuration` checks a config with it before anything compiles,
+    `make_store_runner` its arguments)."""
+    store = f'config.client_store={tier!r}'
+    if method != 'spafl':
+        return (
+            f"{store} keeps SpaFL's clients; config.method={method!r} keeps them on the "
+            "devices: set config.client_store='device'."
+        )
+    if importance_update == 'all_after' and not lazy_importance:
+        return (
+            f"{store} with importance_update='all_after' needs config.lazy_importance=True: the "
+            "eager update rewrites every client's weights every round."
+        )
+    if collapse_check == 'previous':
+        return (
+            f"{store}: collapse_check='previous' changes the clients when they are tested, "
+            "which happens in place only: set config.client_store='device'."
+        )
+    if multi_process:
+        return (
+            f'{store} keeps the clients in one process: a multi-host run keeps them on the '
+            "devices (config.client_store='device')."
+        )
+    return None
+
+
 # ------------------------------------------------------------------------------------------------
 # Splitting a client in two.
 
@@ -416,7 +452,7 @@ class StoreRunner:
         return rows
 
     def _cohort_state(self, resident: FederatedState, ids: np.ndarray, rows: np.ndarray):
-        ids_dev = jax.device_put(np.asarray(ids, np.int32), self.runner._replicated)
+        ids_dev = jax.device_put(np.asarray(ids, np.int32), self.runner.replicated)
         stored = jax.device_put(self.layout.unravel(rows), self._sharded)
         clients = merge(stored, self._gather_light(resident.clients, ids_dev))
         return resident.replace(clients=clients), ids_dev
@@ -433,9 +469,9 @@ class StoreRunner:
         leaves = jax.tree.leaves(resident.clients)
         if leaves and leaves[0].shape[0] != self.runner.padded_clients:
             resident = resident.replace(
-                clients=execution._pad_clients(resident.clients, self.runner.padded_clients)
+                clients=execution.pad_clients(resident.clients, self.runner.padded_clients)
             )
-        replicated = self.runner._replicated
+        replicated = self.runner.replicated
         return FederatedState(
             clients=jax.device_put(resident.clients, self._sharded),
             server_thresholds=jax.device_put(resident.server_thresholds, replicated),
@@ -546,16 +582,15 @@ def make_store_runner(
     trained are the models `init_state` would have given them."""
     if round_cfg.importance_update not in federated.IMPORTANCE_UPDATES:
         raise ValueError(f'importance_update={round_cfg.importance_update!r} is not known.')
-    if local_cfg.collapse_check == 'previous':
-        raise ValueError(
-            "collapse_check='previous' changes the clients when they are tested, so they cannot "
-            "be tested a chunk at a time from a store; use client_store='device'."
-        )
-    if jax.process_count() > 1:
-        raise ValueError(
-            f'client_store={tier!r} keeps the clients in one process; a multi-host run keeps them '
-            "on the devices (client_store='device')."
-        )
+    problem = refusal(
+        tier,
+        importance_update=round_cfg.importance_update,
+        lazy_importance=True,  # the resident state is the lazy update's by construction
+        collapse_check=local_cfg.collapse_check,
+        multi_process=jax.process_count() > 1,
+    )
+    if problem:
+        raise ValueError(problem)
     runner = execution.RoundRunner(
         model, local_cfg, round_cfg, spec, train_data, test_data, cohort=True, **runner_kwargs
     )
