@@ -30,7 +30,7 @@ from spafl_jax.cli import reporting_stops  # noqa: F401
 from spafl_jax.cli import resolve_config_argument  # noqa: F401
 
 SUMMARY_FILENAME = 'summary.json'
-# A run's compact record: what results/ keeps of it (kilobytes; never checkpoints or figures).
+# A run's compact record: what research/results/ keeps of it (kilobytes; never checkpoints or figures).
 RECORD_FILENAMES = (
     train.CONFIG_FILENAME,
     reporting.METRICS_FILENAME,
@@ -118,7 +118,7 @@ def check_records_to(records_to: str, workdir: str) -> None:
     if os.path.realpath(records_to) == os.path.realpath(workdir):
         raise ValueError(
             f'--records_to={records_to} is the --workdir itself: give the folder the records '
-            'are kept in (e.g. results/<study>), or leave the flag out.'
+            'are kept in (e.g. research/results/<study>), or leave the flag out.'
         )
     try:
         os.makedirs(records_to, exist_ok=True)

@@ -91,7 +91,7 @@ PAPER = {
     ),
 }
 
-# What each `:official` preset changes, as documented in the README's table of official folders.
+# What each `:official` preset changes, as documented in docs/configs.md ("The official folders, and our defaults").
 OFFICIAL_FIELDS = (
     'estimator',
     'importance_update',
