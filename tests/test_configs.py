@@ -91,7 +91,8 @@ PAPER = {
     ),
 }
 
-# What each `:official` preset changes, as documented in docs/configs.md ("The official folders, and our defaults").
+# What each `:official` preset changes, as documented in docs/configs.md ("The official folders,
+# and our defaults").
 OFFICIAL_FIELDS = (
     'estimator',
     'importance_update',
