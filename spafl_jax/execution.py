@@ -6,11 +6,8 @@ Every strategy computes exactly `federated.run_round` (docs/algorithm.md, sectio
 `client.local_schedule`, so results never depend on the strategy or the number of devices. They differ
 only in how the local steps are issued:
 
-- 'loop': a Python loop of one compiled step per real local step (no padded steps, no loop around a
-  convolution inside XLA); the only fast form with `conv_impl='xla'` on CPU, where XLA runs
-  convolutions inside a while loop several times slower.
-- 'map': the same steps inside one compiled call per round: a `fori_loop` whose trip count is the
-  round's number of real steps (no padding, no per-step dispatch).
+- 'map': a device's clients one after the other inside one compiled call per round, each for
+  exactly its real steps (`client.real_steps`: no padding, no per-step dispatch); the CPU's form.
 - 'vmap': `lanes` clients step together under `vmap`, each lane working through a queue of clients
   packed so that the lanes' step counts are even; the form accelerators want.
 
@@ -45,7 +42,7 @@ from spafl_jax import xla
 from spafl_jax.client import DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
 
-CLIENT_EXECUTIONS = ('auto', 'loop', 'map', 'vmap')
+CLIENT_EXECUTIONS = ('auto', 'map', 'vmap')
 DISTRIBUTED = ('off', 'auto')  # config.distributed
 CLIENTS = 'clients'  # the mesh axis the client dimension is sharded along
 
@@ -54,23 +51,19 @@ CLIENTS = 'clients'  # the mesh axis the client dimension is sharded along
 # Choices made once, at start-up.
 
 
-def resolve_client_execution(
-    name: str, backend: str | None = None, conv_impl: str = 'im2col'
-) -> str:
+def resolve_client_execution(name: str, backend: str | None = None) -> str:
     """'auto' -> the strategy measured fastest for the backend (BENCHMARKS.md); others unchanged.
 
-    CPU with im2col convolutions: 'map' (one program per round, no per-step dispatch; about 10 %
-    faster per step than 'loop'). CPU with `conv_impl='xla'`: 'loop', because XLA:CPU runs
-    `lax.conv` inside a while loop about 7x slower. GPU/TPU: 'vmap', which fills the device with
-    several clients at once.
+    CPU: 'map' (one program per round, each client for its real steps only). GPU/TPU: 'vmap', which
+    fills the device with several clients at once. (A Python loop of one compiled step per call,
+    'loop', was measured against 'map' at the Fashion-MNIST workload and removed: it was not 10 %
+    faster.)
     """
     if name not in CLIENT_EXECUTIONS:
         raise ValueError(f'client_execution={name!r}; use one of {", ".join(CLIENT_EXECUTIONS)}.')
     if name != 'auto':
         return name
-    if not federated.clients_in_sequence(backend):
-        return 'vmap'
-    return 'loop' if conv_impl == 'xla' else 'map'
+    return 'map' if federated.clients_in_sequence(backend) else 'vmap'
 
 
 AUTO_CPU_DEVICES = -1  # config.num_cpu_devices: one CPU device per core, at most one per client
@@ -227,11 +220,9 @@ class RoundPlan:
     slots: np.ndarray
     real_steps: int
 
-    def executed_steps(self, lockstep: bool) -> int:
-        """Steps the hardware runs: lockstep devices (the Python loop) all run the longest queue."""
-        devices, _, lanes = self.positions.shape
-        per_device = np.full(devices, self.slots.max()) if lockstep else self.slots
-        return int(per_device.sum()) * lanes
+    def executed_steps(self) -> int:
+        """Steps the hardware runs: each device's slots times its lanes, padding included."""
+        return int(self.slots.sum()) * self.positions.shape[2]
 
 
 def _least_loaded(loads: list[int], sizes: list[int], capacity: int) -> int:
@@ -317,31 +308,6 @@ def max_lane_steps(steps_per_epoch: np.ndarray, epochs: int, per_device: int) ->
     return max(int(largest.sum()) * epochs, 1)
 
 
-def plan_evaluation(counts: np.ndarray, chunk: int, devices: int) -> tuple[np.ndarray, ...]:
-    """(client position, chunk index, valid) per evaluation slot and device for the 'loop' strategy.
-
-    Clients are sharded in contiguous blocks, so device d evaluates its own block.
-    """
-    per_device = len(counts) // devices
-    rows = []
-    for d in range(devices):
-        rows.append(
-            [
-                (i, j)
-                for i in range(per_device)
-                for j in range(-(-int(counts[d * per_device + i]) // chunk))
-            ]
-        )
-    length = max(max((len(r) for r in rows), default=0), 1)
-    table = np.zeros((devices, length, 2), np.int32)
-    valid = np.zeros((devices, length), bool)
-    for d, r in enumerate(rows):
-        if r:
-            table[d, : len(r)] = r
-            valid[d, : len(r)] = True
-    return table, valid
-
-
 # ------------------------------------------------------------------------------------------------
 # Device-side pieces, written for one device's shard (they run inside `jax.shard_map`).
 
@@ -362,41 +328,12 @@ class RoundWork:
     final_keys: Any = None  # [per_device] its keys
 
 
-@flax.struct.dataclass
-class Lane:
-    """The one client a lane is stepping, held apart from the stack so that a step reads and writes
-    only this client's buffers (indexing the stack in every step doubled the step time on CPU)."""
-
-    position: jax.Array  # [] its position in the device's stack
-    client: Any
-    opt_state: Any
-    metrics: Any
-
-
 def _take(tree, i):
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
 
 
 def _put(tree, i, value):
     return jax.tree.map(lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, i, 0), tree, value)
-
-
-def _load_lane(work: RoundWork, position) -> Lane:
-    return Lane(
-        position=position,
-        client=_take(work.clients, position),
-        opt_state=_take(work.opt_state, position),
-        metrics=_take(work.metrics, position),
-    )
-
-
-def _store_lane(work: RoundWork, lane: Lane) -> RoundWork:
-    i = lane.position
-    return work.replace(
-        clients=_put(work.clients, i, lane.client),
-        opt_state=_put(work.opt_state, i, lane.opt_state),
-        metrics=_put(work.metrics, i, lane.metrics),
-    )
 
 
 def _gather_sampled(local_clients, sampled, per_shard: int):
@@ -492,10 +429,7 @@ class RoundRunner:
             self.per_shard,
             self.padded_clients - self.num_clients,
         )
-        conv_impl = getattr(model, 'conv_impl', 'xla')
-        self.strategy = resolve_client_execution(
-            strategy, self.mesh.devices.flat[0].platform, conv_impl
-        )
+        self.strategy = resolve_client_execution(strategy, self.mesh.devices.flat[0].platform)
         self.unroll = max(int(unroll), 1)
         epochs = local_cfg.local_epochs
         self.steps_per_epoch = client_lib.steps_per_epoch(local_cfg, train_counts)
@@ -688,12 +622,6 @@ class RoundRunner:
             valid,
         )
 
-    def _lane_step(self, work, data, lane: Lane, k, constants) -> Lane:
-        c, o, m = self._step(
-            work, data, lane.client, lane.opt_state, lane.position, k, jnp.bool_(True), constants
-        )
-        return lane.replace(client=c, opt_state=o, metrics=jax.tree.map(jnp.add, lane.metrics, m))
-
     def _map_clients(self, work: RoundWork, data, constants) -> RoundWork:
         """'map': this device's clients one after the other, each for exactly its real steps
         (`client.real_steps`: no padded steps, one program per round)."""
@@ -714,8 +642,11 @@ class RoundRunner:
                 self.stride,
                 self.unroll,
             )
-            lane = Lane(position=i, client=client, opt_state=opt_state, metrics=metrics)
-            return _store_lane(work, lane)
+            return work.replace(
+                clients=_put(work.clients, i, client),
+                opt_state=_put(work.opt_state, i, opt_state),
+                metrics=_put(work.metrics, i, metrics),
+            )
 
         return jax.lax.fori_loop(0, self.per_device, one_client, work)
 
@@ -794,115 +725,31 @@ class RoundRunner:
         rep, shd = P(), P(CLIENTS)
         state_specs = algorithm_lib.state_specs(self.alg, shd, rep)
         data_specs = ClientData(images=rep, labels=rep, example_ids=shd, counts=shd)
-        work_specs = RoundWork(
-            clients=shd,
-            opt_state=shd,
-            metrics=shd,
-            batch_ids=shd,
-            batch_mask=shd,
-            step_keys=shd,
-            steps_per_epoch=shd,
-            weights=shd,
-            final_ids=shd,
-            final_keys=shd,
+
+        def whole(state, data, sampled, seed_key, positions, steps, valid, slots, executed):
+            work = self._begin(state, data, sampled, seed_key)
+            constants = self.alg.round_constants(state)
+            if self.strategy == 'map':
+                work = self._map_clients(work, data, constants)
+            else:
+                work = self._vmap_slots(
+                    work, data, positions[0], steps[0], valid[0], slots[0], constants
+                )
+            return self._finish(state, work, data, sampled, executed)
+
+        self._round_fn = self._jit(
+            self._shard_map(
+                whole,
+                (state_specs, data_specs, rep, rep, shd, shd, shd, shd, rep),
+                (state_specs, rep),
+            ),
+            donate_argnums=(0,),
         )
-        lane_specs = Lane(position=shd, client=shd, opt_state=shd, metrics=shd)
-
-        if self.strategy == 'loop':
-
-            def begin(state, data, sampled, seed_key, first):
-                work = self._begin(state, data, sampled, seed_key)
-                lane = _unsqueeze(_load_lane(work, first[0]))
-                return work, lane, self.alg.round_constants(state)
-
-            def slot(work, lane, data, steps, valid, t, constants):
-                # A device with nothing left to do this slot (lockstep padding) skips the step.
-                lane = _squeeze(lane)
-                step = lambda l: self._lane_step(work, data, l, steps[0, t], constants)
-                if self.devices == 1:  # one device never waits for another: no padded slots
-                    return _unsqueeze(step(lane))
-                return _unsqueeze(jax.lax.cond(valid[0, t], step, lambda l: l, lane))
-
-            def switch(work, lane, positions, t):
-                work = _store_lane(work, _squeeze(lane))
-                return work, _unsqueeze(_load_lane(work, positions[0, t]))
-
-            def finish(state, work, lane, data, sampled, executed):
-                return self._finish(
-                    state, _store_lane(work, _squeeze(lane)), data, sampled, executed
-                )
-
-            self._begin_fn = self._jit(
-                self._shard_map(
-                    begin, (state_specs, data_specs, rep, rep, shd), (work_specs, lane_specs, rep)
-                )
-            )
-            self._slot_fn = self._jit(
-                self._shard_map(
-                    slot, (work_specs, lane_specs, data_specs, shd, shd, rep, rep), lane_specs
-                )
-            )
-            self._switch_fn = self._jit(
-                self._shard_map(
-                    switch, (work_specs, lane_specs, shd, rep), (work_specs, lane_specs)
-                ),
-                donate_argnums=(0, 1),
-            )
-            self._finish_fn = self._jit(
-                self._shard_map(
-                    finish,
-                    (state_specs, work_specs, lane_specs, data_specs, rep, rep),
-                    (state_specs, rep),
-                ),
-                donate_argnums=(0,),
-            )
-        else:
-
-            def whole(state, data, sampled, seed_key, positions, steps, valid, slots, executed):
-                work = self._begin(state, data, sampled, seed_key)
-                constants = self.alg.round_constants(state)
-                if self.strategy == 'map':
-                    work = self._map_clients(work, data, constants)
-                else:
-                    work = self._vmap_slots(
-                        work, data, positions[0], steps[0], valid[0], slots[0], constants
-                    )
-                return self._finish(state, work, data, sampled, executed)
-
-            self._round_fn = self._jit(
-                self._shard_map(
-                    whole,
-                    (state_specs, data_specs, rep, rep, shd, shd, shd, shd, rep),
-                    (state_specs, rep),
-                ),
-                donate_argnums=(0,),
-            )
 
         test_specs = ClientData(images=rep, labels=rep, example_ids=shd, counts=shd)
-        if self.strategy == 'loop':
-
-            def eval_slot(state, data, correct, table, valid, t):
-                i, j = table[0, t, 0], table[0, t, 1]
-                hits = self._eval_chunk(
-                    state, _take(state.clients, i), data, data.example_ids[i], data.counts[i], j
-                )
-                return correct.at[i].add(jnp.where(valid[0, t], hits, 0))
-
-            self._eval_slot_fn = self._jit(
-                self._shard_map(eval_slot, (state_specs, test_specs, shd, shd, shd, rep), shd),
-                donate_argnums=(2,),
-            )
-
-            def eval_finish(state, correct, data):
-                return self._eval_outputs(state, correct, data)
-
-            self._eval_finish_fn = self._jit(
-                self._shard_map(eval_finish, (state_specs, shd, test_specs), rep)
-            )
-        else:
-            self._eval_fn = self._jit(
-                self._shard_map(self._evaluate_local, (state_specs, test_specs), rep)
-            )
+        self._eval_fn = self._jit(
+            self._shard_map(self._evaluate_local, (state_specs, test_specs), rep)
+        )
 
         # Any stack of clients with its own test rows (`evaluate_clients`): compiled per stack size.
         self._clients_eval_fn = self._jit(
@@ -937,20 +784,6 @@ class RoundRunner:
         )
 
     # -- evaluation -----------------------------------------------------------------------------
-
-    def _eval_chunk(self, state, client, data: ClientData, example_ids, count, j):
-        """Correct predictions of one client on its test examples [j * chunk, (j + 1) * chunk)."""
-        c = self.eval_chunk
-        first, rest = self.alg.eval_variables(state, client, count)
-        variables = jax.tree.map(
-            lambda x, y: jnp.where(j * c < self.alg.first_test_batch, x, y), first, rest
-        )
-        ids = jax.lax.dynamic_slice_in_dim(example_ids, j * c, c)
-        logits = self.alg.model.apply(
-            variables, federated.preprocess_eval(self.spec, data.images[ids]), train=False
-        )
-        position = j * c + jnp.arange(c)
-        return jnp.sum((jnp.argmax(logits, -1) == data.labels[ids]) & (position < count))
 
     def _eval_client(self, state, client, data, example_ids, count):
         return algorithm_lib.evaluate_client(
@@ -1006,32 +839,16 @@ class RoundRunner:
         """
         state = self.place_state(state)
         plan = self.plan(sampled)
-        sharded = lambda x: self._global(x, self._sharded)
         replicated = lambda x: self._global(x, self._replicated)
         sampled_dev = replicated(plan.sampled)
         key = jax.random.wrap_key_data(
             replicated(jax.random.key_data(seed_key)), impl=jax.random.key_impl(seed_key)
         )
-        lockstep = self.strategy == 'loop'
-        executed = replicated(np.int32(plan.executed_steps(lockstep)))
-        if self.strategy == 'loop':
-            positions = plan.positions[:, :, 0]
-            steps, valid = sharded(plan.steps[:, :, 0]), sharded(plan.valid[:, :, 0])
-            positions_dev = sharded(positions)
-            work, lane, constants = self._begin_fn(
-                state, self.train_data, sampled_dev, key, sharded(positions[:, 0])
-            )
-            for t in range(int(plan.slots.max())):
-                if t and np.any(positions[:, t] != positions[:, t - 1]):
-                    work, lane = self._switch_fn(work, lane, positions_dev, np.int32(t))
-                lane = self._slot_fn(
-                    work, lane, self.train_data, steps, valid, np.int32(t), constants
-                )
-            return self._finish_fn(state, work, lane, self.train_data, sampled_dev, executed)
+        executed = replicated(np.int32(plan.executed_steps()))
         return self._round_fn(*self._round_args(state, plan, sampled_dev, key, executed))
 
     def _round_args(self, state, plan: RoundPlan, sampled, key, executed) -> tuple:
-        """The arguments of the one-program round (`map`, `vmap`) for `plan`."""
+        """The arguments of the compiled round for `plan`."""
         sharded = lambda x: self._global(x, self._sharded)
         tables = tuple(sharded(x) for x in (plan.positions, plan.steps, plan.valid))
         return (state, self.train_data, sampled, key, *tables, sharded(plan.slots), executed)
@@ -1039,16 +856,14 @@ class RoundRunner:
     def export(self, state, sampled: np.ndarray, seed_key: jax.Array, platforms=('cuda', 'tpu')):
         """The round and the evaluation as `jax.export.Exported` programs for `platforms`, lowered
         on this machine: a change that breaks lowering for an accelerator fails here, on a CPU.
-        Nothing runs and the state is not donated. `map` and `vmap` only (`loop` is many calls)."""
-        if self.strategy == 'loop':
-            raise ValueError("export: the 'loop' strategy is one call per step; use map or vmap.")
+        Nothing runs and the state is not donated."""
         state = self.place_state(state)
         plan = self.plan(sampled)
         replicated = lambda x: self._global(x, self._replicated)
         key = jax.random.wrap_key_data(
             replicated(jax.random.key_data(seed_key)), impl=jax.random.key_impl(seed_key)
         )
-        executed = replicated(np.int32(plan.executed_steps(False)))
+        executed = replicated(np.int32(plan.executed_steps()))
         args = self._round_args(state, plan, replicated(plan.sampled), key, executed)
         lower = lambda fn: jax.export.export(fn, platforms=tuple(platforms))
         return {
@@ -1133,20 +948,7 @@ class RoundRunner:
         """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""
         state = self.place_state(state)
         real = lambda out: jax.tree.map(lambda x: x[: self.num_clients], out)  # no phantoms
-        if self.strategy != 'loop':
-            return real(self._eval_fn(state, self.test_data))
-        if self._eval_table is None:
-            table, valid = plan_evaluation(self.test_counts, self.eval_chunk, self.devices)
-            self._eval_table = (
-                self._global(table, self._sharded),
-                self._global(valid, self._sharded),
-                table.shape[1],
-            )
-        table, valid, length = self._eval_table
-        correct = self._global(np.zeros(self.padded_clients, np.int32), self._sharded)
-        for t in range(length):
-            correct = self._eval_slot_fn(state, self.test_data, correct, table, valid, np.int32(t))
-        return real(self._eval_finish_fn(state, correct, self.test_data))
+        return real(self._eval_fn(state, self.test_data))
 
 
 def make_round_runner(

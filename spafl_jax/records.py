@@ -44,7 +44,7 @@ def unpack_masks(packed: dict[str, Any]) -> np.ndarray:
 def draw_sparsity(workdir: str, layer: str, round_: int, packed: dict[str, Any]) -> None:
     reporting.plot_sparsity_pattern(
         unpack_masks(packed),
-        os.path.join(workdir, f'sparsity_round_{round_:04d}'),
+        os.path.join(workdir, f'sparsity_round_{round_:04d}.png'),
         layer=layer,
         round_=round_,
     )

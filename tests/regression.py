@@ -6,8 +6,9 @@ their records must be byte-identical.
 
 The pinned commit is checked out in a git worktree (once, under --out) and each case runs there and
 here as the command a user types (`experiments/main.py`, each checkout's own code, a fresh process);
-the pinned side's records are kept under --out/<commit> and reused. Compared byte for byte:
-`metrics.jsonl` with its timing fields left out, and `final_state.msgpack`. Exit status 1 when a case
+the pinned side's records are kept under --out/<commit> and reused. Compared: the names of the files
+the run wrote, and byte for byte `metrics.jsonl` with its timing fields left out and
+`final_state.msgpack` (the disk store: the clients' files). Exit status 1 when a case
 differs, with the first differing line. Not a pytest module: a step of a refactor runs it by hand
 (it takes minutes), and CI runs the tests that pin behaviour to hand-checked values instead.
 """
@@ -134,7 +135,11 @@ def main() -> int:
         here_dir = os.path.join(args.out, 'here', name)
         run_case(HERE, here_dir, CASES[name])
         (b_lines, b_state), (a_lines, a_state) = records(pinned_dir), records(here_dir)
-        if b_lines != a_lines:
+        b_files, a_files = sorted(os.listdir(pinned_dir)), sorted(os.listdir(here_dir))
+        if b_files != a_files:
+            failed.append(name)
+            print(f'{name}: the workdirs hold other files: {sorted(set(b_files) ^ set(a_files))}')
+        elif b_lines != a_lines:
             failed.append(name)
             print(f'{name}: metrics.jsonl differs, {first_difference(b_lines, a_lines)}')
         elif b_state != a_state:

@@ -76,11 +76,11 @@ def test_plan_packing_keeps_the_useful_step_fraction_high_on_a_skewed_split():
     steps_per_epoch = np.array([len(ids) for ids in train_ids]) // 16
     stride = steps_per_epoch.max()
     useful = {}
-    for name, devices, lanes, lockstep in (
-        ('one lane', 1, 1, True),
-        ('two devices', 2, 1, True),
-        ('10 lanes', 1, 10, False),
-        ('2 lanes', 1, 2, False),
+    for name, devices, lanes in (
+        ('one lane', 1, 1),
+        ('two devices', 2, 1),
+        ('10 lanes', 1, 10),
+        ('2 lanes', 1, 2),
     ):
         executed = real = 0
         for r in range(20):
@@ -94,23 +94,23 @@ def test_plan_packing_keeps_the_useful_step_fraction_high_on_a_skewed_split():
                 lanes=lanes,
                 max_slots=execution.max_lane_steps(steps_per_epoch, 5, 10),
             )
-            executed += plan.executed_steps(lockstep)
+            executed += plan.executed_steps()
             real += plan.real_steps
         useful[name] = real / executed
-    assert useful['one lane'] == 1.0  # 'loop' and 'map' on one device: no padding
+    assert useful['one lane'] == 1.0  # 'map' on one device: no padding
     assert useful['two devices'] > 0.9  # packed onto two devices by step count
     assert useful['2 lanes'] > 0.9
     assert useful['10 lanes'] < 0.5  # one client per lane: padded to the longest
 
 
-def test_auto_resolves_per_backend_and_conv_impl():
-    assert execution.resolve_client_execution('auto', 'cpu', 'im2col') == 'map'
-    assert execution.resolve_client_execution('auto', 'cpu', 'xla') == 'loop'
+def test_auto_resolves_per_backend():
+    assert execution.resolve_client_execution('auto', 'cpu') == 'map'
     assert execution.resolve_client_execution('auto', 'gpu') == 'vmap'
     assert execution.resolve_client_execution('auto', 'tpu') == 'vmap'
-    assert execution.resolve_client_execution('loop', 'tpu') == 'loop'
-    with pytest.raises(ValueError, match='client_execution'):
-        execution.resolve_client_execution('pmap')
+    assert execution.resolve_client_execution('map', 'tpu') == 'map'
+    for gone in ('pmap', 'loop'):  # 'loop' was measured and removed (BENCHMARKS.md)
+        with pytest.raises(ValueError, match='client_execution'):
+            execution.resolve_client_execution(gone)
 
 
 def test_config_validation_names_the_execution_field():
@@ -213,7 +213,7 @@ def test_every_strategy_is_the_spafl_round(digits):
     )
     ref_eval = federated.make_eval_fn(model, spec, batch_size=64)(ref_state.clients, test)
 
-    for strategy, lanes in (('loop', 1), ('map', 1), ('vmap', 2)):
+    for strategy, lanes in (('map', 1), ('vmap', 2)):
         runner = execution.RoundRunner(
             model, cfg, round_cfg, spec, train, test, strategy=strategy, lanes=lanes, eval_chunk=16
         )
@@ -227,7 +227,7 @@ def test_every_strategy_is_the_spafl_round(digits):
         )
         for key in ('train_loss', 'train_accuracy', 'local_steps'):
             np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
-        # Only real steps run ('loop', 'map'), fewer padded ones than the padded scan ('vmap').
+        # Only real steps run ('map'), fewer padded ones than the padded scan ('vmap').
         assert float(metrics['max_steps']) <= float(ref_metrics['max_steps'])
         if strategy != 'vmap':
             assert float(metrics['max_steps']) == float(metrics['local_steps'])
@@ -248,12 +248,11 @@ def test_train_and_evaluate_runs_the_configured_strategy(tmp_path):
         clients_per_round=3,
         rounds=2,
         local_epochs=1,
-        client_execution='loop',
-        conv_impl='xla',
+        client_execution='map',
     )
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary['rounds'] == 2
-    assert summary['useful_step_fraction'] == 1.0  # the loop runs real steps only
+    assert summary['useful_step_fraction'] == 1.0  # 'map' runs real steps only
 
 
 @pytest.mark.slow
@@ -295,7 +294,7 @@ def test_every_strategy_tests_as_the_reference_under_the_official_collapse_check
     np.testing.assert_array_equal(
         np.all(np.asarray(first(ref_tested.thresholds)) == 0, axis=1), reset
     )
-    for strategy, lanes in (('loop', 1), ('vmap', 2)):
+    for strategy, lanes in (('map', 1), ('vmap', 2)):
         runner = execution.RoundRunner(
             model, cfg, round_cfg, spec, train, test, strategy=strategy, lanes=lanes, eval_chunk=16
         )

@@ -61,7 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.baseline.fedspa_anneal_rounds = 100  # the prune rate reaches 0 at this round
     config.baseline.fedspa_regrow = 'gradient'  # regrow by |dense gradient| | random
     # Execution.
-    config.client_execution = 'auto'  # auto | loop | map | vmap: how the sampled clients run
+    # auto | map | vmap: how the sampled clients run (auto: map on CPU, vmap on GPU and TPU)
+    config.client_execution = 'auto'
     config.vmap_lanes = 0  # 'vmap': clients stepping at once per device; 0 = all
     config.eval_chunk = 32  # test examples per evaluation call (padding < this)
     config.eval_lanes = 0  # 'vmap': clients evaluated at once per device; 0 = vmap_lanes
