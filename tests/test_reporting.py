@@ -1,4 +1,4 @@
-"""Tests for spafl_jax.reporting: kill-safe metrics, TensorBoard, figures."""
+"""Tests for spafl_jax.reporting (kill-safe metrics, TensorBoard) and spafl_jax.figures."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from spafl_jax import figures
 from spafl_jax import reporting
 
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -198,7 +199,7 @@ def _figure_texts(monkeypatch, draw):
         seen[os.path.basename(path)] = (texts, fig.axes[0].get_yscale(), fig)
         return path
 
-    monkeypatch.setattr(reporting, 'save_figure', capture)
+    monkeypatch.setattr(figures, 'save_figure', capture)  # what plot_metrics calls
     draw()
     return seen
 
