@@ -45,7 +45,6 @@ import jax.numpy as jnp
 
 from spafl_jax import client as client_lib
 from spafl_jax import server
-from spafl_jax import xla
 from spafl_jax.client import DataSpec, LocalConfig
 
 CLIENT_EXECUTIONS = ('vmap', 'map')
@@ -365,14 +364,15 @@ def make_round_fn(
     aggregation: str = 'uniform',
     client_execution: str = 'vmap',
 ):
-    """`run_round` compiled once: (state, data, sampled, seed_key) -> (state, metrics). The state
-    passed in is donated: its buffers are reused for the next one, so do not read it afterwards."""
-    return xla.jit(
+    """`run_round` compiled once with plain `jax.jit`: (state, data, sampled, seed_key) -> (state,
+    metrics). The state passed in is donated: its buffers are reused for the next one, so do not
+    read it afterwards. (`execution.RoundRunner` adds the compiler options a model runs fastest
+    with, `hardware.jit`.)"""
+    return jax.jit(
         functools.partial(
             run_round, alg, cfg, spec, aggregation=aggregation, client_execution=client_execution
         ),
         donate_argnums=(0,),
-        model=alg.model,
     )
 
 
@@ -462,4 +462,4 @@ def evaluate(alg: Algorithm, spec: DataSpec, state, data, *, batch_size: int) ->
 
 def make_eval_fn(alg: Algorithm, spec: DataSpec, *, batch_size: int):
     """`evaluate` compiled once: (state, data) -> the evaluation dict."""
-    return xla.jit(functools.partial(evaluate, alg, spec, batch_size=batch_size), model=alg.model)
+    return jax.jit(functools.partial(evaluate, alg, spec, batch_size=batch_size))

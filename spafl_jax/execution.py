@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any
 
 from absl import logging
@@ -35,103 +34,31 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from spafl_jax import algorithm as algorithm_lib
-from spafl_jax import checks
 from spafl_jax import client as client_lib
 from spafl_jax import federated
-from spafl_jax import xla
+from spafl_jax import hardware
 from spafl_jax.client import DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
 
-CLIENT_EXECUTIONS = ('auto', 'map', 'vmap')
-DISTRIBUTED = ('off', 'auto')  # config.distributed
+# Re-exported: the runtime set-up and the strategy choice live in `hardware`.
+from spafl_jax.hardware import (  # noqa: F401
+    AUTO_CPU_DEVICES,
+    CLIENT_EXECUTIONS,
+    DISTRIBUTED,
+    any_process,
+    auto_cpu_devices,
+    barrier,
+    host_local,
+    initialize_from_config,
+    initialize_runtime,
+    resolve_client_execution,
+)
+
 CLIENTS = 'clients'  # the mesh axis the client dimension is sharded along
 
 
 # ------------------------------------------------------------------------------------------------
-# Choices made once, at start-up.
-
-
-def resolve_client_execution(name: str, backend: str | None = None) -> str:
-    """'auto' -> the strategy measured fastest for the backend (BENCHMARKS.md); others unchanged.
-
-    CPU: 'map' (one program per round, each client for its real steps only). GPU/TPU: 'vmap', which
-    fills the device with several clients at once. (A Python loop of one compiled step per call,
-    'loop', was measured against 'map' at the Fashion-MNIST workload and removed: it was not 10 %
-    faster.)
-    """
-    if name not in CLIENT_EXECUTIONS:
-        raise ValueError(f'client_execution={name!r}; use one of {", ".join(CLIENT_EXECUTIONS)}.')
-    if name != 'auto':
-        return name
-    return 'map' if federated.clients_in_sequence(backend) else 'vmap'
-
-
-AUTO_CPU_DEVICES = -1  # config.num_cpu_devices: one CPU device per core, at most one per client
-
-
-def auto_cpu_devices(clients_per_round: int) -> int:
-    """CPU devices for `num_cpu_devices=-1`: one per core this process may run on, at most one per
-    sampled client (more devices than clients would stay idle)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return max(1, min(cores or 1, clients_per_round))
-
-
-def initialize_runtime(
-    *,
-    coordinator_address: str | None = None,
-    num_processes: int = 1,
-    process_id: int = 0,
-    num_cpu_devices: int = 0,
-    clients_per_round: int = 1,
-    distributed: str = 'off',
-) -> None:
-    """Multi-host start-up and simulated CPU devices; must run before JAX touches a device.
-
-    With `coordinator_address`, `jax.distributed.initialize` joins `num_processes` processes (TPU
-    pods, GPU hosts, or CPU processes whose collectives go through gloo). With `distributed='auto'`
-    it is called without arguments and finds them itself, from the platform a pod or a job
-    scheduler provides (Cloud TPU, Slurm, Open MPI, Kubernetes): the same command on every host.
-
-    `num_cpu_devices > 0` splits the host CPU into that many devices: multi-device code on a laptop,
-    and several clients training at once. `AUTO_CPU_DEVICES` (-1) takes `auto_cpu_devices`: on the
-    project's 2 cores two devices made a Fashion-MNIST round 1.2x faster and the digits default 1.4x
-    (BENCHMARKS.md), because one client's small ops do not keep both cores busy. Auto leaves the
-    devices alone in a multi-process run, and when JAX has already started (in a notebook, say). The
-    setting only concerns the CPU backend: a GPU or TPU run is not affected.
-    """
-    if distributed not in DISTRIBUTED:
-        raise ValueError(f'distributed={distributed!r}; use one of {", ".join(DISTRIBUTED)}.')
-    if num_cpu_devices == AUTO_CPU_DEVICES:
-        alone = num_processes == 1 and distributed == 'off'
-        count = auto_cpu_devices(clients_per_round) if alone else 1
-        if count > 1:
-            try:
-                jax.config.update('jax_num_cpu_devices', count)
-            except RuntimeError:
-                logging.info(
-                    'num_cpu_devices=-1 (auto): JAX has already started, so its CPU '
-                    'devices stay as they are.'
-                )
-    elif num_cpu_devices > 0:
-        jax.config.update('jax_num_cpu_devices', num_cpu_devices)
-    if (coordinator_address or distributed == 'auto') and not jax.distributed.is_initialized():
-        # CPU processes exchange the psum through gloo (the default of this JAX; set for clarity).
-        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-        if distributed == 'auto':
-            try:
-                jax.distributed.initialize()
-            except ValueError as e:  # no cluster found: JAX asks for the values by hand
-                raise checks.ConfigError(
-                    "config.distributed='auto' found no multi-host platform here (TPU pod, "
-                    'Slurm, Open MPI or Kubernetes): give config.coordinator_address, '
-                    f'num_processes and process_id instead ({e})'
-                ) from None
-        else:
-            jax.distributed.initialize(
-                coordinator_address=coordinator_address,
-                num_processes=num_processes,
-                process_id=process_id,
-            )
+# The mesh.
 
 
 def make_mesh(num_clients: int, devices=None) -> Mesh:
@@ -544,8 +471,8 @@ class RoundRunner:
         )
 
     def _jit(self, fn, **kwargs):
-        """`jax.jit` with the compiler options measured fastest for the model (`xla.jit`)."""
-        return xla.jit(fn, model=self.model, **kwargs)
+        """`jax.jit` with the compiler options measured fastest for the model (`hardware.jit`)."""
+        return hardware.jit(fn, model=self.model, **kwargs)
 
     def _where(self, sampled):
         """Where the `sampled` clients (global ids, -1 = none) sit on the state's client axis."""
@@ -1029,50 +956,3 @@ def make_round_functions(
 
     round_fn.runner = eval_fn.runner = runner
     return round_fn, eval_fn
-
-
-def initialize_from_config(config) -> None:
-    """`initialize_runtime` with the config's fields."""
-    initialize_runtime(
-        coordinator_address=config.coordinator_address or None,
-        num_processes=config.num_processes,
-        process_id=config.process_id,
-        num_cpu_devices=config.num_cpu_devices,
-        clients_per_round=config.clients_per_round,
-        distributed=config.distributed,
-    )
-
-
-def host_local(tree):
-    """Every leaf as a full numpy array on this host: what a checkpoint writer or a figure needs.
-
-    Leaves sharded across hosts are gathered, which is a collective: in a multi-host run every
-    process must call this with the same tree, at the same point.
-    """
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return multihost_utils.process_allgather(x, tiled=True)
-        return jax.device_get(x)
-
-    return jax.tree.map(one, tree)
-
-
-def any_process(flag: bool) -> bool:
-    """True on every process if `flag` is True on any (a collective in a multi-host run)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
-
-
-def barrier(name: str) -> None:
-    """Waits until every process reaches the barrier `name` (nothing to wait for on one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-        multihost_utils.sync_global_devices(name)

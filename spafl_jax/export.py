@@ -42,7 +42,7 @@ from spafl_jax import compact_builders
 from spafl_jax import files
 from spafl_jax import masking
 from spafl_jax import models
-from spafl_jax import xla
+from spafl_jax import hardware
 
 # The forward pass and the files of a compact model, in `compact_forward`; they are part of this API.
 from spafl_jax.compact_forward import (  # noqa: F401
@@ -253,9 +253,9 @@ def export_workdir(
                 output_features(compact.description),
                 conv_impl=config.get('conv_impl', 'auto'),
             )
-            # Both forwards compile with the options training used (`xla.jit`).
+            # Both forwards compile with the options training used (`hardware.jit`).
             # `model` is built once, in the first iteration, and never rebound.
-            masked_fn = xla.jit(
+            masked_fn = hardware.jit(
                 lambda v, images: model.apply(v, images, train=False),  # noqa: B023
                 model=model,
             )
@@ -264,7 +264,7 @@ def export_workdir(
         row['params_after'] = compact.num_parameters
         ev = jax.device_put(eval_variables(variables))
         params = jax.device_put(compact.params)
-        compact_fn = xla.jit(
+        compact_fn = hardware.jit(
             lambda p, images, d=compact.description: compact_apply(d, p, images), model=model
         )
         row['max_abs_diff'] = float(jnp.max(jnp.abs(masked_fn(ev, x) - compact_fn(params, x))))

@@ -32,7 +32,6 @@ from spafl_jax import data as data_lib
 from spafl_jax import masking
 from spafl_jax import models
 from spafl_jax import server
-from spafl_jax import xla
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
 
 IMPORTANCE_UPDATES = ('all_after', 'sampled_before', 'none')
@@ -481,12 +480,6 @@ def evaluate_client(
     )
 
 
-def clients_in_sequence(backend: str | None = None) -> bool:
-    """Whether clients run fastest one after another on `backend` (CPU: per-client weights make
-    vmapped matmuls slow there, BENCHMARKS.md) rather than vmapped (accelerators)."""
-    return (backend or jax.default_backend()) == 'cpu'
-
-
 def preprocess_eval(spec: DataSpec, images):
     return client_lib.preprocess(spec, images, None)
 
@@ -555,6 +548,4 @@ def density_stats(clients: ClientState, reset: bool = True):
 
 
 def make_eval_fn(model, spec, *, batch_size, cfg: LocalConfig = LocalConfig()):
-    return xla.jit(
-        functools.partial(evaluate, model, spec, batch_size=batch_size, cfg=cfg), model=model
-    )
+    return jax.jit(functools.partial(evaluate, model, spec, batch_size=batch_size, cfg=cfg))

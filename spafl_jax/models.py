@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spafl_jax import hardware
 from spafl_jax.layers import MaskedConv, MaskedDense, channel_axis, spatial_axes, torch_default_init
 
 
@@ -118,7 +119,7 @@ class MaskedNet(nn.Module):
         `layers.LAYOUTS`); images come in NHWC and features are flattened in NHWC order whatever it
         is.
       xla_cpu_ynnpack: whether XLA:CPU may hand this model's dots, reductions and elementwise code
-        to YNNPACK (its default) in the programs `xla.jit` compiles for it.
+        to YNNPACK (its default) in the programs `hardware.jit` compiles for it.
     `specialize(model, backend)` sets the values measured fastest on the backend (on CPU:
     `CPU_SETTINGS`, BENCHMARKS.md "Layouts and YNNPACK"); `create_model`, which the runner uses,
     applies it for the backend JAX runs on.
@@ -471,25 +472,7 @@ def check_model(name: str) -> None:
         )
 
 
-# How each model runs fastest on XLA:CPU (BENCHMARKS.md, "Layouts and YNNPACK"): im2col convolutions
-# everywhere (XLA:CPU runs `lax.conv` inside a loop about 7x slower), and for the two small CNNs the
-# CNHW layout with YNNPACK off (a LeNet-5 training step 2.3x faster). Not measured on GPU or TPU,
-# where the models keep XLA's convolutions in NHWC.
-CPU_SETTINGS = {
-    DigitsCNN: {'conv_impl': 'im2col', 'layout': 'CNHW', 'xla_cpu_ynnpack': False},
-    LeNet5: {'conv_impl': 'im2col', 'layout': 'CNHW', 'xla_cpu_ynnpack': False},
-    Conv4: {'conv_impl': 'im2col'},
-    ResNet18: {'conv_impl': 'im2col'},
-}
-CONV_IMPLS = ('auto', 'im2col', 'xla')  # 'auto': the backend's (`specialize`)
-
-
-def specialize(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """`model` with the settings that run fastest on `backend` (default: JAX's default backend):
-    on CPU its `CPU_SETTINGS`; elsewhere unchanged. What it computes does not change."""
-    if (backend or jax.default_backend()) != 'cpu':
-        return model
-    return model.clone(**CPU_SETTINGS.get(type(model), {}))
+CONV_IMPLS = ('auto', 'im2col', 'xla')  # 'auto': the backend's (`hardware.specialize`)
 
 
 def create_model(
@@ -501,12 +484,14 @@ def create_model(
     compute_dtype: Any = None,
     backend: str | None = None,
 ) -> nn.Module:
-    """Model `name` of `MODELS`, specialized for `backend` (`specialize`); `conv_impl` other than
-    'auto' overrides the backend's choice of convolution."""
+    """Model `name` of `MODELS`, with the settings that run fastest on `backend` (default: JAX's;
+    `hardware.specialize`, which reads the backend so that these modules never do); `conv_impl`
+    other than 'auto' overrides the backend's choice of convolution. What it computes does not
+    depend on them."""
     check_model(name)
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f'conv_impl={conv_impl!r}: use one of {", ".join(CONV_IMPLS)}.')
-    model = specialize(
+    model = hardware.specialize(
         MODELS[name](num_classes=num_classes, estimator=estimator, compute_dtype=compute_dtype),
         backend,
     )

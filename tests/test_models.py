@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spafl_jax import layers, masking, models
+from spafl_jax import hardware, layers, masking, models
 
 # name -> (image shape, classes, masked weights, thresholds). Small images where the count does not
 # depend on the image size, to keep the file fast.
@@ -270,7 +270,7 @@ def test_models_are_plain_and_specialized_for_cpu_at_creation():
         model = cls()
         assert (model.conv_impl, model.layout, model.xla_cpu_ynnpack) == ('xla', 'NHWC', True)
         for backend in ('gpu', 'tpu'):
-            assert models.specialize(model, backend) is model
+            assert hardware.specialize(model, backend) is model
     # On CPU, the settings measured fastest (BENCHMARKS.md, "Layouts and YNNPACK").
     for name in ('lenet5', 'digits_cnn'):
         model = models.create_model(name, 10, backend='cpu')

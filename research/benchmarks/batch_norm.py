@@ -25,7 +25,7 @@ import numpy as np
 
 from spafl_jax import client as client_lib
 from spafl_jax import models
-from spafl_jax import xla
+from spafl_jax import hardware
 
 
 @contextlib.contextmanager
@@ -54,7 +54,7 @@ def make_loop(model, cfg, steps):
 
         return jax.lax.fori_loop(0, steps, body, (state, opt))
 
-    return xla.jit(run, model=model)
+    return hardware.jit(run, model=model)
 
 
 def main() -> None:

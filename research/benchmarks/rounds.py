@@ -1,12 +1,12 @@
 r"""Seconds per SpaFL round for every execution strategy and model, as ratios measured in one run.
 
     python research/benchmarks/rounds.py
-    python research/benchmarks/rounds.py --models=lenet5 --rounds=4 --strategies=map,loop
+    python research/benchmarks/rounds.py --models=lenet5 --rounds=4 --strategies=map,vmap
 
 Synthetic data of each model's shape; client sizes from a Dirichlet(alpha) split (alpha = 0.1 by
 default, as the official CIFAR folders) scaled to `--mean_examples` per client; 10 sampled clients of
 `--num_clients`. Against, in the same process: a plain Python loop of a jitted single-client step
-(`client.local_step` under `xla.jit`, batches gathered eagerly, one device) over the same real
+(`client.local_step` under `hardware.jit`, batches gathered eagerly, one device) over the same real
 steps, the reference round (`federated.run_round`: clients vmapped, each lane running to the longest
 client's steps), and a jitted 2048x2048 float32 matmul for the achievable GFLOP/s. Every figure
 is the median of the steady rounds (the first one compiles); the machine is shared, so read the
@@ -32,7 +32,7 @@ from spafl_jax import data as data_lib
 from spafl_jax import execution
 from spafl_jax import federated
 from spafl_jax import models
-from spafl_jax import xla
+from spafl_jax import hardware
 
 # model -> (image shape, official batch size, local epochs used here)
 MODELS = {
@@ -107,7 +107,7 @@ def measure(fn, rounds: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--models', default='digits_cnn,lenet5,conv4')
-    parser.add_argument('--strategies', default='loop,map,vmap')
+    parser.add_argument('--strategies', default='map,vmap')
     parser.add_argument('--rounds', type=int, default=4)
     parser.add_argument('--num_clients', type=int, default=100)
     parser.add_argument('--clients_per_round', type=int, default=10)
@@ -197,8 +197,8 @@ def main(argv=None):
                 cfg, key, count, train.example_ids.shape[1]
             )[0]
         )
-        # The model's compiler options (`xla.jit`), so that `x loop` measures the execution only.
-        python_loop_round.step = xla.jit(
+        # The model's compiler options (`hardware.jit`), so that `x loop` measures the execution only.
+        python_loop_round.step = hardware.jit(
             lambda c, o, x, y: client_lib.local_step(
                 model,
                 cfg,

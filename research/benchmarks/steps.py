@@ -28,7 +28,7 @@ import numpy as np
 
 from spafl_jax import client as client_lib
 from spafl_jax import models
-from spafl_jax import xla
+from spafl_jax import hardware
 
 # model -> (image shape, official batch size)
 MODELS = {'digits_cnn': ((8, 8, 1), 16), 'lenet5': ((28, 28, 1), 64), 'conv4': ((32, 32, 3), 16)}
@@ -62,7 +62,7 @@ class EarlierLeNet5(models.MaskedNet):
 
 def variants(name: str) -> dict[str, tuple[nn.Module, bool]]:
     """label -> (model, YNNPACK on), each with im2col convolutions. The CPU defaults
-    (`models.specialize`) are marked."""
+    (`hardware.specialize`) are marked."""
     default = models.create_model(name, 10, backend='cpu')
     out = {}
     for layout in ('NHWC', 'CNHW'):
@@ -108,7 +108,7 @@ def time_model(name: str, steps: int, repeats: int) -> dict[str, float]:
             lambda s, o, xs, ys, one=one: jax.lax.fori_loop(
                 0, steps, lambda i, c: one(*c, xs[i], ys[i]), (s, o)
             )[0],
-            compiler_options=None if ynnpack else xla.YNNPACK_OFF,
+            compiler_options=None if ynnpack else hardware.YNNPACK_OFF,
         )
         fns[label] = functools.partial(looped, state, opt, xs, ys)
     for f in fns.values():
