@@ -20,7 +20,6 @@ one device, on several, and across hosts, and gives the same bits on each.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -37,10 +36,15 @@ from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import client as client_lib
 from spafl_jax import federated
 from spafl_jax import hardware
+from spafl_jax import mesh as mesh_lib
 from spafl_jax.client import DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
+from spafl_jax.runner_evaluation import RunnerEvaluation
 
-# Re-exported: the runtime set-up and the strategy choice live in `hardware`.
+# Re-exported: the mesh (`mesh`), the round plan (`planning`), the runtime set-up and the strategy
+# choice (`hardware`) have their own modules.
+from spafl_jax.mesh import CLIENTS, create_sharded, make_mesh, pad_clients, padded_count  # noqa: F401
+from spafl_jax.planning import RoundPlan, max_lane_steps, plan_round  # noqa: F401
 from spafl_jax.hardware import (  # noqa: F401
     AUTO_CPU_DEVICES,
     CLIENT_EXECUTIONS,
@@ -53,187 +57,6 @@ from spafl_jax.hardware import (  # noqa: F401
     initialize_runtime,
     resolve_client_execution,
 )
-
-CLIENTS = 'clients'  # the mesh axis the client dimension is sharded along
-
-
-# ------------------------------------------------------------------------------------------------
-# The mesh.
-
-
-def make_mesh(num_clients: int, devices=None) -> Mesh:
-    """A 1-D mesh over the `clients` axis: every device, or one per client when there are fewer.
-
-    The client axis is padded to a whole number of clients per device with phantom clients that
-    are never sampled and never reported (`RoundRunner.padded_clients`), so 100 clients use all 8
-    GPUs of a host (13 on each, 4 phantoms) and 10^6 clients all 256 chips of a pod.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    size = len(devices)
-    if num_clients < size:
-        if jax.process_count() > 1:
-            raise ValueError(
-                f'num_clients={num_clients} is fewer than the {size} devices of a multi-host '
-                'run, where every device takes part: use more clients or fewer hosts.'
-            )
-        size = num_clients
-        logging.warning('using %d of %d devices: one per client.', size, len(devices))
-    return Mesh(np.array(devices[:size]), (CLIENTS,))
-
-
-def padded_count(num_clients: int, devices: int) -> int:
-    """Clients on the mesh: `num_clients` rounded up to a whole number per device."""
-    return -(-num_clients // devices) * devices
-
-
-def pad_clients(tree, count: int):
-    """Every leaf's client axis extended to `count` with copies of client 0 (phantoms: finite
-    values, never sampled, sliced off before anything is reported or saved)."""
-
-    def pad(x):
-        extra = count - x.shape[0]
-        if extra <= 0:
-            return x
-        if isinstance(x, np.ndarray):
-            return np.concatenate([x, np.repeat(x[:1], extra, axis=0)])
-        return jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)])
-
-    return jax.tree.map(pad, tree)
-
-
-def create_sharded(init_fn, num_clients: int, mesh: Mesh | None = None):
-    """`init_fn()` (a state with a client axis, `state.clients`) created where it lives: one
-    compiled call whose outputs are laid out as `RoundRunner.state_sharding` (clients padded with
-    phantoms and sharded over the mesh, the rest replicated), so each device builds only its own
-    clients and no device ever holds all of them (10^5 digits-CNN clients are 15 GB)."""
-    mesh = mesh if mesh is not None else make_mesh(num_clients)
-    count = padded_count(num_clients, mesh.devices.size)
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(CLIENTS))
-    shapes = jax.eval_shape(init_fn)
-    sharding = jax.tree.map(lambda _: replicated, shapes).replace(
-        clients=jax.tree.map(lambda _: sharded, shapes.clients)
-    )
-
-    def padded():
-        state = init_fn()
-        return state.replace(clients=pad_clients(state.clients, count))
-
-    return jax.jit(padded, out_shardings=sharding)()
-
-
-# ------------------------------------------------------------------------------------------------
-# Host-side planning of a round: which device and lane runs which client, and in what order.
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundPlan:
-    """Where every local step of a round runs. Built on the host from the sampled ids and the
-    start-up step counts (no device round trip); every array has a fixed shape, so no retracing.
-
-    Attributes:
-      sampled: [devices * per_device] client ids, device-major; -1 marks an empty position.
-      positions: [devices, max_slots, lanes] the position (within the device) of the client a lane
-        steps at each slot.
-      steps: [devices, max_slots, lanes] index of that step in the client's `local_schedule`.
-      valid: [devices, max_slots, lanes] False for padding.
-      slots: [devices] slots the device really needs (the in-jit trip count).
-      real_steps: local steps of the round (sum over sampled clients).
-    """
-
-    sampled: np.ndarray
-    positions: np.ndarray
-    steps: np.ndarray
-    valid: np.ndarray
-    slots: np.ndarray
-    real_steps: int
-
-    def executed_steps(self) -> int:
-        """Steps the hardware runs: each device's slots times its lanes, padding included."""
-        return int(self.slots.sum()) * self.positions.shape[2]
-
-
-def _least_loaded(loads: list[int], sizes: list[int], capacity: int) -> int:
-    free = [i for i in range(len(loads)) if sizes[i] < capacity]
-    return min(free, key=lambda i: (loads[i], i))
-
-
-def plan_round(
-    sampled: np.ndarray,
-    steps_per_epoch: np.ndarray,
-    *,
-    epochs: int,
-    stride: int,
-    devices: int,
-    lanes: int,
-    max_slots: int,
-) -> RoundPlan:
-    """Packs the sampled clients onto devices, then lanes, longest first (LPT scheduling).
-
-    Args:
-      sampled: [S] client ids.
-      steps_per_epoch: [num_clients] real steps per epoch of every client
-        (`client.steps_per_epoch`).
-      epochs: local epochs.
-      stride: steps per epoch of the padded schedule (`client.steps_per_epoch` of max_count).
-      devices, lanes: mesh size and lanes per device.
-      max_slots: the fixed slot-table length (an upper bound on any lane's steps).
-    """
-    sampled = np.asarray(sampled, np.int64)
-    per_device = -(-len(sampled) // devices)
-    lanes = min(lanes, per_device)
-    order = sorted(sampled.tolist(), key=lambda c: (-int(steps_per_epoch[c]), c))
-    members: list[list[int]] = [[] for _ in range(devices)]
-    loads = [0] * devices
-    for c in order:
-        d = _least_loaded(loads, [len(m) for m in members], per_device)
-        members[d].append(c)
-        loads[d] += int(steps_per_epoch[c]) * epochs
-    table_sampled = np.full((devices, per_device), -1, np.int32)
-    positions = np.zeros((devices, max_slots, lanes), np.int32)
-    steps = np.zeros((devices, max_slots, lanes), np.int32)
-    valid = np.zeros((devices, max_slots, lanes), bool)
-    slots = np.zeros(devices, np.int32)
-    for d, clients in enumerate(members):
-        table_sampled[d, : len(clients)] = clients
-        queues: list[list[int]] = [[] for _ in range(lanes)]
-        lane_loads = [0] * lanes
-        for pos, c in enumerate(clients):  # already longest first
-            lane = _least_loaded(lane_loads, [0] * lanes, 1)
-            queues[lane].append(pos)
-            lane_loads[lane] += int(steps_per_epoch[c]) * epochs
-        for lane, queue in enumerate(queues):
-            t = 0
-            for pos in queue:
-                n = int(steps_per_epoch[clients[pos]])
-                for e in range(epochs):
-                    positions[d, t : t + n, lane] = pos
-                    steps[d, t : t + n, lane] = e * stride + np.arange(n)
-                    valid[d, t : t + n, lane] = True
-                    t += n
-            if t > max_slots:
-                raise ValueError(
-                    f'a lane needs {t} steps, more than the table holds ({max_slots}).'
-                )
-            # Padding repeats the lane's last position so a padded step reads a real client.
-            if queue:
-                positions[d, t:, lane] = queue[-1]
-        slots[d] = max(lane_loads) if lane_loads else 0
-    real_steps = int(sum(int(steps_per_epoch[c]) * epochs for c in sampled))
-    return RoundPlan(
-        sampled=table_sampled.reshape(-1),
-        positions=positions,
-        steps=steps,
-        valid=valid,
-        slots=slots,
-        real_steps=real_steps,
-    )
-
-
-def max_lane_steps(steps_per_epoch: np.ndarray, epochs: int, per_device: int) -> int:
-    """An upper bound on the steps of any lane: the `per_device` largest clients back to back."""
-    largest = np.sort(np.asarray(steps_per_epoch))[::-1][:per_device]
-    return max(int(largest.sum()) * epochs, 1)
-
 
 # ------------------------------------------------------------------------------------------------
 # Device-side pieces, written for one device's shard (they run inside `jax.shard_map`).
@@ -263,46 +86,10 @@ def _put(tree, i, value):
     return jax.tree.map(lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, i, 0), tree, value)
 
 
-def _gather_sampled(local_clients, sampled, per_shard: int):
-    """The clients at `sampled` (global ids, -1 = none) from a client-sharded state, each device
-    getting its consecutive share: owners contribute, a reduce-scatter delivers."""
-    local = sampled - jax.lax.axis_index(CLIENTS) * per_shard
-    owned = (local >= 0) & (local < per_shard) & (sampled >= 0)
-    picked = jax.tree.map(lambda x: x[jnp.clip(local, 0, per_shard - 1)], local_clients)
-    contribution = jax.tree.map(
-        lambda x: jnp.where(owned.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros_like(x)), picked
-    )
-    return jax.tree.map(_psum_scatter, contribution)
-
-
-def _psum_scatter(x):
-    if x.dtype == jnp.bool_:  # the collapse flags: a sum of one owner's flag and zeros
-        return _psum_scatter(x.astype(jnp.int32)).astype(jnp.bool_)
-    return jax.lax.psum_scatter(x, CLIENTS, scatter_dimension=0, tiled=True)
-
-
-def _scatter_sampled(local_clients, sampled, trained, per_shard: int):
-    """Writes the trained clients (this device's share) back to their owners' shards."""
-    everyone = jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), trained)
-    local = sampled - jax.lax.axis_index(CLIENTS) * per_shard
-    owned = (local >= 0) & (local < per_shard) & (sampled >= 0)
-    index = jnp.where(owned, local, per_shard)  # out of range: dropped
-    return jax.tree.map(lambda x, v: x.at[index].set(v, mode='drop'), local_clients, everyone)
-
-
 def _zero_metrics(n: int):
     return {
         k: jnp.zeros((n,), jnp.float32) for k in ('loss', 'correct', 'steps', 'flops', 'examples')
     }
-
-
-def _squeeze(tree):
-    """Drops the leading device axis of a per-device table inside `shard_map` (local size 1)."""
-    return jax.tree.map(lambda x: x[0], tree)
-
-
-def _unsqueeze(tree):
-    return jax.tree.map(lambda x: x[None], tree)
 
 
 class RoundRunner:
@@ -385,10 +172,9 @@ class RoundRunner:
         self.train_data = self._place_train(train_data)
         self.test_counts = np.pad(test_counts, (0, self.padded_clients - self.num_clients))
         self.test_data = self._place_test(test_data)
-        self._eval_table = None
-        self._panel_tables = {}
         self.traces: dict[str, int] = {}
         self._build()
+        self.evaluation = RunnerEvaluation(self)
 
     # -- placement ------------------------------------------------------------------------------
 
@@ -486,7 +272,7 @@ class RoundRunner:
     def _begin(self, state, data: ClientData, sampled, seed_key):
         """Gathers this device's clients, starts them, draws their schedules (steps 1-2)."""
         cfg = self.local_cfg
-        clients = _gather_sampled(state.clients, self._where(sampled), self._state_shard())
+        clients = mesh_lib.gather_sampled(state.clients, self._where(sampled), self._state_shard())
         d = jax.lax.axis_index(CLIENTS)
         mine = jax.lax.dynamic_slice_in_dim(sampled, d * self.per_device, self.per_device)
         real = mine >= 0
@@ -494,7 +280,7 @@ class RoundRunner:
         keys = algorithm_lib.client_keys(seed_key, state.round, ids)
         clients, opt_state = algorithm_lib.start_clients(self.alg, state, clients, keys)
         # The sampled clients' example ids, from the devices that hold them.
-        own_counts, example_ids = _gather_sampled(
+        own_counts, example_ids = mesh_lib.gather_sampled(
             (data.counts, data.example_ids), sampled, self.per_shard
         )
         counts = jnp.where(real, own_counts, 0)
@@ -637,7 +423,7 @@ class RoundRunner:
             clients,
             work.opt_state,
             work.weights,
-            lambda everyone, stored: _scatter_sampled(
+            lambda everyone, stored: mesh_lib.scatter_sampled(
                 everyone, self._where(sampled), stored, self._state_shard()
             ),
             order,
@@ -672,71 +458,6 @@ class RoundRunner:
             ),
             donate_argnums=(0,),
         )
-
-        test_specs = ClientData(images=rep, labels=rep, example_ids=shd, counts=shd)
-        self._eval_fn = self._jit(
-            self._shard_map(self._evaluate_local, (state_specs, test_specs), rep)
-        )
-
-        # Any stack of clients with its own test rows (`evaluate_clients`): compiled per stack size.
-        self._clients_eval_fn = self._jit(
-            self._shard_map(self._evaluate_local, (state_specs, test_specs), rep)
-        )
-
-        def tested(state, data):
-            return self.alg.tested(state, state.clients, data.counts)
-
-        self._tested_fn = self._jit(self._shard_map(tested, (state_specs, test_specs), shd))
-
-        def evaluate_panel(state, data, table):
-            # Each device tests the panel's clients it holds, read in place one at a time (no
-            # gathered copy of the panel's states); -1 marks an empty position.
-            local = table[0]
-            batch = self.eval_lanes if self.strategy == 'vmap' else None
-
-            def one(i):
-                client = _take(state.clients, jnp.maximum(i, 0))
-                count = jnp.where(i >= 0, data.counts[jnp.maximum(i, 0)], 0)
-                correct = self._eval_client(
-                    state, client, data, data.example_ids[jnp.maximum(i, 0)], count
-                )
-                stats = self.alg.eval_density(state, _unsqueeze(client), count[None])
-                return {'correct': correct, 'counts': count, **_squeeze(stats)}
-
-            out = jax.lax.map(one, local, batch_size=batch)
-            return jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), out)
-
-        self._panel_fn = self._jit(
-            self._shard_map(evaluate_panel, (state_specs, test_specs, shd), rep)
-        )
-
-    # -- evaluation -----------------------------------------------------------------------------
-
-    def _eval_client(self, state, client, data, example_ids, count):
-        return algorithm_lib.evaluate_client(
-            self.alg,
-            self.spec,
-            state,
-            client,
-            data.images,
-            data.labels,
-            example_ids,
-            count,
-            batch_size=self.eval_chunk,
-        )
-
-    def _evaluate_local(self, state, data):
-        one = lambda a: self._eval_client(state, a[0], data, a[1], a[2])
-        # 'vmap' evaluates `lanes` clients at once (all of a device's clients at once would hold
-        # every client's activations: 16 GB for Conv4 at 100 clients).
-        batch = self.eval_lanes if self.strategy == 'vmap' else None
-        correct = jax.lax.map(one, (state.clients, data.example_ids, data.counts), batch_size=batch)
-        return self._eval_outputs(state, correct, data)
-
-    def _eval_outputs(self, state, correct, data):
-        stats = self.alg.eval_density(state, state.clients, data.counts)
-        local = {'correct': correct, 'counts': data.counts, **stats}
-        return jax.tree.map(lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True), local)
 
     # -- the public calls -----------------------------------------------------------------------
 
@@ -795,87 +516,28 @@ class RoundRunner:
         lower = lambda fn: jax.export.export(fn, platforms=tuple(platforms))
         return {
             'round': lower(self._round_fn)(*args),
-            'evaluate': lower(self._eval_fn)(state, self.test_data),
+            'evaluate': lower(self.evaluation._eval_fn)(state, self.test_data),
         }
+
+    def tested_state(self, state):
+        """`state` as testing every client leaves it (`RunnerEvaluation.tested_state`)."""
+        return self.evaluation.tested_state(state)
+
+    def evaluate(self, state) -> dict:
+        """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""
+        return self.evaluation.evaluate(state)
+
+    def evaluate_panel(self, state, panel: np.ndarray) -> dict:
+        """`evaluate` of the clients `panel` only (`RunnerEvaluation.evaluate_panel`)."""
+        return self.evaluation.evaluate_panel(state, panel)
+
+    def evaluate_clients(self, state, ids: np.ndarray) -> dict:
+        """`evaluate` of an explicit stack of clients (`RunnerEvaluation.evaluate_clients`)."""
+        return self.evaluation.evaluate_clients(state, ids)
 
     def unpadded(self, state):
         """`state` without its phantom clients: what is saved, exported and drawn."""
         return state.replace(clients=jax.tree.map(lambda x: x[: self.num_clients], state.clients))
-
-    def tested_state(self, state):
-        """`state` as testing every client leaves it (`Algorithm.tested`): the same state unless a
-        test changes the clients (SpaFL's official collapse check, `federated.test_thresholds`)."""
-        if self.alg.tested is algorithm_lib.unchanged:
-            return state
-        state = self.place_state(state)
-        return state.replace(clients=self._tested_fn(state, self.test_data))
-
-    def panel_table(self, panel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Where each device finds the clients of `panel` it holds: ([devices, width] indices into
-        its shard, -1 padded; the position of each panel client in the flattened table)."""
-        panel = np.asarray(panel, np.int64)
-        owner = panel // self.per_shard
-        width = max(int(np.bincount(owner, minlength=self.devices).max()), 1)
-        table = np.full((self.devices, width), -1, np.int32)
-        where = np.empty(len(panel), np.int64)
-        for d in range(self.devices):
-            mine = np.flatnonzero(owner == d)
-            table[d, : len(mine)] = panel[mine] - d * self.per_shard
-            where[mine] = d * width + np.arange(len(mine))
-        return table, where
-
-    def evaluate_panel(self, state, panel: np.ndarray) -> dict:
-        """`evaluate` of the clients `panel` only: the arrays are `[len(panel), ...]`, in its order.
-
-        The work is the panel's, whatever the number of clients: a fixed panel every round and a
-        full sweep now and then is how a million clients are evaluated (`config.eval_panel`). The
-        state is not changed: an algorithm whose test changes the clients is evaluated in full.
-        """
-        state = self.place_state(state)
-        key = tuple(np.asarray(panel).tolist())
-        if self._panel_tables.get('key') != key:
-            table, where = self.panel_table(panel)
-            self._panel_tables = {
-                'key': key,
-                'table': self._global(table, self._sharded),
-                'where': where,
-            }
-        out = self._panel_fn(state, self.test_data, self._panel_tables['table'])
-        return jax.tree.map(lambda x: x[self._panel_tables['where']], out)
-
-    def evaluate_clients(self, state, ids: np.ndarray) -> dict:
-        """`evaluate` of an explicit stack of clients: `state.clients` holds `len(ids)` of them (a
-        multiple of the device count, device d's share in its shard), whose global ids are `ids`
-        (-1: an empty position, left out of the result). A client store off the devices evaluates
-        its clients this way, a chunk at a time; an algorithm whose test changes the clients
-        cannot be evaluated so (its clients are evaluated in place, `evaluate`)."""
-        if self.alg.tested is not algorithm_lib.unchanged:
-            raise ValueError(
-                f"{self.alg.name}: testing changes its clients (collapse_check='previous'), so "
-                'they are evaluated in place with `evaluate`, not as a stack.'
-            )
-        ids = np.asarray(ids, np.int64)
-        if len(ids) % self.devices:
-            raise ValueError(f'{len(ids)} clients do not split over {self.devices} devices.')
-        real = ids >= 0
-        safe = np.where(real, ids, 0)
-        data = ClientData(
-            images=self.test_data.images,
-            labels=self.test_data.labels,
-            example_ids=self._global(self._test_ids[safe], self._sharded),
-            counts=self._global(
-                np.where(real, self.test_counts[safe], 0).astype(np.int32), self._sharded
-            ),
-        )
-        state = jax.tree.map(self._global, state, self.state_sharding(state))
-        out = self._clients_eval_fn(state, data)
-        return jax.tree.map(lambda x: x[np.flatnonzero(real)], out)
-
-    def evaluate(self, state) -> dict:
-        """Per-client correct predictions, test counts and densities, each `[num_clients, ...]`."""
-        state = self.place_state(state)
-        real = lambda out: jax.tree.map(lambda x: x[: self.num_clients], out)  # no phantoms
-        return real(self._eval_fn(state, self.test_data))
 
 
 def make_round_runner(
