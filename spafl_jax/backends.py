@@ -62,6 +62,18 @@ def finite_report(method, state, sampled):
     }
 
 
+def runner_options(settings) -> dict:
+    """The `execution.RoundRunner` arguments of a run's settings: strategy, lanes, unroll,
+    evaluation chunks."""
+    return {
+        'strategy': settings.client_execution,
+        'lanes': settings.vmap_lanes,
+        'unroll': settings.scan_unroll,
+        'eval_chunk': settings.eval_chunk,
+        'eval_lanes': settings.eval_lanes,
+    }
+
+
 def _one_client(tree):
     return jax.tree.map(lambda x: x[0], tree)
 
@@ -84,18 +96,17 @@ class DeviceBackend:
 
     def build(self, macs) -> None:
         run = self.run
-        self._round_fn, self._eval_fn = execution.make_round_functions(
-            self.settings,
-            run.method,
+        self.runner = execution.RoundRunner(
             run.model,
-            local_cfg=run.local_cfg,
-            round_cfg=run.round_cfg,
-            spec=run.spec,
-            train_data=run.train_data,
-            test_data=run.test_data,
+            run.local_cfg,
+            run.round_cfg,
+            run.spec,
+            run.train_data,
+            run.test_data,
+            **runner_options(self.settings),
             macs=macs,
+            algorithm=run.method.algorithm(run.model, run.local_cfg, run.round_cfg, macs),
         )
-        self.runner = self._round_fn.runner
 
     def checkpoint_target(self, digest: bool):
         """What a checkpoint restores into: without phantoms (host arrays) with the digest."""
@@ -106,13 +117,15 @@ class DeviceBackend:
         return 0
 
     def run_round(self, state, r: int, sampled: np.ndarray):
-        return self._round_fn(state, self.run.train_data, jnp.asarray(sampled), self.run.seed_key)
+        del r  # the runner draws everything from (seed, state.round, client id)
+        return self.runner.run_round(state, sampled, self.run.seed_key)
 
     def evaluate(self, state, panel: np.ndarray | None):
-        """(state as the test leaves it, evaluation) of every client, or of `panel`'s."""
+        """(state as the test leaves it, evaluation) of every client, or of `panel`'s (whose test
+        leaves the state as it is)."""
         if panel is not None:
-            return self._eval_fn(state, self.run.test_data, panel=panel)
-        return self._eval_fn(state, self.run.test_data)
+            return state, self.runner.evaluate_panel(state, panel)
+        return self.runner.tested_state(state), self.runner.evaluate(state)
 
     def finite(self, state, sampled: np.ndarray):
         return finite_report(self.run.method, state, jnp.asarray(sampled))
@@ -168,7 +181,7 @@ class StoreBackend:
             client_init=settings.client_init,
             directory=self.directory,
             eval_clients=min(settings.eval_panel, settings.num_clients),
-            **execution.runner_options(settings),
+            **runner_options(settings),
             macs=macs,
             algorithm=run.method.algorithm(run.model, run.local_cfg, run.round_cfg, macs),
         )

@@ -1,5 +1,5 @@
 """How a round's client work reaches the hardware: execution strategies over the client axis, the
-`clients` device mesh, multi-host start-up, and `make_round_runner`, the one entry point of `train.py`.
+`RoundRunner`, which `backends.DeviceBackend` and the client stores drive.
 
 Every strategy computes exactly `federated.run_round` (docs/algorithm.md, section 3): the same
 `client.local_step` on the same batches with the same keys, drawn from (seed, round, client id) by
@@ -96,7 +96,7 @@ class RoundRunner:
     """Runs the rounds and evaluations of an `algorithm.Algorithm` (SpaFL unless `algorithm` is
     given) with one execution strategy on one `clients` mesh.
 
-    Build it with `make_round_runner`. `run_round(state, sampled, seed_key)` takes the host-side
+    `run_round(state, sampled, seed_key)` takes the host-side
     sampled ids; `evaluate(state)` returns every client's correct predictions, test counts and
     densities, replicated on every host. Every function compiles once: later rounds reuse it.
     `local_cfg` gives the batch schedule (batch size, epochs, drop_last), `round_cfg` the number
@@ -538,83 +538,3 @@ class RoundRunner:
     def unpadded(self, state):
         """`state` without its phantom clients: what is saved, exported and drawn."""
         return state.replace(clients=jax.tree.map(lambda x: x[: self.num_clients], state.clients))
-
-
-def make_round_runner(
-    config,
-    model: nn.Module,
-    *,
-    local_cfg: LocalConfig,
-    round_cfg: RoundConfig,
-    spec: DataSpec,
-    train_data: ClientData,
-    test_data: ClientData,
-    macs=None,
-    algorithm: algorithm_lib.Algorithm | None = None,
-) -> RoundRunner:
-    """The runner a config asks for (strategy, lanes, unroll, evaluation chunk) of `algorithm`
-    (SpaFL's by default)."""
-    return RoundRunner(
-        model,
-        local_cfg,
-        round_cfg,
-        spec,
-        train_data,
-        test_data,
-        **runner_options(config),
-        macs=macs,
-        algorithm=algorithm,
-    )
-
-
-def runner_options(config) -> dict[str, Any]:
-    """The `RoundRunner` arguments a config gives: strategy, lanes, unroll, evaluation chunks."""
-    return {
-        'strategy': config.client_execution,
-        'lanes': config.vmap_lanes,
-        'unroll': config.scan_unroll,
-        'eval_chunk': config.eval_chunk,
-        'eval_lanes': config.eval_lanes,
-    }
-
-
-def make_round_functions(
-    config,
-    method,
-    model: nn.Module,
-    *,
-    local_cfg: LocalConfig,
-    round_cfg: RoundConfig,
-    spec: DataSpec,
-    train_data: ClientData,
-    test_data: ClientData,
-    macs=None,
-):
-    """`(round_fn, eval_fn)` for the runner: `round_fn(state, train_data, sampled, seed_key)` and
-    `eval_fn(state, test_data) -> (state, evaluation)`, the method's algorithm on a `RoundRunner`
-    (its data placed once, at construction, so the data arguments are ignored)."""
-    runner = make_round_runner(
-        config,
-        model,
-        local_cfg=local_cfg,
-        round_cfg=round_cfg,
-        spec=spec,
-        train_data=train_data,
-        test_data=test_data,
-        macs=macs,
-        algorithm=method.algorithm(model, local_cfg, round_cfg, macs),
-    )
-
-    def round_fn(state, data, sampled, seed_key):
-        del data  # placed on the mesh once, at construction
-        return runner.run_round(state, np.asarray(sampled), seed_key)
-
-    def eval_fn(state, data, panel=None):
-        """Every client (and the state as the test leaves it), or the clients `panel` only."""
-        del data
-        if panel is not None:
-            return state, runner.evaluate_panel(state, panel)
-        return runner.tested_state(state), runner.evaluate(state)
-
-    round_fn.runner = eval_fn.runner = runner
-    return round_fn, eval_fn

@@ -168,7 +168,7 @@ class RunnerEvaluation:
                 self.runner._sharded,
             ),
         )
-        state = jax.tree.map(self._global, state, self.runner.state_sharding(state))
+        state = jax.tree.map(self.runner._global, state, self.runner.state_sharding(state))
         out = self._clients_eval_fn(state, data)
         return jax.tree.map(lambda x: x[np.flatnonzero(real)], out)
 

@@ -309,20 +309,14 @@ def test_the_host_takes_each_rounds_results_while_the_next_round_runs(tmp_path, 
     from spafl_jax import execution  # pylint: disable=g-import-not-at-top
 
     events = []
-    make = execution.make_round_functions
+    run_round = execution.RoundRunner.run_round
 
-    def spied(*args, **kwargs):
-        round_fn, eval_fn = make(*args, **kwargs)
-
-        def dispatched(state, data, sampled, key):
-            events.append('dispatch')
-            return round_fn(state, data, sampled, key)
-
-        dispatched.runner = round_fn.runner
-        return dispatched, eval_fn
+    def dispatched(self, state, sampled, key):
+        events.append('dispatch')
+        return run_round(self, state, sampled, key)
 
     fetch = execution.host_local
-    monkeypatch.setattr(execution, 'make_round_functions', spied)
+    monkeypatch.setattr(execution.RoundRunner, 'run_round', dispatched)
     monkeypatch.setattr(execution, 'host_local', lambda tree: events.append('fetch') or fetch(tree))
     config = _config(
         num_clients=6,
