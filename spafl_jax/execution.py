@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 from absl import logging
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,8 +35,10 @@ from spafl_jax import client as client_lib
 from spafl_jax import federated
 from spafl_jax import hardware
 from spafl_jax import mesh as mesh_lib
+from spafl_jax import strategies
 from spafl_jax.client import DataSpec, LocalConfig
 from spafl_jax.federated import ClientData, RoundConfig
+from spafl_jax.strategies import RoundWork
 from spafl_jax.runner_evaluation import RunnerEvaluation
 
 # Re-exported: the mesh (`mesh`), the round plan (`planning`), the runtime set-up and the strategy
@@ -57,33 +57,6 @@ from spafl_jax.hardware import (  # noqa: F401
     initialize_runtime,
     resolve_client_execution,
 )
-
-# ------------------------------------------------------------------------------------------------
-# Device-side pieces, written for one device's shard (they run inside `jax.shard_map`).
-
-
-@flax.struct.dataclass
-class RoundWork:
-    """The sampled clients of a round on one device, `[per_device, ...]`, while they train."""
-
-    clients: Any  # as `Algorithm.client_start` started them
-    opt_state: Any  # this round's optimizer state
-    metrics: Any  # per-client sums: loss, correct, steps, flops
-    batch_ids: jax.Array  # [per_device, schedule_steps, batch] example ids of every step
-    batch_mask: Any  # [per_device, schedule_steps, batch] real examples; None: all full
-    step_keys: jax.Array  # [per_device, schedule_steps] augmentation keys
-    steps_per_epoch: jax.Array  # [per_device] real steps per epoch; 0 for an empty position
-    weights: jax.Array  # [per_device] aggregation weight; 0 for an empty position
-    final_ids: Any = None  # [per_device, batch] the batch of `Algorithm.client_final`, if any
-    final_keys: Any = None  # [per_device] its keys
-
-
-def _take(tree, i):
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
-
-
-def _put(tree, i, value):
-    return jax.tree.map(lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, i, 0), tree, value)
 
 
 def _zero_metrics(n: int):
@@ -335,68 +308,6 @@ class RoundRunner:
             valid,
         )
 
-    def _map_clients(self, work: RoundWork, data, constants) -> RoundWork:
-        """'map': this device's clients one after the other, each for exactly its real steps
-        (`client.real_steps`: no padded steps, one program per round)."""
-
-        def one_client(i, work):
-            def body(carry, k):
-                client, opt_state = carry
-                c, o, m = self._step(
-                    work, data, client, opt_state, i, k, jnp.bool_(True), constants
-                )
-                return (c, o), m
-
-            (client, opt_state), metrics = client_lib.real_steps(
-                self.local_cfg,
-                body,
-                (_take(work.clients, i), _take(work.opt_state, i)),
-                work.steps_per_epoch[i],
-                self.stride,
-                self.unroll,
-            )
-            return work.replace(
-                clients=_put(work.clients, i, client),
-                opt_state=_put(work.opt_state, i, opt_state),
-                metrics=_put(work.metrics, i, metrics),
-            )
-
-        return jax.lax.fori_loop(0, self.per_device, one_client, work)
-
-    def _vmap_slots(
-        self, work: RoundWork, data, positions, steps, valid, slots, constants
-    ) -> RoundWork:
-        """'vmap': all lanes step together, `slots` times; lane l steps client positions[t, l]."""
-        u = self.unroll
-        direct = self.lanes == self.per_device  # lane l is client l: no gather, no scatter
-
-        def slot(t, work):
-            if direct:
-                c, o, m = jax.vmap(
-                    lambda c, o, p, k, ok: self._step(work, data, c, o, p, k, ok, constants)
-                )(work.clients, work.opt_state, jnp.arange(self.per_device), steps[t], valid[t])
-                return work.replace(
-                    clients=c, opt_state=o, metrics=jax.tree.map(jnp.add, work.metrics, m)
-                )
-            pos = positions[t]
-            take = lambda tree: jax.tree.map(lambda x: x[pos], tree)
-            c, o, m = jax.vmap(
-                lambda c, o, p, k, ok: self._step(work, data, c, o, p, k, ok, constants)
-            )(take(work.clients), take(work.opt_state), pos, steps[t], valid[t])
-            put = lambda tree, v: jax.tree.map(lambda x, y: x.at[pos].set(y), tree, v)
-            return work.replace(
-                clients=put(work.clients, c),
-                opt_state=put(work.opt_state, o),
-                metrics=jax.tree.map(lambda a, v: a.at[pos].add(v), work.metrics, m),
-            )
-
-        def unrolled(i, work):
-            for j in range(u):
-                work = slot(i * u + j, work)
-            return work
-
-        return jax.lax.fori_loop(0, (slots + u - 1) // u, unrolled, work)
-
     def _finish(self, state, work: RoundWork, data: ClientData, sampled, executed):
         """The clients end, the server averages (in client-id order) and updates (steps 3-4)."""
         real = (work.steps_per_epoch > 0).astype(jnp.float32)
@@ -442,12 +353,12 @@ class RoundRunner:
         def whole(state, data, sampled, seed_key, positions, steps, valid, slots, executed):
             work = self._begin(state, data, sampled, seed_key)
             constants = self.alg.round_constants(state)
+            step = lambda c, o, p, k, ok: self._step(work, data, c, o, p, k, ok, constants)
             if self.strategy == 'map':
-                work = self._map_clients(work, data, constants)
+                work = strategies.map_clients(work, step, self.local_cfg, self.stride, self.unroll)
             else:
-                work = self._vmap_slots(
-                    work, data, positions[0], steps[0], valid[0], slots[0], constants
-                )
+                lanes = (positions[0], steps[0], valid[0], slots[0])
+                work = strategies.vmap_slots(work, step, *lanes, self.unroll)
             return self._finish(state, work, data, sampled, executed)
 
         self._round_fn = self._jit(
