@@ -19,20 +19,21 @@ import functools
 from typing import Any
 
 import flax
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from spafl_jax import algorithm as algorithm_lib
 from spafl_jax import checks
 from spafl_jax import client as client_lib
-from spafl_jax import data as data_lib
 from spafl_jax import masking
 from spafl_jax import models
 from spafl_jax import server
 from spafl_jax.client import ClientState, DataSpec, LocalConfig
+
+# Re-exported: the clients' data (`client_data`) and the models' MACs (`metrics`).
+from spafl_jax.client_data import ClientData, make_client_data, split_clients  # noqa: F401
+from spafl_jax.metrics import layer_macs  # noqa: F401
 
 IMPORTANCE_UPDATES = ('all_after', 'sampled_before', 'none')
 
@@ -43,16 +44,6 @@ class FederatedState:
     server_thresholds: Any  # tau_g, shaped like one client's thresholds
     last_delta: Any  # tau_g(r) - tau_g(r - 1), for the importance update
     round: jax.Array  # rounds completed (int32 scalar)
-
-
-@flax.struct.dataclass
-class ClientData:
-    """A split dataset on the device: examples once, and each client's indices into them."""
-
-    images: jax.Array  # [n, h, w, c], stored dtype (uint8 for image datasets)
-    labels: jax.Array  # [n] int32
-    example_ids: jax.Array  # [num_clients, max_count] int32, padded with 0
-    counts: jax.Array  # [num_clients] int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,39 +65,6 @@ class RoundConfig:
         checks.choice(
             name, 'client_execution', self.client_execution, algorithm_lib.CLIENT_EXECUTIONS
         )
-
-
-def make_client_data(images: np.ndarray, labels: np.ndarray, client_indices) -> ClientData:
-    """Packs per-client index lists into a padded `[clients, max_count]` table (host -> device once)."""
-    counts = np.array([len(ids) for ids in client_indices], np.int32)
-    table = np.zeros((len(client_indices), max(int(counts.max()), 1)), np.int32)
-    for k, ids in enumerate(client_indices):
-        table[k, : len(ids)] = ids
-    return ClientData(
-        images=jnp.asarray(images),
-        labels=jnp.asarray(labels, jnp.int32),
-        example_ids=jnp.asarray(table),
-        counts=jnp.asarray(counts),
-    )
-
-
-def split_clients(
-    dataset, num_clients: int, *, alpha: float, min_train_examples: int, seed: int = 0
-) -> tuple[ClientData, ClientData]:
-    """(train, test) client data of `dataset` (a `data.Dataset`) split by `data.dirichlet_split`."""
-    train_ids, test_ids = data_lib.dirichlet_split(
-        dataset.train_labels,
-        dataset.test_labels,
-        num_clients=num_clients,
-        alpha=alpha,
-        min_train_examples=min_train_examples,
-        seed=seed,
-        num_classes=dataset.num_classes,
-    )
-    return (
-        make_client_data(dataset.train_images, dataset.train_labels, train_ids),
-        make_client_data(dataset.test_images, dataset.test_labels, test_ids),
-    )
 
 
 CLIENT_INITS = ('shared', 'independent')
@@ -252,17 +210,6 @@ def _init_state(model, cfg, rng, ids, image_shape, client_init, lazy_importance)
         server_thresholds=zeros(),
         last_delta=zeros(),
         round=jnp.zeros((), jnp.int32),
-    )
-
-
-def layer_macs(model: nn.Module, variables, image_shape):
-    """Multiply-accumulates per example of every masked layer, shaped like the thresholds."""
-    _, sown = model.apply(
-        variables, jnp.zeros((1, *image_shape), jnp.float32), train=False, mutable=['macs']
-    )
-    flat = traverse_util.flatten_dict(sown['macs'])
-    return traverse_util.unflatten_dict(
-        {path[:-1] + ('threshold',): float(value[0]) for path, value in flat.items()}
     )
 
 

@@ -3,6 +3,9 @@ and training FLOPs."""
 
 from __future__ import annotations
 
+import flax.linen as nn
+from flax import traverse_util
+import jax.numpy as jnp
 import numpy as np
 
 BITS_PER_FLOAT = 32
@@ -62,3 +65,14 @@ def density_summary(
     for name, value in zip(layer_names, layer_density.mean(axis=0)):
         out[f'density/{name}'] = float(value)
     return out
+
+
+def layer_macs(model: nn.Module, variables, image_shape):
+    """Multiply-accumulates per example of every masked layer, shaped like the thresholds."""
+    _, sown = model.apply(
+        variables, jnp.zeros((1, *image_shape), jnp.float32), train=False, mutable=['macs']
+    )
+    flat = traverse_util.flatten_dict(sown['macs'])
+    return traverse_util.unflatten_dict(
+        {path[:-1] + ('threshold',): float(value[0]) for path, value in flat.items()}
+    )
