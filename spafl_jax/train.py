@@ -260,34 +260,9 @@ def _train_and_evaluate(
     lock: WorkdirLock,
     console: console_lib.Console | None,
 ) -> dict[str, Any]:
-    # -- Start-up: the config checked, the data loaded, the workdir taken; nothing compiled yet.
-    configuration.validate(config)
-    execution.initialize_from_config(config)  # before anything touches a device
-    lead = jax.process_index() == 0
-    if jax.process_count() > 1:  # every process says who it is, once, so a pod's logs show it
-        print(
-            f'spafl_jax: process {jax.process_index()} of {jax.process_count()}, '
-            f'{jax.local_device_count()} of {jax.device_count()} devices here',
-            flush=True,
-        )
-    console = console or console_lib.Console(enabled=lead)
-    console.line(
-        f'{config.dataset} / {config.model}: {config.num_clients} clients, '
-        f'{config.clients_per_round} per round, {config.rounds} rounds -> {workdir}'
-    )
-    workdir_lib.keep_the_stored_form(config, workdir, overwrite)
-    run = Run(config, console)  # loads and splits the data: fails before anything is written
-    if lead:
-        prepare_workdir(workdir, config, overwrite=overwrite, lock=lock)
-        try:
-            reporting.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME), config.to_dict())
-        except OSError as e:
-            raise workdir_lib.disk_error(e, workdir, CONFIG_FILENAME) from None
-    execution.barrier('spafl_jax: workdir prepared')
-
-    # -- The clients, where they live (devices or a store), and the checkpoint to resume from.
+    run, lead, console = _start(config, workdir, overwrite, lock, console)
     console.line(f'initializing {config.num_clients} clients ({config.client_init} initial model)')
-    backend = backends.create(run, config, workdir, CLIENTS_DIRNAME)
+    backend = backends.create(run, config, workdir, CLIENTS_DIRNAME)  # devices, or a store
     facts = records_lib.ModelFacts(run, config, backend.first_client)
     first = backend.first_client
     macs = federated.layer_macs(
@@ -296,30 +271,12 @@ def _train_and_evaluate(
         run.dataset.image_shape,
     )
     backend.build(macs)
-    state = backend.state
     # With the digest, checkpoints hold host arrays without phantoms; without it, the state as it
     # lies on the devices (phantoms included), each process writing its own shards.
-    digest = config.checkpoint_digest
-    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME), digest=digest)
-    start_round, progress = 0, None
-    restored = checkpointer.restore_latest(backend.checkpoint_target(digest))
-    if restored is not None:
-        state, progress = restored
-        leaves = jax.tree.leaves(state.clients)
-        if (
-            not digest
-            and leaves
-            and leaves[0].shape != jax.tree.leaves(backend.state.clients)[0].shape
-        ):
-            # saved on another number of devices: its phantoms dropped, ours added when placed
-            n = config.num_clients
-            state = state.replace(clients=jax.tree.map(lambda x: x[:n], state.clients))
-        start_round = int(progress['round'])
-        logging.info('resuming from the checkpoint of round %d in %s', start_round, workdir)
-        console.line(f'resuming after round {start_round} (checkpoint in {workdir})')
-    undone = backend.rollback(start_round)
-    if undone:
-        logging.info('%d writes of clients after round %d undone', undone, start_round)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, CHECKPOINT_DIRNAME), digest=config.checkpoint_digest
+    )
+    state, start_round, progress = _restore(config, workdir, backend, checkpointer, console)
     logging.info(
         '%s on %s: %d clients (%d per round), %d masked weights, %d thresholds; '
         'train examples per client %d..%d',
@@ -355,6 +312,24 @@ def _train_and_evaluate(
     )
     if progress is not None:
         recorder.resume(progress)
+    state = _run_rounds(
+        config, run, backend, recorder, checkpointer, writer, state, start_round, workdir
+    )
+    summary = _finish(run, backend, recorder, state, previous_summary, summary_path, lead)
+    console.line(
+        f'done: accuracy {100 * summary["accuracy"]:.2f}%, density {100 * summary["density"]:.2f}%'
+        f', sent {console_lib.format_bits(summary["bits_up"] + summary["bits_down"])}, '
+        f'{summary["seconds_per_round"]:.2f} s/round; results in {workdir}'
+    )
+    return summary
+
+
+def _run_rounds(config, run, backend, recorder, checkpointer, writer, state, start_round, workdir):
+    """Rounds `start_round`..`config.rounds`: the host takes round r's results while round r + 1
+    runs, so it never waits for the device between rounds, except where a checkpoint needs the
+    state checked. Returns the last state; the checkpoints, the records and the backend are
+    closed whatever happens."""
+    digest = config.checkpoint_digest
     sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
     panel = evaluation_panel(config)
 
@@ -387,10 +362,8 @@ def _train_and_evaluate(
         masks = backend.first_layer_masks(state) if r + 1 in sparsity_rounds else None
         return state, (r, sampled, round_metrics, evaluation, finite, masks)
 
-    # -- The rounds. The host takes round r's results while round r + 1 runs: it never waits for
-    # the device between rounds, except where a checkpoint needs the state checked.
     if start_round < config.rounds:
-        console.line(f'round {start_round + 1} compiles (and the first evaluation)')
+        recorder.console.line(f'round {start_round + 1} compiles (and the first evaluation)')
     recorder.restart_clock()
     try:
         with PreemptionWatcher() as preemption:
@@ -423,8 +396,68 @@ def _train_and_evaluate(
         checkpointer.close()
         backend.close()
 
-    # -- The summary, the final state and the figures (derived files: a figure that already
-    # shows the same is left untouched).
+    return state
+
+
+def _start(config, workdir: str, overwrite: bool, lock: WorkdirLock, console):
+    """The config checked, the runtime set up, the data loaded and the workdir taken; nothing
+    compiled yet. Returns (run, lead, console)."""
+    configuration.validate(config)
+    execution.initialize_from_config(config)  # before anything touches a device
+    lead = jax.process_index() == 0
+    if jax.process_count() > 1:  # every process says who it is, once, so a pod's logs show it
+        print(
+            f'spafl_jax: process {jax.process_index()} of {jax.process_count()}, '
+            f'{jax.local_device_count()} of {jax.device_count()} devices here',
+            flush=True,
+        )
+    console = console or console_lib.Console(enabled=lead)
+    console.line(
+        f'{config.dataset} / {config.model}: {config.num_clients} clients, '
+        f'{config.clients_per_round} per round, {config.rounds} rounds -> {workdir}'
+    )
+    workdir_lib.keep_the_stored_form(config, workdir, overwrite)
+    run = Run(config, console)  # loads and splits the data: fails before anything is written
+    if lead:
+        prepare_workdir(workdir, config, overwrite=overwrite, lock=lock)
+        try:
+            reporting.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME), config.to_dict())
+        except OSError as e:
+            raise workdir_lib.disk_error(e, workdir, CONFIG_FILENAME) from None
+    execution.barrier('spafl_jax: workdir prepared')
+    return run, lead, console
+
+
+def _restore(config, workdir: str, backend, checkpointer, console):
+    """(state, rounds done, the checkpoint's progress record or None): the newest good checkpoint,
+    or round 0's state; a store's files taken back to the checkpoint."""
+    state, start_round, progress = backend.state, 0, None
+    restored = checkpointer.restore_latest(backend.checkpoint_target(checkpointer.digest))
+    if restored is not None:
+        state, progress = restored
+        leaves = jax.tree.leaves(state.clients)
+        saved = leaves[0].shape if leaves else None
+        if not checkpointer.digest and leaves and saved != _client_shape(backend.state):
+            # saved on another number of devices: its phantoms dropped, ours added when placed
+            n = config.num_clients
+            state = state.replace(clients=jax.tree.map(lambda x: x[:n], state.clients))
+        start_round = int(progress['round'])
+        logging.info('resuming from the checkpoint of round %d in %s', start_round, workdir)
+        console.line(f'resuming after round {start_round} (checkpoint in {workdir})')
+    undone = backend.rollback(start_round)
+    if undone:
+        logging.info('%d writes of clients after round %d undone', undone, start_round)
+    return state, start_round, progress
+
+
+def _client_shape(state):
+    return jax.tree.leaves(state.clients)[0].shape
+
+
+def _finish(run, backend, recorder, state, previous_summary, summary_path: str, lead: bool):
+    """The summary, the final state and the figures (derived files: a figure that already shows
+    the same is left untouched)."""
+    workdir = os.path.dirname(summary_path)
     host_state = backend.runner.unpadded(execution.host_local(state))
     try:
         summary = recorder.summary(previous_summary, summary_path)
@@ -433,16 +466,11 @@ def _train_and_evaluate(
                 path = os.path.join(workdir, 'final_state.msgpack')
                 save_final_state(path, host_state, run.method)
             reporting.write_json_atomic(summary_path, summary)
-            reporting.plot_metrics(metrics, workdir)
+            reporting.plot_metrics(recorder.records, workdir)
             for round_, packed in sorted(recorder.sparsity.items(), key=lambda i: int(i[0])):
-                records_lib.draw_sparsity(workdir, facts.names[0], int(round_), packed)
+                records_lib.draw_sparsity(workdir, recorder.facts.names[0], int(round_), packed)
     except OSError as e:
         raise workdir_lib.disk_error(e, workdir, 'the summary and figures') from None
-    console.line(
-        f'done: accuracy {100 * summary["accuracy"]:.2f}%, density {100 * summary["density"]:.2f}%'
-        f', sent {console_lib.format_bits(summary["bits_up"] + summary["bits_down"])}, '
-        f'{summary["seconds_per_round"]:.2f} s/round; results in {workdir}'
-    )
     return summary
 
 

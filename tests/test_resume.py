@@ -137,7 +137,8 @@ def test_sharded_checkpoints_restore_onto_the_devices_or_through_the_host(tmp_pa
     for a, b, t in zip(jax.tree.leaves(state), jax.tree.leaves(saved), jax.tree.leaves(target)):
         assert isinstance(a, jax.Array) and a.sharding == t.sharding
         np.testing.assert_array_equal(a, b)
-    moved = checkpoint.Checkpointer(str(tmp_path), digest=False).restore_latest(sharded(7, 4))
+    # 5 clients pad differently from 3 on any device count (1: 3 and 5; 2: 4 and 6; 4: 4 and 8).
+    moved = checkpoint.Checkpointer(str(tmp_path), digest=False).restore_latest(sharded(7, 5))
     for a, b in zip(jax.tree.leaves(moved[0]), jax.tree.leaves(saved)):
         assert isinstance(a, np.ndarray) and a.shape == b.shape
         np.testing.assert_array_equal(a, b)
