@@ -1,12 +1,21 @@
-"""Validation of a run's configuration, once, before anything is loaded or compiled."""
+"""A run's configuration: validated once, before anything is loaded or compiled, and turned into
+frozen, typed `Settings`, which is all the rest of the runner reads. The defaults live in
+`configs/default.py` alone; the library's own typed configs (`client.LocalConfig`,
+`federated.RoundConfig`, `client.DataSpec`) are made from the settings here."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
 from spafl_jax import checks
+from spafl_jax import client as client_lib
+from spafl_jax import federated
 from spafl_jax import data as data_lib
 from spafl_jax.checks import ConfigError  # re-exported: callers catch configuration.ConfigError
 from spafl_jax.client import AUGMENTATIONS, COLLAPSE_CHECKS
@@ -251,3 +260,112 @@ def _validate_execution(config: ml_collections.ConfigDict) -> None:
             'config.coordinator_address="host:port" of process 0.'
         )
     _validate_client_store(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A run's configuration, validated and frozen: the fields of `configs/default.py` (every
+    one documented there), grouped as there. Built once by `settings(config)`."""
+
+    # Data.
+    dataset: str
+    data_dir: str
+    download: bool
+    writers: str
+    raw_pixels: bool
+    augment: str
+    num_clients: int
+    clients_per_round: int
+    alpha: float
+    # Model and mask.
+    model: str
+    estimator: str
+    client_init: str
+    # Local training.
+    rounds: int
+    batch_size: int
+    drop_last: bool
+    collapse_check: str
+    local_epochs: int
+    lr: float
+    lr_decay: float
+    min_lr: float
+    clip: float
+    th_coeff: float
+    penalty_warmup: bool
+    persistent_optimizer: bool
+    # Server and method.
+    importance_update: str
+    lazy_importance: bool
+    aggregation: str
+    method: str
+    baseline: Mapping[str, Any]  # read-only
+    # Execution.
+    client_execution: str
+    vmap_lanes: int
+    eval_chunk: int
+    eval_lanes: int
+    num_cpu_devices: int
+    distributed: str
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+    conv_impl: str
+    compute_dtype: str
+    scan_unroll: int
+    # Evaluation and bookkeeping.
+    eval_every: int
+    eval_panel: int
+    eval_sweep_every: int
+    client_store: str
+    seed: int
+    max_loss: float
+    checkpoint_every: int
+    checkpoint_digest: bool
+    sparsity_rounds: tuple[int, ...]
+
+
+def settings(config: ml_collections.ConfigDict) -> Settings:
+    """`config` validated (`validate`: ConfigError on the first wrong field) and frozen."""
+    validate(config)
+    values = {f.name: config[f.name] for f in dataclasses.fields(Settings)}
+    values['baseline'] = types.MappingProxyType(dict(config.baseline))
+    values['sparsity_rounds'] = tuple(config.sparsity_rounds)
+    return Settings(**values)
+
+
+def local_config(s: Settings) -> client_lib.LocalConfig:
+    """What a client's local training needs of the settings."""
+    return client_lib.LocalConfig(
+        batch_size=s.batch_size,
+        local_epochs=s.local_epochs,
+        lr=s.lr,
+        lr_decay=s.lr_decay,
+        min_lr=s.min_lr,
+        clip=s.clip,
+        th_coeff=s.th_coeff,
+        penalty_warmup=s.penalty_warmup,
+        persistent_optimizer=s.persistent_optimizer,
+        drop_last=s.drop_last,
+        collapse_check=s.collapse_check,
+    )
+
+
+def round_config(s: Settings) -> federated.RoundConfig:
+    """What a round needs of the settings beyond the clients' local training."""
+    return federated.RoundConfig(
+        clients_per_round=s.clients_per_round,
+        importance_update=s.importance_update,
+        aggregation=s.aggregation,
+    )
+
+
+def data_spec(s: Settings, dataset) -> client_lib.DataSpec:
+    """How a client's batches are prepared: the dataset's pixel statistics and the settings'."""
+    return client_lib.DataSpec(
+        pixel_max=dataset.pixel_max,
+        mean=tuple(dataset.mean),
+        std=tuple(dataset.std),
+        normalize=not s.raw_pixels,
+        augment=s.augment,
+    )

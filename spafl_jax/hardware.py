@@ -179,15 +179,15 @@ def initialize_runtime(
             )
 
 
-def initialize_from_config(config) -> None:
-    """`initialize_runtime` with the config's fields."""
+def initialize_from_config(settings) -> None:
+    """`initialize_runtime` with a run's settings (`configuration.Settings`)."""
     initialize_runtime(
-        coordinator_address=config.coordinator_address or None,
-        num_processes=config.num_processes,
-        process_id=config.process_id,
-        num_cpu_devices=config.num_cpu_devices,
-        clients_per_round=config.clients_per_round,
-        distributed=config.distributed,
+        coordinator_address=settings.coordinator_address or None,
+        num_processes=settings.num_processes,
+        process_id=settings.process_id,
+        num_cpu_devices=settings.num_cpu_devices,
+        clients_per_round=settings.clients_per_round,
+        distributed=settings.distributed,
     )
 
 

@@ -53,7 +53,7 @@ def draw_sparsity(workdir: str, layer: str, round_: int, packed: dict[str, Any])
 class ModelFacts:
     """What a run reports about one client's model: layer names, sizes, bits sent per round."""
 
-    def __init__(self, run, config, first_client):
+    def __init__(self, run, settings, first_client):
         variables = {
             'params': first_client.params,
             'thresholds': first_client.thresholds,
@@ -69,10 +69,10 @@ class ModelFacts:
         )
         self.num_params = sum(p.size for p in jax.tree.leaves(first_client.params))
         self.bits_up, self.bits_down = run.method.bits_per_round(
-            config.num_clients, config.clients_per_round, variables, config.importance_update
+            settings.num_clients, settings.clients_per_round, variables, settings.importance_update
         )
         self.dense_bits = metrics_lib.dense_bits_per_round(
-            self.num_params, config.clients_per_round
+            self.num_params, settings.clients_per_round
         )
 
 
@@ -84,9 +84,9 @@ class Recorder:
     """
 
     def __init__(
-        self, config, facts: ModelFacts, workdir, writer, records, console, lead, checkpoints
+        self, settings, facts: ModelFacts, workdir, writer, records, console, lead, checkpoints
     ):
-        self.config, self.facts, self.workdir = config, facts, workdir
+        self.settings, self.facts, self.workdir = settings, facts, workdir
         self.writer, self.records, self.console, self.lead = writer, records, console, lead
         self.checkpoints = checkpoints  # the directory a failure message points to
         self.totals = {'bits_up': 0, 'bits_down': 0, 'flops': 0.0, 'steps': 0.0, 'max_steps': 0.0}
@@ -114,13 +114,13 @@ class Recorder:
     def process(self, pending) -> None:
         """The host's part of round r, once its results are there: checks, totals, records."""
         r, sampled, round_metrics, evaluation, finite, masks = pending
-        config, facts, totals = self.config, self.facts, self.totals
+        settings, facts, totals = self.settings, self.facts, self.totals
         evaluate_now = evaluation is not None
         round_metrics, evaluation, finite, masks = execution.host_local(
             (round_metrics, evaluation, finite, masks)
         )
         if masks is not None:
-            masks = masks[: config.num_clients]  # no phantom clients
+            masks = masks[: settings.num_clients]  # no phantom clients
         # From the end of the previous round's host work (its figures are not this round's time).
         self.round_seconds.append(time.time() - self.clock)
         self._check(r, sampled, round_metrics, finite)
@@ -148,7 +148,7 @@ class Recorder:
             for part, ok in (('loss', np.isfinite(round_metrics['train_loss'])), *finite.items())
             if not ok
         ]
-        max_loss = float(self.config.max_loss)
+        max_loss = float(self.settings.max_loss)
         if bad:
             failure = (
                 f'round {r + 1}: non-finite {", ".join(bad)} (sampled clients {sampled}); '
@@ -169,7 +169,7 @@ class Recorder:
         raise NonFiniteError(failure)
 
     def _record(self, r: int, round_metrics, evaluation) -> None:
-        config, facts, totals = self.config, self.facts, self.totals
+        settings, facts, totals = self.settings, self.facts, self.totals
         record = {
             'round': r + 1,
             'evaluated_clients': int(len(evaluation['counts'])),
@@ -183,7 +183,7 @@ class Recorder:
             'bits_up': totals['bits_up'],
             'bits_down': totals['bits_down'],
             'bits_dense_equivalent': facts.dense_bits * (r + 1),
-            'flops': totals['flops'] / config.num_clients,
+            'flops': totals['flops'] / settings.num_clients,
             'train_loss': float(round_metrics['train_loss']),
             'useful_step_fraction': totals['steps'] / max(totals['max_steps'], 1.0),
         }
@@ -199,7 +199,7 @@ class Recorder:
             'round %d/%d | accuracy %.2f%% | density %.2f%% (weights %.2f%%) '
             '| up %s down %s | loss %.3f | %.2fs',
             r + 1,
-            config.rounds,
+            settings.rounds,
             100 * record['accuracy'],
             100 * record['density'],
             100 * record['density_weighted'],
@@ -208,7 +208,7 @@ class Recorder:
             record['train_loss'],
             self.round_seconds[-1],
         )
-        self.console.round_line(r + 1, config.rounds, record, self.timer.per_round())
+        self.console.round_line(r + 1, settings.rounds, record, self.timer.per_round())
 
     def summary(self, previous: dict | None, summary_path: str) -> dict:
         """The run's summary: the last record, the model's sizes and the timings. `previous` is
@@ -222,7 +222,7 @@ class Recorder:
             per_round = float(np.mean(self.round_seconds))
         summary = {
             **self.records[-1],
-            'rounds': self.config.rounds,
+            'rounds': self.settings.rounds,
             'num_thresholds': facts.num_thresholds,
             'masked_weights': facts.masked_weights,
             'num_params': facts.num_params,

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 
 from spafl_jax import backends
-from spafl_jax import client as client_lib
 from spafl_jax.checkpoint import Checkpointer, PreemptionWatcher
 from spafl_jax import configuration
 from spafl_jax import console as console_lib
@@ -32,6 +31,7 @@ from spafl_jax import records as records_lib
 from spafl_jax import reporting
 from spafl_jax import workdir as workdir_lib
 from spafl_jax import writers as writers_lib
+from spafl_jax.configuration import data_spec, local_config, round_config  # noqa: F401
 from spafl_jax.records import NonFiniteError  # noqa: F401  (re-exported)
 from spafl_jax.workdir import (  # noqa: F401  (re-exported: train.WorkdirError and friends)
     ADDED_FIELDS,
@@ -49,52 +49,18 @@ from spafl_jax.workdir import (  # noqa: F401  (re-exported: train.WorkdirError 
 )
 
 
-def local_config(config) -> client_lib.LocalConfig:
-    return client_lib.LocalConfig(
-        batch_size=config.batch_size,
-        local_epochs=config.local_epochs,
-        lr=config.lr,
-        lr_decay=config.lr_decay,
-        min_lr=config.min_lr,
-        clip=config.clip,
-        th_coeff=config.th_coeff,
-        penalty_warmup=config.penalty_warmup,
-        persistent_optimizer=config.persistent_optimizer,
-        drop_last=config.drop_last,
-        collapse_check=config.collapse_check,
-    )
-
-
-def round_config(config) -> federated.RoundConfig:
-    return federated.RoundConfig(
-        clients_per_round=config.clients_per_round,
-        importance_update=config.importance_update,
-        aggregation=config.aggregation,
-    )
-
-
-def data_spec(config, dataset: data_lib.Dataset) -> client_lib.DataSpec:
-    return client_lib.DataSpec(
-        pixel_max=dataset.pixel_max,
-        mean=tuple(dataset.mean),
-        std=tuple(dataset.std),
-        normalize=not config.raw_pixels,
-        augment=config.augment,
-    )
-
-
-def build_model(config, num_classes: int):
-    dtype = None if config.compute_dtype == 'float32' else jnp.dtype(config.compute_dtype)
+def build_model(settings, num_classes: int):
+    dtype = None if settings.compute_dtype == 'float32' else jnp.dtype(settings.compute_dtype)
     return models.create_model(
-        config.model,
+        settings.model,
         num_classes,
-        estimator=config.estimator,
-        conv_impl=config.conv_impl,
+        estimator=settings.estimator,
+        conv_impl=settings.conv_impl,
         compute_dtype=dtype,
     )
 
 
-def check_model_fits(model, config, image_shape) -> None:
+def check_model_fits(model, settings, image_shape) -> None:
     """Abstract evaluation only (no compilation): does the model accept this dataset's images?"""
     try:
         shapes = jax.eval_shape(
@@ -102,14 +68,14 @@ def check_model_fits(model, config, image_shape) -> None:
         )
     except Exception as e:  # pylint: disable=broad-except
         raise configuration.ConfigError(
-            f'config.model={config.model!r} does not accept {config.dataset!r} images of shape '
+            f'config.model={settings.model!r} does not accept {settings.dataset!r} images of shape '
             f'{tuple(image_shape)} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
             f'pick a model made for this dataset.'
         ) from None
-    if not config.drop_last and jax.tree.leaves(shapes['batch_stats']):
+    if not settings.drop_last and jax.tree.leaves(shapes['batch_stats']):
         raise configuration.ConfigError(
             f'config.drop_last=False needs a model without BatchNorm: the padded examples of a '
-            f'partial batch would enter the batch statistics of config.model={config.model!r}; '
+            f'partial batch would enter the batch statistics of config.model={settings.model!r}; '
             'keep config.drop_last=True.'
         )
 
@@ -120,28 +86,28 @@ def sample_clients(seed: int, round_index: int, num_clients: int, num_sampled: i
     return np.sort(rng.choice(num_clients, num_sampled, replace=False)).astype(np.int32)
 
 
-def min_train_examples(config) -> int:
+def min_train_examples(settings) -> int:
     """The split is redrawn until every client can take a local step: a full batch when the last
     partial batch is dropped, one example otherwise (the official FMNIST folder never redraws; with
     its 100 clients a client without examples is rare)."""
-    return config.batch_size if config.drop_last else 1
+    return settings.batch_size if settings.drop_last else 1
 
 
-def split_data(config, dataset: data_lib.Dataset):
-    minimum = min_train_examples(config)
+def split_data(settings, dataset: data_lib.Dataset):
+    minimum = min_train_examples(settings)
     try:
         return federated.split_clients(
             dataset,
-            config.num_clients,
-            alpha=config.alpha,
+            settings.num_clients,
+            alpha=settings.alpha,
             min_train_examples=minimum,
-            seed=config.seed,
+            seed=settings.seed,
         )
     except ValueError as e:
         raise configuration.ConfigError(
-            f'the Dirichlet split cannot give each of config.num_clients={config.num_clients} '
-            f'clients {minimum} examples of {config.dataset} with '
-            f'config.alpha={config.alpha} ({e}); use fewer clients, a smaller batch or a larger '
+            f'the Dirichlet split cannot give each of config.num_clients={settings.num_clients} '
+            f'clients {minimum} examples of {settings.dataset} with '
+            f'config.alpha={settings.alpha} ({e}); use fewer clients, a smaller batch or a larger '
             'alpha.'
         ) from None
 
@@ -173,27 +139,29 @@ class Run:
     """Everything a run needs that does not change between rounds (built before any compilation)."""
 
     def __init__(
-        self, config: ml_collections.ConfigDict, console: console_lib.Console | None = None
+        self,
+        settings: configuration.Settings | ml_collections.ConfigDict,
+        console: console_lib.Console | None = None,
     ):
         console = console or console_lib.Console(enabled=False)
-        self.config = config
-        console.line(f'loading {config.dataset}')
+        self.settings = settings
+        console.line(f'loading {settings.dataset}')
         self.dataset = data_lib.load_dataset(
-            config.dataset,
-            os.path.expanduser(config.data_dir or '') or None,
-            download=config.download,
+            settings.dataset,
+            os.path.expanduser(settings.data_dir or '') or None,
+            download=settings.download,
         )
-        self.model = build_model(config, self.dataset.num_classes)
-        check_model_fits(self.model, config, self.dataset.image_shape)
+        self.model = build_model(settings, self.dataset.num_classes)
+        check_model_fits(self.model, settings, self.dataset.image_shape)
         console.line(
             f'splitting {len(self.dataset.train_labels)} + {len(self.dataset.test_labels)} '
-            f'examples over {config.num_clients} clients (Dirichlet alpha {config.alpha})'
+            f'examples over {settings.num_clients} clients (Dirichlet alpha {settings.alpha})'
         )
-        self.train_data, self.test_data = split_data(config, self.dataset)
-        self.local_cfg, self.round_cfg = local_config(config), round_config(config)
-        self.spec = data_spec(config, self.dataset)
-        self.seed_key = jax.random.key(config.seed)
-        self.method = methods.get(config.method, config)
+        self.train_data, self.test_data = split_data(settings, self.dataset)
+        self.local_cfg, self.round_cfg = local_config(settings), round_config(settings)
+        self.spec = data_spec(settings, self.dataset)
+        self.seed_key = jax.random.key(settings.seed)
+        self.method = methods.get(settings.method, settings)
 
     @property
     def init_key(self) -> jax.Array:
@@ -202,7 +170,7 @@ class Run:
 
     def sample_clients(self, round_index: int) -> np.ndarray:
         """The clients round `round_index` (0-based) trains (`sample_clients`)."""
-        c = self.config
+        c = self.settings
         return sample_clients(c.seed, round_index, c.num_clients, c.clients_per_round)
 
     def initial_state(self):
@@ -210,20 +178,20 @@ class Run:
             self.model,
             self.local_cfg,
             self.init_key,
-            num_clients=self.config.num_clients,
+            num_clients=self.settings.num_clients,
             image_shape=self.dataset.image_shape,
             num_classes=self.dataset.num_classes,
         )
 
 
-def evaluation_panel(config) -> np.ndarray | None:
+def evaluation_panel(settings) -> np.ndarray | None:
     """The clients an evaluated round tests when there are more than `config.eval_panel`: that
     many, drawn once from the seed, sorted; None when every evaluation tests every client."""
-    size = config.eval_panel
-    if size >= config.num_clients:
+    size = settings.eval_panel
+    if size >= settings.num_clients:
         return None
-    rng = np.random.default_rng([config.seed, 0x9A4E1])  # the panel's own stream
-    return np.sort(rng.choice(config.num_clients, size, replace=False)).astype(np.int32)
+    rng = np.random.default_rng([settings.seed, 0x9A4E1])  # the panel's own stream
+    return np.sort(rng.choice(settings.num_clients, size, replace=False)).astype(np.int32)
 
 
 def train_and_evaluate(
@@ -260,10 +228,12 @@ def _train_and_evaluate(
     lock: WorkdirLock,
     console: console_lib.Console | None,
 ) -> dict[str, Any]:
-    run, lead, console = _start(config, workdir, overwrite, lock, console)
-    console.line(f'initializing {config.num_clients} clients ({config.client_init} initial model)')
-    backend = backends.create(run, config, workdir, CLIENTS_DIRNAME)  # devices, or a store
-    facts = records_lib.ModelFacts(run, config, backend.first_client)
+    settings, run, lead, console = _start(config, workdir, overwrite, lock, console)
+    console.line(
+        f'initializing {settings.num_clients} clients ({settings.client_init} initial model)'
+    )
+    backend = backends.create(run, settings, workdir, CLIENTS_DIRNAME)  # devices, or a store
+    facts = records_lib.ModelFacts(run, settings, backend.first_client)
     first = backend.first_client
     macs = federated.layer_macs(
         run.model,
@@ -274,46 +244,46 @@ def _train_and_evaluate(
     # With the digest, checkpoints hold host arrays without phantoms; without it, the state as it
     # lies on the devices (phantoms included), each process writing its own shards.
     checkpointer = Checkpointer(
-        os.path.join(workdir, CHECKPOINT_DIRNAME), digest=config.checkpoint_digest
+        os.path.join(workdir, CHECKPOINT_DIRNAME), digest=settings.checkpoint_digest
     )
-    state, start_round, progress = _restore(config, workdir, backend, checkpointer, console)
+    state, start_round, progress = _restore(settings, workdir, backend, checkpointer, console)
     logging.info(
         '%s on %s: %d clients (%d per round), %d masked weights, %d thresholds; '
         'train examples per client %d..%d',
-        config.model,
-        config.dataset,
-        config.num_clients,
-        config.clients_per_round,
+        settings.model,
+        settings.dataset,
+        settings.num_clients,
+        settings.clients_per_round,
         facts.masked_weights,
         facts.num_thresholds,
         int(run.train_data.counts.min()),
         int(run.train_data.counts.max()),
     )
-    if start_round > config.rounds:
+    if start_round > settings.rounds:
         checkpointer.close()
         raise WorkdirError(
             f'workdir {workdir!r} holds a run already at round {start_round}, past '
-            f'config.rounds={config.rounds}; ask for at least {start_round} rounds '
+            f'config.rounds={settings.rounds}; ask for at least {start_round} rounds '
             'or pass another --workdir.'
         )
     summary_path = os.path.join(workdir, 'summary.json')
-    previous_summary = _previous_summary(summary_path, start_round, config.rounds, lead)
+    previous_summary = _previous_summary(summary_path, start_round, settings.rounds, lead)
 
     # -- The records: rounds after the checkpoint are recomputed, so their lines are dropped.
     writer = None
     if lead:
         writer = writers_lib.create(
-            workdir, config.writers, resume_from_round=start_round + 1, hparams=config.to_dict()
+            workdir, settings.writers, resume_from_round=start_round + 1, hparams=config.to_dict()
         )
     execution.barrier('spafl_jax: metrics file repaired')  # then every process reads the same lines
     metrics = reporting.read_metrics(os.path.join(workdir, reporting.METRICS_FILENAME))
     recorder = records_lib.Recorder(
-        config, facts, workdir, writer, metrics, console, lead, checkpointer.directory
+        settings, facts, workdir, writer, metrics, console, lead, checkpointer.directory
     )
     if progress is not None:
         recorder.resume(progress)
     state = _run_rounds(
-        config, run, backend, recorder, checkpointer, writer, state, start_round, workdir
+        settings, run, backend, recorder, checkpointer, writer, state, start_round, workdir
     )
     summary = _finish(run, backend, recorder, state, previous_summary, summary_path, lead)
     console.line(
@@ -324,14 +294,16 @@ def _train_and_evaluate(
     return summary
 
 
-def _run_rounds(config, run, backend, recorder, checkpointer, writer, state, start_round, workdir):
+def _run_rounds(
+    settings, run, backend, recorder, checkpointer, writer, state, start_round, workdir
+):
     """Rounds `start_round`..`config.rounds`: the host takes round r's results while round r + 1
     runs, so it never waits for the device between rounds, except where a checkpoint needs the
     state checked. Returns the last state; the checkpoints, the records and the backend are
     closed whatever happens."""
-    digest = config.checkpoint_digest
-    sparsity_rounds = set(config.sparsity_rounds) | {config.rounds}
-    panel = evaluation_panel(config)
+    digest = settings.checkpoint_digest
+    sparsity_rounds = set(settings.sparsity_rounds) | {settings.rounds}
+    panel = evaluation_panel(settings)
 
     def save_checkpoint(rounds_done: int) -> None:
         try:
@@ -345,10 +317,10 @@ def _run_rounds(config, run, backend, recorder, checkpointer, writer, state, sta
 
     def evaluation_kind(r: int) -> str | None:
         """What is evaluated after round r: None, the panel, or every client ('sweep')."""
-        if (r + 1) % config.eval_every and r + 1 != config.rounds:
+        if (r + 1) % settings.eval_every and r + 1 != settings.rounds:
             return None
-        last = r + 1 == config.rounds
-        sweep = panel is None or (r + 1) % config.eval_sweep_every == 0 or last
+        last = r + 1 == settings.rounds
+        sweep = panel is None or (r + 1) % settings.eval_sweep_every == 0 or last
         return 'sweep' if sweep else 'panel'
 
     def dispatch(r: int, state):
@@ -362,13 +334,13 @@ def _run_rounds(config, run, backend, recorder, checkpointer, writer, state, sta
         masks = backend.first_layer_masks(state) if r + 1 in sparsity_rounds else None
         return state, (r, sampled, round_metrics, evaluation, finite, masks)
 
-    if start_round < config.rounds:
+    if start_round < settings.rounds:
         recorder.console.line(f'round {start_round + 1} compiles (and the first evaluation)')
     recorder.restart_clock()
     try:
         with PreemptionWatcher() as preemption:
             pending, compiled = None, set()
-            for r in range(start_round, config.rounds):
+            for r in range(start_round, settings.rounds):
                 kind = evaluation_kind(r)
                 if pending is not None and kind is not None and kind not in compiled:
                     recorder.process(pending)  # first: its time would include a compilation
@@ -380,7 +352,7 @@ def _run_rounds(config, run, backend, recorder, checkpointer, writer, state, sta
                 pending = current
                 # Every process must take the same branch: a signal that reached one stops all.
                 preempted = execution.any_process(bool(preemption.received))
-                if (r + 1) % config.checkpoint_every == 0 or preempted:
+                if (r + 1) % settings.checkpoint_every == 0 or preempted:
                     recorder.process(pending)
                     pending = None
                     save_checkpoint(r + 1)
@@ -388,8 +360,8 @@ def _run_rounds(config, run, backend, recorder, checkpointer, writer, state, sta
                     raise Preempted(preemption.received or signal.SIGTERM, r + 1, workdir)
             if pending is not None:
                 recorder.process(pending)
-            if not checkpointer.steps() or checkpointer.steps()[-1] != config.rounds:
-                save_checkpoint(config.rounds)
+            if not checkpointer.steps() or checkpointer.steps()[-1] != settings.rounds:
+                save_checkpoint(settings.rounds)
     finally:
         if writer is not None:
             writer.close()
@@ -400,10 +372,13 @@ def _run_rounds(config, run, backend, recorder, checkpointer, writer, state, sta
 
 
 def _start(config, workdir: str, overwrite: bool, lock: WorkdirLock, console):
-    """The config checked, the runtime set up, the data loaded and the workdir taken; nothing
-    compiled yet. Returns (run, lead, console)."""
+    """The config checked and frozen into settings, the runtime set up, the data loaded and the
+    workdir taken; nothing compiled yet. Returns (settings, run, lead, console). The ConfigDict is
+    read here only, to check it and to record it in the workdir."""
     configuration.validate(config)
-    execution.initialize_from_config(config)  # before anything touches a device
+    workdir_lib.keep_the_stored_form(config, workdir, overwrite)
+    settings = configuration.settings(config)
+    execution.initialize_from_config(settings)  # before anything touches a device
     lead = jax.process_index() == 0
     if jax.process_count() > 1:  # every process says who it is, once, so a pod's logs show it
         print(
@@ -413,11 +388,10 @@ def _start(config, workdir: str, overwrite: bool, lock: WorkdirLock, console):
         )
     console = console or console_lib.Console(enabled=lead)
     console.line(
-        f'{config.dataset} / {config.model}: {config.num_clients} clients, '
-        f'{config.clients_per_round} per round, {config.rounds} rounds -> {workdir}'
+        f'{settings.dataset} / {settings.model}: {settings.num_clients} clients, '
+        f'{settings.clients_per_round} per round, {settings.rounds} rounds -> {workdir}'
     )
-    workdir_lib.keep_the_stored_form(config, workdir, overwrite)
-    run = Run(config, console)  # loads and splits the data: fails before anything is written
+    run = Run(settings, console)  # loads and splits the data: fails before anything is written
     if lead:
         prepare_workdir(workdir, config, overwrite=overwrite, lock=lock)
         try:
@@ -425,7 +399,7 @@ def _start(config, workdir: str, overwrite: bool, lock: WorkdirLock, console):
         except OSError as e:
             raise workdir_lib.disk_error(e, workdir, CONFIG_FILENAME) from None
     execution.barrier('spafl_jax: workdir prepared')
-    return run, lead, console
+    return settings, run, lead, console
 
 
 def _restore(config, workdir: str, backend, checkpointer, console):

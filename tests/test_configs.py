@@ -215,3 +215,25 @@ def test_config_runs_two_rounds_on_mock_data(name, tmp_path, monkeypatch):
     assert summary['bits_up'] == 2 * 2 * summary['num_thresholds'] * 32
     for file_name in ('metrics.jsonl', 'summary.json', 'accuracy.png', 'density.png'):
         assert os.path.getsize(os.path.join(workdir, file_name)) > 0, file_name
+
+
+def test_settings_are_the_fields_of_default_py_frozen():
+    """One list of fields: `configuration.Settings` has exactly the fields of configs/default.py
+    (the only place of the defaults), and the settings of a config cannot be changed."""
+    import dataclasses  # pylint: disable=g-import-not-at-top
+
+    from spafl_jax import configuration  # pylint: disable=g-import-not-at-top
+
+    fields = [f.name for f in dataclasses.fields(configuration.Settings)]
+    assert sorted(fields) == sorted(configuration.default_fields())
+    config = CONFIGS['fmnist.py'].get_config()
+    settings = configuration.settings(config)
+    assert settings.lr == config.lr and settings.model == 'lenet5'
+    assert settings.baseline['fedspa_density'] == config.baseline.fedspa_density
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.lr = 1.0
+    with pytest.raises(TypeError):
+        settings.baseline['fedspa_density'] = 0.9
+    config.lr = -1.0
+    with pytest.raises(configuration.ConfigError, match='config.lr'):
+        configuration.settings(config)
