@@ -291,10 +291,11 @@ def _baseline(name: str, method_cfg, num_clients: int | None, client_init: str) 
     )
 
 
-def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
-    """The method `name` (one of METHODS), with its settings from `config.baseline` if given.
+def get(name: str, settings: Any = None) -> Method:
+    """The method `name` (one of METHODS), with the baselines' settings of `settings.baseline` if
+    given (a run's `configuration.Settings`, or its ConfigDict).
 
-    Without a config the baselines use their defaults, and the `client_variables` of FedAvg and
+    Without settings the baselines use their defaults, and the `client_variables` of FedAvg and
     FedPM (which broadcast one global model to `config.num_clients`) raise.
 
     HeteroFL's `bits_per_round` is the expectation over uniform sampling (a float): its sub-models
@@ -303,22 +304,22 @@ def get(name: str, config: ml_collections.ConfigDict | None = None) -> Method:
     """
     if name not in METHODS:
         raise ValueError(f'method={name!r} is not known; allowed values: {", ".join(METHODS)}.')
-    client_init = config.client_init if config is not None else 'shared'
+    client_init = settings.client_init if settings is not None else 'shared'
     if name == 'spafl':
         return Method(
             name='spafl',
             init_state=functools.partial(
                 _spafl_init_state,
                 client_init=client_init,
-                lazy_importance=config is not None
-                and config.importance_update == 'all_after'
-                and config.lazy_importance,
+                lazy_importance=settings is not None
+                and settings.importance_update == 'all_after'
+                and settings.lazy_importance,
             ),
             algorithm=federated.algorithm,
             bits_per_round=_spafl_bits_per_round,
             client_variables=_own_clients,
             communicates_thresholds=True,
         )
-    settings = config.baseline if config is not None else None
-    num_clients = config.num_clients if config is not None else None
-    return _baseline(name, baseline_config(name, settings), num_clients, client_init)
+    baseline = settings.baseline if settings is not None else None
+    num_clients = settings.num_clients if settings is not None else None
+    return _baseline(name, baseline_config(name, baseline), num_clients, client_init)

@@ -402,7 +402,7 @@ def _start(config, workdir: str, overwrite: bool, lock: WorkdirLock, console):
     return settings, run, lead, console
 
 
-def _restore(config, workdir: str, backend, checkpointer, console):
+def _restore(settings, workdir: str, backend, checkpointer, console):
     """(state, rounds done, the checkpoint's progress record or None): the newest good checkpoint,
     or round 0's state; a store's files taken back to the checkpoint."""
     state, start_round, progress = backend.state, 0, None
@@ -413,7 +413,7 @@ def _restore(config, workdir: str, backend, checkpointer, console):
         saved = leaves[0].shape if leaves else None
         if not checkpointer.digest and leaves and saved != _client_shape(backend.state):
             # saved on another number of devices: its phantoms dropped, ours added when placed
-            n = config.num_clients
+            n = settings.num_clients
             state = state.replace(clients=jax.tree.map(lambda x: x[:n], state.clients))
         start_round = int(progress['round'])
         logging.info('resuming from the checkpoint of round %d in %s', start_round, workdir)
