@@ -32,6 +32,7 @@ Choices and departures from the paper:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -170,6 +171,100 @@ def score_optimizer(cfg: LocalConfig, method_cfg: FedPMConfig) -> optax.Gradient
     return client_lib.make_optimizer(cfg)
 
 
+# ----------------------------------------------------------------------------------------------------
+# One round, as the functions of `algorithm.Algorithm` (the settings they need come first, bound by
+# `algorithm`; `cfg` is the local configuration with the scores' learning rate).
+
+
+def round_constants(cfg: LocalConfig, state):
+    return client_lib.learning_rate(cfg, state.round), state.weights, state.thresholds
+
+
+def client_start(tx, method_cfg: FedPMConfig, state, batch_stats, key):
+    """The client's scores start at logit(theta), theta clipped to [c, 1 - c]."""
+    c = method_cfg.prob_clip
+    scores = jax.tree.map(
+        lambda p: jax.scipy.special.logit(jnp.clip(p, c, 1.0 - c)), state.probabilities
+    )
+    work = ScoreWork(scores=scores, batch_stats=batch_stats, upload_key=jax.random.fold_in(key, 1))
+    return work, tx.init(scores)
+
+
+def client_step(
+    model, tx, cfg: LocalConfig, macs, work, opt_state, x, y, example_mask, constants, key
+):
+    """One step on the scores, through a sampled mask of the frozen weights."""
+    del example_mask  # full batches only
+    lr, weights, thresholds = constants
+    draw_key = jax.random.fold_in(key, 1)  # `key` drew the step's augmentation
+
+    def loss_fn(scores):
+        theta = jax.tree.map(jax.nn.sigmoid, scores)
+        draws = jax.tree.map(lambda d: d.astype(jnp.float32), _bernoulli(draw_key, theta))
+        # Straight-through: the forward pass sees the binary draw, the backward sigmoid(s).
+        masks = jax.tree.map(lambda m, t: m + t - jax.lax.stop_gradient(t), draws, theta)
+        params = masked_params(weights, thresholds, masks)
+        logits, batch_stats = _common.apply_train(model, params, thresholds, work.batch_stats, x)
+        ce, correct = _common.cross_entropy(logits, y)
+        return ce, (batch_stats, correct, jax.tree.map(jnp.mean, draws))
+
+    (loss, (batch_stats, correct, kept)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        work.scores
+    )
+    updates, opt_state = tx.update(grads, opt_state)
+    scores = jax.tree.map(lambda p, u: p - lr * u, work.scores, updates)
+    metrics = {
+        'loss': loss,
+        'correct': correct.astype(jnp.float32),
+        'steps': jnp.float32(1.0),
+        'flops': _common.step_flops(macs, kept, cfg.batch_size),
+        'examples': jnp.float32(cfg.batch_size),
+    }
+    return work.replace(scores=scores, batch_stats=batch_stats), opt_state, metrics
+
+
+def client_end(work, opt_state):
+    """The client uploads one binary mask drawn from its final theta."""
+    del opt_state
+    upload = _bernoulli(work.upload_key, jax.tree.map(jax.nn.sigmoid, work.scores))
+    return work.batch_stats, jax.tree.map(lambda u: u.astype(jnp.float32), upload)
+
+
+def server_update(method_cfg: FedPMConfig, received, state, mean_upload, clients):
+    """Bayesian aggregation: the `received` masks are Bernoulli observations of theta."""
+    reset = (state.round % method_cfg.prior_reset_every) == 0
+    ones = jax.tree.map(lambda m: m * received, mean_upload)
+    restart = lambda a: jnp.where(reset, method_cfg.prior, a)
+    alpha = jax.tree.map(lambda a, s: restart(a) + s, state.alpha, ones)
+    beta = jax.tree.map(lambda b, s: restart(b) + received - s, state.beta, ones)
+    theta = jax.tree.map(lambda a, b: (a - 1.0) / (a + b - 2.0), alpha, beta)
+    return state.replace(
+        probabilities=theta, alpha=alpha, beta=beta, clients=clients, round=state.round + 1
+    )
+
+
+def eval_variables(method_cfg: FedPMConfig, state, batch_stats, count):
+    del count
+    masks = jax.tree.map(lambda m: m.astype(jnp.float32), eval_masks(state, method_cfg))
+    variables = {
+        'params': masked_params(state.weights, state.thresholds, masks),
+        'thresholds': state.thresholds,
+        'batch_stats': batch_stats,
+    }
+    return variables, variables
+
+
+def eval_density(method_cfg: FedPMConfig, state, clients, counts):
+    # Unstructured: the kept-weight fraction of the global mask, the same for every client.
+    del clients
+    fractions, kept = _common.weight_density(eval_masks(state, method_cfg))
+    n = counts.shape[0]
+    return {
+        'layer_density': jnp.broadcast_to(fractions, (n, fractions.shape[0])),
+        'kept_weights': jnp.broadcast_to(kept, (n,)),
+    }
+
+
 def algorithm(
     model: nn.Module,
     local_cfg: LocalConfig,
@@ -188,99 +283,17 @@ def algorithm(
         cfg = dataclasses.replace(local_cfg, lr=method_cfg.score_lr)
     tx = score_optimizer(cfg, method_cfg)
     received = jnp.float32(round_cfg.clients_per_round)
-    c = method_cfg.prob_clip
-
-    def round_constants(state):
-        return client_lib.learning_rate(cfg, state.round), state.weights, state.thresholds
-
-    def client_start(state, batch_stats, key):
-        scores = jax.tree.map(
-            lambda p: jax.scipy.special.logit(jnp.clip(p, c, 1.0 - c)), state.probabilities
-        )
-        work = ScoreWork(
-            scores=scores, batch_stats=batch_stats, upload_key=jax.random.fold_in(key, 1)
-        )
-        return work, tx.init(scores)
-
-    def client_step(work, opt_state, x, y, example_mask, constants, key):
-        del example_mask  # full batches only
-        lr, weights, thresholds = constants
-        draw_key = jax.random.fold_in(key, 1)  # `key` drew the step's augmentation
-
-        def loss_fn(scores):
-            theta = jax.tree.map(jax.nn.sigmoid, scores)
-            draws = jax.tree.map(lambda d: d.astype(jnp.float32), _bernoulli(draw_key, theta))
-            # Straight-through: the forward pass sees the binary draw, the backward sigmoid(s).
-            masks = jax.tree.map(lambda m, t: m + t - jax.lax.stop_gradient(t), draws, theta)
-            params = masked_params(weights, thresholds, masks)
-            logits, batch_stats = _common.apply_train(
-                model, params, thresholds, work.batch_stats, x
-            )
-            ce, correct = _common.cross_entropy(logits, y)
-            return ce, (batch_stats, correct, jax.tree.map(jnp.mean, draws))
-
-        (loss, (batch_stats, correct, kept)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            work.scores
-        )
-        updates, opt_state = tx.update(grads, opt_state)
-        scores = jax.tree.map(lambda p, u: p - lr * u, work.scores, updates)
-        metrics = {
-            'loss': loss,
-            'correct': correct.astype(jnp.float32),
-            'steps': jnp.float32(1.0),
-            'flops': _common.step_flops(macs, kept, cfg.batch_size),
-            'examples': jnp.float32(cfg.batch_size),
-        }
-        return work.replace(scores=scores, batch_stats=batch_stats), opt_state, metrics
-
-    def client_end(work, opt_state):
-        del opt_state
-        upload = _bernoulli(work.upload_key, jax.tree.map(jax.nn.sigmoid, work.scores))
-        return work.batch_stats, jax.tree.map(lambda u: u.astype(jnp.float32), upload)
-
-    def server_update(state, mean_upload, clients):
-        # Bayesian aggregation: the received masks are Bernoulli observations of theta.
-        reset = (state.round % method_cfg.prior_reset_every) == 0
-        ones = jax.tree.map(lambda m: m * received, mean_upload)
-        restart = lambda a: jnp.where(reset, method_cfg.prior, a)
-        alpha = jax.tree.map(lambda a, s: restart(a) + s, state.alpha, ones)
-        beta = jax.tree.map(lambda b, s: restart(b) + received - s, state.beta, ones)
-        theta = jax.tree.map(lambda a, b: (a - 1.0) / (a + b - 2.0), alpha, beta)
-        return state.replace(
-            probabilities=theta, alpha=alpha, beta=beta, clients=clients, round=state.round + 1
-        )
-
-    def eval_variables(state, batch_stats, count):
-        del count
-        masks = jax.tree.map(lambda m: m.astype(jnp.float32), eval_masks(state, method_cfg))
-        variables = {
-            'params': masked_params(state.weights, state.thresholds, masks),
-            'thresholds': state.thresholds,
-            'batch_stats': batch_stats,
-        }
-        return variables, variables
-
-    def eval_density(state, clients, counts):
-        # Unstructured: the kept-weight fraction of the global mask, the same for every client.
-        del clients
-        fractions, kept = _common.weight_density(eval_masks(state, method_cfg))
-        n = counts.shape[0]
-        return {
-            'layer_density': jnp.broadcast_to(fractions, (n, fractions.shape[0])),
-            'kept_weights': jnp.broadcast_to(kept, (n,)),
-        }
-
     return algorithm_lib.Algorithm(
         name='fedpm',
         model=model,
         state_type=FedPMState,
-        round_constants=round_constants,
-        client_start=client_start,
-        client_step=client_step,
+        round_constants=functools.partial(round_constants, cfg),
+        client_start=functools.partial(client_start, tx, method_cfg),
+        client_step=functools.partial(client_step, model, tx, cfg, macs),
         client_end=client_end,
-        server_update=server_update,
-        eval_variables=eval_variables,
-        eval_density=eval_density,
+        server_update=functools.partial(server_update, method_cfg, received),
+        eval_variables=functools.partial(eval_variables, method_cfg),
+        eval_density=functools.partial(eval_density, method_cfg),
         aggregation='uniform',
     )
 

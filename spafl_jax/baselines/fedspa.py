@@ -29,6 +29,7 @@ Choices and departures from the paper:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -222,6 +223,176 @@ def init_state(
     )
 
 
+# ----------------------------------------------------------------------------------------------------
+# One round, as the functions of `algorithm.Algorithm` (the settings they need come first, bound by
+# `algorithm`).
+
+
+def _counts_of(method_cfg: FedSpaConfig, params, thresholds):
+    return kept_counts(masking.kernels_of(params, thresholds), method_cfg)
+
+
+def round_constants(local_cfg: LocalConfig, method_cfg: FedSpaConfig, state):
+    return (
+        client_lib.learning_rate(local_cfg, state.round),
+        state.thresholds,
+        cosine_rate(method_cfg, state.round),
+    )
+
+
+def client_start(tx, state, stored: FedSpaClient, key):
+    """The client downloads the global weights on its mask."""
+    del key
+    params = _on_mask(state.global_params, state.thresholds, stored.masks)
+    work = FedSpaWork(
+        params=params,
+        batch_stats=stored.batch_stats,
+        masks=stored.masks,
+        next_masks=stored.masks,
+    )
+    return work, tx.init(params)
+
+
+def client_step(
+    model,
+    tx,
+    local_cfg: LocalConfig,
+    method_cfg: FedSpaConfig,
+    macs,
+    work: FedSpaWork,
+    opt_state,
+    x,
+    y,
+    example_mask,
+    constants,
+    key,
+):
+    """One SGD step on the kept weights."""
+    del example_mask, key  # full batches only; nothing drawn
+    lr, thresholds, _ = constants
+    kernels = masking.kernels_of(work.params, thresholds)
+    fractions = jax.tree.map(
+        lambda k, c: c / k.size, kernels, _counts_of(method_cfg, work.params, thresholds)
+    )
+    # The forward pass sees the weights on the mask only: the others get no gradient.
+    params, opt_state, batch_stats, loss, correct = _common.sgd_step(
+        model,
+        tx,
+        work.params,
+        opt_state,
+        thresholds,
+        work.batch_stats,
+        x,
+        y,
+        lr,
+        forward=lambda p: _on_mask(p, thresholds, work.masks),
+    )
+    metrics = _common.step_metrics(
+        loss,
+        correct,
+        _common.step_flops(macs, fractions, local_cfg.batch_size),
+        local_cfg.batch_size,
+    )
+    return work.replace(params=params, batch_stats=batch_stats), opt_state, metrics
+
+
+def client_final(
+    model,
+    local_cfg: LocalConfig,
+    method_cfg: FedSpaConfig,
+    macs,
+    work: FedSpaWork,
+    opt_state,
+    x,
+    y,
+    constants,
+    key,
+):
+    """Prune-and-regrow: the client's mask for the next round, at the round's rate alpha_r."""
+    del opt_state
+    _, thresholds, rate = constants
+    trained = masking.kernels_of(work.params, thresholds)
+    flops = jnp.float32(0.0)
+    if method_cfg.regrow == 'gradient':
+
+        def ce_of(kernels):
+            logits, _ = _common.apply_train(
+                model,
+                masking.replace_kernels(work.params, kernels),
+                thresholds,
+                work.batch_stats,
+                x,
+            )
+            return _common.cross_entropy(logits, y)[0]
+
+        # The gradient with respect to the kernels is dense: it scores pruned entries too.
+        scores = jax.tree.map(jnp.abs, jax.grad(ce_of)(trained))
+        flops = _common.dense_step_flops(macs, thresholds, local_cfg.batch_size)
+    else:
+        leaves, treedef = jax.tree.flatten(trained)
+        keys = jax.random.split(key, len(leaves))
+        scores = jax.tree.unflatten(
+            treedef, [jax.random.uniform(k, w.shape) for k, w in zip(keys, leaves)]
+        )
+    next_masks = prune_regrow(
+        trained,
+        work.masks,
+        scores,
+        counts=_counts_of(method_cfg, work.params, thresholds),
+        rate=rate,
+    )
+    metrics = {
+        'loss': jnp.float32(0.0),
+        'correct': jnp.float32(0.0),
+        'steps': jnp.float32(0.0),
+        'flops': flops,
+        'examples': jnp.float32(0.0),
+    }
+    return work.replace(next_masks=next_masks), metrics
+
+
+def client_end(work: FedSpaWork, opt_state):
+    del opt_state
+    stored = FedSpaClient(params=work.params, batch_stats=work.batch_stats, masks=work.next_masks)
+    # What the client uploads: its trained weights on the mask it trained with (0 elsewhere:
+    # they got no gradient) and that mask. The server's mean per entry is over its holders.
+    holds = jax.tree.map(lambda h: h.astype(jnp.float32), _holds(work.params, work.masks))
+    return stored, {'weights': work.params, 'holds': holds}
+
+
+def server_update(state, mean, clients):
+    # mean['weights'] / mean['holds'] is the weighted mean over the clients holding each entry;
+    # an entry nobody held keeps its value.
+    global_params = jax.tree.map(
+        lambda w, h, old: jnp.where(h > 0, w / jnp.maximum(h, 1e-30), old),
+        mean['weights'],
+        mean['holds'],
+        state.global_params,
+    )
+    return state.replace(clients=clients, global_params=global_params, round=state.round + 1)
+
+
+def eval_variables(state, stored: FedSpaClient, count):
+    del count
+    variables = {
+        'params': stored.params,
+        'thresholds': state.thresholds,
+        'batch_stats': stored.batch_stats,
+    }
+    return variables, variables
+
+
+def eval_density(state, clients: FedSpaClient, counts):
+    del counts
+
+    def one(params):
+        kernels = masking.kernels_of(params, state.thresholds)
+        return _common.weight_density(jax.tree.map(lambda k: k != 0, kernels))
+
+    fractions, kept = jax.vmap(one)(clients.params)
+    return {'layer_density': fractions, 'kept_weights': kept}
+
+
 def algorithm(
     model: nn.Module,
     local_cfg: LocalConfig,
@@ -237,142 +408,14 @@ def algorithm(
     model = _common.dense_model(model)
     _common.check_full_batches(local_cfg)
     tx = client_lib.make_optimizer(local_cfg)
-
-    def counts_of(params, thresholds):
-        return kept_counts(masking.kernels_of(params, thresholds), method_cfg)
-
-    def round_constants(state):
-        return (
-            client_lib.learning_rate(local_cfg, state.round),
-            state.thresholds,
-            cosine_rate(method_cfg, state.round),
-        )
-
-    def client_start(state, stored: FedSpaClient, key):
-        del key
-        params = _on_mask(state.global_params, state.thresholds, stored.masks)
-        work = FedSpaWork(
-            params=params,
-            batch_stats=stored.batch_stats,
-            masks=stored.masks,
-            next_masks=stored.masks,
-        )
-        return work, tx.init(params)
-
-    def client_step(work: FedSpaWork, opt_state, x, y, example_mask, constants, key):
-        del example_mask, key  # full batches only; nothing drawn
-        lr, thresholds, _ = constants
-        kernels = masking.kernels_of(work.params, thresholds)
-        fractions = jax.tree.map(
-            lambda k, c: c / k.size, kernels, counts_of(work.params, thresholds)
-        )
-        # The forward pass sees the weights on the mask only: the others get no gradient.
-        params, opt_state, batch_stats, loss, correct = _common.sgd_step(
-            model,
-            tx,
-            work.params,
-            opt_state,
-            thresholds,
-            work.batch_stats,
-            x,
-            y,
-            lr,
-            forward=lambda p: _on_mask(p, thresholds, work.masks),
-        )
-        metrics = _common.step_metrics(
-            loss,
-            correct,
-            _common.step_flops(macs, fractions, local_cfg.batch_size),
-            local_cfg.batch_size,
-        )
-        return work.replace(params=params, batch_stats=batch_stats), opt_state, metrics
-
-    def client_final(work: FedSpaWork, opt_state, x, y, constants, key):
-        del opt_state
-        _, thresholds, rate = constants
-        trained = masking.kernels_of(work.params, thresholds)
-        flops = jnp.float32(0.0)
-        if method_cfg.regrow == 'gradient':
-
-            def ce_of(kernels):
-                logits, _ = _common.apply_train(
-                    model,
-                    masking.replace_kernels(work.params, kernels),
-                    thresholds,
-                    work.batch_stats,
-                    x,
-                )
-                return _common.cross_entropy(logits, y)[0]
-
-            # The gradient with respect to the kernels is dense: it scores pruned entries too.
-            scores = jax.tree.map(jnp.abs, jax.grad(ce_of)(trained))
-            flops = _common.dense_step_flops(macs, thresholds, local_cfg.batch_size)
-        else:
-            leaves, treedef = jax.tree.flatten(trained)
-            keys = jax.random.split(key, len(leaves))
-            scores = jax.tree.unflatten(
-                treedef, [jax.random.uniform(k, w.shape) for k, w in zip(keys, leaves)]
-            )
-        next_masks = prune_regrow(
-            trained, work.masks, scores, counts=counts_of(work.params, thresholds), rate=rate
-        )
-        metrics = {
-            'loss': jnp.float32(0.0),
-            'correct': jnp.float32(0.0),
-            'steps': jnp.float32(0.0),
-            'flops': flops,
-            'examples': jnp.float32(0.0),
-        }
-        return work.replace(next_masks=next_masks), metrics
-
-    def client_end(work: FedSpaWork, opt_state):
-        del opt_state
-        stored = FedSpaClient(
-            params=work.params, batch_stats=work.batch_stats, masks=work.next_masks
-        )
-        # What the client uploads: its trained weights on the mask it trained with (0 elsewhere:
-        # they got no gradient) and that mask. The server's mean per entry is over its holders.
-        holds = jax.tree.map(lambda h: h.astype(jnp.float32), _holds(work.params, work.masks))
-        return stored, {'weights': work.params, 'holds': holds}
-
-    def server_update(state, mean, clients):
-        # mean['weights'] / mean['holds'] is the weighted mean over the clients holding each entry;
-        # an entry nobody held keeps its value.
-        global_params = jax.tree.map(
-            lambda w, h, old: jnp.where(h > 0, w / jnp.maximum(h, 1e-30), old),
-            mean['weights'],
-            mean['holds'],
-            state.global_params,
-        )
-        return state.replace(clients=clients, global_params=global_params, round=state.round + 1)
-
-    def eval_variables(state, stored: FedSpaClient, count):
-        del count
-        variables = {
-            'params': stored.params,
-            'thresholds': state.thresholds,
-            'batch_stats': stored.batch_stats,
-        }
-        return variables, variables
-
-    def eval_density(state, clients: FedSpaClient, counts):
-        del counts
-
-        def one(params):
-            kernels = masking.kernels_of(params, state.thresholds)
-            return _common.weight_density(jax.tree.map(lambda k: k != 0, kernels))
-
-        fractions, kept = jax.vmap(one)(clients.params)
-        return {'layer_density': fractions, 'kept_weights': kept}
-
     return algorithm_lib.Algorithm(
         name='fedspa',
         model=model,
         state_type=FedSpaState,
-        round_constants=round_constants,
-        client_start=client_start,
-        client_step=client_step,
-        client_final=client_final,
+        round_constants=functools.partial(round_constants, local_cfg, method_cfg),
+        client_start=functools.partial(client_start, tx),
+        client_step=functools.partial(client_step, model, tx, local_cfg, method_cfg, macs),
+        client_final=functools.partial(client_final, model, local_cfg, method_cfg, macs),
         client_end=client_end,
         server_update=server_update,
         eval_variables=eval_variables,

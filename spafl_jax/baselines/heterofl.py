@@ -26,6 +26,7 @@ Choices and departures from the paper:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -188,6 +189,125 @@ def _kernel_fractions(param_masks, thresholds):
     return jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32)), kernels)
 
 
+# ----------------------------------------------------------------------------------------------------
+# One round, as the functions of `algorithm.Algorithm` (the settings they need come first, bound by
+# `algorithm`).
+
+
+def _as_float(tree):
+    return jax.tree.map(lambda m: m.astype(jnp.float32), tree)
+
+
+def slice_of(state, rate) -> SliceWork:
+    """The global model cut to width `rate` (entries outside the slice 0), and its masks."""
+    layout = width_layout(state.params, state.thresholds)['params']
+    param_masks = _as_float(width_masks(state.params, layout, rate=rate))
+    stat_masks = _as_float(
+        width_masks(state.batch_stats, _stats_layout(state.batch_stats), rate=rate)
+    )
+    return SliceWork(
+        rate=rate,
+        params=jax.tree.map(jnp.multiply, state.params, param_masks),
+        batch_stats=state.batch_stats,
+        param_masks=param_masks,
+        stat_masks=stat_masks,
+    )
+
+
+def round_constants(local_cfg: LocalConfig, state):
+    return client_lib.learning_rate(local_cfg, state.round), state.thresholds
+
+
+def client_start(tx, state, rate, key):
+    del key
+    work = slice_of(state, rate)
+    return work, tx.init(work.params)
+
+
+def client_step(
+    model, tx, local_cfg: LocalConfig, macs, work, opt_state, x, y, example_mask, constants, key
+):
+    """One SGD step on the client's slice."""
+    del example_mask, key  # full batches only; nothing drawn
+    lr, thresholds = constants
+
+    def loss_fn(params):
+        # Multiplying by the mask (not slicing) keeps one static shape for every width; the
+        # entries outside the slice get zero gradient, so they stay 0.
+        cut = jax.tree.map(jnp.multiply, params, work.param_masks)
+        logits, batch_stats = _common.apply_train(model, cut, thresholds, work.batch_stats, x)
+        ce, correct = _common.cross_entropy(logits, y)
+        return ce, (batch_stats, correct)
+
+    (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(work.params)
+    updates, opt_state = tx.update(grads, opt_state)
+    params = jax.tree.map(lambda p, u: p - lr * u, work.params, updates)
+    flops = _common.step_flops(
+        macs, _kernel_fractions(work.param_masks, thresholds), local_cfg.batch_size
+    )
+    metrics = {
+        'loss': loss,
+        'correct': correct.astype(jnp.float32),
+        'steps': jnp.float32(1.0),
+        'flops': flops,
+        'examples': jnp.float32(local_cfg.batch_size),
+    }
+    return work.replace(params=params, batch_stats=batch_stats), opt_state, metrics
+
+
+def client_end(work, opt_state):
+    """The client sends its slice (0 outside it) and the masks of what it holds."""
+    del opt_state
+    held = lambda tree, masks: jax.tree.map(jnp.multiply, tree, masks)
+    return work.rate, (
+        held(work.params, work.param_masks),
+        work.param_masks,
+        held(work.batch_stats, work.stat_masks),
+        work.stat_masks,
+    )
+
+
+def server_update(state, mean, clients):
+    params, param_holders, stats, stat_holders = mean
+    # mean(holds * value) / mean(holds): the mean over the clients that hold an entry.
+    over_holders = lambda v, h, old: jnp.where(h > 0, v / jnp.where(h > 0, h, 1.0), old)
+    return state.replace(
+        params=jax.tree.map(over_holders, params, param_holders, state.params),
+        batch_stats=jax.tree.map(over_holders, stats, stat_holders, state.batch_stats),
+        clients=clients,
+        round=state.round + 1,
+    )
+
+
+def eval_variables(state, rate, count):
+    del count
+    work = slice_of(state, rate)
+    variables = {
+        'params': work.params,
+        'thresholds': state.thresholds,
+        'batch_stats': work.batch_stats,
+    }
+    return variables, variables
+
+
+def eval_density(state, rates, counts):
+    del counts
+    layout = width_layout(state.params, state.thresholds)['params']
+
+    def one(rate):
+        kernels = masking.kernels_of(width_masks(state.params, layout, rate=rate), state.thresholds)
+        rows = jnp.stack(
+            [
+                jnp.mean(jnp.any(m, axis=tuple(range(m.ndim - 1))).astype(jnp.float32))
+                for m in jax.tree.leaves(kernels)
+            ]
+        )
+        return rows, _common.weight_density(kernels)[1]
+
+    rows, kept = jax.vmap(one)(rates)
+    return {'layer_density': rows, 'kept_weights': kept}
+
+
 def algorithm(
     model: nn.Module,
     local_cfg: LocalConfig,
@@ -202,116 +322,13 @@ def algorithm(
     _common.check_full_batches(local_cfg)
     model = _common.dense_model(model)
     tx = client_lib.make_optimizer(local_cfg)
-    as_float = lambda tree: jax.tree.map(lambda m: m.astype(jnp.float32), tree)
-
-    def slice_of(state, rate) -> SliceWork:
-        layout = width_layout(state.params, state.thresholds)['params']
-        param_masks = as_float(width_masks(state.params, layout, rate=rate))
-        stat_masks = as_float(
-            width_masks(state.batch_stats, _stats_layout(state.batch_stats), rate=rate)
-        )
-        return SliceWork(
-            rate=rate,
-            params=jax.tree.map(jnp.multiply, state.params, param_masks),
-            batch_stats=state.batch_stats,
-            param_masks=param_masks,
-            stat_masks=stat_masks,
-        )
-
-    def client_start(state, rate, key):
-        del key
-        work = slice_of(state, rate)
-        return work, tx.init(work.params)
-
-    def client_step(work, opt_state, x, y, example_mask, constants, key):
-        del example_mask, key  # full batches only; nothing drawn
-        lr, thresholds = constants
-
-        def loss_fn(params):
-            # Multiplying by the mask (not slicing) keeps one static shape for every width; the
-            # entries outside the slice get zero gradient, so they stay 0.
-            cut = jax.tree.map(jnp.multiply, params, work.param_masks)
-            logits, batch_stats = _common.apply_train(model, cut, thresholds, work.batch_stats, x)
-            ce, correct = _common.cross_entropy(logits, y)
-            return ce, (batch_stats, correct)
-
-        (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            work.params
-        )
-        updates, opt_state = tx.update(grads, opt_state)
-        params = jax.tree.map(lambda p, u: p - lr * u, work.params, updates)
-        flops = _common.step_flops(
-            macs, _kernel_fractions(work.param_masks, thresholds), local_cfg.batch_size
-        )
-        metrics = {
-            'loss': loss,
-            'correct': correct.astype(jnp.float32),
-            'steps': jnp.float32(1.0),
-            'flops': flops,
-            'examples': jnp.float32(local_cfg.batch_size),
-        }
-        return work.replace(params=params, batch_stats=batch_stats), opt_state, metrics
-
-    def client_end(work, opt_state):
-        del opt_state
-        held = lambda tree, masks: jax.tree.map(jnp.multiply, tree, masks)
-        return work.rate, (
-            held(work.params, work.param_masks),
-            work.param_masks,
-            held(work.batch_stats, work.stat_masks),
-            work.stat_masks,
-        )
-
-    def server_update(state, mean, clients):
-        params, param_holders, stats, stat_holders = mean
-        # mean(holds * value) / mean(holds): the mean over the clients that hold an entry.
-        over_holders = lambda v, h, old: jnp.where(h > 0, v / jnp.where(h > 0, h, 1.0), old)
-        return state.replace(
-            params=jax.tree.map(over_holders, params, param_holders, state.params),
-            batch_stats=jax.tree.map(over_holders, stats, stat_holders, state.batch_stats),
-            clients=clients,
-            round=state.round + 1,
-        )
-
-    def eval_variables(state, rate, count):
-        del count
-        work = slice_of(state, rate)
-        variables = {
-            'params': work.params,
-            'thresholds': state.thresholds,
-            'batch_stats': work.batch_stats,
-        }
-        return variables, variables
-
-    def eval_density(state, rates, counts):
-        del counts
-        layout = width_layout(state.params, state.thresholds)['params']
-
-        def one(rate):
-            kernels = masking.kernels_of(
-                width_masks(state.params, layout, rate=rate), state.thresholds
-            )
-            rows = jnp.stack(
-                [
-                    jnp.mean(jnp.any(m, axis=tuple(range(m.ndim - 1))).astype(jnp.float32))
-                    for m in jax.tree.leaves(kernels)
-                ]
-            )
-            return rows, _common.weight_density(kernels)[1]
-
-        rows, kept = jax.vmap(one)(rates)
-        return {'layer_density': rows, 'kept_weights': kept}
-
     return algorithm_lib.Algorithm(
         name='heterofl',
         model=model,
         state_type=HeteroFLState,
-        round_constants=lambda state: (
-            client_lib.learning_rate(local_cfg, state.round),
-            state.thresholds,
-        ),
-        client_start=client_start,
-        client_step=client_step,
+        round_constants=functools.partial(round_constants, local_cfg),
+        client_start=functools.partial(client_start, tx),
+        client_step=functools.partial(client_step, model, tx, local_cfg, macs),
         client_end=client_end,
         server_update=server_update,
         eval_variables=eval_variables,
