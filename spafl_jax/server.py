@@ -8,19 +8,23 @@ import jax.numpy as jnp
 from spafl_jax import masking
 
 
-def ordered_sum(values, weights: jax.Array):
+def ordered_sum(values, weights: jax.Array, order: jax.Array | None = None):
     """sum_i weights[i] * values[i] over the leading axis of every leaf, added one entry at a time
-    in index order: the same bits for the same entries whatever program, batch or device count
-    computed them (a `psum` or a tree reduction adds in an order that depends on those)."""
+    in index order (or in `order`, indices into that axis): the same bits for the same entries
+    whatever program, batch or device count computed them (a `psum` or a tree reduction adds in an
+    order that depends on those). A loop reading one entry per step, not a scan over a reordered
+    copy: on XLA:CPU that copy and scan cost 12x more for a LeNet-5-sized message."""
+    count = weights.shape[0] if order is None else order.shape[0]
 
-    def add(total, item):
-        w, v = item
-        return jax.tree.map(lambda t, x: t + w * x, total, v), None
+    def add(i, total):
+        j = i if order is None else order[i]
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False)
+        return jax.tree.map(lambda t, x: t + take(weights) * take(x), total, values)
 
     zeros = jax.tree.map(
         lambda x: jnp.zeros(x.shape[1:], jnp.result_type(x.dtype, weights.dtype)), values
     )
-    return jax.lax.scan(add, zeros, (weights, values))[0]
+    return jax.lax.fori_loop(0, count, add, zeros)
 
 
 def aggregate(
@@ -44,11 +48,8 @@ def aggregate(
         client_thresholds, weights = jax.lax.all_gather(
             (client_thresholds, weights), axis_name, tiled=True
         )
-    if order is not None:
-        client_thresholds = jax.tree.map(lambda x: x[order], client_thresholds)
-        weights = weights[order]
-    total = ordered_sum(weights, jnp.ones_like(weights))
-    summed = ordered_sum(client_thresholds, weights)
+    total = ordered_sum(weights, jnp.ones_like(weights), order)
+    summed = ordered_sum(client_thresholds, weights, order)
     return jax.tree.map(lambda s: s / total, summed)
 
 
