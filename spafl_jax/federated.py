@@ -1,15 +1,8 @@
-"""One SpaFL round over the client axis, and evaluation of every client's own model.
-
-The state of ALL clients is stacked on a leading client axis `[clients, ...]`. A round gathers the
-sampled clients, broadcasts the server thresholds to them, trains them, aggregates their thresholds,
-scatters them back and applies the importance update; it is one pure function, compiled once.
-
-SpaFL is written as an `algorithm.Algorithm` (`algorithm` below: the client's start, step and end,
-the server's update, the evaluation); `run_round` is `algorithm.run_round` of it, the reference
-form on one device (the sampled clients vmapped or mapped, each running its own real local steps),
-the one to read and the one the tests hold the faster forms to. The runner (`train.py`) goes
-through `execution.RoundRunner`, which computes the same round with clients packed onto lanes and
-devices, across hosts too (BENCHMARKS.md).
+"""SpaFL as an `algorithm.Algorithm` (`algorithm`: the client's start, step and end, the server's
+update with the importance update, resident or lazy, and the evaluation), its state, and its
+reference round: `run_round` is `algorithm.run_round` of it on one device, the one to read and the
+one the tests hold `execution.RoundRunner` to (BENCHMARKS.md). Every client's state is stacked on
+a leading client axis `[clients, ...]`.
 """
 
 from __future__ import annotations
@@ -250,6 +243,17 @@ def materialize(client: ClientState) -> ClientState:
     )
 
 
+def lazy_update_everyone(clients, delta, kernels):
+    """Step 6 in its lazy form for every client of `clients` (`[N, ...]`: their row sums and
+    shifts; `server.lazy_importance_update`), `kernels` giving each masked layer's shape. The one
+    place of it: the device state's round (`server_update`) and the client stores' resident part
+    (`store.StoreRunner`) both call it."""
+    sums, shifts = jax.vmap(server.lazy_importance_update, in_axes=(0, 0, None, None))(
+        clients.row_sums, clients.shifts, delta, kernels
+    )
+    return clients.replace(row_sums=sums, shifts=shifts)
+
+
 def server_update(
     round_cfg: RoundConfig, state: FederatedState, new_global, clients: ClientState
 ) -> FederatedState:
@@ -258,13 +262,8 @@ def server_update(
     `clients` is every client, the trained ones already written back."""
     delta = jax.tree.map(jnp.subtract, new_global, state.server_thresholds)
     if round_cfg.importance_update == 'all_after' and is_lazy(clients):
-        sums, shifts = jax.vmap(server.lazy_importance_update, in_axes=(0, 0, None, None))(
-            clients.row_sums,
-            clients.shifts,
-            delta,
-            masking.kernels_of(jax.tree.map(lambda p: p[0], clients.params), delta),
-        )
-        clients = clients.replace(row_sums=sums, shifts=shifts)
+        kernels = masking.kernels_of(jax.tree.map(lambda p: p[0], clients.params), delta)
+        clients = lazy_update_everyone(clients, delta, kernels)
     elif round_cfg.importance_update == 'all_after':
         clients = clients.replace(
             params=jax.vmap(server.importance_update, in_axes=(0, None))(clients.params, delta)
@@ -425,10 +424,6 @@ def evaluate_client(
         count,
         batch_size=batch_size,
     )
-
-
-def preprocess_eval(spec: DataSpec, images):
-    return client_lib.preprocess(spec, images, None)
 
 
 def evaluate(

@@ -43,7 +43,6 @@ import numpy as np
 from spafl_jax import execution
 from spafl_jax import federated
 from spafl_jax import masking
-from spafl_jax import server
 from spafl_jax.client import ClientState
 from spafl_jax.federated import FederatedState
 from spafl_jax.store_tiers import (  # noqa: F401 (re-exported: store.Layout, store.refusal, ...)
@@ -121,10 +120,7 @@ class StoreRunner:
         def update_resident(resident: FederatedState, ids, cohort: FederatedState, kernels):
             clients = resident.clients
             if lazy:  # the server's update reaches everyone: the recurrence on each client's rows
-                sums, shifts = jax.vmap(server.lazy_importance_update, in_axes=(0, 0, None, None))(
-                    clients.row_sums, clients.shifts, cohort.last_delta, kernels
-                )
-                clients = clients.replace(row_sums=sums, shifts=shifts)
+                clients = federated.lazy_update_everyone(clients, cohort.last_delta, kernels)
             # The cohort had it inside its round; its rows replace everyone's update of them.
             index = jnp.where(ids >= 0, ids, self.runner.padded_clients)  # out of range: dropped
             clients = jax.tree.map(
