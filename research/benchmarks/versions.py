@@ -6,8 +6,8 @@ r"""Round times of two checkouts of this repository, taken alternately in one ru
     python research/benchmarks/versions.py --before=/tmp/before --script=scale \
         -- --tiers=disk --clients=100000 --rounds=5
 
-With `--script=scale`, `scale.py` of each checkout is run instead (its client-store tiers: the
-`ROW` lines it prints), and the rows are keyed by (clients, tier).
+With `--script=scale`, `scale.py` of each checkout is run instead (the table of its client-store
+tiers), and its rows are keyed by (clients, tier).
 
 Runs `rounds.py` of each checkout (its own code, in a fresh process, with the given arguments:
 `research/benchmarks/rounds.py`, or `experiments/benchmarks/rounds.py` in a checkout from before
@@ -19,7 +19,6 @@ each and their ratio (after / before: below 1 is faster).
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import os
 import re
@@ -62,10 +61,15 @@ def round_times(
     if out.returncode:
         raise SystemExit(f'error: {script}.py of {checkout} failed:\n{out.stderr[-2000:]}')
     times = {}
+    header = None
     for line in out.stdout.splitlines():
-        if script == 'scale' and line.startswith('ROW '):
-            row = ast.literal_eval(line[4:])
-            times[(f'{row["clients"]:,}', row.get('tier', 'device'))] = float(row['round s'])
+        if script == 'scale' and line.startswith('|'):  # scale.py's markdown table
+            cells = [c.strip() for c in line.strip('|').split('|')]
+            if header is None:
+                header = cells
+            elif not set(cells[0]) <= {'-'}:
+                row = dict(zip(header, cells))
+                times[(row['clients'], row.get('tier', 'device'))] = float(row['round s'])
             continue
         m = ROW.match(line)
         if m:
