@@ -199,6 +199,7 @@ def test_a_stopped_ablation_ends_with_one_line_and_keeps_the_record(tmp_path):
             ABLATION,
             *TINY,
             '--config.rounds=500',
+            '--config.eval_every=1',  # every round recorded: the stop's round has its record
             '--seeds=1',
             '--estimators=long_tailed',
             '--importance_updates=all_after',
