@@ -54,8 +54,13 @@ def digits():
 @pytest.fixture(scope='module')
 def digits_model():
     model = models.create_model('digits_cnn', 10)
-    variables = models.init_variables(model, jax.random.key(0), IMAGE_SHAPE)
-    return model, variables, federated.layer_macs(model, variables, IMAGE_SHAPE)
+    return model, models.init_variables(model, jax.random.key(0), IMAGE_SHAPE)
+
+
+@pytest.fixture(scope='module')
+def digits_macs(digits_model):
+    """Apart from `digits_model`: a forward pass op by op, which only the runs need."""
+    return federated.layer_macs(*digits_model, IMAGE_SHAPE)
 
 
 def _mean_accuracy(result) -> float:
@@ -64,9 +69,10 @@ def _mean_accuracy(result) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(baselines.BASELINES))
-def test_baseline_learns_on_digits(name, digits, digits_model):
+def test_baseline_learns_on_digits(name, digits, digits_model, digits_macs):
     train, test, spec = digits
-    model, _, macs = digits_model
+    model, _ = digits_model
+    macs = digits_macs
     method, method_cfg = baselines.get(name), baselines.make_config(name)
     state = method.init_state(
         'digits_cnn',
@@ -132,7 +138,7 @@ def test_baseline_learns_on_digits(name, digits, digits_model):
 
 
 def test_communication_counts(digits_model):
-    _, variables, _ = digits_model
+    _, variables = digits_model
     n, s = NUM_CLIENTS, SAMPLED
     # FedAvg: every parameter, 32 bits, each way, for every sampled client.
     assert fedavg.communication_bits(n, s, variables) == (s * 38160 * 32, s * 38160 * 32)
@@ -155,7 +161,7 @@ def test_communication_counts(digits_model):
 
 
 def test_heterofl_width_masks_follow_channels(digits_model):
-    _, variables, _ = digits_model
+    _, variables = digits_model
     layout = heterofl.width_layout(variables['params'], variables['thresholds'])['params']
     masks = heterofl.width_masks(variables['params'], layout, rate=0.5, xp=np)
     conv0 = masks['conv1']['kernel']  # image channel kept, outputs 0..7
@@ -198,31 +204,40 @@ def test_fedspa_erk_keeps_the_overall_density():
 def test_fedspa_server_mean_is_over_the_holders(digits_model):
     # Two clients upload their weights on their own masks; the server's new weight of each entry is
     # the weighted mean over the clients that hold it, and an entry nobody holds keeps its value.
-    model, _, _ = digits_model
+    model, _ = digits_model
     alg = fedspa.algorithm(model, LOCAL_CFG)
-    state = fedspa.init_state(
-        'digits_cnn', LOCAL_CFG, jax.random.key(0), num_clients=2, image_shape=IMAGE_SHAPE
-    )
-    # Each client's random mask, with the first slice of every kernel held by nobody.
-    masks = [jax.tree.map(lambda m: m[k].at[0].set(False), state.clients.masks) for k in range(2)]
-    works = [
-        fedspa.FedSpaWork(
-            params=fedspa._on_mask(
-                jax.tree.map(lambda p: jnp.full(p.shape, value), state.global_params),
-                state.thresholds,
-                m,
-            ),
-            batch_stats=state.clients.batch_stats,
-            masks=m,
-            next_masks=m,
+    state = jax.jit(  # one program, not one per operation and shape
+        lambda key: fedspa.init_state(
+            'digits_cnn', LOCAL_CFG, key, num_clients=2, image_shape=IMAGE_SHAPE
         )
-        for value, m in ((1.0, masks[0]), (5.0, masks[1]))
-    ]
-    _, messages = jax.vmap(alg.client_end)(
-        jax.tree.map(lambda *xs: jnp.stack(xs), *works), jnp.zeros(2)
-    )
-    mean = server.aggregate(messages, jnp.array([1.0, 3.0]))
-    new = alg.server_update(state, mean, state.clients).global_params
+    )(jax.random.key(0))
+
+    @jax.jit
+    def upload_and_mean(state):
+        # Each client's random mask, with the first slice of every kernel held by nobody.
+        masks = [
+            jax.tree.map(lambda m: m[k].at[0].set(False), state.clients.masks) for k in range(2)
+        ]
+        works = [
+            fedspa.FedSpaWork(
+                params=fedspa._on_mask(
+                    jax.tree.map(lambda p: jnp.full(p.shape, value), state.global_params),
+                    state.thresholds,
+                    m,
+                ),
+                batch_stats=state.clients.batch_stats,
+                masks=m,
+                next_masks=m,
+            )
+            for value, m in ((1.0, masks[0]), (5.0, masks[1]))
+        ]
+        _, messages = jax.vmap(alg.client_end)(
+            jax.tree.map(lambda *xs: jnp.stack(xs), *works), jnp.zeros(2)
+        )
+        mean = server.aggregate(messages, jnp.array([1.0, 3.0]))
+        return masks, alg.server_update(state, mean, state.clients).global_params
+
+    masks, new = upload_and_mean(state)
 
     kernels = jax.tree.leaves(masking.kernels_of(new, state.thresholds))
     old = jax.tree.leaves(masking.kernels_of(state.global_params, state.thresholds))
@@ -242,9 +257,9 @@ def test_dense_thresholds_give_the_plain_dense_gradient():
     # row magnitudes, the dense baselines' kernel gradient is exactly the dense one.
     layer = _common.dense_model(layers.MaskedDense(3, estimator='identity'))
     x = jnp.array([[1.0, -2.0], [0.5, 4.0]])
-    variables = layer.init(jax.random.key(0), x)
+    variables = jax.jit(layer.init)(jax.random.key(0), x)
     thresholds = _common.dense_thresholds(variables['thresholds'])
-    grad = jax.grad(lambda p: jnp.sum(layer.apply({'params': p, 'thresholds': thresholds}, x)))(
-        variables['params']
-    )['kernel']
+    grad = jax.jit(
+        jax.grad(lambda p: jnp.sum(layer.apply({'params': p, 'thresholds': thresholds}, x)))
+    )(variables['params'])['kernel']
     np.testing.assert_array_equal(grad, np.tile(x.sum(0)[:, None], (1, 3)))

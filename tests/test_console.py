@@ -67,8 +67,11 @@ def test_a_run_prints_progress_on_stdout_and_detail_only_when_asked(tmp_path):
         os.path.join(REPO, 'experiments', 'main.py'),
         '--config.rounds=4',
         '--config.eval_every=2',
+        # tests/faults.py's federation (FLAGS): the same compiled programs, which the persistent
+        # compilation cache (tests/conftest.py) shares between this run and those.
         '--config.num_clients=6',
         '--config.clients_per_round=3',
+        '--config.local_epochs=1',
         f'--workdir={tmp_path / "run"}',
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)

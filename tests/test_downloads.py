@@ -129,7 +129,10 @@ class _Server:
 
         self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
         self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}/'
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # A short poll: `shutdown` waits for the serving loop's next poll (0.5 s by default).
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={'poll_interval': 0.01}, daemon=True
+        )
         self.thread.start()
 
     def publish(self, name: str, payload: bytes, served: bytes | None = None) -> downloads.Archive:

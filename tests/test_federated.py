@@ -23,9 +23,31 @@ def setup():
     dataset = data_lib.load_digits()
     train, test = federated.split_clients(dataset, NUM_CLIENTS, alpha=1.0, min_train_examples=BATCH)
     model = models.create_model('digits_cnn', 10)
-    cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=1, lr=0.05, th_coeff=0.01)
+    # tests/test_lazy_importance.py's settings: its eager round is the program compiled here.
+    cfg = client_lib.LocalConfig(batch_size=BATCH, local_epochs=1, lr=0.05, th_coeff=0.05)
     spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)
     return dataset, train, test, model, cfg, spec
+
+
+# The programs several tests run, each compiled once for the module.
+
+
+@pytest.fixture(scope='module')
+def local_update(setup):
+    _, _, _, model, cfg, spec = setup
+    return jax.jit(functools.partial(client_lib.local_update, model, cfg, spec))
+
+
+@pytest.fixture(scope='module')
+def round_fns(setup):
+    """`make_round_fn` for each importance update (the state passed in is donated)."""
+    _, _, _, model, cfg, spec = setup
+    return {
+        mode: federated.make_round_fn(
+            model, cfg, federated.RoundConfig(SAMPLED, importance_update=mode), spec
+        )
+        for mode in ('all_after', 'sampled_before')
+    }
 
 
 def _state(model, cfg, image_shape=(8, 8, 1)):
@@ -47,14 +69,14 @@ def _state(model, cfg, image_shape=(8, 8, 1)):
 
 
 def _take(tree, k):
-    return jax.tree.map(lambda x: x[k], tree)
+    return jax.tree.map(lambda x: np.asarray(x)[k], tree)  # NumPy: no program per leaf shape
 
 
 def test_penalty_alone_moves_thresholds_by_lr_times_th_coeff():
     # Zero inputs give zero logits whatever the mask: the only gradient on tau is the penalty's,
     # d/dtau th_coeff * exp(-tau) = -th_coeff at tau = 0, so one SGD step gives tau = lr * th_coeff.
     model = layers.MaskedDense(4)
-    variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 3)))
     state = client_lib.ClientState(
         params=variables['params'], thresholds=variables['thresholds'], batch_stats={}, opt_state=()
     )
@@ -62,9 +84,7 @@ def test_penalty_alone_moves_thresholds_by_lr_times_th_coeff():
         cfg = client_lib.LocalConfig(batch_size=2, lr=0.1, th_coeff=0.5, penalty_warmup=warmup)
         coeff = cfg.th_coeff * client_lib.penalty_scale(cfg, 0)
         opt = client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
-        new, _, _ = client_lib.local_step(
-            lambda_model(model),
-            cfg,
+        new, _, _ = jax.jit(functools.partial(client_lib.local_step, lambda_model(model), cfg))(
             state,
             opt,
             jnp.zeros((2, 3)),
@@ -140,15 +160,12 @@ def test_padded_step_changes_nothing(setup):
     assert float(metrics['steps']) == 0.0 and float(metrics['loss']) == 0.0
 
 
-def test_local_update_ignores_padding_and_clients_without_a_full_batch(setup):
-    _, train, _, model, cfg, spec = setup
+def test_local_update_ignores_padding_and_clients_without_a_full_batch(setup, local_update):
+    _, train, _, model, cfg, _ = setup
     state = _take(_state(model, cfg).clients, 1)
     ids, count = train.example_ids[1], train.counts[1]
     run = functools.partial(
-        client_lib.local_update,
-        model,
-        cfg,
-        spec,
+        local_update,
         state,
         train.images,
         train.labels,
@@ -168,22 +185,23 @@ def test_local_update_ignores_padding_and_clients_without_a_full_batch(setup):
 
 
 @pytest.mark.parametrize('mode', ['all_after', 'sampled_before'])
-def test_one_round_changes_exactly_what_it_should(setup, mode):
-    _, train, _, model, cfg, spec = setup
-    state = _state(model, cfg)
-    state = state.replace(
-        last_delta=jax.tree.map(lambda t: jnp.full_like(t, 0.003), state.last_delta)
-    )
+def test_one_round_changes_exactly_what_it_should(setup, local_update, round_fns, mode):
+    _, train, _, model, cfg, _ = setup
+
+    def initial():
+        state = _state(model, cfg)
+        return state.replace(
+            last_delta=jax.tree.map(lambda t: jnp.full_like(t, 0.003), state.last_delta)
+        )
+
     sampled = jnp.array([0, 2, 5])
     seed_key = jax.random.key(11)
-    round_cfg = federated.RoundConfig(clients_per_round=SAMPLED, importance_update=mode)
-    new, metrics = jax.jit(functools.partial(federated.run_round, model, cfg, round_cfg, spec))(
-        state, train, sampled, seed_key
-    )
+    # `run_round` compiled (`make_round_fn`), which donates the state it is given: a copy of it.
+    new, metrics = round_fns[mode](initial(), train, sampled, seed_key)
+    state = initial()
 
     # By hand: broadcast, (importance update before), local training, mean, delta, (update after).
     keys = algorithm_lib.client_keys(seed_key, 0, sampled)
-    local_update = jax.jit(functools.partial(client_lib.local_update, model, cfg, spec))
     trained = []
     for i, k in enumerate(np.asarray(sampled)):
         c = _take(state.clients, k).replace(thresholds=state.server_thresholds)
@@ -223,9 +241,9 @@ def test_one_round_changes_exactly_what_it_should(setup, mode):
     )
 
 
-def test_round_is_compiled_once(setup):
-    _, train, _, model, cfg, spec = setup
-    round_fn = federated.make_round_fn(model, cfg, federated.RoundConfig(SAMPLED), spec)
+def test_round_is_compiled_once(setup, round_fns):
+    _, train, _, model, cfg, _ = setup
+    round_fn = round_fns[federated.RoundConfig(SAMPLED).importance_update]  # the default
     state = _state(model, cfg)
     for r in range(3):
         sampled = jnp.asarray(
@@ -239,15 +257,15 @@ def test_round_is_compiled_once(setup):
 def test_evaluation_counts_each_clients_own_test_split(setup):
     _, _, test, model, cfg, spec = setup
     state = _state(model, cfg)
-    result = federated.evaluate(model, spec, state.clients, test, batch_size=7)
+    result = federated.make_eval_fn(model, spec, batch_size=7)(state.clients, test)
     assert result['correct'].shape == (NUM_CLIENTS,)
     np.testing.assert_array_equal(result['counts'], test.counts)
     # By hand for client 4: its own model on its own examples.
     c = _take(state.clients, 4)
     ids = np.asarray(test.example_ids[4][: int(test.counts[4])])
-    logits = model.apply(
+    logits = jax.jit(lambda v, x: model.apply(v, client_lib.preprocess(spec, x)))(
         {'params': c.params, 'thresholds': c.thresholds, 'batch_stats': {}},
-        client_lib.preprocess(spec, test.images[ids]),
+        np.asarray(test.images)[ids],
     )
     assert int(result['correct'][4]) == int(
         np.sum(np.argmax(logits, -1) == np.asarray(test.labels)[ids])
@@ -284,7 +302,7 @@ def test_masked_examples_do_not_count_in_the_loss(setup):
     y = train.labels[:BATCH]
 
     # One program per batch shape gives the loss and the thresholds' gradient (with a penalty).
-    @functools.partial(jax.jit, static_argnums=(3,))
+    @jax.jit
     def loss_and_grad(x_, y_, m, coeff):
         loss = lambda t: client_lib.loss_fn(model, state.params, t, {}, x_, y_, coeff, m)
         return jax.value_and_grad(loss, has_aux=True)(state.thresholds)
@@ -300,13 +318,11 @@ def test_masked_examples_do_not_count_in_the_loss(setup):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), *grads)
 
 
-def test_reported_density_is_the_evaluated_models():
+def test_reported_density_is_the_evaluated_models(setup):
     # A layer whose thresholds exceed every row is collapsed: the forward pass resets its thresholds
     # to 0, and the density reported is that of the model evaluated (all rows kept), not 0.
-    model = models.create_model('digits_cnn', 10)
-    state = federated.init_state(
-        model, client_lib.LocalConfig(), jax.random.key(0), num_clients=2, image_shape=(8, 8, 1)
-    )
+    _, _, _, model, cfg, _ = setup
+    state = _state(model, cfg)
     names = list(state.clients.thresholds)
     collapsed = dict(state.clients.thresholds)
     collapsed[names[0]] = {'threshold': jnp.full_like(collapsed[names[0]]['threshold'], 10.0)}
@@ -314,7 +330,7 @@ def test_reported_density_is_the_evaluated_models():
     collapsed[names[1]] = {
         'threshold': jnp.broadcast_to(half, collapsed[names[1]]['threshold'].shape)
     }
-    stats = federated.density_stats(state.clients.replace(thresholds=collapsed))
+    stats = jax.jit(federated.density_stats)(state.clients.replace(thresholds=collapsed))
     np.testing.assert_allclose(stats['layer_density'][:, 0], 1.0)  # reset: every row kept
     np.testing.assert_allclose(stats['layer_density'][:, 1], 0.5)  # half pruned, not collapsed
 
@@ -340,10 +356,9 @@ def test_previous_collapse_check_resets_one_training_step_late():
     for check in client_lib.COLLAPSE_CHECKS:
         model, cfg, state = _collapsed_layer(check)
         run, opt = [], client_lib.make_optimizer(cfg).init((state.params, state.thresholds))
+        step = jax.jit(functools.partial(client_lib.local_step, model, cfg))
         for _ in range(2):
-            state, opt, _ = client_lib.local_step(
-                model, cfg, state, opt, x, y, jnp.array(True), lr=cfg.lr, penalty_coeff=0.0
-            )
+            state, opt, _ = step(state, opt, x, y, jnp.array(True), lr=cfg.lr, penalty_coeff=0.0)
             run.append(state)
         steps[check] = run
     # 'current' resets before the first step; 'previous' trains one step on the collapsed mask

@@ -1,7 +1,5 @@
 """The lazy importance update: two numbers per client and row stand for every weight, exactly."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,6 +101,8 @@ NUM_CLIENTS, SAMPLED, BATCH = 6, 3, 16
 
 @pytest.fixture(scope='module')
 def setup():
+    # tests/test_federated.py's clients and settings: the eager round is the program it compiles
+    # (`make_round_fn`), which the persistent compilation cache then serves here.
     dataset = data_lib.load_digits()
     train, test = federated.split_clients(dataset, NUM_CLIENTS, alpha=1.0, min_train_examples=BATCH)
     model = models.create_model('digits_cnn', 10)
@@ -132,7 +132,7 @@ def test_lazy_rounds_compute_the_eager_rounds(setup):
         x.size for x in jax.tree.leaves(states[False].clients)
     )
     assert extra == 2 * rows
-    step = jax.jit(functools.partial(federated.run_round, model, cfg, round_cfg, spec))
+    step = federated.make_round_fn(model, cfg, round_cfg, spec)  # donates the state it is given
     evaluate = federated.make_eval_fn(model, spec, batch_size=64, cfg=cfg)
     rng = np.random.default_rng(1)
     for r in range(8):
@@ -162,14 +162,16 @@ def test_lazy_rounds_compute_the_eager_rounds(setup):
 def test_lazy_is_the_default_for_all_after_only():
     config = default_config.get_config()
     assert config.lazy_importance and config.importance_update == 'all_after'
-    init = methods.get('spafl', config).init_state
     model = models.create_model('digits_cnn', 10)
     cfg = client_lib.LocalConfig()
-    lazy = init(model, cfg, jax.random.key(0), num_clients=2, image_shape=(8, 8, 1))
-    assert federated.is_lazy(lazy.clients)
+
+    def initial_clients():  # their structure, which says whether they are lazy: nothing compiled
+        init = methods.get('spafl', config).init_state
+        return jax.eval_shape(
+            lambda: init(model, cfg, jax.random.key(0), num_clients=2, image_shape=(8, 8, 1))
+        ).clients
+
+    assert federated.is_lazy(initial_clients())
     for update, flag in (('sampled_before', True), ('all_after', False)):
         config.importance_update, config.lazy_importance = update, flag
-        state = methods.get('spafl', config).init_state(
-            model, cfg, jax.random.key(0), num_clients=2, image_shape=(8, 8, 1)
-        )
-        assert not federated.is_lazy(state.clients)
+        assert not federated.is_lazy(initial_clients())
