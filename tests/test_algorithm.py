@@ -132,7 +132,7 @@ def setup():
     model = TinyMLP()
     cfg = client_lib.LocalConfig(batch_size=16, local_epochs=2, lr=0.05)
     spec = client_lib.DataSpec(pixel_max=16.0, mean=dataset.mean, std=dataset.std)
-    variables = dict(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+    variables = dict(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
     state = ToyState(
         variables=variables,
         clients=jnp.zeros(NUM_CLIENTS, jnp.int32),
