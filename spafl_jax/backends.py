@@ -78,7 +78,31 @@ def _one_client(tree):
     return jax.tree.map(lambda x: x[0], tree)
 
 
-class DeviceBackend:
+class _Backend:
+    """What both backends do alike; the store's checkpoints also take its files along."""
+
+    runner: execution.RoundRunner
+
+    def saved_state(self, state, digest: bool):
+        """What a checkpoint holds of `state`: host arrays without phantoms with the digest."""
+        return self.runner.unpadded(execution.host_local(state)) if digest else state
+
+    def rollback(self, rounds_done: int) -> int:
+        """Takes what lives outside the checkpoint back to `rounds_done`; how many writes."""
+        del rounds_done  # the device state is the checkpoint's: nothing else to take back
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+    def committed(self, steps: list[int]) -> None:
+        del steps
+
+    def close(self) -> None:
+        pass
+
+
+class DeviceBackend(_Backend):
     """Every client on the devices: the state is created there, sharded, and never leaves."""
 
     writes_final_state = True  # final_state.msgpack holds every client
@@ -112,10 +136,6 @@ class DeviceBackend:
         """What a checkpoint restores into: without phantoms (host arrays) with the digest."""
         return jax.eval_shape(self.run.initial_state) if digest else self.state
 
-    def rollback(self, rounds_done: int) -> int:
-        del rounds_done  # the state is the checkpoint's: nothing else to take back
-        return 0
-
     def run_round(self, state, r: int, sampled: np.ndarray):
         del r  # the runner draws everything from (seed, state.round, client id)
         return self.runner.run_round(state, sampled, self.run.seed_key)
@@ -134,21 +154,8 @@ class DeviceBackend:
         params, thresholds, _ = self.run.method.client_variables(state)
         return first_layer_masks(params, thresholds)
 
-    def saved_state(self, state, digest: bool):
-        """What a checkpoint holds of `state`."""
-        return self.runner.unpadded(execution.host_local(state)) if digest else state
 
-    def flush(self) -> None:
-        pass
-
-    def committed(self, steps: list[int]) -> None:
-        del steps
-
-    def close(self) -> None:
-        pass
-
-
-class StoreBackend:
+class StoreBackend(_Backend):
     """The clients in a store (`config.client_store`), the resident part on the devices."""
 
     writes_final_state = False  # the store's files are the clients' final state
@@ -216,9 +223,6 @@ class StoreBackend:
             state,
             lambda chunk, ids: first_layer_masks(*self.run.method.client_variables(chunk)[:2]),
         )
-
-    def saved_state(self, state, digest: bool):
-        return self.runner.unpadded(execution.host_local(state)) if digest else state
 
     def flush(self) -> None:
         self.store_runner.flush()  # the clients' files are the checkpoint's clients

@@ -13,10 +13,7 @@ import numpy as np
 from spafl_jax import algorithm as algorithm_lib
 from spafl_jax.federated import ClientData
 from spafl_jax.mesh import CLIENTS
-
-
-def _take(tree, i):
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+from spafl_jax.strategies import take
 
 
 def _squeeze(tree):
@@ -61,7 +58,7 @@ class RunnerEvaluation:
             batch = runner.eval_lanes if runner.strategy == 'vmap' else None
 
             def one(i):
-                client = _take(state.clients, jnp.maximum(i, 0))
+                client = take(state.clients, jnp.maximum(i, 0))
                 count = jnp.where(i >= 0, data.counts[jnp.maximum(i, 0)], 0)
                 correct = self._eval_client(
                     state, client, data, data.example_ids[jnp.maximum(i, 0)], count
